@@ -1,0 +1,1 @@
+"""What runs after a batch's sub-tasks: the aggregate task, batch metrics, the sweeper."""

@@ -1,0 +1,93 @@
+"""Model artifacts: a skops file plus a JSON manifest (name, version, SHA-256,
+training metrics, the types skops must trust). Training writes them; workers
+load them only after the hash matches (see `workers/models.py`)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import skops.io
+from pydantic import BaseModel
+
+from pipeline.definition import ModelSpec
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ArtifactError(RuntimeError):
+    """A model artifact is missing, misnamed or does not match its manifest."""
+
+
+class Manifest(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    file: str
+    trained_at: datetime
+    metrics: dict[str, Any]
+    trusted_types: list[str]
+
+
+def model_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
+    """Return (artifact, manifest) paths of model `name`; raises ArtifactError for a name
+    that could escape `models_dir` (path separators, `..`)."""
+    if not SAFE_NAME.match(name) or ".." in name:
+        raise ArtifactError(f"model name {name!r} is not a safe file name")
+    return models_dir / f"{name}.skops", models_dir / f"{name}.json"
+
+
+def read_manifest(models_dir: Path, name: str) -> Manifest:
+    """Return model `name`'s manifest; raises ArtifactError when it is missing."""
+    _, manifest_path = model_paths(models_dir, name)
+    if not manifest_path.exists():
+        raise ArtifactError(f"model {name!r} is not trained: {manifest_path} is missing (run `pipeline models train`)")
+    return Manifest.model_validate_json(manifest_path.read_text())
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_model(models_dir: Path, spec: ModelSpec) -> Manifest:
+    """Train `spec`'s model and write its artifact and manifest; return the manifest."""
+    trained = spec.train()
+    data = skops.io.dumps(trained.estimator)
+    digest = sha256_of(data)
+    artifact_path, manifest_path = model_paths(models_dir, spec.name)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(
+        name=spec.name,
+        version=digest[:12],
+        sha256=digest,
+        file=artifact_path.name,
+        trained_at=datetime.now(timezone.utc),
+        metrics=trained.metrics,
+        trusted_types=skops.io.get_untrusted_types(data=data),
+    )
+    artifact_path.write_bytes(data)
+    manifest_path.write_text(manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def load_verified(models_dir: Path, name: str) -> tuple[Any, Manifest]:
+    """Load model `name` after checking its SHA-256 against the manifest.
+
+    Raises:
+        ArtifactError: missing files, or the artifact's hash differs from the manifest's.
+    """
+    manifest = read_manifest(models_dir, name)
+    artifact_path, _ = model_paths(models_dir, name)
+    if not artifact_path.exists():
+        raise ArtifactError(f"model {name!r}: artifact {artifact_path} is missing")
+    data = artifact_path.read_bytes()
+    digest = sha256_of(data)
+    if digest != manifest.sha256:
+        raise ArtifactError(
+            f"model {name!r}: artifact {artifact_path} has SHA-256 {digest}, manifest says {manifest.sha256};"
+            " refusing to load it (retrain with `pipeline models train`)"
+        )
+    return skops.io.loads(data, trusted=manifest.trusted_types), manifest

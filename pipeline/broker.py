@@ -1,0 +1,94 @@
+"""The Celery app every role shares, and the messages it carries.
+
+Redis is only transport: a message names a ledger row, nothing more; the ledger
+decides what runs. Tasks are named here by string, so this package never imports
+`workers` or `aggregator`, which define them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from celery import Celery
+from pydantic import BaseModel
+
+from pipeline.settings import Settings
+
+SPLIT_TASK = "pipeline.split"
+PREDICT_TASK = "pipeline.predict"
+AGGREGATE_TASK = "pipeline.aggregate"
+SPLIT_QUEUE = "split"
+AGGREGATE_QUEUE = "aggregate"
+
+
+def model_queue(model: str) -> str:
+    return f"model.{model}"
+
+
+class SplitMessage(BaseModel):
+    batch_id: str
+
+
+class PredictMessage(BaseModel):
+    subtask_id: int
+
+
+class AggregateMessage(BaseModel):
+    batch_id: str
+
+
+app = Celery("pipeline", set_as_current=True)
+
+
+def configure(broker_url: str, settings: Settings) -> Celery:
+    """Point the shared app at `broker_url` with the pipeline's delivery settings."""
+    transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.broker_prefix:
+        transport_options["global_keyprefix"] = settings.broker_prefix
+    app.conf.update(
+        broker_url=broker_url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        # JSON only: nothing on the wire can make a process unpickle.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        # At-least-once: a message is acked after the task ran, and re-queued if its worker died.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # The ledger holds every result; no result backend.
+        task_ignore_result=True,
+        result_backend=None,
+        # Flower needs both.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_create_missing_queues=True,
+        task_routes={SPLIT_TASK: {"queue": SPLIT_QUEUE}, AGGREGATE_TASK: {"queue": AGGREGATE_QUEUE}},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def publish_split(batch_id: str) -> None:
+    app.send_task(SPLIT_TASK, kwargs=SplitMessage(batch_id=batch_id).model_dump(), queue=SPLIT_QUEUE)
+
+
+def publish_aggregate(batch_id: str) -> None:
+    app.send_task(AGGREGATE_TASK, kwargs=AggregateMessage(batch_id=batch_id).model_dump(), queue=AGGREGATE_QUEUE)
+
+
+def publish_predictions(subtasks: Iterable[tuple[int, str]]) -> int:
+    """Publish one predict message per (sub-task id, model) over one producer; return the count."""
+    count = 0
+    with app.producer_or_acquire() as producer:
+        for subtask_id, model in subtasks:
+            app.send_task(
+                PREDICT_TASK,
+                kwargs=PredictMessage(subtask_id=subtask_id).model_dump(),
+                queue=model_queue(model),
+                producer=producer,
+            )
+            count += 1
+    return count

@@ -1,0 +1,239 @@
+"""The Python client: submit batches, watch them, read their results.
+
+    client = Client()
+    batch = client.submit("digits", inputs, idempotency_key="run-42")
+    status = batch.wait(timeout=600, progress=True)
+    for item in batch.results(): ...
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline import broker, ledger, registry
+from pipeline.embedded import ensure_services
+from pipeline.schema import FINISHED_BATCH_STATES, BatchState
+from pipeline.settings import Settings, get_settings, libpq_url
+
+# How many bad items an InvalidInputError spells out in its message (all are in `.problems`).
+SHOWN_PROBLEMS = 20
+
+
+class InvalidInputError(ValueError):
+    """Some inputs do not match the pipeline's input model; nothing was stored or queued.
+
+    `problems` lists (item index, reason) for every bad item.
+    """
+
+    def __init__(self, pipeline: str, problems: list[tuple[int, str]]) -> None:
+        self.pipeline = pipeline
+        self.problems = problems
+        lines = [f"item {index}: {reason}" for index, reason in problems[:SHOWN_PROBLEMS]]
+        if len(problems) > SHOWN_PROBLEMS:
+            lines.append(f"... and {len(problems) - SHOWN_PROBLEMS} more bad items")
+        super().__init__(f"{len(problems)} invalid input(s) for pipeline {pipeline!r}:\n  " + "\n  ".join(lines))
+
+
+class BatchNotFoundError(LookupError):
+    """No batch has the id asked for."""
+
+
+class BatchStatus(BaseModel):
+    """One row of the `batch_status` view, with the batch's result and metrics."""
+
+    id: uuid.UUID
+    pipeline: str
+    state: BatchState
+    items: int
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    remaining: int
+    progress: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    wait_s: float | None
+    aggregation_s: float | None
+    elapsed_s: float | None
+    error: str | None
+    result: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_BATCH_STATES
+
+
+class ItemResult(BaseModel):
+    """One input's result: `output` when it has one, else the `error` saying why not."""
+
+    item: int
+    output: dict[str, Any] | None
+    error: str | None
+
+
+def validate_inputs(pipeline: registry.Pipeline, inputs: Iterable[Any]) -> list[BaseModel]:
+    """Return `inputs` as the pipeline's input models.
+
+    Raises:
+        InvalidInputError: naming every bad item by index and why; also for no inputs.
+    """
+    items = [item.model_dump() if isinstance(item, BaseModel) and not isinstance(item, pipeline.input_model) else item for item in inputs]
+    if not items:
+        raise InvalidInputError(pipeline.name, [(0, "the batch has no inputs")])
+    try:
+        return TypeAdapter(list[pipeline.input_model]).validate_python(items)  # type: ignore[name-defined]
+    except ValidationError as error:
+        reasons: dict[int, list[str]] = {}
+        for detail in error.errors(include_url=False, include_input=False):
+            index, *path = detail["loc"]
+            where = ".".join(str(part) for part in path)
+            reasons.setdefault(int(index), []).append(f"{where}: {detail['msg']}" if where else detail["msg"])
+        raise InvalidInputError(pipeline.name, [(i, "; ".join(r)) for i, r in sorted(reasons.items())]) from None
+
+
+class BatchHandle:
+    """A submitted batch."""
+
+    def __init__(self, client: Client, batch_id: uuid.UUID) -> None:
+        self._client = client
+        self._uuid = batch_id
+
+    @property
+    def id(self) -> str:
+        return str(self._uuid)
+
+    def __repr__(self) -> str:
+        return f"BatchHandle({self.id!r})"
+
+    def status(self) -> BatchStatus:
+        """The batch's current row of `batch_status` (counters, not a count of sub-tasks)."""
+        row = ledger.batch_status_row(self._client.engine, self._uuid)
+        if row is None:
+            raise BatchNotFoundError(f"no batch {self.id}")
+        return BatchStatus.model_validate(row)
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> BatchStatus:
+        """Block until the batch is finished; return its final status.
+
+        Woken by the aggregator's NOTIFY; re-reads the status at least every few
+        seconds in case a notification was missed.
+
+        Raises:
+            TimeoutError: not finished within `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with psycopg.connect(libpq_url(self._client.database_url), autocommit=True) as listener:
+            listener.execute(f"LISTEN {ledger.NOTIFY_CHANNEL}")
+            bar = _ProgressBar(self.id) if progress else None
+            try:
+                while True:
+                    status = self.status()
+                    if bar is not None:
+                        bar.update(status)
+                    if status.finished:
+                        return status
+                    pause = 0.25 if bar is not None else 5.0
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError(
+                                f"batch {self.id} not finished after {timeout} s: {status.state.value},"
+                                f" {status.progress:.0%} of {status.total} sub-tasks done"
+                            )
+                        pause = min(pause, left)
+                    for _ in listener.notifies(timeout=pause, stop_after=1):
+                        pass
+            finally:
+                if bar is not None:
+                    bar.close()
+
+    def results(self) -> Iterator[ItemResult]:
+        """Yield one result per input, in input order, streamed page by page."""
+        for row in ledger.iter_results(self._client.engine, self._uuid):
+            yield ItemResult(item=row.item, output=row.output, error=row.error)
+
+    def cancel(self) -> BatchStatus:
+        """Cancel the batch if it is still pending or running; return its status."""
+        ledger.cancel_batch(self._client.engine, self._uuid)
+        return self.status()
+
+
+class _ProgressBar:
+    def __init__(self, batch_id: str) -> None:
+        self._progress = Progress(
+            TextColumn(f"batch {batch_id[:8]}"),
+            TextColumn("{task.fields[state]:<11}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("sub-tasks"),
+            TimeElapsedColumn(),
+        )
+        self._task = self._progress.add_task("batch", total=None, state="pending")
+        self._progress.start()
+
+    def update(self, status: BatchStatus) -> None:
+        done = status.succeeded + status.failed + status.cancelled
+        self._progress.update(self._task, total=status.total or None, completed=done, state=status.state.value)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class Client:
+    """Entry point of the Python API; settings from the environment unless given."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        urls = ensure_services(self.settings.database_url, self.settings.broker_url, self.settings.data_dir)
+        self.database_url = urls.database_url
+        self.engine = ledger.make_engine(urls.database_url)
+        broker.configure(urls.broker_url, self.settings)
+
+    def submit(
+        self, pipeline: str, inputs: Iterable[Any], idempotency_key: str | None = None
+    ) -> BatchHandle:
+        """Validate every input, store the batch and queue its split; return at once.
+
+        The same `idempotency_key` again returns the first batch and stores nothing.
+
+        Raises:
+            UnknownPipelineError: no pipeline is registered as `pipeline`.
+            InvalidInputError: some inputs are invalid; nothing was stored or queued.
+        """
+        definition = registry.get_pipeline(pipeline)
+        items = validate_inputs(definition, inputs)
+        batch_id, created = ledger.create_batch(
+            self.engine, pipeline, [item.model_dump_json() for item in items], idempotency_key
+        )
+        if created:
+            broker.publish_split(str(batch_id))
+        return BatchHandle(self, batch_id)
+
+    def batch(self, batch_id: str | uuid.UUID) -> BatchHandle:
+        """The batch with this id; raises BatchNotFoundError."""
+        try:
+            handle = BatchHandle(self, uuid.UUID(str(batch_id)))
+        except ValueError:
+            raise BatchNotFoundError(f"{batch_id!r} is not a batch id (a UUID)") from None
+        handle.status()
+        return handle
+
+    def batches(self, state: str | None = None, limit: int = 50) -> list[BatchStatus]:
+        """The newest batches, optionally only those in `state`."""
+        if state is not None:
+            BatchState(state)
+        return [BatchStatus.model_validate(row) for row in ledger.batch_status_rows(self.engine, state, limit)]
+
+    def close(self) -> None:
+        self.engine.dispose()

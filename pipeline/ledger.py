@@ -1,0 +1,466 @@
+"""The batch ledger: every state change of batches and sub-tasks.
+
+PostgreSQL is the source of truth. Each transition is one statement guarded by
+the state it expects; when it matches no row the caller lost a race or holds a
+duplicate message, and does nothing more. Bulk writes use COPY.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib.resources import files
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, Row, and_, case, create_engine, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from pipeline.schema import Batch, BatchState, Result, Subtask, SubtaskState
+from pipeline.settings import sqlalchemy_url
+
+NOTIFY_CHANNEL = "batch_finished"
+UNFINISHED_SUBTASK_STATES = (SubtaskState.pending, SubtaskState.dispatched, SubtaskState.running)
+
+
+def make_engine(database_url: str) -> Engine:
+    return create_engine(sqlalchemy_url(database_url), pool_pre_ping=True)
+
+
+def migrate(database_url: str) -> None:
+    """Apply every Alembic migration to the database at `database_url`."""
+    config = Config()
+    config.set_main_option("script_location", str(files("migrations")))
+    # configparser interpolates '%': escape it (percent-encoded passwords).
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(database_url).replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def _now() -> Any:
+    # clock_timestamp, not now(): a long transaction must not stamp its start time.
+    return func.clock_timestamp()
+
+
+def _copy_rows(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]) -> int:
+    """COPY `rows` with `statement` (COPY ... FROM STDIN) on `conn`'s transaction; return the count."""
+    count = 0
+    with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+        with cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+                count += 1
+    return count
+
+
+# --- client -------------------------------------------------------------------------------
+
+
+def create_batch(
+    engine: Engine, pipeline: str, items_json: Sequence[str], idempotency_key: str | None
+) -> tuple[uuid.UUID, bool]:
+    """Store a `pending` batch and its inputs (JSON text, in order) in one transaction.
+
+    Returns (batch id, created). With an `idempotency_key` already used, returns the
+    existing batch and writes nothing.
+
+    Raises:
+        ValueError: the key belongs to a batch of another pipeline.
+    """
+    batch_id = uuid.uuid4()
+    with engine.begin() as conn:
+        inserted = conn.execute(
+            pg_insert(Batch)
+            .values(id=batch_id, pipeline=pipeline, items=len(items_json), idempotency_key=idempotency_key)
+            .on_conflict_do_nothing(index_elements=[Batch.idempotency_key])
+            .returning(Batch.id)
+        ).scalar_one_or_none()
+        if inserted is None:
+            existing_id, existing_pipeline = conn.execute(
+                select(Batch.id, Batch.pipeline).where(Batch.idempotency_key == idempotency_key)
+            ).one()
+            if existing_pipeline != pipeline:
+                raise ValueError(
+                    f"idempotency_key {idempotency_key!r} already names a {existing_pipeline!r} batch, not {pipeline!r}"
+                )
+            return existing_id, False
+        _copy_rows(
+            conn,
+            "COPY inputs (batch_id, item, data) FROM STDIN",
+            ((batch_id, item, data) for item, data in enumerate(items_json)),
+        )
+    return batch_id, True
+
+
+def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | None:
+    """The `batch_status` view's row of one batch, plus its result and metrics."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id) WHERE s.id = :id"
+            ),
+            {"id": batch_id},
+        ).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def batch_status_rows(engine: Engine, state: str | None, limit: int) -> list[dict[str, Any]]:
+    """The newest `limit` rows of the `batch_status` view, optionally of one state."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id)"
+                " WHERE CAST(:state AS text) IS NULL OR s.state = :state"
+                " ORDER BY s.created_at DESC LIMIT :limit"
+            ),
+            {"state": state, "limit": limit},
+        ).mappings().all()
+    return [dict(row) for row in rows]
+
+
+def iter_results(engine: Engine, batch_id: uuid.UUID, page: int = 2000) -> Iterator[Row[Any]]:
+    """Yield a batch's `results` rows in item order, one page per query."""
+    after = -1
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(Result.item, Result.output, Result.error)
+                .where(Result.batch_id == batch_id, Result.item > after)
+                .order_by(Result.item)
+                .limit(page)
+            ).all()
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1].item
+
+
+def cancel_batch(engine: Engine, batch_id: uuid.UUID) -> bool:
+    """Cancel a `pending`/`running` batch and its not-yet-running sub-tasks; False if it was not cancellable."""
+    with engine.begin() as conn:
+        cancelled = conn.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.state.in_((BatchState.pending, BatchState.running)))
+            .values(state=BatchState.cancelled, finished_at=_now())
+            .returning(Batch.id)
+        ).first()
+        if cancelled is None:
+            return False
+        count = conn.execute(
+            update(Subtask)
+            .where(Subtask.batch_id == batch_id, Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)))
+            .values(state=SubtaskState.cancelled, finished_at=_now(), lease_until=None)
+        ).rowcount
+        conn.execute(update(Batch).where(Batch.id == batch_id).values(cancelled=Batch.cancelled + count))
+    return True
+
+
+# --- splitter -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewSubtask:
+    model: str
+    seq: int
+    max_attempts: int
+    items: list[int]
+    payload: bytes
+
+    @property
+    def rows(self) -> int:
+        return len(self.items)
+
+
+def _lock_batch(conn: Connection, batch_id: uuid.UUID, state: BatchState) -> Row[Any] | None:
+    return conn.execute(
+        select(Batch.__table__).where(Batch.id == batch_id, Batch.state == state).with_for_update()
+    ).first()
+
+
+def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """Lock a `pending` batch's row for splitting; None when it is not pending (already split)."""
+    return _lock_batch(conn, batch_id, BatchState.pending)
+
+
+def iter_inputs(conn: Connection, batch_id: uuid.UUID, page: int) -> Iterator[list[dict[str, Any]]]:
+    """Yield a batch's inputs (their JSON data) in item order, `page` items at a time."""
+    start = 0
+    while True:
+        rows = conn.execute(
+            text("SELECT data FROM inputs WHERE batch_id = :b AND item >= :lo AND item < :hi ORDER BY item"),
+            {"b": batch_id, "lo": start, "hi": start + page},
+        ).scalars().all()
+        if not rows:
+            return
+        yield list(rows)
+        start += page
+
+
+def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Iterable[NewSubtask]) -> int:
+    """Insert `pending` sub-tasks with one COPY; return how many."""
+    return _copy_rows(
+        conn,
+        "COPY subtasks (batch_id, model, seq, max_attempts, rows, items, payload) FROM STDIN",
+        ((batch_id, s.model, s.seq, s.max_attempts, s.rows, s.items, s.payload) for s in subtasks),
+    )
+
+
+def start_batch(conn: Connection, batch_id: uuid.UUID, total: int) -> None:
+    """`pending` → `running` with its sub-task total (same transaction as the COPY);
+    straight to `aggregating` when the split produced no sub-task."""
+    conn.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.pending)
+        .values(
+            state=BatchState.running if total else BatchState.aggregating,
+            total=total,
+            started_at=_now(),
+            aggregating_at=None if total else _now(),
+        )
+    )
+
+
+def fail_pending_batch(engine: Engine, batch_id: uuid.UUID, error: str) -> None:
+    """`pending` → `failed` when the batch cannot be split; NOTIFY waiting clients."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.state == BatchState.pending)
+            .values(state=BatchState.failed, error=error, finished_at=_now())
+        )
+        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
+
+
+def pending_subtasks(engine: Engine, batch_id: uuid.UUID) -> list[tuple[int, str]]:
+    """(id, model) of a batch's `pending` sub-tasks, in dispatch order."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Subtask.id, Subtask.model)
+            .where(Subtask.batch_id == batch_id, Subtask.state == SubtaskState.pending)
+            .order_by(Subtask.seq, Subtask.model)
+        ).all()
+    return [(row.id, row.model) for row in rows]
+
+
+def mark_dispatched(engine: Engine, subtask_ids: Sequence[int], lease_s: float) -> None:
+    """`pending` → `dispatched` with a lease, for sub-tasks whose message was published."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(Subtask)
+            .where(Subtask.id.in_(subtask_ids), Subtask.state == SubtaskState.pending)
+            .values(state=SubtaskState.dispatched, lease_until=_now() + timedelta(seconds=lease_s))
+        )
+
+
+# --- worker -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a running sub-task; `attempt` is its claim token."""
+
+    subtask_id: int
+    batch_id: uuid.UUID
+    model: str
+    attempt: int
+    max_attempts: int
+    rows: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finishing transition did: `recorded` is False for a stale claim or duplicate;
+    `aggregate` is True for the one transaction that completed the batch."""
+
+    recorded: bool
+    aggregate: bool = False
+
+
+def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
+    """`pending`/`dispatched` (or `running` past its lease) → `running`, attempts + 1.
+
+    Returns None when the sub-task is finished, cancelled, or leased by another worker.
+    """
+    now = _now()
+    with engine.begin() as conn:
+        row = conn.execute(
+            update(Subtask)
+            .where(
+                Subtask.id == subtask_id,
+                Subtask.attempts < Subtask.max_attempts,
+                or_(
+                    Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)),
+                    and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now),
+                ),
+            )
+            .values(
+                state=SubtaskState.running,
+                attempts=Subtask.attempts + 1,
+                worker=worker,
+                started_at=now,
+                lease_until=now + timedelta(seconds=lease_s),
+            )
+            .returning(
+                Subtask.batch_id, Subtask.model, Subtask.attempts, Subtask.max_attempts, Subtask.rows, Subtask.payload
+            )
+        ).first()
+    if row is None:
+        return None
+    return Claim(subtask_id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, row.payload)
+
+
+def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, failed: int) -> bool:
+    """Add to a batch's counters; flip `running` → `aggregating` when they reach the total.
+
+    Returns True for the one call that flipped it. Counters only grow and each
+    sub-task is counted once, so exactly one transaction sees them reach the total.
+    """
+    complete = Batch.succeeded + succeeded + Batch.failed + failed + Batch.cancelled == Batch.total
+    flips = and_(Batch.state == BatchState.running, complete)
+    row = conn.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(
+            succeeded=Batch.succeeded + succeeded,
+            failed=Batch.failed + failed,
+            state=case((flips, BatchState.aggregating.value), else_=Batch.state),
+            aggregating_at=case((flips, _now()), else_=Batch.aggregating_at),
+        )
+        .returning(Batch.state, Batch.succeeded + Batch.failed + Batch.cancelled == Batch.total)
+    ).one()
+    return row[0] == BatchState.aggregating and bool(row[1])
+
+
+def complete_subtask(engine: Engine, claim: Claim, output: bytes, model_version: str) -> Outcome:
+    """`running` → `succeeded` with its output, and the batch counter, in one transaction."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(Subtask)
+            .where(
+                Subtask.id == claim.subtask_id,
+                Subtask.state == SubtaskState.running,
+                Subtask.attempts == claim.attempt,
+            )
+            .values(
+                state=SubtaskState.succeeded,
+                output=output,
+                error=None,
+                model_version=model_version,
+                finished_at=_now(),
+                lease_until=None,
+            )
+            .returning(Subtask.id)
+        ).first()
+        if done is None:
+            return Outcome(recorded=False)
+        return Outcome(recorded=True, aggregate=_count_finished(conn, claim.batch_id, succeeded=1, failed=0))
+
+
+def fail_subtask(engine: Engine, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
+    """`running` → `pending` (when `retry`, to run again) or → `failed` with the batch counter."""
+    with engine.begin() as conn:
+        guard = and_(
+            Subtask.id == claim.subtask_id,
+            Subtask.state == SubtaskState.running,
+            Subtask.attempts == claim.attempt,
+        )
+        if retry:
+            again = conn.execute(
+                update(Subtask)
+                .where(guard)
+                .values(state=SubtaskState.pending, error=error, lease_until=_now() + timedelta(seconds=lease_s))
+                .returning(Subtask.id)
+            ).first()
+            return Outcome(recorded=again is not None)
+        failed = conn.execute(
+            update(Subtask)
+            .where(guard)
+            .values(state=SubtaskState.failed, error=error, finished_at=_now(), lease_until=None)
+            .returning(Subtask.id)
+        ).first()
+        if failed is None:
+            return Outcome(recorded=False)
+        return Outcome(recorded=True, aggregate=_count_finished(conn, claim.batch_id, succeeded=0, failed=1))
+
+
+# --- aggregator ---------------------------------------------------------------------------
+
+
+def lock_aggregating_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """Lock an `aggregating` batch's row; None when it is not (already aggregated, or a duplicate)."""
+    return _lock_batch(conn, batch_id, BatchState.aggregating)
+
+
+@dataclass(frozen=True)
+class SubtaskOutput:
+    items: list[int]
+    output: bytes | None
+    error: str | None
+
+
+def iter_subtask_outputs(conn: Connection, batch_id: uuid.UUID, model: str, page: int = 64) -> Iterator[SubtaskOutput]:
+    """Yield one model's sub-task outputs of a batch in `seq` (hence item) order, paged."""
+    after = -1
+    while True:
+        rows = conn.execute(
+            select(Subtask.seq, Subtask.items, Subtask.output, Subtask.error, Subtask.state)
+            .where(Subtask.batch_id == batch_id, Subtask.model == model, Subtask.seq > after)
+            .order_by(Subtask.seq)
+            .limit(page)
+        ).all()
+        for row in rows:
+            error = row.error if row.state != SubtaskState.succeeded else None
+            if row.state == SubtaskState.cancelled:
+                error = "cancelled"
+            yield SubtaskOutput(row.items, row.output if row.state == SubtaskState.succeeded else None, error)
+        if len(rows) < page:
+            return
+        after = rows[-1].seq
+
+
+def copy_results(conn: Connection, batch_id: uuid.UUID, rows: Iterable[tuple[int, str | None, str | None]]) -> int:
+    """Insert (item, output JSON, error) result rows with one COPY; return how many."""
+    return _copy_rows(
+        conn,
+        "COPY results (batch_id, item, output, error) FROM STDIN",
+        ((batch_id, item, output, error) for item, output, error in rows),
+    )
+
+
+def finish_batch(
+    conn: Connection, batch_id: uuid.UUID, state: BatchState, result: dict[str, Any], metrics: dict[str, Any]
+) -> None:
+    """`aggregating` → final state with result and metrics; NOTIFY waiting clients on commit."""
+    conn.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.aggregating)
+        .values(
+            state=state,
+            result=result,
+            metrics=metrics,
+            finished_at=_now(),
+            aggregate_runs=Batch.aggregate_runs + 1,
+        )
+    )
+    conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
+
+
+def subtask_timings(conn: Connection, batch_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Per-model sub-task counts, rows and time spans of a batch (for its metrics)."""
+    rows = conn.execute(
+        select(
+            Subtask.model,
+            func.count().label("subtasks"),
+            func.sum(Subtask.rows).label("rows"),
+            func.min(Subtask.queued_at).label("first_queued"),
+            func.max(Subtask.finished_at).label("last_finished"),
+            func.sum(func.extract("epoch", Subtask.finished_at - Subtask.started_at)).label("compute_s"),
+        )
+        .where(Subtask.batch_id == batch_id)
+        .group_by(Subtask.model)
+        .order_by(Subtask.model)
+    ).mappings().all()
+    return [dict(row) for row in rows]

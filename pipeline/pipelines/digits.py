@@ -1,0 +1,182 @@
+"""`digits`: read a number written as a strip of handwritten digits.
+
+An input is an 8 x 8k image (k = 1..32 digits side by side, pixels 0..16 as in
+scikit-learn's `load_digits`). The splitter cuts it into k tiles of 8 x 8; a
+digit classifier and an out-of-distribution guard score every tile on their own
+queues; the aggregate is the number read, with its confidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.datasets import load_digits
+from sklearn.ensemble import IsolationForest
+from sklearn.model_selection import train_test_split
+from sklearn.svm import SVC
+
+from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
+
+TILE = 8
+MAX_DIGITS = 32
+# A strip is sent to review when its least sure digit is below this confidence.
+REVIEW_CONFIDENCE = 0.8
+CLASSIFIER = "digit-classifier"
+OOD_GUARD = "digit-ood"
+
+Pixel = Annotated[float, Field(ge=0, le=16, allow_inf_nan=False)]
+
+
+class DigitStrip(BaseModel):
+    """One strip: `image` is 8 rows of 8*k pixels; `label`, when known, is the k digits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: list[list[Pixel]]
+    label: str | None = Field(default=None, pattern=r"^[0-9]+$")
+
+    @model_validator(mode="after")
+    def _shape(self) -> DigitStrip:
+        if len(self.image) != TILE:
+            raise ValueError(f"image must have {TILE} rows, got {len(self.image)}")
+        widths = {len(row) for row in self.image}
+        if len(widths) != 1:
+            raise ValueError(f"image rows must all have the same length, got lengths {sorted(widths)}")
+        width = widths.pop()
+        if width % TILE or not 1 <= width // TILE <= MAX_DIGITS:
+            raise ValueError(f"image rows must have 8*k numbers with k in 1..{MAX_DIGITS}, got {width}")
+        if self.label is not None and len(self.label) != width // TILE:
+            raise ValueError(f"label has {len(self.label)} digits but the image has {width // TILE}")
+        return self
+
+    @property
+    def digits(self) -> int:
+        return len(self.image[0]) // TILE
+
+
+@lru_cache(maxsize=1)
+def dataset_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed train / held-out halves of `load_digits`: (X_train, X_test, y_train, y_test)."""
+    data = load_digits()
+    return tuple(  # type: ignore[return-value]
+        train_test_split(data.data, data.target, test_size=0.5, random_state=0, stratify=data.target)
+    )
+
+
+def held_out_strips(count: int, max_digits: int = 6, seed: int = 0) -> list[dict[str, Any]]:
+    """Build `count` labelled strips of 1..max_digits digits from the held-out half."""
+    _, X_test, _, y_test = dataset_split()
+    rng = np.random.default_rng(seed)
+    strips = []
+    for _ in range(count):
+        chosen = rng.integers(0, len(X_test), size=int(rng.integers(1, max_digits + 1)))
+        tiles = X_test[chosen].reshape(-1, TILE, TILE)
+        strips.append({"image": np.hstack(list(tiles)).tolist(), "label": "".join(str(d) for d in y_test[chosen])})
+    return strips
+
+
+def _train_classifier() -> TrainedModel:
+    X_train, X_test, y_train, y_test = dataset_split()
+    model = CalibratedClassifierCV(SVC(gamma=0.001, C=10.0), method="isotonic", ensemble=True).fit(X_train, y_train)
+    accuracy = float((model.predict_proba(X_test).argmax(axis=1) == y_test).mean())
+    return TrainedModel(model, {"held_out_accuracy": accuracy})
+
+
+def _predict_classifier(model: Any, X: np.ndarray) -> np.ndarray:
+    return model.predict_proba(X)
+
+
+def _train_ood_guard() -> TrainedModel:
+    X_train, X_test, _, _ = dataset_split()
+    model = IsolationForest(contamination=0.01, random_state=0).fit(X_train)
+    noise = np.random.default_rng(0).uniform(0, 16, size=(500, TILE * TILE))
+    return TrainedModel(
+        model,
+        {
+            "held_out_in_distribution_rate": float((model.predict(X_test) == 1).mean()),
+            "noise_in_distribution_rate": float((model.predict(noise) == 1).mean()),
+        },
+    )
+
+
+def _predict_ood_guard(model: Any, X: np.ndarray) -> np.ndarray:
+    score = model.decision_function(X)
+    return np.column_stack([score, score >= 0])
+
+
+class DigitsKpis(Kpis):
+    def __init__(self) -> None:
+        self.items = self.failed = self.reviewed = 0
+        self.labelled = self.numbers_right = self.digits_labelled = self.digits_right = 0
+
+    def add(self, item: BaseModel, result: dict[str, Any] | None) -> None:
+        assert isinstance(item, DigitStrip)
+        self.items += 1
+        if result is None:
+            self.failed += 1
+            return
+        self.reviewed += bool(result["needs_review"])
+        if item.label is not None:
+            self.labelled += 1
+            self.numbers_right += result["text"] == item.label
+            self.digits_labelled += len(item.label)
+            self.digits_right += sum(a == b for a, b in zip(result["text"], item.label))
+
+    def summary(self) -> dict[str, Any]:
+        answered = self.items - self.failed
+        return {
+            "items": self.items,
+            "failed_items": self.failed,
+            "review_rate": self.reviewed / answered if answered else None,
+            "labelled_items": self.labelled,
+            "whole_number_accuracy": self.numbers_right / self.labelled if self.labelled else None,
+            "digit_accuracy": self.digits_right / self.digits_labelled if self.digits_labelled else None,
+        }
+
+
+class DigitsPipeline(Pipeline):
+    name = "digits"
+    input_model = DigitStrip
+    models = (
+        ModelSpec(
+            CLASSIFIER, TILE * TILE, 10, _train_classifier, _predict_classifier, chunk_size=1000, probabilities=True
+        ),
+        ModelSpec(OOD_GUARD, TILE * TILE, 2, _train_ood_guard, _predict_ood_guard, chunk_size=1000),
+    )
+
+    def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:
+        tiles = []
+        owners = []
+        for index, item in enumerate(items):
+            assert isinstance(item, DigitStrip)
+            image = np.asarray(item.image, dtype=np.float32)
+            k = item.digits
+            tiles.append(image.reshape(TILE, k, TILE).transpose(1, 0, 2).reshape(k, TILE * TILE))
+            owners.append(np.full(k, index, dtype=np.int32))
+        rows = ModelRows(np.concatenate(tiles), np.concatenate(owners))
+        return {CLASSIFIER: rows, OOD_GUARD: rows}
+
+    def aggregate(self, item: BaseModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        probabilities = outputs[CLASSIFIER]
+        ood = outputs[OOD_GUARD]
+        digits = probabilities.argmax(axis=1)
+        confidences = probabilities.max(axis=1)
+        in_distribution = ood[:, 1] > 0.5
+        confidence = float(confidences.min())
+        return {
+            "text": "".join(str(int(d)) for d in digits),
+            "digits": [
+                {"digit": int(d), "confidence": round(float(c), 6), "in_distribution": bool(i)}
+                for d, c, i in zip(digits, confidences, in_distribution)
+            ],
+            "confidence": round(confidence, 6),
+            "needs_review": bool(confidence < REVIEW_CONFIDENCE or not in_distribution.all()),
+        }
+
+    def kpis(self) -> Kpis:
+        return DigitsKpis()

@@ -1,0 +1,121 @@
+"""The batch ledger's tables, as SQLAlchemy 2 typed mappings.
+
+The schema itself is created only by the Alembic migrations in `migrations/`;
+these mappings must match them (a test compares the two).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ARRAY, BigInteger, ForeignKey, Integer, LargeBinary, Text, UniqueConstraint, text
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class BatchState(str, enum.Enum):
+    pending = "pending"
+    running = "running"
+    aggregating = "aggregating"
+    succeeded = "succeeded"
+    partial = "partial"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_BATCH_STATES
+
+
+FINISHED_BATCH_STATES = frozenset(
+    {BatchState.succeeded, BatchState.partial, BatchState.failed, BatchState.cancelled}
+)
+
+
+class SubtaskState(str, enum.Enum):
+    pending = "pending"
+    dispatched = "dispatched"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+Timestamp = TIMESTAMP(timezone=True)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    pipeline: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text, server_default=BatchState.pending.value)
+    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    items: Mapped[int] = mapped_column(Integer)
+    total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    succeeded: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    cancelled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    aggregate_runs: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    aggregating_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Subtask(Base):
+    __tablename__ = "subtasks"
+    __table_args__ = (UniqueConstraint("batch_id", "model", "seq"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(Text)
+    seq: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text, server_default=SubtaskState.pending.value)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int] = mapped_column(Integer)
+    # Input item index of each payload row; rows are in item order.
+    items: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    # The chunk's feature rows, float32 little-endian, row-major (rows x features).
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # The model's output rows, float32 little-endian, row-major (rows x outputs).
+    output: Mapped[bytes | None] = mapped_column(LargeBinary)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Input(Base):
+    __tablename__ = "inputs"
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    item: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONB)
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    item: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)

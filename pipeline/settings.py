@@ -1,0 +1,81 @@
+"""Deployment settings: every knob in one place, read from `PIPELINE_*` env vars."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of every role (client, worker, aggregator, CLI).
+
+    With `database_url` / `broker_url` unset, the embedded PostgreSQL and Redis
+    under `data_dir` are started (or reused) on first use.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL, `postgresql://...` or `postgresql+psycopg://...`.",
+    )
+    broker_url: str | None = Field(default=None, description="Redis URL of the Celery broker.")
+    broker_prefix: str = Field(
+        default="",
+        description="Prefix for every broker key, so several deployments (or test runs) share one Redis.",
+    )
+    visibility_timeout_s: int = Field(
+        default=3600,
+        description=(
+            "Redis re-delivers a message not acknowledged within this time. It must exceed the"
+            " longest sub-task plus any retry countdown; the ledger lease, not this, decides"
+            " whether a redelivered sub-task runs again."
+        ),
+    )
+    data_dir: Path = Field(default=Path(".pipeline"), description="Embedded services' data and default models folder.")
+    models_dir: Path | None = Field(default=None, description="Model artifacts and manifests; default `<data_dir>/models`.")
+    pipelines: str = Field(
+        default="",
+        description="Extra pipelines to register, comma-separated `package.module:attr`.",
+    )
+    lease_s: float = Field(default=300.0, gt=0, description="A claimed or dispatched sub-task's lease.")
+    sweep_interval_s: float = Field(default=15.0, gt=0, description="How often the sweeper reconciles the ledger.")
+    worker_concurrency: int = Field(default=1, ge=1, description="Processes per `pipeline worker`.")
+    aggregator_concurrency: int = Field(default=2, ge=1, description="Processes per `pipeline aggregator`.")
+    flower_user: str = Field(default="admin", description="Flower basic-auth user.")
+    flower_password: str | None = Field(
+        default=None, description="Flower basic-auth password; `pipeline up` generates one when unset."
+    )
+    flower_port: int = Field(default=5555, description="Flower's port (bound to 127.0.0.1 by `pipeline up`).")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise ValueError("PIPELINE_DATABASE_URL must start with postgresql:// or postgresql+psycopg://")
+        return url
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Return `url` in the `postgresql+psycopg://` form SQLAlchemy needs for psycopg 3."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError(f"not a PostgreSQL URL: {url!r}")
+
+
+def libpq_url(url: str) -> str:
+    """Return `url` in the plain `postgresql://` form libpq (psycopg.connect) accepts."""
+    return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://") :]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

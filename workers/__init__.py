@@ -1,0 +1,1 @@
+"""What runs on a model worker: model loading, the predict task, output guardrails."""

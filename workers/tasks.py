@@ -1,0 +1,17 @@
+"""The Celery task a model worker runs."""
+
+from __future__ import annotations
+
+from celery import Task
+
+from pipeline import broker, runtime
+from pipeline.settings import get_settings
+from workers.inference import run_subtask
+
+
+@broker.app.task(name=broker.PREDICT_TASK, bind=True)
+def predict(self: Task, subtask_id: int) -> None:
+    message = broker.PredictMessage(subtask_id=subtask_id)
+    delay = run_subtask(runtime.engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown")
+    if delay is not None:
+        raise self.retry(countdown=delay, max_retries=None)
