@@ -37,11 +37,17 @@ class AggregateMessage(BaseModel):
     batch_id: str
 
 
+# The app the worker and aggregator processes register their tasks on.
 app = Celery("pipeline", set_as_current=True)
 
 
-def configure(broker_url: str, settings: Settings) -> Celery:
-    """Point the shared app at `broker_url` with the pipeline's delivery settings."""
+def client_app(broker_url: str, settings: Settings) -> Celery:
+    """A separate app for a client that only publishes (tasks are named by string)."""
+    return configure(Celery("pipeline-client", set_as_current=False), broker_url, settings)
+
+
+def configure(app: Celery, broker_url: str, settings: Settings) -> Celery:
+    """Point `app` at `broker_url` with the pipeline's delivery settings; return it."""
     transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.broker_prefix:
         transport_options["global_keyprefix"] = settings.broker_prefix
@@ -71,15 +77,15 @@ def configure(broker_url: str, settings: Settings) -> Celery:
     return app
 
 
-def publish_split(batch_id: str) -> None:
+def publish_split(app: Celery, batch_id: str) -> None:
     app.send_task(SPLIT_TASK, kwargs=SplitMessage(batch_id=batch_id).model_dump(), queue=SPLIT_QUEUE)
 
 
-def publish_aggregate(batch_id: str) -> None:
+def publish_aggregate(app: Celery, batch_id: str) -> None:
     app.send_task(AGGREGATE_TASK, kwargs=AggregateMessage(batch_id=batch_id).model_dump(), queue=AGGREGATE_QUEUE)
 
 
-def publish_predictions(subtasks: Iterable[tuple[int, str]]) -> int:
+def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str]]) -> int:
     """Publish one predict message per (sub-task id, model) over one producer; return the count."""
     count = 0
     with app.producer_or_acquire() as producer:

@@ -198,7 +198,7 @@ class Client:
         urls = ensure_services(self.settings.database_url, self.settings.broker_url, self.settings.data_dir)
         self.database_url = urls.database_url
         self.engine = ledger.make_engine(urls.database_url)
-        broker.configure(urls.broker_url, self.settings)
+        self.app = broker.client_app(urls.broker_url, self.settings)
 
     def submit(
         self, pipeline: str, inputs: Iterable[Any], idempotency_key: str | None = None
@@ -217,7 +217,7 @@ class Client:
             self.engine, pipeline, [item.model_dump_json() for item in items], idempotency_key
         )
         if created:
-            broker.publish_split(str(batch_id))
+            broker.publish_split(self.app, str(batch_id))
         return BatchHandle(self, batch_id)
 
     def batch(self, batch_id: str | uuid.UUID) -> BatchHandle:
@@ -236,4 +236,6 @@ class Client:
         return [BatchStatus.model_validate(row) for row in ledger.batch_status_rows(self.engine, state, limit)]
 
     def close(self) -> None:
+        """Release database and broker connections."""
         self.engine.dispose()
+        self.app.close()

@@ -30,4 +30,4 @@ def engine() -> Engine:
 
 @lru_cache(maxsize=1)
 def celery_app() -> Celery:
-    return broker.configure(service_urls().broker_url, get_settings())
+    return broker.configure(broker.app, service_urls().broker_url, get_settings())

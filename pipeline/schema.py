@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, ForeignKey, Integer, LargeBinary, Text, UniqueConstraint, text
+from sqlalchemy import ARRAY, BigInteger, ForeignKey, Index, Integer, LargeBinary, Text, UniqueConstraint, text
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -53,6 +53,7 @@ class Base(DeclarativeBase):
 
 class Batch(Base):
     __tablename__ = "batches"
+    __table_args__ = (Index("batches_state_created", "state", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     pipeline: Mapped[str] = mapped_column(Text)
@@ -75,7 +76,15 @@ class Batch(Base):
 
 class Subtask(Base):
     __tablename__ = "subtasks"
-    __table_args__ = (UniqueConstraint("batch_id", "model", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("batch_id", "model", "seq"),
+        # The sweeper's scan: unfinished sub-tasks by lease.
+        Index(
+            "subtasks_unfinished_lease",
+            "lease_until",
+            postgresql_where=text("state IN ('pending','dispatched','running')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     batch_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"))

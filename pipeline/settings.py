@@ -41,6 +41,10 @@ class Settings(BaseSettings):
         default="",
         description="Extra pipelines to register, comma-separated `package.module:attr`.",
     )
+    chunk_sizes: dict[str, int] = Field(
+        default_factory=dict,
+        description='Per-model chunk size overrides, JSON: `{"digit-classifier": 2000}`. Read by the splitter.',
+    )
     lease_s: float = Field(default=300.0, gt=0, description="A claimed or dispatched sub-task's lease.")
     sweep_interval_s: float = Field(default=15.0, gt=0, description="How often the sweeper reconciles the ledger.")
     worker_concurrency: int = Field(default=1, ge=1, description="Processes per `pipeline worker`.")

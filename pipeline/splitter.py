@@ -28,8 +28,11 @@ class SplitError(ValueError):
 class Chunker:
     """Packs one model's rows, as they arrive in item order, into sub-tasks of `chunk_size` rows."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, chunk_size: int) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"model {spec.name!r}: chunk size must be at least 1, got {chunk_size}")
         self.spec = spec
+        self.chunk_size = chunk_size
         self.seq = 0
         self._rows: list[np.ndarray] = []
         self._items: list[np.ndarray] = []
@@ -47,7 +50,7 @@ class Chunker:
 
     def take(self, final: bool = False) -> Iterator[ledger.NewSubtask]:
         """Yield full chunks; with `final`, the remainder too."""
-        size = self.spec.chunk_size
+        size = self.chunk_size
         if self._buffered < size and not (final and self._buffered):
             return
         rows = np.concatenate(self._rows)
@@ -66,7 +69,7 @@ class Chunker:
         self._buffered = len(rows) - end
 
 
-def split_batch(engine: Engine, batch_id: uuid.UUID) -> int | None:
+def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]) -> int | None:
     """Create a pending batch's sub-tasks and move it to `running`, in one transaction.
 
     Returns the number of sub-tasks created; None when the batch was not pending
@@ -78,7 +81,7 @@ def split_batch(engine: Engine, batch_id: uuid.UUID) -> int | None:
             return None
         pipeline = registry.get_pipeline(batch.pipeline)
         adapter = TypeAdapter(list[pipeline.input_model])  # type: ignore[name-defined]
-        chunkers = [Chunker(spec) for spec in pipeline.models]
+        chunkers = [Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size)) for spec in pipeline.models]
         total = 0
         offset = 0
         for page in ledger.iter_inputs(conn, batch_id, INPUT_PAGE):
@@ -100,7 +103,7 @@ def dispatch_pending(engine: Engine, batch_id: uuid.UUID, lease_s: float) -> int
     pending = ledger.pending_subtasks(engine, batch_id)
     for start in range(0, len(pending), DISPATCH_PAGE):
         page = pending[start : start + DISPATCH_PAGE]
-        broker.publish_predictions(page)
+        broker.publish_predictions(runtime.celery_app(), page)
         ledger.mark_dispatched(engine, [subtask_id for subtask_id, _ in page], lease_s)
     return len(pending)
 
@@ -111,7 +114,7 @@ def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID) -> None:
     A batch whose inputs the pipeline cannot split is marked `failed` with the reason.
     """
     try:
-        created = split_batch(engine, batch_id)
+        created = split_batch(engine, batch_id, settings.chunk_sizes)
     except (SplitError, registry.UnknownPipelineError, ValueError) as error:
         log.error("batch %s cannot be split: %s", batch_id, error)
         ledger.fail_pending_batch(engine, batch_id, f"split failed: {error}")
@@ -122,7 +125,7 @@ def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID) -> None:
     if created:
         dispatch_pending(engine, batch_id, settings.lease_s)
     else:
-        broker.publish_aggregate(str(batch_id))
+        broker.publish_aggregate(runtime.celery_app(), str(batch_id))
 
 
 @broker.app.task(name=broker.SPLIT_TASK)

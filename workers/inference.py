@@ -8,7 +8,7 @@ import random
 import numpy as np
 from sqlalchemy import Engine
 
-from pipeline import broker, ledger, registry
+from pipeline import broker, ledger, registry, runtime
 from pipeline.artifacts import ArtifactError
 from pipeline.settings import Settings
 from workers.guardrails import GuardrailViolation, check_output
@@ -55,5 +55,5 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
         outcome = ledger.complete_subtask(engine, claim, output.tobytes(), manifest.version)
         delay = None
     if outcome.aggregate:
-        broker.publish_aggregate(str(claim.batch_id))
+        broker.publish_aggregate(runtime.celery_app(), str(claim.batch_id))
     return delay

@@ -1,0 +1,28 @@
+# The two set-up commands on a fresh machine with only Python: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test up clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pipeline demo
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+up: $(STAMP)
+	$(BIN)/pipeline up
+
+clean:
+	-$(BIN)/pipeline down
+	rm -rf $(VENV) .pipeline

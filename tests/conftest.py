@@ -1,0 +1,155 @@
+"""Fixtures on real services: a PostgreSQL database and a Redis key prefix owned by
+this test run (created, then removed), trained models, and real worker and
+aggregator processes.
+
+`PIPELINE_DATABASE_URL` / `PIPELINE_BROKER_URL` point at the servers to use;
+when unset, the embedded PostgreSQL and Redis are started in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from pipeline import ledger
+from pipeline.client import Client
+from pipeline.embedded import ensure_services, stop_services
+from pipeline.settings import Settings, libpq_url
+from pipeline.training import train_models
+
+
+@dataclass(frozen=True)
+class RunServices:
+    database_url: str
+    broker_url: str
+    broker_prefix: str
+
+    def settings(self, models_dir: Path, **overrides: object) -> Settings:
+        values = dict(
+            database_url=self.database_url,
+            broker_url=self.broker_url,
+            broker_prefix=self.broker_prefix,
+            models_dir=models_dir,
+        )
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    def env(self, models_dir: Path, **extra: str) -> dict[str, str]:
+        return dict(
+            os.environ,
+            PIPELINE_DATABASE_URL=self.database_url,
+            PIPELINE_BROKER_URL=self.broker_url,
+            PIPELINE_BROKER_PREFIX=self.broker_prefix,
+            PIPELINE_MODELS_DIR=str(models_dir),
+            **extra,
+        )
+
+
+def _with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def delete_keys(broker_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(broker_url)
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunServices]:
+    embedded_dir = tmp_path_factory.mktemp("embedded")
+    urls = ensure_services(os.environ.get("PIPELINE_DATABASE_URL"), os.environ.get("PIPELINE_BROKER_URL"), embedded_dir)
+    run = uuid.uuid4().hex[:12]
+    database = f"pipeline_test_{run}"
+    admin_url = libpq_url(_with_database(urls.database_url, "postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    test = RunServices(_with_database(urls.database_url, database), urls.broker_url, f"test-{run}:")
+    try:
+        ledger.migrate(test.database_url)
+        yield test
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        delete_keys(test.broker_url, test.broker_prefix)
+        if urls.started:
+            stop_services(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    train_models(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def engine(services: RunServices) -> Iterator[Engine]:
+    engine = ledger.make_engine(services.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def client(services: RunServices, models_dir: Path) -> Iterator[Client]:
+    client = Client(services.settings(models_dir))
+    yield client
+    client.close()
+
+
+class Processes:
+    """Real `python -m workers` / `python -m aggregator` processes, logging to files."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}-{len(self.running)}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.running.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(services: RunServices, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    """One model worker (2 processes, every model) and one aggregator, for the whole run."""
+    processes = Processes(tmp_path_factory.mktemp("logs"))
+    # Odd chunk sizes, different per model, so strips straddle sub-task boundaries.
+    env = services.env(models_dir, PIPELINE_CHUNK_SIZES='{"digit-classifier": 97, "digit-ood": 128}')
+    processes.start("worker", ["-m", "workers", "--concurrency", "2"], env)
+    processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
+    yield processes
+    processes.stop_all()
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    """Poll `predicate()` until true; fail the test naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)

@@ -1,0 +1,43 @@
+"""The main job on the embedded default: no URL set, `pipeline demo` starts a real
+PostgreSQL and Redis under PIPELINE_DATA_DIR, runs the digits batch, stops them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import text
+
+from pipeline import ledger
+from pipeline.embedded import ensure_services, stop_services
+
+
+def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_DATABASE_URL", "PIPELINE_BROKER_URL", "PIPELINE_MODELS_DIR")}
+    data_dir = tmp_path / "data"
+    env["PIPELINE_DATA_DIR"] = str(data_dir)
+    pipeline_cli = Path(sys.executable).parent / "pipeline"
+    run = subprocess.run(
+        [str(pipeline_cli), "demo", "--strips", "60"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "whole_number_accuracy" in run.stdout
+    assert (data_dir / "postgres" / "PG_VERSION").exists()
+    assert (data_dir / "redis" / "port").exists()
+    assert (data_dir / "models" / "digit-classifier.json").exists()
+
+    # The demo stopped the servers it started; the ledger it wrote is still there.
+    urls = ensure_services(None, None, data_dir)
+    assert urls.started
+    engine = ledger.make_engine(urls.database_url)
+    try:
+        with engine.connect() as conn:
+            batch = conn.execute(text("SELECT * FROM batch_status")).mappings().one()
+            results = conn.execute(text("SELECT count(*) FROM results WHERE error IS NULL")).scalar()
+        assert (batch["state"], batch["items"], batch["progress"]) == ("succeeded", 60, 1)
+        assert results == 60
+    finally:
+        engine.dispose()
+        stop_services(data_dir)

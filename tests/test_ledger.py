@@ -1,0 +1,142 @@
+"""State transitions of the ledger on real PostgreSQL: duplicates and stale claims
+change nothing, counters never double count, the batch flips to `aggregating` once,
+and aggregate runs once."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, text
+
+from aggregator.assemble import aggregate_batch
+from pipeline import ledger
+from pipeline.pipelines.digits import held_out_strips
+from pipeline.splitter import split_batch
+
+CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
+
+
+def _split_batch(engine: Engine, strips: int = 6) -> tuple[uuid.UUID, list[ledger.Claim]]:
+    """A batch split in-process (nothing published); returns its id and every sub-task claimed."""
+    inputs = held_out_strips(strips, max_digits=4, seed=7)
+    batch_id, created = ledger.create_batch(engine, "digits", [json.dumps(x) for x in inputs], None)
+    assert created
+    assert split_batch(engine, batch_id, CHUNKS)
+    with engine.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM subtasks WHERE batch_id = :b ORDER BY id"), {"b": batch_id}).scalars().all()
+    claims = [ledger.claim_subtask(engine, i, "test-worker", lease_s=300) for i in ids]
+    assert all(claims)
+    return batch_id, claims  # type: ignore[return-value]
+
+
+def _output(claim: ledger.Claim) -> bytes:
+    """A well-formed output for the claim's rows (one-hot digit 1; in distribution)."""
+    if claim.model == "digit-classifier":
+        rows = np.zeros((claim.rows, 10), dtype="<f4")
+        rows[:, 1] = 1
+    else:
+        rows = np.ones((claim.rows, 2), dtype="<f4")
+    return rows.tobytes()
+
+
+def _batch(engine: Engine, batch_id: uuid.UUID) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT * FROM batches WHERE id = :b"), {"b": batch_id}).mappings().one())
+
+
+def test_split_twice_creates_subtasks_once(engine: Engine) -> None:
+    batch_id, claims = _split_batch(engine)
+    assert split_batch(engine, batch_id, CHUNKS) is None
+    assert _batch(engine, batch_id)["total"] == len(claims)
+
+
+def test_duplicate_completion_counts_once_and_last_one_flips_once(engine: Engine) -> None:
+    batch_id, claims = _split_batch(engine)
+    flips = []
+    for claim in claims:
+        first = ledger.complete_subtask(engine, claim, _output(claim), "v1")
+        again = ledger.complete_subtask(engine, claim, _output(claim), "v1")
+        assert first.recorded and not again.recorded and not again.aggregate
+        assert ledger.claim_subtask(engine, claim.subtask_id, "other-worker", lease_s=300) is None
+        flips.append(first.aggregate)
+    assert flips == [False] * (len(claims) - 1) + [True]
+    batch = _batch(engine, batch_id)
+    assert (batch["state"], batch["succeeded"], batch["failed"]) == ("aggregating", len(claims), 0)
+
+
+def test_stale_claim_cannot_finish(engine: Engine) -> None:
+    batch_id, claims = _split_batch(engine)
+    claim = claims[0]
+    with engine.begin() as conn:  # the first worker's lease runs out
+        conn.execute(text("UPDATE subtasks SET lease_until = clock_timestamp() - interval '1 s' WHERE id = :i"), {"i": claim.subtask_id})
+    second = ledger.claim_subtask(engine, claim.subtask_id, "second-worker", lease_s=300)
+    assert second is not None and second.attempt == claim.attempt + 1
+    assert not ledger.complete_subtask(engine, claim, _output(claim), "v1").recorded
+    assert not ledger.fail_subtask(engine, claim, "late failure", retry=False, lease_s=300).recorded
+    assert ledger.complete_subtask(engine, second, _output(second), "v1").recorded
+    batch = _batch(engine, batch_id)
+    assert (batch["succeeded"], batch["failed"]) == (1, 0)
+
+
+def test_live_lease_is_not_claimed_twice(engine: Engine) -> None:
+    _, claims = _split_batch(engine)
+    assert ledger.claim_subtask(engine, claims[0].subtask_id, "other-worker", lease_s=300) is None
+
+
+def test_aggregate_twice_runs_once_and_failed_subtask_becomes_item_errors(engine: Engine) -> None:
+    batch_id, claims = _split_batch(engine)
+    failed = claims[0]
+    ledger.fail_subtask(engine, failed, "RuntimeError: boom", retry=False, lease_s=300)
+    for claim in claims[1:]:
+        ledger.complete_subtask(engine, claim, _output(claim), "v1")
+    assert aggregate_batch(engine, batch_id) == "partial"
+    assert aggregate_batch(engine, batch_id) is None
+    batch = _batch(engine, batch_id)
+    assert batch["aggregate_runs"] == 1 and batch["state"] == "partial"
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT item, output, error FROM results WHERE batch_id = :b ORDER BY item"), {"b": batch_id}).all()
+        failed_items = conn.execute(text("SELECT items FROM subtasks WHERE id = :i"), {"i": failed.subtask_id}).scalar()
+    assert [r.item for r in rows] == list(range(batch["items"]))
+    for row in rows:
+        if row.item in failed_items:
+            assert row.output is None and "boom" in row.error
+        else:
+            assert row.error is None and set(row.output["text"]) == {"1"}
+    assert batch["result"] == {"items": 6, "answered": 6 - len(set(failed_items)), "unanswered": len(set(failed_items))}
+
+
+def test_retry_returns_subtask_to_pending(engine: Engine) -> None:
+    batch_id, claims = _split_batch(engine)
+    claim = claims[0]
+    assert ledger.fail_subtask(engine, claim, "flaky", retry=True, lease_s=0).recorded
+    again = ledger.claim_subtask(engine, claim.subtask_id, "test-worker", lease_s=300)
+    assert again is not None and again.attempt == 2
+    assert _batch(engine, batch_id)["failed"] == 0
+
+
+def test_cancel_skips_unstarted_subtasks(engine: Engine) -> None:
+    inputs = held_out_strips(4, seed=3)
+    batch_id, _ = ledger.create_batch(engine, "digits", [json.dumps(x) for x in inputs], None)
+    split_batch(engine, batch_id, CHUNKS)
+    assert ledger.cancel_batch(engine, batch_id)
+    assert not ledger.cancel_batch(engine, batch_id)
+    batch = _batch(engine, batch_id)
+    assert batch["state"] == "cancelled" and batch["cancelled"] == batch["total"] > 0
+    with engine.connect() as conn:
+        first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).scalar()
+    assert ledger.claim_subtask(engine, first, "test-worker", lease_s=300) is None
+
+
+def test_idempotency_key_returns_the_same_batch(engine: Engine) -> None:
+    key = f"run-{uuid.uuid4()}"
+    data = [json.dumps(x) for x in held_out_strips(3)]
+    first, created = ledger.create_batch(engine, "digits", data, key)
+    second, created_again = ledger.create_batch(engine, "digits", data, key)
+    assert created and not created_again and first == second
+    with pytest.raises(ValueError, match="already names a 'digits' batch"):
+        ledger.create_batch(engine, "other", data, key)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM inputs WHERE batch_id = :b"), {"b": first}).scalar() == 3
