@@ -22,10 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     app.worker_main(
         [
             "worker",
-            "--queues", f"{broker.SPLIT_QUEUE},{broker.AGGREGATE_QUEUE}",
-            "--concurrency", str(args.concurrency or get_settings().aggregator_concurrency),
-            "--hostname", f"aggregator-{os.getpid()}@%h",
-            "--loglevel", args.loglevel,
+            "--queues",
+            f"{broker.SPLIT_QUEUE},{broker.AGGREGATE_QUEUE}",
+            "--concurrency",
+            str(args.concurrency or get_settings().aggregator_concurrency),
+            "--hostname",
+            f"aggregator-{os.getpid()}@%h",
+            "--loglevel",
+            args.loglevel,
             "--without-mingle",
             "--without-gossip",
         ]

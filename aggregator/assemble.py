@@ -7,7 +7,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from pydantic import TypeAdapter
@@ -83,7 +83,9 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             return None
         pipeline = registry.get_pipeline(batch.pipeline)
         adapter = TypeAdapter(list[pipeline.input_model])  # type: ignore[name-defined]
-        streams = [ModelOutputStream(spec, ledger.iter_subtask_outputs(conn, batch_id, spec.name)) for spec in pipeline.models]
+        streams = [
+            ModelOutputStream(spec, ledger.iter_subtask_outputs(conn, batch_id, spec.name)) for spec in pipeline.models
+        ]
         kpis = pipeline.kpis()
         answered = unanswered = 0
         item_index = 0
@@ -121,7 +123,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         else:
             state = BatchState.partial
         result = {"items": item_index, "answered": answered, "unanswered": unanswered}
-        metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(timezone.utc))
+        metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
         ledger.finish_batch(conn, batch_id, state, result, metrics)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     return state

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def save_model(models_dir: Path, spec: ModelSpec) -> Manifest:
         version=digest[:12],
         sha256=digest,
         file=artifact_path.name,
-        trained_at=datetime.now(timezone.utc),
+        trained_at=datetime.now(UTC),
         metrics=trained.metrics,
         trusted_types=skops.io.get_untrusted_types(data=data),
     )

@@ -149,8 +149,14 @@ def status(batch_id: str | None, state: str | None, limit: int) -> None:
     table = Table("id", "pipeline", "state", "items", "progress", "succeeded", "failed", "created_at", "elapsed_s")
     for row in client.batches(state=state, limit=limit):
         table.add_row(
-            str(row.id), row.pipeline, row.state.value, str(row.items), f"{row.progress:.0%}",
-            str(row.succeeded), str(row.failed), f"{row.created_at:%Y-%m-%d %H:%M:%S}",
+            str(row.id),
+            row.pipeline,
+            row.state.value,
+            str(row.items),
+            f"{row.progress:.0%}",
+            str(row.succeeded),
+            str(row.failed),
+            f"{row.created_at:%Y-%m-%d %H:%M:%S}",
             f"{row.elapsed_s:.2f}" if row.elapsed_s is not None else "-",
         )
     console.print(table)

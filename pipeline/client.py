@@ -1,9 +1,9 @@
 """The Python client: submit batches, watch them, read their results.
 
-    client = Client()
-    batch = client.submit("digits", inputs, idempotency_key="run-42")
-    status = batch.wait(timeout=600, progress=True)
-    for item in batch.results(): ...
+client = Client()
+batch = client.submit("digits", inputs, idempotency_key="run-42")
+status = batch.wait(timeout=600, progress=True)
+for item in batch.results(): ...
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ def validate_inputs(pipeline: registry.Pipeline, inputs: Iterable[Any]) -> list[
     Raises:
         InvalidInputError: naming every bad item by index and why; also for no inputs.
     """
-    items = [item.model_dump() if isinstance(item, BaseModel) and not isinstance(item, pipeline.input_model) else item for item in inputs]
+    items = [
+        item.model_dump() if isinstance(item, BaseModel) and not isinstance(item, pipeline.input_model) else item
+        for item in inputs
+    ]
     if not items:
         raise InvalidInputError(pipeline.name, [(0, "the batch has no inputs")])
     try:
@@ -200,9 +203,7 @@ class Client:
         self.engine = ledger.make_engine(urls.database_url)
         self.app = broker.client_app(urls.broker_url, self.settings)
 
-    def submit(
-        self, pipeline: str, inputs: Iterable[Any], idempotency_key: str | None = None
-    ) -> BatchHandle:
+    def submit(self, pipeline: str, inputs: Iterable[Any], idempotency_key: str | None = None) -> BatchHandle:
         """Validate every input, store the batch and queue its split; return at once.
 
         The same `idempotency_key` again returns the first batch and stores nothing.

@@ -22,8 +22,24 @@ def _fmt(value: object) -> str:
 def status_table(status: BatchStatus) -> Table:
     """The batch's `batch_status` row as a two-column table."""
     table = Table(title="batch_status", show_header=False)
-    for field in ("id", "pipeline", "state", "items", "total", "succeeded", "failed", "cancelled", "progress",
-                  "created_at", "started_at", "finished_at", "wait_s", "aggregation_s", "elapsed_s", "error"):
+    for field in (
+        "id",
+        "pipeline",
+        "state",
+        "items",
+        "total",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "progress",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "wait_s",
+        "aggregation_s",
+        "elapsed_s",
+        "error",
+    ):
         table.add_row(field, _fmt(getattr(status, field)))
     return table
 
@@ -54,8 +70,12 @@ def run_demo(settings: Settings, strips: int, console: Console) -> BatchStatus:
                     break
                 output = result.output or {}
                 table.add_row(
-                    str(result.item), inputs[result.item]["label"], output.get("text", "-"),
-                    _fmt(output.get("confidence")), _fmt(output.get("needs_review")), _fmt(result.error),
+                    str(result.item),
+                    inputs[result.item]["label"],
+                    output.get("text", "-"),
+                    _fmt(output.get("confidence")),
+                    _fmt(output.get("needs_review")),
+                    _fmt(result.error),
                 )
             console.print(table)
             console.print(status_table(status))

@@ -97,26 +97,32 @@ def create_batch(
 def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | None:
     """The `batch_status` view's row of one batch, plus its result and metrics."""
     with engine.connect() as conn:
-        row = conn.execute(
-            text(
-                "SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id) WHERE s.id = :id"
-            ),
-            {"id": batch_id},
-        ).mappings().first()
+        row = (
+            conn.execute(
+                text("SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id) WHERE s.id = :id"),
+                {"id": batch_id},
+            )
+            .mappings()
+            .first()
+        )
     return dict(row) if row is not None else None
 
 
 def batch_status_rows(engine: Engine, state: str | None, limit: int) -> list[dict[str, Any]]:
     """The newest `limit` rows of the `batch_status` view, optionally of one state."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id)"
-                " WHERE CAST(:state AS text) IS NULL OR s.state = :state"
-                " ORDER BY s.created_at DESC LIMIT :limit"
-            ),
-            {"state": state, "limit": limit},
-        ).mappings().all()
+        rows = (
+            conn.execute(
+                text(
+                    "SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id)"
+                    " WHERE CAST(:state AS text) IS NULL OR s.state = :state"
+                    " ORDER BY s.created_at DESC LIMIT :limit"
+                ),
+                {"state": state, "limit": limit},
+            )
+            .mappings()
+            .all()
+        )
     return [dict(row) for row in rows]
 
 
@@ -188,10 +194,14 @@ def iter_inputs(conn: Connection, batch_id: uuid.UUID, page: int) -> Iterator[li
     """Yield a batch's inputs (their JSON data) in item order, `page` items at a time."""
     start = 0
     while True:
-        rows = conn.execute(
-            text("SELECT data FROM inputs WHERE batch_id = :b AND item >= :lo AND item < :hi ORDER BY item"),
-            {"b": batch_id, "lo": start, "hi": start + page},
-        ).scalars().all()
+        rows = (
+            conn.execute(
+                text("SELECT data FROM inputs WHERE batch_id = :b AND item >= :lo AND item < :hi ORDER BY item"),
+                {"b": batch_id, "lo": start, "hi": start + page},
+            )
+            .scalars()
+            .all()
+        )
         if not rows:
             return
         yield list(rows)
@@ -450,17 +460,21 @@ def finish_batch(
 
 def subtask_timings(conn: Connection, batch_id: uuid.UUID) -> list[dict[str, Any]]:
     """Per-model sub-task counts, rows and time spans of a batch (for its metrics)."""
-    rows = conn.execute(
-        select(
-            Subtask.model,
-            func.count().label("subtasks"),
-            func.sum(Subtask.rows).label("rows"),
-            func.min(Subtask.queued_at).label("first_queued"),
-            func.max(Subtask.finished_at).label("last_finished"),
-            func.sum(func.extract("epoch", Subtask.finished_at - Subtask.started_at)).label("compute_s"),
+    rows = (
+        conn.execute(
+            select(
+                Subtask.model,
+                func.count().label("subtasks"),
+                func.sum(Subtask.rows).label("rows"),
+                func.min(Subtask.queued_at).label("first_queued"),
+                func.max(Subtask.finished_at).label("last_finished"),
+                func.sum(func.extract("epoch", Subtask.finished_at - Subtask.started_at)).label("compute_s"),
+            )
+            .where(Subtask.batch_id == batch_id)
+            .group_by(Subtask.model)
+            .order_by(Subtask.model)
         )
-        .where(Subtask.batch_id == batch_id)
-        .group_by(Subtask.model)
-        .order_by(Subtask.model)
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     return [dict(row) for row in rows]

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, ForeignKey, Index, Integer, LargeBinary, Text, UniqueConstraint, text
+from sqlalchemy import ARRAY, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, Text, UniqueConstraint, text
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -30,9 +30,7 @@ class BatchState(enum.StrEnum):
         return self in FINISHED_BATCH_STATES
 
 
-FINISHED_BATCH_STATES = frozenset(
-    {BatchState.succeeded, BatchState.partial, BatchState.failed, BatchState.cancelled}
-)
+FINISHED_BATCH_STATES = frozenset({BatchState.succeeded, BatchState.partial, BatchState.failed, BatchState.cancelled})
 
 
 class SubtaskState(enum.StrEnum):
@@ -42,6 +40,13 @@ class SubtaskState(enum.StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class FailurePolicy(enum.StrEnum):
+    # Finish as `partial` with every result that could be produced.
+    best_effort = "best_effort"
+    # The first failed sub-task fails the batch and cancels the rest.
+    fail_fast = "fail_fast"
 
 
 Timestamp = TIMESTAMP(timezone=True)
@@ -65,6 +70,9 @@ class Batch(Base):
     failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     cancelled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     aggregate_runs: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    failure_policy: Mapped[str] = mapped_column(Text, server_default=FailurePolicy.best_effort.value)
+    max_failed_fraction: Mapped[float | None] = mapped_column(Float)
+    deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     aggregating_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
         ),
     )
     data_dir: Path = Field(default=Path(".pipeline"), description="Embedded services' data and default models folder.")
-    models_dir: Path | None = Field(default=None, description="Model artifacts and manifests; default `<data_dir>/models`.")
+    models_dir: Path | None = Field(
+        default=None, description="Model artifacts and manifests; default `<data_dir>/models`."
+    )
     pipelines: str = Field(
         default="",
         description="Extra pipelines to register, comma-separated `package.module:attr`.",

@@ -68,8 +68,14 @@ class Stack:
                 self._spawn(
                     "flower",
                     [
-                        sys.executable, "-m", "celery", "--broker", self.urls.broker_url, "flower",
-                        "--address=127.0.0.1", f"--port={s.flower_port}",
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "--broker",
+                        self.urls.broker_url,
+                        "flower",
+                        "--address=127.0.0.1",
+                        f"--port={s.flower_port}",
                         f"--basic-auth={s.flower_user}:{self.flower_password}",
                     ],
                     env,

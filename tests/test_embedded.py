@@ -15,12 +15,21 @@ from pipeline.embedded import ensure_services, stop_services
 
 
 def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_DATABASE_URL", "PIPELINE_BROKER_URL", "PIPELINE_MODELS_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PIPELINE_DATABASE_URL", "PIPELINE_BROKER_URL", "PIPELINE_MODELS_DIR")
+    }
     data_dir = tmp_path / "data"
     env["PIPELINE_DATA_DIR"] = str(data_dir)
     pipeline_cli = Path(sys.executable).parent / "pipeline"
     run = subprocess.run(
-        [str(pipeline_cli), "demo", "--strips", "60"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [str(pipeline_cli), "demo", "--strips", "60"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "whole_number_accuracy" in run.stdout

@@ -27,7 +27,9 @@ def finished(client: Client, stack: object) -> tuple[list[dict[str, Any]], Batch
     return inputs, batch, batch.wait(timeout=300)
 
 
-def test_batch_reads_held_out_strips_in_input_order(finished: tuple[list[dict[str, Any]], BatchHandle, BatchStatus]) -> None:
+def test_batch_reads_held_out_strips_in_input_order(
+    finished: tuple[list[dict[str, Any]], BatchHandle, BatchStatus],
+) -> None:
     inputs, batch, status = finished
     assert status.state == "succeeded", status.error
     results = list(batch.results())
@@ -74,7 +76,10 @@ def test_ledger_is_consistent(
 def _snapshot(engine: Engine, batch_id: str) -> tuple[Any, ...]:
     with engine.connect() as conn:
         batch = conn.execute(
-            text("SELECT state, total, succeeded, failed, cancelled, aggregate_runs, finished_at, result FROM batches WHERE id = :id"),
+            text(
+                "SELECT state, total, succeeded, failed, cancelled, aggregate_runs, finished_at, result"
+                " FROM batches WHERE id = :id"
+            ),
             {"id": batch_id},
         ).one()
         subtasks = conn.execute(
@@ -89,14 +94,20 @@ def _snapshot(engine: Engine, batch_id: str) -> tuple[Any, ...]:
 
 
 def test_redelivered_messages_change_nothing(
-    finished: tuple[list[dict[str, Any]], BatchHandle, BatchStatus], engine: Engine, client: Client, services: RunServices
+    finished: tuple[list[dict[str, Any]], BatchHandle, BatchStatus],
+    engine: Engine,
+    client: Client,
+    services: RunServices,
 ) -> None:
     """Every message of a finished batch delivered again (predict twice, aggregate twice,
     split once): counters, sub-tasks and results stay as they were; aggregate ran once."""
     _, batch, _ = finished
     before = _snapshot(engine, batch.id)
     with engine.connect() as conn:
-        subtasks = [tuple(r) for r in conn.execute(text("SELECT id, model FROM subtasks WHERE batch_id = :id"), {"id": batch.id})]
+        subtasks = [
+            tuple(r)
+            for r in conn.execute(text("SELECT id, model FROM subtasks WHERE batch_id = :id"), {"id": batch.id})
+        ]
     broker.publish_predictions(client.app, subtasks + subtasks)
     broker.publish_aggregate(client.app, batch.id)
     broker.publish_aggregate(client.app, batch.id)

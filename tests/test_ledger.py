@@ -26,7 +26,11 @@ def _split_batch(engine: Engine, strips: int = 6) -> tuple[uuid.UUID, list[ledge
     assert created
     assert split_batch(engine, batch_id, CHUNKS)
     with engine.connect() as conn:
-        ids = conn.execute(text("SELECT id FROM subtasks WHERE batch_id = :b ORDER BY id"), {"b": batch_id}).scalars().all()
+        ids = (
+            conn.execute(text("SELECT id FROM subtasks WHERE batch_id = :b ORDER BY id"), {"b": batch_id})
+            .scalars()
+            .all()
+        )
     claims = [ledger.claim_subtask(engine, i, "test-worker", lease_s=300) for i in ids]
     assert all(claims)
     return batch_id, claims  # type: ignore[return-value]
@@ -71,7 +75,10 @@ def test_stale_claim_cannot_finish(engine: Engine) -> None:
     batch_id, claims = _split_batch(engine)
     claim = claims[0]
     with engine.begin() as conn:  # the first worker's lease runs out
-        conn.execute(text("UPDATE subtasks SET lease_until = clock_timestamp() - interval '1 s' WHERE id = :i"), {"i": claim.subtask_id})
+        conn.execute(
+            text("UPDATE subtasks SET lease_until = clock_timestamp() - interval '1 s' WHERE id = :i"),
+            {"i": claim.subtask_id},
+        )
     second = ledger.claim_subtask(engine, claim.subtask_id, "second-worker", lease_s=300)
     assert second is not None and second.attempt == claim.attempt + 1
     assert not ledger.complete_subtask(engine, claim, _output(claim), "v1").recorded
@@ -97,7 +104,9 @@ def test_aggregate_twice_runs_once_and_failed_subtask_becomes_item_errors(engine
     batch = _batch(engine, batch_id)
     assert batch["aggregate_runs"] == 1 and batch["state"] == "partial"
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT item, output, error FROM results WHERE batch_id = :b ORDER BY item"), {"b": batch_id}).all()
+        rows = conn.execute(
+            text("SELECT item, output, error FROM results WHERE batch_id = :b ORDER BY item"), {"b": batch_id}
+        ).all()
         failed_items = conn.execute(text("SELECT items FROM subtasks WHERE id = :i"), {"i": failed.subtask_id}).scalar()
     assert [r.item for r in rows] == list(range(batch["items"]))
     for row in rows:

@@ -29,7 +29,10 @@ def isolated(services: RunServices, models_dir: Path) -> Iterator[tuple[Client, 
 
 def _counts(engine: Engine) -> tuple[int, int]:
     with engine.connect() as conn:
-        return (conn.execute(text("SELECT count(*) FROM batches")).scalar(), conn.execute(text("SELECT count(*) FROM inputs")).scalar())
+        return (
+            conn.execute(text("SELECT count(*) FROM batches")).scalar(),
+            conn.execute(text("SELECT count(*) FROM inputs")).scalar(),
+        )
 
 
 def test_each_bad_item_is_named_and_nothing_is_stored_or_queued(

@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = get_settings()
     try:
-        names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else sorted(registry.all_models())
+        names = (
+            [n.strip() for n in args.models.split(",") if n.strip()] if args.models else sorted(registry.all_models())
+        )
         for name in names:
             registry.get_model(name)
             # Fail at start-up, not on every sub-task, when an artifact is missing or tampered with.
@@ -34,10 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     app.worker_main(
         [
             "worker",
-            "--queues", ",".join(broker.model_queue(name) for name in names),
-            "--concurrency", str(args.concurrency or settings.worker_concurrency),
-            "--hostname", f"models-{os.getpid()}@%h",
-            "--loglevel", args.loglevel,
+            "--queues",
+            ",".join(broker.model_queue(name) for name in names),
+            "--concurrency",
+            str(args.concurrency or settings.worker_concurrency),
+            "--hostname",
+            f"models-{os.getpid()}@%h",
+            "--loglevel",
+            args.loglevel,
             "--without-mingle",
             "--without-gossip",
         ]

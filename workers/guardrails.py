@@ -22,7 +22,9 @@ def check_output(spec: ModelSpec, output: np.ndarray, rows: int) -> np.ndarray:
     """
     output = np.asarray(output)
     if output.shape != (rows, spec.n_outputs):
-        raise GuardrailViolation(f"model {spec.name!r} returned shape {output.shape}, expected ({rows}, {spec.n_outputs})")
+        raise GuardrailViolation(
+            f"model {spec.name!r} returned shape {output.shape}, expected ({rows}, {spec.n_outputs})"
+        )
     output = output.astype("<f4")
     bad_rows = np.flatnonzero(~np.isfinite(output).all(axis=1))
     if bad_rows.size:

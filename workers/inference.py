@@ -21,9 +21,11 @@ PERMANENT_ERRORS = (ArtifactError, GuardrailViolation, registry.UnknownPipelineE
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 60.0
 
+
 def retry_delay(attempt: int) -> float:
     """Exponential backoff with full jitter for retry number `attempt` (1-based)."""
     return random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)))
+
 
 def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str) -> float | None:
     """Run sub-task `subtask_id` once.
@@ -42,7 +44,9 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
         output = check_output(spec, spec.predict(estimator, X), claim.rows)
     except PERMANENT_ERRORS as error:
-        outcome = ledger.fail_subtask(engine, claim, f"{type(error).__name__}: {error}", retry=False, lease_s=settings.lease_s)
+        outcome = ledger.fail_subtask(
+            engine, claim, f"{type(error).__name__}: {error}", retry=False, lease_s=settings.lease_s
+        )
         delay = None
     # A model may raise anything; the error is recorded in the ledger and the sub-task retried.
     except Exception as error:  # noqa: BLE001

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from pipeline.artifacts import Manifest, load_verified
 from pipeline.settings import get_settings
 
 
-@lru_cache(maxsize=None)
+@cache
 def loaded_model(name: str) -> tuple[Any, Manifest]:
     """Return (estimator, manifest) of model `name`, loading it on first use in this process.
 

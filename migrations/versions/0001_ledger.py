@@ -45,7 +45,9 @@ def upgrade() -> None:
 
     op.create_table(
         "inputs",
-        sa.Column("batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("item", sa.Integer, primary_key=True),
         sa.Column("data", postgresql.JSONB, nullable=False),
     )
@@ -53,7 +55,9 @@ def upgrade() -> None:
     op.create_table(
         "subtasks",
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-        sa.Column("batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("model", sa.Text, nullable=False),
         sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("state", sa.Text, nullable=False, server_default="pending"),
@@ -83,7 +87,9 @@ def upgrade() -> None:
 
     op.create_table(
         "results",
-        sa.Column("batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("item", sa.Integer, primary_key=True),
         sa.Column("output", postgresql.JSONB),
         sa.Column("error", sa.Text),
