@@ -1,12 +1,16 @@
 """`python -m aggregator`: a Celery worker consuming the `split` and `aggregate`
-queues. `pipeline aggregator` execs this."""
+queues, with the sweeper running in its main process. `pipeline aggregator` execs this."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
-from pipeline import broker, runtime
+from celery import signals
+
+from aggregator.sweeper import Sweeper
+from pipeline import broker, ledger, runtime
 from pipeline.settings import get_settings
 
 
@@ -15,25 +19,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, help="processes (default PIPELINE_AGGREGATOR_CONCURRENCY)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
+    settings = get_settings()
 
     import aggregator.tasks  # noqa: F401  (registers split and aggregate)
 
     app = runtime.celery_app()
+    sweepers: list[Sweeper] = []
+
+    # Started once the pool has forked, with an engine of its own, so no child inherits its connections.
+    @signals.worker_ready.connect(weak=False)
+    def start_sweeper(**_: Any) -> None:
+        sweeper = Sweeper(ledger.make_engine(runtime.service_urls().database_url), app, settings)
+        sweeper.start()
+        sweepers.append(sweeper)
+
+    @signals.worker_shutdown.connect(weak=False)
+    def stop_sweeper(**_: Any) -> None:
+        for sweeper in sweepers:
+            sweeper.stop()
+
     app.worker_main(
         [
             "worker",
-            "--queues",
-            f"{broker.SPLIT_QUEUE},{broker.AGGREGATE_QUEUE}",
-            "--concurrency",
-            str(args.concurrency or get_settings().aggregator_concurrency),
-            "--hostname",
-            f"aggregator-{os.getpid()}@%h",
-            "--loglevel",
-            args.loglevel,
+            "--queues", f"{broker.SPLIT_QUEUE},{broker.AGGREGATE_QUEUE}",
+            "--concurrency", str(args.concurrency or settings.aggregator_concurrency),
+            "--hostname", f"aggregator-{os.getpid()}@%h",
+            "--loglevel", args.loglevel,
             "--without-mingle",
             "--without-gossip",
         ]
-    )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Row
 
 from aggregator.metrics import batch_metrics
 from pipeline import ledger, registry
 from pipeline.definition import ModelSpec
-from pipeline.schema import BatchState
+from pipeline.schema import BatchState, FailurePolicy
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,19 @@ class ModelOutputStream:
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)), None
 
 
+def final_state(batch: Row[Any], answered: int, unanswered: int) -> BatchState:
+    """A batch's final state from its failure policy and how many inputs got a result."""
+    if batch.state == BatchState.cancelled:
+        return BatchState.cancelled
+    if unanswered == 0:
+        return BatchState.succeeded
+    if answered == 0 or batch.failure_policy == FailurePolicy.fail_fast:
+        return BatchState.failed
+    if batch.max_failed_fraction is not None and batch.failed > batch.max_failed_fraction * batch.total:
+        return BatchState.failed
+    return BatchState.partial
+
+
 def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
     """Write one result per input and move an `aggregating` batch to its final state,
     in one transaction. Returns the final state; None when the batch was not
@@ -87,13 +101,16 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             ModelOutputStream(spec, ledger.iter_subtask_outputs(conn, batch_id, spec.name)) for spec in pipeline.models
         ]
         kpis = pipeline.kpis()
+        # A batch cancelled (or past its deadline) before it was split has no sub-task at all.
+        unsplit = batch.total == 0 and (batch.state == BatchState.cancelled or batch.error is not None)
+        unsplit_error = batch.error or "batch cancelled before it was split"
         answered = unanswered = 0
         item_index = 0
         for page in ledger.iter_inputs(conn, batch_id, INPUT_PAGE):
             rows: list[tuple[int, str | None, str | None]] = []
             for item in adapter.validate_python(page):
                 outputs: dict[str, np.ndarray] = {}
-                errors: list[str] = []
+                errors: list[str] = [unsplit_error] if unsplit else []
                 for stream in streams:
                     output, error = stream.take(item_index)
                     if error is not None:
@@ -116,12 +133,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 kpis.add(item, result)
                 item_index += 1
             ledger.copy_results(conn, batch_id, rows)
-        if unanswered == 0:
-            state = BatchState.succeeded
-        elif answered == 0:
-            state = BatchState.failed
-        else:
-            state = BatchState.partial
+        state = final_state(batch, answered, unanswered)
         result = {"items": item_index, "answered": answered, "unanswered": unanswered}
         metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
         ledger.finish_batch(conn, batch_id, state, result, metrics)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -17,7 +18,7 @@ from pipeline.client import BatchNotFoundError, Client, InvalidInputError
 from pipeline.settings import get_settings
 
 console = Console()
-KNOWN_ERRORS = (BatchNotFoundError, InvalidInputError, registry.UnknownPipelineError, TimeoutError)
+KNOWN_ERRORS = (BatchNotFoundError, InvalidInputError, ValidationError, registry.UnknownPipelineError, TimeoutError)
 
 
 class _Group(click.Group):
@@ -116,10 +117,31 @@ def _read_jsonl(path: Path) -> list[Any]:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the batch to finish, with a progress bar.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option("--idempotency-key", help="Submitting the same key again returns the same batch.")
-def submit(pipeline_name: str, file: Path, wait_: bool, timeout: float | None, idempotency_key: str | None) -> None:
+@click.option(
+    "--failure-policy", type=click.Choice(["best_effort", "fail_fast"]), default="best_effort", show_default=True
+)
+@click.option("--max-failed-fraction", type=float, help="Abort a best-effort batch past this share of failures.")
+@click.option("--deadline", type=float, help="Finish the batch with what it has after this many seconds.")
+def submit(
+    pipeline_name: str,
+    file: Path,
+    wait_: bool,
+    timeout: float | None,
+    idempotency_key: str | None,
+    failure_policy: str,
+    max_failed_fraction: float | None,
+    deadline: float | None,
+) -> None:
     """Submit FILE.jsonl (one input per line) to PIPELINE; print the batch id."""
     client = Client()
-    batch = client.submit(pipeline_name, _read_jsonl(file), idempotency_key=idempotency_key)
+    batch = client.submit(
+        pipeline_name,
+        _read_jsonl(file),
+        idempotency_key=idempotency_key,
+        failure_policy=failure_policy,
+        max_failed_fraction=max_failed_fraction,
+        deadline_s=deadline,
+    )
     click.echo(batch.id)
     if wait_:
         status = batch.wait(timeout=timeout, progress=True)

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import broker, ledger, registry
 from pipeline.embedded import ensure_services
-from pipeline.schema import FINISHED_BATCH_STATES, BatchState
+from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy
 from pipeline.settings import Settings, get_settings, libpq_url
 
 # How many bad items an InvalidInputError spells out in its message (all are in `.problems`).
@@ -44,6 +44,15 @@ class InvalidInputError(ValueError):
 
 class BatchNotFoundError(LookupError):
     """No batch has the id asked for."""
+
+
+class SubmitOptions(BaseModel):
+    """A submission's options, checked before anything is written."""
+
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    failure_policy: FailurePolicy = FailurePolicy.best_effort
+    max_failed_fraction: float | None = Field(default=None, gt=0, le=1)
+    deadline_s: float | None = Field(default=None, gt=0)
 
 
 class BatchStatus(BaseModel):
@@ -167,8 +176,14 @@ class BatchHandle:
             yield ItemResult(item=row.item, output=row.output, error=row.error)
 
     def cancel(self) -> BatchStatus:
-        """Cancel the batch if it is still pending or running; return its status."""
-        ledger.cancel_batch(self._client.engine, self._uuid)
+        """Cancel the batch if it is still pending or running; return its status.
+
+        Sub-tasks not yet running are skipped; running ones finish, and every result
+        produced stays readable through `results()` once they have.
+        """
+        outcome = ledger.cancel_batch(self._client.engine, self._uuid)
+        if outcome.aggregate:
+            broker.publish_aggregate(self._client.app, self.id)
         return self.status()
 
 
@@ -203,19 +218,59 @@ class Client:
         self.engine = ledger.make_engine(urls.database_url)
         self.app = broker.client_app(urls.broker_url, self.settings)
 
-    def submit(self, pipeline: str, inputs: Iterable[Any], idempotency_key: str | None = None) -> BatchHandle:
+    def submit(
+        self,
+        pipeline: str,
+        inputs: Iterable[Any],
+        idempotency_key: str | None = None,
+        failure_policy: FailurePolicy | str = FailurePolicy.best_effort,
+        max_failed_fraction: float | None = None,
+        deadline_s: float | None = None,
+    ) -> BatchHandle:
         """Validate every input, store the batch and queue its split; return at once.
 
         The same `idempotency_key` again returns the first batch and stores nothing.
+        `failure_policy`: `best_effort` finishes as `partial` with every result it
+        could produce; `fail_fast` fails the batch at the first failed sub-task and
+        cancels the rest. `max_failed_fraction` (0..1] aborts a best-effort batch once
+        more than that share of its sub-tasks failed. Past `deadline_s` seconds the
+        batch is finished with what it has.
 
         Raises:
             UnknownPipelineError: no pipeline is registered as `pipeline`.
-            InvalidInputError: some inputs are invalid; nothing was stored or queued.
+            InvalidInputError: some inputs are invalid or too large, or there are too
+                many; nothing was stored or queued.
+            ValueError: an option is out of range (pydantic's ValidationError).
         """
+        options = SubmitOptions(
+            idempotency_key=idempotency_key,
+            failure_policy=failure_policy,
+            max_failed_fraction=max_failed_fraction,
+            deadline_s=deadline_s,
+        )
         definition = registry.get_pipeline(pipeline)
+        limit = self.settings.max_batch_items
+        if isinstance(inputs, Sized) and len(inputs) > limit:
+            raise InvalidInputError(pipeline, [(limit, f"the batch has {len(inputs)} inputs; at most {limit} allowed")])
         items = validate_inputs(definition, inputs)
+        if len(items) > limit:
+            raise InvalidInputError(pipeline, [(limit, f"the batch has {len(items)} inputs; at most {limit} allowed")])
+        items_json = [item.model_dump_json() for item in items]
+        too_large = [
+            (index, f"{len(data)} bytes of JSON; at most {self.settings.max_item_bytes} allowed")
+            for index, data in enumerate(items_json)
+            if len(data) > self.settings.max_item_bytes
+        ]
+        if too_large:
+            raise InvalidInputError(pipeline, too_large)
         batch_id, created = ledger.create_batch(
-            self.engine, pipeline, [item.model_dump_json() for item in items], idempotency_key
+            self.engine,
+            pipeline,
+            items_json,
+            options.idempotency_key,
+            options.failure_policy,
+            options.max_failed_fraction,
+            options.deadline_s,
         )
         if created:
             broker.publish_split(self.app, str(batch_id))

@@ -19,7 +19,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, Row, and_, case, create_engine, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from pipeline.schema import Batch, BatchState, Result, Subtask, SubtaskState
+from pipeline.schema import Batch, BatchState, FailurePolicy, Result, Subtask, SubtaskState
 from pipeline.settings import sqlalchemy_url
 
 NOTIFY_CHANNEL = "batch_finished"
@@ -59,7 +59,13 @@ def _copy_rows(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]) 
 
 
 def create_batch(
-    engine: Engine, pipeline: str, items_json: Sequence[str], idempotency_key: str | None
+    engine: Engine,
+    pipeline: str,
+    items_json: Sequence[str],
+    idempotency_key: str | None,
+    failure_policy: FailurePolicy = FailurePolicy.best_effort,
+    max_failed_fraction: float | None = None,
+    deadline_s: float | None = None,
 ) -> tuple[uuid.UUID, bool]:
     """Store a `pending` batch and its inputs (JSON text, in order) in one transaction.
 
@@ -73,7 +79,15 @@ def create_batch(
     with engine.begin() as conn:
         inserted = conn.execute(
             pg_insert(Batch)
-            .values(id=batch_id, pipeline=pipeline, items=len(items_json), idempotency_key=idempotency_key)
+            .values(
+                id=batch_id,
+                pipeline=pipeline,
+                items=len(items_json),
+                idempotency_key=idempotency_key,
+                failure_policy=failure_policy,
+                max_failed_fraction=max_failed_fraction,
+                deadline_at=None if deadline_s is None else _now() + timedelta(seconds=deadline_s),
+            )
             .on_conflict_do_nothing(index_elements=[Batch.idempotency_key])
             .returning(Batch.id)
         ).scalar_one_or_none()
@@ -143,8 +157,32 @@ def iter_results(engine: Engine, batch_id: uuid.UUID, page: int = 2000) -> Itera
         after = rows[-1].item
 
 
-def cancel_batch(engine: Engine, batch_id: uuid.UUID) -> bool:
-    """Cancel a `pending`/`running` batch and its not-yet-running sub-tasks; False if it was not cancellable."""
+def _cancel_subtasks(conn: Connection, batch_id: uuid.UUID, states: Sequence[SubtaskState]) -> int:
+    """Cancel a batch's sub-tasks in `states` and count them in `batches.cancelled`; return how many.
+
+    The caller must have locked (updated) the batch row in this transaction.
+    """
+    count = conn.execute(
+        update(Subtask)
+        .where(Subtask.batch_id == batch_id, Subtask.state.in_(states))
+        .values(state=SubtaskState.cancelled, finished_at=_now(), lease_until=None)
+    ).rowcount
+    if count:
+        conn.execute(update(Batch).where(Batch.id == batch_id).values(cancelled=Batch.cancelled + count))
+    return count
+
+
+def _counters_complete() -> Any:
+    return Batch.succeeded + Batch.failed + Batch.cancelled == Batch.total
+
+
+def cancel_batch(engine: Engine, batch_id: uuid.UUID) -> Outcome:
+    """`pending`/`running` → `cancelled`; its `pending`/`dispatched` sub-tasks → `cancelled`.
+
+    Running sub-tasks finish; the result assembly (aggregate) then writes what was
+    produced. `recorded` is False when the batch was not cancellable; `aggregate`
+    is True when no sub-task is left running, so results can be assembled now.
+    """
     with engine.begin() as conn:
         cancelled = conn.execute(
             update(Batch)
@@ -153,14 +191,10 @@ def cancel_batch(engine: Engine, batch_id: uuid.UUID) -> bool:
             .returning(Batch.id)
         ).first()
         if cancelled is None:
-            return False
-        count = conn.execute(
-            update(Subtask)
-            .where(Subtask.batch_id == batch_id, Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)))
-            .values(state=SubtaskState.cancelled, finished_at=_now(), lease_until=None)
-        ).rowcount
-        conn.execute(update(Batch).where(Batch.id == batch_id).values(cancelled=Batch.cancelled + count))
-    return True
+            return Outcome(recorded=False)
+        _cancel_subtasks(conn, batch_id, (SubtaskState.pending, SubtaskState.dispatched))
+        complete = conn.execute(select(_counters_complete()).where(Batch.id == batch_id)).scalar_one()
+    return Outcome(recorded=True, aggregate=bool(complete))
 
 
 # --- splitter -----------------------------------------------------------------------------
@@ -179,15 +213,11 @@ class NewSubtask:
         return len(self.items)
 
 
-def _lock_batch(conn: Connection, batch_id: uuid.UUID, state: BatchState) -> Row[Any] | None:
-    return conn.execute(
-        select(Batch.__table__).where(Batch.id == batch_id, Batch.state == state).with_for_update()
-    ).first()
-
-
 def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     """Lock a `pending` batch's row for splitting; None when it is not pending (already split)."""
-    return _lock_batch(conn, batch_id, BatchState.pending)
+    return conn.execute(
+        select(Batch.__table__).where(Batch.id == batch_id, Batch.state == BatchState.pending).with_for_update()
+    ).first()
 
 
 def iter_inputs(conn: Connection, batch_id: uuid.UUID, page: int) -> Iterator[list[dict[str, Any]]]:
@@ -323,10 +353,12 @@ def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) 
 
 
 def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, failed: int) -> bool:
-    """Add to a batch's counters; flip `running` → `aggregating` when they reach the total.
+    """Add to a batch's counters; flip `running` → `aggregating` when they reach the total,
+    or abort it when its failure policy says so.
 
-    Returns True for the one call that flipped it. Counters only grow and each
-    sub-task is counted once, so exactly one transaction sees them reach the total.
+    Returns True for the one call after which the batch must be aggregated.
+    Counters only grow and each sub-task is counted once, so exactly one
+    transaction sees them reach the total.
     """
     complete = Batch.succeeded + succeeded + Batch.failed + failed + Batch.cancelled == Batch.total
     flips = and_(Batch.state == BatchState.running, complete)
@@ -339,9 +371,40 @@ def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, faile
             state=case((flips, BatchState.aggregating.value), else_=Batch.state),
             aggregating_at=case((flips, _now()), else_=Batch.aggregating_at),
         )
-        .returning(Batch.state, Batch.succeeded + Batch.failed + Batch.cancelled == Batch.total)
+        .returning(
+            Batch.state,
+            _counters_complete().label("complete"),
+            Batch.aggregate_runs,
+            Batch.failure_policy,
+            Batch.max_failed_fraction,
+            Batch.failed,
+            Batch.total,
+        )
     ).one()
-    return row[0] == BatchState.aggregating and bool(row[1])
+    if not row.complete:
+        if failed and row.state == BatchState.running:
+            if row.failure_policy == FailurePolicy.fail_fast:
+                return _abort_batch(conn, batch_id, "fail_fast: a sub-task failed")
+            if row.max_failed_fraction is not None and row.failed > row.max_failed_fraction * row.total:
+                return _abort_batch(conn, batch_id, f"more than {row.max_failed_fraction:.0%} of the sub-tasks failed")
+        return False
+    # Complete: either this call flipped it, or it finished the last running sub-task of a cancelled batch.
+    return row.state == BatchState.aggregating or (row.state == BatchState.cancelled and row.aggregate_runs == 0)
+
+
+def _abort_batch(conn: Connection, batch_id: uuid.UUID, reason: str) -> bool:
+    """`pending`/`running` → `aggregating` with `reason`, cancelling every unfinished sub-task
+    (a running one's late completion is then refused). Returns True when it aborted."""
+    aborted = conn.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state.in_((BatchState.pending, BatchState.running)))
+        .values(state=BatchState.aggregating, aggregating_at=_now(), error=reason)
+        .returning(Batch.id)
+    ).first()
+    if aborted is None:
+        return False
+    _cancel_subtasks(conn, batch_id, UNFINISHED_SUBTASK_STATES)
+    return True
 
 
 def complete_subtask(engine: Engine, claim: Claim, output: bytes, model_version: str) -> Outcome:
@@ -399,9 +462,18 @@ def fail_subtask(engine: Engine, claim: Claim, error: str, retry: bool, lease_s:
 # --- aggregator ---------------------------------------------------------------------------
 
 
+def _aggregate_due() -> Any:
+    """Batches whose results are still to be assembled."""
+    return or_(
+        Batch.state == BatchState.aggregating,
+        and_(Batch.state == BatchState.cancelled, Batch.aggregate_runs == 0, _counters_complete()),
+    )
+
+
 def lock_aggregating_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
-    """Lock an `aggregating` batch's row; None when it is not (already aggregated, or a duplicate)."""
-    return _lock_batch(conn, batch_id, BatchState.aggregating)
+    """Lock the row of a batch due for aggregation (`aggregating`, or `cancelled` with no
+    sub-task left running and no results yet); None when it is not (a duplicate)."""
+    return conn.execute(select(Batch.__table__).where(Batch.id == batch_id, _aggregate_due()).with_for_update()).first()
 
 
 @dataclass(frozen=True)
@@ -443,15 +515,16 @@ def copy_results(conn: Connection, batch_id: uuid.UUID, rows: Iterable[tuple[int
 def finish_batch(
     conn: Connection, batch_id: uuid.UUID, state: BatchState, result: dict[str, Any], metrics: dict[str, Any]
 ) -> None:
-    """`aggregating` → final state with result and metrics; NOTIFY waiting clients on commit."""
+    """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
+    metrics, counted in `aggregate_runs`; NOTIFY waiting clients on commit."""
     conn.execute(
         update(Batch)
-        .where(Batch.id == batch_id, Batch.state == BatchState.aggregating)
+        .where(Batch.id == batch_id, _aggregate_due())
         .values(
             state=state,
             result=result,
             metrics=metrics,
-            finished_at=_now(),
+            finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=_now()),
             aggregate_runs=Batch.aggregate_runs + 1,
         )
     )
@@ -478,3 +551,102 @@ def subtask_timings(conn: Connection, batch_id: uuid.UUID) -> list[dict[str, Any
         .all()
     )
     return [dict(row) for row in rows]
+
+
+# --- sweeper ------------------------------------------------------------------------------
+
+# pg_try_advisory_xact_lock key: one sweep at a time across every aggregator process.
+SWEEP_LOCK_KEY = 7_240_113
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one sweep found: messages to publish again, and how many sub-tasks it gave up on."""
+
+    predict: list[tuple[int, str]]
+    split: list[uuid.UUID]
+    aggregate: list[uuid.UUID]
+    gave_up: int
+
+
+def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
+    """Reconcile the ledger with what should be in flight, in one transaction.
+
+    - batches past their deadline are finished with what they have;
+    - `running` sub-tasks whose lease expired on their last attempt become `failed`;
+    - unfinished sub-tasks whose lease expired go back to `dispatched` with a new lease
+      (at most `limit`), to be published again;
+    - batches still `pending` a lease after submission are split again;
+    - batches due for aggregation for longer than a lease are aggregated again.
+
+    Returns None when another process holds the sweep lock. Publishing the returned
+    messages is the caller's job, after this commits.
+    """
+    lease = timedelta(seconds=lease_s)
+    now = _now()
+    aggregate: list[uuid.UUID] = []
+    with engine.begin() as conn:
+        if not conn.execute(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK_KEY))).scalar_one():
+            return None
+        overdue = conn.execute(
+            select(Batch.id).where(Batch.state.in_((BatchState.pending, BatchState.running)), Batch.deadline_at < now)
+        ).scalars()
+        aggregate += [batch_id for batch_id in overdue.all() if _abort_batch(conn, batch_id, "deadline passed")]
+
+        lost = (
+            conn.execute(
+                update(Subtask)
+                .where(
+                    Subtask.state == SubtaskState.running,
+                    Subtask.lease_until < now,
+                    Subtask.attempts >= Subtask.max_attempts,
+                )
+                .values(
+                    state=SubtaskState.failed,
+                    error=func.concat(
+                        Subtask.error, "lease expired on the last attempt (", Subtask.attempts, "): worker lost"
+                    ),
+                    finished_at=now,
+                    lease_until=None,
+                )
+                .returning(Subtask.batch_id)
+            )
+            .scalars()
+            .all()
+        )
+        for batch_id in set(lost):
+            if _count_finished(conn, batch_id, succeeded=0, failed=lost.count(batch_id)):
+                aggregate.append(batch_id)
+
+        expired = (
+            select(Subtask.id)
+            .where(
+                Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+                func.coalesce(Subtask.lease_until, Subtask.queued_at + lease) < now,
+            )
+            .order_by(Subtask.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        predict = conn.execute(
+            update(Subtask)
+            .where(Subtask.id.in_(expired.scalar_subquery()))
+            .values(state=SubtaskState.dispatched, lease_until=now + lease)
+            .returning(Subtask.id, Subtask.model)
+        ).all()
+
+        split = (
+            conn.execute(select(Batch.id).where(Batch.state == BatchState.pending, Batch.created_at < now - lease))
+            .scalars()
+            .all()
+        )
+        aggregate += (
+            conn.execute(
+                select(Batch.id).where(
+                    _aggregate_due(), func.coalesce(Batch.aggregating_at, Batch.finished_at) < now - lease
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return Sweep([(row.id, row.model) for row in predict], list(split), aggregate, len(lost))

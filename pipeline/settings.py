@@ -47,6 +47,15 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Per-model chunk size overrides, JSON: `{"digit-classifier": 2000}`. Read by the splitter.',
     )
+    retry_base_s: float = Field(
+        default=1.0, ge=0, description="First retry's backoff; doubles per attempt, with full jitter."
+    )
+    retry_max_s: float = Field(default=60.0, ge=0, description="Longest retry backoff.")
+    db_retry_s: float = Field(
+        default=600.0, ge=0, description="How long a worker retries a ledger write while PostgreSQL is unreachable."
+    )
+    max_batch_items: int = Field(default=5_000_000, ge=1, description="Most inputs one batch may have.")
+    max_item_bytes: int = Field(default=1_000_000, ge=1, description="Largest input, as JSON bytes.")
     lease_s: float = Field(default=300.0, gt=0, description="A claimed or dispatched sub-task's lease.")
     sweep_interval_s: float = Field(default=15.0, gt=0, description="How often the sweeper reconciles the ledger.")
     worker_concurrency: int = Field(default=1, ge=1, description="Processes per `pipeline worker`.")

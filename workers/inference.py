@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from pipeline import broker, ledger, registry, runtime
 from pipeline.artifacts import ArtifactError
@@ -18,13 +22,37 @@ log = logging.getLogger(__name__)
 
 # Errors that a retry cannot fix: fail the sub-task at once.
 PERMANENT_ERRORS = (ArtifactError, GuardrailViolation, registry.UnknownPipelineError)
-RETRY_BASE_S = 1.0
-RETRY_MAX_S = 60.0
+LEDGER_RETRY_FIRST_S = 0.2
+LEDGER_RETRY_MAX_S = 5.0
+T = TypeVar("T")
 
 
-def retry_delay(attempt: int) -> float:
+def retry_delay(settings: Settings, attempt: int) -> float:
     """Exponential backoff with full jitter for retry number `attempt` (1-based)."""
-    return random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)))
+    return random.uniform(0, min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1)))
+
+
+def with_ledger_retry(settings: Settings, write: Callable[[], T]) -> T:
+    """Run a ledger transaction, retrying with backoff while PostgreSQL is unreachable.
+
+    The task does not return, so its message is not acknowledged, until the write
+    went through. A transaction whose commit was lost with the connection is retried
+    as a duplicate, which the guarded statements refuse harmlessly.
+
+    Raises:
+        OperationalError: still unreachable after `settings.db_retry_s`.
+    """
+    deadline = time.monotonic() + settings.db_retry_s
+    delay = LEDGER_RETRY_FIRST_S
+    while True:
+        try:
+            return write()
+        except OperationalError as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("ledger unreachable (%s); retrying in %.1f s", error.orig or error, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, LEDGER_RETRY_MAX_S)
 
 
 def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str) -> float | None:
@@ -33,7 +61,7 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
     Returns a delay in seconds when the sub-task must be retried, else None (done,
     failed for good, or not ours to run: finished, cancelled or leased elsewhere).
     """
-    claim = ledger.claim_subtask(engine, subtask_id, worker, settings.lease_s)
+    claim = with_ledger_retry(settings, lambda: ledger.claim_subtask(engine, subtask_id, worker, settings.lease_s))
     if claim is None:
         log.info("sub-task %d is not claimable (finished, cancelled or leased); dropping the message", subtask_id)
         return None
@@ -44,8 +72,9 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
         output = check_output(spec, spec.predict(estimator, X), claim.rows)
     except PERMANENT_ERRORS as error:
-        outcome = ledger.fail_subtask(
-            engine, claim, f"{type(error).__name__}: {error}", retry=False, lease_s=settings.lease_s
+        message = f"{type(error).__name__}: {error}"
+        outcome = with_ledger_retry(
+            settings, lambda: ledger.fail_subtask(engine, claim, message, retry=False, lease_s=settings.lease_s)
         )
         delay = None
     # A model may raise anything; the error is recorded in the ledger and the sub-task retried.
@@ -53,10 +82,14 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
         retry = claim.attempt < claim.max_attempts
         message = f"{type(error).__name__}: {error} (attempt {claim.attempt} of {claim.max_attempts})"
         log.warning("sub-task %d failed: %s", subtask_id, message)
-        outcome = ledger.fail_subtask(engine, claim, message, retry=retry, lease_s=settings.lease_s)
-        delay = retry_delay(claim.attempt) if retry and outcome.recorded else None
+        outcome = with_ledger_retry(
+            settings, lambda: ledger.fail_subtask(engine, claim, message, retry=retry, lease_s=settings.lease_s)
+        )
+        delay = retry_delay(settings, claim.attempt) if retry and outcome.recorded else None
     else:
-        outcome = ledger.complete_subtask(engine, claim, output.tobytes(), manifest.version)
+        outcome = with_ledger_retry(
+            settings, lambda: ledger.complete_subtask(engine, claim, output.tobytes(), manifest.version)
+        )
         delay = None
     if outcome.aggregate:
         broker.publish_aggregate(runtime.celery_app(), str(claim.batch_id))
