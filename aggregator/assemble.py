@@ -74,17 +74,21 @@ class ModelOutputStream:
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)), None
 
 
-def final_state(batch: Row[Any], answered: int, unanswered: int) -> BatchState:
-    """A batch's final state from its failure policy and how many inputs got a result."""
+def final_state(batch: Row[Any], answered: int, unanswered: int) -> tuple[BatchState, str | None]:
+    """A batch's final state, and why it is not `succeeded`, from its failure policy
+    and how many inputs got a result."""
+    reason = batch.error
     if batch.state == BatchState.cancelled:
-        return BatchState.cancelled
+        return BatchState.cancelled, reason
     if unanswered == 0:
-        return BatchState.succeeded
-    if answered == 0 or batch.failure_policy == FailurePolicy.fail_fast:
-        return BatchState.failed
+        return BatchState.succeeded, reason
+    if batch.failure_policy == FailurePolicy.fail_fast:
+        return BatchState.failed, reason or ledger.FAIL_FAST_REASON
     if batch.max_failed_fraction is not None and batch.failed > batch.max_failed_fraction * batch.total:
-        return BatchState.failed
-    return BatchState.partial
+        return BatchState.failed, reason or ledger.too_many_failures_reason(batch.max_failed_fraction)
+    if answered == 0:
+        return BatchState.failed, reason or "no input has a result"
+    return BatchState.partial, reason
 
 
 def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
@@ -133,9 +137,9 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 kpis.add(item, result)
                 item_index += 1
             ledger.copy_results(conn, batch_id, rows)
-        state = final_state(batch, answered, unanswered)
+        state, error = final_state(batch, answered, unanswered)
         result = {"items": item_index, "answered": answered, "unanswered": unanswered}
         metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
-        ledger.finish_batch(conn, batch_id, state, result, metrics)
+        ledger.finish_batch(conn, batch_id, state, error, result, metrics)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     return state

@@ -92,11 +92,9 @@ def start_redis(data_dir: Path) -> tuple[str, bool]:
     folder = data_dir.resolve() / "redis"
     folder.mkdir(parents=True, exist_ok=True)
     port_file = folder / "port"
-    if port_file.exists():
-        port = int(port_file.read_text())
-        if _redis_answers(port):
-            return f"redis://127.0.0.1:{port}/0", False
-    port = _free_port()
+    port = int(port_file.read_text()) if port_file.exists() else _free_port()
+    if _redis_answers(port):
+        return f"redis://127.0.0.1:{port}/0", False
     subprocess.run(
         [
             str(_redis_server_executable()),

@@ -23,6 +23,14 @@ from pipeline.schema import Batch, BatchState, FailurePolicy, Result, Subtask, S
 from pipeline.settings import sqlalchemy_url
 
 NOTIFY_CHANNEL = "batch_finished"
+FAIL_FAST_REASON = "fail_fast: a sub-task failed"
+DEADLINE_REASON = "deadline passed"
+
+
+def too_many_failures_reason(max_failed_fraction: float) -> str:
+    return f"more than {max_failed_fraction:.0%} of the sub-tasks failed"
+
+
 UNFINISHED_SUBTASK_STATES = (SubtaskState.pending, SubtaskState.dispatched, SubtaskState.running)
 
 
@@ -384,9 +392,9 @@ def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, faile
     if not row.complete:
         if failed and row.state == BatchState.running:
             if row.failure_policy == FailurePolicy.fail_fast:
-                return _abort_batch(conn, batch_id, "fail_fast: a sub-task failed")
+                return _abort_batch(conn, batch_id, FAIL_FAST_REASON)
             if row.max_failed_fraction is not None and row.failed > row.max_failed_fraction * row.total:
-                return _abort_batch(conn, batch_id, f"more than {row.max_failed_fraction:.0%} of the sub-tasks failed")
+                return _abort_batch(conn, batch_id, too_many_failures_reason(row.max_failed_fraction))
         return False
     # Complete: either this call flipped it, or it finished the last running sub-task of a cancelled batch.
     return row.state == BatchState.aggregating or (row.state == BatchState.cancelled and row.aggregate_runs == 0)
@@ -513,7 +521,12 @@ def copy_results(conn: Connection, batch_id: uuid.UUID, rows: Iterable[tuple[int
 
 
 def finish_batch(
-    conn: Connection, batch_id: uuid.UUID, state: BatchState, result: dict[str, Any], metrics: dict[str, Any]
+    conn: Connection,
+    batch_id: uuid.UUID,
+    state: BatchState,
+    error: str | None,
+    result: dict[str, Any],
+    metrics: dict[str, Any],
 ) -> None:
     """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
     metrics, counted in `aggregate_runs`; NOTIFY waiting clients on commit."""
@@ -522,6 +535,7 @@ def finish_batch(
         .where(Batch.id == batch_id, _aggregate_due())
         .values(
             state=state,
+            error=error,
             result=result,
             metrics=metrics,
             finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=_now()),
@@ -591,7 +605,7 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
         overdue = conn.execute(
             select(Batch.id).where(Batch.state.in_((BatchState.pending, BatchState.running)), Batch.deadline_at < now)
         ).scalars()
-        aggregate += [batch_id for batch_id in overdue.all() if _abort_batch(conn, batch_id, "deadline passed")]
+        aggregate += [batch_id for batch_id in overdue.all() if _abort_batch(conn, batch_id, DEADLINE_REASON)]
 
         lost = (
             conn.execute(

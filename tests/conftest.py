@@ -23,7 +23,10 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
-from pipeline import ledger
+# Test-only pipelines, known to this process and every process the tests start.
+os.environ["PIPELINE_PIPELINES"] = "tests.pipelines:PoisonPipeline"
+
+from pipeline import ledger  # noqa: E402  (after the environment is set)
 from pipeline.client import Client
 from pipeline.embedded import ensure_services, stop_services
 from pipeline.settings import Settings, libpq_url

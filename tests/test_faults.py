@@ -1,0 +1,197 @@
+"""Fault injection on real processes: each test owns its embedded PostgreSQL and
+Redis, breaks something mid-batch, and ends on the same invariants: the batch
+finished, every input has exactly one result or error, counters equal the
+sub-task rows, aggregate ran once, no sub-task is left running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline import broker
+from pipeline.pipelines.digits import held_out_strips
+from tests.faults import OwnStack, assert_finished_and_consistent, wait_until
+
+ONE_TILE_CHUNKS = '{"digit-classifier": 1, "digit-ood": 1}'
+SMALL_CHUNKS = '{"digit-classifier": 4, "digit-ood": 4}'
+
+
+@pytest.fixture
+def own(tmp_path: Path, models_dir: Path, request: pytest.FixtureRequest) -> Iterator[OwnStack]:
+    stack = OwnStack(tmp_path, models_dir, chunk_sizes=getattr(request, "param", SMALL_CHUNKS))
+    yield stack
+    stack.close()
+
+
+def _results(stack: OwnStack, batch_id: str) -> tuple[int, int]:
+    answered = stack.count("SELECT count(*) FROM results WHERE batch_id = :b AND error IS NULL", b=batch_id)
+    return answered, stack.count("SELECT count(*) FROM results WHERE batch_id = :b AND error IS NOT NULL", b=batch_id)
+
+
+def test_worker_killed_mid_batch_a_second_worker_finishes(own: OwnStack) -> None:
+    # The poison pipeline's model is cheap per call, so 5,000 one-row sub-tasks stay quick.
+    first = own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("poison", _points(5000, poison=set()))
+    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 300, 300, "the first worker to make progress")
+    own.kill(first)
+    status = batch.status()
+    assert status.total == 5000 and not status.finished
+    own.start("workers", "--concurrency", "2")
+    status = batch.wait(timeout=600)
+    assert status.state == "succeeded"
+    assert_finished_and_consistent(own.engine, batch.id)
+    assert _results(own, batch.id) == (5000, 0)
+
+
+def test_redis_flushall_mid_batch_sweeper_recovers(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=12))
+    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
+    redis.Redis.from_url(own.broker_url).flushall()
+    assert not batch.status().finished
+    status = batch.wait(timeout=300)
+    assert status.state == "succeeded"
+    assert_finished_and_consistent(own.engine, batch.id)
+    assert _results(own, batch.id) == (400, 0)
+
+
+def test_redis_killed_and_restarted_mid_batch(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=13))
+    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
+    os.kill(own.redis_pid(), signal.SIGKILL)
+    time.sleep(1)
+    own.restart_redis()
+    status = batch.wait(timeout=300)
+    assert status.state == "succeeded"
+    assert_finished_and_consistent(own.engine, batch.id)
+
+
+def test_postgres_restarted_mid_batch(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=14))
+    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
+    own.restart_postgres()
+    status = batch.wait(timeout=300)
+    assert status.state == "succeeded"
+    assert_finished_and_consistent(own.engine, batch.id)
+
+
+def test_every_message_published_twice(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("digits", held_out_strips(300, max_digits=4, seed=15))
+    broker.publish_split(own.client.app, batch.id)
+    wait_until(lambda: batch.status().total > 0, 60, "the split")
+    subtasks = (
+        own.client.engine.connect()
+        .exec_driver_sql("SELECT id, model FROM subtasks WHERE batch_id = %(b)s", {"b": batch.id})
+        .all()
+    )
+    broker.publish_predictions(own.client.app, [tuple(row) for row in subtasks])
+    status = batch.wait(timeout=300)
+    broker.publish_aggregate(own.client.app, batch.id)
+    broker.publish_aggregate(own.client.app, batch.id)
+    queues = redis.Redis.from_url(own.broker_url)
+    wait_until(
+        lambda: (
+            all(queues.llen(q) == 0 for q in ("aggregate", "split", "model.digit-classifier", "model.digit-ood"))
+            and queues.hlen("unacked") == 0
+        ),
+        120,
+        "every duplicate to be consumed",
+    )
+    assert status.state == "succeeded"
+    assert_finished_and_consistent(own.engine, batch.id)
+    assert own.count("SELECT max(attempts) FROM subtasks WHERE batch_id = :b", b=batch.id) == 1
+
+
+def _points(count: int, poison: set[int], bad_output: frozenset[int] = frozenset()) -> list[dict[str, list[float]]]:
+    first = {i: -1.0 for i in poison} | {i: -2.0 for i in bad_output}
+    return [{"values": [first.get(i, 0.5), float(i % 3), 0.0, 1.0]} for i in range(count)]
+
+
+def test_poison_input_is_retried_then_failed_and_the_rest_answered(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("poison", _points(30, poison={4, 17}))
+    status = batch.wait(timeout=300)
+    assert status.state == "partial"
+    assert assert_finished_and_consistent(own.engine, batch.id)["failed"] == 2
+    with own.engine.connect() as conn:
+        failed = conn.exec_driver_sql(
+            "SELECT items, attempts, error FROM subtasks WHERE batch_id = %(b)s AND state = 'failed' ORDER BY seq",
+            {"b": batch.id},
+        ).all()
+    assert [row.items for row in failed] == [[4], [17]]
+    assert all(row.attempts == 3 and "poison row" in row.error and "attempt 3 of 3" in row.error for row in failed)
+    results = list(batch.results())
+    assert [r.item for r in results if r.error] == [4, 17]
+    assert all(r.output is not None for r in results if r.item not in (4, 17))
+
+
+def test_fail_fast_fails_the_batch_and_cancels_the_rest(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "1")
+    own.start("aggregator", "--concurrency", "1")
+    # A guardrail violation is not retried: the first sub-task fails at once.
+    inputs = _points(1000, poison=set(), bad_output=frozenset({0}))
+    batch = own.client.submit("poison", inputs, failure_policy="fail_fast")
+    status = batch.wait(timeout=300)
+    assert status.state == "failed" and status.error == "fail_fast: a sub-task failed"
+    row = assert_finished_and_consistent(own.engine, batch.id)
+    assert row["failed"] == 1 and row["cancelled"] > 0
+    failed = own.count("SELECT attempts FROM subtasks WHERE batch_id = :b AND state = 'failed'", b=batch.id)
+    assert failed == 1
+    # what finished before the failure stays readable
+    answered, unanswered = _results(own, batch.id)
+    assert answered == row["succeeded"] and unanswered == 1000 - answered
+
+
+def test_max_failed_fraction_aborts_a_best_effort_batch(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "1")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("poison", _points(100, poison=set(range(0, 100, 2))), max_failed_fraction=0.1)
+    status = batch.wait(timeout=300)
+    assert status.state == "failed" and "more than 10%" in status.error
+    row = assert_finished_and_consistent(own.engine, batch.id)
+    assert 10 < row["failed"] < 50 and row["cancelled"] > 0
+
+
+@pytest.mark.parametrize("own", [ONE_TILE_CHUNKS], indirect=True)
+def test_cancel_mid_batch_keeps_what_finished(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=16))
+    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 50, 120, "progress")
+    assert batch.cancel().state == "cancelled"
+    wait_until(lambda: own.count("SELECT aggregate_runs FROM batches WHERE id = :b", b=batch.id) == 1, 120, "results")
+    row = assert_finished_and_consistent(own.engine, batch.id)
+    assert row["state"] == "cancelled" and row["cancelled"] > 0 and row["succeeded"] >= 50
+    answered, unanswered = _results(own, batch.id)
+    assert unanswered > 0 and answered + unanswered == 400
+    assert all(r.error is None or "cancelled" in r.error for r in batch.results())
+
+
+@pytest.mark.parametrize("own", [ONE_TILE_CHUNKS], indirect=True)
+def test_deadline_finishes_the_batch_with_what_it_has(own: OwnStack) -> None:
+    own.start("workers", "--concurrency", "1")
+    own.start("aggregator", "--concurrency", "1")
+    warm_up = own.client.submit("digits", held_out_strips(2, seed=17))
+    assert warm_up.wait(timeout=120).state == "succeeded"  # the worker is up and models are loaded
+    batch = own.client.submit("digits", held_out_strips(1100, max_digits=4, seed=18), deadline_s=3)
+    status = batch.wait(timeout=300)
+    assert status.state == "partial" and status.error == "deadline passed"
+    row = assert_finished_and_consistent(own.engine, batch.id)
+    assert row["succeeded"] > 0 and row["cancelled"] > 0
+    answered, unanswered = _results(own, batch.id)
+    assert answered > 0 and unanswered > 0
