@@ -195,3 +195,17 @@ def test_deadline_finishes_the_batch_with_what_it_has(own: OwnStack) -> None:
     assert row["succeeded"] > 0 and row["cancelled"] > 0
     answered, unanswered = _results(own, batch.id)
     assert answered > 0 and unanswered > 0
+
+
+def test_sigterm_lets_a_worker_finish_its_sub_task_and_exit(own: OwnStack) -> None:
+    first = own.start("workers", "--concurrency", "1")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("poison", _points(3000, poison=set()))
+    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 100, 120, "progress")
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=60)
+    running = own.count("SELECT count(*) FROM subtasks WHERE batch_id = :b AND state = 'running'", b=batch.id)
+    assert running == 0
+    own.start("workers", "--concurrency", "1")
+    assert batch.wait(timeout=300).state == "succeeded"
+    assert_finished_and_consistent(own.engine, batch.id)
