@@ -15,11 +15,8 @@ from pipeline.embedded import ensure_services, stop_services
 
 
 def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("PIPELINE_DATABASE_URL", "PIPELINE_BROKER_URL", "PIPELINE_MODELS_DIR")
-    }
+    unset = ("PIPELINE_DATABASE_URL", "PIPELINE_BROKER_URL", "PIPELINE_MODELS_DIR", "PIPELINE_PIPELINES")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     data_dir = tmp_path / "data"
     env["PIPELINE_DATA_DIR"] = str(data_dir)
     pipeline_cli = Path(sys.executable).parent / "pipeline"
