@@ -9,6 +9,7 @@ when unset, the embedded PostgreSQL and Redis are started in a temporary folder.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,6 +113,16 @@ def client(services: RunServices, models_dir: Path) -> Iterator[Client]:
     client.close()
 
 
+@pytest.fixture
+def isolated(services: RunServices, models_dir: Path) -> Iterator[tuple[Client, str]]:
+    """A client publishing under a broker prefix no process consumes, so what it queues stays visible."""
+    prefix = f"isolated-{uuid.uuid4().hex[:8]}:"
+    client = Client(services.settings(models_dir, broker_prefix=prefix))
+    yield client, prefix
+    client.close()
+    delete_keys(services.broker_url, prefix)
+
+
 class Processes:
     """Real `python -m workers` / `python -m aggregator` processes, logging to files."""
 
@@ -120,21 +131,29 @@ class Processes:
         self.running: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start `python *argv` in its own process group, so `kill` reaches its pool children too."""
         log = open(self.log_dir / f"{name}-{len(self.running)}.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.running.append(process)
         return process
 
-    def stop_all(self) -> None:
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """kill -9 the process and its pool children."""
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop_all(self, timeout: float = 30) -> None:
+        """SIGTERM every process (a warm shutdown), SIGKILL what is left after `timeout` s."""
         for process in self.running:
             if process.poll() is None:
                 process.terminate()
         for process in self.running:
             try:
-                process.wait(30)
+                process.wait(timeout)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                self.kill(process)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,7 @@ leases and sweep intervals, and the invariants every such test ends on."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +17,7 @@ from pipeline import ledger
 from pipeline.client import Client
 from pipeline.embedded import ensure_services, start_redis, stop_services
 from pipeline.settings import Settings
+from tests.conftest import Processes
 
 LEASE_S = 3.0
 SWEEP_INTERVAL_S = 0.5
@@ -44,27 +43,16 @@ class OwnStack:
             PIPELINE_DB_RETRY_S="120",
             PIPELINE_CHUNK_SIZES=chunk_sizes,
         )
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes = Processes(self.log_dir)
         self.client = Client(Settings(database_url=urls.database_url, broker_url=urls.broker_url))
         self.engine: Engine = self.client.engine
 
     def start(self, role: str, *args: str) -> subprocess.Popen[bytes]:
-        """Start `python -m <role>` in its own process group (so a test can kill all of it)."""
-        log = open(self.log_dir / f"{role}-{len(self.processes)}.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-m", role, *args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        return process
+        """Start `python -m <role> *args` (workers or aggregator)."""
+        return self.processes.start(role, ["-m", role, *args], self.env)
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
-        """kill -9 the process and its pool children."""
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        self.processes.kill(process)
 
     def redis_pid(self) -> int:
         return int((self.data_dir / "redis" / "redis.pid").read_text())
@@ -86,15 +74,7 @@ class OwnStack:
         return self.count("SELECT count(*) FROM subtasks WHERE batch_id = :b AND state = 'succeeded'", b=batch_id)
 
     def close(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        self.processes.stop_all(timeout=10)
         self.client.close()
         stop_services(self.data_dir)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,41 +50,32 @@ def test_worker_killed_mid_batch_a_second_worker_finishes(own: OwnStack) -> None
     assert _results(own, batch.id) == (5000, 0)
 
 
-def test_redis_flushall_mid_batch_sweeper_recovers(own: OwnStack) -> None:
+def _flush_redis(own: OwnStack) -> None:
+    """Every queued message is lost."""
+    redis.Redis.from_url(own.broker_url).flushall()
+
+
+def _kill_and_restart_redis(own: OwnStack) -> None:
+    os.kill(own.redis_pid(), signal.SIGKILL)
+    time.sleep(1)
+    own.restart_redis()
+
+
+def _restart_postgres(own: OwnStack) -> None:
+    own.restart_postgres()
+
+
+@pytest.mark.parametrize("disrupt", [_flush_redis, _kill_and_restart_redis, _restart_postgres])
+def test_batch_survives_a_service_disruption_mid_batch(own: OwnStack, disrupt: Callable[[OwnStack], None]) -> None:
     own.start("workers", "--concurrency", "2")
     own.start("aggregator", "--concurrency", "1")
     batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=12))
     wait_until(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
-    redis.Redis.from_url(own.broker_url).flushall()
-    assert not batch.status().finished
+    disrupt(own)
     status = batch.wait(timeout=300)
     assert status.state == "succeeded"
     assert_finished_and_consistent(own.engine, batch.id)
     assert _results(own, batch.id) == (400, 0)
-
-
-def test_redis_killed_and_restarted_mid_batch(own: OwnStack) -> None:
-    own.start("workers", "--concurrency", "2")
-    own.start("aggregator", "--concurrency", "1")
-    batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=13))
-    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
-    os.kill(own.redis_pid(), signal.SIGKILL)
-    time.sleep(1)
-    own.restart_redis()
-    status = batch.wait(timeout=300)
-    assert status.state == "succeeded"
-    assert_finished_and_consistent(own.engine, batch.id)
-
-
-def test_postgres_restarted_mid_batch(own: OwnStack) -> None:
-    own.start("workers", "--concurrency", "2")
-    own.start("aggregator", "--concurrency", "1")
-    batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=14))
-    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
-    own.restart_postgres()
-    status = batch.wait(timeout=300)
-    assert status.state == "succeeded"
-    assert_finished_and_consistent(own.engine, batch.id)
 
 
 def test_every_message_published_twice(own: OwnStack) -> None:

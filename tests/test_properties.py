@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -19,7 +17,7 @@ from pipeline import ledger
 from pipeline.client import Client, InvalidInputError
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.splitter import split_batch
-from tests.conftest import RunServices, delete_keys
+from tests.conftest import RunServices
 
 pixel = st.one_of(
     st.floats(min_value=0, max_value=16),
@@ -47,15 +45,6 @@ def _valid(candidate: object) -> bool:
     width = len(rows[0])
     ok_pixels = all(math.isfinite(v) and 0 <= v <= 16 for r in rows for v in r)
     return ok_pixels and width % 8 == 0 and 1 <= width // 8 <= 32
-
-
-@pytest.fixture(scope="module")
-def isolated(services: RunServices, models_dir: Path) -> Iterator[tuple[Client, str]]:
-    prefix = f"props-{uuid.uuid4().hex[:8]}:"
-    client = Client(services.settings(models_dir, broker_prefix=prefix))
-    yield client, prefix
-    client.close()
-    delete_keys(services.broker_url, prefix)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -14,17 +11,7 @@ from sqlalchemy import Engine, text
 from pipeline.client import Client, InvalidInputError
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.registry import UnknownPipelineError
-from tests.conftest import RunServices, delete_keys
-
-
-@pytest.fixture
-def isolated(services: RunServices, models_dir: Path) -> Iterator[tuple[Client, str]]:
-    """A client publishing under a broker prefix no process consumes, so what it queues stays visible."""
-    prefix = f"isolated-{uuid.uuid4().hex[:8]}:"
-    client = Client(services.settings(models_dir, broker_prefix=prefix))
-    yield client, prefix
-    client.close()
-    delete_keys(services.broker_url, prefix)
+from tests.conftest import RunServices
 
 
 def _counts(engine: Engine) -> tuple[int, int]:
