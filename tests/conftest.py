@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 # Test-only pipelines, known to this process and every process the tests start.
-os.environ["PIPELINE_PIPELINES"] = "tests.pipelines:PoisonPipeline"
+os.environ["PIPELINE_PIPELINES"] = "tests.pipelines:PoisonPipeline,tests.guarded:BadProbabilityPipeline"
 
 from pipeline import ledger  # noqa: E402  (after the environment is set)
 from pipeline.client import Client
@@ -50,15 +50,15 @@ class RunServices:
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
 
-    def env(self, models_dir: Path, **extra: str) -> dict[str, str]:
-        return dict(
-            os.environ,
-            PIPELINE_DATABASE_URL=self.database_url,
-            PIPELINE_BROKER_URL=self.broker_url,
-            PIPELINE_BROKER_PREFIX=self.broker_prefix,
-            PIPELINE_MODELS_DIR=str(models_dir),
-            **extra,
-        )
+    def env(self, models_dir: Path, **overrides: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PIPELINE_DATABASE_URL": self.database_url,
+            "PIPELINE_BROKER_URL": self.broker_url,
+            "PIPELINE_BROKER_PREFIX": self.broker_prefix,
+            "PIPELINE_MODELS_DIR": str(models_dir),
+            **overrides,
+        }
 
 
 def _with_database(url: str, name: str) -> str:
@@ -160,8 +160,12 @@ class Processes:
 def stack(services: RunServices, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
     """One model worker (2 processes, every model) and one aggregator, for the whole run."""
     processes = Processes(tmp_path_factory.mktemp("logs"))
-    # Odd chunk sizes, different per model, so strips straddle sub-task boundaries.
-    env = services.env(models_dir, PIPELINE_CHUNK_SIZES='{"digit-classifier": 97, "digit-ood": 128}')
+    # Odd chunk sizes, different per model, so strips straddle sub-task boundaries and
+    # every model of a small batch runs several sub-tasks (latency percentiles).
+    chunks = (
+        '{"digit-classifier": 97, "digit-ood": 128, "screen-logreg": 16, "screen-forest": 23, "screen-boosting": 40}'
+    )
+    env = services.env(models_dir, PIPELINE_CHUNK_SIZES=chunks)
     processes.start("worker", ["-m", "workers", "--concurrency", "2"], env)
     processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
     yield processes
