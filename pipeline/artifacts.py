@@ -1,6 +1,7 @@
 """Model artifacts: a skops file plus a JSON manifest (name, version, SHA-256,
-training metrics, the types skops must trust). Training writes them; workers
-load them only after the hash matches (see `workers/models.py`)."""
+training metrics, the types skops must trust, values chosen at training time and
+the drift reference profile). Training writes them; workers load them only after
+the hash matches (see `workers/models.py`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import skops.io
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from pipeline.definition import ModelSpec
+from pipeline.definition import ModelSpec, TrainedModel
+from pipeline.profile import ReferenceProfile, build_profile
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -30,6 +33,10 @@ class Manifest(BaseModel):
     trained_at: datetime
     metrics: dict[str, Any]
     trusted_types: list[str]
+    # Values the pipeline chose at training time and reads back (e.g. an operating threshold).
+    config: dict[str, Any] = Field(default_factory=dict)
+    # Drift reference of the model's inputs and output score; None for a model trained without one.
+    reference: ReferenceProfile | None = None
 
 
 def model_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
@@ -52,6 +59,18 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def reference_profile(spec: ModelSpec, trained: TrainedModel) -> ReferenceProfile | None:
+    """The drift reference of a trained model, from its reference rows as float32
+    (what a worker receives), or None when `train` gave no reference rows."""
+    if trained.reference is None:
+        return None
+    X = np.asarray(trained.reference, dtype="<f4")
+    scores = trained.reference_scores
+    if scores is None:
+        scores = spec.output_score(np.asarray(spec.predict(trained.estimator, X), dtype="<f4"))
+    return build_profile(spec.columns, X, np.asarray(scores, dtype="<f4"))
+
+
 def save_model(models_dir: Path, spec: ModelSpec) -> Manifest:
     """Train `spec`'s model and write its artifact and manifest; return the manifest."""
     trained = spec.train()
@@ -67,6 +86,8 @@ def save_model(models_dir: Path, spec: ModelSpec) -> Manifest:
         trained_at=datetime.now(UTC),
         metrics=trained.metrics,
         trusted_types=skops.io.get_untrusted_types(data=data),
+        config=trained.config,
+        reference=reference_profile(spec, trained),
     )
     artifact_path.write_bytes(data)
     manifest_path.write_text(manifest.model_dump_json(indent=2))

@@ -151,11 +151,9 @@ def submit(
 
 
 def _print_status(status: Any) -> None:
-    from pipeline.demo import kpi_table, status_table
+    from pipeline.report import print_status
 
-    console.print(status_table(status))
-    if status.metrics:
-        console.print(kpi_table(status))
+    print_status(console, status)
 
 
 @main.command()
@@ -163,7 +161,7 @@ def _print_status(status: Any) -> None:
 @click.option("--state", help="Only batches in this state.")
 @click.option("--limit", default=20, show_default=True)
 def status(batch_id: str | None, state: str | None, limit: int) -> None:
-    """Show one batch (with its KPIs when finished), or the newest batches."""
+    """Show one batch (with its latency and KPIs when finished), or the newest batches."""
     client = Client()
     if batch_id:
         _print_status(client.batch(batch_id).status())
@@ -182,6 +180,28 @@ def status(batch_id: str | None, state: str | None, limit: int) -> None:
             f"{row.elapsed_s:.2f}" if row.elapsed_s is not None else "-",
         )
     console.print(table)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a self-contained HTML report with plots here.",
+)
+def report(batch_id: str, html_path: Path | None) -> None:
+    """Print a finished batch's KPIs, latency and drift; optionally write them as HTML."""
+    from pipeline.report import latency_histograms, print_report, write_html
+
+    client = Client()
+    status = client.batch(batch_id).status()
+    if not status.metrics:
+        raise click.ClickException(f"batch {status.id} is {status.state.value}: its metrics come when it finishes")
+    print_report(console, status)
+    if html_path is not None:
+        write_html(html_path, status, latency_histograms(client.engine, status.id))
+        console.print(f"report written to {html_path}")
 
 
 @main.command()
@@ -228,11 +248,12 @@ def up() -> None:
 
 @main.command()
 @click.option("--strips", default=500, show_default=True, help="Digit strips to read.")
-def demo(strips: int) -> None:
-    """Run the digits pipeline end to end on the embedded default (or your URLs), then stop."""
+@click.option("--records", type=int, help="Patient records to screen (default: the held-out split, once each).")
+def demo(strips: int, records: int | None) -> None:
+    """Run the digits and screening pipelines end to end on the embedded default (or your URLs), then stop."""
     from pipeline.demo import run_demo
 
-    run_demo(get_settings(), strips, console)
+    run_demo(get_settings(), strips, records, console)
 
 
 @main.command()

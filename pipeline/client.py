@@ -22,6 +22,7 @@ from pipeline import broker, ledger, registry
 from pipeline.embedded import ensure_services
 from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy
 from pipeline.settings import Settings, get_settings, libpq_url
+from pipeline.tables import is_table, table_items
 
 # How many bad items an InvalidInputError spells out in its message (all are in `.problems`).
 SHOWN_PROBLEMS = 20
@@ -92,11 +93,16 @@ class ItemResult(BaseModel):
 
 
 def validate_inputs(pipeline: registry.Pipeline, inputs: Iterable[Any]) -> list[BaseModel]:
-    """Return `inputs` as the pipeline's input models.
+    """Return `inputs` (items, or for a feature-vector pipeline a 2-D array or a
+    DataFrame) as the pipeline's input models.
 
     Raises:
         InvalidInputError: naming every bad item by index and why; also for no inputs.
     """
+    if is_table(inputs):
+        inputs, problem = table_items(pipeline, inputs)
+        if problem is not None:
+            raise InvalidInputError(pipeline.name, [(0, problem)])
     items = [
         item.model_dump() if isinstance(item, BaseModel) and not isinstance(item, pipeline.input_model) else item
         for item in inputs

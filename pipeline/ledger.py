@@ -545,28 +545,6 @@ def finish_batch(
     conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
 
 
-def subtask_timings(conn: Connection, batch_id: uuid.UUID) -> list[dict[str, Any]]:
-    """Per-model sub-task counts, rows and time spans of a batch (for its metrics)."""
-    rows = (
-        conn.execute(
-            select(
-                Subtask.model,
-                func.count().label("subtasks"),
-                func.sum(Subtask.rows).label("rows"),
-                func.min(Subtask.queued_at).label("first_queued"),
-                func.max(Subtask.finished_at).label("last_finished"),
-                func.sum(func.extract("epoch", Subtask.finished_at - Subtask.started_at)).label("compute_s"),
-            )
-            .where(Subtask.batch_id == batch_id)
-            .group_by(Subtask.model)
-            .order_by(Subtask.model)
-        )
-        .mappings()
-        .all()
-    )
-    return [dict(row) for row in rows]
-
-
 # --- sweeper ------------------------------------------------------------------------------
 
 # pg_try_advisory_xact_lock key: one sweep at a time across every aggregator process.

@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 from pipeline.definition import ModelSpec, Pipeline
 from pipeline.settings import get_settings
 
-SHIPPED = ("pipeline.pipelines.digits:DigitsPipeline",)
+SHIPPED = ("pipeline.pipelines.digits:DigitsPipeline", "pipeline.pipelines.screening:ScreeningPipeline")
 ENTRY_POINT_GROUP = "pipeline.pipelines"
 
 

@@ -1,5 +1,6 @@
 """The main job on the embedded default: no URL set, `pipeline demo` starts a real
-PostgreSQL and Redis under PIPELINE_DATA_DIR, runs the digits batch, stops them."""
+PostgreSQL and Redis under PIPELINE_DATA_DIR, runs the digits and
+screening batches, stops them."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "whole_number_accuracy" in run.stdout
+    assert "whole_number_accuracy" in run.stdout and "recall_malignant" in run.stdout
     assert (data_dir / "postgres" / "PG_VERSION").exists()
     assert (data_dir / "redis" / "port").exists()
     assert (data_dir / "models" / "digit-classifier.json").exists()
@@ -40,10 +41,12 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     engine = ledger.make_engine(urls.database_url)
     try:
         with engine.connect() as conn:
-            batch = conn.execute(text("SELECT * FROM batch_status")).mappings().one()
+            batches = {row["pipeline"]: row for row in conn.execute(text("SELECT * FROM batch_status")).mappings()}
             results = conn.execute(text("SELECT count(*) FROM results WHERE error IS NULL")).scalar()
-        assert (batch["state"], batch["items"], batch["progress"]) == ("succeeded", 60, 1)
-        assert results == 60
+        digits, screening = batches["digits"], batches["screening"]
+        assert (digits["state"], digits["items"], digits["progress"]) == ("succeeded", 60, 1)
+        assert (screening["state"], screening["items"], screening["progress"]) == ("succeeded", 171, 1)
+        assert results == 60 + 171
     finally:
         engine.dispose()
         stop_services(data_dir)

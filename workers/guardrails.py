@@ -17,8 +17,9 @@ def check_output(spec: ModelSpec, output: np.ndarray, rows: int) -> np.ndarray:
     """Return `output` as float32 (rows x n_outputs) after checking it.
 
     Raises:
-        GuardrailViolation: wrong shape, NaN or infinity, or (for probability
-        models) values outside [0, 1] or rows not summing to 1.
+        GuardrailViolation: wrong shape, NaN or infinity, (for probability
+        models) values outside [0, 1] or rows not summing to 1, or a label column
+        holding a value outside the model's known labels.
     """
     output = np.asarray(output)
     if output.shape != (rows, spec.n_outputs):
@@ -39,5 +40,12 @@ def check_output(spec: ModelSpec, output: np.ndarray, rows: int) -> np.ndarray:
         if unnormalised.size:
             raise GuardrailViolation(
                 f"model {spec.name!r} returned probabilities not summing to 1 in rows {unnormalised[:10].tolist()}"
+            )
+    if spec.label_columns:
+        labels = output[:, list(spec.label_columns)]
+        unknown = np.flatnonzero(~np.isin(labels, np.asarray(spec.labels, dtype="<f4")).all(axis=1))
+        if unknown.size:
+            raise GuardrailViolation(
+                f"model {spec.name!r} returned labels outside {list(spec.labels)} in rows {unknown[:10].tolist()}"
             )
     return output

@@ -30,6 +30,7 @@ CLASSIFIER = "digit-classifier"
 OOD_GUARD = "digit-ood"
 
 Pixel = Annotated[float, Field(ge=0, le=16, allow_inf_nan=False)]
+PIXELS = tuple(f"pixel[{row},{column}]" for row in range(TILE) for column in range(TILE))
 
 
 class DigitStrip(BaseModel):
@@ -84,7 +85,7 @@ def _train_classifier() -> TrainedModel:
     X_train, X_test, y_train, y_test = dataset_split()
     model = CalibratedClassifierCV(SVC(gamma=0.001, C=10.0), method="isotonic", ensemble=True).fit(X_train, y_train)
     accuracy = float((model.predict_proba(X_test).argmax(axis=1) == y_test).mean())
-    return TrainedModel(model, {"held_out_accuracy": accuracy})
+    return TrainedModel(model, {"held_out_accuracy": accuracy}, reference=X_train)
 
 
 def _predict_classifier(model: Any, X: np.ndarray) -> np.ndarray:
@@ -101,7 +102,12 @@ def _train_ood_guard() -> TrainedModel:
             "held_out_in_distribution_rate": float((model.predict(X_test) == 1).mean()),
             "noise_in_distribution_rate": float((model.predict(noise) == 1).mean()),
         },
+        reference=X_train,
     )
+
+
+def _confidence(output: np.ndarray) -> np.ndarray:
+    return output.max(axis=1)
 
 
 def _predict_ood_guard(model: Any, X: np.ndarray) -> np.ndarray:
@@ -144,9 +150,28 @@ class DigitsPipeline(Pipeline):
     input_model = DigitStrip
     models = (
         ModelSpec(
-            CLASSIFIER, TILE * TILE, 10, _train_classifier, _predict_classifier, chunk_size=1000, probabilities=True
+            CLASSIFIER,
+            TILE * TILE,
+            10,
+            _train_classifier,
+            _predict_classifier,
+            chunk_size=1000,
+            probabilities=True,
+            feature_names=PIXELS,
+            score=_confidence,
         ),
-        ModelSpec(OOD_GUARD, TILE * TILE, 2, _train_ood_guard, _predict_ood_guard, chunk_size=1000),
+        # Output: the isolation score (the watched score), then 1 for in distribution, 0 for not.
+        ModelSpec(
+            OOD_GUARD,
+            TILE * TILE,
+            2,
+            _train_ood_guard,
+            _predict_ood_guard,
+            chunk_size=1000,
+            feature_names=PIXELS,
+            label_columns=(1,),
+            labels=(0.0, 1.0),
+        ),
     )
 
     def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:

@@ -1,0 +1,68 @@
+"""Peak resident memory of process trees, sampled with psutil in a background thread."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+import psutil
+
+MB = 1024 * 1024
+INTERVAL_S = 0.05
+
+
+class PeakRss:
+    """Samples the RSS of each watched process and of its children (e.g. Celery's pool)
+    every `interval` s while in use as a context manager."""
+
+    def __init__(self, roots: dict[str, int], interval: float = INTERVAL_S) -> None:
+        self.roots = roots
+        self.interval = interval
+        # role -> pid -> peak bytes of that one process
+        self.process_peak: dict[str, dict[int, int]] = {role: {} for role in roots}
+        # role -> peak bytes of the whole tree at one instant
+        self.tree_peak: dict[str, int] = dict.fromkeys(roots, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    def _sample(self) -> None:
+        for role, pid in self.roots.items():
+            try:
+                root = psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            total = 0
+            for process in tree:
+                try:
+                    rss = process.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+                total += rss
+                peaks = self.process_peak[role]
+                peaks[process.pid] = max(peaks.get(process.pid, 0), rss)
+            self.tree_peak[role] = max(self.tree_peak[role], total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_mb(self, role: str) -> float:
+        """The largest single process of `role`'s tree (its main process or one pool child)."""
+        return max(self.process_peak[role].values(), default=0) / MB
+
+    def peaks_mb(self, role: str) -> list[float]:
+        """Every process of `role`'s tree, main process first."""
+        return [rss / MB for rss in self.process_peak[role].values()]
+
+    def tree_mb(self, role: str) -> float:
+        return self.tree_peak[role] / MB

@@ -1,0 +1,160 @@
+"""The peers: what a team would write by hand with Celery's own `chord` and the Redis
+result backend, on the same broker, models and JSON serialisation as the pipeline.
+
+* naive: one task per input (validate, split, predict with every model, aggregate);
+* chunked: the pipeline's own chunking (`Chunker`, chunk size per model), one task per
+  chunk carrying its float32 rows; the client assembles one result per input from the
+  chunk outputs with the aggregator's own code, but nothing is written to a ledger.
+
+The chord body returns the header's results, so the client reads them all from the
+result backend. `python -m bench.peers` runs the peers' worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+from celery import Celery, chord
+
+from aggregator.assemble import ModelOutputStream
+from pipeline import broker, ledger, registry
+from pipeline.client import validate_inputs
+from pipeline.definition import Pipeline
+from pipeline.settings import Settings, get_settings
+from pipeline.splitter import INPUT_PAGE, Chunker
+from pipeline.tables import is_table, table_items
+from workers.models import loaded_model
+
+QUEUE = "bench.peers"
+NAIVE_TASK = "bench.naive_item"
+CHUNK_TASK = "bench.predict_chunk"
+COLLECT_TASK = "bench.collect"
+# How long a client waits for a chord's results.
+TIMEOUT_S = 3600
+
+app = Celery("bench-peers", set_as_current=False)
+
+
+def configure(settings: Settings) -> Celery:
+    """The pipeline's broker settings, plus the Redis result backend under the run's prefix."""
+    assert settings.broker_url is not None
+    broker.configure(app, settings.broker_url, settings)
+    app.conf.update(
+        task_ignore_result=False,
+        result_backend=settings.broker_url,
+        result_backend_transport_options={"global_keyprefix": settings.broker_prefix},
+        task_default_queue=QUEUE,
+    )
+    return app
+
+
+def _encode(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode()
+
+
+def _decode(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+@app.task(name=NAIVE_TASK)
+def naive_item(pipeline_name: str, item: dict[str, Any]) -> dict[str, Any]:
+    pipeline = registry.get_pipeline(pipeline_name)
+    parsed = pipeline.input_model.model_validate(item)
+    parts = pipeline.split([parsed])
+    outputs = {}
+    for spec in pipeline.models:
+        rows = parts.get(spec.name)
+        if rows is not None and len(rows.X):
+            estimator, _ = loaded_model(spec.name)
+            outputs[spec.name] = np.asarray(spec.predict(estimator, np.asarray(rows.X, dtype="<f4")), dtype="<f4")
+    return pipeline.aggregate(parsed, outputs)
+
+
+@app.task(name=CHUNK_TASK)
+def predict_chunk(model: str, rows: int, payload: str) -> str:
+    spec = registry.get_model(model)
+    estimator, _ = loaded_model(model)
+    X = np.frombuffer(_decode(payload), dtype="<f4").reshape(rows, spec.n_features)
+    return _encode(spec.predict(estimator, X))
+
+
+@app.task(name=COLLECT_TASK)
+def collect(results: list[Any]) -> list[Any]:
+    return results
+
+
+def run_naive(pipeline: Pipeline, inputs: Any) -> int:
+    """One task per input; return how many results were read back."""
+    if is_table(inputs):
+        inputs, problem = table_items(pipeline, inputs)
+        if problem is not None:
+            raise ValueError(problem)
+    header = [naive_item.s(pipeline.name, item) for item in inputs]
+    results = chord(header)(collect.s()).get(timeout=TIMEOUT_S)
+    return len(results)
+
+
+def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) -> tuple[int, int]:
+    """One task per chunk; return (results assembled, chunk tasks)."""
+    items = validate_inputs(pipeline, inputs)
+    chunkers = [Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size)) for spec in pipeline.models]
+    chunks: list[ledger.NewSubtask] = []
+    for start in range(0, len(items), INPUT_PAGE):
+        parts = pipeline.split(items[start : start + INPUT_PAGE])
+        for chunker in chunkers:
+            rows = parts.get(chunker.spec.name)
+            if rows is not None and len(rows.X):
+                chunker.add(rows.X, rows.items + start)
+            chunks += chunker.take()
+    for chunker in chunkers:
+        chunks += chunker.take(final=True)
+    header = [predict_chunk.s(c.model, c.rows, base64.b64encode(c.payload).decode()) for c in chunks]
+    outputs = chord(header)(collect.s()).get(timeout=TIMEOUT_S)
+    streams = [
+        ModelOutputStream(
+            spec,
+            iter(
+                [
+                    ledger.SubtaskOutput(chunk.items, _decode(output), None)
+                    for chunk, output in zip(chunks, outputs)
+                    if chunk.model == spec.name
+                ]
+            ),
+        )
+        for spec in pipeline.models
+    ]
+    answered = 0
+    for index, item in enumerate(items):
+        by_model = {}
+        for stream in streams:
+            output, _ = stream.take(index)
+            if output is not None:
+                by_model[stream.spec.name] = output
+        json.dumps(pipeline.aggregate(item, by_model))
+        answered += 1
+    return answered, len(chunks)
+
+
+def main() -> None:
+    """The peers' worker: `python -m bench.peers [concurrency]`."""
+    concurrency = sys.argv[1] if len(sys.argv) > 1 else "2"
+    configure(get_settings()).worker_main(
+        [
+            "worker",
+            "--queues", QUEUE,
+            "--concurrency", concurrency,
+            "--hostname", f"bench-peers-{os.getpid()}@%h",
+            "--loglevel", "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The benchmark's figures as one table, next to the targets of issue 5."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# key, what it is, how to show it, target (text), whether the value meets it
+Row = tuple[str, str, Callable[[Any], str], str, Callable[[float], bool] | None]
+
+
+def _s(value: float) -> str:
+    return f"{value:.2f} s"
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f} rows/s"
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f} ×"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms"
+
+
+def _mb(value: float) -> str:
+    return f"{value:.0f} MB"
+
+
+def _mbs(values: list[float]) -> str:
+    return " / ".join(f"{value:.0f}" for value in values) + " MB"
+
+
+ROWS: tuple[Row, ...] = (
+    ("limit_s", "limit: one process, one predict call per model", _s, "", None),
+    ("pipeline_s", "pipeline: submit → all results readable", _s, "", None),
+    ("ratio_vs_limit", "pipeline ÷ limit (wall time)", _x, "≤ 3 × (aim 1.5 ×)", lambda v: v <= 3),
+    ("limit_rows_per_s", "limit", _rate, "", None),
+    ("pipeline_rows_per_s", "pipeline, 2 worker processes", _rate, "", None),
+    ("chunked_rows_per_s", "chunked peer: chord, same chunks, no ledger", _rate, "", None),
+    ("naive_rows_per_s", "naive peer: chord, one task per input", _rate, "", None),
+    ("pipeline_vs_chunked", "pipeline ÷ chunked peer (rows/s)", _x, "≥ 1 ×", lambda v: v >= 1),
+    ("pipeline_vs_naive", "pipeline ÷ naive peer (rows/s)", _x, "≥ 20 ×", lambda v: v >= 20),
+    ("latency_p50_ms", "one-input batch, submit → result read", _ms, "≤ 20 ms", lambda v: v <= 20),
+    ("latency_p95_ms", "", _ms, "", None),
+    ("latency_p99_ms", "", _ms, "≤ 60 ms", lambda v: v <= 60),
+    ("overhead_ms_per_subtask", "(pipeline − limit) ÷ sub-tasks", _ms, "", None),
+    ("status_ms", "batch.status() on the finished batch, median", _ms, "≤ 5 ms", lambda v: v <= 5),
+    ("rss_client_mb", "peak RSS: client", _mb, "≤ 500 MB at 1M rows", lambda v: v <= 500),
+    ("rss_worker_mb", "worker: largest process", _mb, "≤ 500 MB", lambda v: v <= 500),
+    ("rss_worker_processes_mb", "worker: main / each pool child", _mbs, "", None),
+    ("rss_aggregator_mb", "aggregator: largest process", _mb, "≤ 500 MB", lambda v: v <= 500),
+    ("rss_aggregator_processes_mb", "aggregator: main / each pool child", _mbs, "", None),
+    ("rss_results_out_mb", "pipeline results --out, all rows", _mb, "constant in N", None),
+)
+
+
+def print_table(figures: dict[str, Any]) -> None:
+    title = (
+        f"{figures['pipeline']}: {figures['rows']:,} rows, {figures['items']:,} inputs, {figures['subtasks']:,}"
+        f" sub-tasks; naive peer on {figures['naive_items']:,} inputs; latency over {figures['latency_samples']}"
+        f" batches; {figures['cpus']} CPUs, {figures['services']} services"
+    )
+    table = Table("figure", "what", "value", "target", "", title=title, title_justify="left")
+    for key, what, show, target, meets in ROWS:
+        mark = "" if meets is None else ("yes" if meets(figures[key]) else "NO")
+        table.add_row(key, what, show(figures[key]), target, mark)
+    Console(width=150).print(table)

@@ -1,0 +1,278 @@
+"""`screening`: a soft-vote malignancy screen of breast tumour records.
+
+An input is one patient record: the 30 features of scikit-learn's
+`load_breast_cancer` and, when ground truth is known, its label (0 = malignant,
+1 = benign, as in the data set). Three different models score every record on
+their own queues; the aggregate is the mean of their malignant probabilities,
+decided at an operating threshold chosen at training time for high recall on
+malignant cases (a missed cancer costs far more than a second look).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cache, lru_cache
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.artifacts import Manifest, read_manifest
+from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
+from pipeline.profile import range_warnings
+from pipeline.settings import get_settings
+
+FEATURES: tuple[str, ...] = tuple(str(name) for name in load_breast_cancer().feature_names)
+MALIGNANT, BENIGN = 0, 1
+LOGREG, FOREST, BOOSTING = "screen-logreg", "screen-forest", "screen-boosting"
+MODELS = (LOGREG, FOREST, BOOSTING)
+
+
+class ScreeningConfig(BaseModel):
+    """The screen's knobs. `target_recall` picks the operating threshold at training
+    time; a result `needs_review` when its probability is within `review_margin` of
+    the threshold, when the models disagree, or when an input value is more than
+    `range_margin` times the training range outside it."""
+
+    target_recall: float = Field(default=0.98, gt=0, le=1)
+    review_margin: float = Field(default=0.1, ge=0)
+    range_margin: float = Field(default=0.5, ge=0)
+
+
+CONFIG = ScreeningConfig()
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class PatientRecord(BaseModel):
+    """One record: `features` maps each of the 30 feature names to its value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: dict[str, Finite]
+    label: int | None = Field(default=None, ge=0, le=1, description="0 = malignant, 1 = benign")
+
+    @model_validator(mode="after")
+    def _all_features(self) -> PatientRecord:
+        missing = [name for name in FEATURES if name not in self.features]
+        unknown = sorted(set(self.features) - set(FEATURES))
+        if missing or unknown:
+            raise ValueError(f"features: missing {missing or 'none'}; unknown {unknown or 'none'}")
+        return self
+
+    def row(self) -> list[float]:
+        return [self.features[name] for name in FEATURES]
+
+
+@lru_cache(maxsize=1)
+def dataset_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed train / held-out split of `load_breast_cancer`: (X_train, X_test, y_train, y_test)."""
+    data = load_breast_cancer()
+    return tuple(  # type: ignore[return-value]
+        train_test_split(data.data, data.target, test_size=0.3, random_state=0, stratify=data.target)
+    )
+
+
+def held_out_records(count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Labelled records of the held-out split: all of them in order, or `count` drawn with replacement."""
+    _, X_test, _, y_test = dataset_split()
+    rows = np.arange(len(X_test)) if count is None else np.random.default_rng(seed).integers(0, len(X_test), count)
+    return [{"features": dict(zip(FEATURES, X_test[row].tolist())), "label": int(y_test[row])} for row in rows.tolist()]
+
+
+def _estimator(name: str) -> Any:
+    if name == LOGREG:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    if name == FOREST:
+        return RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=0, n_jobs=1)
+    return GradientBoostingClassifier(n_estimators=150, max_depth=2, learning_rate=0.1, random_state=0)
+
+
+@lru_cache(maxsize=1)
+def _out_of_fold() -> dict[str, np.ndarray]:
+    """Each model's out-of-fold malignant probability for every training row (5-fold)."""
+    X_train, _, y_train, _ = dataset_split()
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    return {
+        name: cross_val_predict(_estimator(name), X_train, y_train, cv=folds, method="predict_proba")[:, MALIGNANT]
+        for name in MODELS
+    }
+
+
+@lru_cache(maxsize=1)
+def _fitted() -> dict[str, Any]:
+    X_train, _, y_train, _ = dataset_split()
+    return {name: _estimator(name).fit(X_train, y_train) for name in MODELS}
+
+
+def operating_threshold(p_malignant: np.ndarray, malignant: np.ndarray, target_recall: float) -> float:
+    """The highest threshold t such that deciding `p >= t` finds at least `target_recall`
+    of the `malignant` rows."""
+    scores = np.sort(p_malignant[malignant])
+    misses = math.floor((1 - target_recall) * len(scores) + 1e-9)
+    return float(scores[misses])
+
+
+def _screen_rates(p_malignant: np.ndarray, y: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(recall on malignant, false-positive rate) of deciding `p >= threshold`."""
+    flagged = p_malignant >= threshold
+    return float(flagged[y == MALIGNANT].mean()), float(flagged[y == BENIGN].mean())
+
+
+def _train(name: str) -> TrainedModel:
+    """Fit model `name` on the training split. The three models share one operating
+    threshold, chosen on the soft vote of their out-of-fold probabilities, so every
+    manifest stores the same value."""
+    X_train, X_test, y_train, y_test = dataset_split()
+    oof = _out_of_fold()
+    threshold = operating_threshold(np.mean(list(oof.values()), axis=0), y_train == MALIGNANT, CONFIG.target_recall)
+    fitted = _fitted()
+    held_out = {model: fitted[model].predict_proba(X_test)[:, MALIGNANT] for model in MODELS}
+    recall, fpr = _screen_rates(np.mean(list(held_out.values()), axis=0), y_test, threshold)
+    return TrainedModel(
+        fitted[name],
+        {
+            "held_out_auc": float(roc_auc_score(y_test == MALIGNANT, held_out[name])),
+            "ensemble_held_out_recall": recall,
+            "ensemble_held_out_false_positive_rate": fpr,
+        },
+        reference=X_train,
+        reference_scores=oof[name],
+        config={"operating_threshold": threshold, "target_recall": CONFIG.target_recall},
+    )
+
+
+def _predict(model: Any, X: np.ndarray) -> np.ndarray:
+    return model.predict_proba(X)
+
+
+def _malignant_probability(output: np.ndarray) -> np.ndarray:
+    return output[:, MALIGNANT]
+
+
+def _spec(name: str) -> ModelSpec:
+    return ModelSpec(
+        name,
+        len(FEATURES),
+        2,
+        lambda: _train(name),
+        _predict,
+        chunk_size=500,
+        probabilities=True,
+        feature_names=FEATURES,
+        score=_malignant_probability,
+    )
+
+
+@cache
+def _manifests() -> tuple[Manifest, ...]:
+    """The three models' manifests, read once per process (restart after retraining)."""
+    models_dir = get_settings().resolved_models_dir
+    return tuple(read_manifest(models_dir, name) for name in MODELS)
+
+
+def trained_threshold() -> float:
+    """The operating threshold the models were trained with.
+
+    Raises:
+        ArtifactError: a manifest is missing.
+        ValueError: the manifests disagree (models trained apart with other settings).
+    """
+    thresholds = {manifest.config.get("operating_threshold") for manifest in _manifests()}
+    if len(thresholds) != 1 or None in thresholds:
+        raise ValueError(f"the screening models' manifests disagree on the operating threshold: {thresholds}")
+    return float(thresholds.pop())  # type: ignore[arg-type]
+
+
+class ScreeningKpis(Kpis):
+    """Label-free rates for every batch; recall and false-positive rate over labelled records."""
+
+    def __init__(self) -> None:
+        self.items = self.failed = self.reviewed = self.disagreed = self.warned = self.flagged = 0
+        self.true_pos = self.false_neg = self.false_pos = self.true_neg = 0
+
+    def add(self, item: BaseModel, result: dict[str, Any] | None) -> None:
+        assert isinstance(item, PatientRecord)
+        self.items += 1
+        if result is None:
+            self.failed += 1
+            return
+        flagged = result["decision"] == "malignant"
+        self.flagged += flagged
+        self.reviewed += result["needs_review"]
+        self.disagreed += result["disagreement"]
+        self.warned += bool(result["warnings"])
+        if item.label == MALIGNANT:
+            self.true_pos += flagged
+            self.false_neg += not flagged
+        elif item.label == BENIGN:
+            self.false_pos += flagged
+            self.true_neg += not flagged
+
+    def summary(self) -> dict[str, Any]:
+        answered = self.items - self.failed
+        malignant = self.true_pos + self.false_neg
+        benign = self.false_pos + self.true_neg
+
+        def share(count: int, of: int) -> float | None:
+            return count / of if of else None
+
+        return {
+            "items": self.items,
+            "failed_items": self.failed,
+            "labelled_items": malignant + benign,
+            "recall_malignant": share(self.true_pos, malignant),
+            "missed_malignant": self.false_neg if malignant + benign else None,
+            "false_positive_rate": share(self.false_pos, benign),
+            "malignant_rate": share(self.flagged, answered),
+            "disagreement_rate": share(self.disagreed, answered),
+            "review_rate": share(self.reviewed, answered),
+            "input_warning_rate": share(self.warned, answered),
+        }
+
+
+class ScreeningPipeline(Pipeline):
+    name = "screening"
+    input_model = PatientRecord
+    models = tuple(_spec(name) for name in MODELS)
+    feature_names = FEATURES
+
+    def item_from_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        label = row.get("label")
+        # A DataFrame holds a missing label as NaN.
+        if isinstance(label, float) and math.isnan(label):
+            label = None
+        return {"features": {name: row[name] for name in FEATURES}, "label": label}
+
+    def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:
+        X = np.array([item.row() for item in items], dtype=np.float32)  # type: ignore[attr-defined]
+        rows = ModelRows(X, np.arange(len(items)))
+        return {name: rows for name in MODELS}
+
+    def aggregate(self, item: BaseModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        assert isinstance(item, PatientRecord)
+        threshold = trained_threshold()
+        votes = {name: float(outputs[name][0, MALIGNANT]) for name in MODELS}
+        probability = sum(votes.values()) / len(votes)
+        reference = _manifests()[0].reference
+        warnings = range_warnings(reference, item.row(), CONFIG.range_margin) if reference is not None else []
+        disagreement = len({vote >= threshold for vote in votes.values()}) > 1
+        return {
+            "malignant_probability": round(probability, 6),
+            "decision": "malignant" if probability >= threshold else "benign",
+            "votes": {name: round(vote, 6) for name, vote in votes.items()},
+            "disagreement": disagreement,
+            "needs_review": disagreement or abs(probability - threshold) < CONFIG.review_margin or bool(warnings),
+            "warnings": warnings,
+        }
+
+    def kpis(self) -> Kpis:
+        return ScreeningKpis()

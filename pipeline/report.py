@@ -1,0 +1,406 @@
+"""A batch's metrics for people: terminal tables (`pipeline status`, `pipeline report`)
+and a self-contained HTML report with plots (matplotlib figures rendered without a
+display, PNGs embedded as base64: no script, no network)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine, text
+
+from pipeline import registry
+from pipeline.client import BatchStatus
+
+HISTOGRAM_BINS = 30
+SHOWN_FEATURES = 10
+BAND_COLOURS = {"stable": "#4c9a2a", "moderate": "#e69f00", "significant": "#c0392b", "too few rows": "#999999"}
+# PSI bars are drawn up to this value; larger ones are cut there and labelled with their value.
+PSI_AXIS_CAP = 1.0
+STATUS_FIELDS = (
+    "id",
+    "pipeline",
+    "state",
+    "items",
+    "total",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "progress",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "wait_s",
+    "aggregation_s",
+    "elapsed_s",
+    "error",
+)
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+@lru_cache(maxsize=32)
+def _key_order(pipeline_name: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The pipeline's own order of its (KPIs, models, features); empty when it is not registered here."""
+    try:
+        pipeline = registry.get_pipeline(pipeline_name)
+    except registry.UnknownPipelineError:
+        return (), (), ()
+    models = tuple(spec.name for spec in pipeline.models)
+    features = tuple(dict.fromkeys(name for spec in pipeline.models for name in spec.columns))
+    return tuple(pipeline.kpis().summary()), models, features
+
+
+def _ordered(mapping: dict[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    rank = {key: index for index, key in enumerate(order)}
+    return dict(sorted(mapping.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
+def _metrics(status: BatchStatus) -> dict[str, Any]:
+    """The batch's metrics with KPIs, models and features in the pipeline's order
+    (PostgreSQL's jsonb keeps no key order), the unknown ones after, by name."""
+    metrics = dict(status.metrics or {})
+    kpis, models, features = _key_order(status.pipeline)
+    metrics["kpis"] = _ordered(metrics.get("kpis") or {}, kpis)
+    metrics["models"] = _ordered(metrics.get("models") or {}, models)
+    if metrics.get("drift"):
+        drift = metrics["drift"] = dict(metrics["drift"])
+        drift["models"] = _ordered(drift.get("models") or {}, models)
+        drift["features"] = _ordered(drift.get("features") or {}, features)
+    return metrics
+
+
+# --- rows shared by the terminal and the HTML ------------------------------------------------
+
+LATENCY_HEADER = (
+    "model",
+    "sub-tasks",
+    "rows",
+    "queue wait ms p50 / p95 / p99 / max",
+    "compute ms p50 / p95 / p99 / max",
+    "rows per compute s",
+    "rows/s",
+)
+
+
+def _spread(spread: dict[str, float | None]) -> str:
+    return " / ".join(_ms(spread[key]) for key in ("p50", "p95", "p99", "max"))
+
+
+def _latency_row(name: str, entry: dict[str, Any]) -> list[str]:
+    return [
+        name,
+        str(entry["subtasks"]),
+        str(entry["rows"]),
+        _spread(entry["queue_wait_s"]),
+        _spread(entry["compute_s"]),
+        _rate(entry["rows_per_compute_s"]),
+        _rate(entry["rows_per_s"]),
+    ]
+
+
+def latency_rows(status: BatchStatus) -> list[list[str]]:
+    """One row per model, then one for all sub-tasks together."""
+    metrics = _metrics(status)
+    rows = [_latency_row(name, entry) for name, entry in (metrics.get("models") or {}).items()]
+    total = (metrics.get("latency") or {}).get("subtasks")
+    if total:
+        rows.append(_latency_row("all", total))
+    return rows
+
+
+def batch_latency_rows(status: BatchStatus) -> list[tuple[str, str]]:
+    latency = _metrics(status).get("latency") or {}
+    return [
+        ("split wait s (submitted → split)", fmt(latency.get("split_wait_s"))),
+        ("aggregation s (last sub-task → results)", fmt(latency.get("aggregation_s"))),
+        ("end-to-end s (submitted → finished)", fmt(latency.get("end_to_end_s"))),
+        ("inputs per end-to-end second", _rate(latency.get("items_per_s"))),
+    ]
+
+
+def drift_model_rows(status: BatchStatus) -> list[list[str]]:
+    models = (_metrics(status).get("drift") or {}).get("models") or {}
+    return [
+        [name, "-", "-", "-", entry["skipped"]]
+        if "skipped" in entry
+        else [name, str(entry["rows"]), fmt(entry["score_psi"]), entry["score_band"], entry["reference_version"]]
+        for name, entry in models.items()
+    ]
+
+
+def drift_summary(status: BatchStatus) -> str:
+    drift = _metrics(status).get("drift")
+    if not drift:
+        return "no drift figures"
+    if drift["drifted_share"] is None:
+        return f"not judged: fewer than {drift['min_rows']} rows per model, or no reference profile"
+    verdict = "DRIFT" if drift["drifted"] else "no drift"
+    flagged = ", ".join(drift["drifted_features"] + [f"score of {m}" for m in drift["drifted_scores"]]) or "nothing"
+    return (
+        f"{verdict}: {len(drift['drifted_features'])} of {len(drift['features'])} features"
+        f" ({drift['drifted_share']:.0%}) significant; flagged: {flagged}"
+    )
+
+
+# --- terminal ---------------------------------------------------------------------------------
+
+
+def status_table(status: BatchStatus) -> Table:
+    """The batch's `batch_status` row as a two-column table."""
+    table = Table(title="batch_status", show_header=False)
+    for field in STATUS_FIELDS:
+        table.add_row(field, fmt(getattr(status, field)))
+    return table
+
+
+def kpi_table(status: BatchStatus) -> Table:
+    table = Table(title=f"{status.pipeline} KPIs", show_header=False)
+    for name, value in (_metrics(status).get("kpis") or {}).items():
+        table.add_row(name, fmt(value))
+    return table
+
+
+def latency_table(status: BatchStatus) -> Table:
+    title = "latency per model (queue wait = queued → started, compute = started → finished)"
+    table = Table(*LATENCY_HEADER, title=title)
+    for row in latency_rows(status):
+        table.add_row(*row)
+    return table
+
+
+def batch_latency_table(status: BatchStatus) -> Table:
+    table = Table(title="batch latency", show_header=False)
+    for name, value in batch_latency_rows(status):
+        table.add_row(name, value)
+    return table
+
+
+def drift_table(status: BatchStatus) -> Table:
+    """Output-score PSI per model and the features with the largest PSI."""
+    drift = _metrics(status).get("drift") or {}
+    table = Table("model / feature", "rows", "PSI", "band", "reference", title=f"drift: {drift_summary(status)}")
+    for row in drift_model_rows(status):
+        table.add_row(f"score of {row[0]}", *row[1:])
+    features = sorted((drift.get("features") or {}).items(), key=lambda kv: -kv[1]["psi"])
+    for name, entry in features[:SHOWN_FEATURES]:
+        table.add_row(name, "", fmt(entry["psi"]), entry["band"], "")
+    return table
+
+
+def print_status(console: Console, status: BatchStatus) -> None:
+    """The status row and, once the batch has metrics, its latency and KPIs."""
+    console.print(status_table(status))
+    if status.metrics:
+        console.print(batch_latency_table(status))
+        console.print(latency_table(status))
+        console.print(kpi_table(status))
+
+
+def print_report(console: Console, status: BatchStatus) -> None:
+    """Every metric of a batch as tables."""
+    print_status(console, status)
+    if status.metrics:
+        console.print(drift_table(status))
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def latency_histograms(engine: Engine, batch_id: uuid.UUID, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """Per model and kind ("queue wait", "compute"): the upper end of the range in
+    seconds and the sub-task count of each of `bins` equal bins from 0, counted in
+    PostgreSQL."""
+    sql = text(
+        """
+        WITH timed AS (
+            SELECT s.model, v.kind, v.seconds
+            FROM subtasks s
+            CROSS JOIN LATERAL (VALUES
+                ('queue wait', extract(epoch FROM s.started_at - s.queued_at)::float8),
+                ('compute', extract(epoch FROM s.finished_at - s.started_at)::float8)
+            ) AS v(kind, seconds)
+            WHERE s.batch_id = :batch_id AND s.state IN ('succeeded', 'failed')
+              AND s.started_at IS NOT NULL AND s.finished_at IS NOT NULL
+        ), ranges AS (
+            SELECT model, kind, greatest(max(seconds), 1e-6) AS top FROM timed GROUP BY model, kind
+        )
+        SELECT t.model, t.kind, r.top,
+               least(greatest(width_bucket(t.seconds, 0, r.top, :bins), 1), :bins) AS bucket,
+               count(*) AS subtasks
+        FROM timed t JOIN ranges r USING (model, kind)
+        GROUP BY t.model, t.kind, r.top, bucket
+        ORDER BY t.model, t.kind, bucket
+        """
+    )
+    histograms: dict[str, Any] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(sql, {"batch_id": batch_id, "bins": bins}):
+            entry = histograms.setdefault(row.model, {}).setdefault(row.kind, {"top": row.top, "counts": [0] * bins})
+            entry["counts"][row.bucket - 1] = row.subtasks
+    return histograms
+
+
+def _png(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    # A bare Figure (no pyplot) renders with the Agg canvas: no display, no global state.
+    figure.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def latency_plot(status: BatchStatus, histograms: dict[str, Any]) -> str | None:
+    """Histograms of queue wait and compute per model, as base64 PNG (None without sub-tasks)."""
+    if not histograms:
+        return None
+    figure = Figure(figsize=(10, 2.4 * len(histograms)))
+    axes = figure.subplots(len(histograms), 2, squeeze=False)
+    for row, (model, kinds) in enumerate(_ordered(histograms, _key_order(status.pipeline)[1]).items()):
+        for column, kind in enumerate(("queue wait", "compute")):
+            ax = axes[row][column]
+            entry = kinds.get(kind)
+            if entry is not None:
+                counts = entry["counts"]
+                width = entry["top"] * 1000 / len(counts)
+                ax.bar([(i + 0.5) * width for i in range(len(counts))], counts, width=width, color="#3b6ea5")
+            ax.set_title(f"{model}: {kind}", fontsize=10)
+            ax.set_xlabel("ms")
+            ax.set_ylabel("sub-tasks")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def drift_plot(status: BatchStatus) -> str | None:
+    """PSI per feature and per model output score, coloured by band, with the band
+    limits drawn; as base64 PNG (None without drift figures)."""
+    drift = _metrics(status).get("drift") or {}
+    bars = [(name, entry["psi"], entry["band"]) for name, entry in (drift.get("features") or {}).items()]
+    bars += [
+        (f"score of {model}", entry["score_psi"], entry["score_band"])
+        for model, entry in (drift.get("models") or {}).items()
+        if "skipped" not in entry
+    ]
+    if not bars:
+        return None
+    figure = Figure(figsize=(9, 1 + 0.22 * len(bars)))
+    ax = figure.subplots()
+    positions = range(len(bars))
+    values = [min(value, PSI_AXIS_CAP) for _, value, _ in bars]
+    ax.barh(positions, values, color=[BAND_COLOURS.get(band, "#999999") for _, _, band in bars])
+    for position, (_, value, _) in zip(positions, bars):
+        if value > PSI_AXIS_CAP:
+            ax.text(PSI_AXIS_CAP, position, f" {value:.2f}", va="center", fontsize=7)
+    bands = drift.get("bands") or {}
+    for limit, style in ((bands.get("moderate"), ":"), (bands.get("significant"), "--")):
+        if limit is not None:
+            ax.axvline(limit, color="black", linestyle=style, linewidth=1)
+    ax.set_yticks(list(positions), [name for name, _, _ in bars], fontsize=7)
+    ax.invert_yaxis()
+    significant = bands.get("significant") or 0.2
+    ax.set_xlim(0, max(1.5 * significant, max(values)) * 1.15)
+    ax.set_xlabel("PSI against the training reference (dotted: moderate, dashed: significant)")
+    ax.set_title(drift_summary(status), fontsize=9)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def kpi_plot(status: BatchStatus) -> str | None:
+    """The KPIs that are shares (0..1) as bars, as base64 PNG (None when there are none)."""
+    shares = [
+        (name, value)
+        for name, value in (_metrics(status).get("kpis") or {}).items()
+        if isinstance(value, float) and 0 <= value <= 1
+    ]
+    if not shares:
+        return None
+    figure = Figure(figsize=(8, 0.8 + 0.4 * len(shares)))
+    ax = figure.subplots()
+    ax.barh(range(len(shares)), [value for _, value in shares], color="#3b6ea5")
+    for position, (_, value) in enumerate(shares):
+        ax.text(value, position, f" {value:.3f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(shares)), [name for name, _ in shares], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15)
+    ax.set_title(f"{status.pipeline} KPIs", fontsize=10)
+    figure.tight_layout()
+    return _png(figure)
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f0f0f0; }
+img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
+.flag { font-weight: bold; }
+"""
+
+
+def _html_table(header: list[str] | tuple[str, ...] | None, rows: list[list[str]] | list[tuple[str, str]]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _img(png: str | None, alt: str) -> str:
+    if png is None:
+        return f"<p>({html.escape(alt)}: nothing to plot)</p>"
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
+
+
+def render_html(status: BatchStatus, histograms: dict[str, Any]) -> str:
+    """The batch's report as one self-contained HTML page."""
+    kpis = [(name, fmt(value)) for name, value in (_metrics(status).get("kpis") or {}).items()]
+    drift = _metrics(status).get("drift") or {}
+    features = sorted((drift.get("features") or {}).items(), key=lambda kv: -kv[1]["psi"])
+    title = f"Batch {status.id} ({status.pipeline})"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>state <b>{html.escape(status.state.value)}</b>; {status.items} inputs, {status.succeeded} of {status.total}
+sub-tasks succeeded, {status.failed} failed, {status.cancelled} cancelled.</p>
+<h2 id="status">Status</h2>
+{_html_table(None, [(f, fmt(getattr(status, f))) for f in STATUS_FIELDS])}
+<h2 id="kpis">KPIs</h2>
+{_html_table(("KPI", "value"), kpis)}
+{_img(kpi_plot(status), "KPI summary")}
+<h2 id="latency">Latency</h2>
+{_html_table(None, batch_latency_rows(status))}
+{_html_table(LATENCY_HEADER, latency_rows(status))}
+{_img(latency_plot(status, histograms), "latency histogram per model")}
+<h2 id="drift">Drift</h2>
+<p class="flag">{html.escape(drift_summary(status))}</p>
+{_html_table(("model", "rows", "score PSI", "band", "reference"), drift_model_rows(status))}
+{_img(drift_plot(status), "drift per feature")}
+{_html_table(("feature", "PSI", "band"), [[name, fmt(e["psi"]), e["band"]] for name, e in features])}
+</body></html>
+"""
+
+
+def write_html(path: Path, status: BatchStatus, histograms: dict[str, Any]) -> None:
+    path.write_text(render_html(status, histograms), encoding="utf-8")
