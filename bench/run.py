@@ -29,13 +29,13 @@ import numpy as np
 
 from bench.memory import PeakRss
 from bench.processes import Processes
-from bench.services import BenchServices, bench_services
 from bench.table import print_table
 from bench.workload import DEFAULT_ROWS, Workload, make_workload
 from pipeline import registry
 from pipeline.artifacts import load_verified
 from pipeline.client import Client, validate_inputs
 from pipeline.definition import Pipeline
+from pipeline.scratch import scratch_services
 from pipeline.training import train_models
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -69,11 +69,11 @@ def check_workload(pipeline: Pipeline, workload: Workload) -> None:
             raise RuntimeError(f"bench workload rows differ from {pipeline.name}'s split for model {spec.name}")
 
 
-def measure_limit(pipeline: Pipeline, services: BenchServices, X: np.ndarray) -> dict[str, float]:
+def measure_limit(pipeline: Pipeline, models_dir: Path, X: np.ndarray) -> dict[str, float]:
     """Seconds of one vectorised predict call per model over all rows, in this process."""
     seconds = {}
     for spec in pipeline.models:
-        estimator, _ = load_verified(services.models_dir, spec.name)
+        estimator, _ = load_verified(models_dir, spec.name)
         spec.predict(estimator, X[:CHECKED_ITEMS])
         start = time.perf_counter()
         spec.predict(estimator, X)
@@ -140,19 +140,20 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """Every phase, in order; return the figures."""
     pipeline = registry.get_pipeline(args.pipeline)
     figures: dict[str, Any] = {"pipeline": pipeline.name, "started_at": datetime.now(UTC).isoformat()}
-    with bench_services(folder) as services:
+    models_dir = folder / "models"
+    with scratch_services("bench", folder / "embedded") as services:
         figures["services"] = services.origin
         log(f"training {', '.join(spec.name for spec in pipeline.models)}")
-        train_models(services.models_dir, [spec.name for spec in pipeline.models])
+        train_models(models_dir, [spec.name for spec in pipeline.models])
 
         workload = make_workload(pipeline.name, args.rows)
         check_workload(pipeline, workload)
         log(f"limit: {workload.rows} rows, one predict call per model")
-        limit = measure_limit(pipeline, services, workload.X)
+        limit = measure_limit(pipeline, models_dir, workload.X)
         naive_items = min(workload.items, args.naive_items)
         del workload
 
-        processes = Processes(folder / "logs", services.env())
+        processes = Processes(folder / "logs", services.env(models_dir))
         try:
             models = ",".join(spec.name for spec in pipeline.models)
             worker = processes.start("worker", "workers", "--models", models, "--concurrency", str(WORKER_PROCESSES))
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             with PeakRss(roots) as rss:
                 measured = json.loads(processes.finish("client-pipeline", launched, RUN_TIMEOUT_S))
 
-            client = Client(services.settings())
+            client = Client(services.settings(models_dir))
             log("batch.status() on the finished batch")
             status_ms = measure_status(client, measured["batch_id"])
             log("pipeline results --out")

@@ -15,81 +15,27 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
-import redis
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
 # Test-only pipelines, known to this process and every process the tests start.
 os.environ["PIPELINE_PIPELINES"] = "tests.pipelines:PoisonPipeline,tests.guarded:BadProbabilityPipeline"
 
 from pipeline import ledger  # noqa: E402  (after the environment is set)
 from pipeline.client import Client
-from pipeline.embedded import ensure_services, stop_services
-from pipeline.settings import Settings, libpq_url
+from pipeline.scratch import ScratchServices, delete_keys, scratch_services
 from pipeline.training import train_models
 
-
-@dataclass(frozen=True)
-class RunServices:
-    database_url: str
-    broker_url: str
-    broker_prefix: str
-
-    def settings(self, models_dir: Path, **overrides: object) -> Settings:
-        values = dict(
-            database_url=self.database_url,
-            broker_url=self.broker_url,
-            broker_prefix=self.broker_prefix,
-            models_dir=models_dir,
-        )
-        values.update(overrides)
-        return Settings(**values)  # type: ignore[arg-type]
-
-    def env(self, models_dir: Path, **overrides: str) -> dict[str, str]:
-        return {
-            **os.environ,
-            "PIPELINE_DATABASE_URL": self.database_url,
-            "PIPELINE_BROKER_URL": self.broker_url,
-            "PIPELINE_BROKER_PREFIX": self.broker_prefix,
-            "PIPELINE_MODELS_DIR": str(models_dir),
-            **overrides,
-        }
-
-
-def _with_database(url: str, name: str) -> str:
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-def delete_keys(broker_url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(broker_url)
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        client.delete(key)
+# The services a test run owns (its database and broker prefix).
+RunServices = ScratchServices
 
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunServices]:
-    embedded_dir = tmp_path_factory.mktemp("embedded")
-    urls = ensure_services(os.environ.get("PIPELINE_DATABASE_URL"), os.environ.get("PIPELINE_BROKER_URL"), embedded_dir)
-    run = uuid.uuid4().hex[:12]
-    database = f"pipeline_test_{run}"
-    admin_url = libpq_url(_with_database(urls.database_url, "postgres"))
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    test = RunServices(_with_database(urls.database_url, database), urls.broker_url, f"test-{run}:")
-    try:
-        ledger.migrate(test.database_url)
-        yield test
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        delete_keys(test.broker_url, test.broker_prefix)
-        if urls.started:
-            stop_services(embedded_dir)
+    with scratch_services("test", tmp_path_factory.mktemp("embedded")) as owned:
+        yield owned
 
 
 @pytest.fixture(scope="session")
