@@ -3,7 +3,6 @@ sub-task outputs, streamed page by page; then the batch's final state."""
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -11,67 +10,58 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from pydantic import TypeAdapter
 from sqlalchemy import Engine, Row
 
 from aggregator.metrics import batch_metrics
 from pipeline import ledger, registry
-from pipeline.definition import ModelSpec
+from pipeline.definition import ModelSpec, PageOutputs
 from pipeline.schema import BatchState, FailurePolicy
 
 log = logging.getLogger(__name__)
 
-INPUT_PAGE = 2000
-
 
 class ModelOutputStream:
-    """One model's output rows of a batch, handed out per input item in item order."""
+    """One model's output rows of a batch, handed out one page of inputs at a time, in item order."""
 
     def __init__(self, spec: ModelSpec, outputs: Iterator[ledger.SubtaskOutput]) -> None:
         self.spec = spec
         self._outputs = outputs
+        self._chunk: ledger.SubtaskOutput | None = None
         self._items = np.empty(0, dtype=np.int64)
         self._rows: np.ndarray | None = None
-        self._error: str | None = None
-        self._pos = 0
 
     def _next_chunk(self) -> bool:
-        chunk = next(self._outputs, None)
-        if chunk is None:
+        self._chunk = next(self._outputs, None)
+        if self._chunk is None:
             return False
-        self._items = np.asarray(chunk.items, dtype=np.int64)
-        self._rows = (
-            np.frombuffer(chunk.output, dtype="<f4").reshape(len(self._items), self.spec.n_outputs)
-            if chunk.output is not None
-            else None
-        )
-        self._error = chunk.error or ("no output" if chunk.output is None else None)
-        self._pos = 0
+        self._items = np.asarray(self._chunk.items, dtype=np.int64)
+        output = self._chunk.output
+        self._rows = None if output is None else np.frombuffer(output, "<f4").reshape(-1, self.spec.n_outputs)
         return True
 
-    def take(self, item: int) -> tuple[np.ndarray | None, str | None]:
-        """Return (rows, None) for `item`'s output rows (None when it has none),
-        or (None, error) when a sub-task holding its rows failed."""
-        parts: list[np.ndarray] = []
-        error: str | None = None
-        while True:
-            if self._pos >= len(self._items) and not self._next_chunk():
-                break
-            if self._items[self._pos] != item:
-                break
-            end = int(np.searchsorted(self._items, item, side="right"))
-            if self._rows is None:
-                error = self._error
-            else:
-                parts.append(self._rows[self._pos : end])
-            self._pos = end
-            if end < len(self._items):
-                break
-        if error is not None:
-            return None, error
-        if not parts:
-            return None, None
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), None
+    def take_page(self, first: int, count: int) -> tuple[PageOutputs, dict[int, str]]:
+        """Return this model's output rows for inputs `first` .. `first + count - 1` (indices
+        within the page), and for each of those inputs whose rows are in a sub-task that did
+        not succeed, why (by index within the page)."""
+        end = first + count
+        rows: list[np.ndarray] = []
+        items: list[np.ndarray] = []
+        errors: dict[int, str] = {}
+        while self._chunk is not None or self._next_chunk():
+            lo, hi = np.searchsorted(self._items, (first, end))
+            if lo < hi:
+                if self._rows is None:
+                    reason = self._chunk.error or "no output"  # type: ignore[union-attr]
+                    errors.update((int(item) - first, reason) for item in np.unique(self._items[lo:hi]))
+                else:
+                    rows.append(self._rows[lo:hi])
+                    items.append(self._items[lo:hi] - first)
+            if hi < len(self._items):
+                break  # the chunk goes on into the next page
+            self._chunk = None
+        if not rows:
+            return PageOutputs(np.empty((0, self.spec.n_outputs), "<f4"), np.empty(0, np.int64)), errors
+        return PageOutputs(np.concatenate(rows), np.concatenate(items)), errors
 
 
 def final_state(batch: Row[Any], answered: int, unanswered: int) -> tuple[BatchState, str | None]:
@@ -93,52 +83,42 @@ def final_state(batch: Row[Any], answered: int, unanswered: int) -> tuple[BatchS
 
 def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
     """Write one result per input and move an `aggregating` batch to its final state,
-    in one transaction. Returns the final state; None when the batch was not
-    `aggregating` (already aggregated: a duplicate message)."""
+    in one transaction, a page of inputs at a time. Returns the final state; None when
+    the batch was not due for aggregation (already aggregated: a duplicate message)."""
     with engine.begin() as conn:
         batch = ledger.lock_aggregating_batch(conn, batch_id)
         if batch is None:
             return None
         pipeline = registry.get_pipeline(batch.pipeline)
-        adapter = TypeAdapter(list[pipeline.input_model])  # type: ignore[name-defined]
         streams = [
             ModelOutputStream(spec, ledger.iter_subtask_outputs(conn, batch_id, spec.name)) for spec in pipeline.models
         ]
         kpis = pipeline.kpis()
-        # A batch cancelled (or past its deadline) before it was split has no sub-task at all.
-        unsplit = batch.total == 0 and (batch.state == BatchState.cancelled or batch.error is not None)
+        # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
         unsplit_error = batch.error or "batch cancelled before it was split"
         answered = unanswered = 0
-        item_index = 0
-        for page in ledger.iter_inputs(conn, batch_id, INPUT_PAGE):
-            rows: list[tuple[int, str | None, str | None]] = []
-            for item in adapter.validate_python(page):
-                outputs: dict[str, np.ndarray] = {}
-                errors: list[str] = [unsplit_error] if unsplit else []
-                for stream in streams:
-                    output, error = stream.take(item_index)
-                    if error is not None:
-                        errors.append(f"model {stream.spec.name!r}: {error}")
-                    elif output is not None:
-                        outputs[stream.spec.name] = output
-                result = None
-                if not errors:
-                    # A pipeline bug on one input must not lose the others' results.
-                    try:
-                        result = pipeline.aggregate(item, outputs)
-                    except Exception as error:  # noqa: BLE001
-                        errors.append(f"aggregate failed: {type(error).__name__}: {error}")
-                if result is None:
-                    rows.append((item_index, None, "; ".join(errors)))
+        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names)):
+            errors: list[str | None] = [None] * page.count
+            for index in range(max(0, batch.split_items - page.first), page.count):
+                errors[index] = unsplit_error
+            outputs = {}
+            for stream in streams:
+                outputs[stream.spec.name], failed = stream.take_page(page.first, page.count)
+                for index, reason in failed.items():
+                    message = f"model {stream.spec.name!r}: {reason}"
+                    errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
+            results = pipeline.aggregate_page(page, outputs, errors, kpis)
+            rows = []
+            for index, (output, error) in enumerate(zip(results, errors)):
+                if output is None:
+                    rows.append((page.first + index, None, error or "the pipeline gave no result"))
                     unanswered += 1
                 else:
-                    rows.append((item_index, json.dumps(result), None))
+                    rows.append((page.first + index, output, None))
                     answered += 1
-                kpis.add(item, result)
-                item_index += 1
             ledger.copy_results(conn, batch_id, rows)
         state, error = final_state(batch, answered, unanswered)
-        result = {"items": item_index, "answered": answered, "unanswered": unanswered}
+        result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
         ledger.finish_batch(conn, batch_id, state, error, result, metrics)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)

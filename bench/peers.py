@@ -13,7 +13,6 @@ result backend. `python -m bench.peers` runs the peers' worker.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import sys
 from typing import Any
@@ -23,11 +22,10 @@ from celery import Celery, chord
 
 from aggregator.assemble import ModelOutputStream
 from pipeline import broker, ledger, registry
-from pipeline.client import validate_inputs
-from pipeline.definition import Pipeline
+from pipeline.definition import PageOutputs, Pipeline
+from pipeline.inputs import encode_inputs, is_table
 from pipeline.settings import Settings, get_settings
-from pipeline.splitter import INPUT_PAGE, Chunker
-from pipeline.tables import is_table, table_items
+from pipeline.splitter import Chunker
 from workers.models import loaded_model
 
 QUEUE = "bench.peers"
@@ -62,17 +60,20 @@ def _decode(text: str) -> bytes:
 
 
 @app.task(name=NAIVE_TASK)
-def naive_item(pipeline_name: str, item: dict[str, Any]) -> dict[str, Any]:
+def naive_item(pipeline_name: str, item: dict[str, Any]) -> str | None:
+    """Validate, split, predict with every model and aggregate one input, with the pipeline's own code."""
     pipeline = registry.get_pipeline(pipeline_name)
-    parsed = pipeline.input_model.model_validate(item)
-    parts = pipeline.split([parsed])
+    (page,) = encode_inputs(pipeline, [item], 1, get_settings().max_item_bytes)
+    parts = pipeline.split_page(page)
     outputs = {}
     for spec in pipeline.models:
         rows = parts.get(spec.name)
         if rows is not None and len(rows.X):
             estimator, _ = loaded_model(spec.name)
-            outputs[spec.name] = np.asarray(spec.predict(estimator, np.asarray(rows.X, dtype="<f4")), dtype="<f4")
-    return pipeline.aggregate(parsed, outputs)
+            output = np.asarray(spec.predict(estimator, np.asarray(rows.X, dtype="<f4")), dtype="<f4")
+            outputs[spec.name] = PageOutputs(output, np.asarray(rows.items))
+    (result,) = pipeline.aggregate_page(page, outputs, [None], pipeline.kpis())
+    return result
 
 
 @app.task(name=CHUNK_TASK)
@@ -88,28 +89,33 @@ def collect(results: list[Any]) -> list[Any]:
     return results
 
 
+def naive_items(pipeline: Pipeline, inputs: Any) -> list[dict[str, Any]]:
+    """The inputs as JSON-able items, one task message each."""
+    if not is_table(inputs):
+        return list(inputs)
+    pages = encode_inputs(pipeline, inputs, len(inputs), get_settings().max_item_bytes)
+    return [item.model_dump(mode="json") for page in pages for item in pipeline.page_items(page)]
+
+
 def run_naive(pipeline: Pipeline, inputs: Any) -> int:
     """One task per input; return how many results were read back."""
-    if is_table(inputs):
-        inputs, problem = table_items(pipeline, inputs)
-        if problem is not None:
-            raise ValueError(problem)
-    header = [naive_item.s(pipeline.name, item) for item in inputs]
+    header = [naive_item.s(pipeline.name, item) for item in naive_items(pipeline, inputs)]
     results = chord(header)(collect.s()).get(timeout=TIMEOUT_S)
     return len(results)
 
 
 def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) -> tuple[int, int]:
     """One task per chunk; return (results assembled, chunk tasks)."""
-    items = validate_inputs(pipeline, inputs)
+    settings = get_settings()
+    pages = encode_inputs(pipeline, inputs, settings.max_batch_items, settings.max_item_bytes)
     chunkers = [Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size)) for spec in pipeline.models]
     chunks: list[ledger.NewSubtask] = []
-    for start in range(0, len(items), INPUT_PAGE):
-        parts = pipeline.split(items[start : start + INPUT_PAGE])
+    for page in pages:
+        parts = pipeline.split_page(page)
         for chunker in chunkers:
             rows = parts.get(chunker.spec.name)
             if rows is not None and len(rows.X):
-                chunker.add(rows.X, rows.items + start)
+                chunker.add(rows.X, rows.items + page.first)
             chunks += chunker.take()
     for chunker in chunkers:
         chunks += chunker.take(final=True)
@@ -128,15 +134,12 @@ def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) ->
         )
         for spec in pipeline.models
     ]
+    kpis = pipeline.kpis()
     answered = 0
-    for index, item in enumerate(items):
-        by_model = {}
-        for stream in streams:
-            output, _ = stream.take(index)
-            if output is not None:
-                by_model[stream.spec.name] = output
-        json.dumps(pipeline.aggregate(item, by_model))
-        answered += 1
+    for page in pages:
+        by_model = {stream.spec.name: stream.take_page(page.first, page.count)[0] for stream in streams}
+        results = pipeline.aggregate_page(page, by_model, [None] * page.count, kpis)
+        answered += sum(result is not None for result in results)
     return answered, len(chunks)
 
 

@@ -33,9 +33,11 @@ from bench.table import print_table
 from bench.workload import DEFAULT_ROWS, Workload, make_workload
 from pipeline import registry
 from pipeline.artifacts import load_verified
-from pipeline.client import Client, validate_inputs
+from pipeline.client import Client
 from pipeline.definition import Pipeline
+from pipeline.inputs import encode_inputs
 from pipeline.scratch import scratch_services
+from pipeline.settings import get_settings
 from pipeline.training import train_models
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -63,7 +65,8 @@ def default_pipeline() -> str:
 def check_workload(pipeline: Pipeline, workload: Workload) -> None:
     """The rows the limit predicts are the rows the pipeline's own split gives, checked on the first inputs."""
     head = workload.head(min(workload.items, CHECKED_ITEMS))
-    parts = pipeline.split(validate_inputs(pipeline, head.inputs))
+    (page,) = encode_inputs(pipeline, head.inputs, CHECKED_ITEMS, get_settings().max_item_bytes)
+    parts = pipeline.split_page(page)
     for spec in pipeline.models:
         if not np.array_equal(np.asarray(parts[spec.name].X, dtype="<f4"), head.X):
             raise RuntimeError(f"bench workload rows differ from {pipeline.name}'s split for model {spec.name}")

@@ -10,37 +10,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import broker, ledger, registry
 from pipeline.embedded import ensure_services
+from pipeline.inputs import InvalidInputError as InvalidInputError  # re-exported: part of the client API
+from pipeline.inputs import encode_inputs
 from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy
 from pipeline.settings import Settings, get_settings, libpq_url
-from pipeline.tables import is_table, table_items
-
-# How many bad items an InvalidInputError spells out in its message (all are in `.problems`).
-SHOWN_PROBLEMS = 20
-
-
-class InvalidInputError(ValueError):
-    """Some inputs do not match the pipeline's input model; nothing was stored or queued.
-
-    `problems` lists (item index, reason) for every bad item.
-    """
-
-    def __init__(self, pipeline: str, problems: list[tuple[int, str]]) -> None:
-        self.pipeline = pipeline
-        self.problems = problems
-        lines = [f"item {index}: {reason}" for index, reason in problems[:SHOWN_PROBLEMS]]
-        if len(problems) > SHOWN_PROBLEMS:
-            lines.append(f"... and {len(problems) - SHOWN_PROBLEMS} more bad items")
-        super().__init__(f"{len(problems)} invalid input(s) for pipeline {pipeline!r}:\n  " + "\n  ".join(lines))
 
 
 class BatchNotFoundError(LookupError):
@@ -90,34 +73,6 @@ class ItemResult(BaseModel):
     item: int
     output: dict[str, Any] | None
     error: str | None
-
-
-def validate_inputs(pipeline: registry.Pipeline, inputs: Iterable[Any]) -> list[BaseModel]:
-    """Return `inputs` (items, or for a feature-vector pipeline a 2-D array or a
-    DataFrame) as the pipeline's input models.
-
-    Raises:
-        InvalidInputError: naming every bad item by index and why; also for no inputs.
-    """
-    if is_table(inputs):
-        inputs, problem = table_items(pipeline, inputs)
-        if problem is not None:
-            raise InvalidInputError(pipeline.name, [(0, problem)])
-    items = [
-        item.model_dump() if isinstance(item, BaseModel) and not isinstance(item, pipeline.input_model) else item
-        for item in inputs
-    ]
-    if not items:
-        raise InvalidInputError(pipeline.name, [(0, "the batch has no inputs")])
-    try:
-        return TypeAdapter(list[pipeline.input_model]).validate_python(items)  # type: ignore[name-defined]
-    except ValidationError as error:
-        reasons: dict[int, list[str]] = {}
-        for detail in error.errors(include_url=False, include_input=False):
-            index, *path = detail["loc"]
-            where = ".".join(str(part) for part in path)
-            reasons.setdefault(int(index), []).append(f"{where}: {detail['msg']}" if where else detail["msg"])
-        raise InvalidInputError(pipeline.name, [(i, "; ".join(r)) for i, r in sorted(reasons.items())]) from None
 
 
 class BatchHandle:
@@ -254,25 +209,13 @@ class Client:
             max_failed_fraction=max_failed_fraction,
             deadline_s=deadline_s,
         )
-        definition = registry.get_pipeline(pipeline)
-        limit = self.settings.max_batch_items
-        if isinstance(inputs, Sized) and len(inputs) > limit:
-            raise InvalidInputError(pipeline, [(limit, f"the batch has {len(inputs)} inputs; at most {limit} allowed")])
-        items = validate_inputs(definition, inputs)
-        if len(items) > limit:
-            raise InvalidInputError(pipeline, [(limit, f"the batch has {len(items)} inputs; at most {limit} allowed")])
-        items_json = [item.model_dump_json() for item in items]
-        too_large = [
-            (index, f"{len(data)} bytes of JSON; at most {self.settings.max_item_bytes} allowed")
-            for index, data in enumerate(items_json)
-            if len(data) > self.settings.max_item_bytes
-        ]
-        if too_large:
-            raise InvalidInputError(pipeline, too_large)
+        pages = encode_inputs(
+            registry.get_pipeline(pipeline), inputs, self.settings.max_batch_items, self.settings.max_item_bytes
+        )
         batch_id, created = ledger.create_batch(
             self.engine,
             pipeline,
-            items_json,
+            pages,
             options.idempotency_key,
             options.failure_policy,
             options.max_failed_fraction,

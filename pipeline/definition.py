@@ -6,13 +6,15 @@ A pipeline is one module holding a `Pipeline` subclass; see `pipeline/pipelines/
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from pipeline.profile import DriftConfig
 
@@ -84,12 +86,57 @@ class ModelRows:
     items: np.ndarray
 
 
+@dataclass(frozen=True)
+class InputPage:
+    """Inputs `first` .. `first + count - 1` of a batch, as stored.
+
+    `X`: the float32 feature rows of a feature-vector pipeline, else None.
+    `data`: per input, the whole item (JSON-able) or, for a feature-vector pipeline,
+    its other fields (`extras_model`); None when a feature-vector pipeline's inputs
+    set no other field.
+    """
+
+    first: int
+    count: int
+    X: np.ndarray | None
+    data: list[Any] | None
+
+    def stored(self) -> tuple[int, int, bytes | None, str | None]:
+        """(first, count, features as float32 bytes, data as JSON text), as the ledger stores them."""
+        features = None if self.X is None else np.ascontiguousarray(self.X, dtype="<f4").tobytes()
+        return self.first, self.count, features, None if self.data is None else json.dumps(self.data)
+
+    @classmethod
+    def from_stored(
+        cls, first: int, count: int, features: bytes | None, data: list[Any] | None, n_features: int
+    ) -> InputPage:
+        X = None if features is None else np.frombuffer(features, dtype="<f4").reshape(count, n_features)
+        return cls(first, count, X, data)
+
+
+@dataclass(frozen=True)
+class PageOutputs:
+    """One model's output rows for the inputs of one page: `rows` (rows x n_outputs) and,
+    per row, the index within the page of the input it belongs to (non-decreasing).
+    Only rows of succeeded sub-tasks are here."""
+
+    rows: np.ndarray
+    items: np.ndarray
+
+    def of(self, index: int) -> np.ndarray:
+        """The rows of the page's input `index` (possibly none)."""
+        lo, hi = np.searchsorted(self.items, (index, index + 1))
+        return self.rows[lo:hi]
+
+
 class Kpis(ABC):
     """Accumulates a pipeline's business KPIs over one batch, one input at a time."""
 
-    @abstractmethod
     def add(self, item: BaseModel, result: dict[str, Any] | None) -> None:
-        """Count one input; `result` is None when the input has no result (failed)."""
+        """Count one input; `result` is None when the input has no result (failed).
+        Called by the default `Pipeline.aggregate_page`; a pipeline that overrides that
+        counts its pages its own way."""
+        raise NotImplementedError(f"{type(self).__name__} counts pages, not single inputs")
 
     @abstractmethod
     def summary(self) -> dict[str, Any]:
@@ -100,30 +147,82 @@ class Kpis(ABC):
 class Pipeline(ABC):
     """A named fan-out / aggregate job. Subclass it, then register the class.
 
+    The per-item hooks (`split`, `aggregate`, `Kpis.add`) are all a pipeline needs.
+    The batch is processed a page of inputs at a time through `split_page` and
+    `aggregate_page`, whose defaults call the per-item hooks; a pipeline overrides
+    them with vectorised code when per-item Python would dominate.
+
     A pipeline whose input is one feature vector names its features in
-    `feature_names` and implements `item_from_row`: `Client.submit` then also takes
-    a 2-D array or a DataFrame with those columns. `drift` says how its batches'
-    PSIs are judged.
+    `feature_names` (and the other fields of an input in `extras_model`) and
+    implements `item_parts` / `make_item`: `Client.submit` then also takes a 2-D
+    array or a DataFrame with those columns, validated and stored without a Python
+    object per row. `drift` says how its batches' PSIs are judged.
     """
 
     name: ClassVar[str]
     input_model: ClassVar[type[BaseModel]]
     models: ClassVar[tuple[ModelSpec, ...]]
     feature_names: ClassVar[tuple[str, ...]] = ()
+    extras_model: ClassVar[type[BaseModel] | None] = None
     drift: ClassVar[DriftConfig] = DriftConfig()
 
-    def item_from_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Return the input item of one row of a submitted table; `row` maps each column
-        name (the `feature_names`, plus any other column of a DataFrame) to its value."""
-        raise NotImplementedError(f"pipeline {self.name!r} does not take tables")
+    def item_parts(self, item: BaseModel) -> tuple[list[float], dict[str, Any]]:
+        """A feature-vector pipeline's input as (its features in `feature_names` order,
+        its other fields that differ from their defaults, as JSON)."""
+        raise NotImplementedError(f"pipeline {self.name!r} has no feature vector")
 
-    @abstractmethod
+    def make_item(self, features: list[float], extras: dict[str, Any]) -> BaseModel:
+        """The inverse of `item_parts`: the input model object of one stored row."""
+        raise NotImplementedError(f"pipeline {self.name!r} has no feature vector")
+
+    @cached_property
+    def _items_adapter(self) -> TypeAdapter[list[BaseModel]]:
+        return TypeAdapter(list[self.input_model])  # type: ignore[name-defined]
+
+    def page_items(self, page: InputPage) -> list[BaseModel]:
+        """The page's inputs as input model objects (they were validated on submit)."""
+        if page.X is None:
+            return self._items_adapter.validate_python(page.data)
+        extras = page.data if page.data is not None else [{}] * page.count
+        return [self.make_item(row, extra) for row, extra in zip(page.X.tolist(), extras)]
+
+    def split_page(self, page: InputPage) -> dict[str, ModelRows]:
+        """For each model name, the rows it must score for the page's inputs (`items`
+        are indices within the page). Default: `split` of the page's items."""
+        return self.split(self.page_items(page))
+
+    def aggregate_page(
+        self, page: InputPage, outputs: dict[str, PageOutputs], errors: list[str | None], kpis: Kpis
+    ) -> list[str | None]:
+        """Return, per input of the page, its result as JSON text, or None for an input
+        without one; count every input into `kpis`.
+
+        `errors[i]` is set for an input that has no result because a sub-task of it
+        failed; the method records there why any other input has none. Default:
+        `aggregate` per input, where an error on one input does not lose the others.
+        """
+        results: list[str | None] = []
+        for index, item in enumerate(self.page_items(page)):
+            result = None
+            if errors[index] is None:
+                rows = {name: output.of(index) for name, output in outputs.items()}
+                try:
+                    result = self.aggregate(item, {name: r for name, r in rows.items() if len(r)})
+                except Exception as error:  # noqa: BLE001 - a pipeline bug on one input must not lose the others
+                    errors[index] = f"aggregate failed: {type(error).__name__}: {error}"
+            kpis.add(item, result)
+            results.append(None if result is None else json.dumps(result))
+        return results
+
     def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:
-        """Return, for each model name, the rows it must score for `items`."""
+        """Return, for each model name, the rows it must score for `items` (a pipeline
+        implements this or `split_page`)."""
+        raise NotImplementedError(f"pipeline {self.name!r} implements split_page, not split")
 
-    @abstractmethod
     def aggregate(self, item: BaseModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Return one input's JSON-able result from each model's output rows for it."""
+        """Return one input's JSON-able result from each model's output rows for it (a
+        pipeline implements this or `aggregate_page`)."""
+        raise NotImplementedError(f"pipeline {self.name!r} implements aggregate_page, not aggregate")
 
     @abstractmethod
     def kpis(self) -> Kpis:

@@ -14,12 +14,14 @@ from datetime import timedelta
 from importlib.resources import files
 from typing import Any
 
+import numpy as np
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, Row, and_, case, create_engine, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from pipeline.schema import Batch, BatchState, FailurePolicy, Result, Subtask, SubtaskState
+from pipeline.definition import InputPage
+from pipeline.schema import Batch, BatchState, FailurePolicy, Result, StoredInputPage, Subtask, SubtaskState
 from pipeline.settings import sqlalchemy_url
 
 NOTIFY_CHANNEL = "batch_finished"
@@ -52,11 +54,21 @@ def _now() -> Any:
     return func.clock_timestamp()
 
 
-def _copy_rows(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]) -> int:
-    """COPY `rows` with `statement` (COPY ... FROM STDIN) on `conn`'s transaction; return the count."""
+def _copy_rows(
+    conn: Connection, statement: str, rows: Iterable[Sequence[Any]], binary_types: Sequence[str] | None = None
+) -> int:
+    """COPY `rows` with `statement` (COPY ... FROM STDIN) on `conn`'s transaction; return the count.
+
+    With `binary_types` (the PostgreSQL type of each column) the rows go in binary
+    format: packed float32 bytes are sent as they are instead of hex-escaped.
+    """
     count = 0
+    if binary_types is not None:
+        statement += " (FORMAT BINARY)"
     with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
         with cursor.copy(statement) as copy:
+            if binary_types is not None:
+                copy.set_types(list(binary_types))
             for row in rows:
                 copy.write_row(row)
                 count += 1
@@ -69,13 +81,13 @@ def _copy_rows(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]) 
 def create_batch(
     engine: Engine,
     pipeline: str,
-    items_json: Sequence[str],
+    pages: Sequence[InputPage],
     idempotency_key: str | None,
     failure_policy: FailurePolicy = FailurePolicy.best_effort,
     max_failed_fraction: float | None = None,
     deadline_s: float | None = None,
 ) -> tuple[uuid.UUID, bool]:
-    """Store a `pending` batch and its inputs (JSON text, in order) in one transaction.
+    """Store a `pending` batch and its input pages in one transaction.
 
     Returns (batch id, created). With an `idempotency_key` already used, returns the
     existing batch and writes nothing.
@@ -90,7 +102,7 @@ def create_batch(
             .values(
                 id=batch_id,
                 pipeline=pipeline,
-                items=len(items_json),
+                items=sum(page.count for page in pages),
                 idempotency_key=idempotency_key,
                 failure_policy=failure_policy,
                 max_failed_fraction=max_failed_fraction,
@@ -110,10 +122,15 @@ def create_batch(
             return existing_id, False
         _copy_rows(
             conn,
-            "COPY inputs (batch_id, item, data) FROM STDIN",
-            ((batch_id, item, data) for item, data in enumerate(items_json)),
+            "COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN",
+            ((batch_id, page.first, page.count, _packed(page.X), page.data) for page in pages),
+            binary_types=("uuid", "int4", "int4", "bytea", "json"),
         )
     return batch_id, True
+
+
+def _packed(X: np.ndarray | None) -> bytes | None:
+    return None if X is None else np.ascontiguousarray(X, dtype="<f4").tobytes()
 
 
 def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | None:
@@ -222,84 +239,105 @@ class NewSubtask:
 
 
 def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
-    """Lock a `pending` batch's row for splitting; None when it is not pending (already split)."""
+    """Lock a `pending` batch's row for splitting; None when it is not pending (split, or cancelled)."""
     return conn.execute(
         select(Batch.__table__).where(Batch.id == batch_id, Batch.state == BatchState.pending).with_for_update()
     ).first()
 
 
-def iter_inputs(conn: Connection, batch_id: uuid.UUID, page: int) -> Iterator[list[dict[str, Any]]]:
-    """Yield a batch's inputs (their JSON data) in item order, `page` items at a time."""
-    start = 0
-    while True:
-        rows = (
-            conn.execute(
-                text("SELECT data FROM inputs WHERE batch_id = :b AND item >= :lo AND item < :hi ORDER BY item"),
-                {"b": batch_id, "lo": start, "hi": start + page},
-            )
-            .scalars()
-            .all()
-        )
-        if not rows:
+def input_pages(
+    conn: Connection, batch_id: uuid.UUID, n_features: int, first_item: int = 0, limit_items: int | None = None
+) -> Iterator[InputPage]:
+    """Yield a batch's input pages from the one starting at `first_item`, in item order,
+    one page per query; with `limit_items`, stop once that many items were yielded."""
+    yielded = 0
+    while limit_items is None or yielded < limit_items:
+        row = conn.execute(
+            select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features, StoredInputPage.data)
+            .where(StoredInputPage.batch_id == batch_id, StoredInputPage.first_item >= first_item)
+            .order_by(StoredInputPage.first_item)
+            .limit(1)
+        ).first()
+        if row is None:
             return
-        yield list(rows)
-        start += page
+        yield InputPage.from_stored(row.first_item, row.items, row.features, row.data, n_features)
+        yielded += row.items
+        first_item = row.first_item + row.items
 
 
-def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Iterable[NewSubtask]) -> int:
-    """Insert `pending` sub-tasks with one COPY; return how many."""
-    return _copy_rows(
+def next_seqs(conn: Connection, batch_id: uuid.UUID) -> dict[str, int]:
+    """Per model, the `seq` the batch's next sub-task gets."""
+    rows = conn.execute(
+        select(Subtask.model, func.max(Subtask.seq) + 1).where(Subtask.batch_id == batch_id).group_by(Subtask.model)
+    ).all()
+    return {model: seq for model, seq in rows}
+
+
+def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask]) -> list[tuple[int, str]]:
+    """Insert sub-tasks as `dispatched` with one COPY; return their (id, model) to publish.
+
+    Their lease runs from `queued_at`: if the messages are never published (a crash
+    after commit), the sweeper publishes them once it expires.
+    """
+    _copy_rows(
         conn,
-        "COPY subtasks (batch_id, model, seq, max_attempts, rows, items, payload) FROM STDIN",
-        ((batch_id, s.model, s.seq, s.max_attempts, s.rows, s.items, s.payload) for s in subtasks),
+        "COPY subtasks (batch_id, model, seq, max_attempts, rows, items, payload, state) FROM STDIN",
+        (
+            (batch_id, s.model, s.seq, s.max_attempts, s.rows, s.items, s.payload, SubtaskState.dispatched.value)
+            for s in subtasks
+        ),
+        binary_types=("uuid", "text", "int4", "int4", "int4", "int4[]", "bytea", "text"),
     )
+    first_seqs: dict[str, int] = {}
+    for subtask in subtasks:
+        first_seqs.setdefault(subtask.model, subtask.seq)
+    created: list[tuple[int, str]] = []
+    for model, seq in first_seqs.items():
+        rows = conn.execute(
+            select(Subtask.id).where(Subtask.batch_id == batch_id, Subtask.model == model, Subtask.seq >= seq)
+        ).scalars()
+        created += [(subtask_id, model) for subtask_id in rows]
+    return created
 
 
-def start_batch(conn: Connection, batch_id: uuid.UUID, total: int) -> None:
-    """`pending` → `running` with its sub-task total (same transaction as the COPY);
-    straight to `aggregating` when the split produced no sub-task."""
-    conn.execute(
+def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, created: int, finished: bool) -> bool:
+    """Count a committed split step on the locked `pending` batch: `split_items` inputs are
+    split, `created` more sub-tasks exist. With `finished`, the batch becomes `running`, or
+    `aggregating` when every sub-task is already counted (or there is none).
+
+    Returns True when the batch must now be aggregated.
+    """
+    total = Batch.total + created
+    complete = Batch.succeeded + Batch.failed + Batch.cancelled == total
+    values: dict[str, Any] = {"split_items": split_items, "total": total}
+    if finished:
+        values |= {
+            "state": case((complete, BatchState.aggregating.value), else_=BatchState.running.value),
+            "started_at": _now(),
+            "aggregating_at": case((complete, _now()), else_=None),
+        }
+    state = conn.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.state == BatchState.pending)
-        .values(
-            state=BatchState.running if total else BatchState.aggregating,
-            total=total,
-            started_at=_now(),
-            aggregating_at=None if total else _now(),
-        )
-    )
+        .values(**values)
+        .returning(Batch.state)
+    ).scalar_one()
+    return state == BatchState.aggregating
 
 
 def fail_pending_batch(engine: Engine, batch_id: uuid.UUID, error: str) -> None:
-    """`pending` → `failed` when the batch cannot be split; NOTIFY waiting clients."""
+    """`pending` → `failed` when the batch cannot be split, cancelling the sub-tasks an
+    earlier split step made; NOTIFY waiting clients."""
     with engine.begin() as conn:
-        conn.execute(
+        failed = conn.execute(
             update(Batch)
             .where(Batch.id == batch_id, Batch.state == BatchState.pending)
             .values(state=BatchState.failed, error=error, finished_at=_now())
-        )
+            .returning(Batch.id)
+        ).first()
+        if failed is not None:
+            _cancel_subtasks(conn, batch_id, UNFINISHED_SUBTASK_STATES)
         conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
-
-
-def pending_subtasks(engine: Engine, batch_id: uuid.UUID) -> list[tuple[int, str]]:
-    """(id, model) of a batch's `pending` sub-tasks, in dispatch order."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(Subtask.id, Subtask.model)
-            .where(Subtask.batch_id == batch_id, Subtask.state == SubtaskState.pending)
-            .order_by(Subtask.seq, Subtask.model)
-        ).all()
-    return [(row.id, row.model) for row in rows]
-
-
-def mark_dispatched(engine: Engine, subtask_ids: Sequence[int], lease_s: float) -> None:
-    """`pending` → `dispatched` with a lease, for sub-tasks whose message was published."""
-    with engine.begin() as conn:
-        conn.execute(
-            update(Subtask)
-            .where(Subtask.id.in_(subtask_ids), Subtask.state == SubtaskState.pending)
-            .values(state=SubtaskState.dispatched, lease_until=_now() + timedelta(seconds=lease_s))
-        )
 
 
 # --- worker -------------------------------------------------------------------------------
@@ -390,7 +428,8 @@ def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, faile
         )
     ).one()
     if not row.complete:
-        if failed and row.state == BatchState.running:
+        # While the split is still committing steps the batch is `pending`: it may abort too.
+        if failed and row.state in (BatchState.pending, BatchState.running):
             if row.failure_policy == FailurePolicy.fail_fast:
                 return _abort_batch(conn, batch_id, FAIL_FAST_REASON)
             if row.max_failed_fraction is not None and row.failed > row.max_failed_fraction * row.total:

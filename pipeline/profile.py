@@ -113,6 +113,15 @@ class DriftConfig(BaseModel):
         return Band.moderate if value >= self.moderate else Band.stable
 
 
+def outside_range(profile: ReferenceProfile, X: np.ndarray, margin: float) -> np.ndarray:
+    """Per row of `X` (rows x features), whether any value lies outside the reference range
+    widened by `margin` times its width on each side (the rows `range_warnings` speaks of)."""
+    low = np.array([feature.low for feature in profile.features])
+    high = np.array([feature.high for feature in profile.features])
+    slack = margin * (high - low)
+    return ((X < low - slack) | (X > high + slack)).any(axis=1)
+
+
 def range_warnings(profile: ReferenceProfile, values: Sequence[float], margin: float) -> list[str]:
     """Warnings for the `values` (one per feature, in column order) that lie outside the
     reference range widened by `margin` times its width on each side."""

@@ -11,8 +11,20 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, Text, UniqueConstraint, text
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSON, JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -70,6 +82,8 @@ class Batch(Base):
     failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     cancelled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     aggregate_runs: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # Inputs split so far: the split commits step by step and resumes from here.
+    split_items: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     failure_policy: Mapped[str] = mapped_column(Text, server_default=FailurePolicy.best_effort.value)
     max_failed_fraction: Mapped[float | None] = mapped_column(Float)
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -117,14 +131,21 @@ class Subtask(Base):
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
-class Input(Base):
-    __tablename__ = "inputs"
+class StoredInputPage(Base):
+    """Consecutive validated inputs of a batch (see `pipeline.inputs`)."""
+
+    __tablename__ = "input_pages"
+    __table_args__ = (CheckConstraint("items > 0", name="input_pages_items_positive"),)
 
     batch_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
     )
-    item: Mapped[int] = mapped_column(Integer, primary_key=True)
-    data: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    first_item: Mapped[int] = mapped_column(Integer, primary_key=True)
+    items: Mapped[int] = mapped_column(Integer)
+    # A feature-vector pipeline's features, float32 little-endian, row-major (items x features).
+    features: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # JSON array, one entry per input: the item, or a feature-vector pipeline's other fields.
+    data: Mapped[list[Any] | None] = mapped_column(JSON)
 
 
 class Result(Base):

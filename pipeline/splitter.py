@@ -1,14 +1,15 @@
 """The `split` task: turns a pending batch's inputs into sub-tasks, one chunk of
-up to `chunk_size` rows per model, written with COPY and published per model queue."""
+up to `chunk_size` rows per model, written with COPY and published per model queue,
+one committed step of inputs at a time."""
 
 from __future__ import annotations
 
 import logging
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
-from pydantic import TypeAdapter
 from sqlalchemy import Engine
 
 from pipeline import broker, ledger, registry, runtime
@@ -17,8 +18,8 @@ from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-INPUT_PAGE = 2000
-DISPATCH_PAGE = 5000
+# Inputs per committed split step: workers start once the first step is published.
+STEP_ITEMS = 50_000
 
 
 class SplitError(ValueError):
@@ -28,12 +29,12 @@ class SplitError(ValueError):
 class Chunker:
     """Packs one model's rows, as they arrive in item order, into sub-tasks of `chunk_size` rows."""
 
-    def __init__(self, spec: ModelSpec, chunk_size: int) -> None:
+    def __init__(self, spec: ModelSpec, chunk_size: int, first_seq: int = 0) -> None:
         if chunk_size < 1:
             raise ValueError(f"model {spec.name!r}: chunk size must be at least 1, got {chunk_size}")
         self.spec = spec
         self.chunk_size = chunk_size
-        self.seq = 0
+        self.seq = first_seq
         self._rows: list[np.ndarray] = []
         self._items: list[np.ndarray] = []
         self._buffered = 0
@@ -69,63 +70,80 @@ class Chunker:
         self._buffered = len(rows) - end
 
 
-def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]) -> int | None:
-    """Create a pending batch's sub-tasks and move it to `running`, in one transaction.
+@dataclass(frozen=True)
+class SplitStep:
+    """What one committed split step did: the sub-tasks to publish, whether the split is
+    finished, and whether the batch must now be aggregated."""
 
-    Returns the number of sub-tasks created; None when the batch was not pending
-    (a duplicate message).
+    published: list[tuple[int, str]]
+    finished: bool
+    aggregate: bool
+
+
+def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]) -> SplitStep | None:
+    """Split the next `STEP_ITEMS` inputs of a `pending` batch into `dispatched` sub-tasks,
+    in one transaction; the last step moves the batch to `running`.
+
+    Chunks do not span steps, so a step interrupted by a crash is redone from
+    `batches.split_items` with the same sub-tasks. Returns None when the batch is not
+    `pending` (split already, cancelled or aborted).
     """
     with engine.begin() as conn:
         batch = ledger.lock_pending_batch(conn, batch_id)
         if batch is None:
             return None
         pipeline = registry.get_pipeline(batch.pipeline)
-        adapter = TypeAdapter(list[pipeline.input_model])  # type: ignore[name-defined]
-        chunkers = [Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size)) for spec in pipeline.models]
-        total = 0
-        offset = 0
-        for page in ledger.iter_inputs(conn, batch_id, INPUT_PAGE):
-            parts = pipeline.split(adapter.validate_python(page))
+        seqs = ledger.next_seqs(conn, batch_id)
+        chunkers = [
+            Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), seqs.get(spec.name, 0))
+            for spec in pipeline.models
+        ]
+        split_items = batch.split_items
+        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, STEP_ITEMS):
+            parts = pipeline.split_page(page)
             for chunker in chunkers:
                 rows = parts.get(chunker.spec.name)
                 if rows is not None and len(rows.X):
-                    chunker.add(rows.X, rows.items + offset)
-                total += ledger.copy_subtasks(conn, batch_id, chunker.take())
-            offset += len(page)
-        for chunker in chunkers:
-            total += ledger.copy_subtasks(conn, batch_id, chunker.take(final=True))
-        ledger.start_batch(conn, batch_id, total)
-    return total
+                    chunker.add(rows.X, rows.items + page.first)
+            split_items = page.first + page.count
+        subtasks = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
+        published = ledger.copy_subtasks(conn, batch_id, subtasks)
+        finished = split_items >= batch.items
+        aggregate = ledger.record_split(conn, batch_id, split_items, len(subtasks), finished)
+    return SplitStep(published, finished, aggregate)
 
 
-def dispatch_pending(engine: Engine, batch_id: uuid.UUID, lease_s: float) -> int:
-    """Publish every `pending` sub-task of a batch and mark it `dispatched`; return how many."""
-    pending = ledger.pending_subtasks(engine, batch_id)
-    for start in range(0, len(pending), DISPATCH_PAGE):
-        page = pending[start : start + DISPATCH_PAGE]
-        broker.publish_predictions(runtime.celery_app(), page)
-        ledger.mark_dispatched(engine, [subtask_id for subtask_id, _ in page], lease_s)
-    return len(pending)
+def split_steps(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]) -> Iterator[SplitStep]:
+    """Yield each committed step of a `pending` batch's split until it is finished; nothing
+    when the batch is not `pending`.
+
+    Raises:
+        SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs.
+    """
+    while (step := split_step(engine, batch_id, chunk_sizes)) is not None:
+        yield step
+        if step.finished:
+            return
 
 
 def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID) -> None:
-    """Split a batch, then dispatch its sub-tasks (or aggregate an empty split).
+    """Split a batch step by step, publishing each step's sub-tasks once it is committed,
+    so workers start on the first chunks while the rest is split.
 
     A batch whose inputs the pipeline cannot split is marked `failed` with the reason.
     """
+    app = runtime.celery_app()
+    created = 0
     try:
-        created = split_batch(engine, batch_id, settings.chunk_sizes)
+        for step in split_steps(engine, batch_id, settings.chunk_sizes):
+            created += broker.publish_predictions(app, step.published)
+            if step.aggregate:
+                broker.publish_aggregate(app, str(batch_id))
     except (SplitError, registry.UnknownPipelineError, ValueError) as error:
         log.error("batch %s cannot be split: %s", batch_id, error)
         ledger.fail_pending_batch(engine, batch_id, f"split failed: {error}")
         return
-    if created is None:
-        return
-    log.info("batch %s split into %d sub-tasks", batch_id, created)
-    if created:
-        dispatch_pending(engine, batch_id, settings.lease_s)
-    else:
-        broker.publish_aggregate(runtime.celery_app(), str(batch_id))
+    log.info("batch %s: %d sub-tasks published", batch_id, created)
 
 
 @broker.app.task(name=broker.SPLIT_TASK)

@@ -4,7 +4,6 @@ and aggregate runs once."""
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import numpy as np
@@ -12,9 +11,10 @@ import pytest
 from sqlalchemy import Engine, text
 
 from aggregator.assemble import aggregate_batch
-from pipeline import ledger
+from pipeline import ledger, registry
+from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
-from pipeline.splitter import split_batch
+from tests.batches import split_batch, store_batch
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
 
@@ -22,7 +22,7 @@ CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
 def _split_batch(engine: Engine, strips: int = 6) -> tuple[uuid.UUID, list[ledger.Claim]]:
     """A batch split in-process (nothing published); returns its id and every sub-task claimed."""
     inputs = held_out_strips(strips, max_digits=4, seed=7)
-    batch_id, created = ledger.create_batch(engine, "digits", [json.dumps(x) for x in inputs], None)
+    batch_id, created = store_batch(engine, inputs)
     assert created
     assert split_batch(engine, batch_id, CHUNKS)
     with engine.connect() as conn:
@@ -53,7 +53,7 @@ def _batch(engine: Engine, batch_id: uuid.UUID) -> dict:
 
 def test_split_twice_creates_subtasks_once(engine: Engine) -> None:
     batch_id, claims = _split_batch(engine)
-    assert split_batch(engine, batch_id, CHUNKS) is None
+    assert split_batch(engine, batch_id, CHUNKS) == 0
     assert _batch(engine, batch_id)["total"] == len(claims)
 
 
@@ -128,7 +128,7 @@ def test_retry_returns_subtask_to_pending(engine: Engine) -> None:
 
 def test_cancel_skips_unstarted_subtasks(engine: Engine) -> None:
     inputs = held_out_strips(4, seed=3)
-    batch_id, _ = ledger.create_batch(engine, "digits", [json.dumps(x) for x in inputs], None)
+    batch_id, _ = store_batch(engine, inputs)
     split_batch(engine, batch_id, CHUNKS)
     first = ledger.cancel_batch(engine, batch_id)
     assert first.recorded and first.aggregate  # nothing was running: results can be assembled now
@@ -142,11 +142,13 @@ def test_cancel_skips_unstarted_subtasks(engine: Engine) -> None:
 
 def test_idempotency_key_returns_the_same_batch(engine: Engine) -> None:
     key = f"run-{uuid.uuid4()}"
-    data = [json.dumps(x) for x in held_out_strips(3)]
-    first, created = ledger.create_batch(engine, "digits", data, key)
-    second, created_again = ledger.create_batch(engine, "digits", data, key)
+    data = held_out_strips(3)
+    first, created = store_batch(engine, data, key)
+    second, created_again = store_batch(engine, data, key)
     assert created and not created_again and first == second
+    pages = encode_inputs(registry.get_pipeline("digits"), data, 10, 10_000)
     with pytest.raises(ValueError, match="already names a 'digits' batch"):
-        ledger.create_batch(engine, "other", data, key)
+        ledger.create_batch(engine, "other", pages, key)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM inputs WHERE batch_id = :b"), {"b": first}).scalar() == 3
+        stored = conn.execute(text("SELECT sum(items) FROM input_pages WHERE batch_id = :b"), {"b": first}).scalar()
+    assert stored == 3

@@ -3,7 +3,6 @@ and no interleaving of duplicate, late or stale completions breaks the counters.
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 
@@ -16,7 +15,7 @@ from sqlalchemy import Engine, text
 from pipeline import ledger
 from pipeline.client import Client, InvalidInputError
 from pipeline.pipelines.digits import held_out_strips
-from pipeline.splitter import split_batch
+from tests.batches import split_batch, store_batch
 from tests.conftest import RunServices
 
 pixel = st.one_of(
@@ -94,7 +93,7 @@ def _check_counters(engine: Engine, batch_id: uuid.UUID) -> None:
 @given(operations=st.lists(operation, min_size=1, max_size=40))
 def test_no_interleaving_breaks_the_counters(operations: list[tuple[str, int]], engine: Engine) -> None:
     inputs = held_out_strips(4, max_digits=3, seed=5)
-    batch_id, _ = ledger.create_batch(engine, "digits", [json.dumps(x) for x in inputs], None)
+    batch_id, _ = store_batch(engine, inputs)
     split_batch(engine, batch_id, {"digit-classifier": 3, "digit-ood": 4})
     with engine.connect() as conn:
         ids = conn.execute(

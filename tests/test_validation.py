@@ -18,7 +18,7 @@ def _counts(engine: Engine) -> tuple[int, int]:
     with engine.connect() as conn:
         return (
             conn.execute(text("SELECT count(*) FROM batches")).scalar(),
-            conn.execute(text("SELECT count(*) FROM inputs")).scalar(),
+            conn.execute(text("SELECT count(*) FROM input_pages")).scalar(),
         )
 
 

@@ -10,8 +10,9 @@ malignant cases (a missed cancer costs far more than a second look).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Annotated, Any
 
@@ -26,8 +27,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.artifacts import Manifest, read_manifest
-from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
-from pipeline.profile import range_warnings
+from pipeline.definition import InputPage, Kpis, ModelRows, ModelSpec, PageOutputs, Pipeline, TrainedModel
+from pipeline.profile import outside_range, range_warnings
 from pipeline.settings import get_settings
 
 FEATURES: tuple[str, ...] = tuple(str(name) for name in load_breast_cancer().feature_names)
@@ -52,13 +53,18 @@ CONFIG = ScreeningConfig()
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class PatientRecord(BaseModel):
+class RecordLabel(BaseModel):
+    """A record's fields besides its features: the label, when ground truth is known."""
+
+    label: int | None = Field(default=None, ge=0, le=1, description="0 = malignant, 1 = benign")
+
+
+class PatientRecord(RecordLabel):
     """One record: `features` maps each of the 30 feature names to its value."""
 
     model_config = ConfigDict(extra="forbid")
 
     features: dict[str, Finite]
-    label: int | None = Field(default=None, ge=0, le=1, description="0 = malignant, 1 = benign")
 
     @model_validator(mode="after")
     def _all_features(self) -> PatientRecord:
@@ -192,6 +198,60 @@ def trained_threshold() -> float:
     return float(thresholds.pop())  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Screened:
+    """A page's screening outcome, one entry per input; `answered` marks the inputs with a result."""
+
+    answered: np.ndarray
+    probability: np.ndarray
+    votes: np.ndarray  # models x inputs
+    malignant: np.ndarray
+    disagreement: np.ndarray
+    needs_review: np.ndarray
+    warnings: list[list[str]]
+
+    def results_json(self) -> list[str | None]:
+        """Each answered input's result as JSON text (built from a template: this runs
+        once per input of million-row batches), None for the others."""
+        probability = self.probability.tolist()
+        decision = np.where(self.malignant, "malignant", "benign").tolist()
+        votes = self.votes.tolist()
+        disagreement = np.where(self.disagreement, "true", "false").tolist()
+        review = np.where(self.needs_review, "true", "false").tolist()
+        names = [json.dumps(name) for name in MODELS]
+        return [
+            (
+                f'{{"malignant_probability": {probability[i]!r}, "decision": "{decision[i]}", "votes": {{'
+                + ", ".join(f"{name}: {column[i]!r}" for name, column in zip(names, votes))
+                + f'}}, "disagreement": {disagreement[i]}, "needs_review": {review[i]},'
+                f' "warnings": {json.dumps(self.warnings[i]) if self.warnings[i] else "[]"}}}'
+            )
+            if answered
+            else None
+            for i, answered in enumerate(self.answered.tolist())
+        ]
+
+
+def screen(X: np.ndarray, votes: np.ndarray, answered: np.ndarray) -> Screened:
+    """Decide every record of `X` (rows x features) from the models' malignant
+    probabilities `votes` (models x rows); rows not `answered` are left undecided."""
+    threshold = trained_threshold()
+    probability = votes.mean(axis=0)
+    malignant = probability >= threshold
+    said = votes >= threshold
+    disagreement = said.any(axis=0) & ~said.all(axis=0)
+    warnings: list[list[str]] = [[] for _ in range(len(X))]
+    reference = _manifests()[0].reference
+    if reference is not None:
+        for row in np.flatnonzero(outside_range(reference, X, CONFIG.range_margin) & answered).tolist():
+            warnings[row] = range_warnings(reference, X[row].tolist(), CONFIG.range_margin)
+    warned = np.array([bool(w) for w in warnings], dtype=bool)
+    needs_review = disagreement | (np.abs(probability - threshold) < CONFIG.review_margin) | warned
+    return Screened(
+        answered, np.round(probability, 6), np.round(votes, 6), malignant, disagreement, needs_review, warnings
+    )
+
+
 class ScreeningKpis(Kpis):
     """Label-free rates for every batch; recall and false-positive rate over labelled records."""
 
@@ -199,23 +259,22 @@ class ScreeningKpis(Kpis):
         self.items = self.failed = self.reviewed = self.disagreed = self.warned = self.flagged = 0
         self.true_pos = self.false_neg = self.false_pos = self.true_neg = 0
 
-    def add(self, item: BaseModel, result: dict[str, Any] | None) -> None:
-        assert isinstance(item, PatientRecord)
-        self.items += 1
-        if result is None:
-            self.failed += 1
-            return
-        flagged = result["decision"] == "malignant"
-        self.flagged += flagged
-        self.reviewed += result["needs_review"]
-        self.disagreed += result["disagreement"]
-        self.warned += bool(result["warnings"])
-        if item.label == MALIGNANT:
-            self.true_pos += flagged
-            self.false_neg += not flagged
-        elif item.label == BENIGN:
-            self.false_pos += flagged
-            self.true_neg += not flagged
+    def add_page(self, screened: Screened, labels: np.ndarray) -> None:
+        """Count a page; `labels` holds -1 for an unlabelled record."""
+        answered = screened.answered
+        flagged = screened.malignant & answered
+        self.items += len(answered)
+        self.failed += int((~answered).sum())
+        self.flagged += int(flagged.sum())
+        self.reviewed += int((screened.needs_review & answered).sum())
+        self.disagreed += int((screened.disagreement & answered).sum())
+        self.warned += sum(bool(w) for w in screened.warnings)
+        malignant = answered & (labels == MALIGNANT)
+        benign = answered & (labels == BENIGN)
+        self.true_pos += int((flagged & malignant).sum())
+        self.false_neg += int((~flagged & malignant).sum())
+        self.false_pos += int((flagged & benign).sum())
+        self.true_neg += int((~flagged & benign).sum())
 
     def summary(self) -> dict[str, Any]:
         answered = self.items - self.failed
@@ -244,35 +303,35 @@ class ScreeningPipeline(Pipeline):
     input_model = PatientRecord
     models = tuple(_spec(name) for name in MODELS)
     feature_names = FEATURES
+    extras_model = RecordLabel
 
-    def item_from_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        label = row.get("label")
-        # A DataFrame holds a missing label as NaN.
-        if isinstance(label, float) and math.isnan(label):
-            label = None
-        return {"features": {name: row[name] for name in FEATURES}, "label": label}
+    def item_parts(self, item: BaseModel) -> tuple[list[float], dict[str, Any]]:
+        assert isinstance(item, PatientRecord)
+        return item.row(), item.model_dump(mode="json", include={"label"}, exclude_defaults=True)
 
-    def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:
-        X = np.array([item.row() for item in items], dtype=np.float32)  # type: ignore[attr-defined]
-        rows = ModelRows(X, np.arange(len(items)))
+    def make_item(self, features: list[float], extras: dict[str, Any]) -> BaseModel:
+        return PatientRecord.model_construct(features=dict(zip(FEATURES, features)), **extras)
+
+    def split_page(self, page: InputPage) -> dict[str, ModelRows]:
+        # Every model scores every record as it is.
+        rows = ModelRows(page.X, np.arange(page.count))  # type: ignore[arg-type]
         return {name: rows for name in MODELS}
 
-    def aggregate(self, item: BaseModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        assert isinstance(item, PatientRecord)
-        threshold = trained_threshold()
-        votes = {name: float(outputs[name][0, MALIGNANT]) for name in MODELS}
-        probability = sum(votes.values()) / len(votes)
-        reference = _manifests()[0].reference
-        warnings = range_warnings(reference, item.row(), CONFIG.range_margin) if reference is not None else []
-        disagreement = len({vote >= threshold for vote in votes.values()}) > 1
-        return {
-            "malignant_probability": round(probability, 6),
-            "decision": "malignant" if probability >= threshold else "benign",
-            "votes": {name: round(vote, 6) for name, vote in votes.items()},
-            "disagreement": disagreement,
-            "needs_review": disagreement or abs(probability - threshold) < CONFIG.review_margin or bool(warnings),
-            "warnings": warnings,
-        }
+    def aggregate_page(
+        self, page: InputPage, outputs: dict[str, PageOutputs], errors: list[str | None], kpis: Kpis
+    ) -> list[str | None]:
+        assert isinstance(kpis, ScreeningKpis) and page.X is not None
+        votes = np.full((len(MODELS), page.count), np.nan)
+        for model, name in enumerate(MODELS):
+            votes[model, outputs[name].items] = outputs[name].rows[:, MALIGNANT]
+        answered = np.array([error is None for error in errors], dtype=bool)
+        for index in np.flatnonzero(answered & np.isnan(votes).any(axis=0)).tolist():
+            errors[index] = "aggregate failed: a model gave no output for this record"
+            answered[index] = False
+        screened = screen(page.X, votes, answered)
+        labels = np.array([extra.get("label", -1) for extra in page.data] if page.data else [-1] * page.count)
+        kpis.add_page(screened, labels)
+        return screened.results_json()
 
     def kpis(self) -> Kpis:
         return ScreeningKpis()
