@@ -1,5 +1,6 @@
 """`python -m aggregator`: a Celery worker consuming the `split` and `aggregate`
-queues, with the sweeper running in its main process. `pipeline aggregator` execs this."""
+queues, with the sweeper (and, on `PIPELINE_METRICS_PORT`, the Prometheus endpoint)
+running in its main process. `pipeline aggregator` execs this."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from celery import signals
 
+from aggregator import exporter
 from aggregator.sweeper import Sweeper
 from pipeline import broker, ledger, runtime
 from pipeline.settings import get_settings
@@ -37,6 +39,23 @@ def main(argv: list[str] | None = None) -> None:
     def stop_sweeper(**_: Any) -> None:
         for sweeper in sweepers:
             sweeper.stop()
+
+    metrics_servers: list[exporter.MetricsServer] = []
+
+    # Like the sweeper: once, in the main process, after the pool has forked.
+    @signals.worker_ready.connect(weak=False)
+    def start_metrics(**_: Any) -> None:
+        if settings.metrics_port:
+            server = exporter.serve(
+                settings.metrics_address, settings.metrics_port, runtime.service_urls().database_url, app
+            )
+            if server is not None:
+                metrics_servers.append(server)
+
+    @signals.worker_shutdown.connect(weak=False)
+    def stop_metrics(**_: Any) -> None:
+        for server in metrics_servers:
+            server.stop()
 
     app.worker_main(
         [

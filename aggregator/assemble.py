@@ -108,15 +108,16 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                     message = f"model {stream.spec.name!r}: {reason}"
                     errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
             results = pipeline.aggregate_page(page, outputs, errors, kpis)
-            rows = []
-            for index, (output, error) in enumerate(zip(results, errors)):
-                if output is None:
-                    rows.append((page.first + index, None, error or "the pipeline gave no result"))
-                    unanswered += 1
-                else:
-                    rows.append((page.first + index, output, None))
-                    answered += 1
-            ledger.copy_results(conn, batch_id, rows)
+            page_answered = page.count - results.count(None)
+            answered += page_answered
+            unanswered += page.count - page_answered
+            ledger.copy_result_page(
+                conn,
+                batch_id,
+                page.first,
+                results,
+                [None if r is not None else e or "the pipeline gave no result" for r, e in zip(results, errors)],
+            )
         state, error = final_state(batch, answered, unanswered)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))

@@ -1,6 +1,6 @@
 """A batch's drift: PSI of every model's input features and output score against the
-reference profile in its manifest, from bin counts accumulated page by page over
-the batch's succeeded sub-tasks (never all rows in memory)."""
+reference profile in its manifest, from the bin counts each worker stored with its
+sub-task's output (the aggregator only sums them)."""
 
 from __future__ import annotations
 
@@ -16,50 +16,27 @@ from pipeline.definition import ModelSpec, Pipeline
 from pipeline.profile import Band, DriftConfig, ReferenceProfile, psi
 from pipeline.schema import Subtask, SubtaskState
 
-PAGE = 64
 
-
-class ModelCounts:
-    """Bin counts of one model's input features and output score, one page of sub-tasks at a time."""
-
-    def __init__(self, spec: ModelSpec, profile: ReferenceProfile) -> None:
-        self.spec = spec
-        self.profile = profile
-        self.rows = 0
-        self.features = [np.zeros(len(h.edges) + 1, dtype=np.int64) for h in profile.features]
-        self.score = np.zeros(len(profile.score.edges) + 1, dtype=np.int64)
-
-    def add(self, X: np.ndarray, output: np.ndarray) -> None:
-        self.rows += len(X)
-        for column, histogram in enumerate(self.profile.features):
-            self.features[column] += histogram.counts(X[:, column])
-        self.score += self.profile.score.counts(self.spec.output_score(output))
-
-
-def count_model(conn: Connection, batch_id: uuid.UUID, counts: ModelCounts) -> None:
-    """Add a batch's succeeded sub-tasks of `counts.spec`'s model to `counts`, one page of sub-tasks per query."""
-    spec = counts.spec
-    after = -1
-    while True:
-        page = conn.execute(
-            select(Subtask.seq, Subtask.rows, Subtask.payload, Subtask.output)
-            .where(
-                Subtask.batch_id == batch_id,
-                Subtask.model == spec.name,
-                Subtask.state == SubtaskState.succeeded,
-                Subtask.seq > after,
-            )
-            .order_by(Subtask.seq)
-            .limit(PAGE)
-        ).all()
-        if page:
-            counts.add(
-                np.concatenate([np.frombuffer(r.payload, "<f4").reshape(r.rows, spec.n_features) for r in page]),
-                np.concatenate([np.frombuffer(r.output, "<f4").reshape(r.rows, spec.n_outputs) for r in page]),
-            )
-        if len(page) < PAGE:
-            return
-        after = page[-1].seq
+def model_counts(
+    conn: Connection, batch_id: uuid.UUID, model: str, version: str, profile: ReferenceProfile
+) -> tuple[int, list[np.ndarray], np.ndarray]:
+    """(rows, per-feature bin counts, score bin counts) over a batch's succeeded sub-tasks
+    of `model` scored by model `version`, summed from the counts each worker stored."""
+    rows = 0
+    total = np.zeros(sum(len(h.edges) + 1 for h in [*profile.features, profile.score]), dtype=np.int64)
+    stored = conn.execute(
+        select(Subtask.rows, Subtask.bin_counts).where(
+            Subtask.batch_id == batch_id,
+            Subtask.model == model,
+            Subtask.state == SubtaskState.succeeded,
+            Subtask.model_version == version,
+            Subtask.bin_counts.is_not(None),
+        )
+    )
+    for row in stored:
+        rows += row.rows
+        total += np.frombuffer(row.bin_counts, dtype="<i8")
+    return rows, *profile.split_counts(total)
 
 
 def _profile(models_dir: Path, spec: ModelSpec) -> tuple[ReferenceProfile | None, str]:
@@ -93,23 +70,22 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, model
         if profile is None:
             models[spec.name] = {"skipped": version}
             continue
-        counts = ModelCounts(spec, profile)
-        count_model(conn, batch_id, counts)
-        if counts.rows == 0:
-            models[spec.name] = {"skipped": "no succeeded sub-task"}
+        rows, feature_counts, score_counts = model_counts(conn, batch_id, spec.name, version, profile)
+        if rows == 0:
+            models[spec.name] = {"skipped": f"no succeeded sub-task scored by version {version}"}
             continue
-        score_psi = psi(profile.score.expected, counts.score)
+        score_psi = psi(profile.score.expected, score_counts)
         models[spec.name] = {
-            "rows": counts.rows,
+            "rows": rows,
             "reference_version": version,
             "score_psi": round(score_psi, 6),
-            "score_band": config.band(score_psi, counts.rows).value,
+            "score_band": config.band(score_psi, rows).value,
         }
-        for histogram, feature_counts in zip(profile.features, counts.features):
-            value = psi(histogram.expected, feature_counts)
+        for histogram, counts in zip(profile.features, feature_counts):
+            value = psi(histogram.expected, counts)
             known = features.get(histogram.name)
             if known is None or value > known["psi"]:
-                features[histogram.name] = {"psi": round(value, 6), "band": config.band(value, counts.rows).value}
+                features[histogram.name] = {"psi": round(value, 6), "band": config.band(value, rows).value}
     drifted_features = [name for name, entry in features.items() if entry["band"] == Band.significant]
     drifted_scores = [name for name, entry in models.items() if entry.get("score_band") == Band.significant]
     judged = any(entry.get("rows", 0) >= config.min_rows for entry in models.values())

@@ -14,6 +14,8 @@ import json
 import time
 from typing import Any
 
+from sqlalchemy import text
+
 from bench import peers
 from bench.workload import make_workload
 from pipeline import registry
@@ -22,6 +24,27 @@ from pipeline.settings import get_settings
 
 WAIT_TIMEOUT_S = 3600
 WARM_UP_SEED = 1
+
+
+def ledger_phases(client: Client, batch_id: str) -> dict[str, float]:
+    """Seconds from submission to each milestone of a finished batch, from the ledger's timestamps."""
+    with client.engine.connect() as conn:
+        row = (
+            conn.execute(
+                text(
+                    "SELECT extract(epoch FROM b.started_at - b.created_at) AS split_done_s,"
+                    " extract(epoch FROM min(s.started_at) - b.created_at) AS first_subtask_started_s,"
+                    " extract(epoch FROM max(s.finished_at) - b.created_at) AS last_subtask_finished_s,"
+                    " extract(epoch FROM b.aggregating_at - b.created_at) AS aggregating_s,"
+                    " extract(epoch FROM b.finished_at - b.created_at) AS finished_s"
+                    " FROM batches b JOIN subtasks s ON s.batch_id = b.id WHERE b.id = :b GROUP BY b.id"
+                ),
+                {"b": batch_id},
+            )
+            .mappings()
+            .one()
+        )
+    return {key: round(float(value), 3) for key, value in row.items()}
 
 
 def run_pipeline(client: Client, pipeline: str, inputs: Any) -> dict[str, Any]:
@@ -40,6 +63,7 @@ def run_pipeline(client: Client, pipeline: str, inputs: Any) -> dict[str, Any]:
         # From the ledger: submitted → split done, and aggregating → finished.
         "ledger_wait_s": status.wait_s,
         "ledger_aggregation_s": status.aggregation_s,
+        "phases_s": ledger_phases(client, batch.id),
     }
 
 

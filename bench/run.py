@@ -168,6 +168,11 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             roots = {"client": launched.pid, "worker": worker.pid, "aggregator": aggregator.pid}
             with PeakRss(roots) as rss:
                 measured = json.loads(processes.finish("client-pipeline", launched, RUN_TIMEOUT_S))
+            log(
+                f"pipeline took {measured['seconds']:.2f} s, submit {measured['submit_s']:.2f} s;"
+                " from the ledger, s after submission:"
+                f" {json.dumps(measured['phases_s'])}"
+            )
 
             client = Client(services.settings(models_dir))
             log("batch.status() on the finished batch")
@@ -216,6 +221,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "limit_rows_per_s": rows / limit_s,
             **{f"limit_s_{model}": seconds for model, seconds in limit.items()},
             "pipeline_submit_s": measured["submit_s"],
+            **{f"phase_{name}": seconds for name, seconds in measured["phases_s"].items()},
             "ledger_wait_s": measured["ledger_wait_s"],
             "ledger_aggregation_s": measured["ledger_aggregation_s"],
             "pipeline_vs_naive": pipeline_rows_per_s / naive_rows_per_s,

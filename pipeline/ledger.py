@@ -7,6 +7,7 @@ duplicate message, and does nothing more. Bulk writes use COPY.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from sqlalchemy import Connection, Engine, Row, and_, case, create_engine, func,
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from pipeline.definition import InputPage
-from pipeline.schema import Batch, BatchState, FailurePolicy, Result, StoredInputPage, Subtask, SubtaskState
+from pipeline.schema import Batch, BatchState, FailurePolicy, ResultPage, StoredInputPage, Subtask, SubtaskState
 from pipeline.settings import sqlalchemy_url
 
 NOTIFY_CHANNEL = "batch_finished"
@@ -165,21 +166,32 @@ def batch_status_rows(engine: Engine, state: str | None, limit: int) -> list[dic
     return [dict(row) for row in rows]
 
 
-def iter_results(engine: Engine, batch_id: uuid.UUID, page: int = 2000) -> Iterator[Row[Any]]:
-    """Yield a batch's `results` rows in item order, one page per query."""
+@dataclass(frozen=True)
+class StoredResult:
+    """One input's row of the `results` view."""
+
+    item: int
+    output: dict[str, Any] | None
+    error: str | None
+
+
+def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
+    """Yield a batch's results in item order, one page per query."""
     after = -1
     while True:
         with engine.connect() as conn:
-            rows = conn.execute(
-                select(Result.item, Result.output, Result.error)
-                .where(Result.batch_id == batch_id, Result.item > after)
-                .order_by(Result.item)
-                .limit(page)
-            ).all()
-        yield from rows
-        if len(rows) < page:
+            page = conn.execute(
+                select(ResultPage.first_item, ResultPage.outputs, ResultPage.errors)
+                .where(ResultPage.batch_id == batch_id, ResultPage.first_item > after)
+                .order_by(ResultPage.first_item)
+                .limit(1)
+            ).first()
+        if page is None:
             return
-        after = rows[-1].item
+        errors = page.errors or [None] * len(page.outputs)
+        for index, (output, error) in enumerate(zip(page.outputs, errors)):
+            yield StoredResult(page.first_item + index, output, error)
+        after = page.first_item
 
 
 def _cancel_subtasks(conn: Connection, batch_id: uuid.UUID, states: Sequence[SubtaskState]) -> int:
@@ -454,8 +466,11 @@ def _abort_batch(conn: Connection, batch_id: uuid.UUID, reason: str) -> bool:
     return True
 
 
-def complete_subtask(engine: Engine, claim: Claim, output: bytes, model_version: str) -> Outcome:
-    """`running` → `succeeded` with its output, and the batch counter, in one transaction."""
+def complete_subtask(
+    engine: Engine, claim: Claim, output: bytes, model_version: str, bin_counts: bytes | None
+) -> Outcome:
+    """`running` → `succeeded` with its output and drift bin counts, and the batch counter,
+    in one transaction."""
     with engine.begin() as conn:
         done = conn.execute(
             update(Subtask)
@@ -467,6 +482,7 @@ def complete_subtask(engine: Engine, claim: Claim, output: bytes, model_version:
             .values(
                 state=SubtaskState.succeeded,
                 output=output,
+                bin_counts=bin_counts,
                 error=None,
                 model_version=model_version,
                 finished_at=_now(),
@@ -550,12 +566,17 @@ def iter_subtask_outputs(conn: Connection, batch_id: uuid.UUID, model: str, page
         after = rows[-1].seq
 
 
-def copy_results(conn: Connection, batch_id: uuid.UUID, rows: Iterable[tuple[int, str | None, str | None]]) -> int:
-    """Insert (item, output JSON, error) result rows with one COPY; return how many."""
-    return _copy_rows(
+def copy_result_page(
+    conn: Connection, batch_id: uuid.UUID, first: int, outputs: Sequence[str | None], errors: Sequence[str | None]
+) -> None:
+    """Store the results of inputs `first` .. `first + len(outputs) - 1`: per input its
+    output as JSON text, or None and in `errors` why it has none."""
+    outputs_json = "[" + ",".join("null" if output is None else output for output in outputs) + "]"
+    errors_json = json.dumps(list(errors)) if any(error is not None for error in errors) else None
+    _copy_rows(
         conn,
-        "COPY results (batch_id, item, output, error) FROM STDIN",
-        ((batch_id, item, output, error) for item, output, error in rows),
+        "COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN",
+        [(batch_id, first, len(outputs), outputs_json, errors_json)],
     )
 
 

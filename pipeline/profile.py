@@ -43,6 +43,20 @@ class ReferenceProfile(BaseModel):
     features: list[Histogram]
     score: Histogram
 
+    def bin_counts(self, X: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The bin counts of rows `X` (n x features) and their `scores`: every feature's
+        histogram, then the score's, concatenated (int64). Sums of these vectors over
+        sub-tasks are a batch's counts (`split_counts` cuts them apart)."""
+        return np.concatenate(
+            [h.counts(X[:, column]) for column, h in enumerate(self.features)] + [self.score.counts(scores)]
+        )
+
+    def split_counts(self, counts: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """(per-feature counts, score counts) of a vector made by `bin_counts`."""
+        ends = np.cumsum([len(h.edges) + 1 for h in [*self.features, self.score]])
+        *features, score = np.split(counts, ends[:-1])
+        return features, score
+
 
 def histogram(name: str, values: np.ndarray, bins: int = REFERENCE_BINS) -> Histogram:
     """Return the quantile histogram of `values` (1-D, finite, not empty).

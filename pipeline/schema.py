@@ -122,6 +122,9 @@ class Subtask(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     # The model's output rows, float32 little-endian, row-major (rows x outputs).
     output: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Drift bin counts of the chunk against its model version's reference profile,
+    # int64 little-endian (`ReferenceProfile.bin_counts`); None without a profile.
+    bin_counts: Mapped[bytes | None] = mapped_column(LargeBinary)
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(Text)
     model_version: Mapped[str | None] = mapped_column(Text)
@@ -148,12 +151,18 @@ class StoredInputPage(Base):
     data: Mapped[list[Any] | None] = mapped_column(JSON)
 
 
-class Result(Base):
-    __tablename__ = "results"
+class ResultPage(Base):
+    """The results of consecutive inputs of a batch; the `results` view has one row per input."""
+
+    __tablename__ = "result_pages"
+    __table_args__ = (CheckConstraint("items > 0", name="result_pages_items_positive"),)
 
     batch_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
     )
-    item: Mapped[int] = mapped_column(Integer, primary_key=True)
-    output: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    error: Mapped[str | None] = mapped_column(Text)
+    first_item: Mapped[int] = mapped_column(Integer, primary_key=True)
+    items: Mapped[int] = mapped_column(Integer)
+    # JSON array, per input its output object, or null when it has none.
+    outputs: Mapped[list[Any]] = mapped_column(JSON)
+    # JSON array, per input null or why it has no output; NULL when every input has one.
+    errors: Mapped[list[Any] | None] = mapped_column(JSON)

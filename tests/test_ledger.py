@@ -61,8 +61,8 @@ def test_duplicate_completion_counts_once_and_last_one_flips_once(engine: Engine
     batch_id, claims = _split_batch(engine)
     flips = []
     for claim in claims:
-        first = ledger.complete_subtask(engine, claim, _output(claim), "v1")
-        again = ledger.complete_subtask(engine, claim, _output(claim), "v1")
+        first = ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+        again = ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
         assert first.recorded and not again.recorded and not again.aggregate
         assert ledger.claim_subtask(engine, claim.subtask_id, "other-worker", lease_s=300) is None
         flips.append(first.aggregate)
@@ -81,9 +81,9 @@ def test_stale_claim_cannot_finish(engine: Engine) -> None:
         )
     second = ledger.claim_subtask(engine, claim.subtask_id, "second-worker", lease_s=300)
     assert second is not None and second.attempt == claim.attempt + 1
-    assert not ledger.complete_subtask(engine, claim, _output(claim), "v1").recorded
+    assert not ledger.complete_subtask(engine, claim, _output(claim), "v1", None).recorded
     assert not ledger.fail_subtask(engine, claim, "late failure", retry=False, lease_s=300).recorded
-    assert ledger.complete_subtask(engine, second, _output(second), "v1").recorded
+    assert ledger.complete_subtask(engine, second, _output(second), "v1", None).recorded
     batch = _batch(engine, batch_id)
     assert (batch["succeeded"], batch["failed"]) == (1, 0)
 
@@ -98,7 +98,7 @@ def test_aggregate_twice_runs_once_and_failed_subtask_becomes_item_errors(engine
     failed = claims[0]
     ledger.fail_subtask(engine, failed, "RuntimeError: boom", retry=False, lease_s=300)
     for claim in claims[1:]:
-        ledger.complete_subtask(engine, claim, _output(claim), "v1")
+        ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
     assert aggregate_batch(engine, batch_id) == "partial"
     assert aggregate_batch(engine, batch_id) is None
     batch = _batch(engine, batch_id)

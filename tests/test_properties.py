@@ -118,7 +118,7 @@ def test_no_interleaving_breaks_the_counters(operations: list[tuple[str, int]], 
         elif claims:
             claim = claims[index % len(claims)]
             if name == "complete":
-                ledger.complete_subtask(engine, claim, bytes(4 * width * claim.rows), "v")
+                ledger.complete_subtask(engine, claim, bytes(4 * width * claim.rows), "v", None)
             else:
                 ledger.fail_subtask(engine, claim, "boom", retry=name == "retry", lease_s=300)
         _check_counters(engine, batch_id)

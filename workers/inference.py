@@ -71,6 +71,11 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
         estimator, manifest = loaded_model(spec.name)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
         output = check_output(spec, spec.predict(estimator, X), claim.rows)
+        # Drift counts are made here, in parallel workers, where the rows already are.
+        reference = manifest.reference
+        bin_counts = (
+            None if reference is None else reference.bin_counts(X, spec.output_score(output)).astype("<i8").tobytes()
+        )
     except PERMANENT_ERRORS as error:
         message = f"{type(error).__name__}: {error}"
         outcome = with_ledger_retry(
@@ -88,7 +93,7 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
         delay = retry_delay(settings, claim.attempt) if retry and outcome.recorded else None
     else:
         outcome = with_ledger_retry(
-            settings, lambda: ledger.complete_subtask(engine, claim, output.tobytes(), manifest.version)
+            settings, lambda: ledger.complete_subtask(engine, claim, output.tobytes(), manifest.version, bin_counts)
         )
         delay = None
     if outcome.aggregate:

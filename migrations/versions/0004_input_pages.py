@@ -1,6 +1,12 @@
-"""Inputs stored in pages (packed float32 features or one JSON array per page), the
-split committed step by step (`batches.split_items`), and the packed float32
-columns stored uncompressed (they do not compress; trying costs CPU).
+"""Inputs and results stored in pages; `results` becomes a view with one row per input.
+
+- `input_pages`: packed float32 features, or one JSON array per page of inputs;
+- `result_pages`: per page one JSON array of outputs and one of errors; the `results`
+  view unnests them (writing a million result rows cost several seconds of COPY and
+  JSONB parsing; a page costs one row);
+- `batches.split_items`: the split commits step by step and resumes from there;
+- `subtasks.bin_counts`: drift bin counts made by the worker;
+- the packed columns are stored uncompressed (they do not compress; trying costs CPU).
 
 Revision ID: 0004
 Revises: 0003
@@ -14,6 +20,20 @@ revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
+
+# One row per input, in (batch_id, item) order within a page; `output` is SQL NULL
+# where the input has no result, and `error` then says why.
+RESULTS_VIEW = """
+CREATE VIEW results AS
+SELECT
+    p.batch_id,
+    p.first_item + (r.n - 1)::int AS item,
+    CASE WHEN json_typeof(r.output) <> 'null' THEN r.output END AS output,
+    r.error
+FROM result_pages p,
+    ROWS FROM (json_array_elements(p.outputs), json_array_elements_text(p.errors))
+        WITH ORDINALITY AS r(output, error, n)
+"""
 
 PACKED_COLUMNS = (("subtasks", "payload"), ("subtasks", "output"), ("input_pages", "features"))
 
@@ -34,13 +54,43 @@ def upgrade() -> None:
         sa.Column("data", postgresql.JSON),
         sa.CheckConstraint("items > 0", name="input_pages_items_positive"),
     )
+    op.drop_table("results")
+    op.create_table(
+        "result_pages",
+        sa.Column(
+            "batch_id",
+            postgresql.UUID(as_uuid=True),
+            sa.ForeignKey("batches.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("first_item", sa.Integer, primary_key=True),
+        sa.Column("items", sa.Integer, nullable=False),
+        sa.Column("outputs", postgresql.JSON, nullable=False),
+        sa.Column("errors", postgresql.JSON),
+        sa.CheckConstraint("items > 0", name="result_pages_items_positive"),
+    )
+    op.execute(RESULTS_VIEW)
     op.add_column("batches", sa.Column("split_items", sa.Integer, nullable=False, server_default="0"))
+    op.add_column("subtasks", sa.Column("bin_counts", sa.LargeBinary))
     for table, column in PACKED_COLUMNS:
         op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET STORAGE EXTERNAL")
 
 
 def downgrade() -> None:
+    op.drop_column("subtasks", "bin_counts")
     op.drop_column("batches", "split_items")
+    op.execute("DROP VIEW results")
+    op.drop_table("result_pages")
+    op.create_table(
+        "results",
+        sa.Column(
+            "batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+        ),
+        sa.Column("item", sa.Integer, primary_key=True),
+        sa.Column("output", postgresql.JSONB),
+        sa.Column("error", sa.Text),
+        sa.CheckConstraint("(output IS NULL) <> (error IS NULL)", name="results_output_xor_error"),
+    )
     op.drop_table("input_pages")
     op.create_table(
         "inputs",

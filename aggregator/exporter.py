@@ -1,0 +1,291 @@
+"""Prometheus metrics that Flower cannot show: queue depth, batches and sub-tasks
+by state, per-model latency and failures. `pipeline aggregator` serves them on
+`PIPELINE_METRICS_PORT`; the names are documented in docs/monitoring.md.
+
+Every value is read from the broker and the ledger when Prometheus scrapes
+(a custom collector): nothing is counted in this process, so a restart loses
+nothing and every aggregator exports the same figures. Each scrape costs a few
+set-based queries whose work is bounded by the batches table, the unfinished
+sub-tasks and the sub-tasks of the last `LATENCY_WINDOW_S`, never by the whole
+subtasks table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import amqp.exceptions
+import kombu.exceptions
+import redis
+from celery import Celery
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from sqlalchemy import Engine, Float, Row, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline import broker, ledger, registry
+from pipeline.schema import BatchState, SubtaskState
+
+log = logging.getLogger(__name__)
+
+# Latency histograms and finished counts cover the sub-tasks that finished this long ago or less.
+LATENCY_WINDOW_S = 600
+# Upper bounds (seconds) of the latency buckets: queue waits run to an hour on a large batch.
+BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, math.inf,
+)  # fmt: skip
+# A scrape that PostgreSQL cannot answer in time reports the ledger as down rather than hanging.
+STATEMENT_TIMEOUT_MS = 5000
+
+BROKER_ERRORS = (kombu.exceptions.OperationalError, redis.RedisError, amqp.exceptions.AMQPError, OSError)
+FINISHED_SUBTASK_STATES = (SubtaskState.succeeded, SubtaskState.failed, SubtaskState.cancelled)
+RECENT_OUTCOME_STATES = (SubtaskState.succeeded, SubtaskState.failed)
+
+# One row per batch state: one pass over `batches` (a row per batch, not per sub-task). The batch
+# counters give the finished sub-tasks by state.
+BATCHES_BY_STATE = text(
+    """
+    SELECT state, count(*) AS batches, sum(succeeded) AS succeeded, sum(failed) AS failed,
+           sum(cancelled) AS cancelled
+    FROM batches
+    GROUP BY state
+    """
+)
+
+# The predicate is written as the partial index `subtasks_unfinished_lease` states it, so only
+# the unfinished sub-tasks are read. `error` is set on a sub-task whose last attempt failed.
+UNFINISHED_SUBTASKS = text(
+    """
+    SELECT model, state, count(*) AS subtasks, count(*) FILTER (WHERE error IS NOT NULL) AS retrying
+    FROM subtasks
+    WHERE state IN ('pending', 'dispatched', 'running')
+    GROUP BY model, state
+    """
+)
+
+# Sub-tasks that finished in the window, found through their batches (still open, or finished
+# in the window) and the (batch_id, model, seq) index: no scan of the whole subtasks table.
+# Grouped by each duration's bucket: the index of the first bound it does not exceed
+# (width_bucket counts the bounds <= the value; a value equal to a bound belongs to that bound's bucket).
+RECENT_SUBTASKS = text(
+    """
+    WITH recent AS (
+        SELECT s.model, s.state,
+               extract(epoch FROM s.started_at - s.queued_at)::float8 AS wait_s,
+               extract(epoch FROM s.finished_at - s.started_at)::float8 AS compute_s
+        FROM batches b
+        JOIN subtasks s ON s.batch_id = b.id
+        WHERE (b.finished_at IS NULL OR b.finished_at > now() - make_interval(secs => :window_s))
+          AND s.state IN ('succeeded', 'failed')
+          AND s.started_at IS NOT NULL
+          AND s.finished_at > now() - make_interval(secs => :window_s)
+    )
+    SELECT model, state,
+           width_bucket(wait_s, :bounds) - (wait_s = ANY(:bounds))::int AS wait_bucket,
+           width_bucket(compute_s, :bounds) - (compute_s = ANY(:bounds))::int AS compute_bucket,
+           count(*) AS subtasks, sum(wait_s) AS wait_s, sum(compute_s) AS compute_s
+    FROM recent
+    GROUP BY model, state, wait_bucket, compute_bucket
+    """
+).bindparams(bindparam("bounds", type_=ARRAY(Float)))
+
+
+def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each queue, not yet delivered to a worker (0 for a queue the broker
+    does not hold). Redis: LLEN of the queue's list through kombu's client, which adds the key
+    prefix; other brokers (RabbitMQ): a passive queue_declare's message count."""
+    with app.connection_for_read() as connection:
+        if connection.transport.driver_type == "redis":
+            # Not queue_declare: its existence check (EXISTS) ignores the key prefix.
+            with connection.channel() as channel:
+                return {queue: int(channel.client.llen(queue)) for queue in queues}
+        depths = {}
+        for queue in queues:
+            # A passive declare of a missing queue closes its channel: one channel per queue.
+            with connection.channel() as channel:
+                try:
+                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                except (amqp.exceptions.NotFound, kombu.exceptions.ChannelError):
+                    depths[queue] = 0
+        return depths
+
+
+@dataclass
+class Latency:
+    """One model's latency histogram: observations per bucket of `BUCKETS_S`, and their sum."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(BUCKETS_S))
+    sum_s: float = 0.0
+
+    def add(self, bucket: int, count: int, sum_s: float) -> None:
+        self.counts[bucket] += count
+        self.sum_s += sum_s
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(le, observations <= le) per bucket, as Prometheus wants them."""
+        return [(floatToGoString(le), count) for le, count in zip(BUCKETS_S, itertools.accumulate(self.counts))]
+
+
+class PipelineCollector(Collector):
+    """Reads the broker and the ledger on every scrape; see the module docstring."""
+
+    def __init__(self, engine: Engine, app: Celery, models: Iterable[str]) -> None:
+        self.engine = engine
+        self.app = app
+        self.models = sorted(models)
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "pipeline_metrics_source_up", "1 when this scrape could read the source, else 0.", labels=["source"]
+        )
+        try:
+            yield self._queue_family()
+            up.add_metric(["broker"], 1)
+        except BROKER_ERRORS as error:
+            log.warning("metrics: broker unreadable: %s", error)
+            up.add_metric(["broker"], 0)
+        try:
+            yield from self._ledger_families()
+            up.add_metric(["ledger"], 1)
+        except SQLAlchemyError as error:
+            log.warning("metrics: ledger unreadable: %s", error)
+            up.add_metric(["ledger"], 0)
+        yield up
+
+    def _queue_family(self) -> Metric:
+        queues = [broker.model_queue(model) for model in self.models] + [broker.SPLIT_QUEUE, broker.AGGREGATE_QUEUE]
+        family = GaugeMetricFamily(
+            "pipeline_queue_messages", "Messages waiting in the queue, not yet taken by a worker.", labels=["queue"]
+        )
+        for queue, depth in queue_depths(self.app, queues).items():
+            family.add_metric([queue], depth)
+        return family
+
+    def _ledger_families(self) -> list[Metric]:
+        # One read-only snapshot for every query, so the figures agree with each other.
+        options = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        with self.engine.connect().execution_options(**options) as conn, conn.begin():
+            conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(STATEMENT_TIMEOUT_MS)})
+            batches = conn.execute(BATCHES_BY_STATE).all()
+            unfinished = conn.execute(UNFINISHED_SUBTASKS).all()
+            recent = conn.execute(RECENT_SUBTASKS, {"window_s": LATENCY_WINDOW_S, "bounds": BUCKETS_S[:-1]}).all()
+        return [
+            *_state_families(batches, unfinished),
+            *self._unfinished_families(unfinished),
+            *self._recent_families(recent),
+        ]
+
+    def _unfinished_families(self, rows: Sequence[Row[Any]]) -> list[Metric]:
+        counts = {(model, state): 0 for model in self.models for state in ledger.UNFINISHED_SUBTASK_STATES}
+        retrying = dict.fromkeys(self.models, 0)
+        for row in rows:
+            counts[(row.model, SubtaskState(row.state))] = row.subtasks
+            retrying[row.model] = retrying.get(row.model, 0) + row.retrying
+        unfinished_family = GaugeMetricFamily(
+            "pipeline_model_unfinished_subtasks",
+            "Sub-tasks of the model not finished yet, by state (pending, dispatched, running).",
+            labels=["model", "state"],
+        )
+        for (model, state), count in sorted(counts.items()):
+            unfinished_family.add_metric([model, state], count)
+        retrying_family = GaugeMetricFamily(
+            "pipeline_model_retrying_subtasks",
+            "Unfinished sub-tasks of the model whose last attempt failed (waiting for, or in, a retry).",
+            labels=["model"],
+        )
+        for model, count in sorted(retrying.items()):
+            retrying_family.add_metric([model], count)
+        return [unfinished_family, retrying_family]
+
+    def _recent_families(self, rows: Sequence[Row[Any]]) -> list[Metric]:
+        finished = {(model, state): 0 for model in self.models for state in RECENT_OUTCOME_STATES}
+        wait = {model: Latency() for model in self.models}
+        compute = {model: Latency() for model in self.models}
+        for row in rows:
+            key = (row.model, SubtaskState(row.state))
+            finished[key] = finished.get(key, 0) + row.subtasks
+            wait.setdefault(row.model, Latency()).add(row.wait_bucket, row.subtasks, row.wait_s)
+            compute.setdefault(row.model, Latency()).add(row.compute_bucket, row.subtasks, row.compute_s)
+
+        finished_family = GaugeMetricFamily(
+            "pipeline_model_finished_subtasks",
+            f"Sub-tasks of the model that finished in the last {LATENCY_WINDOW_S} s, by outcome (succeeded, failed).",
+            labels=["model", "state"],
+        )
+        for (model, state), count in sorted(finished.items()):
+            finished_family.add_metric([model, state], count)
+        families: list[Metric] = [finished_family]
+        for name, what, latencies in (
+            ("pipeline_model_queue_wait_seconds", "queue wait (queued to started)", wait),
+            ("pipeline_model_compute_seconds", "compute time (started to finished)", compute),
+        ):
+            family = GaugeHistogramMetricFamily(
+                name,
+                f"The {what} of the model's sub-tasks that finished in the last {LATENCY_WINDOW_S} s.",
+                labels=["model"],
+            )
+            for model, latency in sorted(latencies.items()):
+                family.add_metric([model], latency.cumulative(), latency.sum_s)
+            families.append(family)
+        return families
+
+
+def _state_families(batches: Sequence[Row[Any]], unfinished: Sequence[Row[Any]]) -> list[Metric]:
+    """pipeline_batches and pipeline_subtasks, every state present (0 when none)."""
+    batch_counts = dict.fromkeys(BatchState, 0)
+    subtask_counts = dict.fromkeys(SubtaskState, 0)
+    for row in batches:
+        batch_counts[BatchState(row.state)] = row.batches
+        for state in FINISHED_SUBTASK_STATES:
+            subtask_counts[state] += getattr(row, state)
+    for row in unfinished:
+        subtask_counts[SubtaskState(row.state)] += row.subtasks
+    batch_family = GaugeMetricFamily("pipeline_batches", "Batches in the ledger, by state.", labels=["state"])
+    for state, count in batch_counts.items():
+        batch_family.add_metric([state], count)
+    subtask_family = GaugeMetricFamily("pipeline_subtasks", "Sub-tasks in the ledger, by state.", labels=["state"])
+    for state, count in subtask_counts.items():
+        subtask_family.add_metric([state], count)
+    return [batch_family, subtask_family]
+
+
+@dataclass
+class MetricsServer:
+    """The HTTP server of `/metrics`, in a thread of the aggregator's main process."""
+
+    server: WSGIServer
+    thread: threading.Thread
+    engine: Engine
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+        self.engine.dispose()
+
+
+def serve(address: str, port: int, database_url: str, app: Celery) -> MetricsServer | None:
+    """Serve the pipeline's metrics on http://`address`:`port`/metrics; None (logged) when the port
+    cannot be bound, so the aggregator keeps working without them."""
+    engine = ledger.make_engine(database_url)
+    metrics = CollectorRegistry(auto_describe=False)
+    metrics.register(PipelineCollector(engine, app, list(registry.all_models())))
+    try:
+        server, thread = start_http_server(port, address, registry=metrics)
+    except OSError as error:
+        log.error("metrics endpoint not started on %s:%d: %s", address, port, error)
+        engine.dispose()
+        return None
+    log.info("metrics endpoint on http://%s:%d/metrics", address, port)
+    return MetricsServer(server, thread, engine)
