@@ -17,7 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pipeline demo
 
+# Chromium for the browser tests (Flower, the HTML report), when missing and installable: root with apt-get.
 test: $(STAMP)
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: its tests will skip"
 	$(BIN)/pytest
 
 # Issue 5's benchmark; e.g. `make bench BENCH_ARGS="--pipeline digits --rows 20000"`.

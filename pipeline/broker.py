@@ -1,8 +1,8 @@
 """The Celery app every role shares, and the messages it carries.
 
-Redis is only transport: a message names a ledger row, nothing more; the ledger
-decides what runs. Tasks are named here by string, so this package never imports
-`workers` or `aggregator`, which define them.
+The broker (Redis or RabbitMQ) is only transport: a message names a ledger row,
+nothing more; the ledger decides what runs. Tasks are named here by string, so
+this package never imports `workers` or `aggregator`, which define them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from celery import Celery
 from pydantic import BaseModel
 
-from pipeline.settings import Settings
+from pipeline.settings import AMQP_SCHEMES, Settings
 
 SPLIT_TASK = "pipeline.split"
 PREDICT_TASK = "pipeline.predict"
@@ -46,14 +46,22 @@ def client_app(broker_url: str, settings: Settings) -> Celery:
     return configure(Celery("pipeline-client", set_as_current=False), broker_url, settings)
 
 
+def transport_options(broker_url: str, settings: Settings) -> dict[str, object]:
+    """The options of `broker_url`'s transport: RabbitMQ and Redis take different ones."""
+    if broker_url.startswith(AMQP_SCHEMES):
+        # Publisher confirms: a publish returns once RabbitMQ has taken the message.
+        return {"confirm_publish": True}
+    options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.broker_prefix:
+        options["global_keyprefix"] = settings.broker_prefix
+    return options
+
+
 def configure(app: Celery, broker_url: str, settings: Settings) -> Celery:
     """Point `app` at `broker_url` with the pipeline's delivery settings; return it."""
-    transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
-    if settings.broker_prefix:
-        transport_options["global_keyprefix"] = settings.broker_prefix
     app.conf.update(
         broker_url=broker_url,
-        broker_transport_options=transport_options,
+        broker_transport_options=transport_options(broker_url, settings),
         broker_connection_retry_on_startup=True,
         # JSON only: nothing on the wire can make a process unpickle.
         task_serializer="json",
@@ -67,6 +75,8 @@ def configure(app: Celery, broker_url: str, settings: Settings) -> Celery:
         # The ledger holds every result; no result backend.
         task_ignore_result=True,
         result_backend=None,
+        # On RabbitMQ, queues are declared durable and messages sent persistent: both survive a restart.
+        task_default_delivery_mode="persistent",
         # Flower needs both.
         worker_send_task_events=True,
         task_send_sent_event=True,

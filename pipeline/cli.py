@@ -1,4 +1,9 @@
-"""The `pipeline` command: a thin layer over the library."""
+"""The `pipeline` command: a thin layer over the library.
+
+Reading commands print rich tables, or JSON with `--json`. An error a user can make
+(unknown batch or pipeline, services unreachable or not migrated, a bad input
+file) prints one line on stderr and exits 1, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,40 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
+import kombu.exceptions
+import psycopg
+import sqlalchemy.exc
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline import ledger, registry
-from pipeline.client import BatchNotFoundError, Client, InvalidInputError
+from pipeline import BatchNotFoundError, Client, InvalidInputError, health, ledger, registry
+from pipeline.embedded import EmbeddedServiceError
+from pipeline.schema import BatchState
 from pipeline.settings import get_settings
 
 console = Console()
-KNOWN_ERRORS = (BatchNotFoundError, InvalidInputError, ValidationError, registry.UnknownPipelineError, TimeoutError)
+KNOWN_ERRORS = (
+    BatchNotFoundError,
+    registry.UnknownPipelineError,
+    health.ServiceNotReadyError,
+    EmbeddedServiceError,
+    TimeoutError,
+)
+# Bad inputs `submit` lists line by line; the rest are counted.
+SHOWN_PROBLEMS = 20
+# Rows of `results --out` between two progress bar updates.
+PROGRESS_STEP = 1000
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
+
+
+def _validation_line(error: ValidationError) -> str:
+    problems = (f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
+    return f"invalid {error.title}: " + "; ".join(problems)
 
 
 class _Group(click.Group):
@@ -28,7 +54,22 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KNOWN_ERRORS as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(health.first_line(error)) from None
+        except ValidationError as error:
+            raise click.ClickException(_validation_line(error)) from None
+        except (sqlalchemy.exc.OperationalError, psycopg.OperationalError) as error:
+            raise click.ClickException(f"database error: {health.first_line(error)}") from None
+        except kombu.exceptions.OperationalError as error:
+            raise click.ClickException(f"broker error: {health.first_line(error)}") from None
+
+
+def _client(publishes: bool = False) -> Client:
+    """A client on a reachable, migrated ledger (and a reachable broker when the command publishes)."""
+    client = Client()
+    health.check_ledger(client.engine)
+    if publishes:
+        health.check_broker(client.app)
+    return client
 
 
 @click.group(cls=_Group)
@@ -50,21 +91,50 @@ def models() -> None:
     """Model artifacts."""
 
 
-@models.command("list")
-def models_list() -> None:
-    """List registered models and their trained artifacts."""
+def _model_rows() -> list[dict[str, Any]]:
+    """One row per registered model: its queue and chunk size, and its trained artifact (None when untrained)."""
     from pipeline.artifacts import ArtifactError, read_manifest
 
     models_dir = get_settings().resolved_models_dir
-    table = Table("pipeline", "model", "queue", "chunk", "version", "trained", "metrics")
+    rows = []
     for pipeline in registry.all_pipelines():
         for spec in pipeline.models:
             try:
                 manifest = read_manifest(models_dir, spec.name)
-                trained = (manifest.version, f"{manifest.trained_at:%Y-%m-%d %H:%M}", json.dumps(manifest.metrics))
             except ArtifactError:
-                trained = ("-", "not trained", "")
-            table.add_row(pipeline.name, spec.name, f"model.{spec.name}", str(spec.chunk_size), *trained)
+                manifest = None
+            rows.append(
+                {
+                    "pipeline": pipeline.name,
+                    "model": spec.name,
+                    "queue": f"model.{spec.name}",
+                    "chunk_size": spec.chunk_size,
+                    "version": None if manifest is None else manifest.version,
+                    "trained_at": None if manifest is None else manifest.trained_at,
+                    "metrics": None if manifest is None else manifest.metrics,
+                }
+            )
+    return rows
+
+
+@models.command("list")
+@JSON_OPTION
+def models_list(as_json: bool) -> None:
+    """List registered models and their trained artifacts."""
+    rows = _model_rows()
+    if as_json:
+        click.echo(json.dumps(rows, default=lambda value: value.isoformat()))
+        return
+    table = Table("pipeline", "model", "queue", "chunk", "version", "trained", "metrics")
+    for row in rows:
+        trained = (
+            ("not trained", "")
+            if row["trained_at"] is None
+            else (f"{row['trained_at']:%Y-%m-%d %H:%M}", json.dumps(row["metrics"]))
+        )
+        table.add_row(
+            row["pipeline"], row["model"], row["queue"], str(row["chunk_size"]), row["version"] or "-", *trained
+        )
     console.print(table)
 
 
@@ -99,16 +169,32 @@ def aggregator(concurrency: int | None) -> None:
     os.execv(sys.executable, argv)
 
 
-def _read_jsonl(path: Path) -> list[Any]:
-    items = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise click.ClickException(f"{path}:{number}: not JSON: {error}") from None
-    return items
+def _read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
+    """The inputs in a JSON-lines file (blank lines skipped) and the line number of each."""
+    items, numbers = [], []
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise click.ClickException(f"{path}:{number}: not JSON: {error}") from None
+                    numbers.append(number)
+    except UnicodeDecodeError as error:
+        raise click.ClickException(f"{path}: not UTF-8 text: {error}") from None
+    return items, numbers
+
+
+def _input_problems(path: Path, numbers: list[int], error: InvalidInputError) -> str:
+    """`FILE:LINE: reason` for each bad input the error names."""
+    lines = [
+        f"{path}:{numbers[index]}: {reason}" if index < len(numbers) else f"{path}: {reason}"
+        for index, reason in error.problems[:SHOWN_PROBLEMS]
+    ]
+    if len(error.problems) > SHOWN_PROBLEMS:
+        lines.append(f"... and {len(error.problems) - SHOWN_PROBLEMS} more invalid inputs")
+    return "\n".join(lines)
 
 
 @main.command()
@@ -120,8 +206,15 @@ def _read_jsonl(path: Path) -> list[Any]:
 @click.option(
     "--failure-policy", type=click.Choice(["best_effort", "fail_fast"]), default="best_effort", show_default=True
 )
-@click.option("--max-failed-fraction", type=float, help="Abort a best-effort batch past this share of failures.")
-@click.option("--deadline", type=float, help="Finish the batch with what it has after this many seconds.")
+@click.option(
+    "--max-failed-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Abort a best-effort batch past this share of failures.",
+)
+@click.option(
+    "--deadline", type=click.FloatRange(0, min_open=True), help="Finish the batch with what it has after this many s."
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"id": ...}, or with --wait the final status, as JSON.')
 def submit(
     pipeline_name: str,
     file: Path,
@@ -131,22 +224,38 @@ def submit(
     failure_policy: str,
     max_failed_fraction: float | None,
     deadline: float | None,
+    as_json: bool,
 ) -> None:
-    """Submit FILE.jsonl (one input per line) to PIPELINE; print the batch id."""
-    client = Client()
-    batch = client.submit(
-        pipeline_name,
-        _read_jsonl(file),
-        idempotency_key=idempotency_key,
-        failure_policy=failure_policy,
-        max_failed_fraction=max_failed_fraction,
-        deadline_s=deadline,
-    )
-    click.echo(batch.id)
+    """Submit FILE.jsonl (one input per line) to PIPELINE; print the batch id.
+
+    With --wait, exit 0 when the batch succeeded and 2 when it finished otherwise.
+    """
+    registry.get_pipeline(pipeline_name)
+    items, numbers = _read_jsonl(file)
+    client = _client(publishes=True)
+    try:
+        batch = client.submit(
+            pipeline_name,
+            items,
+            idempotency_key=idempotency_key,
+            failure_policy=failure_policy,
+            max_failed_fraction=max_failed_fraction,
+            deadline_s=deadline,
+        )
+    except InvalidInputError as error:
+        raise click.ClickException(_input_problems(file, numbers, error)) from None
+    if not as_json:
+        click.echo(batch.id)
+    elif not wait_:
+        click.echo(json.dumps({"id": batch.id}))
     if wait_:
-        status = batch.wait(timeout=timeout, progress=True)
-        _print_status(status)
-        if status.state.value != "succeeded":
+        # With --json, stdout holds only the JSON: no progress bar.
+        status = batch.wait(timeout=timeout, progress=not as_json)
+        if as_json:
+            click.echo(status.model_dump_json())
+        else:
+            _print_status(status)
+        if status.state != BatchState.succeeded:
             sys.exit(2)
 
 
@@ -158,28 +267,30 @@ def _print_status(status: Any) -> None:
 
 @main.command()
 @click.argument("batch_id", required=False)
-@click.option("--state", help="Only batches in this state.")
+@click.option("--state", type=click.Choice([state.value for state in BatchState]), help="Only batches in this state.")
 @click.option("--limit", default=20, show_default=True)
-def status(batch_id: str | None, state: str | None, limit: int) -> None:
-    """Show one batch (with its latency and KPIs when finished), or the newest batches."""
-    client = Client()
+@JSON_OPTION
+def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -> None:
+    """Show one batch (with its latency and KPIs when finished), or the newest batches.
+
+    --json prints one batch's status with its result and metrics, or a list of the
+    newest batches' `batch_status` rows.
+    """
+    from pipeline.report import batches_table
+
+    client = _client()
     if batch_id:
-        _print_status(client.batch(batch_id).status())
+        one = client.batch(batch_id).status()
+        if as_json:
+            click.echo(one.model_dump_json())
+        else:
+            _print_status(one)
         return
-    table = Table("id", "pipeline", "state", "items", "progress", "succeeded", "failed", "created_at", "elapsed_s")
-    for row in client.batches(state=state, limit=limit):
-        table.add_row(
-            str(row.id),
-            row.pipeline,
-            row.state.value,
-            str(row.items),
-            f"{row.progress:.0%}",
-            str(row.succeeded),
-            str(row.failed),
-            f"{row.created_at:%Y-%m-%d %H:%M:%S}",
-            f"{row.elapsed_s:.2f}" if row.elapsed_s is not None else "-",
-        )
-    console.print(table)
+    rows = client.batches(state=state, limit=limit)
+    if as_json:
+        click.echo(json.dumps([row.model_dump(mode="json", exclude={"result", "metrics"}) for row in rows]))
+    else:
+        console.print(batches_table(rows))
 
 
 @main.command()
@@ -190,40 +301,91 @@ def status(batch_id: str | None, state: str | None, limit: int) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write a self-contained HTML report with plots here.",
 )
-def report(batch_id: str, html_path: Path | None) -> None:
-    """Print a finished batch's KPIs, latency and drift; optionally write them as HTML."""
+@JSON_OPTION
+def report(batch_id: str, html_path: Path | None, as_json: bool) -> None:
+    """Print a finished batch's KPIs, latency and drift; optionally write them as HTML.
+
+    --json prints the batch's status with its metrics.
+    """
     from pipeline.report import latency_histograms, print_report, write_html
 
-    client = Client()
+    client = _client()
     status = client.batch(batch_id).status()
     if not status.metrics:
         raise click.ClickException(f"batch {status.id} is {status.state.value}: its metrics come when it finishes")
+    if html_path is not None:
+        histograms = latency_histograms(client.engine, status.id)
+        try:
+            write_html(html_path, status, histograms)
+        except OSError as error:
+            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
+    if as_json:
+        click.echo(status.model_dump_json())
+        return
     print_report(console, status)
     if html_path is not None:
-        write_html(html_path, status, latency_histograms(client.engine, status.id))
         console.print(f"report written to {html_path}")
+
+
+def _open_for_writing(path: Path) -> TextIO:
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as error:
+        raise click.ClickException(f"cannot write {path}: {error.strerror}") from None
+
+
+def errors_path(out: Path) -> Path:
+    """Where `results --out FILE.jsonl` writes the failed inputs: FILE.errors.jsonl."""
+    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
 @main.command()
 @click.argument("batch_id")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write JSON lines here (default stdout).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the results here and the failed inputs to FILE.errors.jsonl, with a progress bar.",
+)
 def results(batch_id: str, out: Path | None) -> None:
-    """Write a batch's per-input results as JSON lines, in input order."""
-    batch = Client().batch(batch_id)
-    stream = out.open("w") if out else sys.stdout
-    try:
+    """Stream a finished batch's per-input results as JSON lines, in input order.
+
+    To stdout, one `{"item", "output", "error"}` line per input. With --out FILE.jsonl,
+    `{"item", "output"}` for each input with a result goes to FILE.jsonl and
+    `{"item", "error"}` for each input without one to FILE.errors.jsonl (both written,
+    possibly empty), then the counts are printed.
+    """
+    batch = _client().batch(batch_id)
+    status = batch.status()
+    if not status.finished:
+        raise click.ClickException(f"batch {batch.id} is {status.state.value}: its results come when it finishes")
+    if out is None:
+        # A reader that stops early (`| head`) ends the command quietly: click handles EPIPE.
         for result in batch.results():
-            stream.write(result.model_dump_json() + "\n")
-    finally:
-        if out:
-            stream.close()
+            sys.stdout.write(result.model_dump_json() + "\n")
+        return
+    failed_out = errors_path(out)
+    written = failed = 0
+    progress = Progress(TextColumn("results"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    with _open_for_writing(out) as succeeded_file, _open_for_writing(failed_out) as failed_file, progress:
+        task = progress.add_task("results", total=status.items)
+        for result in batch.results():
+            if result.error is None:
+                succeeded_file.write(json.dumps({"item": result.item, "output": result.output}) + "\n")
+            else:
+                failed_file.write(json.dumps({"item": result.item, "error": result.error}) + "\n")
+                failed += 1
+            written += 1
+            if written % PROGRESS_STEP == 0:
+                progress.update(task, completed=written)
+        progress.update(task, completed=written)
+    console.print(f"{written - failed} results written to {out}, {failed} failed inputs to {failed_out}")
 
 
 @main.command()
 @click.argument("batch_id")
 def cancel(batch_id: str) -> None:
     """Cancel a pending or running batch."""
-    status = Client().batch(batch_id).cancel()
+    status = _client(publishes=True).batch(batch_id).cancel()
     click.echo(f"{status.id} {status.state.value}")
 
 

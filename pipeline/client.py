@@ -64,6 +64,7 @@ class BatchStatus(BaseModel):
 
     @property
     def finished(self) -> bool:
+        """True once the batch is `succeeded`, `partial`, `failed` or `cancelled`."""
         return self.state in FINISHED_BATCH_STATES
 
 
@@ -76,7 +77,8 @@ class ItemResult(BaseModel):
 
 
 class BatchHandle:
-    """A submitted batch."""
+    """A submitted batch, as `Client.submit` and `Client.batch` return it; every method
+    reads or changes the ledger through its client."""
 
     def __init__(self, client: Client, batch_id: uuid.UUID) -> None:
         self._client = client
@@ -84,13 +86,19 @@ class BatchHandle:
 
     @property
     def id(self) -> str:
+        """The batch id, a UUID as a string."""
         return str(self._uuid)
 
     def __repr__(self) -> str:
         return f"BatchHandle({self.id!r})"
 
     def status(self) -> BatchStatus:
-        """The batch's current row of `batch_status` (counters, not a count of sub-tasks)."""
+        """Return the batch's current row of `batch_status` (counters, not a count of
+        sub-tasks), with its result and metrics once it has finished.
+
+        Raises:
+            BatchNotFoundError: the batch is not in the ledger.
+        """
         row = ledger.batch_status_row(self._client.engine, self._uuid)
         if row is None:
             raise BatchNotFoundError(f"no batch {self.id}")
@@ -99,6 +107,8 @@ class BatchHandle:
     def wait(self, timeout: float | None = None, progress: bool = False) -> BatchStatus:
         """Block until the batch is finished; return its final status.
 
+        `timeout`: seconds to wait at most (None: no limit). `progress`: draw a
+        progress bar of the batch's sub-tasks on the terminal while waiting.
         Woken by the aggregator's NOTIFY; re-reads the status at least every few
         seconds in case a notification was missed.
 
@@ -132,7 +142,9 @@ class BatchHandle:
                     bar.close()
 
     def results(self) -> Iterator[ItemResult]:
-        """Yield one result per input, in input order, streamed page by page."""
+        """Yield one `ItemResult` per input, in input order, streamed page by page
+        (constant memory). Yields nothing before the batch has finished: results are
+        written when it is aggregated."""
         for row in ledger.iter_results(self._client.engine, self._uuid):
             yield ItemResult(item=row.item, output=row.output, error=row.error)
 
@@ -140,7 +152,11 @@ class BatchHandle:
         """Cancel the batch if it is still pending or running; return its status.
 
         Sub-tasks not yet running are skipped; running ones finish, and every result
-        produced stays readable through `results()` once they have.
+        produced stays readable through `results()` once they have. A finished batch
+        is left as it is.
+
+        Raises:
+            BatchNotFoundError: the batch is not in the ledger.
         """
         outcome = ledger.cancel_batch(self._client.engine, self._uuid)
         if outcome.aggregate:
@@ -170,7 +186,15 @@ class _ProgressBar:
 
 
 class Client:
-    """Entry point of the Python API; settings from the environment unless given."""
+    """Entry point of the Python API.
+
+    `settings`: default from the `PIPELINE_*` environment. A service without a URL
+    is the embedded one, started (or reused) here; nothing else connects before the
+    first call that needs it. `close()` releases the connections.
+
+    Raises:
+        EmbeddedServiceError: an embedded service could not be started.
+    """
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
@@ -188,8 +212,10 @@ class Client:
         max_failed_fraction: float | None = None,
         deadline_s: float | None = None,
     ) -> BatchHandle:
-        """Validate every input, store the batch and queue its split; return at once.
+        """Validate every input, store the batch and queue its split; return its handle at once.
 
+        `inputs`: items shaped like the pipeline's input model (dicts or pydantic
+        objects), or for a feature-vector pipeline a 2-D array or a DataFrame.
         The same `idempotency_key` again returns the first batch and stores nothing.
         `failure_policy`: `best_effort` finishes as `partial` with every result it
         could produce; `fail_fast` fails the batch at the first failed sub-task and
@@ -201,7 +227,10 @@ class Client:
             UnknownPipelineError: no pipeline is registered as `pipeline`.
             InvalidInputError: some inputs are invalid or too large, or there are too
                 many; nothing was stored or queued.
-            ValueError: an option is out of range (pydantic's ValidationError).
+            ValueError: an option is out of range (pydantic's ValidationError), or
+                `idempotency_key` already names a batch of another pipeline.
+            kombu.exceptions.OperationalError: the broker is unreachable; the batch
+                is stored, and the aggregator's sweeper queues its split later.
         """
         options = SubmitOptions(
             idempotency_key=idempotency_key,
@@ -226,7 +255,11 @@ class Client:
         return BatchHandle(self, batch_id)
 
     def batch(self, batch_id: str | uuid.UUID) -> BatchHandle:
-        """The batch with this id; raises BatchNotFoundError."""
+        """Return a handle on the existing batch `batch_id` (a UUID or its string).
+
+        Raises:
+            BatchNotFoundError: `batch_id` is not a UUID, or no batch has it.
+        """
         try:
             handle = BatchHandle(self, uuid.UUID(str(batch_id)))
         except ValueError:
@@ -235,7 +268,12 @@ class Client:
         return handle
 
     def batches(self, state: str | None = None, limit: int = 50) -> list[BatchStatus]:
-        """The newest batches, optionally only those in `state`."""
+        """Return the statuses of the newest `limit` batches, newest first, optionally
+        only those in `state`.
+
+        Raises:
+            ValueError: `state` is not a batch state.
+        """
         if state is not None:
             BatchState(state)
         return [BatchStatus.model_validate(row) for row in ledger.batch_status_rows(self.engine, state, limit)]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, text
@@ -43,6 +44,7 @@ STATUS_FIELDS = (
     "elapsed_s",
     "error",
 )
+STATE_STYLES = {"succeeded": "green", "partial": "yellow", "failed": "red", "cancelled": "dim"}
 
 
 def fmt(value: object) -> str:
@@ -173,6 +175,31 @@ def status_table(status: BatchStatus) -> Table:
     table = Table(title="batch_status", show_header=False)
     for field in STATUS_FIELDS:
         table.add_row(field, fmt(getattr(status, field)))
+    return table
+
+
+def batches_table(rows: list[BatchStatus]) -> Table:
+    """One line per batch (`pipeline status` without an id), its state coloured; the id
+    is never cut, so it can be copied from a narrow terminal."""
+    table = Table(title="newest batches", box=box.SIMPLE_HEAD)
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("pipeline")
+    table.add_column("state")
+    for column in ("items", "done", "failed"):
+        table.add_column(column, justify="right")
+    table.add_column("created")
+    table.add_column("elapsed s", justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.id),
+            row.pipeline,
+            f"[{STATE_STYLES.get(row.state.value, 'default')}]{row.state.value}[/]",
+            str(row.items),
+            f"{row.progress:.0%}",
+            str(row.failed),
+            f"{row.created_at:%m-%d %H:%M:%S}",
+            fmt(row.elapsed_s),
+        )
     return table
 
 

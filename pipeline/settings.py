@@ -5,8 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REDIS_SCHEMES = ("redis://", "rediss://")
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
 
 class Settings(BaseSettings):
@@ -22,10 +25,16 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL URL, `postgresql://...` or `postgresql+psycopg://...`.",
     )
-    broker_url: str | None = Field(default=None, description="Redis URL of the Celery broker.")
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker: a Redis (`redis://`, `rediss://`) or RabbitMQ (`amqp://`, `amqps://`) URL.",
+    )
     broker_prefix: str = Field(
         default="",
-        description="Prefix for every broker key, so several deployments (or test runs) share one Redis.",
+        description=(
+            "Prefix for every broker key, so several deployments (or test runs) share one Redis."
+            " Redis only: on RabbitMQ give each deployment a vhost of its own in the URL."
+        ),
     )
     visibility_timeout_s: int = Field(
         default=3600,
@@ -65,6 +74,13 @@ class Settings(BaseSettings):
         default=None, description="Flower basic-auth password; `pipeline up` generates one when unset."
     )
     flower_port: int = Field(default=5555, description="Flower's port (bound to 127.0.0.1 by `pipeline up`).")
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus `/metrics` endpoint served by `pipeline aggregator`; 0 disables it.",
+    )
+    metrics_address: str = Field(default="0.0.0.0", description="Address the `/metrics` endpoint binds to.")
 
     @field_validator("database_url")
     @classmethod
@@ -72,6 +88,22 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
             raise ValueError("PIPELINE_DATABASE_URL must start with postgresql:// or postgresql+psycopg://")
         return url
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_or_rabbitmq(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(REDIS_SCHEMES + AMQP_SCHEMES):
+            raise ValueError("PIPELINE_BROKER_URL must start with redis://, rediss://, amqp:// or amqps://")
+        return url
+
+    @model_validator(mode="after")
+    def _prefix_on_redis_only(self) -> Settings:
+        if self.broker_prefix and self.broker_url is not None and self.broker_url.startswith(AMQP_SCHEMES):
+            raise ValueError(
+                "PIPELINE_BROKER_PREFIX works on Redis only; on RabbitMQ give each deployment"
+                " a vhost of its own in PIPELINE_BROKER_URL"
+            )
+        return self
 
     @property
     def resolved_models_dir(self) -> Path:

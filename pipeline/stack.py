@@ -20,6 +20,21 @@ from pipeline.training import missing_models, train_models
 STOP_TIMEOUT_S = 30
 
 
+def flower_args(port: int, user: str, password: str) -> list[str]:
+    """Python's arguments that run Flower on 127.0.0.1:`port` behind basic auth. It loads the
+    `pipeline.flower` app, which reads the broker URL and key prefix from `PIPELINE_*`."""
+    return [
+        "-m",
+        "celery",
+        "--app",
+        "pipeline.flower",
+        "flower",
+        "--address=127.0.0.1",
+        f"--port={port}",
+        f"--basic-auth={user}:{password}",
+    ]
+
+
 class Stack:
     """A running deployment on this machine; use as a context manager."""
 
@@ -66,19 +81,7 @@ class Stack:
             if self.flower:
                 self.flower_password = s.flower_password or secrets.token_urlsafe(12)
                 self._spawn(
-                    "flower",
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "--broker",
-                        self.urls.broker_url,
-                        "flower",
-                        "--address=127.0.0.1",
-                        f"--port={s.flower_port}",
-                        f"--basic-auth={s.flower_user}:{self.flower_password}",
-                    ],
-                    env,
+                    "flower", [sys.executable, *flower_args(s.flower_port, s.flower_user, self.flower_password)], env
                 )
         except BaseException:
             self.stop()

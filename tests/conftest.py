@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +76,8 @@ class Processes:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.running: list[subprocess.Popen[bytes]] = []
+        # The port of the `stack` aggregator's Prometheus endpoint.
+        self.metrics_port: int | None = None
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start `python *argv` in its own process group, so `kill` reaches its pool children too."""
@@ -113,9 +116,18 @@ def stack(services: RunServices, models_dir: Path, tmp_path_factory: pytest.Temp
     )
     env = services.env(models_dir, PIPELINE_CHUNK_SIZES=chunks)
     processes.start("worker", ["-m", "workers", "--concurrency", "2"], env)
-    processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
+    processes.metrics_port = free_port()
+    metrics = {"PIPELINE_METRICS_PORT": str(processes.metrics_port), "PIPELINE_METRICS_ADDRESS": "127.0.0.1"}
+    processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], {**env, **metrics})
     yield processes
     processes.stop_all()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:

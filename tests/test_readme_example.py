@@ -1,5 +1,6 @@
-"""The README's custom pipeline, taken from the README itself, runs end to end
-through real `pipeline models train`, worker, aggregator and client processes."""
+"""The README's examples, taken from the README itself, run end to end: the custom
+pipeline through real `pipeline models train`, worker, aggregator and client
+processes, and the Python client example against the session's worker and aggregator."""
 
 from __future__ import annotations
 
@@ -21,6 +22,35 @@ status = batch.wait(timeout=120)
 print(json.dumps({"state": status.state, "kpis": status.metrics["kpis"],
                   "results": [r.output for r in batch.results()]}))
 """
+
+
+# Appended to the README's client example: what it did, as one JSON line.
+CLIENT_CHECK = """
+import json
+print(json.dumps({"state": status.state, "final": client.batch(batch.id).status().state,
+                  "listed": batch.id in {str(row.id) for row in client.batches(state="succeeded", limit=10)}}))
+"""
+
+
+def _readme_client_example() -> str:
+    match = re.search(r"## Python client\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert match, "README.md lost its Python client example"
+    return match.group(1)
+
+
+def test_readme_client_example_runs(services: RunServices, models_dir: Path, stack: object) -> None:
+    env = services.env(models_dir, PYTHONPATH=str(ROOT))
+    code = _readme_client_example() + CLIENT_CHECK
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    outcome = json.loads(lines[-1])
+    # The batch succeeded; cancelling it afterwards changed nothing.
+    assert outcome == {"state": "succeeded", "final": "succeeded", "listed": True}
+    # One printed line per input, "<item> <number read>", in input order.
+    printed = [line.split() for line in lines if line.split()[0].isdigit()]
+    assert [int(fields[0]) for fields in printed] == list(range(100))
+    assert all(len(fields) == 2 and fields[1].isdigit() for fields in printed)
 
 
 def _readme_module() -> str:

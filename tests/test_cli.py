@@ -1,0 +1,269 @@
+"""The `pipeline` command as users run it, a subprocess on real services: the errors
+they can make each print one line and exit non-zero, `--json` output for scripts,
+and `results --out` splitting results from failed inputs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from pipeline import registry
+from pipeline.pipelines.screening import held_out_records
+from pipeline.settings import libpq_url, sqlalchemy_url
+from tests.conftest import RunServices
+from tests.pipelines import BAD_OUTPUT
+
+PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")
+ROOT = Path(__file__).resolve().parent.parent
+MISSING_BATCH = str(uuid.UUID(int=0))
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PIPELINE_CLI, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+def _env(services: RunServices, models_dir: Path, **overrides: str) -> dict[str, str]:
+    # PYTHONPATH: the test-only pipelines in PIPELINE_PIPELINES live in this repository's tests package.
+    return services.env(models_dir, COLUMNS="250", PYTHONPATH=str(ROOT), **overrides)
+
+
+def _assert_one_line_error(run: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    for part in expected:
+        assert part in lines[0], lines[0]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _jsonl(path: Path, items: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+@pytest.fixture
+def records_file(tmp_path: Path) -> Path:
+    return _jsonl(tmp_path / "records.jsonl", held_out_records(3))
+
+
+# --- errors a user can make ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status",),
+        ("status", MISSING_BATCH),
+        ("results", MISSING_BATCH),
+        ("report", MISSING_BATCH),
+        ("cancel", MISSING_BATCH),
+        ("submit", "screening", "{records}"),
+    ],
+)
+def test_unreachable_database(
+    args: tuple[str, ...], services: RunServices, models_dir: Path, records_file: Path
+) -> None:
+    port = _closed_port()
+    env = _env(services, models_dir, PIPELINE_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/pipeline")
+    run = _cli(env, *(arg.format(records=records_file) for arg in args))
+    _assert_one_line_error(run, "cannot reach PostgreSQL", f"127.0.0.1:{port}", "Connection refused")
+
+
+def test_migrate_on_unreachable_database(services: RunServices, models_dir: Path) -> None:
+    port = _closed_port()
+    env = _env(services, models_dir, PIPELINE_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/pipeline")
+    _assert_one_line_error(_cli(env, "migrate"), "database error", f"port {port}", "Connection refused")
+
+
+def test_unreachable_broker_stores_nothing(
+    services: RunServices, models_dir: Path, records_file: Path, engine: Engine
+) -> None:
+    port = _closed_port()
+    key = f"cli-{uuid.uuid4().hex}"
+    env = _env(services, models_dir, PIPELINE_BROKER_URL=f"redis://127.0.0.1:{port}/0")
+    run = _cli(env, "submit", "screening", str(records_file), "--idempotency-key", key)
+    _assert_one_line_error(run, "cannot reach the broker", f"127.0.0.1:{port}")
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM batches WHERE idempotency_key = :key"), {"key": key})
+        assert stored.scalar_one() == 0
+
+
+def test_database_without_migrations(services: RunServices, models_dir: Path) -> None:
+    """A fresh database: no schema, then an old migration, then `pipeline migrate` fixes both."""
+    name = f"pipeline_cli_{uuid.uuid4().hex[:12]}"
+    admin_url = libpq_url(make_url(services.database_url).set(database="postgres").render_as_string(False))
+    url = make_url(services.database_url).set(database=name).render_as_string(hide_password=False)
+    env = _env(services, models_dir, PIPELINE_DATABASE_URL=url)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        _assert_one_line_error(_cli(env, "status"), f"/{name} has no ledger schema", "run `pipeline migrate`")
+
+        migrations = str(files("migrations"))
+        first = ScriptDirectory(migrations).get_bases()[0]
+        config = Config()
+        config.set_main_option("script_location", migrations)
+        config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+        command.upgrade(config, first)
+        _assert_one_line_error(_cli(env, "status"), f"is at migration {first}", "run `pipeline migrate`")
+
+        assert _cli(env, "migrate").returncode == 0
+        run = _cli(env, "status", "--json")
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout) == []
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("command_name", ["status", "results", "report", "cancel"])
+def test_unknown_batch(command_name: str, services: RunServices, models_dir: Path) -> None:
+    env = _env(services, models_dir)
+    _assert_one_line_error(_cli(env, command_name, MISSING_BATCH), f"no batch {MISSING_BATCH}")
+    _assert_one_line_error(_cli(env, command_name, "not-a-uuid"), "'not-a-uuid' is not a batch id")
+
+
+def test_bad_setting(services: RunServices, models_dir: Path) -> None:
+    run = _cli(_env(services, models_dir, PIPELINE_DATABASE_URL="mysql://db/pipeline"), "status")
+    _assert_one_line_error(run, "invalid Settings: database_url", "must start with postgresql://")
+
+
+def test_unknown_pipeline(services: RunServices, models_dir: Path, records_file: Path) -> None:
+    run = _cli(_env(services, models_dir), "submit", "nope", str(records_file))
+    _assert_one_line_error(run, "unknown pipeline 'nope'", "screening")
+
+
+def test_bad_input_files(services: RunServices, models_dir: Path, tmp_path: Path) -> None:
+    env = _env(services, models_dir)
+    record = held_out_records(1)[0]
+    not_json = tmp_path / "not_json.jsonl"
+    not_json.write_text(json.dumps(record) + "\n{not json\n")
+    _assert_one_line_error(_cli(env, "submit", "screening", str(not_json)), f"{not_json}:2: not JSON")
+
+    # Line 2 is blank, so the bad input (item 1) is on line 3.
+    invalid = tmp_path / "invalid.jsonl"
+    invalid.write_text(json.dumps(record) + "\n\n" + json.dumps({"features": {}, "label": 7}) + "\n")
+    _assert_one_line_error(_cli(env, "submit", "screening", str(invalid)), f"{invalid}:3: ", "label")
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    _assert_one_line_error(_cli(env, "submit", "screening", str(empty)), f"{empty}: the batch has no inputs")
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"name": "Müller"}\n'.encode("latin-1"))
+    _assert_one_line_error(_cli(env, "submit", "screening", str(latin1)), f"{latin1}: not UTF-8 text")
+
+
+# --- output for people and scripts -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(services: RunServices, models_dir: Path, stack: object, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A succeeded screening batch of 600 records, submitted with `submit --wait --json`; its id."""
+    inputs = _jsonl(tmp_path_factory.mktemp("cli") / "records.jsonl", held_out_records(600, seed=3))
+    run = _cli(_env(services, models_dir), "submit", "screening", str(inputs), "--wait", "--json")
+    assert run.returncode == 0, run.stderr
+    status = json.loads(run.stdout)
+    assert status["state"] == "succeeded" and status["items"] == 600
+    assert status["metrics"]["kpis"]["recall_malignant"] is not None
+    return status["id"]
+
+
+def test_status_json_and_tables(finished: str, services: RunServices, models_dir: Path) -> None:
+    env = _env(services, models_dir)
+    newest = json.loads(_cli(env, "status", "--json", "--state", "succeeded", "--limit", "500").stdout)
+    assert finished in {row["id"] for row in newest}
+    assert all(row["state"] == "succeeded" and "metrics" not in row for row in newest)
+
+    one = json.loads(_cli(env, "status", finished, "--json").stdout)
+    assert one["id"] == finished and one["progress"] == 1.0 and "drift" in one["metrics"]
+
+    table = _cli(env, "status", "--limit", "500").stdout
+    assert finished in table and "succeeded" in table and "100%" in table
+
+    report = json.loads(_cli(env, "report", finished, "--json").stdout)
+    assert report["metrics"]["kpis"] == one["metrics"]["kpis"]
+
+
+def test_submit_json_prints_the_id(services: RunServices, models_dir: Path, records_file: Path) -> None:
+    run = _cli(_env(services, models_dir), "submit", "screening", str(records_file), "--json")
+    assert run.returncode == 0, run.stderr
+    assert set(json.loads(run.stdout)) == {"id"}
+    uuid.UUID(json.loads(run.stdout)["id"])
+
+
+def test_models_list_json(services: RunServices, models_dir: Path) -> None:
+    rows = json.loads(_cli(_env(services, models_dir), "models", "list", "--json").stdout)
+    assert {row["model"] for row in rows} == set(registry.all_models())
+    assert all(row["version"] and row["trained_at"] and row["queue"] == f"model.{row['model']}" for row in rows)
+
+
+def test_results_out_splits_failed_inputs(
+    services: RunServices, models_dir: Path, stack: object, tmp_path: Path
+) -> None:
+    """Inputs whose model output breaks a guardrail have no result: they go to the error file."""
+    env = _env(services, models_dir)
+    bad = {3, 7, 8}
+    points = [{"values": [BAD_OUTPUT if i in bad else 0.5, 1.0, 2.0, 3.0]} for i in range(12)]
+    run = _cli(env, "submit", "poison", str(_jsonl(tmp_path / "points.jsonl", points)), "--wait", "--json")
+    assert run.returncode == 2, run.stderr
+    status = json.loads(run.stdout)
+    assert status["state"] == "partial"
+
+    out = tmp_path / "results.jsonl"
+    run = _cli(env, "results", status["id"], "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    succeeded = [json.loads(line) for line in out.read_text().splitlines()]
+    failed = [json.loads(line) for line in (tmp_path / "results.errors.jsonl").read_text().splitlines()]
+    assert [row["item"] for row in succeeded] == [i for i in range(12) if i not in bad]
+    assert all(set(row) == {"item", "output"} and 0 <= row["output"]["p"] <= 1 for row in succeeded)
+    assert [row["item"] for row in failed] == sorted(bad)
+    assert all(set(row) == {"item", "error"} and row["error"] for row in failed)
+    assert f"9 results written to {out}, 3 failed inputs to {tmp_path / 'results.errors.jsonl'}" in run.stdout
+
+
+def test_results_out_to_a_missing_folder(
+    finished: str, services: RunServices, models_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "missing" / "results.jsonl"
+    run = _cli(_env(services, models_dir), "results", finished, "--out", str(out))
+    _assert_one_line_error(run, f"cannot write {out}: No such file or directory")
+
+
+def test_results_to_a_reader_that_stops_early(finished: str, services: RunServices, models_dir: Path) -> None:
+    """`pipeline results ID | head -1`: the rest of 600 lines (~140 kB, more than a pipe
+    holds) meets a closed pipe, and the command ends without a traceback."""
+    with subprocess.Popen(
+        [PIPELINE_CLI, "results", finished],
+        env=_env(services, models_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        first = json.loads(process.stdout.readline())
+        process.stdout.close()
+        stderr = process.stderr.read()
+        process.wait(timeout=120)
+    assert first["item"] == 0 and first["output"]["decision"] in ("malignant", "benign")
+    assert stderr == ""
