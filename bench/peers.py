@@ -108,14 +108,17 @@ def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) ->
     """One task per chunk; return (results assembled, chunk tasks)."""
     settings = get_settings()
     pages = encode_inputs(pipeline, inputs, settings.max_batch_items, settings.max_item_bytes)
-    chunkers = [Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size)) for spec in pipeline.models]
+    # A chord's message carries its rows: no ledger to read them from.
+    chunkers = [
+        Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), copy_inputs=True) for spec in pipeline.models
+    ]
     chunks: list[ledger.NewSubtask] = []
     for page in pages:
         parts = pipeline.split_page(page)
         for chunker in chunkers:
             rows = parts.get(chunker.spec.name)
             if rows is not None and len(rows.X):
-                chunker.add(rows.X, rows.items + page.first)
+                chunker.add(rows, page.first)
             chunks += chunker.take()
     for chunker in chunkers:
         chunks += chunker.take(final=True)

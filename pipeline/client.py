@@ -116,30 +116,33 @@ class BatchHandle:
             TimeoutError: not finished within `timeout` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with psycopg.connect(libpq_url(self._client.database_url), autocommit=True) as listener:
-            listener.execute(f"LISTEN {ledger.NOTIFY_CHANNEL}")
-            bar = _ProgressBar(self.id) if progress else None
-            try:
-                while True:
-                    status = self.status()
-                    if bar is not None:
-                        bar.update(status)
-                    if status.finished:
-                        return status
-                    pause = 0.25 if bar is not None else 5.0
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise TimeoutError(
-                                f"batch {self.id} not finished after {timeout} s: {status.state.value},"
-                                f" {status.progress:.0%} of {status.total} sub-tasks done"
-                            )
-                        pause = min(pause, left)
+        bar = _ProgressBar(self.id) if progress else None
+        try:
+            while True:
+                # LISTEN before reading the status, so a finish in between still wakes us.
+                listener = self._client.listener()
+                status = self.status()
+                if bar is not None:
+                    bar.update(status)
+                if status.finished:
+                    return status
+                pause = 0.25 if bar is not None else 5.0
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(
+                            f"batch {self.id} not finished after {timeout} s: {status.state.value},"
+                            f" {status.progress:.0%} of {status.total} sub-tasks done"
+                        )
+                    pause = min(pause, left)
+                try:
                     for _ in listener.notifies(timeout=pause, stop_after=1):
                         pass
-            finally:
-                if bar is not None:
-                    bar.close()
+                except psycopg.OperationalError:
+                    self._client.drop_listener()  # reconnected on the next turn
+        finally:
+            if bar is not None:
+                bar.close()
 
     def results(self) -> Iterator[ItemResult]:
         """Yield one `ItemResult` per input, in input order, streamed page by page
@@ -202,6 +205,21 @@ class Client:
         self.database_url = urls.database_url
         self.engine = ledger.make_engine(urls.database_url)
         self.app = broker.client_app(urls.broker_url, self.settings)
+        self._listener: psycopg.Connection[Any] | None = None
+
+    def listener(self) -> psycopg.Connection[Any]:
+        """The client's connection listening for `batch_finished` notifications, opened on
+        first use and kept, so waiting on many small batches costs no connection each."""
+        if self._listener is None or self._listener.closed:
+            self._listener = psycopg.connect(libpq_url(self.database_url), autocommit=True)
+            self._listener.execute(f"LISTEN {ledger.NOTIFY_CHANNEL}")
+        return self._listener
+
+    def drop_listener(self) -> None:
+        """Close the listening connection (e.g. after it broke); the next wait opens another."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def submit(
         self,
@@ -280,5 +298,6 @@ class Client:
 
     def close(self) -> None:
         """Release database and broker connections."""
+        self.drop_listener()
         self.engine.dispose()
         self.app.close()

@@ -84,6 +84,10 @@ class ModelRows:
 
     X: np.ndarray
     items: np.ndarray
+    # True when `X` is the page's own `InputPage.X`, one row per input in order: the
+    # sub-tasks then carry no copy of the rows; the worker's claim reads them from the
+    # stored input pages (a feature-vector pipeline whose models score its inputs as they are).
+    of_inputs: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ duplicate message, and does nothing more. Bulk writes use COPY.
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -242,8 +243,9 @@ class NewSubtask:
     model: str
     seq: int
     max_attempts: int
-    items: list[int]
-    payload: bytes
+    items: np.ndarray
+    # None: the rows are the inputs' stored features (`ModelRows.of_inputs`).
+    payload: bytes | None
 
     @property
     def rows(self) -> int:
@@ -285,6 +287,19 @@ def next_seqs(conn: Connection, batch_id: uuid.UUID) -> dict[str, int]:
     return {model: seq for model, seq in rows}
 
 
+INT4_OID = 23
+
+
+def _int4_array(values: np.ndarray) -> bytes:
+    """`values` (not empty) in the binary COPY form of a one-dimensional PostgreSQL int4[]:
+    written with numpy, as psycopg's generic list dumper costs a Python call per element."""
+    header = struct.pack(">iiIii", 1, 0, INT4_OID, len(values), 1)
+    elements = np.empty((len(values), 2), dtype=">i4")
+    elements[:, 0] = 4  # each element's byte length
+    elements[:, 1] = values
+    return header + elements.tobytes()
+
+
 def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask]) -> list[tuple[int, str]]:
     """Insert sub-tasks as `dispatched` with one COPY; return their (id, model) to publish.
 
@@ -295,10 +310,20 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
         conn,
         "COPY subtasks (batch_id, model, seq, max_attempts, rows, items, payload, state) FROM STDIN",
         (
-            (batch_id, s.model, s.seq, s.max_attempts, s.rows, s.items, s.payload, SubtaskState.dispatched.value)
+            (
+                batch_id,
+                s.model,
+                s.seq,
+                s.max_attempts,
+                s.rows,
+                _int4_array(s.items),
+                s.payload,
+                SubtaskState.dispatched.value,
+            )
             for s in subtasks
         ),
-        binary_types=("uuid", "text", "int4", "int4", "int4", "int4[]", "bytea", "text"),
+        # `items` goes as bytes already in int4[]'s binary form (see _int4_array).
+        binary_types=("uuid", "text", "int4", "int4", "int4", "bytea", "bytea", "text"),
     )
     first_seqs: dict[str, int] = {}
     for subtask in subtasks:
@@ -402,12 +427,42 @@ def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) 
                 lease_until=now + timedelta(seconds=lease_s),
             )
             .returning(
-                Subtask.batch_id, Subtask.model, Subtask.attempts, Subtask.max_attempts, Subtask.rows, Subtask.payload
+                Subtask.batch_id,
+                Subtask.model,
+                Subtask.attempts,
+                Subtask.max_attempts,
+                Subtask.rows,
+                Subtask.payload,
+                Subtask.items[1].label("first_item"),
             )
         ).first()
-    if row is None:
-        return None
-    return Claim(subtask_id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, row.payload)
+        if row is None:
+            return None
+        payload = row.payload
+        if payload is None:
+            payload = _input_features(conn, row.batch_id, row.first_item, row.rows)
+    return Claim(subtask_id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, payload)
+
+
+def _input_features(conn: Connection, batch_id: uuid.UUID, first: int, count: int) -> bytes:
+    """The stored float32 features of inputs `first` .. `first + count - 1` (a sub-task of
+    `ModelRows.of_inputs` rows has one row per input, consecutive)."""
+    pages = conn.execute(
+        select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features)
+        .where(
+            StoredInputPage.batch_id == batch_id,
+            StoredInputPage.first_item < first + count,
+            StoredInputPage.first_item + StoredInputPage.items > first,
+        )
+        .order_by(StoredInputPage.first_item)
+    ).all()
+    parts = []
+    for page in pages:
+        width = len(page.features) // page.items
+        lo = max(first, page.first_item) - page.first_item
+        hi = min(first + count, page.first_item + page.items) - page.first_item
+        parts.append(page.features[lo * width : hi * width])
+    return b"".join(parts)
 
 
 def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, failed: int) -> bool:

@@ -118,8 +118,9 @@ class Subtask(Base):
     rows: Mapped[int] = mapped_column(Integer)
     # Input item index of each payload row; rows are in item order.
     items: Mapped[list[int]] = mapped_column(ARRAY(Integer))
-    # The chunk's feature rows, float32 little-endian, row-major (rows x features).
-    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # The chunk's feature rows, float32 little-endian, row-major (rows x features); NULL when
+    # they are the inputs' own stored features (`input_pages.features` of its items).
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The model's output rows, float32 little-endian, row-major (rows x outputs).
     output: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Drift bin counts of the chunk against its model version's reference profile,

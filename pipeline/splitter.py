@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from pipeline import broker, ledger, registry, runtime
-from pipeline.definition import ModelSpec
+from pipeline.definition import ModelRows, ModelSpec
 from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -27,26 +27,39 @@ class SplitError(ValueError):
 
 
 class Chunker:
-    """Packs one model's rows, as they arrive in item order, into sub-tasks of `chunk_size` rows."""
+    """Packs one model's rows, as they arrive in item order, into sub-tasks of `chunk_size` rows.
 
-    def __init__(self, spec: ModelSpec, chunk_size: int, first_seq: int = 0) -> None:
+    Rows that are the inputs' own stored features (`ModelRows.of_inputs`) are not
+    copied into the sub-tasks unless `copy_inputs`.
+    """
+
+    def __init__(self, spec: ModelSpec, chunk_size: int, first_seq: int = 0, copy_inputs: bool = False) -> None:
         if chunk_size < 1:
             raise ValueError(f"model {spec.name!r}: chunk size must be at least 1, got {chunk_size}")
         self.spec = spec
         self.chunk_size = chunk_size
         self.seq = first_seq
+        self.copy_inputs = copy_inputs
         self._rows: list[np.ndarray] = []
         self._items: list[np.ndarray] = []
         self._buffered = 0
+        self._of_inputs: bool | None = None
 
-    def add(self, X: np.ndarray, items: np.ndarray) -> None:
-        if X.ndim != 2 or X.shape[1] != self.spec.n_features or len(X) != len(items):
+    def add(self, rows: ModelRows, offset: int) -> None:
+        """Buffer `rows` of inputs numbered from `offset`."""
+        X = rows.X
+        if X.ndim != 2 or X.shape[1] != self.spec.n_features or len(X) != len(rows.items):
             raise SplitError(
-                f"model {self.spec.name!r}: split gave rows of shape {X.shape} with {len(items)} item indices;"
+                f"model {self.spec.name!r}: split gave rows of shape {X.shape} with {len(rows.items)} item indices;"
                 f" expected (n, {self.spec.n_features}) with n indices"
             )
-        self._rows.append(np.ascontiguousarray(X, dtype="<f4"))
-        self._items.append(np.asarray(items, dtype=np.int64))
+        of_inputs = rows.of_inputs and not self.copy_inputs
+        if self._of_inputs is not None and of_inputs != self._of_inputs:
+            raise SplitError(f"model {self.spec.name!r}: split mixed rows of the inputs with other rows")
+        self._of_inputs = of_inputs
+        if not of_inputs:
+            self._rows.append(np.ascontiguousarray(X, dtype="<f4"))
+        self._items.append(np.asarray(rows.items, dtype=np.int64) + offset)
         self._buffered += len(X)
 
     def take(self, final: bool = False) -> Iterator[ledger.NewSubtask]:
@@ -54,20 +67,21 @@ class Chunker:
         size = self.chunk_size
         if self._buffered < size and not (final and self._buffered):
             return
-        rows = np.concatenate(self._rows)
         items = np.concatenate(self._items)
-        end = len(rows) if final else len(rows) - len(rows) % size
+        rows = None if self._of_inputs else np.concatenate(self._rows)
+        end = len(items) if final else len(items) - len(items) % size
         for start in range(0, end, size):
             yield ledger.NewSubtask(
                 model=self.spec.name,
                 seq=self.seq,
                 max_attempts=self.spec.max_attempts,
-                items=items[start : start + size].tolist(),
-                payload=rows[start : start + size].tobytes(),
+                items=items[start : start + size],
+                payload=None if rows is None else rows[start : start + size].tobytes(),
             )
             self.seq += 1
-        self._rows, self._items = [rows[end:]], [items[end:]]
-        self._buffered = len(rows) - end
+        self._items = [items[end:]]
+        self._rows = [] if rows is None else [rows[end:]]
+        self._buffered = len(items) - end
 
 
 @dataclass(frozen=True)
@@ -104,7 +118,7 @@ def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int])
             for chunker in chunkers:
                 rows = parts.get(chunker.spec.name)
                 if rows is not None and len(rows.X):
-                    chunker.add(rows.X, rows.items + page.first)
+                    chunker.add(rows, page.first)
             split_items = page.first + page.count
         subtasks = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
         published = ledger.copy_subtasks(conn, batch_id, subtasks)

@@ -6,6 +6,7 @@
   JSONB parsing; a page costs one row);
 - `batches.split_items`: the split commits step by step and resumes from there;
 - `subtasks.bin_counts`: drift bin counts made by the worker;
+- `subtasks.payload` may be NULL: the rows are then the inputs' stored features;
 - the packed columns are stored uncompressed (they do not compress; trying costs CPU).
 
 Revision ID: 0004
@@ -72,11 +73,14 @@ def upgrade() -> None:
     op.execute(RESULTS_VIEW)
     op.add_column("batches", sa.Column("split_items", sa.Integer, nullable=False, server_default="0"))
     op.add_column("subtasks", sa.Column("bin_counts", sa.LargeBinary))
+    # NULL: the rows are the inputs' stored features (no copy per model).
+    op.alter_column("subtasks", "payload", nullable=True)
     for table, column in PACKED_COLUMNS:
         op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET STORAGE EXTERNAL")
 
 
 def downgrade() -> None:
+    op.alter_column("subtasks", "payload", nullable=False)
     op.drop_column("subtasks", "bin_counts")
     op.drop_column("batches", "split_items")
     op.execute("DROP VIEW results")

@@ -214,13 +214,16 @@ class Screened:
     malignant: np.ndarray
     disagreement: np.ndarray
     needs_review: np.ndarray
-    warnings: list[list[str]]
+    # Range warnings of the inputs that have any, by index (most have none).
+    warnings: dict[int, list[str]]
 
     def results_json(self) -> list[str | None]:
         """Each answered input's result as JSON text, None for the others. Filled into a
         template rather than dumped per dict: this runs once per input of million-row
         batches (a test checks it against `json.loads`)."""
-        warnings = [json.dumps(w) if w else "[]" for w in self.warnings]
+        warnings = ["[]"] * len(self.answered)
+        for index, found in self.warnings.items():
+            warnings[index] = json.dumps(found)
         columns = zip(
             self.probability.tolist(),
             np.where(self.malignant, "malignant", "benign").tolist(),
@@ -247,12 +250,14 @@ def screen(X: np.ndarray, votes: np.ndarray, answered: np.ndarray) -> Screened:
     malignant = probability >= threshold
     said = votes >= threshold
     disagreement = said.any(axis=0) & ~said.all(axis=0)
-    warnings: list[list[str]] = [[] for _ in range(len(X))]
     reference = _manifests()[0].reference
+    warned = np.zeros(len(X), dtype=bool)
     if reference is not None:
-        for row in np.flatnonzero(outside_range(reference, X, CONFIG.range_margin) & answered).tolist():
-            warnings[row] = range_warnings(reference, X[row].tolist(), CONFIG.range_margin)
-    warned = np.array([bool(w) for w in warnings], dtype=bool)
+        warned = outside_range(reference, X, CONFIG.range_margin) & answered
+    warnings = {
+        row: range_warnings(reference, X[row].tolist(), CONFIG.range_margin)  # type: ignore[arg-type]
+        for row in np.flatnonzero(warned).tolist()
+    }
     needs_review = disagreement | (np.abs(probability - threshold) < CONFIG.review_margin) | warned
     return Screened(
         answered, np.round(probability, 6), np.round(votes, 6), malignant, disagreement, needs_review, warnings
@@ -275,7 +280,7 @@ class ScreeningKpis(Kpis):
         self.flagged += int(flagged.sum())
         self.reviewed += int((screened.needs_review & answered).sum())
         self.disagreed += int((screened.disagreement & answered).sum())
-        self.warned += sum(bool(w) for w in screened.warnings)
+        self.warned += len(screened.warnings)
         malignant = answered & (labels == MALIGNANT)
         benign = answered & (labels == BENIGN)
         self.true_pos += int((flagged & malignant).sum())
@@ -320,8 +325,8 @@ class ScreeningPipeline(Pipeline):
         return PatientRecord.model_construct(features=dict(zip(FEATURES, features)), **extras)
 
     def split_page(self, page: InputPage) -> dict[str, ModelRows]:
-        # Every model scores every record as it is.
-        rows = ModelRows(page.X, np.arange(page.count))  # type: ignore[arg-type]
+        # Every model scores every record as it is: the stored features, not a copy.
+        rows = ModelRows(page.X, np.arange(page.count), of_inputs=True)  # type: ignore[arg-type]
         return {name: rows for name in MODELS}
 
     def aggregate_page(
