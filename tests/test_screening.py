@@ -5,6 +5,7 @@ against the ledger timestamps, input warnings, and array / DataFrame inputs."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,15 @@ from sqlalchemy import Engine, text
 
 from pipeline.artifacts import read_manifest
 from pipeline.client import BatchHandle, BatchStatus, Client, InvalidInputError
-from pipeline.pipelines.screening import CONFIG, FEATURES, MALIGNANT, MODELS, dataset_split, held_out_records
+from pipeline.pipelines.screening import (
+    CONFIG,
+    FEATURES,
+    MALIGNANT,
+    MODELS,
+    Screened,
+    dataset_split,
+    held_out_records,
+)
 
 Finished = tuple[list[dict[str, Any]], BatchHandle, BatchStatus]
 SHIFTED = ("mean texture", "worst smoothness")
@@ -246,3 +255,34 @@ def test_bad_tables_are_refused_before_anything_is_stored(client: Client, engine
         client.submit("digits", np.zeros((2, 64)))
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM batches")).scalar_one() == before
+
+
+def test_result_json_from_the_template_is_the_result_as_json() -> None:
+    """The vectorised results are filled into a text template: each must parse to the result it says."""
+    screened = Screened(
+        answered=np.array([True, False, True]),
+        probability=np.array([0.5, np.nan, 0.123457]),
+        votes=np.array([[0.25, np.nan, 0.1], [0.75, np.nan, 0.2], [0.5, np.nan, 0.070371]]),
+        malignant=np.array([True, False, False]),
+        disagreement=np.array([True, False, False]),
+        needs_review=np.array([True, False, False]),
+        warnings={2: ['mean radius = 99 is far outside the training range [6.98, 28.1] "quoted" \\ é']},
+    )
+    first, missing, last = screened.results_json()
+    assert missing is None
+    assert json.loads(first) == {
+        "malignant_probability": 0.5,
+        "decision": "malignant",
+        "votes": dict(zip(MODELS, [0.25, 0.75, 0.5])),
+        "disagreement": True,
+        "needs_review": True,
+        "warnings": [],
+    }
+    assert json.loads(last) == {
+        "malignant_probability": 0.123457,
+        "decision": "benign",
+        "votes": dict(zip(MODELS, [0.1, 0.2, 0.070371])),
+        "disagreement": False,
+        "needs_review": False,
+        "warnings": ['mean radius = 99 is far outside the training range [6.98, 28.1] "quoted" \\ é'],
+    }

