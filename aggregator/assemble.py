@@ -4,13 +4,16 @@ sub-task outputs, streamed page by page; then the batch's final state."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, Row
+from sqlalchemy import Connection, Engine, Row
 
 from aggregator.metrics import batch_metrics
 from pipeline import ledger, registry
@@ -19,21 +22,35 @@ from pipeline.schema import BatchState, FailurePolicy
 
 log = logging.getLogger(__name__)
 
+# How often a followed batch is checked for newly finished sub-tasks.
+FOLLOW_POLL_S = 0.05
+# States after which a batch is never due for aggregation (a cancelled one still is, once).
+ENDED_STATES = (BatchState.succeeded, BatchState.partial, BatchState.failed)
+
+
+# Reads one model's sub-tasks after a `seq` that start before an input (ledger.subtask_outputs).
+FetchOutputs = Callable[[int, int], Sequence[ledger.SubtaskOutput]]
+
 
 class ModelOutputStream:
     """One model's output rows of a batch, handed out one page of inputs at a time, in item order."""
 
-    def __init__(self, spec: ModelSpec, outputs: Iterator[ledger.SubtaskOutput]) -> None:
+    def __init__(self, spec: ModelSpec, fetch: FetchOutputs) -> None:
         self.spec = spec
-        self._outputs = outputs
+        self._fetch = fetch
+        self._fetched: deque[ledger.SubtaskOutput] = deque()
+        self._last_seq = -1
         self._chunk: ledger.SubtaskOutput | None = None
         self._items = np.empty(0, dtype=np.int64)
         self._rows: np.ndarray | None = None
 
-    def _next_chunk(self) -> bool:
-        self._chunk = next(self._outputs, None)
-        if self._chunk is None:
-            return False
+    def _next_chunk(self, before_item: int) -> bool:
+        if not self._fetched:
+            self._fetched.extend(self._fetch(self._last_seq, before_item))
+            if not self._fetched:
+                return False
+            self._last_seq = self._fetched[-1].seq
+        self._chunk = self._fetched.popleft()
         self._items = np.asarray(self._chunk.items, dtype=np.int64)
         output = self._chunk.output
         self._rows = None if output is None else np.frombuffer(output, "<f4").reshape(-1, self.spec.n_outputs)
@@ -42,12 +59,13 @@ class ModelOutputStream:
     def take_page(self, first: int, count: int) -> tuple[PageOutputs, dict[int, str]]:
         """Return this model's output rows for inputs `first` .. `first + count - 1` (indices
         within the page), and for each of those inputs whose rows are in a sub-task that did
-        not succeed, why (by index within the page)."""
+        not succeed, why (by index within the page). Every sub-task starting before the
+        page's end must be finished."""
         end = first + count
         rows: list[np.ndarray] = []
         items: list[np.ndarray] = []
         errors: dict[int, str] = {}
-        while self._chunk is not None or self._next_chunk():
+        while self._chunk is not None or self._next_chunk(end):
             lo, hi = np.searchsorted(self._items, (first, end))
             if lo < hi:
                 if self._rows is None:
@@ -81,23 +99,57 @@ def final_state(batch: Row[Any], answered: int, unanswered: int) -> tuple[BatchS
     return BatchState.partial, reason
 
 
-def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
-    """Write one result per input and move an `aggregating` batch to its final state,
-    in one transaction, a page of inputs at a time. Returns the final state; None when
-    the batch was not due for aggregation (already aggregated: a duplicate message)."""
-    with engine.begin() as conn:
-        batch = ledger.lock_aggregating_batch(conn, batch_id)
-        if batch is None:
+def _wait_for(ready: Callable[[], bool]) -> None:
+    while not ready():
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _due_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """Wait until a followed batch, whose sub-tasks are all finished, is due for aggregation
+    and lock its row; None if it ended another way meanwhile."""
+    while (batch := ledger.lock_aggregating_batch(conn, batch_id)) is None:
+        if ledger.batch_state(conn, batch_id) in ENDED_STATES:
             return None
+        time.sleep(FOLLOW_POLL_S)
+    return batch
+
+
+def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
+    """Write one result per input and move a batch due for aggregation to its final
+    state, in one transaction, a page of inputs at a time.
+
+    A batch still `running` whose split is finished is followed instead: each page is
+    assembled as soon as the sub-tasks holding its rows are finished, so assembly
+    overlaps the workers' compute, and the batch is finished once it is due. Returns the
+    final state; None when another aggregation holds the batch, or it is neither due
+    nor followable (a duplicate message).
+    """
+    with engine.begin() as conn:
+        if not ledger.try_lock_aggregation(conn, batch_id):
+            return None
+        batch = ledger.lock_aggregating_batch(conn, batch_id)
+        following = batch is None
+        if following:
+            batch = ledger.running_batch(conn, batch_id)
+            if batch is None:
+                return None
+            log.info("batch %s: assembling its results as its sub-tasks finish", batch_id)
         pipeline = registry.get_pipeline(batch.pipeline)
         streams = [
-            ModelOutputStream(spec, ledger.iter_subtask_outputs(conn, batch_id, spec.name)) for spec in pipeline.models
+            ModelOutputStream(
+                spec,
+                partial(ledger.subtask_outputs, conn, batch_id, spec.name),  # type: ignore[arg-type]
+            )
+            for spec in pipeline.models
         ]
         kpis = pipeline.kpis()
         # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
         unsplit_error = batch.error or "batch cancelled before it was split"
         answered = unanswered = 0
-        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names)):
+        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), 0, batch.items):
+            end = page.first + page.count
+            if following:
+                _wait_for(lambda: not ledger.unfinished_before(conn, batch_id, end))  # noqa: B023
             errors: list[str | None] = [None] * page.count
             for index in range(max(0, batch.split_items - page.first), page.count):
                 errors[index] = unsplit_error
@@ -118,6 +170,10 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 results,
                 [None if r is not None else e or "the pipeline gave no result" for r, e in zip(results, errors)],
             )
+        if following:
+            batch = _due_batch(conn, batch_id)
+            if batch is None:
+                return None
         state, error = final_state(batch, answered, unanswered)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))

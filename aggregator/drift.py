@@ -17,26 +17,21 @@ from pipeline.profile import Band, DriftConfig, ReferenceProfile, psi
 from pipeline.schema import Subtask, SubtaskState
 
 
-def model_counts(
-    conn: Connection, batch_id: uuid.UUID, model: str, version: str, profile: ReferenceProfile
-) -> tuple[int, list[np.ndarray], np.ndarray]:
-    """(rows, per-feature bin counts, score bin counts) over a batch's succeeded sub-tasks
-    of `model` scored by model `version`, summed from the counts each worker stored."""
-    rows = 0
-    total = np.zeros(sum(len(h.edges) + 1 for h in [*profile.features, profile.score]), dtype=np.int64)
+def stored_counts(conn: Connection, batch_id: uuid.UUID) -> dict[tuple[str, str], tuple[int, np.ndarray]]:
+    """Per (model, model version): rows scored and the sum of the drift bin counts the
+    workers stored, over a batch's succeeded sub-tasks (one query)."""
+    totals: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
     stored = conn.execute(
-        select(Subtask.rows, Subtask.bin_counts).where(
-            Subtask.batch_id == batch_id,
-            Subtask.model == model,
-            Subtask.state == SubtaskState.succeeded,
-            Subtask.model_version == version,
-            Subtask.bin_counts.is_not(None),
+        select(Subtask.model, Subtask.model_version, Subtask.rows, Subtask.bin_counts).where(
+            Subtask.batch_id == batch_id, Subtask.state == SubtaskState.succeeded, Subtask.bin_counts.is_not(None)
         )
     )
     for row in stored:
-        rows += row.rows
-        total += np.frombuffer(row.bin_counts, dtype="<i8")
-    return rows, *profile.split_counts(total)
+        key = (row.model, row.model_version)
+        counts = np.frombuffer(row.bin_counts, dtype="<i8")
+        rows, total = totals.get(key, (0, np.zeros_like(counts)))
+        totals[key] = (rows + row.rows, total + counts)
+    return totals
 
 
 def _profile(models_dir: Path, spec: ModelSpec) -> tuple[ReferenceProfile | None, str]:
@@ -65,15 +60,17 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, model
     config: DriftConfig = pipeline.drift
     models: dict[str, dict[str, Any]] = {}
     features: dict[str, dict[str, Any]] = {}
+    totals = stored_counts(conn, batch_id)
     for spec in pipeline.models:
         profile, version = _profile(models_dir, spec)
         if profile is None:
             models[spec.name] = {"skipped": version}
             continue
-        rows, feature_counts, score_counts = model_counts(conn, batch_id, spec.name, version, profile)
-        if rows == 0:
+        rows, counts = totals.get((spec.name, version), (0, None))
+        if counts is None:
             models[spec.name] = {"skipped": f"no succeeded sub-task scored by version {version}"}
             continue
+        feature_counts, score_counts = profile.split_counts(counts)
         score_psi = psi(profile.score.expected, score_counts)
         models[spec.name] = {
             "rows": rows,
@@ -81,8 +78,8 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, model
             "score_psi": round(score_psi, 6),
             "score_band": config.band(score_psi, rows).value,
         }
-        for histogram, counts in zip(profile.features, feature_counts):
-            value = psi(histogram.expected, counts)
+        for histogram, bins in zip(profile.features, feature_counts):
+            value = psi(histogram.expected, bins)
             known = features.get(histogram.name)
             if known is None or value > known["psi"]:
                 features[histogram.name] = {"psi": round(value, 6), "band": config.band(value, rows).value}

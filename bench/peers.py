@@ -124,24 +124,18 @@ def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) ->
         chunks += chunker.take(final=True)
     header = [predict_chunk.s(c.model, c.rows, base64.b64encode(c.payload).decode()) for c in chunks]
     outputs = chord(header)(collect.s()).get(timeout=TIMEOUT_S)
+    by_model: dict[str, list[ledger.SubtaskOutput]] = {spec.name: [] for spec in pipeline.models}
+    for chunk, output in zip(chunks, outputs):
+        by_model[chunk.model].append(ledger.SubtaskOutput(chunk.seq, chunk.items, _decode(output), None))
     streams = [
-        ModelOutputStream(
-            spec,
-            iter(
-                [
-                    ledger.SubtaskOutput(chunk.items, _decode(output), None)
-                    for chunk, output in zip(chunks, outputs)
-                    if chunk.model == spec.name
-                ]
-            ),
-        )
+        ModelOutputStream(spec, lambda after, _before, mine=by_model[spec.name]: [c for c in mine if c.seq > after])
         for spec in pipeline.models
     ]
     kpis = pipeline.kpis()
     answered = 0
     for page in pages:
-        by_model = {stream.spec.name: stream.take_page(page.first, page.count)[0] for stream in streams}
-        results = pipeline.aggregate_page(page, by_model, [None] * page.count, kpis)
+        page_outputs = {stream.spec.name: stream.take_page(page.first, page.count)[0] for stream in streams}
+        results = pipeline.aggregate_page(page, page_outputs, [None] * page.count, kpis)
         answered += sum(result is not None for result in results)
     return answered, len(chunks)
 

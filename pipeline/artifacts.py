@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,23 @@ def model_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
 
 
 def read_manifest(models_dir: Path, name: str) -> Manifest:
-    """Return model `name`'s manifest; raises ArtifactError when it is missing."""
+    """Return model `name`'s manifest; raises ArtifactError when it is missing.
+
+    Parsed once per version of the file (keyed by its modification time and size), as
+    the aggregator reads every model's manifest for every batch."""
     _, manifest_path = model_paths(models_dir, name)
-    if not manifest_path.exists():
-        raise ArtifactError(f"model {name!r} is not trained: {manifest_path} is missing (run `pipeline models train`)")
-    return Manifest.model_validate_json(manifest_path.read_text())
+    try:
+        stat = manifest_path.stat()
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"model {name!r} is not trained: {manifest_path} is missing (run `pipeline models train`)"
+        ) from None
+    return _parsed_manifest(manifest_path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=256)
+def _parsed_manifest(path: Path, mtime_ns: int, size: int) -> Manifest:
+    return Manifest.model_validate_json(path.read_text())
 
 
 def sha256_of(data: bytes) -> str:

@@ -594,31 +594,79 @@ def lock_aggregating_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | 
     return conn.execute(select(Batch.__table__).where(Batch.id == batch_id, _aggregate_due()).with_for_update()).first()
 
 
+# pg_try_advisory_xact_lock class of the per-batch aggregation lock (the key is the batch id's hash).
+AGGREGATE_LOCK_CLASS = 7_240_114
+
+
+def try_lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> bool:
+    """Take the batch's aggregation lock for this transaction; False when another
+    aggregation of the batch holds it (a duplicate message, or one started early)."""
+    return conn.execute(
+        select(func.pg_try_advisory_xact_lock(AGGREGATE_LOCK_CLASS, func.hashtext(str(batch_id))))
+    ).scalar_one()
+
+
+def batch_state(conn: Connection, batch_id: uuid.UUID) -> BatchState | None:
+    """The batch's state; None when there is no such batch."""
+    state = conn.execute(select(Batch.state).where(Batch.id == batch_id)).scalar_one_or_none()
+    return None if state is None else BatchState(state)
+
+
+def running_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """A `running` batch whose split is finished (its results may be assembled as its
+    sub-tasks finish), unlocked; None otherwise."""
+    return conn.execute(
+        select(Batch.__table__).where(
+            Batch.id == batch_id, Batch.state == BatchState.running, Batch.split_items == Batch.items
+        )
+    ).first()
+
+
+def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
+    """True while a sub-task of the batch holding rows of an input before `item` is unfinished."""
+    return conn.execute(
+        select(
+            select(Subtask.id)
+            .where(
+                Subtask.batch_id == batch_id,
+                Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+                Subtask.items[1] < item,
+            )
+            .exists()
+        )
+    ).scalar_one()
+
+
 @dataclass(frozen=True)
 class SubtaskOutput:
-    items: list[int]
+    seq: int
+    items: np.ndarray
     output: bytes | None
     error: str | None
 
 
-def iter_subtask_outputs(conn: Connection, batch_id: uuid.UUID, model: str, page: int = 64) -> Iterator[SubtaskOutput]:
-    """Yield one model's sub-task outputs of a batch in `seq` (hence item) order, paged."""
-    after = -1
-    while True:
-        rows = conn.execute(
-            select(Subtask.seq, Subtask.items, Subtask.output, Subtask.error, Subtask.state)
-            .where(Subtask.batch_id == batch_id, Subtask.model == model, Subtask.seq > after)
-            .order_by(Subtask.seq)
-            .limit(page)
-        ).all()
-        for row in rows:
-            error = row.error if row.state != SubtaskState.succeeded else None
-            if row.state == SubtaskState.cancelled:
-                error = "cancelled"
-            yield SubtaskOutput(row.items, row.output if row.state == SubtaskState.succeeded else None, error)
-        if len(rows) < page:
-            return
-        after = rows[-1].seq
+def subtask_outputs(
+    conn: Connection, batch_id: uuid.UUID, model: str, after_seq: int, before_item: int, limit: int = 64
+) -> list[SubtaskOutput]:
+    """Up to `limit` of one model's sub-tasks of a batch after `after_seq`, in `seq` (hence
+    item) order, that start before input `before_item`: their outputs, or why they have none."""
+    rows = conn.execute(
+        select(Subtask.seq, Subtask.items, Subtask.output, Subtask.error, Subtask.state)
+        .where(
+            Subtask.batch_id == batch_id,
+            Subtask.model == model,
+            Subtask.seq > after_seq,
+            Subtask.items[1] < before_item,
+        )
+        .order_by(Subtask.seq)
+        .limit(limit)
+    ).all()
+    outputs = []
+    for row in rows:
+        succeeded = row.state == SubtaskState.succeeded
+        error = "cancelled" if row.state == SubtaskState.cancelled else None if succeeded else row.error
+        outputs.append(SubtaskOutput(row.seq, np.asarray(row.items), row.output if succeeded else None, error))
+    return outputs
 
 
 def copy_result_page(
@@ -656,8 +704,8 @@ def finish_batch(
             finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=_now()),
             aggregate_runs=Batch.aggregate_runs + 1,
         )
+        .returning(func.pg_notify(NOTIFY_CHANNEL, str(batch_id)))
     )
-    conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
 
 
 # --- sweeper ------------------------------------------------------------------------------

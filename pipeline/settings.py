@@ -56,6 +56,15 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Per-model chunk size overrides, JSON: `{"digit-classifier": 2000}`. Read by the splitter.',
     )
+    split_step_items: int = Field(
+        default=50_000,
+        ge=1,
+        description=(
+            "Inputs per committed step of the split: workers start on a big batch once its first"
+            " step is published, and a batch of several steps has its results assembled as its"
+            " sub-tasks finish."
+        ),
+    )
     retry_base_s: float = Field(
         default=1.0, ge=0, description="First retry's backoff; doubles per attempt, with full jitter."
     )

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from celery import Celery
 from sqlalchemy import Engine
 
 from pipeline import broker, ledger, registry, runtime
@@ -17,9 +18,6 @@ from pipeline.definition import ModelRows, ModelSpec
 from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-# Inputs per committed split step: workers start once the first step is published.
-STEP_ITEMS = 50_000
 
 
 class SplitError(ValueError):
@@ -94,8 +92,8 @@ class SplitStep:
     aggregate: bool
 
 
-def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]) -> SplitStep | None:
-    """Split the next `STEP_ITEMS` inputs of a `pending` batch into `dispatched` sub-tasks,
+def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int) -> SplitStep | None:
+    """Split the next `step_items` inputs of a `pending` batch into `dispatched` sub-tasks,
     in one transaction; the last step moves the batch to `running`.
 
     Chunks do not span steps, so a step interrupted by a crash is redone from
@@ -113,7 +111,8 @@ def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int])
             for spec in pipeline.models
         ]
         split_items = batch.split_items
-        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, STEP_ITEMS):
+        step = min(step_items, batch.items - split_items)
+        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
             parts = pipeline.split_page(page)
             for chunker in chunkers:
                 rows = parts.get(chunker.spec.name)
@@ -127,31 +126,35 @@ def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int])
     return SplitStep(published, finished, aggregate)
 
 
-def split_steps(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]) -> Iterator[SplitStep]:
+def split_steps(
+    engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int
+) -> Iterator[SplitStep]:
     """Yield each committed step of a `pending` batch's split until it is finished; nothing
     when the batch is not `pending`.
 
     Raises:
         SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs.
     """
-    while (step := split_step(engine, batch_id, chunk_sizes)) is not None:
+    while (step := split_step(engine, batch_id, chunk_sizes, step_items)) is not None:
         yield step
         if step.finished:
             return
 
 
-def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID) -> None:
-    """Split a batch step by step, publishing each step's sub-tasks once it is committed,
-    so workers start on the first chunks while the rest is split.
+def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID, app: Celery) -> None:
+    """Split a batch step by step, publishing each step's sub-tasks with `app` once it is
+    committed, so workers start on the first chunks while the rest is split.
 
     A batch whose inputs the pipeline cannot split is marked `failed` with the reason.
     """
-    app = runtime.celery_app()
-    created = 0
+    created = steps = 0
     try:
-        for step in split_steps(engine, batch_id, settings.chunk_sizes):
+        for step in split_steps(engine, batch_id, settings.chunk_sizes, settings.split_step_items):
             created += broker.publish_predictions(app, step.published)
-            if step.aggregate:
+            steps += 1
+            # A batch of several steps is followed by an aggregator from now on, which
+            # assembles its results as its sub-tasks finish.
+            if step.aggregate or (step.finished and steps > 1):
                 broker.publish_aggregate(app, str(batch_id))
     except (SplitError, registry.UnknownPipelineError, ValueError) as error:
         log.error("batch %s cannot be split: %s", batch_id, error)
@@ -162,4 +165,5 @@ def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID) -> None:
 
 @broker.app.task(name=broker.SPLIT_TASK)
 def split_task(batch_id: str) -> None:
-    run_split(runtime.engine(), get_settings(), uuid.UUID(broker.SplitMessage(batch_id=batch_id).batch_id))
+    message = broker.SplitMessage(batch_id=batch_id)
+    run_split(runtime.engine(), get_settings(), uuid.UUID(message.batch_id), runtime.celery_app())

@@ -20,6 +20,7 @@ def store_batch(
     return ledger.create_batch(engine, pipeline, pages, key)
 
 
-def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]) -> int:
-    """Split a `pending` batch to the end; return how many sub-tasks it created (0 when not pending)."""
-    return sum(len(step.published) for step in split_steps(engine, batch_id, chunk_sizes))
+def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int = 3) -> int:
+    """Split a `pending` batch to the end, `step_items` inputs per committed step; return how
+    many sub-tasks it created (0 when not pending)."""
+    return sum(len(step.published) for step in split_steps(engine, batch_id, chunk_sizes, step_items))

@@ -8,6 +8,7 @@ when unset, the embedded PostgreSQL and Redis are started in a temporary folder.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ os.environ["PIPELINE_PIPELINES"] = "tests.pipelines:PoisonPipeline,tests.guarded
 from pipeline import ledger  # noqa: E402  (after the environment is set)
 from pipeline.client import Client
 from pipeline.scratch import ScratchServices, delete_keys, scratch_services
+from pipeline.settings import Settings
 from pipeline.training import train_models
 
 # The services a test run owns (its database and broker prefix).
@@ -53,9 +55,35 @@ def engine(services: RunServices) -> Iterator[Engine]:
     engine.dispose()
 
 
+# How the tests split, for the aggregator and for clients alike (a client splits a small
+# batch itself). Odd chunk sizes, different per model, so strips straddle sub-task
+# boundaries and every model of a small batch runs several sub-tasks (latency
+# percentiles); small split steps, so a multi-input batch is split in several steps and
+# has its results assembled while its sub-tasks run.
+TEST_CHUNK_SIZES = {
+    "digit-classifier": 97,
+    "digit-ood": 128,
+    "screen-logreg": 16,
+    "screen-forest": 23,
+    "screen-boosting": 40,
+}
+TEST_SPLIT_STEP_ITEMS = 40
+TEST_SPLIT_ENV = {
+    "PIPELINE_CHUNK_SIZES": json.dumps(TEST_CHUNK_SIZES),
+    "PIPELINE_SPLIT_STEP_ITEMS": str(TEST_SPLIT_STEP_ITEMS),
+}
+
+
+def run_client_settings(services: RunServices, models_dir: Path, **overrides: object) -> Settings:
+    """A client's settings for the run's services, splitting as the stack does."""
+    return services.settings(
+        models_dir, chunk_sizes=TEST_CHUNK_SIZES, split_step_items=TEST_SPLIT_STEP_ITEMS, **overrides
+    )
+
+
 @pytest.fixture(scope="session")
 def client(services: RunServices, models_dir: Path) -> Iterator[Client]:
-    client = Client(services.settings(models_dir))
+    client = Client(run_client_settings(services, models_dir))
     yield client
     client.close()
 
@@ -64,7 +92,7 @@ def client(services: RunServices, models_dir: Path) -> Iterator[Client]:
 def isolated(services: RunServices, models_dir: Path) -> Iterator[tuple[Client, str]]:
     """A client publishing under a broker prefix no process consumes, so what it queues stays visible."""
     prefix = f"isolated-{uuid.uuid4().hex[:8]}:"
-    client = Client(services.settings(models_dir, broker_prefix=prefix))
+    client = Client(run_client_settings(services, models_dir, broker_prefix=prefix))
     yield client, prefix
     client.close()
     delete_keys(services.broker_url, prefix)
@@ -109,12 +137,7 @@ class Processes:
 def stack(services: RunServices, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
     """One model worker (2 processes, every model) and one aggregator, for the whole run."""
     processes = Processes(tmp_path_factory.mktemp("logs"))
-    # Odd chunk sizes, different per model, so strips straddle sub-task boundaries and
-    # every model of a small batch runs several sub-tasks (latency percentiles).
-    chunks = (
-        '{"digit-classifier": 97, "digit-ood": 128, "screen-logreg": 16, "screen-forest": 23, "screen-boosting": 40}'
-    )
-    env = services.env(models_dir, PIPELINE_CHUNK_SIZES=chunks)
+    env = services.env(models_dir, **TEST_SPLIT_ENV)
     processes.start("worker", ["-m", "workers", "--concurrency", "2"], env)
     processes.metrics_port = free_port()
     metrics = {"PIPELINE_METRICS_PORT": str(processes.metrics_port), "PIPELINE_METRICS_ADDRESS": "127.0.0.1"}

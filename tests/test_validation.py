@@ -53,7 +53,8 @@ def test_each_bad_item_is_named_and_nothing_is_stored_or_queued(
     # The same checks see a valid submission (so they can fail).
     batch = client.submit("digits", good)
     assert _counts(engine)[0] == before[0] + 1
-    assert broker.llen(f"{prefix}split") == 1
+    # A batch this small is split by the client itself: its sub-tasks' messages are queued.
+    assert broker.llen(f"{prefix}model.digit-classifier") >= 1
     batch.cancel()
 
 
