@@ -4,6 +4,7 @@ leases and sweep intervals, and the invariants every such test ends on."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -24,7 +25,9 @@ SWEEP_INTERVAL_S = 0.5
 
 
 class OwnStack:
-    def __init__(self, tmp_path: Path, models_dir: Path, chunk_sizes: str = "{}") -> None:
+    def __init__(
+        self, tmp_path: Path, models_dir: Path, chunk_sizes: str = "{}", split_step_items: int = 50_000
+    ) -> None:
         self.data_dir = tmp_path / "data"
         self.log_dir = tmp_path / "logs"
         self.log_dir.mkdir()
@@ -42,9 +45,18 @@ class OwnStack:
             PIPELINE_RETRY_MAX_S="0.2",
             PIPELINE_DB_RETRY_S="120",
             PIPELINE_CHUNK_SIZES=chunk_sizes,
+            PIPELINE_SPLIT_STEP_ITEMS=str(split_step_items),
         )
         self.processes = Processes(self.log_dir)
-        self.client = Client(Settings(database_url=urls.database_url, broker_url=urls.broker_url))
+        # The client splits a small batch itself: the same way as the aggregator.
+        self.client = Client(
+            Settings(
+                database_url=urls.database_url,
+                broker_url=urls.broker_url,
+                chunk_sizes=json.loads(chunk_sizes),
+                split_step_items=split_step_items,
+            )
+        )
         self.engine: Engine = self.client.engine
 
     def start(self, role: str, *args: str) -> subprocess.Popen[bytes]:

@@ -50,6 +50,32 @@ def test_worker_killed_mid_batch_a_second_worker_finishes(own: OwnStack) -> None
     assert _results(own, batch.id) == (5000, 0)
 
 
+def test_aggregator_killed_while_splitting_or_following_a_batch(tmp_path: Path, models_dir: Path) -> None:
+    """The split commits in steps of 500 inputs, then the aggregator follows the batch; killed
+    in either phase, a new aggregator resumes the split where it stopped (the sweeper
+    re-publishes it) and assembles every result once."""
+    own = OwnStack(tmp_path, models_dir, split_step_items=500)
+    try:
+        own.start("workers", "--concurrency", "2")
+        first = own.start("aggregator", "--concurrency", "2")
+        batch = own.client.submit("poison", _points(5000, poison=set()))
+        wait_until(
+            lambda: own.count("SELECT split_items FROM batches WHERE id = :b", b=batch.id) > 0, 120, "a split step"
+        )
+        own.kill(first)
+        split_when_killed = own.count("SELECT split_items FROM batches WHERE id = :b", b=batch.id)
+        own.start("aggregator", "--concurrency", "2")
+        status = batch.wait(timeout=600)
+        assert status.state == "succeeded", status.error
+        assert_finished_and_consistent(own.engine, batch.id)
+        assert _results(own, batch.id) == (5000, 0)
+        # Each input is in exactly one sub-task (chunk size 1): nothing split twice.
+        assert status.total == 5000
+        assert 0 < split_when_killed <= 5000
+    finally:
+        own.close()
+
+
 def _flush_redis(own: OwnStack) -> None:
     """Every queued message is lost."""
     redis.Redis.from_url(own.broker_url).flushall()

@@ -14,6 +14,7 @@ from aggregator.assemble import aggregate_batch
 from pipeline import ledger, registry
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
+from pipeline.splitter import split_steps
 from tests.batches import split_batch, store_batch
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
@@ -152,3 +153,27 @@ def test_idempotency_key_returns_the_same_batch(engine: Engine) -> None:
     with engine.connect() as conn:
         stored = conn.execute(text("SELECT sum(items) FROM input_pages WHERE batch_id = :b"), {"b": first}).scalar()
     assert stored == 3
+
+
+def test_a_split_resumes_after_its_last_committed_step(engine: Engine) -> None:
+    """Interrupted after its first step, a split goes on from `split_items` and makes the same
+    sub-tasks as one that ran through."""
+    inputs = held_out_strips(10, max_digits=4, seed=9)
+    interrupted, _ = store_batch(engine, inputs)
+    first_step = next(split_steps(engine, interrupted, CHUNKS, 3))
+    assert not first_step.finished and _batch(engine, interrupted)["split_items"] == 3
+    assert _batch(engine, interrupted)["state"] == "pending"
+    split_batch(engine, interrupted, CHUNKS)
+    straight, _ = store_batch(engine, inputs)
+    split_batch(engine, straight, CHUNKS)
+
+    def chunks(batch_id: uuid.UUID) -> list[tuple[str, int, list[int]]]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT model, seq, items FROM subtasks WHERE batch_id = :b ORDER BY model, seq"), {"b": batch_id}
+            ).all()
+        return [(model, seq, list(items)) for model, seq, items in rows]
+
+    assert chunks(interrupted) == chunks(straight)
+    assert _batch(engine, interrupted)["state"] == _batch(engine, straight)["state"] == "running"
+    assert _batch(engine, interrupted)["total"] == len(chunks(straight))
