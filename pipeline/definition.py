@@ -105,10 +105,13 @@ class InputPage:
     X: np.ndarray | None
     data: list[Any] | None
 
-    def stored(self) -> tuple[int, int, bytes | None, str | None]:
-        """(first, count, features as float32 bytes, data as JSON text), as the ledger stores them."""
-        features = None if self.X is None else np.ascontiguousarray(self.X, dtype="<f4").tobytes()
-        return self.first, self.count, features, None if self.data is None else json.dumps(self.data)
+    def cut(self, start: int, stop: int) -> InputPage:
+        """Inputs `start` .. `stop - 1` of this page (the page itself when that is all of it)."""
+        if start == self.first and stop == self.first + self.count:
+            return self
+        lo, hi = start - self.first, stop - self.first
+        X = None if self.X is None else self.X[lo:hi]
+        return InputPage(start, stop - start, X, None if self.data is None else self.data[lo:hi])
 
     @classmethod
     def from_stored(

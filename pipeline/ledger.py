@@ -262,21 +262,26 @@ def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None
 def input_pages(
     conn: Connection, batch_id: uuid.UUID, n_features: int, first_item: int = 0, limit_items: int | None = None
 ) -> Iterator[InputPage]:
-    """Yield a batch's input pages from the one starting at `first_item`, in item order,
-    one page per query; with `limit_items`, stop once that many items were yielded."""
-    yielded = 0
-    while limit_items is None or yielded < limit_items:
+    """Yield a batch's inputs from `first_item` on (at most `limit_items` of them) as pages,
+    in item order, one stored page per query; a page is cut where the range starts or ends."""
+    position = first_item
+    end = None if limit_items is None else first_item + limit_items
+    while end is None or position < end:
         row = conn.execute(
             select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features, StoredInputPage.data)
-            .where(StoredInputPage.batch_id == batch_id, StoredInputPage.first_item >= first_item)
+            .where(
+                StoredInputPage.batch_id == batch_id,
+                StoredInputPage.first_item + StoredInputPage.items > position,
+            )
             .order_by(StoredInputPage.first_item)
             .limit(1)
         ).first()
         if row is None:
             return
-        yield InputPage.from_stored(row.first_item, row.items, row.features, row.data, n_features)
-        yielded += row.items
-        first_item = row.first_item + row.items
+        page = InputPage.from_stored(row.first_item, row.items, row.features, row.data, n_features)
+        stop = page.first + page.count if end is None else min(end, page.first + page.count)
+        yield page.cut(max(position, page.first), stop)
+        position = stop
 
 
 def next_seqs(conn: Connection, batch_id: uuid.UUID) -> dict[str, int]:

@@ -17,10 +17,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from sklearn.datasets import load_breast_cancer
 
 from pipeline import broker
-from pipeline.client import Client
+from pipeline.client import INLINE_SPLIT_ITEMS, Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.stack import flower_args
 from tests.conftest import Processes, RunServices, free_port, wait_for
@@ -80,6 +82,10 @@ def test_flower_shows_the_live_workers_and_the_pipeline_tasks(
         # Flower hears the events before the batch runs, so it sees every task of it.
         wait_for(lambda: _flower_knows(url, workers), 90, "Flower to see the workers and their queues")
         status = client.submit("digits", held_out_strips(20)).wait(timeout=300)
+        assert status.state == "succeeded", status.error
+        # A batch too big for the client to split itself runs the split task too.
+        X = load_breast_cancer().data[np.arange(INLINE_SPLIT_ITEMS + 1) % 569]
+        status = client.submit("screening", X).wait(timeout=300)
         assert status.state == "succeeded", status.error
 
         ARTIFACTS.mkdir(exist_ok=True)

@@ -27,7 +27,7 @@ from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.scratch import ScratchServices, scratch_services
 from pipeline.settings import Settings
-from tests.conftest import Processes, wait_for
+from tests.conftest import TEST_SPLIT_ENV, Processes, run_client_settings, wait_for
 
 AMQP_URL = os.environ.get("PIPELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DIGITS_QUEUES = ("model.digit-classifier", "model.digit-ood", broker.SPLIT_QUEUE, broker.AGGREGATE_QUEUE)
@@ -106,7 +106,7 @@ def rabbit_stack(
 ) -> Iterator[Processes]:
     """A digits model worker and an aggregator consuming from RabbitMQ."""
     processes = Processes(tmp_path_factory.mktemp("logs-rabbitmq"))
-    env = rabbit_services.env(models_dir, PIPELINE_CHUNK_SIZES='{"digit-classifier": 97, "digit-ood": 128}')
+    env = rabbit_services.env(models_dir, **TEST_SPLIT_ENV)
     processes.start("worker", ["-m", "workers", "--models", "digit-classifier,digit-ood", "--concurrency", "1"], env)
     processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
     yield processes
@@ -127,7 +127,7 @@ def test_digits_batch_end_to_end_on_rabbitmq(
     rabbit_services: ScratchServices, rabbit_stack: Processes, models_dir: Path, amqp_url: str
 ) -> None:
     inputs = held_out_strips(STRIPS, max_digits=6, seed=2)
-    client = Client(rabbit_services.settings(models_dir))
+    client = Client(run_client_settings(rabbit_services, models_dir))
     try:
         batch = client.submit("digits", inputs)
         status = batch.wait(timeout=300)
