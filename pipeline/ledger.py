@@ -333,13 +333,16 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
     first_seqs: dict[str, int] = {}
     for subtask in subtasks:
         first_seqs.setdefault(subtask.model, subtask.seq)
-    created: list[tuple[int, str]] = []
-    for model, seq in first_seqs.items():
-        rows = conn.execute(
-            select(Subtask.id).where(Subtask.batch_id == batch_id, Subtask.model == model, Subtask.seq >= seq)
-        ).scalars()
-        created += [(subtask_id, model) for subtask_id in rows]
-    return created
+    if not first_seqs:
+        return []
+    rows = conn.execute(
+        select(Subtask.id, Subtask.model).where(
+            Subtask.batch_id == batch_id,
+            or_(*(and_(Subtask.model == model, Subtask.seq >= seq) for model, seq in first_seqs.items())),
+        )
+        .order_by(Subtask.seq, Subtask.model)
+    ).all()
+    return [(row.id, row.model) for row in rows]
 
 
 def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, created: int, finished: bool) -> bool:

@@ -105,7 +105,8 @@ def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int],
         if batch is None:
             return None
         pipeline = registry.get_pipeline(batch.pipeline)
-        seqs = ledger.next_seqs(conn, batch_id)
+        # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
+        seqs = ledger.next_seqs(conn, batch_id) if batch.split_items else {}
         chunkers = [
             Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), seqs.get(spec.name, 0))
             for spec in pipeline.models
