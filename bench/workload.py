@@ -3,7 +3,9 @@ and the float32 rows every model of the pipeline scores for them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -16,11 +18,18 @@ MAX_STRIP = 6
 @dataclass(frozen=True)
 class Workload:
     """`inputs` is what `Client.submit` takes (a list of items, or a 2-D array for a
-    feature-vector pipeline); input i gives `rows_per_item[i]` rows of `X` to every model."""
+    feature-vector pipeline); input i gives `rows_per_item[i]` rows of `X` to every model.
+
+    `X` is made on first use from `rows`: a client process, whose memory is measured,
+    holds only the inputs a user would."""
 
     inputs: Any
     rows_per_item: np.ndarray
-    X: np.ndarray
+    rows_of: Callable[[], np.ndarray]
+
+    @cached_property
+    def X(self) -> np.ndarray:
+        return self.rows_of()
 
     @property
     def items(self) -> int:
@@ -33,7 +42,7 @@ class Workload:
     def head(self, count: int) -> Workload:
         """The first `count` inputs."""
         rows_per_item = self.rows_per_item[:count]
-        return Workload(self.inputs[:count], rows_per_item, self.X[: int(rows_per_item.sum())])
+        return Workload(self.inputs[:count], rows_per_item, lambda: self.X[: int(rows_per_item.sum())])
 
 
 def make_workload(pipeline: str, rows: int, seed: int = 0) -> Workload:
@@ -66,7 +75,7 @@ def _digits(rows: int, seed: int) -> Workload:
         label = "".join(str(digit) for digit in y_test[chosen[start : start + k]].tolist())
         inputs.append({"image": image.tolist(), "label": label})
         start += k
-    return Workload(inputs, sizes, tiles.astype("<f4"))
+    return Workload(inputs, sizes, lambda: tiles.astype("<f4"))
 
 
 def _screening(rows: int, seed: int) -> Workload:
@@ -74,4 +83,4 @@ def _screening(rows: int, seed: int) -> Workload:
 
     _, X_test, _, _ = dataset_split()
     X = X_test[np.random.default_rng(seed).integers(0, len(X_test), size=rows)]
-    return Workload(X, np.ones(rows, dtype=np.int64), X.astype("<f4"))
+    return Workload(X, np.ones(rows, dtype=np.int64), lambda: X.astype("<f4"))

@@ -94,7 +94,8 @@ class ModelRows:
 class InputPage:
     """Inputs `first` .. `first + count - 1` of a batch, as stored.
 
-    `X`: the float32 feature rows of a feature-vector pipeline, else None.
+    `X`: the feature rows of a feature-vector pipeline (stored, and read back, as float32),
+    else None.
     `data`: per input, the whole item (JSON-able) or, for a feature-vector pipeline,
     its other fields (`extras_model`); None when a feature-vector pipeline's inputs
     set no other field.

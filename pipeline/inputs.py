@@ -145,7 +145,8 @@ class _Validator:
                     data = self._json_extras(self._extras.validate_python(records))
                 except ValidationError as error:
                     self.problems += _problems_of(error, first)
-            pages.append(InputPage(first, len(rows), rows.astype("<f4"), data))
+            # A view of the caller's array: converted to float32 as it is written, page by page.
+            pages.append(InputPage(first, len(rows), rows, data))
         return pages
 
     def _json_extras(self, extras: Sequence[BaseModel]) -> list[Any] | None:
@@ -185,7 +186,7 @@ class _Validator:
             X = np.asarray(rows, dtype=np.float64)
             self.problems += _finite_problems(self.pipeline, X, first)
             data = list(extras) if any(extras) else None
-            return InputPage(first, len(items), X.astype("<f4"), data)
+            return InputPage(first, len(items), X, data)
         data = [item.model_dump(mode="json") for item in items]
         for index, item in enumerate(data):
             size = len(json.dumps(item))

@@ -336,7 +336,8 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
     if not first_seqs:
         return []
     rows = conn.execute(
-        select(Subtask.id, Subtask.model).where(
+        select(Subtask.id, Subtask.model)
+        .where(
             Subtask.batch_id == batch_id,
             or_(*(and_(Subtask.model == model, Subtask.seq >= seq) for model, seq in first_seqs.items())),
         )
