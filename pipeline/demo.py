@@ -3,9 +3,12 @@ patient records, show what happened, stop."""
 
 from __future__ import annotations
 
+import uuid
+
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import ledger
 from pipeline.client import BatchHandle, BatchStatus, Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import held_out_records
@@ -86,12 +89,15 @@ def run_demo(settings: Settings, strips: int, records: int | None, console: Cons
             _summary(console, screening_status)
 
             tiles = sum(m["rows"] for m in (digits_status.metrics or {}).get("models", {}).values()) // 2
-            if digits_status.started_at and digits_status.finished_at:
-                run_s = (digits_status.finished_at - digits_status.started_at).total_seconds()
+            # The client splits a batch this small at once: count from the first sub-task a
+            # worker started, so the workers' start-up is not in the rate.
+            first_started = ledger.first_subtask_started(client.engine, uuid.UUID(digits.id))
+            if first_started and digits_status.finished_at:
+                run_s = (digits_status.finished_at - first_started).total_seconds()
                 console.print(
-                    f"digits throughput: {len(digit_inputs)} strips / {tiles} tiles in {run_s:.2f} s from split to"
-                    f" result ({tiles / run_s:,.0f} tiles/s); {digits_status.elapsed_s:.2f} s from submit,"
-                    " worker start-up included"
+                    f"digits throughput: {len(digit_inputs)} strips / {tiles} tiles in {run_s:.2f} s from the first"
+                    f" sub-task started to result ({tiles / run_s:,.0f} tiles/s); {digits_status.elapsed_s:.2f} s"
+                    " from submit, worker start-up included"
                 )
             console.rule("KPI summary")
             for status in (digits_status, screening_status):

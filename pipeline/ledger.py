@@ -12,7 +12,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib.resources import files
 from typing import Any
 
@@ -193,6 +193,12 @@ def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
         for index, (output, error) in enumerate(zip(page.outputs, errors)):
             yield StoredResult(page.first_item + index, output, error)
         after = page.first_item
+
+
+def first_subtask_started(engine: Engine, batch_id: uuid.UUID) -> datetime | None:
+    """When a worker first started a sub-task of the batch; None before any did."""
+    with engine.connect() as conn:
+        return conn.execute(select(func.min(Subtask.started_at)).where(Subtask.batch_id == batch_id)).scalar_one()
 
 
 def _cancel_subtasks(conn: Connection, batch_id: uuid.UUID, states: Sequence[SubtaskState]) -> int:
