@@ -146,7 +146,8 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
         unsplit_error = batch.error or "batch cancelled before it was split"
         answered = unanswered = 0
-        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), 0, batch.items):
+        for stored in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), 0, batch.items):
+            page = pipeline.with_features(stored)
             end = page.first + page.count
             if following:
                 _wait_for(lambda: not ledger.unfinished_before(conn, batch_id, end))  # noqa: B023

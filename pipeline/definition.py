@@ -184,15 +184,24 @@ class Pipeline(ABC):
         raise NotImplementedError(f"pipeline {self.name!r} has no feature vector")
 
     @cached_property
-    def _items_adapter(self) -> TypeAdapter[list[BaseModel]]:
+    def items_adapter(self) -> TypeAdapter[list[BaseModel]]:
+        """Validates a list of this pipeline's inputs."""
         return TypeAdapter(list[self.input_model])  # type: ignore[name-defined]
 
     def page_items(self, page: InputPage) -> list[BaseModel]:
         """The page's inputs as input model objects (they were validated on submit)."""
         if page.X is None:
-            return self._items_adapter.validate_python(page.data)
+            return self.items_adapter.validate_python(page.data)
         extras = page.data if page.data is not None else [{}] * page.count
         return [self.make_item(row, extra) for row, extra in zip(page.X.tolist(), extras)]
+
+    def with_features(self, page: InputPage) -> InputPage:
+        """The page of a feature-vector pipeline with its features in `X`, also when it holds
+        whole items (pages converted from the per-input table of migrations before 0004)."""
+        if not self.feature_names or page.X is not None:
+            return page
+        rows, extras = zip(*(self.item_parts(item) for item in self.page_items(page)))
+        return InputPage(page.first, page.count, np.asarray(rows, dtype="<f4"), list(extras) if any(extras) else None)
 
     def split_page(self, page: InputPage) -> dict[str, ModelRows]:
         """For each model name, the rows it must score for the page's inputs (`items`

@@ -87,7 +87,8 @@ def _table_columns(pipeline: Pipeline, table: Any) -> tuple[np.ndarray, dict[str
         if name in extra_fields:
             # A DataFrame holds a missing value as NaN (or pandas NA): both mean "not given".
             values = table[name].astype(object).to_numpy().tolist()
-            extras[name] = [None if value is None or value != value or _is_na(value) else value for value in values]
+            # pandas NA first: comparing it gives NA, whose truth value raises.
+            extras[name] = [None if _is_na(value) or value is None or value != value else value for value in values]
     return X, extras
 
 
@@ -114,7 +115,6 @@ class _Validator:
         self.max_items = max_items
         self.max_item_bytes = max_item_bytes
         self.problems: list[tuple[int, str]] = []
-        self._items = TypeAdapter(list[pipeline.input_model])  # type: ignore[name-defined]
         self._extras = (
             TypeAdapter(list[pipeline.extras_model])  # type: ignore[name-defined]
             if pipeline.extras_model is not None
@@ -177,7 +177,7 @@ class _Validator:
 
     def _item_page(self, first: int, raw: list[Any]) -> InputPage:
         try:
-            items = self._items.validate_python(raw)
+            items = self.pipeline.items_adapter.validate_python(raw)
         except ValidationError as error:
             self.problems += _problems_of(error, first)
             return InputPage(first, len(raw), None, None)

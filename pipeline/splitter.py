@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from celery import Celery
@@ -114,11 +114,12 @@ def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int],
         split_items = batch.split_items
         step = min(step_items, batch.items - split_items)
         for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
-            parts = pipeline.split_page(page)
+            parts = pipeline.split_page(pipeline.with_features(page))
             for chunker in chunkers:
                 rows = parts.get(chunker.spec.name)
                 if rows is not None and len(rows.X):
-                    chunker.add(rows, page.first)
+                    # A worker can read the inputs' rows only where their features are stored.
+                    chunker.add(rows if page.X is not None else replace(rows, of_inputs=False), page.first)
             split_items = page.first + page.count
         subtasks = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
         published = ledger.copy_subtasks(conn, batch_id, subtasks)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import confusion_matrix, recall_score
 from sqlalchemy import Engine, text
 
@@ -286,3 +287,15 @@ def test_result_json_from_the_template_is_the_result_as_json() -> None:
         "needs_review": False,
         "warnings": ['mean radius = 99 is far outside the training range [6.98, 28.1] "quoted" \\ é'],
     }
+
+
+def test_a_missing_label_in_a_dataframe_is_none_whatever_pandas_holds_it_as() -> None:
+    """NaN in a float column and pandas' NA in a nullable integer column both mean "no label"."""
+    from pipeline.inputs import encode_inputs
+    from pipeline.registry import get_pipeline
+
+    X = load_breast_cancer().data[:3]
+    for labels in (pd.array([0, pd.NA, 1], dtype="Int64"), [0.0, np.nan, 1.0]):
+        frame = pd.DataFrame(X, columns=FEATURES).assign(label=labels)
+        (page,) = encode_inputs(get_pipeline("screening"), frame, 10, 10_000)
+        assert page.data == [{"label": 0}, {}, {"label": 1}]

@@ -37,42 +37,57 @@ FROM result_pages p,
 """
 
 JSON_PAGE_COLUMNS = (("result_pages", "outputs"), ("result_pages", "errors"), ("input_pages", "data"))
+# Inputs per page of the rows converted from the old tables (pipeline.inputs.PAGE_ITEMS then).
+PAGE_ITEMS = 10_000
 PACKED_COLUMNS = (("subtasks", "payload"), ("subtasks", "output"), ("input_pages", "features"))
 
 
+def _batch_id() -> sa.Column[object]:
+    return sa.Column(
+        "batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+def _page_table(name: str, *columns: sa.Column[object]) -> None:
+    """A table of pages of a batch's consecutive inputs, keyed by (batch_id, first_item)."""
+    op.create_table(
+        name,
+        _batch_id(),
+        sa.Column("first_item", sa.Integer, primary_key=True),
+        sa.Column("items", sa.Integer, nullable=False),
+        *columns,
+        sa.CheckConstraint("items > 0", name=f"{name}_items_positive"),
+    )
+
+
 def upgrade() -> None:
+    _page_table("input_pages", sa.Column("features", sa.LargeBinary), sa.Column("data", postgresql.JSON))
+    _page_table(
+        "result_pages", sa.Column("outputs", postgresql.JSON, nullable=False), sa.Column("errors", postgresql.JSON)
+    )
+    # Nothing stored is lost: the rows of the old per-input tables become pages (inputs as
+    # whole JSON items, which every pipeline can read back; see Pipeline.with_features).
+    op.execute(
+        f"""
+        INSERT INTO input_pages (batch_id, first_item, items, data)
+        SELECT batch_id, min(item), count(*), json_agg(data ORDER BY item)
+        FROM inputs GROUP BY batch_id, item / {PAGE_ITEMS}
+        """
+    )
+    op.execute(
+        f"""
+        INSERT INTO result_pages (batch_id, first_item, items, outputs, errors)
+        SELECT batch_id, min(item), count(*), json_agg(output ORDER BY item),
+               CASE WHEN bool_or(error IS NOT NULL) THEN json_agg(error ORDER BY item) END
+        FROM results GROUP BY batch_id, item / {PAGE_ITEMS}
+        """
+    )
     op.drop_table("inputs")
-    op.create_table(
-        "input_pages",
-        sa.Column(
-            "batch_id",
-            postgresql.UUID(as_uuid=True),
-            sa.ForeignKey("batches.id", ondelete="CASCADE"),
-            primary_key=True,
-        ),
-        sa.Column("first_item", sa.Integer, primary_key=True),
-        sa.Column("items", sa.Integer, nullable=False),
-        sa.Column("features", sa.LargeBinary),
-        sa.Column("data", postgresql.JSON),
-        sa.CheckConstraint("items > 0", name="input_pages_items_positive"),
-    )
     op.drop_table("results")
-    op.create_table(
-        "result_pages",
-        sa.Column(
-            "batch_id",
-            postgresql.UUID(as_uuid=True),
-            sa.ForeignKey("batches.id", ondelete="CASCADE"),
-            primary_key=True,
-        ),
-        sa.Column("first_item", sa.Integer, primary_key=True),
-        sa.Column("items", sa.Integer, nullable=False),
-        sa.Column("outputs", postgresql.JSON, nullable=False),
-        sa.Column("errors", postgresql.JSON),
-        sa.CheckConstraint("items > 0", name="result_pages_items_positive"),
-    )
     op.execute(RESULTS_VIEW)
     op.add_column("batches", sa.Column("split_items", sa.Integer, nullable=False, server_default="0"))
+    # A batch past `pending` was split whole by the code before this revision.
+    op.execute("UPDATE batches SET split_items = items WHERE state <> 'pending'")
     op.add_column("subtasks", sa.Column("bin_counts", sa.LargeBinary))
     # NULL: the rows are the inputs' stored features (no copy per model).
     op.alter_column("subtasks", "payload", nullable=True)
@@ -91,6 +106,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Back to the per-input tables of revision 0001 (as 0001 created them); the pages' rows
+    # are not converted back.
     op.alter_column("subtasks", "payload", nullable=False)
     op.drop_column("subtasks", "bin_counts")
     op.drop_column("batches", "split_items")
@@ -98,9 +115,7 @@ def downgrade() -> None:
     op.drop_table("result_pages")
     op.create_table(
         "results",
-        sa.Column(
-            "batch_id", postgresql.UUID(as_uuid=True), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
-        ),
+        _batch_id(),
         sa.Column("item", sa.Integer, primary_key=True),
         sa.Column("output", postgresql.JSONB),
         sa.Column("error", sa.Text),
@@ -109,12 +124,7 @@ def downgrade() -> None:
     op.drop_table("input_pages")
     op.create_table(
         "inputs",
-        sa.Column(
-            "batch_id",
-            postgresql.UUID(as_uuid=True),
-            sa.ForeignKey("batches.id", ondelete="CASCADE"),
-            primary_key=True,
-        ),
+        _batch_id(),
         sa.Column("item", sa.Integer, primary_key=True),
         sa.Column("data", postgresql.JSONB, nullable=False),
     )

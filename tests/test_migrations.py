@@ -1,0 +1,92 @@
+"""Migration 0004 keeps what the per-input tables held: results and inputs become pages,
+and a batch stored before it can still be split and read."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from importlib.resources import files
+
+import numpy as np
+import psycopg
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, make_url, text
+
+from pipeline import ledger
+from pipeline.pipelines.digits import held_out_strips
+from pipeline.pipelines.screening import FEATURES, held_out_records
+from pipeline.settings import libpq_url, sqlalchemy_url
+from tests.batches import split_batch
+from tests.conftest import RunServices
+
+
+@pytest.fixture
+def database_at_0003(services: RunServices) -> Iterator[str]:
+    """A database of its own, migrated up to revision 0003 only; yields its URL."""
+    name = f"pipeline_migrations_{uuid.uuid4().hex[:12]}"
+    admin_url = libpq_url(make_url(services.database_url).set(database="postgres").render_as_string(False))
+    url = make_url(services.database_url).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    config = Config()
+    config.set_main_option("script_location", str(files("migrations")))
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    command.upgrade(config, "0003")
+    yield url
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _store_old_batch(engine: Engine, pipeline: str, state: str, inputs: list[dict], results: list[tuple]) -> uuid.UUID:
+    batch_id = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO batches (id, pipeline, state, items) VALUES (:id, :p, :s, :n)"),
+            {"id": batch_id, "p": pipeline, "s": state, "n": len(inputs)},
+        )
+        for item, data in enumerate(inputs):
+            conn.execute(
+                text("INSERT INTO inputs (batch_id, item, data) VALUES (:b, :i, CAST(:d AS jsonb))"),
+                {"b": batch_id, "i": item, "d": json.dumps(data)},
+            )
+        for item, output, error in results:
+            conn.execute(
+                text("INSERT INTO results (batch_id, item, output, error) VALUES (:b, :i, CAST(:o AS jsonb), :e)"),
+                {"b": batch_id, "i": item, "o": None if output is None else json.dumps(output), "e": error},
+            )
+    return batch_id
+
+
+def test_upgrade_keeps_inputs_and_results(database_at_0003: str) -> None:
+    engine = ledger.make_engine(database_at_0003)
+    try:
+        finished_results = [(0, {"text": "3"}, None), (1, None, "model 'digit-ood': boom"), (2, {"text": "14"}, None)]
+        finished = _store_old_batch(engine, "digits", "succeeded", held_out_strips(3), finished_results)
+        records = held_out_records(2)
+        pending = _store_old_batch(engine, "screening", "pending", records, [])
+
+        ledger.migrate(database_at_0003)
+
+        with engine.connect() as conn:
+            results = conn.execute(
+                text("SELECT item, output, error FROM results WHERE batch_id = :b ORDER BY item"), {"b": finished}
+            ).all()
+            split_items = dict(conn.execute(text("SELECT id, split_items FROM batches")).all())
+        assert [tuple(row) for row in results] == finished_results
+        assert split_items == {finished: 3, pending: 0}
+
+        # The pending batch's inputs were stored as whole items: its split still reads their features.
+        assert split_batch(engine, pending, {}) == 3
+        with engine.connect() as conn:
+            subtask_id = conn.execute(
+                text("SELECT id FROM subtasks WHERE batch_id = :b AND model = 'screen-forest'"), {"b": pending}
+            ).scalar_one()
+        claim = ledger.claim_subtask(engine, subtask_id, "test-worker", lease_s=300)
+        assert claim is not None
+        expected = np.array([[record["features"][name] for name in FEATURES] for record in records], dtype="<f4")
+        assert np.array_equal(np.frombuffer(claim.payload, "<f4").reshape(2, len(FEATURES)), expected)
+    finally:
+        engine.dispose()
