@@ -10,7 +10,7 @@ import sqlalchemy.exc
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from celery import Celery
-from sqlalchemy import Engine
+from sqlalchemy import URL, Engine
 
 
 class ServiceNotReadyError(RuntimeError):
@@ -23,6 +23,16 @@ def first_line(error: BaseException) -> str:
     return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
 
+def _described(url: URL) -> str:
+    """The URL without its password; a Unix-socket directory (libpq's `?host=/dir`, as the
+    embedded PostgreSQL uses) shown in brackets where a host name would be."""
+    socket_dir = url.query.get("host")
+    if url.host is None and isinstance(socket_dir, str):
+        user = f"{url.username}@" if url.username else ""
+        return f"{url.drivername}://{user}[{socket_dir}]/{url.database}"
+    return url.render_as_string(hide_password=True)
+
+
 def check_ledger(engine: Engine) -> None:
     """Return when the database answers and its schema is migrated to this code's head.
 
@@ -32,7 +42,7 @@ def check_ledger(engine: Engine) -> None:
         ServiceNotReadyError: the database is unreachable, has no ledger schema, or is
             at an older migration than this code needs.
     """
-    where = engine.url.render_as_string(hide_password=True)
+    where = _described(engine.url)
     try:
         with engine.connect() as conn:
             current = set(MigrationContext.configure(conn).get_current_heads())
