@@ -28,8 +28,43 @@ FOLLOW_POLL_S = 0.05
 ENDED_STATES = (BatchState.succeeded, BatchState.partial, BatchState.failed)
 
 
-# Reads one model's sub-tasks after a `seq` that start before an input (ledger.subtask_outputs).
-FetchOutputs = Callable[[int, int], Sequence[ledger.SubtaskOutput]]
+# The next sub-tasks of one model that start before an input; empty when there are none.
+FetchOutputs = Callable[[int], Sequence[ledger.SubtaskOutput]]
+# Sub-tasks read per model and query.
+FETCH_LIMIT = 64
+
+
+class BatchOutputs:
+    """A batch's sub-task outputs for every model of its pipeline, in `seq` order: one query
+    reads the next ones of every model whose stream has run out, and a model known to have
+    no more before an input is not asked again."""
+
+    def __init__(self, conn: Connection, batch_id: uuid.UUID, models: Sequence[str]) -> None:
+        self._conn = conn
+        self._batch_id = batch_id
+        self._read: dict[str, list[ledger.SubtaskOutput]] = {model: [] for model in models}
+        self._after_seq = dict.fromkeys(models, -1)
+        # Every sub-task of the model starting before this input has been read.
+        self._complete_before = dict.fromkeys(models, -1)
+
+    def fetch(self, model: str, before_item: int) -> list[ledger.SubtaskOutput]:
+        """The next sub-tasks of `model` starting before input `before_item` (a `FetchOutputs`)."""
+        if not self._read[model] and self._complete_before[model] < before_item:
+            wanted = {
+                m: seq
+                for m, seq in self._after_seq.items()
+                if not self._read[m] and self._complete_before[m] < before_item
+            }
+            for m, chunks in ledger.subtask_outputs(
+                self._conn, self._batch_id, wanted, before_item, FETCH_LIMIT
+            ).items():
+                self._read[m] = chunks
+                if chunks:
+                    self._after_seq[m] = chunks[-1].seq
+                if len(chunks) < FETCH_LIMIT:
+                    self._complete_before[m] = before_item
+        chunks, self._read[model] = self._read[model], []
+        return chunks
 
 
 class ModelOutputStream:
@@ -39,17 +74,15 @@ class ModelOutputStream:
         self.spec = spec
         self._fetch = fetch
         self._fetched: deque[ledger.SubtaskOutput] = deque()
-        self._last_seq = -1
         self._chunk: ledger.SubtaskOutput | None = None
         self._items = np.empty(0, dtype=np.int64)
         self._rows: np.ndarray | None = None
 
     def _next_chunk(self, before_item: int) -> bool:
         if not self._fetched:
-            self._fetched.extend(self._fetch(self._last_seq, before_item))
+            self._fetched.extend(self._fetch(before_item))
             if not self._fetched:
                 return False
-            self._last_seq = self._fetched[-1].seq
         self._chunk = self._fetched.popleft()
         self._items = np.asarray(self._chunk.items, dtype=np.int64)
         output = self._chunk.output
@@ -135,13 +168,8 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 return None
             log.info("batch %s: assembling its results as its sub-tasks finish", batch_id)
         pipeline = registry.get_pipeline(batch.pipeline)
-        streams = [
-            ModelOutputStream(
-                spec,
-                partial(ledger.subtask_outputs, conn, batch_id, spec.name),  # type: ignore[arg-type]
-            )
-            for spec in pipeline.models
-        ]
+        outputs = BatchOutputs(conn, batch_id, [spec.name for spec in pipeline.models])
+        streams = [ModelOutputStream(spec, partial(outputs.fetch, spec.name)) for spec in pipeline.models]
         kpis = pipeline.kpis()
         # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
         unsplit_error = batch.error or "batch cancelled before it was split"
@@ -154,13 +182,13 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             errors: list[str | None] = [None] * page.count
             for index in range(max(0, batch.split_items - page.first), page.count):
                 errors[index] = unsplit_error
-            outputs = {}
+            page_outputs = {}
             for stream in streams:
-                outputs[stream.spec.name], failed = stream.take_page(page.first, page.count)
+                page_outputs[stream.spec.name], failed = stream.take_page(page.first, page.count)
                 for index, reason in failed.items():
                     message = f"model {stream.spec.name!r}: {reason}"
                     errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
-            results = pipeline.aggregate_page(page, outputs, errors, kpis)
+            results = pipeline.aggregate_page(page, page_outputs, errors, kpis)
             page_answered = page.count - results.count(None)
             answered += page_answered
             unanswered += page.count - page_answered

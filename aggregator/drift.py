@@ -9,23 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from pipeline.artifacts import ArtifactError, read_manifest
 from pipeline.definition import ModelSpec, Pipeline
 from pipeline.profile import Band, DriftConfig, ReferenceProfile, psi
 from pipeline.schema import Subtask, SubtaskState
 
+# Built once: every aggregate runs it.
+STORED_COUNTS = select(Subtask.model, Subtask.model_version, Subtask.rows, Subtask.bin_counts).where(
+    Subtask.batch_id == bindparam("batch_id"),
+    Subtask.state == SubtaskState.succeeded,
+    Subtask.bin_counts.is_not(None),
+)
+
 
 def stored_counts(conn: Connection, batch_id: uuid.UUID) -> dict[tuple[str, str], tuple[int, np.ndarray]]:
     """Per (model, model version): rows scored and the sum of the drift bin counts the
     workers stored, over a batch's succeeded sub-tasks (one query)."""
     totals: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
-    stored = conn.execute(
-        select(Subtask.model, Subtask.model_version, Subtask.rows, Subtask.bin_counts).where(
-            Subtask.batch_id == batch_id, Subtask.state == SubtaskState.succeeded, Subtask.bin_counts.is_not(None)
-        )
-    )
+    stored = conn.execute(STORED_COUNTS, {"batch_id": batch_id})
     for row in stored:
         key = (row.model, row.model_version)
         counts = np.frombuffer(row.bin_counts, dtype="<i8")

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, Row, cast, func, literal, select
+from sqlalchemy import Connection, Float, Row, Select, bindparam, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from pipeline.schema import Subtask, SubtaskState
@@ -35,15 +35,11 @@ def _rate(rows: int, seconds: float | None) -> float | None:
     return round(rows / seconds, 1) if seconds else None
 
 
-def subtask_latency(conn: Connection, batch_id: uuid.UUID) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Return (per model, whole batch) latency of a batch's finished sub-tasks: count,
-    rows, queue wait and compute {p50, p95, p99, max}, total compute, rows per
-    compute second (one worker process's rate) and rows per second of the span from
-    first queued to last finished (the rate across all workers)."""
+def _latency_statement() -> Select[Any]:
     wait = cast(func.extract("epoch", Subtask.started_at - Subtask.queued_at), Float)
     compute = cast(func.extract("epoch", Subtask.finished_at - Subtask.started_at), Float)
     quantiles = cast(literal(list(QUANTILES), ARRAY(Float)), ARRAY(Float))
-    rows = conn.execute(
+    return (
         select(
             Subtask.model,
             func.grouping(Subtask.model).label("is_total"),
@@ -58,14 +54,26 @@ def subtask_latency(conn: Connection, batch_id: uuid.UUID) -> tuple[dict[str, di
             func.max(Subtask.finished_at).label("last_finished"),
         )
         .where(
-            Subtask.batch_id == batch_id,
+            Subtask.batch_id == bindparam("batch_id"),
             Subtask.state.in_((SubtaskState.succeeded, SubtaskState.failed)),
             Subtask.started_at.is_not(None),
             Subtask.finished_at.is_not(None),
         )
         .group_by(func.rollup(Subtask.model))
         .order_by(Subtask.model)
-    ).all()
+    )
+
+
+# Built once: every aggregate runs it, a one-input batch's included.
+SUBTASK_LATENCY = _latency_statement()
+
+
+def subtask_latency(conn: Connection, batch_id: uuid.UUID) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Return (per model, whole batch) latency of a batch's finished sub-tasks: count,
+    rows, queue wait and compute {p50, p95, p99, max}, total compute, rows per
+    compute second (one worker process's rate) and rows per second of the span from
+    first queued to last finished (the rate across all workers)."""
+    rows = conn.execute(SUBTASK_LATENCY, {"batch_id": batch_id}).all()
     models: dict[str, dict[str, Any]] = {}
     total: dict[str, Any] = {}
     for row in rows:

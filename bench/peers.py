@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -127,10 +128,7 @@ def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) ->
     by_model: dict[str, list[ledger.SubtaskOutput]] = {spec.name: [] for spec in pipeline.models}
     for chunk, output in zip(chunks, outputs):
         by_model[chunk.model].append(ledger.SubtaskOutput(chunk.seq, chunk.items, _decode(output), None))
-    streams = [
-        ModelOutputStream(spec, lambda after, _before, mine=by_model[spec.name]: [c for c in mine if c.seq > after])
-        for spec in pipeline.models
-    ]
+    streams = [ModelOutputStream(spec, _all_at_once(by_model[spec.name])) for spec in pipeline.models]
     kpis = pipeline.kpis()
     answered = 0
     for page in pages:
@@ -138,6 +136,12 @@ def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) ->
         results = pipeline.aggregate_page(page, page_outputs, [None] * page.count, kpis)
         answered += sum(result is not None for result in results)
     return answered, len(chunks)
+
+
+def _all_at_once(chunks: list[ledger.SubtaskOutput]) -> Callable[[int], list[ledger.SubtaskOutput]]:
+    """A stream's fetch that hands over every chunk on the first call, nothing after."""
+    pending = [chunks]
+    return lambda _before_item: pending.pop() if pending else []
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ SPLIT_TASK = "pipeline.split"
 PREDICT_TASK = "pipeline.predict"
 AGGREGATE_TASK = "pipeline.aggregate"
 SPLIT_QUEUE = "split"
+# Most broker commands (a message, its sent event) buffered before a publish batch is flushed.
+PUBLISH_BATCH = 1000
 AGGREGATE_QUEUE = "aggregate"
 
 
@@ -96,9 +98,11 @@ def publish_aggregate(app: Celery, batch_id: str) -> None:
 
 
 def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str]]) -> int:
-    """Publish one predict message per (sub-task id, model) over one producer; return the count."""
+    """Publish one predict message per (sub-task id, model) over one producer, in batches
+    (on Redis one pipelined round trip per batch, with kombu's `Producer.batch`); return
+    the count."""
     count = 0
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
         for subtask_id, model in subtasks:
             app.send_task(
                 PREDICT_TASK,

@@ -24,11 +24,7 @@ from pipeline.inputs import InvalidInputError as InvalidInputError  # re-exporte
 from pipeline.inputs import encode_inputs
 from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy
 from pipeline.settings import Settings, get_settings, libpq_url
-from pipeline.splitter import run_split
-
-# Batches of at most this many inputs are split by the client itself, larger ones by
-# the `split` task of an aggregator.
-INLINE_SPLIT_ITEMS = 1000
+from pipeline.splitter import first_split_step, run_split
 
 
 class BatchNotFoundError(LookupError):
@@ -264,19 +260,23 @@ class Client:
         pages = encode_inputs(
             registry.get_pipeline(pipeline), inputs, self.settings.max_batch_items, self.settings.max_item_bytes
         )
-        batch_id, created = ledger.create_batch(
-            self.engine,
-            pipeline,
-            pages,
-            options.idempotency_key,
-            options.failure_policy,
-            options.max_failed_fraction,
-            options.deadline_s,
-        )
+        small = sum(page.count for page in pages) <= self.settings.small_batch_items
+        with self.engine.begin() as conn:
+            batch_id, created = ledger.insert_batch(
+                conn,
+                pipeline,
+                pages,
+                options.idempotency_key,
+                options.failure_policy,
+                options.max_failed_fraction,
+                options.deadline_s,
+            )
+            # A small batch is split here, in the transaction that stores it: no split
+            # message and no second commit before its sub-tasks are published.
+            first_step = first_split_step(conn, self.settings, batch_id) if created and small else None
         if created:
-            if sum(page.count for page in pages) <= INLINE_SPLIT_ITEMS:
-                # A small batch is split here: one message hop less for its latency.
-                run_split(self.engine, self.settings, batch_id, self.app)
+            if small:
+                run_split(self.engine, self.settings, batch_id, self.app, first_step)
             else:
                 broker.publish_split(self.app, str(batch_id))
         return BatchHandle(self, batch_id)

@@ -19,7 +19,29 @@ from typing import Any
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, Row, and_, case, create_engine, func, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    Interval,
+    LargeBinary,
+    Row,
+    Select,
+    Text,
+    Update,
+    and_,
+    bindparam,
+    case,
+    cast,
+    create_engine,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from pipeline.definition import InputPage
@@ -89,7 +111,21 @@ def create_batch(
     max_failed_fraction: float | None = None,
     deadline_s: float | None = None,
 ) -> tuple[uuid.UUID, bool]:
-    """Store a `pending` batch and its input pages in one transaction.
+    """Store a `pending` batch and its input pages in one transaction (`insert_batch`)."""
+    with engine.begin() as conn:
+        return insert_batch(conn, pipeline, pages, idempotency_key, failure_policy, max_failed_fraction, deadline_s)
+
+
+def insert_batch(
+    conn: Connection,
+    pipeline: str,
+    pages: Sequence[InputPage],
+    idempotency_key: str | None,
+    failure_policy: FailurePolicy = FailurePolicy.best_effort,
+    max_failed_fraction: float | None = None,
+    deadline_s: float | None = None,
+) -> tuple[uuid.UUID, bool]:
+    """Insert a `pending` batch and its input pages on `conn`'s transaction.
 
     Returns (batch id, created). With an `idempotency_key` already used, returns the
     existing batch and writes nothing.
@@ -98,36 +134,35 @@ def create_batch(
         ValueError: the key belongs to a batch of another pipeline.
     """
     batch_id = uuid.uuid4()
-    with engine.begin() as conn:
-        inserted = conn.execute(
-            pg_insert(Batch)
-            .values(
-                id=batch_id,
-                pipeline=pipeline,
-                items=sum(page.count for page in pages),
-                idempotency_key=idempotency_key,
-                failure_policy=failure_policy,
-                max_failed_fraction=max_failed_fraction,
-                deadline_at=None if deadline_s is None else _now() + timedelta(seconds=deadline_s),
-            )
-            .on_conflict_do_nothing(index_elements=[Batch.idempotency_key])
-            .returning(Batch.id)
-        ).scalar_one_or_none()
-        if inserted is None:
-            existing_id, existing_pipeline = conn.execute(
-                select(Batch.id, Batch.pipeline).where(Batch.idempotency_key == idempotency_key)
-            ).one()
-            if existing_pipeline != pipeline:
-                raise ValueError(
-                    f"idempotency_key {idempotency_key!r} already names a {existing_pipeline!r} batch, not {pipeline!r}"
-                )
-            return existing_id, False
-        _copy_rows(
-            conn,
-            "COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN",
-            ((batch_id, page.first, page.count, _packed(page.X), page.data) for page in pages),
-            binary_types=("uuid", "int4", "int4", "bytea", "json"),
+    inserted = conn.execute(
+        pg_insert(Batch)
+        .values(
+            id=batch_id,
+            pipeline=pipeline,
+            items=sum(page.count for page in pages),
+            idempotency_key=idempotency_key,
+            failure_policy=failure_policy,
+            max_failed_fraction=max_failed_fraction,
+            deadline_at=None if deadline_s is None else _now() + timedelta(seconds=deadline_s),
         )
+        .on_conflict_do_nothing(index_elements=[Batch.idempotency_key])
+        .returning(Batch.id)
+    ).scalar_one_or_none()
+    if inserted is None:
+        existing_id, existing_pipeline = conn.execute(
+            select(Batch.id, Batch.pipeline).where(Batch.idempotency_key == idempotency_key)
+        ).one()
+        if existing_pipeline != pipeline:
+            raise ValueError(
+                f"idempotency_key {idempotency_key!r} already names a {existing_pipeline!r} batch, not {pipeline!r}"
+            )
+        return existing_id, False
+    _copy_rows(
+        conn,
+        "COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN",
+        ((batch_id, page.first, page.count, _packed(page.X), page.data) for page in pages),
+        binary_types=("uuid", "int4", "int4", "bytea", "json"),
+    )
     return batch_id, True
 
 
@@ -176,22 +211,36 @@ class StoredResult:
     error: str | None
 
 
+# A batch's next result page after an item, and whether it holds the batch's last input.
+RESULT_PAGE = (
+    select(
+        ResultPage.first_item,
+        ResultPage.outputs,
+        ResultPage.errors,
+        (
+            ResultPage.first_item + ResultPage.items
+            >= select(Batch.items).where(Batch.id == ResultPage.batch_id).scalar_subquery()
+        ).label("last"),
+    )
+    .where(ResultPage.batch_id == bindparam("batch_id"), ResultPage.first_item > bindparam("after"))
+    .order_by(ResultPage.first_item)
+    .limit(1)
+)
+
+
 def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
-    """Yield a batch's results in item order, one page per query."""
+    """Yield a batch's results in item order, one page per query (no query after the last page)."""
     after = -1
     while True:
         with engine.connect() as conn:
-            page = conn.execute(
-                select(ResultPage.first_item, ResultPage.outputs, ResultPage.errors)
-                .where(ResultPage.batch_id == batch_id, ResultPage.first_item > after)
-                .order_by(ResultPage.first_item)
-                .limit(1)
-            ).first()
+            page = conn.execute(RESULT_PAGE, {"batch_id": batch_id, "after": after}).first()
         if page is None:
             return
         errors = page.errors or [None] * len(page.outputs)
         for index, (output, error) in enumerate(zip(page.outputs, errors)):
             yield StoredResult(page.first_item + index, output, error)
+        if page.last:
+            return
         after = page.first_item
 
 
@@ -265,6 +314,18 @@ def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None
     ).first()
 
 
+# The stored input page holding input `position` or, past a gap, the next one.
+INPUT_PAGE = (
+    select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features, StoredInputPage.data)
+    .where(
+        StoredInputPage.batch_id == bindparam("batch_id"),
+        StoredInputPage.first_item + StoredInputPage.items > bindparam("position"),
+    )
+    .order_by(StoredInputPage.first_item)
+    .limit(1)
+)
+
+
 def input_pages(
     conn: Connection, batch_id: uuid.UUID, n_features: int, first_item: int = 0, limit_items: int | None = None
 ) -> Iterator[InputPage]:
@@ -273,15 +334,7 @@ def input_pages(
     position = first_item
     end = None if limit_items is None else first_item + limit_items
     while end is None or position < end:
-        row = conn.execute(
-            select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features, StoredInputPage.data)
-            .where(
-                StoredInputPage.batch_id == batch_id,
-                StoredInputPage.first_item + StoredInputPage.items > position,
-            )
-            .order_by(StoredInputPage.first_item)
-            .limit(1)
-        ).first()
+        row = conn.execute(INPUT_PAGE, {"batch_id": batch_id, "position": position}).first()
         if row is None:
             return
         page = InputPage.from_stored(row.first_item, row.items, row.features, row.data, n_features)
@@ -377,19 +430,18 @@ def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, create
     return state == BatchState.aggregating
 
 
-def fail_pending_batch(engine: Engine, batch_id: uuid.UUID, error: str) -> None:
+def fail_pending_batch(conn: Connection, batch_id: uuid.UUID, error: str) -> None:
     """`pending` → `failed` when the batch cannot be split, cancelling the sub-tasks an
-    earlier split step made; NOTIFY waiting clients."""
-    with engine.begin() as conn:
-        failed = conn.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.state == BatchState.pending)
-            .values(state=BatchState.failed, error=error, finished_at=_now())
-            .returning(Batch.id)
-        ).first()
-        if failed is not None:
-            _cancel_subtasks(conn, batch_id, UNFINISHED_SUBTASK_STATES)
-        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
+    earlier split step made; NOTIFY waiting clients on commit."""
+    failed = conn.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.pending)
+        .values(state=BatchState.failed, error=error, finished_at=_now())
+        .returning(Batch.id)
+    ).first()
+    if failed is not None:
+        _cancel_subtasks(conn, batch_id, UNFINISHED_SUBTASK_STATES)
+    conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
 
 
 # --- worker -------------------------------------------------------------------------------
@@ -406,6 +458,8 @@ class Claim:
     max_attempts: int
     rows: int
     payload: bytes
+    # Inputs of the sub-task's batch.
+    batch_items: int
 
 
 @dataclass(frozen=True)
@@ -417,82 +471,106 @@ class Outcome:
     aggregate: bool = False
 
 
+def _autocommit(engine: Engine) -> Connection:
+    """A connection on which each statement commits on its own: a transition that is one
+    statement costs one round trip, with no BEGIN and COMMIT around it."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _claim_statement() -> Select[Any]:
+    now = _now()
+    claimed = (
+        update(Subtask)
+        .where(
+            Subtask.id == bindparam("subtask_id"),
+            Subtask.attempts < Subtask.max_attempts,
+            or_(
+                Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)),
+                and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now),
+            ),
+        )
+        .values(
+            state=SubtaskState.running,
+            attempts=Subtask.attempts + 1,
+            worker=bindparam("worker"),
+            started_at=now,
+            lease_until=now + bindparam("lease", type_=Interval),
+        )
+        .returning(
+            Subtask.batch_id,
+            Subtask.model,
+            Subtask.attempts,
+            Subtask.max_attempts,
+            Subtask.rows,
+            Subtask.payload,
+            Subtask.items[1].label("first_item"),
+        )
+        .cte("claimed")
+    )
+    # Inputs first_item .. first_item + rows - 1, cut from the input pages that hold them.
+    page = StoredInputPage
+    # Bytes per input: an exact division (SQLAlchemy's `/` on integers is true division).
+    width = cast(func.length(page.features) / page.items, Integer)
+    lo = func.greatest(claimed.c.first_item, page.first_item) - page.first_item
+    hi = func.least(claimed.c.first_item + claimed.c.rows, page.first_item + page.items) - page.first_item
+    input_features = (
+        select(
+            func.string_agg(
+                func.substring(page.features, lo * width + 1, (hi - lo) * width),
+                aggregate_order_by(literal(b"", LargeBinary), page.first_item),
+            )
+        )
+        .where(
+            claimed.c.payload.is_(None),
+            page.batch_id == claimed.c.batch_id,
+            page.first_item < claimed.c.first_item + claimed.c.rows,
+            page.first_item + page.items > claimed.c.first_item,
+        )
+        .scalar_subquery()
+    )
+    return select(
+        claimed.c.batch_id,
+        claimed.c.model,
+        claimed.c.attempts,
+        claimed.c.max_attempts,
+        claimed.c.rows,
+        func.coalesce(claimed.c.payload, input_features).label("payload"),
+        select(Batch.items).where(Batch.id == claimed.c.batch_id).scalar_subquery().label("batch_items"),
+    )
+
+
+# The workers' hot path: statements built once, executed with bound parameters (building
+# one costs more than running it).
+CLAIM = _claim_statement()
+
+
 def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
-    """`pending`/`dispatched` (or `running` past its lease) → `running`, attempts + 1.
+    """`pending`/`dispatched` (or `running` past its lease) → `running`, attempts + 1, in one
+    statement that also returns the rows to score: the sub-task's payload, or the slice of
+    its batch's stored input features that it names (`ModelRows.of_inputs`).
 
     Returns None when the sub-task is finished, cancelled, or leased by another worker.
     """
-    now = _now()
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         row = conn.execute(
-            update(Subtask)
-            .where(
-                Subtask.id == subtask_id,
-                Subtask.attempts < Subtask.max_attempts,
-                or_(
-                    Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)),
-                    and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now),
-                ),
-            )
-            .values(
-                state=SubtaskState.running,
-                attempts=Subtask.attempts + 1,
-                worker=worker,
-                started_at=now,
-                lease_until=now + timedelta(seconds=lease_s),
-            )
-            .returning(
-                Subtask.batch_id,
-                Subtask.model,
-                Subtask.attempts,
-                Subtask.max_attempts,
-                Subtask.rows,
-                Subtask.payload,
-                Subtask.items[1].label("first_item"),
-            )
+            CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)}
         ).first()
-        if row is None:
-            return None
-        payload = row.payload
-        if payload is None:
-            payload = _input_features(conn, row.batch_id, row.first_item, row.rows)
-    return Claim(subtask_id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, payload)
+    if row is None:
+        return None
+    return Claim(
+        subtask_id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, row.payload, row.batch_items
+    )
 
 
-def _input_features(conn: Connection, batch_id: uuid.UUID, first: int, count: int) -> bytes:
-    """The stored float32 features of inputs `first` .. `first + count - 1` (a sub-task of
-    `ModelRows.of_inputs` rows has one row per input, consecutive)."""
-    pages = conn.execute(
-        select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features)
-        .where(
-            StoredInputPage.batch_id == batch_id,
-            StoredInputPage.first_item < first + count,
-            StoredInputPage.first_item + StoredInputPage.items > first,
-        )
-        .order_by(StoredInputPage.first_item)
-    ).all()
-    parts = []
-    for page in pages:
-        width = len(page.features) // page.items
-        lo = max(first, page.first_item) - page.first_item
-        hi = min(first + count, page.first_item + page.items) - page.first_item
-        parts.append(page.features[lo * width : hi * width])
-    return b"".join(parts)
-
-
-def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, failed: int) -> bool:
-    """Add to a batch's counters; flip `running` → `aggregating` when they reach the total,
-    or abort it when its failure policy says so.
-
-    Returns True for the one call after which the batch must be aggregated.
-    Counters only grow and each sub-task is counted once, so exactly one
-    transaction sees them reach the total.
-    """
+def _counting(succeeded: int, failed: int) -> Update:
+    """The UPDATE (its WHERE is the caller's) that adds to a batch's counters and flips it
+    `running` → `aggregating` when they reach the total, returning what `_must_aggregate`
+    and the failure policies decide on. Counters only grow and each sub-task is counted
+    once, so exactly one statement sees them reach the total."""
     complete = Batch.succeeded + succeeded + Batch.failed + failed + Batch.cancelled == Batch.total
     flips = and_(Batch.state == BatchState.running, complete)
-    row = conn.execute(
+    return (
         update(Batch)
-        .where(Batch.id == batch_id)
         .values(
             succeeded=Batch.succeeded + succeeded,
             failed=Batch.failed + failed,
@@ -508,17 +586,29 @@ def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, faile
             Batch.failed,
             Batch.total,
         )
-    ).one()
-    if not row.complete:
-        # While the split is still committing steps the batch is `pending`: it may abort too.
-        if failed and row.state in (BatchState.pending, BatchState.running):
-            if row.failure_policy == FailurePolicy.fail_fast:
-                return _abort_batch(conn, batch_id, FAIL_FAST_REASON)
-            if row.max_failed_fraction is not None and row.failed > row.max_failed_fraction * row.total:
-                return _abort_batch(conn, batch_id, too_many_failures_reason(row.max_failed_fraction))
-        return False
-    # Complete: either this call flipped it, or it finished the last running sub-task of a cancelled batch.
-    return row.state == BatchState.aggregating or (row.state == BatchState.cancelled and row.aggregate_runs == 0)
+    )
+
+
+def _must_aggregate(counted: Row[Any]) -> bool:
+    """After a count: True when it completed the batch, either flipping it to `aggregating`
+    or finishing the last running sub-task of a cancelled batch."""
+    return bool(counted.complete) and (
+        counted.state == BatchState.aggregating
+        or (counted.state == BatchState.cancelled and counted.aggregate_runs == 0)
+    )
+
+
+def _count_finished(conn: Connection, batch_id: uuid.UUID, succeeded: int, failed: int) -> bool:
+    """Add to a batch's counters (`_counting`), or abort the batch when its failure policy
+    says so. Returns True for the one call after which the batch must be aggregated."""
+    row = conn.execute(_counting(succeeded, failed).where(Batch.id == batch_id)).one()
+    # While the split is still committing steps the batch is `pending`: it may abort too.
+    if not row.complete and failed and row.state in (BatchState.pending, BatchState.running):
+        if row.failure_policy == FailurePolicy.fail_fast:
+            return _abort_batch(conn, batch_id, FAIL_FAST_REASON)
+        if row.max_failed_fraction is not None and row.failed > row.max_failed_fraction * row.total:
+            return _abort_batch(conn, batch_id, too_many_failures_reason(row.max_failed_fraction))
+    return _must_aggregate(row)
 
 
 def _abort_batch(conn: Connection, batch_id: uuid.UUID, reason: str) -> bool:
@@ -536,33 +626,49 @@ def _abort_batch(conn: Connection, batch_id: uuid.UUID, reason: str) -> bool:
     return True
 
 
+def _complete_statement() -> Update:
+    done = (
+        update(Subtask)
+        .where(
+            Subtask.id == bindparam("subtask_id"),
+            Subtask.state == SubtaskState.running,
+            Subtask.attempts == bindparam("attempt"),
+        )
+        .values(
+            state=SubtaskState.succeeded,
+            output=bindparam("output", type_=LargeBinary),
+            bin_counts=bindparam("bin_counts", type_=LargeBinary),
+            error=None,
+            model_version=bindparam("model_version"),
+            finished_at=_now(),
+            lease_until=None,
+        )
+        .returning(Subtask.batch_id)
+        .cte("done")
+    )
+    return _counting(succeeded=1, failed=0).where(Batch.id == done.c.batch_id)
+
+
+COMPLETE = _complete_statement()
+
+
 def complete_subtask(
     engine: Engine, claim: Claim, output: bytes, model_version: str, bin_counts: bytes | None
 ) -> Outcome:
-    """`running` → `succeeded` with its output and drift bin counts, and the batch counter,
-    in one transaction."""
-    with engine.begin() as conn:
-        done = conn.execute(
-            update(Subtask)
-            .where(
-                Subtask.id == claim.subtask_id,
-                Subtask.state == SubtaskState.running,
-                Subtask.attempts == claim.attempt,
-            )
-            .values(
-                state=SubtaskState.succeeded,
-                output=output,
-                bin_counts=bin_counts,
-                error=None,
-                model_version=model_version,
-                finished_at=_now(),
-                lease_until=None,
-            )
-            .returning(Subtask.id)
-        ).first()
-        if done is None:
-            return Outcome(recorded=False)
-        return Outcome(recorded=True, aggregate=_count_finished(conn, claim.batch_id, succeeded=1, failed=0))
+    """`running` → `succeeded` with its output and drift bin counts, only for the claim
+    `claim` holds, and the batch counter: one statement, committed on its own."""
+    parameters = {
+        "subtask_id": claim.subtask_id,
+        "attempt": claim.attempt,
+        "output": output,
+        "bin_counts": bin_counts,
+        "model_version": model_version,
+    }
+    with _autocommit(engine) as conn:
+        counted = conn.execute(COMPLETE, parameters).first()
+    if counted is None:
+        return Outcome(recorded=False)
+    return Outcome(recorded=True, aggregate=_must_aggregate(counted))
 
 
 def fail_subtask(engine: Engine, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
@@ -603,22 +709,27 @@ def _aggregate_due() -> Any:
     )
 
 
+# Every aggregate runs these: built once, executed with bound parameters.
+LOCK_AGGREGATING_BATCH = (
+    select(Batch.__table__).where(Batch.id == bindparam("batch_id"), _aggregate_due()).with_for_update()
+)
+# pg_try_advisory_xact_lock class of the per-batch aggregation lock (the key is the batch id's hash).
+AGGREGATE_LOCK_CLASS = 7_240_114
+TRY_LOCK_AGGREGATION = select(
+    func.pg_try_advisory_xact_lock(AGGREGATE_LOCK_CLASS, func.hashtext(bindparam("batch_text", type_=Text)))
+)
+
+
 def lock_aggregating_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     """Lock the row of a batch due for aggregation (`aggregating`, or `cancelled` with no
     sub-task left running and no results yet); None when it is not (a duplicate)."""
-    return conn.execute(select(Batch.__table__).where(Batch.id == batch_id, _aggregate_due()).with_for_update()).first()
-
-
-# pg_try_advisory_xact_lock class of the per-batch aggregation lock (the key is the batch id's hash).
-AGGREGATE_LOCK_CLASS = 7_240_114
+    return conn.execute(LOCK_AGGREGATING_BATCH, {"batch_id": batch_id}).first()
 
 
 def try_lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> bool:
     """Take the batch's aggregation lock for this transaction; False when another
     aggregation of the batch holds it (a duplicate message, or one started early)."""
-    return conn.execute(
-        select(func.pg_try_advisory_xact_lock(AGGREGATE_LOCK_CLASS, func.hashtext(str(batch_id))))
-    ).scalar_one()
+    return conn.execute(TRY_LOCK_AGGREGATION, {"batch_text": str(batch_id)}).scalar_one()
 
 
 def batch_state(conn: Connection, batch_id: uuid.UUID) -> BatchState | None:
@@ -660,27 +771,43 @@ class SubtaskOutput:
     error: str | None
 
 
+# Per model (after a `seq` of its own), the sub-tasks of a batch that start before an input:
+# one query for every model, each read in `seq` order through the (batch_id, model, seq) index.
+SUBTASK_OUTPUTS = text(
+    "SELECT c.model, c.seq, c.items, c.output, c.error, c.state"
+    " FROM unnest(CAST(:models AS text[]), CAST(:after_seqs AS int[])) AS m (model, after_seq)"
+    " CROSS JOIN LATERAL ("
+    "  SELECT s.model, s.seq, s.items, s.output, s.error, s.state FROM subtasks s"
+    "  WHERE s.batch_id = :batch_id AND s.model = m.model AND s.seq > m.after_seq AND s.items[1] < :before_item"
+    "  ORDER BY s.seq LIMIT :limit"
+    " ) AS c"
+    " ORDER BY c.model, c.seq"
+)
+
+
 def subtask_outputs(
-    conn: Connection, batch_id: uuid.UUID, model: str, after_seq: int, before_item: int, limit: int = 64
-) -> list[SubtaskOutput]:
-    """Up to `limit` of one model's sub-tasks of a batch after `after_seq`, in `seq` (hence
-    item) order, that start before input `before_item`: their outputs, or why they have none."""
+    conn: Connection, batch_id: uuid.UUID, after_seqs: dict[str, int], before_item: int, limit: int
+) -> dict[str, list[SubtaskOutput]]:
+    """Per model of `after_seqs`, up to `limit` of its sub-tasks of a batch after its `seq`
+    there, in `seq` (hence item) order, that start before input `before_item`: their
+    outputs, or why they have none."""
     rows = conn.execute(
-        select(Subtask.seq, Subtask.items, Subtask.output, Subtask.error, Subtask.state)
-        .where(
-            Subtask.batch_id == batch_id,
-            Subtask.model == model,
-            Subtask.seq > after_seq,
-            Subtask.items[1] < before_item,
-        )
-        .order_by(Subtask.seq)
-        .limit(limit)
-    ).all()
-    outputs = []
+        SUBTASK_OUTPUTS,
+        {
+            "models": list(after_seqs),
+            "after_seqs": list(after_seqs.values()),
+            "batch_id": batch_id,
+            "before_item": before_item,
+            "limit": limit,
+        },
+    )
+    outputs: dict[str, list[SubtaskOutput]] = {model: [] for model in after_seqs}
     for row in rows:
         succeeded = row.state == SubtaskState.succeeded
         error = "cancelled" if row.state == SubtaskState.cancelled else None if succeeded else row.error
-        outputs.append(SubtaskOutput(row.seq, np.asarray(row.items), row.output if succeeded else None, error))
+        outputs[row.model].append(
+            SubtaskOutput(row.seq, np.asarray(row.items), row.output if succeeded else None, error)
+        )
     return outputs
 
 
@@ -709,18 +836,24 @@ def finish_batch(
     """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
     metrics, counted in `aggregate_runs`; NOTIFY waiting clients on commit."""
     conn.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, _aggregate_due())
-        .values(
-            state=state,
-            error=error,
-            result=result,
-            metrics=metrics,
-            finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=_now()),
-            aggregate_runs=Batch.aggregate_runs + 1,
-        )
-        .returning(func.pg_notify(NOTIFY_CHANNEL, str(batch_id)))
+        FINISH_BATCH,
+        {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics},
     )
+
+
+FINISH_BATCH = (
+    update(Batch)
+    .where(Batch.id == bindparam("batch_id"), _aggregate_due())
+    .values(
+        state=bindparam("state", type_=Text),
+        error=bindparam("error", type_=Text),
+        result=bindparam("result", type_=JSONB),
+        metrics=bindparam("metrics", type_=JSONB),
+        finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=_now()),
+        aggregate_runs=Batch.aggregate_runs + 1,
+    )
+    .returning(func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)))
+)
 
 
 # --- sweeper ------------------------------------------------------------------------------

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
             " sub-tasks finish."
         ),
     )
+    small_batch_items: int = Field(
+        default=1000,
+        ge=0,
+        description=(
+            "Batches of at most this many inputs are split by the submitting client, in the"
+            " transaction that stores them, and aggregated by the model worker that finishes"
+            " their last sub-task: two message hops fewer for their latency. 0: every batch"
+            " goes through the aggregator's queues."
+        ),
+    )
     retry_base_s: float = Field(
         default=1.0, ge=0, description="First retry's backoff; doubles per attempt, with full jitter."
     )

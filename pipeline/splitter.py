@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from celery import Celery
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from pipeline import broker, ledger, registry, runtime
 from pipeline.definition import ModelRows, ModelSpec
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 class SplitError(ValueError):
     """A pipeline's split returned rows that do not fit its model specs."""
+
+
+# What a pipeline that cannot split a batch's inputs raises: the batch fails with the reason.
+SPLIT_ERRORS = (SplitError, registry.UnknownPipelineError, ValueError)
 
 
 class Chunker:
@@ -92,75 +96,108 @@ class SplitStep:
     aggregate: bool
 
 
-def split_step(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int) -> SplitStep | None:
+def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int) -> SplitStep | None:
     """Split the next `step_items` inputs of a `pending` batch into `dispatched` sub-tasks,
-    in one transaction; the last step moves the batch to `running`.
+    on `conn`'s transaction; the last step moves the batch to `running`.
 
     Chunks do not span steps, so a step interrupted by a crash is redone from
     `batches.split_items` with the same sub-tasks. Returns None when the batch is not
     `pending` (split already, cancelled or aborted).
+
+    Raises:
+        SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs.
     """
-    with engine.begin() as conn:
-        batch = ledger.lock_pending_batch(conn, batch_id)
-        if batch is None:
-            return None
-        pipeline = registry.get_pipeline(batch.pipeline)
-        # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
-        seqs = ledger.next_seqs(conn, batch_id) if batch.split_items else {}
-        chunkers = [
-            Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), seqs.get(spec.name, 0))
-            for spec in pipeline.models
-        ]
-        split_items = batch.split_items
-        step = min(step_items, batch.items - split_items)
-        for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
-            parts = pipeline.split_page(pipeline.with_features(page))
-            for chunker in chunkers:
-                rows = parts.get(chunker.spec.name)
-                if rows is not None and len(rows.X):
-                    # A worker can read the inputs' rows only where their features are stored.
-                    chunker.add(rows if page.X is not None else replace(rows, of_inputs=False), page.first)
-            split_items = page.first + page.count
-        subtasks = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
-        published = ledger.copy_subtasks(conn, batch_id, subtasks)
-        finished = split_items >= batch.items
-        aggregate = ledger.record_split(conn, batch_id, split_items, len(subtasks), finished)
+    batch = ledger.lock_pending_batch(conn, batch_id)
+    if batch is None:
+        return None
+    pipeline = registry.get_pipeline(batch.pipeline)
+    # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
+    seqs = ledger.next_seqs(conn, batch_id) if batch.split_items else {}
+    chunkers = [
+        Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), seqs.get(spec.name, 0)) for spec in pipeline.models
+    ]
+    split_items = batch.split_items
+    step = min(step_items, batch.items - split_items)
+    for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
+        parts = pipeline.split_page(pipeline.with_features(page))
+        for chunker in chunkers:
+            rows = parts.get(chunker.spec.name)
+            if rows is not None and len(rows.X):
+                # A worker can read the inputs' rows only where their features are stored.
+                chunker.add(rows if page.X is not None else replace(rows, of_inputs=False), page.first)
+        split_items = page.first + page.count
+    subtasks = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
+    published = ledger.copy_subtasks(conn, batch_id, subtasks)
+    finished = split_items >= batch.items
+    aggregate = ledger.record_split(conn, batch_id, split_items, len(subtasks), finished)
     return SplitStep(published, finished, aggregate)
 
 
 def split_steps(
     engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int
 ) -> Iterator[SplitStep]:
-    """Yield each committed step of a `pending` batch's split until it is finished; nothing
-    when the batch is not `pending`.
+    """Yield each step of a `pending` batch's split once it is committed, until the split is
+    finished; nothing when the batch is not `pending`.
 
     Raises:
         SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs.
     """
-    while (step := split_step(engine, batch_id, chunk_sizes, step_items)) is not None:
+    while True:
+        with engine.begin() as conn:
+            step = split_step(conn, batch_id, chunk_sizes, step_items)
+        if step is None:
+            return
         yield step
         if step.finished:
             return
 
 
-def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID, app: Celery) -> None:
+def _fail_split(conn: Connection, batch_id: uuid.UUID, error: Exception) -> None:
+    log.error("batch %s cannot be split: %s", batch_id, error)
+    ledger.fail_pending_batch(conn, batch_id, f"split failed: {error}")
+
+
+def first_split_step(conn: Connection, settings: Settings, batch_id: uuid.UUID) -> SplitStep | None:
+    """The first step of a new batch's split, on the transaction that stores the batch (a
+    client splits a small batch itself: one commit and one message hop fewer). Returns None
+    when the pipeline cannot split the inputs: the batch is then stored `failed` with the reason."""
+    try:
+        with conn.begin_nested():
+            return split_step(conn, batch_id, settings.chunk_sizes, settings.split_step_items)
+    except SPLIT_ERRORS as error:
+        _fail_split(conn, batch_id, error)
+        return None
+
+
+def _steps(engine: Engine, settings: Settings, batch_id: uuid.UUID, first: SplitStep | None) -> Iterator[SplitStep]:
+    if first is not None:
+        yield first
+        if first.finished:
+            return
+    yield from split_steps(engine, batch_id, settings.chunk_sizes, settings.split_step_items)
+
+
+def run_split(
+    engine: Engine, settings: Settings, batch_id: uuid.UUID, app: Celery, first: SplitStep | None = None
+) -> None:
     """Split a batch step by step, publishing each step's sub-tasks with `app` once it is
-    committed, so workers start on the first chunks while the rest is split.
+    committed, so workers start on the first chunks while the rest is split. `first`: a
+    step already committed (`first_split_step`), published first.
 
     A batch whose inputs the pipeline cannot split is marked `failed` with the reason.
     """
     created = steps = 0
     try:
-        for step in split_steps(engine, batch_id, settings.chunk_sizes, settings.split_step_items):
+        for step in _steps(engine, settings, batch_id, first):
             created += broker.publish_predictions(app, step.published)
             steps += 1
             # A batch of several steps is followed by an aggregator from now on, which
             # assembles its results as its sub-tasks finish.
             if step.aggregate or (step.finished and steps > 1):
                 broker.publish_aggregate(app, str(batch_id))
-    except (SplitError, registry.UnknownPipelineError, ValueError) as error:
-        log.error("batch %s cannot be split: %s", batch_id, error)
-        ledger.fail_pending_batch(engine, batch_id, f"split failed: {error}")
+    except SPLIT_ERRORS as error:
+        with engine.begin() as conn:
+            _fail_split(conn, batch_id, error)
         return
     log.info("batch %s: %d sub-tasks published", batch_id, created)
 

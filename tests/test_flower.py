@@ -22,7 +22,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from pipeline import broker
-from pipeline.client import INLINE_SPLIT_ITEMS, Client
+from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.stack import flower_args
 from tests.conftest import Processes, RunServices, free_port, wait_for
@@ -84,7 +84,7 @@ def test_flower_shows_the_live_workers_and_the_pipeline_tasks(
         status = client.submit("digits", held_out_strips(20)).wait(timeout=300)
         assert status.state == "succeeded", status.error
         # A batch too big for the client to split itself runs the split task too.
-        X = load_breast_cancer().data[np.arange(INLINE_SPLIT_ITEMS + 1) % 569]
+        X = load_breast_cancer().data[np.arange(client.settings.small_batch_items + 1) % 569]
         status = client.submit("screening", X).wait(timeout=300)
         assert status.state == "succeeded", status.error
 

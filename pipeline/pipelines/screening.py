@@ -157,7 +157,21 @@ def _train(name: str) -> TrainedModel:
 
 
 def _predict(model: Any, X: np.ndarray) -> np.ndarray:
+    if isinstance(model, RandomForestClassifier):
+        return forest_proba(model, X)
     return model.predict_proba(X)
+
+
+def forest_proba(forest: RandomForestClassifier, X: np.ndarray) -> np.ndarray:
+    """`forest.predict_proba(X)` for float32 `X`, the same numbers, summed from each tree's
+    own `tree_.predict`. sklearn validates the input and dispatches through joblib once
+    per tree: about 40 µs a tree, 8 ms for one row through 200 trees (0.5 ms this way),
+    and still a third of the time at 10,000 rows."""
+    X = np.asarray(X, dtype=np.float32)
+    proba = np.zeros((len(X), forest.n_classes_), dtype=np.float64)
+    for tree in forest.estimators_:
+        proba += tree.tree_.predict(X)[:, : forest.n_classes_]
+    return proba / len(forest.estimators_)
 
 
 def _malignant_probability(output: np.ndarray) -> np.ndarray:
