@@ -97,10 +97,10 @@ def publish_aggregate(app: Celery, batch_id: str) -> None:
     app.send_task(AGGREGATE_TASK, kwargs=AggregateMessage(batch_id=batch_id).model_dump(), queue=AGGREGATE_QUEUE)
 
 
-def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str]]) -> int:
+def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str]], countdown: float | None = None) -> int:
     """Publish one predict message per (sub-task id, model) over one producer, in batches
-    (on Redis one pipelined round trip per batch, with kombu's `Producer.batch`); return
-    the count."""
+    (on Redis one pipelined round trip per batch, with kombu's `Producer.batch`), each to
+    run no sooner than `countdown` seconds from now; return the count."""
     count = 0
     with app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
         for subtask_id, model in subtasks:
@@ -109,6 +109,7 @@ def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str]]) -> int
                 kwargs=PredictMessage(subtask_id=subtask_id).model_dump(),
                 queue=model_queue(model),
                 producer=producer,
+                countdown=countdown,
             )
             count += 1
     return count

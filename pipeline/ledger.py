@@ -41,8 +41,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import aliased
 
 from pipeline.definition import InputPage
 from pipeline.schema import Batch, BatchState, FailurePolicy, ResultPage, StoredInputPage, Subtask, SubtaskState
@@ -477,18 +478,13 @@ def _autocommit(engine: Engine) -> Connection:
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
-def _claim_statement() -> Select[Any]:
+def _claim_statement(*claimable: Any) -> Select[Any]:
+    """The claim of the sub-task matching `claimable` (conditions on `Subtask`), returning
+    what `Claim` holds."""
     now = _now()
     claimed = (
         update(Subtask)
-        .where(
-            Subtask.id == bindparam("subtask_id"),
-            Subtask.attempts < Subtask.max_attempts,
-            or_(
-                Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)),
-                and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now),
-            ),
-        )
+        .where(*claimable)
         .values(
             state=SubtaskState.running,
             attempts=Subtask.attempts + 1,
@@ -497,6 +493,7 @@ def _claim_statement() -> Select[Any]:
             lease_until=now + bindparam("lease", type_=Interval),
         )
         .returning(
+            Subtask.id,
             Subtask.batch_id,
             Subtask.model,
             Subtask.attempts,
@@ -529,6 +526,7 @@ def _claim_statement() -> Select[Any]:
         .scalar_subquery()
     )
     return select(
+        claimed.c.id,
         claimed.c.batch_id,
         claimed.c.model,
         claimed.c.attempts,
@@ -541,7 +539,31 @@ def _claim_statement() -> Select[Any]:
 
 # The workers' hot path: statements built once, executed with bound parameters (building
 # one costs more than running it).
-CLAIM = _claim_statement()
+CLAIM = _claim_statement(
+    Subtask.id == bindparam("subtask_id"),
+    Subtask.attempts < Subtask.max_attempts,
+    or_(
+        Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)),
+        and_(Subtask.state == SubtaskState.running, Subtask.lease_until < _now()),
+    ),
+)
+_waiting = aliased(Subtask)
+CLAIM_NEXT_OF_BATCH = _claim_statement(
+    Subtask.id
+    == select(_waiting.id)
+    .where(
+        _waiting.batch_id == bindparam("of_batch"),
+        _waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
+        _waiting.state == SubtaskState.dispatched,
+        _waiting.attempts < _waiting.max_attempts,
+    )
+    .order_by(_waiting.seq)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+    .scalar_subquery(),
+    # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
+    Subtask.state == SubtaskState.dispatched,
+)
 
 
 def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
@@ -551,14 +573,28 @@ def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) 
 
     Returns None when the sub-task is finished, cancelled, or leased by another worker.
     """
+    return _claim(engine, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
+
+
+def claim_next_of_batch(
+    engine: Engine, batch_id: uuid.UUID, models: Sequence[str], worker: str, lease_s: float
+) -> Claim | None:
+    """Claim the batch's first `dispatched` sub-task for one of `models`, like `claim_subtask`
+    (its message, when it comes, finds it claimed and is dropped); None when there is none."""
+    return _claim(
+        engine,
+        CLAIM_NEXT_OF_BATCH,
+        {"of_batch": batch_id, "models": list(models), "worker": worker, "lease": timedelta(seconds=lease_s)},
+    )
+
+
+def _claim(engine: Engine, statement: Select[Any], parameters: dict[str, Any]) -> Claim | None:
     with _autocommit(engine) as conn:
-        row = conn.execute(
-            CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)}
-        ).first()
+        row = conn.execute(statement, parameters).first()
     if row is None:
         return None
     return Claim(
-        subtask_id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, row.payload, row.batch_items
+        row.id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, row.payload, row.batch_items
     )
 
 

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"pipeline worker: {error}")
 
     import workers.tasks  # noqa: F401  (registers the predict task)
+    from workers.models import serve
+
+    serve(names)
 
     app = runtime.celery_app()
     app.worker_main(

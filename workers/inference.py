@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -56,17 +56,40 @@ def with_ledger_retry(settings: Settings, write: Callable[[], T]) -> T:
             delay = min(delay * 2, LEDGER_RETRY_MAX_S)
 
 
-def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str) -> float | None:
-    """Run sub-task `subtask_id` once.
+def run_subtask(
+    engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()
+) -> float | None:
+    """Run sub-task `subtask_id` once. When it belongs to a small batch (at most
+    `small_batch_items` inputs), go on with the batch's other `dispatched` sub-tasks for
+    the `served` models, claimed from the ledger: a one-input batch then waits for no
+    message delivery of a model this process serves (their messages find them claimed).
 
-    Returns a delay in seconds when the sub-task must be retried, else None (done,
+    Returns a delay in seconds when sub-task `subtask_id` must be retried, else None (done,
     failed for good, or not ours to run: finished, cancelled or leased elsewhere).
     """
     claim = with_ledger_retry(settings, lambda: ledger.claim_subtask(engine, subtask_id, worker, settings.lease_s))
     if claim is None:
         log.info("sub-task %d is not claimable (finished, cancelled or leased); dropping the message", subtask_id)
         return None
+    delay = run_claimed(engine, settings, claim)
+    if claim.batch_items > settings.small_batch_items or not served:
+        return delay
+    while (
+        taken := with_ledger_retry(
+            settings,
+            lambda: ledger.claim_next_of_batch(engine, claim.batch_id, served, worker, settings.lease_s),
+        )
+    ) is not None:
+        retry_in = run_claimed(engine, settings, taken)
+        if retry_in is not None:
+            # Its own message may be gone already: publish the retry, as the task's retry would.
+            broker.publish_predictions(runtime.celery_app(), [(taken.subtask_id, taken.model)], countdown=retry_in)
+    return delay
 
+
+def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> float | None:
+    """Predict a claimed sub-task and record its output or failure; aggregate its batch when
+    it was the last. Returns a delay in seconds when it must be retried, else None."""
     try:
         spec = registry.get_model(claim.model)
         estimator, manifest = loaded_model(spec.name)
@@ -87,7 +110,7 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
     except Exception as error:  # noqa: BLE001
         retry = claim.attempt < claim.max_attempts
         message = f"{type(error).__name__}: {error} (attempt {claim.attempt} of {claim.max_attempts})"
-        log.warning("sub-task %d failed: %s", subtask_id, message)
+        log.warning("sub-task %d failed: %s", claim.subtask_id, message)
         outcome = with_ledger_retry(
             settings, lambda: ledger.fail_subtask(engine, claim, message, retry=retry, lease_s=settings.lease_s)
         )

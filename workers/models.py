@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -17,3 +18,17 @@ def loaded_model(name: str) -> tuple[Any, Manifest]:
         ArtifactError: missing artifact, or its hash does not match the manifest.
     """
     return load_verified(get_settings().resolved_models_dir, name)
+
+
+# The models this worker serves (`pipeline worker --models`), recorded before its pool forks.
+_served: list[str] = []
+
+
+def serve(names: Sequence[str]) -> None:
+    """Record the models this worker process (and the pool it forks) serves."""
+    _served[:] = names
+
+
+def served() -> tuple[str, ...]:
+    """The models this worker serves; empty outside a `pipeline worker`."""
+    return tuple(_served)

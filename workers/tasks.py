@@ -7,11 +7,14 @@ from celery import Task
 from pipeline import broker, runtime
 from pipeline.settings import get_settings
 from workers.inference import run_subtask
+from workers.models import served
 
 
 @broker.app.task(name=broker.PREDICT_TASK, bind=True)
 def predict(self: Task, subtask_id: int) -> None:
     message = broker.PredictMessage(subtask_id=subtask_id)
-    delay = run_subtask(runtime.engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown")
+    delay = run_subtask(
+        runtime.engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown", served()
+    )
     if delay is not None:
         raise self.retry(countdown=delay, max_retries=None)

@@ -1,0 +1,76 @@
+"""The small-batch path (PIPELINE_SMALL_BATCH_ITEMS): the client splits in the transaction
+that stores the batch, a worker that finishes a sub-task goes on with the batch's other
+dispatched sub-tasks from the ledger, and the worker finishing the last one aggregates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+from sqlalchemy import Engine, text
+
+from pipeline import broker
+from pipeline.client import Client
+from pipeline.pipelines.screening import FOREST, LOGREG, MODELS, held_out_records
+from tests.conftest import RunServices, run_client_settings, wait_for
+
+
+def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
+    isolated: tuple[Client, str], services: RunServices, models_dir: Path, engine: Engine, tmp_path: Path
+) -> None:
+    client, prefix = isolated
+    batch = client.submit("screening", held_out_records(1))
+    queues = redis.Redis.from_url(services.broker_url)
+    # Split at once, as one transaction: a message per model waits, no split message.
+    assert queues.llen(prefix + broker.SPLIT_QUEUE) == 0
+    assert all(queues.llen(prefix + broker.model_queue(model)) == 1 for model in MODELS)
+    # Lose every message but the logistic regression's: only the ledger knows the other two.
+    for model in MODELS:
+        if model != LOGREG:
+            queues.delete(prefix + broker.model_queue(model))
+
+    env = services.env(models_dir, PIPELINE_BROKER_PREFIX=prefix)
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--models", ",".join(MODELS), "--concurrency", "1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # No aggregator runs under this prefix: the worker itself must finish the batch.
+        wait_for(lambda: batch.status().finished, 120, "the small batch to finish")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+    status = batch.status()
+    assert status.state == "succeeded", status.error
+    assert status.total == status.succeeded == len(MODELS)
+    (result,) = list(batch.results())
+    assert result.error is None and set(result.output["votes"]) == set(MODELS)  # type: ignore[index]
+    with engine.connect() as conn:
+        ran = conn.execute(
+            text("SELECT model, worker, attempts FROM subtasks WHERE batch_id = :b ORDER BY model"), {"b": batch.id}
+        ).all()
+        runs = conn.execute(text("SELECT aggregate_runs FROM batches WHERE id = :b"), {"b": batch.id}).scalar_one()
+    assert sorted(model for model, _, _ in ran) == sorted(MODELS)
+    assert len({worker for _, worker, _ in ran}) == 1 and all(attempts == 1 for _, _, attempts in ran)
+    assert runs == 1
+    # Aggregated in the worker: nothing was queued for an aggregator.
+    assert queues.llen(prefix + broker.AGGREGATE_QUEUE) == 0
+    assert FOREST in status.metrics["models"]  # type: ignore[index]
+
+
+def test_a_client_with_small_batches_off_leaves_the_split_to_the_aggregator(
+    services: RunServices, models_dir: Path, stack: object
+) -> None:
+    client = Client(run_client_settings(services, models_dir, small_batch_items=0))
+    try:
+        status = client.submit("screening", held_out_records(3)).wait(timeout=120)
+    finally:
+        client.close()
+    assert status.state == "succeeded", status.error
+    assert status.result == {"items": 3, "answered": 3, "unanswered": 0}
