@@ -13,7 +13,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from pipeline.artifacts import ArtifactError, read_manifest
 from pipeline.definition import ModelSpec, Pipeline
-from pipeline.profile import Band, DriftConfig, ReferenceProfile, psi
+from pipeline.profile import Band, DriftConfig, ReferenceProfile
 from pipeline.schema import Subtask, SubtaskState
 
 # Built once: every aggregate runs it.
@@ -73,16 +73,14 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, model
         if counts is None:
             models[spec.name] = {"skipped": f"no succeeded sub-task scored by version {version}"}
             continue
-        feature_counts, score_counts = profile.split_counts(counts)
-        score_psi = psi(profile.score.expected, score_counts)
+        *feature_psis, score_psi = profile.psis(counts).tolist()
         models[spec.name] = {
             "rows": rows,
             "reference_version": version,
             "score_psi": round(score_psi, 6),
             "score_band": config.band(score_psi, rows).value,
         }
-        for histogram, bins in zip(profile.features, feature_counts):
-            value = psi(histogram.expected, bins)
+        for histogram, value in zip(profile.features, feature_psis):
             known = features.get(histogram.name)
             if known is None or value > known["psi"]:
                 features[histogram.name] = {"psi": round(value, 6), "band": config.band(value, rows).value}

@@ -22,6 +22,7 @@ from alembic.config import Config
 from sqlalchemy import (
     Connection,
     Engine,
+    Float,
     Integer,
     Interval,
     LargeBinary,
@@ -117,6 +118,23 @@ def create_batch(
         return insert_batch(conn, pipeline, pages, idempotency_key, failure_policy, max_failed_fraction, deadline_s)
 
 
+INSERT_BATCH = (
+    pg_insert(Batch)
+    .values(
+        id=bindparam("id"),
+        pipeline=bindparam("pipeline"),
+        items=bindparam("items"),
+        idempotency_key=bindparam("idempotency_key"),
+        failure_policy=bindparam("failure_policy"),
+        max_failed_fraction=bindparam("max_failed_fraction", type_=Float),
+        # NULL without a deadline.
+        deadline_at=_now() + bindparam("deadline", type_=Interval),
+    )
+    .on_conflict_do_nothing(index_elements=[Batch.idempotency_key])
+    .returning(Batch.id)
+)
+
+
 def insert_batch(
     conn: Connection,
     pipeline: str,
@@ -136,18 +154,16 @@ def insert_batch(
     """
     batch_id = uuid.uuid4()
     inserted = conn.execute(
-        pg_insert(Batch)
-        .values(
-            id=batch_id,
-            pipeline=pipeline,
-            items=sum(page.count for page in pages),
-            idempotency_key=idempotency_key,
-            failure_policy=failure_policy,
-            max_failed_fraction=max_failed_fraction,
-            deadline_at=None if deadline_s is None else _now() + timedelta(seconds=deadline_s),
-        )
-        .on_conflict_do_nothing(index_elements=[Batch.idempotency_key])
-        .returning(Batch.id)
+        INSERT_BATCH,
+        {
+            "id": batch_id,
+            "pipeline": pipeline,
+            "items": sum(page.count for page in pages),
+            "idempotency_key": idempotency_key,
+            "failure_policy": failure_policy.value,
+            "max_failed_fraction": max_failed_fraction,
+            "deadline": None if deadline_s is None else timedelta(seconds=deadline_s),
+        },
     ).scalar_one_or_none()
     if inserted is None:
         existing_id, existing_pipeline = conn.execute(
@@ -308,11 +324,44 @@ class NewSubtask:
         return len(self.items)
 
 
+# Every split step runs these (a small batch's in its client): built once.
+LOCK_PENDING_BATCH = (
+    select(Batch.__table__)
+    .where(Batch.id == bindparam("batch_id"), Batch.state == BatchState.pending)
+    .with_for_update()
+)
+NEW_SUBTASK_IDS = text(
+    "SELECT s.id, s.model FROM subtasks s"
+    " JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)"
+    " ON s.model = f.model AND s.seq >= f.first_seq"
+    " WHERE s.batch_id = :batch_id ORDER BY s.seq, s.model"
+)
+
+
+def _record_split_statement(finished: bool) -> Update:
+    total = Batch.total + bindparam("created")
+    complete = Batch.succeeded + Batch.failed + Batch.cancelled == total
+    values: dict[str, Any] = {"split_items": bindparam("split_items"), "total": total}
+    if finished:
+        values |= {
+            "state": case((complete, BatchState.aggregating.value), else_=BatchState.running.value),
+            "started_at": _now(),
+            "aggregating_at": case((complete, _now()), else_=None),
+        }
+    return (
+        update(Batch)
+        .where(Batch.id == bindparam("batch_id"), Batch.state == BatchState.pending)
+        .values(**values)
+        .returning(Batch.state)
+    )
+
+
+RECORD_SPLIT = {finished: _record_split_statement(finished) for finished in (False, True)}
+
+
 def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     """Lock a `pending` batch's row for splitting; None when it is not pending (split, or cancelled)."""
-    return conn.execute(
-        select(Batch.__table__).where(Batch.id == batch_id, Batch.state == BatchState.pending).with_for_update()
-    ).first()
+    return conn.execute(LOCK_PENDING_BATCH, {"batch_id": batch_id}).first()
 
 
 # The stored input page holding input `position` or, past a gap, the next one.
@@ -396,12 +445,8 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
     if not first_seqs:
         return []
     rows = conn.execute(
-        select(Subtask.id, Subtask.model)
-        .where(
-            Subtask.batch_id == batch_id,
-            or_(*(and_(Subtask.model == model, Subtask.seq >= seq) for model, seq in first_seqs.items())),
-        )
-        .order_by(Subtask.seq, Subtask.model)
+        NEW_SUBTASK_IDS,
+        {"batch_id": batch_id, "models": list(first_seqs), "first_seqs": list(first_seqs.values())},
     ).all()
     return [(row.id, row.model) for row in rows]
 
@@ -413,20 +458,8 @@ def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, create
 
     Returns True when the batch must now be aggregated.
     """
-    total = Batch.total + created
-    complete = Batch.succeeded + Batch.failed + Batch.cancelled == total
-    values: dict[str, Any] = {"split_items": split_items, "total": total}
-    if finished:
-        values |= {
-            "state": case((complete, BatchState.aggregating.value), else_=BatchState.running.value),
-            "started_at": _now(),
-            "aggregating_at": case((complete, _now()), else_=None),
-        }
     state = conn.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.state == BatchState.pending)
-        .values(**values)
-        .returning(Batch.state)
+        RECORD_SPLIT[finished], {"batch_id": batch_id, "split_items": split_items, "created": created}
     ).scalar_one()
     return state == BatchState.aggregating
 

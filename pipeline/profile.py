@@ -46,16 +46,31 @@ class ReferenceProfile(BaseModel):
     def bin_counts(self, X: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The bin counts of rows `X` (n x features) and their `scores`: every feature's
         histogram, then the score's, concatenated (int64). Sums of these vectors over
-        sub-tasks are a batch's counts (`split_counts` cuts them apart)."""
+        sub-tasks are a batch's counts (`psis` reads them)."""
         return np.concatenate(
             [h.counts(X[:, column]) for column, h in enumerate(self.features)] + [self.score.counts(scores)]
         )
 
-    def split_counts(self, counts: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """(per-feature counts, score counts) of a vector made by `bin_counts`."""
-        ends = np.cumsum([len(h.edges) + 1 for h in [*self.features, self.score]])
-        *features, score = np.split(counts, ends[:-1])
-        return features, score
+    def psis(self, counts: np.ndarray) -> np.ndarray:
+        """The population stability index of every histogram (the features in column order,
+        then the score) in a vector made by `bin_counts`, against the reference shares, in
+        one vectorised pass. Each bin's share is floored at PSI_EPSILON, so an empty bin
+        gives a large but finite term.
+
+        Raises:
+            ValueError: `counts` does not fit the histograms, or a histogram counts nothing.
+        """
+        histograms = [*self.features, self.score]
+        sizes = np.array([len(h.expected) for h in histograms])
+        if len(counts) != sizes.sum():
+            raise ValueError(f"{len(counts)} bin counts do not fit {len(histograms)} histograms of {sizes.sum()} bins")
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        totals = np.add.reduceat(counts, starts)
+        if not totals.all():
+            raise ValueError("cannot compute the PSI of a histogram that counts no value")
+        actual = np.maximum(counts / np.repeat(totals, sizes), PSI_EPSILON)
+        reference = np.maximum(np.concatenate([h.expected for h in histograms]), PSI_EPSILON)
+        return np.add.reduceat((actual - reference) * np.log(actual / reference), starts)
 
 
 def histogram(name: str, values: np.ndarray, bins: int = REFERENCE_BINS) -> Histogram:
@@ -85,20 +100,6 @@ def build_profile(feature_names: Sequence[str], X: np.ndarray, scores: np.ndarra
         features=[histogram(name, X[:, column]) for column, name in enumerate(feature_names)],
         score=histogram("score", scores),
     )
-
-
-def psi(expected: Sequence[float], counts: np.ndarray) -> float:
-    """Population stability index of bin `counts` against the `expected` shares.
-
-    Raises:
-        ValueError: no counts, or a number of bins different from `expected`.
-    """
-    total = counts.sum()
-    if total == 0 or len(counts) != len(expected):
-        raise ValueError(f"cannot compute PSI of {total} values in {len(counts)} bins against {len(expected)} bins")
-    actual = np.maximum(counts / total, PSI_EPSILON)
-    reference = np.maximum(np.asarray(expected, dtype=np.float64), PSI_EPSILON)
-    return float(np.sum((actual - reference) * np.log(actual / reference)))
 
 
 class Band(StrEnum):
