@@ -105,7 +105,8 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     `pending` (split already, cancelled or aborted).
 
     Raises:
-        SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs.
+        SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs
+            (raised before anything is written).
     """
     batch = ledger.lock_pending_batch(conn, batch_id)
     if batch is None:
@@ -162,8 +163,8 @@ def first_split_step(conn: Connection, settings: Settings, batch_id: uuid.UUID) 
     client splits a small batch itself: one commit and one message hop fewer). Returns None
     when the pipeline cannot split the inputs: the batch is then stored `failed` with the reason."""
     try:
-        with conn.begin_nested():
-            return split_step(conn, batch_id, settings.chunk_sizes, settings.split_step_items)
+        # No savepoint needed: split_step raises SPLIT_ERRORS before it writes anything.
+        return split_step(conn, batch_id, settings.chunk_sizes, settings.split_step_items)
     except SPLIT_ERRORS as error:
         _fail_split(conn, batch_id, error)
         return None

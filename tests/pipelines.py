@@ -14,11 +14,12 @@ from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedMod
 
 POISON = -1.0
 BAD_OUTPUT = -2.0
+UNSPLITTABLE = -3.0
 
 
 class Point(BaseModel):
     """Four numbers; a first value of -1 makes the model raise on every attempt, -2 makes
-    it return NaN (a guardrail violation, which is not retried)."""
+    it return NaN (a guardrail violation, which is not retried), -3 makes the split raise."""
 
     values: list[float] = Field(min_length=4, max_length=4)
 
@@ -57,6 +58,8 @@ class PoisonPipeline(Pipeline):
 
     def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:
         X = np.array([item.values for item in items], dtype=np.float32)  # type: ignore[attr-defined]
+        if (X[:, 0] == UNSPLITTABLE).any():
+            raise ValueError("an unsplittable point")
         return {"poison-model": ModelRows(X, np.arange(len(items)))}
 
     def aggregate(self, item: BaseModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 from sqlalchemy import Engine, text
 
@@ -15,6 +16,7 @@ from pipeline import broker
 from pipeline.client import Client
 from pipeline.pipelines.screening import FOREST, LOGREG, MODELS, held_out_records
 from tests.conftest import RunServices, run_client_settings, wait_for
+from tests.pipelines import UNSPLITTABLE
 
 
 def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
@@ -74,3 +76,20 @@ def test_a_client_with_small_batches_off_leaves_the_split_to_the_aggregator(
         client.close()
     assert status.state == "succeeded", status.error
     assert status.result == {"items": 3, "answered": 3, "unanswered": 0}
+
+
+@pytest.mark.parametrize("small_batch_items", [1000, 0], ids=["split by the client", "split by the aggregator"])
+def test_a_batch_its_pipeline_cannot_split_fails_with_the_reason(
+    services: RunServices, models_dir: Path, engine: Engine, stack: object, small_batch_items: int
+) -> None:
+    client = Client(run_client_settings(services, models_dir, small_batch_items=small_batch_items))
+    try:
+        points = [{"values": [UNSPLITTABLE if i == 1 else 0.5, 0.0, 0.0, 0.0]} for i in range(3)]
+        status = client.submit("poison", points).wait(timeout=120)
+    finally:
+        client.close()
+    assert status.state == "failed"
+    assert status.error == "split failed: an unsplittable point"
+    with engine.connect() as conn:
+        subtasks = conn.execute(text("SELECT count(*) FROM subtasks WHERE batch_id = :b"), {"b": status.id}).scalar()
+    assert subtasks == 0
