@@ -80,6 +80,12 @@ def _now() -> Any:
     return func.clock_timestamp()
 
 
+def _autocommit(engine: Engine) -> Connection:
+    """A connection on which each statement commits on its own: a transition or a read that
+    is one statement costs one round trip, with no BEGIN and COMMIT (or ROLLBACK) around it."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
 def _copy_rows(
     conn: Connection, statement: str, rows: Iterable[Sequence[Any]], binary_types: Sequence[str] | None = None
 ) -> int:
@@ -189,7 +195,7 @@ def _packed(X: np.ndarray | None) -> bytes | None:
 
 def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | None:
     """The `batch_status` view's row of one batch, plus its result and metrics."""
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         row = (
             conn.execute(
                 text("SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id) WHERE s.id = :id"),
@@ -203,7 +209,7 @@ def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | No
 
 def batch_status_rows(engine: Engine, state: str | None, limit: int) -> list[dict[str, Any]]:
     """The newest `limit` rows of the `batch_status` view, optionally of one state."""
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         rows = (
             conn.execute(
                 text(
@@ -249,7 +255,7 @@ def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
     """Yield a batch's results in item order, one page per query (no query after the last page)."""
     after = -1
     while True:
-        with engine.connect() as conn:
+        with _autocommit(engine) as conn:
             page = conn.execute(RESULT_PAGE, {"batch_id": batch_id, "after": after}).first()
         if page is None:
             return
@@ -263,7 +269,7 @@ def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
 
 def first_subtask_started(engine: Engine, batch_id: uuid.UUID) -> datetime | None:
     """When a worker first started a sub-task of the batch; None before any did."""
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         return conn.execute(select(func.min(Subtask.started_at)).where(Subtask.batch_id == batch_id)).scalar_one()
 
 
@@ -503,12 +509,6 @@ class Outcome:
 
     recorded: bool
     aggregate: bool = False
-
-
-def _autocommit(engine: Engine) -> Connection:
-    """A connection on which each statement commits on its own: a transition that is one
-    statement costs one round trip, with no BEGIN and COMMIT around it."""
-    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _claim_statement(*claimable: Any) -> Select[Any]:
