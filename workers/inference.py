@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine
@@ -71,25 +71,35 @@ def run_subtask(
     if claim is None:
         log.info("sub-task %d is not claimable (finished, cancelled or leased); dropping the message", subtask_id)
         return None
-    delay = run_claimed(engine, settings, claim)
-    if claim.batch_items > settings.small_batch_items or not served:
-        return delay
+    ran = run_claimed(engine, settings, claim)
+    if ran.completed_batch or claim.batch_items > settings.small_batch_items or not served:
+        return ran.retry_in
     while (
         taken := with_ledger_retry(
             settings,
             lambda: ledger.claim_next_of_batch(engine, claim.batch_id, served, worker, settings.lease_s),
         )
     ) is not None:
-        retry_in = run_claimed(engine, settings, taken)
-        if retry_in is not None:
+        then = run_claimed(engine, settings, taken)
+        if then.retry_in is not None:
             # Its own message may be gone already: publish the retry, as the task's retry would.
-            broker.publish_predictions(runtime.celery_app(), [(taken.subtask_id, taken.model)], countdown=retry_in)
-    return delay
+            broker.publish_predictions(runtime.celery_app(), [(taken.subtask_id, taken.model)], countdown=then.retry_in)
+        if then.completed_batch:
+            break
+    return ran.retry_in
 
 
-def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> float | None:
+class Ran(NamedTuple):
+    """What running a claimed sub-task did: the delay before it must be retried (None: no
+    retry), and whether it completed its batch's counters (nothing of the batch is left)."""
+
+    retry_in: float | None
+    completed_batch: bool
+
+
+def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> Ran:
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
-    it was the last. Returns a delay in seconds when it must be retried, else None."""
+    it was the last."""
     try:
         spec = registry.get_model(claim.model)
         estimator, manifest = loaded_model(spec.name)
@@ -122,7 +132,7 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> floa
         delay = None
     if outcome.aggregate:
         aggregate_or_hand_over(engine, settings, claim)
-    return delay
+    return Ran(delay, outcome.aggregate)
 
 
 def aggregate_or_hand_over(engine: Engine, settings: Settings, claim: ledger.Claim) -> None:
