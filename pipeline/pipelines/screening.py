@@ -178,11 +178,11 @@ def _malignant_probability(output: np.ndarray) -> np.ndarray:
     return output[:, MALIGNANT]
 
 
-# Rows per sub-task, from each model's fixed cost per predict call (measured on 2 cores):
-# the forest's ~11 ms per call is paid back only at tens of thousands of rows (22k rows/s
-# at 500, 127k at 20,000, 145k at 50,000); the other two are near their best from
-# 5,000-10,000. With these sizes a 1,000,000-record batch took 9.7 s end to end instead
-# of 12.5 s with 20,000 / 5,000 / 5,000 (README "Performance").
+# Rows per sub-task, from each model's cost per predict call (measured on 2 cores): with
+# `forest_proba` the forest costs ~0.5 ms a call plus ~1.5 µs a row, near its best rate from
+# 5,000 rows, as are the other two. The forest's 50,000 makes fewer ledger rows and
+# messages: a 1,000,000-record batch took 9.1 s end to end with it, 9.7 s with 10,000
+# (`python -m bench.run`, README "Performance").
 CHUNK_SIZES = {LOGREG: 10_000, FOREST: 50_000, BOOSTING: 10_000}
 
 
