@@ -110,20 +110,6 @@ def _copy_rows(
 # --- client -------------------------------------------------------------------------------
 
 
-def create_batch(
-    engine: Engine,
-    pipeline: str,
-    pages: Sequence[InputPage],
-    idempotency_key: str | None,
-    failure_policy: FailurePolicy = FailurePolicy.best_effort,
-    max_failed_fraction: float | None = None,
-    deadline_s: float | None = None,
-) -> tuple[uuid.UUID, bool]:
-    """Store a `pending` batch and its input pages in one transaction (`insert_batch`)."""
-    with engine.begin() as conn:
-        return insert_batch(conn, pipeline, pages, idempotency_key, failure_policy, max_failed_fraction, deadline_s)
-
-
 INSERT_BATCH = (
     pg_insert(Batch)
     .values(

@@ -17,7 +17,8 @@ def store_batch(
 ) -> tuple[uuid.UUID, bool]:
     """Validate and store a `pending` batch as the client does, without queueing its split."""
     pages = encode_inputs(registry.get_pipeline(pipeline), inputs, 10_000, 1_000_000)
-    return ledger.create_batch(engine, pipeline, pages, key)
+    with engine.begin() as conn:
+        return ledger.insert_batch(conn, pipeline, pages, key)
 
 
 def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int = 3) -> int:
