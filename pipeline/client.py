@@ -260,7 +260,7 @@ class Client:
         pages = encode_inputs(
             registry.get_pipeline(pipeline), inputs, self.settings.max_batch_items, self.settings.max_item_bytes
         )
-        small = sum(page.count for page in pages) <= self.settings.small_batch_items
+        small = self.settings.is_small_batch(sum(page.count for page in pages))
         with self.engine.begin() as conn:
             batch_id, created = ledger.insert_batch(
                 conn,

@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     def resolved_models_dir(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
 
+    def is_small_batch(self, items: int) -> bool:
+        """Whether a batch of `items` inputs takes the small-batch path (`small_batch_items`)."""
+        return items <= self.small_batch_items
+
 
 def sqlalchemy_url(url: str) -> str:
     """Return `url` in the `postgresql+psycopg://` form SQLAlchemy needs for psycopg 3."""

@@ -72,7 +72,7 @@ def run_subtask(
         log.info("sub-task %d is not claimable (finished, cancelled or leased); dropping the message", subtask_id)
         return None
     ran = run_claimed(engine, settings, claim)
-    if ran.completed_batch or claim.batch_items > settings.small_batch_items or not served:
+    if ran.completed_batch or not settings.is_small_batch(claim.batch_items) or not served:
         return ran.retry_in
     while (
         taken := with_ledger_retry(
@@ -139,7 +139,7 @@ def aggregate_or_hand_over(engine: Engine, settings: Settings, claim: ledger.Cla
     """Aggregate the batch whose last sub-task `claim` finished: here when it has at most
     `small_batch_items` inputs (one message hop less for its latency), else, or when that
     fails, through the aggregator's `aggregate` queue."""
-    if claim.batch_items <= settings.small_batch_items:
+    if settings.is_small_batch(claim.batch_items):
         try:
             aggregate_batch(engine, claim.batch_id)
             return

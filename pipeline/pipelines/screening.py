@@ -157,8 +157,6 @@ def _train(name: str) -> TrainedModel:
 
 
 def _predict(model: Any, X: np.ndarray) -> np.ndarray:
-    if isinstance(model, RandomForestClassifier):
-        return forest_proba(model, X)
     return model.predict_proba(X)
 
 
@@ -192,7 +190,7 @@ def _spec(name: str) -> ModelSpec:
         len(FEATURES),
         2,
         lambda: _train(name),
-        _predict,
+        forest_proba if name == FOREST else _predict,
         chunk_size=CHUNK_SIZES[name],
         probabilities=True,
         feature_names=FEATURES,
