@@ -35,6 +35,7 @@ from pipeline import registry
 from pipeline.artifacts import load_verified
 from pipeline.client import Client
 from pipeline.definition import Pipeline
+from pipeline.errors import UnknownPipelineError
 from pipeline.inputs import encode_inputs
 from pipeline.scratch import scratch_services
 from pipeline.settings import get_settings
@@ -57,7 +58,7 @@ def default_pipeline() -> str:
     """`screening` when it is registered, else `digits`."""
     try:
         registry.get_pipeline("screening")
-    except registry.UnknownPipelineError:
+    except UnknownPipelineError:
         return "digits"
     return "screening"
 

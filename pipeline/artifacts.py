@@ -17,13 +17,10 @@ import skops.io
 from pydantic import BaseModel, Field
 
 from pipeline.definition import ModelSpec, TrainedModel
+from pipeline.errors import ArtifactError
 from pipeline.profile import ReferenceProfile, build_profile
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class ArtifactError(RuntimeError):
-    """A model artifact is missing, misnamed or does not match its manifest."""
 
 
 class Manifest(BaseModel):

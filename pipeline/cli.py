@@ -22,19 +22,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline import BatchNotFoundError, Client, InvalidInputError, health, ledger, registry
-from pipeline.embedded import EmbeddedServiceError
+from pipeline import Client, InvalidInputError, health, ledger, registry
+from pipeline.errors import PipelineError
 from pipeline.schema import BatchState
 from pipeline.settings import get_settings
 
 console = Console()
-KNOWN_ERRORS = (
-    BatchNotFoundError,
-    registry.UnknownPipelineError,
-    health.ServiceNotReadyError,
-    EmbeddedServiceError,
-    TimeoutError,
-)
+# What a user can get wrong or a service can refuse: one line, no traceback. Anything else
+# is a bug and keeps its traceback.
+KNOWN_ERRORS = (PipelineError, TimeoutError)
 # Bad inputs `submit` lists line by line; the rest are counted.
 SHOWN_PROBLEMS = 20
 # Rows of `results --out` between two progress bar updates.

@@ -20,15 +20,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import broker, ledger, registry
 from pipeline.embedded import ensure_services
+from pipeline.errors import BatchNotFoundError
 from pipeline.inputs import InvalidInputError as InvalidInputError  # re-exported: part of the client API
 from pipeline.inputs import encode_inputs
 from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy
 from pipeline.settings import Settings, get_settings, libpq_url
 from pipeline.splitter import first_split_step, run_split
-
-
-class BatchNotFoundError(LookupError):
-    """No batch has the id asked for."""
 
 
 class SubmitOptions(BaseModel):
@@ -190,7 +187,7 @@ class _ProgressBar:
 
 
 class Client:
-    """Entry point of the Python API.
+    """Entry point of the Python API; a context manager that closes it on exit.
 
     `settings`: default from the `PIPELINE_*` environment. A service without a URL
     is the embedded one, started (or reused) here; nothing else connects before the
@@ -226,6 +223,7 @@ class Client:
         self,
         pipeline: str,
         inputs: Iterable[Any],
+        *,
         idempotency_key: str | None = None,
         failure_policy: FailurePolicy | str = FailurePolicy.best_effort,
         max_failed_fraction: float | None = None,
@@ -246,8 +244,8 @@ class Client:
             UnknownPipelineError: no pipeline is registered as `pipeline`.
             InvalidInputError: some inputs are invalid or too large, or there are too
                 many; nothing was stored or queued.
-            ValueError: an option is out of range (pydantic's ValidationError), or
-                `idempotency_key` already names a batch of another pipeline.
+            ValueError: an option is out of range (pydantic's ValidationError).
+            IdempotencyKeyError: `idempotency_key` already names a batch of another pipeline.
             kombu.exceptions.OperationalError: the broker is unreachable; the batch
                 is stored, and the aggregator's sweeper queues its split later.
         """
@@ -305,8 +303,14 @@ class Client:
             BatchState(state)
         return [BatchStatus.model_validate(row) for row in ledger.batch_status_rows(self.engine, state, limit)]
 
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Release database and broker connections."""
+        """Release database and broker connections and the listening connection."""
         self.drop_listener()
         self.engine.dispose()
         self.app.close()

@@ -21,6 +21,8 @@ import fasteners
 import psycopg
 import redis
 
+from pipeline.errors import EmbeddedServiceError
+
 DATABASE_NAME = "pipeline"
 
 
@@ -30,10 +32,6 @@ class ServiceUrls:
     broker_url: str
     # True when this call started an embedded server (rather than reusing one or a given URL).
     started: bool = False
-
-
-class EmbeddedServiceError(RuntimeError):
-    """An embedded service could not be started."""
 
 
 def _lock(data_dir: Path) -> fasteners.InterProcessLock:

@@ -12,9 +12,7 @@ from alembic.script import ScriptDirectory
 from celery import Celery
 from sqlalchemy import URL, Engine
 
-
-class ServiceNotReadyError(RuntimeError):
-    """A service is unreachable or not set up; the message names it and what to do."""
+from pipeline.errors import ServiceNotReadyError
 
 
 def first_line(error: BaseException) -> str:

@@ -17,26 +17,10 @@ import numpy as np
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline.definition import InputPage, Pipeline
+from pipeline.errors import InvalidInputError
 
-# How many bad items an InvalidInputError spells out in its message (all are in `.problems`).
-SHOWN_PROBLEMS = 20
 # Inputs per stored page: big enough that per-row costs vanish, small enough to stream.
 PAGE_ITEMS = 10_000
-
-
-class InvalidInputError(ValueError):
-    """Some inputs do not match the pipeline's input model; nothing was stored or queued.
-
-    `problems` lists (item index, reason) for every bad item.
-    """
-
-    def __init__(self, pipeline: str, problems: list[tuple[int, str]]) -> None:
-        self.pipeline = pipeline
-        self.problems = problems
-        lines = [f"item {index}: {reason}" for index, reason in problems[:SHOWN_PROBLEMS]]
-        if len(problems) > SHOWN_PROBLEMS:
-            lines.append(f"... and {len(problems) - SHOWN_PROBLEMS} more bad items")
-        super().__init__(f"{len(problems)} invalid input(s) for pipeline {pipeline!r}:\n  " + "\n  ".join(lines))
 
 
 def _problems_of(error: ValidationError, offset: int = 0) -> list[tuple[int, str]]:

@@ -8,14 +8,11 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 
 from pipeline.definition import ModelSpec, Pipeline
+from pipeline.errors import UnknownPipelineError
 from pipeline.settings import get_settings
 
 SHIPPED = ("pipeline.pipelines.digits:DigitsPipeline", "pipeline.pipelines.screening:ScreeningPipeline")
 ENTRY_POINT_GROUP = "pipeline.pipelines"
-
-
-class UnknownPipelineError(LookupError):
-    """No pipeline (or model) is registered under the name asked for."""
 
 
 def _load(reference: str) -> type[Pipeline]:

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 
 from pipeline import registry
 from pipeline.client import BatchStatus
+from pipeline.errors import UnknownPipelineError
 
 HISTOGRAM_BINS = 30
 SHOWN_FEATURES = 10
@@ -68,7 +69,7 @@ def _key_order(pipeline_name: str) -> tuple[tuple[str, ...], tuple[str, ...], tu
     """The pipeline's own order of its (KPIs, models, features); empty when it is not registered here."""
     try:
         pipeline = registry.get_pipeline(pipeline_name)
-    except registry.UnknownPipelineError:
+    except UnknownPipelineError:
         return (), (), ()
     models = tuple(spec.name for spec in pipeline.models)
     features = tuple(dict.fromkeys(name for spec in pipeline.models for name in spec.columns))

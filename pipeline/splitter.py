@@ -15,17 +15,16 @@ from sqlalchemy import Connection, Engine
 
 from pipeline import broker, ledger, registry, runtime
 from pipeline.definition import ModelRows, ModelSpec
+from pipeline.errors import SplitError, UnknownPipelineError
 from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 
-class SplitError(ValueError):
-    """A pipeline's split returned rows that do not fit its model specs."""
-
-
-# What a pipeline that cannot split a batch's inputs raises: the batch fails with the reason.
-SPLIT_ERRORS = (SplitError, registry.UnknownPipelineError, ValueError)
+# What a batch's inputs can make a split raise: the batch fails with the reason. Anything
+# else is a bug (in a pipeline or here): it propagates with its traceback, the batch stays
+# `pending`, and the sweeper splits it again once fixed code is deployed.
+SPLIT_ERRORS = (SplitError, UnknownPipelineError)
 
 
 class Chunker:
@@ -105,7 +104,7 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     `pending` (split already, cancelled or aborted).
 
     Raises:
-        SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs
+        SplitError, UnknownPipelineError: the pipeline cannot split the inputs
             (raised before anything is written).
     """
     batch = ledger.lock_pending_batch(conn, batch_id)
@@ -141,7 +140,7 @@ def split_steps(
     finished; nothing when the batch is not `pending`.
 
     Raises:
-        SplitError, UnknownPipelineError, ValueError: the pipeline cannot split the inputs.
+        SplitError, UnknownPipelineError: the pipeline cannot split the inputs.
     """
     while True:
         with engine.begin() as conn:
@@ -154,7 +153,7 @@ def split_steps(
 
 
 def _fail_split(conn: Connection, batch_id: uuid.UUID, error: Exception) -> None:
-    log.error("batch %s cannot be split: %s", batch_id, error)
+    log.error("batch %s cannot be split: %s", batch_id, error, exc_info=error)
     ledger.fail_pending_batch(conn, batch_id, f"split failed: {error}")
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
+from pipeline.errors import SplitError
 
 POISON = -1.0
 BAD_OUTPUT = -2.0
@@ -59,7 +60,7 @@ class PoisonPipeline(Pipeline):
     def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:
         X = np.array([item.values for item in items], dtype=np.float32)  # type: ignore[attr-defined]
         if (X[:, 0] == UNSPLITTABLE).any():
-            raise ValueError("an unsplittable point")
+            raise SplitError("an unsplittable point")
         return {"poison-model": ModelRows(X, np.arange(len(items)))}
 
     def aggregate(self, item: BaseModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 
 from pipeline import broker, registry, runtime
 from pipeline.artifacts import ArtifactError, load_verified
+from pipeline.errors import UnknownPipelineError
 from pipeline.settings import get_settings
 
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
             registry.get_model(name)
             # Fail at start-up, not on every sub-task, when an artifact is missing or tampered with.
             load_verified(settings.resolved_models_dir, name)
-    except (registry.UnknownPipelineError, ArtifactError) as error:
+    except (UnknownPipelineError, ArtifactError) as error:
         sys.exit(f"pipeline worker: {error}")
 
     import workers.tasks  # noqa: F401  (registers the predict task)

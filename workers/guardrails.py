@@ -5,12 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.definition import ModelSpec
+from pipeline.errors import GuardrailViolation
 
 PROBABILITY_TOLERANCE = 1e-4
-
-
-class GuardrailViolation(ValueError):
-    """A model's output is malformed; retrying cannot fix it."""
 
 
 def check_output(spec: ModelSpec, output: np.ndarray, rows: int) -> np.ndarray:

@@ -14,15 +14,15 @@ from sqlalchemy.exc import OperationalError
 
 from aggregator.assemble import aggregate_batch
 from pipeline import broker, ledger, registry, runtime
-from pipeline.artifacts import ArtifactError
+from pipeline.errors import ArtifactError, GuardrailViolation, UnknownPipelineError
 from pipeline.settings import Settings
-from workers.guardrails import GuardrailViolation, check_output
+from workers.guardrails import check_output
 from workers.models import loaded_model
 
 log = logging.getLogger(__name__)
 
 # Errors that a retry cannot fix: fail the sub-task at once.
-PERMANENT_ERRORS = (ArtifactError, GuardrailViolation, registry.UnknownPipelineError)
+PERMANENT_ERRORS = (ArtifactError, GuardrailViolation, UnknownPipelineError)
 LEDGER_RETRY_FIRST_S = 0.2
 LEDGER_RETRY_MAX_S = 5.0
 T = TypeVar("T")
@@ -112,6 +112,7 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> Ran:
         )
     except PERMANENT_ERRORS as error:
         message = f"{type(error).__name__}: {error}"
+        log.error("sub-task %d failed for good: %s", claim.subtask_id, message, exc_info=error)
         outcome = with_ledger_retry(
             settings, lambda: ledger.fail_subtask(engine, claim, message, retry=False, lease_s=settings.lease_s)
         )
@@ -120,7 +121,7 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> Ran:
     except Exception as error:  # noqa: BLE001
         retry = claim.attempt < claim.max_attempts
         message = f"{type(error).__name__}: {error} (attempt {claim.attempt} of {claim.max_attempts})"
-        log.warning("sub-task %d failed: %s", claim.subtask_id, message)
+        log.warning("sub-task %d failed: %s", claim.subtask_id, message, exc_info=error)
         outcome = with_ledger_retry(
             settings, lambda: ledger.fail_subtask(engine, claim, message, retry=retry, lease_s=settings.lease_s)
         )

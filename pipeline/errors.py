@@ -1,0 +1,64 @@
+"""Every error the pipeline raises on purpose, under one root: `PipelineError`.
+
+Catch `PipelineError` for anything the library refuses or cannot do; each class also
+keeps the builtin base it had before (`ValueError`, `LookupError`, `RuntimeError`), so
+code catching those still works. Anything else that escapes the library is a bug.
+"""
+
+from __future__ import annotations
+
+# How many bad items an InvalidInputError spells out in its message (all are in `.problems`).
+SHOWN_PROBLEMS = 20
+
+
+class PipelineError(Exception):
+    """The root of the pipeline's errors."""
+
+
+class BatchNotFoundError(PipelineError, LookupError):
+    """No batch has the id asked for."""
+
+
+class UnknownPipelineError(PipelineError, LookupError):
+    """No pipeline (or model) is registered under the name asked for."""
+
+
+class InvalidInputError(PipelineError, ValueError):
+    """Some inputs do not match the pipeline's input model; nothing was stored or queued.
+
+    `problems` lists (item index, reason) for every bad item.
+    """
+
+    def __init__(self, pipeline: str, problems: list[tuple[int, str]]) -> None:
+        self.pipeline = pipeline
+        self.problems = problems
+        lines = [f"item {index}: {reason}" for index, reason in problems[:SHOWN_PROBLEMS]]
+        if len(problems) > SHOWN_PROBLEMS:
+            lines.append(f"... and {len(problems) - SHOWN_PROBLEMS} more bad items")
+        super().__init__(f"{len(problems)} invalid input(s) for pipeline {pipeline!r}:\n  " + "\n  ".join(lines))
+
+
+class IdempotencyKeyError(PipelineError, ValueError):
+    """An idempotency key already names a batch that is not this request's."""
+
+
+class SplitError(PipelineError, ValueError):
+    """A pipeline cannot split a batch's inputs (its split returned rows that do not fit
+    its model specs, or it refused an input): the batch fails with the reason. A
+    pipeline's own `split` raises it for an input it cannot split."""
+
+
+class ArtifactError(PipelineError, RuntimeError):
+    """A model artifact is missing, misnamed or does not match its manifest."""
+
+
+class GuardrailViolation(PipelineError, ValueError):
+    """A model's output is malformed; retrying cannot fix it."""
+
+
+class EmbeddedServiceError(PipelineError, RuntimeError):
+    """An embedded service could not be started."""
+
+
+class ServiceNotReadyError(PipelineError, RuntimeError):
+    """A service is unreachable or not set up; the message names it and what to do."""

@@ -1,0 +1,100 @@
+"""The batch ledger: every state change of batches and sub-tasks, in PostgreSQL.
+
+PostgreSQL is the source of truth. Each transition is one statement guarded by the
+state it expects; when it matches no row the caller lost a race or holds a duplicate
+message, and does nothing more. Bulk writes use COPY. One module per noun:
+
+- `connection`: the engine, migrations, autocommit, COPY;
+- `batches`: a new batch and its inputs, statuses, cancel;
+- `counters`: counting finished sub-tasks, failure policies, aborts;
+- `split`: the split's writes (new sub-tasks, its steps);
+- `claims`: a worker's claim, completion and failure of a sub-task;
+- `pages`: reading input pages, reading and writing result pages;
+- `aggregation`: the aggregate's locks, reads and the batch's final state;
+- `sweep`: the sweeper's reconciliation;
+- `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
+
+Who owns the transaction: a function whose first argument is an `Engine` is a whole
+transaction (or one autocommitted statement) and has committed when it returns; a
+function whose first argument is a `Connection` runs on the caller's transaction and
+never commits, so the caller can put several steps in one (`with engine.begin() as conn`).
+"""
+
+from pipeline.ledger.aggregation import (
+    SubtaskOutput,
+    batch_state,
+    finish_batch,
+    lock_aggregating_batch,
+    running_batch,
+    subtask_outputs,
+    try_lock_aggregation,
+    unfinished_before,
+)
+from pipeline.ledger.batches import (
+    NOTIFY_CHANNEL,
+    batch_status_row,
+    batch_status_rows,
+    cancel_batch,
+    first_subtask_started,
+    insert_batch,
+)
+from pipeline.ledger.claims import Claim, claim_next_of_batch, claim_subtask, complete_subtask, fail_subtask
+from pipeline.ledger.connection import make_engine, migrate
+from pipeline.ledger.counters import (
+    DEADLINE_REASON,
+    FAIL_FAST_REASON,
+    UNFINISHED_SUBTASK_STATES,
+    Outcome,
+    too_many_failures_reason,
+)
+from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
+from pipeline.ledger.split import (
+    NewSubtask,
+    copy_subtasks,
+    fail_pending_batch,
+    lock_pending_batch,
+    next_seqs,
+    record_split,
+)
+from pipeline.ledger.sweep import Sweep, sweep
+
+__all__ = [
+    "DEADLINE_REASON",
+    "FAIL_FAST_REASON",
+    "NOTIFY_CHANNEL",
+    "UNFINISHED_SUBTASK_STATES",
+    "Claim",
+    "NewSubtask",
+    "Outcome",
+    "StoredResult",
+    "SubtaskOutput",
+    "Sweep",
+    "batch_state",
+    "batch_status_row",
+    "batch_status_rows",
+    "cancel_batch",
+    "claim_next_of_batch",
+    "claim_subtask",
+    "complete_subtask",
+    "copy_result_page",
+    "copy_subtasks",
+    "fail_pending_batch",
+    "fail_subtask",
+    "finish_batch",
+    "first_subtask_started",
+    "input_pages",
+    "insert_batch",
+    "iter_results",
+    "lock_aggregating_batch",
+    "lock_pending_batch",
+    "make_engine",
+    "migrate",
+    "next_seqs",
+    "record_split",
+    "running_batch",
+    "subtask_outputs",
+    "sweep",
+    "too_many_failures_reason",
+    "try_lock_aggregation",
+    "unfinished_before",
+]

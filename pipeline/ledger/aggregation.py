@@ -1,0 +1,149 @@
+"""The aggregate's reads and writes: the batch due for assembly and its locks, the
+finished sub-tasks' outputs, result pages, and the batch's final state."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, Row, Text, and_, bindparam, case, cast, func, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
+
+from pipeline.ledger import queries
+from pipeline.ledger.batches import NOTIFY_CHANNEL
+from pipeline.ledger.connection import now
+from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, counters_complete
+from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
+
+
+def aggregate_due() -> Any:
+    """Batches whose results are still to be assembled."""
+    return or_(
+        Batch.state == BatchState.aggregating,
+        and_(Batch.state == BatchState.cancelled, Batch.aggregate_runs == 0, counters_complete()),
+    )
+
+
+# Every aggregate runs these: built once, executed with bound parameters.
+LOCK_AGGREGATING_BATCH = (
+    select(Batch.__table__).where(Batch.id == bindparam("batch_id"), aggregate_due()).with_for_update()
+)
+# pg_try_advisory_xact_lock class of the per-batch aggregation lock (the key is the batch id's hash).
+AGGREGATE_LOCK_CLASS = 7_240_114
+TRY_LOCK_AGGREGATION = select(
+    func.pg_try_advisory_xact_lock(AGGREGATE_LOCK_CLASS, func.hashtext(bindparam("batch_text", type_=Text)))
+)
+
+
+def lock_aggregating_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """Lock the row of a batch due for aggregation (`aggregating`, or `cancelled` with no
+    sub-task left running and no results yet); None when it is not (a duplicate)."""
+    return conn.execute(LOCK_AGGREGATING_BATCH, {"batch_id": batch_id}).first()
+
+
+def try_lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> bool:
+    """Take the batch's aggregation lock for this transaction; False when another
+    aggregation of the batch holds it (a duplicate message, or one started early)."""
+    return bool(conn.execute(TRY_LOCK_AGGREGATION, {"batch_text": str(batch_id)}).scalar_one())
+
+
+def batch_state(conn: Connection, batch_id: uuid.UUID) -> BatchState | None:
+    """The batch's state; None when there is no such batch."""
+    state = conn.execute(select(Batch.state).where(Batch.id == batch_id)).scalar_one_or_none()
+    return None if state is None else BatchState(state)
+
+
+def running_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """A `running` batch whose split is finished (its results may be assembled as its
+    sub-tasks finish), unlocked; None otherwise."""
+    return conn.execute(
+        select(Batch.__table__).where(
+            Batch.id == batch_id, Batch.state == BatchState.running, Batch.split_items == Batch.items
+        )
+    ).first()
+
+
+def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
+    """True while a sub-task of the batch holding rows of an input before `item` is unfinished."""
+    return bool(
+        conn.execute(
+            select(
+                select(Subtask.id)
+                .where(
+                    Subtask.batch_id == batch_id,
+                    Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+                    Subtask.items[1] < item,
+                )
+                .exists()
+            )
+        ).scalar_one()
+    )
+
+
+@dataclass(frozen=True)
+class SubtaskOutput:
+    """A finished sub-task's rows for the aggregate: its output, or why it has none."""
+
+    seq: int
+    items: np.ndarray
+    output: bytes | None
+    error: str | None
+
+
+def subtask_outputs(
+    conn: Connection, batch_id: uuid.UUID, after_seqs: dict[str, int], before_item: int, limit: int
+) -> dict[str, list[SubtaskOutput]]:
+    """Per model of `after_seqs`, up to `limit` of its sub-tasks of a batch after its `seq`
+    there, in `seq` (hence item) order, that start before input `before_item`: their
+    outputs, or why they have none."""
+    rows = conn.execute(
+        queries.SUBTASK_OUTPUTS,
+        {
+            "models": list(after_seqs),
+            "after_seqs": list(after_seqs.values()),
+            "batch_id": batch_id,
+            "before_item": before_item,
+            "limit": limit,
+        },
+    )
+    outputs: dict[str, list[SubtaskOutput]] = {model: [] for model in after_seqs}
+    for row in rows:
+        succeeded = row.state == SubtaskState.succeeded
+        error = "cancelled" if row.state == SubtaskState.cancelled else None if succeeded else row.error
+        outputs[row.model].append(
+            SubtaskOutput(row.seq, np.asarray(row.items), row.output if succeeded else None, error)
+        )
+    return outputs
+
+
+FINISH_BATCH = (
+    update(Batch)
+    .where(Batch.id == bindparam("batch_id"), aggregate_due())
+    .values(
+        state=bindparam("state", type_=Text),
+        error=bindparam("error", type_=Text),
+        result=bindparam("result", type_=JSONB),
+        metrics=bindparam("metrics", type_=JSONB),
+        finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=now()),
+        aggregate_runs=Batch.aggregate_runs + 1,
+    )
+    .returning(func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)))
+)
+
+
+def finish_batch(
+    conn: Connection,
+    batch_id: uuid.UUID,
+    state: BatchState,
+    error: str | None,
+    result: dict[str, Any],
+    metrics: dict[str, Any],
+) -> None:
+    """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
+    metrics, counted in `aggregate_runs`; NOTIFY waiting clients on commit."""
+    conn.execute(
+        FINISH_BATCH,
+        {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics},
+    )

@@ -1,0 +1,243 @@
+"""A worker's transitions of one sub-task: claim it (with the rows to score), then
+complete it with its output or fail it (to retry, or for good). Each is one guarded
+statement; completion and failure count the batch in the same statement or transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    Integer,
+    Interval,
+    LargeBinary,
+    Select,
+    Text,
+    Update,
+    and_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy.orm import aliased
+
+from pipeline.ledger.connection import autocommit, now
+from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
+from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskState
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a running sub-task; `attempt` is its claim token."""
+
+    subtask_id: int
+    batch_id: uuid.UUID
+    model: str
+    attempt: int
+    max_attempts: int
+    rows: int
+    payload: bytes
+    # Inputs of the sub-task's batch.
+    batch_items: int
+
+
+def _claim_statement(*claimable: Any) -> Select[Any]:
+    """The claim of the sub-task matching `claimable` (conditions on `Subtask`), returning
+    what `Claim` holds."""
+    stamp = now()
+    claimed = (
+        update(Subtask)
+        .where(*claimable)
+        .values(
+            state=SubtaskState.running,
+            attempts=Subtask.attempts + 1,
+            worker=bindparam("worker"),
+            started_at=stamp,
+            lease_until=stamp + bindparam("lease", type_=Interval),
+        )
+        .returning(
+            Subtask.id,
+            Subtask.batch_id,
+            Subtask.model,
+            Subtask.attempts,
+            Subtask.max_attempts,
+            Subtask.rows,
+            Subtask.payload,
+            Subtask.items[1].label("first_item"),
+        )
+        .cte("claimed")
+    )
+    # Inputs first_item .. first_item + rows - 1, cut from the input pages that hold them.
+    page = StoredInputPage
+    # Bytes per input: an exact division (SQLAlchemy's `/` on integers is true division).
+    width = cast(func.length(page.features) / page.items, Integer)
+    lo = func.greatest(claimed.c.first_item, page.first_item) - page.first_item
+    hi = func.least(claimed.c.first_item + claimed.c.rows, page.first_item + page.items) - page.first_item
+    input_features = (
+        select(
+            func.string_agg(
+                func.substring(page.features, lo * width + 1, (hi - lo) * width),
+                aggregate_order_by(literal(b"", LargeBinary), page.first_item),
+            )
+        )
+        .where(
+            claimed.c.payload.is_(None),
+            page.batch_id == claimed.c.batch_id,
+            page.first_item < claimed.c.first_item + claimed.c.rows,
+            page.first_item + page.items > claimed.c.first_item,
+        )
+        .scalar_subquery()
+    )
+    return select(
+        claimed.c.id,
+        claimed.c.batch_id,
+        claimed.c.model,
+        claimed.c.attempts,
+        claimed.c.max_attempts,
+        claimed.c.rows,
+        func.coalesce(claimed.c.payload, input_features).label("payload"),
+        select(Batch.items).where(Batch.id == claimed.c.batch_id).scalar_subquery().label("batch_items"),
+    )
+
+
+# The workers' hot path: statements built once, executed with bound parameters (building
+# one costs more than running it). Pitfall: in an UPDATE, a bindparam named like a column
+# of the target table becomes a SET of that column (hence `of_batch`, not `batch_id`).
+CLAIM = _claim_statement(
+    Subtask.id == bindparam("subtask_id"),
+    Subtask.attempts < Subtask.max_attempts,
+    or_(
+        Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)),
+        and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now()),
+    ),
+)
+_waiting = aliased(Subtask)
+CLAIM_NEXT_OF_BATCH = _claim_statement(
+    Subtask.id
+    == select(_waiting.id)
+    .where(
+        _waiting.batch_id == bindparam("of_batch"),
+        _waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
+        _waiting.state == SubtaskState.dispatched,
+        _waiting.attempts < _waiting.max_attempts,
+    )
+    .order_by(_waiting.seq)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+    .scalar_subquery(),
+    # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
+    Subtask.state == SubtaskState.dispatched,
+)
+
+
+def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
+    """`pending`/`dispatched` (or `running` past its lease) → `running`, attempts + 1, in one
+    statement that also returns the rows to score: the sub-task's payload, or the slice of
+    its batch's stored input features that it names (`ModelRows.of_inputs`).
+
+    Returns None when the sub-task is finished, cancelled, or leased by another worker.
+    """
+    return _claim(engine, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
+
+
+def claim_next_of_batch(
+    engine: Engine, batch_id: uuid.UUID, models: Sequence[str], worker: str, lease_s: float
+) -> Claim | None:
+    """Claim the batch's first `dispatched` sub-task for one of `models`, like `claim_subtask`
+    (its message, when it comes, finds it claimed and is dropped); None when there is none."""
+    return _claim(
+        engine,
+        CLAIM_NEXT_OF_BATCH,
+        {"of_batch": batch_id, "models": list(models), "worker": worker, "lease": timedelta(seconds=lease_s)},
+    )
+
+
+def _claim(engine: Engine, statement: Select[Any], parameters: dict[str, Any]) -> Claim | None:
+    with autocommit(engine) as conn:
+        row = conn.execute(statement, parameters).first()
+    if row is None:
+        return None
+    return Claim(
+        row.id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, row.payload, row.batch_items
+    )
+
+
+def _complete_statement() -> Update:
+    done = (
+        update(Subtask)
+        .where(
+            Subtask.id == bindparam("subtask_id"),
+            Subtask.state == SubtaskState.running,
+            Subtask.attempts == bindparam("attempt"),
+        )
+        .values(
+            state=SubtaskState.succeeded,
+            output=bindparam("output", type_=LargeBinary),
+            bin_counts=bindparam("bin_counts", type_=LargeBinary),
+            error=None,
+            model_version=bindparam("model_version"),
+            finished_at=now(),
+            lease_until=None,
+        )
+        .returning(Subtask.batch_id)
+        .cte("done")
+    )
+    return counting(succeeded=1, failed=0).where(Batch.id == done.c.batch_id)
+
+
+COMPLETE = _complete_statement()
+
+
+def complete_subtask(
+    engine: Engine, claim: Claim, output: bytes, model_version: str, bin_counts: bytes | None
+) -> Outcome:
+    """`running` → `succeeded` with its output and drift bin counts, only for the claim
+    `claim` holds, and the batch counter: one statement, committed on its own."""
+    parameters = {
+        "subtask_id": claim.subtask_id,
+        "attempt": claim.attempt,
+        "output": output,
+        "bin_counts": bin_counts,
+        "model_version": model_version,
+    }
+    with autocommit(engine) as conn:
+        counted = conn.execute(COMPLETE, parameters).first()
+    if counted is None:
+        return Outcome(recorded=False)
+    return Outcome(recorded=True, aggregate=must_aggregate(counted))
+
+
+def fail_subtask(engine: Engine, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
+    """`running` → `pending` (when `retry`, to run again) or → `failed` with the batch counter."""
+    with engine.begin() as conn:
+        guard = and_(
+            Subtask.id == claim.subtask_id,
+            Subtask.state == SubtaskState.running,
+            Subtask.attempts == claim.attempt,
+        )
+        if retry:
+            again = conn.execute(
+                update(Subtask)
+                .where(guard)
+                .values(state=SubtaskState.pending, error=error, lease_until=now() + timedelta(seconds=lease_s))
+                .returning(Subtask.id)
+            ).first()
+            return Outcome(recorded=again is not None)
+        failed = conn.execute(
+            update(Subtask)
+            .where(guard)
+            .values(state=SubtaskState.failed, error=error, finished_at=now(), lease_until=None)
+            .returning(Subtask.id)
+        ).first()
+        if failed is None:
+            return Outcome(recorded=False)
+        return Outcome(recorded=True, aggregate=count_finished(conn, claim.batch_id, succeeded=0, failed=1))

@@ -1,0 +1,63 @@
+"""Connections to the ledger: the engine, migrations, autocommit reads and COPY."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from importlib.resources import files
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, func
+
+from pipeline.settings import sqlalchemy_url
+
+
+def make_engine(database_url: str) -> Engine:
+    """An engine on the ledger at `database_url`; a pooled connection is checked before use,
+    so the first statement after a PostgreSQL restart does not fail."""
+    return create_engine(sqlalchemy_url(database_url), pool_pre_ping=True)
+
+
+def migrate(database_url: str) -> None:
+    """Apply every Alembic migration to the database at `database_url`."""
+    from alembic import command  # imported here: only `migrate` needs Alembic
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(files("migrations")))
+    # configparser interpolates '%': escape it (percent-encoded passwords).
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(database_url).replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def now() -> Any:
+    """The statement's clock: `clock_timestamp()`, not `now()`, so a long transaction does
+    not stamp its start time."""
+    return func.clock_timestamp()
+
+
+def autocommit(engine: Engine) -> Connection:
+    """A connection on which each statement commits on its own: a transition or a read that
+    is one statement costs one round trip, with no BEGIN and COMMIT (or ROLLBACK) around it."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def copy_rows(
+    conn: Connection, statement: str, rows: Iterable[Sequence[Any]], binary_types: Sequence[str] | None = None
+) -> int:
+    """COPY `rows` with `statement` (COPY ... FROM STDIN) on `conn`'s transaction; return the count.
+
+    With `binary_types` (the PostgreSQL type of each column) the rows go in binary
+    format: packed float32 bytes are sent as they are instead of hex-escaped.
+    """
+    count = 0
+    if binary_types is not None:
+        statement += " (FORMAT BINARY)"
+    driver_connection = conn.connection.driver_connection
+    assert driver_connection is not None, "a checked-out connection has its driver connection"
+    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        if binary_types is not None:
+            copy.set_types(list(binary_types))
+        for row in rows:
+            copy.write_row(row)
+            count += 1
+    return count

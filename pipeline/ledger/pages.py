@@ -1,0 +1,97 @@
+"""A batch's input pages (as stored on submit) and result pages (as the aggregate writes
+them): consecutive inputs per row, read one page per query."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, select
+
+from pipeline.definition import InputPage
+from pipeline.ledger import queries
+from pipeline.ledger.connection import autocommit, copy_rows
+from pipeline.schema import Batch, ResultPage, StoredInputPage
+
+# The stored input page holding input `position` or, past a gap, the next one.
+INPUT_PAGE = (
+    select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features, StoredInputPage.data)
+    .where(
+        StoredInputPage.batch_id == bindparam("batch_id"),
+        StoredInputPage.first_item + StoredInputPage.items > bindparam("position"),
+    )
+    .order_by(StoredInputPage.first_item)
+    .limit(1)
+)
+
+
+def input_pages(
+    conn: Connection, batch_id: uuid.UUID, n_features: int, first_item: int = 0, limit_items: int | None = None
+) -> Iterator[InputPage]:
+    """Yield a batch's inputs from `first_item` on (at most `limit_items` of them) as pages,
+    in item order, one stored page per query; a page is cut where the range starts or ends."""
+    position = first_item
+    end = None if limit_items is None else first_item + limit_items
+    while end is None or position < end:
+        row = conn.execute(INPUT_PAGE, {"batch_id": batch_id, "position": position}).first()
+        if row is None:
+            return
+        page = InputPage.from_stored(row.first_item, row.items, row.features, row.data, n_features)
+        stop = page.first + page.count if end is None else min(end, page.first + page.count)
+        yield page.cut(max(position, page.first), stop)
+        position = stop
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One input's row of the `results` view."""
+
+    item: int
+    output: dict[str, Any] | None
+    error: str | None
+
+
+# A batch's next result page after an item, and whether it holds the batch's last input.
+RESULT_PAGE = (
+    select(
+        ResultPage.first_item,
+        ResultPage.outputs,
+        ResultPage.errors,
+        (
+            ResultPage.first_item + ResultPage.items
+            >= select(Batch.items).where(Batch.id == ResultPage.batch_id).scalar_subquery()
+        ).label("last"),
+    )
+    .where(ResultPage.batch_id == bindparam("batch_id"), ResultPage.first_item > bindparam("after"))
+    .order_by(ResultPage.first_item)
+    .limit(1)
+)
+
+
+def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
+    """Yield a batch's results in item order, one page per query (no query after the last page)."""
+    after = -1
+    while True:
+        with autocommit(engine) as conn:
+            page = conn.execute(RESULT_PAGE, {"batch_id": batch_id, "after": after}).first()
+        if page is None:
+            return
+        errors = page.errors or [None] * len(page.outputs)
+        for index, (output, error) in enumerate(zip(page.outputs, errors, strict=True)):
+            yield StoredResult(page.first_item + index, output, error)
+        if page.last:
+            return
+        after = page.first_item
+
+
+def copy_result_page(
+    conn: Connection, batch_id: uuid.UUID, first: int, outputs: Sequence[str | None], errors: Sequence[str | None]
+) -> None:
+    """Store the results of inputs `first` .. `first + len(outputs) - 1`: per input its
+    output as JSON text, or None and in `errors` why it has none."""
+    outputs_json = "[" + ",".join("null" if output is None else output for output in outputs) + "]"
+    errors_json = json.dumps(list(errors)) if any(error is not None for error in errors) else None
+    copy_rows(conn, queries.COPY_RESULT_PAGE, [(batch_id, first, len(outputs), outputs_json, errors_json)])

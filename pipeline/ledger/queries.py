@@ -1,0 +1,39 @@
+"""The ledger's raw SQL, named: read once from `queries.sql` (procrastinate keeps its SQL
+the same way), so a reader finds every hand-written statement in one file."""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+
+from sqlalchemy import TextClause, text
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def _parse(source: str) -> dict[str, str]:
+    """Split `source` into its `-- name:` blocks: name → SQL, without comment lines."""
+    parts = _NAME.split(source)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("--")]
+        queries[name] = "\n".join(lines)
+    return queries
+
+
+RAW: dict[str, str] = _parse(files("pipeline.ledger").joinpath("queries.sql").read_text())
+
+
+def query(name: str) -> TextClause:
+    """The named query as a statement with bound parameters."""
+    return text(RAW[name])
+
+
+BATCH_STATUS = query("batch_status")
+BATCH_STATUSES = query("batch_statuses")
+NEW_SUBTASK_IDS = query("new_subtask_ids")
+SUBTASK_OUTPUTS = query("subtask_outputs")
+# COPY statements run on the driver's cursor, as strings.
+COPY_INPUT_PAGES = RAW["copy_input_pages"]
+COPY_SUBTASKS = RAW["copy_subtasks"]
+COPY_RESULT_PAGE = RAW["copy_result_page"]

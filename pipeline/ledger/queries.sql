@@ -1,0 +1,41 @@
+-- The ledger's raw SQL, one named query per block (`-- name: <name>`), loaded by
+-- `pipeline.ledger.queries`. Statements composed from the mappings live in the modules
+-- as SQLAlchemy Core; what is here is SQL that reads best as SQL (views, LATERAL, COPY).
+
+-- name: batch_status
+-- One batch's row of the `batch_status` view, with its result and metrics.
+SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id) WHERE s.id = :id
+
+-- name: batch_statuses
+-- The newest rows of the `batch_status` view, optionally of one state.
+SELECT s.*, b.result, b.metrics FROM batch_status s JOIN batches b USING (id)
+WHERE CAST(:state AS text) IS NULL OR s.state = :state
+ORDER BY s.created_at DESC LIMIT :limit
+
+-- name: new_subtask_ids
+-- The ids of the sub-tasks a split step just copied: per model, those from its first new seq.
+SELECT s.id, s.model FROM subtasks s
+JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)
+  ON s.model = f.model AND s.seq >= f.first_seq
+WHERE s.batch_id = :batch_id ORDER BY s.seq, s.model
+
+-- name: subtask_outputs
+-- Per model (after a seq of its own), the sub-tasks of a batch that start before an input:
+-- one query for every model, each read in seq order through the (batch_id, model, seq) index.
+SELECT c.model, c.seq, c.items, c.output, c.error, c.state
+FROM unnest(CAST(:models AS text[]), CAST(:after_seqs AS int[])) AS m (model, after_seq)
+CROSS JOIN LATERAL (
+  SELECT s.model, s.seq, s.items, s.output, s.error, s.state FROM subtasks s
+  WHERE s.batch_id = :batch_id AND s.model = m.model AND s.seq > m.after_seq AND s.items[1] < :before_item
+  ORDER BY s.seq LIMIT :limit
+) AS c
+ORDER BY c.model, c.seq
+
+-- name: copy_input_pages
+COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
+
+-- name: copy_subtasks
+COPY subtasks (batch_id, model, seq, max_attempts, rows, items, payload, state) FROM STDIN
+
+-- name: copy_result_page
+COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN

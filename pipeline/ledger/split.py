@@ -1,0 +1,154 @@
+"""The split's writes: locking a `pending` batch, copying its new sub-tasks, counting each
+committed step, and failing a batch that cannot be split."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, Row, Update, bindparam, case, func, select, update
+
+from pipeline.ledger import queries
+from pipeline.ledger.batches import NOTIFY_CHANNEL
+from pipeline.ledger.connection import copy_rows, now
+from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, cancel_subtasks
+from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
+
+
+@dataclass(frozen=True)
+class NewSubtask:
+    """A sub-task a split step writes: one chunk of one model's rows."""
+
+    model: str
+    seq: int
+    max_attempts: int
+    items: np.ndarray
+    # None: the rows are the inputs' stored features (`ModelRows.of_inputs`).
+    payload: bytes | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.items)
+
+
+# Every split step runs these (a small batch's in its client): built once.
+LOCK_PENDING_BATCH = (
+    select(Batch.__table__)
+    .where(Batch.id == bindparam("batch_id"), Batch.state == BatchState.pending)
+    .with_for_update()
+)
+
+
+def _record_split_statement(finished: bool) -> Update:
+    total = Batch.total + bindparam("created")
+    complete = Batch.succeeded + Batch.failed + Batch.cancelled == total
+    values: dict[str, Any] = {"split_items": bindparam("split_items"), "total": total}
+    if finished:
+        values |= {
+            "state": case((complete, BatchState.aggregating.value), else_=BatchState.running.value),
+            "started_at": now(),
+            "aggregating_at": case((complete, now()), else_=None),
+        }
+    return (
+        update(Batch)
+        .where(Batch.id == bindparam("batch_id"), Batch.state == BatchState.pending)
+        .values(**values)
+        .returning(Batch.state)
+    )
+
+
+RECORD_SPLIT = {finished: _record_split_statement(finished) for finished in (False, True)}
+
+
+def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """Lock a `pending` batch's row for splitting; None when it is not pending (split, or cancelled)."""
+    return conn.execute(LOCK_PENDING_BATCH, {"batch_id": batch_id}).first()
+
+
+def next_seqs(conn: Connection, batch_id: uuid.UUID) -> dict[str, int]:
+    """Per model, the `seq` the batch's next sub-task gets."""
+    rows = conn.execute(
+        select(Subtask.model, func.max(Subtask.seq) + 1).where(Subtask.batch_id == batch_id).group_by(Subtask.model)
+    ).all()
+    return {model: seq for model, seq in rows}
+
+
+INT4_OID = 23
+
+
+def _int4_array(values: np.ndarray) -> bytes:
+    """`values` (not empty) in the binary COPY form of a one-dimensional PostgreSQL int4[]:
+    written with numpy, as psycopg's generic list dumper costs a Python call per element."""
+    header = struct.pack(">iiIii", 1, 0, INT4_OID, len(values), 1)
+    elements = np.empty((len(values), 2), dtype=">i4")
+    elements[:, 0] = 4  # each element's byte length
+    elements[:, 1] = values
+    return header + elements.tobytes()
+
+
+def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask]) -> list[tuple[int, str]]:
+    """Insert sub-tasks as `dispatched` with one COPY; return their (id, model) to publish.
+
+    Their lease runs from `queued_at`: if the messages are never published (a crash
+    after commit), the sweeper publishes them once it expires.
+    """
+    copy_rows(
+        conn,
+        queries.COPY_SUBTASKS,
+        (
+            (
+                batch_id,
+                s.model,
+                s.seq,
+                s.max_attempts,
+                s.rows,
+                _int4_array(s.items),
+                s.payload,
+                SubtaskState.dispatched.value,
+            )
+            for s in subtasks
+        ),
+        # `items` goes as bytes already in int4[]'s binary form (see _int4_array).
+        binary_types=("uuid", "text", "int4", "int4", "int4", "bytea", "bytea", "text"),
+    )
+    first_seqs: dict[str, int] = {}
+    for subtask in subtasks:
+        first_seqs.setdefault(subtask.model, subtask.seq)
+    if not first_seqs:
+        return []
+    rows = conn.execute(
+        queries.NEW_SUBTASK_IDS,
+        {"batch_id": batch_id, "models": list(first_seqs), "first_seqs": list(first_seqs.values())},
+    ).all()
+    return [(row.id, row.model) for row in rows]
+
+
+def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, created: int, finished: bool) -> bool:
+    """Count a committed split step on the locked `pending` batch: `split_items` inputs are
+    split, `created` more sub-tasks exist. With `finished`, the batch becomes `running`, or
+    `aggregating` when every sub-task is already counted (or there is none).
+
+    Returns True when the batch must now be aggregated.
+    """
+    state = conn.execute(
+        RECORD_SPLIT[finished], {"batch_id": batch_id, "split_items": split_items, "created": created}
+    ).scalar_one()
+    return bool(state == BatchState.aggregating)
+
+
+def fail_pending_batch(conn: Connection, batch_id: uuid.UUID, error: str) -> None:
+    """`pending` → `failed` when the batch cannot be split, cancelling the sub-tasks an
+    earlier split step made; NOTIFY waiting clients on commit."""
+    failed = conn.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.pending)
+        .values(state=BatchState.failed, error=error, finished_at=now())
+        .returning(Batch.id)
+    ).first()
+    if failed is not None:
+        cancel_subtasks(conn, batch_id, UNFINISHED_SUBTASK_STATES)
+    conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))

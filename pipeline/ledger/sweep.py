@@ -1,0 +1,110 @@
+"""The sweeper's reconciliation of the ledger with what should be in flight."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import Engine, func, select, update
+
+from pipeline.ledger.aggregation import aggregate_due
+from pipeline.ledger.connection import now
+from pipeline.ledger.counters import DEADLINE_REASON, UNFINISHED_SUBTASK_STATES, abort_batch, count_finished
+from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
+
+# pg_try_advisory_xact_lock key: one sweep at a time across every aggregator process.
+SWEEP_LOCK_KEY = 7_240_113
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one sweep found: messages to publish again, and how many sub-tasks it gave up on."""
+
+    predict: list[tuple[int, str]]
+    split: list[uuid.UUID]
+    aggregate: list[uuid.UUID]
+    gave_up: int
+
+
+def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
+    """Reconcile the ledger with what should be in flight, in one transaction.
+
+    - batches past their deadline are finished with what they have;
+    - `running` sub-tasks whose lease expired on their last attempt become `failed`;
+    - unfinished sub-tasks whose lease expired go back to `dispatched` with a new lease
+      (at most `limit`), to be published again;
+    - batches still `pending` a lease after submission are split again;
+    - batches due for aggregation for longer than a lease are aggregated again.
+
+    Returns None when another process holds the sweep lock. Publishing the returned
+    messages is the caller's job, after this commits.
+    """
+    lease = timedelta(seconds=lease_s)
+    stamp = now()
+    aggregate: list[uuid.UUID] = []
+    with engine.begin() as conn:
+        if not conn.execute(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK_KEY))).scalar_one():
+            return None
+        overdue = conn.execute(
+            select(Batch.id).where(Batch.state.in_((BatchState.pending, BatchState.running)), Batch.deadline_at < stamp)
+        ).scalars()
+        aggregate += [batch_id for batch_id in overdue.all() if abort_batch(conn, batch_id, DEADLINE_REASON)]
+
+        lost = (
+            conn.execute(
+                update(Subtask)
+                .where(
+                    Subtask.state == SubtaskState.running,
+                    Subtask.lease_until < stamp,
+                    Subtask.attempts >= Subtask.max_attempts,
+                )
+                .values(
+                    state=SubtaskState.failed,
+                    error=func.concat(
+                        Subtask.error, "lease expired on the last attempt (", Subtask.attempts, "): worker lost"
+                    ),
+                    finished_at=stamp,
+                    lease_until=None,
+                )
+                .returning(Subtask.batch_id)
+            )
+            .scalars()
+            .all()
+        )
+        for batch_id in set(lost):
+            if count_finished(conn, batch_id, succeeded=0, failed=lost.count(batch_id)):
+                aggregate.append(batch_id)
+
+        expired = (
+            select(Subtask.id)
+            .where(
+                Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+                func.coalesce(Subtask.lease_until, Subtask.queued_at + lease) < stamp,
+            )
+            .order_by(Subtask.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        predict = conn.execute(
+            update(Subtask)
+            .where(Subtask.id.in_(expired.scalar_subquery()))
+            .values(state=SubtaskState.dispatched, lease_until=stamp + lease)
+            .returning(Subtask.id, Subtask.model)
+        ).all()
+
+        split = (
+            conn.execute(select(Batch.id).where(Batch.state == BatchState.pending, Batch.created_at < stamp - lease))
+            .scalars()
+            .all()
+        )
+        aggregate += (
+            conn.execute(
+                select(Batch.id).where(
+                    aggregate_due(), func.coalesce(Batch.aggregating_at, Batch.finished_at) < stamp - lease
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return Sweep([(row.id, row.model) for row in predict], list(split), aggregate, len(lost))
