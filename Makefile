@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench up clean
+.PHONY: install demo test test-fast check bench up clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: its tests will skip"
 	$(BIN)/pytest
+
+# Unit tests of pure logic: no PostgreSQL, Redis or worker process (`-m "not services"`).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not services" -p no:cacheprovider
+
+# Lint, format and types: what CI runs before the tests (and .pre-commit-config.yaml runs on commit).
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Issue 5's benchmark; e.g. `make bench BENCH_ARGS="--pipeline digits --rows 20000"`.
 bench: $(STAMP)

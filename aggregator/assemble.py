@@ -78,16 +78,20 @@ class ModelOutputStream:
         self._items = np.empty(0, dtype=np.int64)
         self._rows: np.ndarray | None = None
 
-    def _next_chunk(self, before_item: int) -> bool:
+    def _current_chunk(self, before_item: int) -> ledger.SubtaskOutput | None:
+        """The chunk being handed out, or the next one starting before `before_item`; None
+        when there is none."""
+        if self._chunk is not None:
+            return self._chunk
         if not self._fetched:
             self._fetched.extend(self._fetch(before_item))
             if not self._fetched:
-                return False
+                return None
         self._chunk = self._fetched.popleft()
         self._items = np.asarray(self._chunk.items, dtype=np.int64)
         output = self._chunk.output
         self._rows = None if output is None else np.frombuffer(output, "<f4").reshape(-1, self.spec.n_outputs)
-        return True
+        return self._chunk
 
     def take_page(self, first: int, count: int) -> tuple[PageOutputs, dict[int, str]]:
         """Return this model's output rows for inputs `first` .. `first + count - 1` (indices
@@ -98,11 +102,11 @@ class ModelOutputStream:
         rows: list[np.ndarray] = []
         items: list[np.ndarray] = []
         errors: dict[int, str] = {}
-        while self._chunk is not None or self._next_chunk(end):
+        while (chunk := self._current_chunk(end)) is not None:
             lo, hi = np.searchsorted(self._items, (first, end))
             if lo < hi:
                 if self._rows is None:
-                    reason = self._chunk.error or "no output"  # type: ignore[union-attr]
+                    reason = chunk.error or "no output"
                     errors.update((int(item) - first, reason) for item in np.unique(self._items[lo:hi]))
                 else:
                     rows.append(self._rows[lo:hi])
@@ -160,12 +164,12 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
     with engine.begin() as conn:
         if not ledger.try_lock_aggregation(conn, batch_id):
             return None
-        batch = ledger.lock_aggregating_batch(conn, batch_id)
-        following = batch is None
+        locked = ledger.lock_aggregating_batch(conn, batch_id)
+        following = locked is None
+        batch = locked if locked is not None else ledger.running_batch(conn, batch_id)
+        if batch is None:
+            return None
         if following:
-            batch = ledger.running_batch(conn, batch_id)
-            if batch is None:
-                return None
             log.info("batch %s: assembling its results as its sub-tasks finish", batch_id)
         pipeline = registry.get_pipeline(batch.pipeline)
         outputs = BatchOutputs(conn, batch_id, [spec.name for spec in pipeline.models])
@@ -200,9 +204,10 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 [None if r is not None else e or "the pipeline gave no result" for r, e in zip(results, errors)],
             )
         if following:
-            batch = _due_batch(conn, batch_id)
-            if batch is None:
+            due = _due_batch(conn, batch_id)
+            if due is None:
                 return None
+            batch = due
         state, error = final_state(batch, answered, unanswered)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))

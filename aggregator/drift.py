@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, bindparam, select
 
-from pipeline.artifacts import ArtifactError, read_manifest
+from pipeline.artifacts import read_manifest
 from pipeline.definition import ModelSpec, Pipeline
+from pipeline.errors import ArtifactError
 from pipeline.profile import Band, DriftConfig, ReferenceProfile
 from pipeline.schema import Subtask, SubtaskState
 

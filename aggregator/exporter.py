@@ -109,13 +109,15 @@ def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
         if connection.transport.driver_type == "redis":
             # Not queue_declare: its existence check (EXISTS) ignores the key prefix.
             with connection.channel() as channel:
-                return {queue: int(channel.client.llen(queue)) for queue in queues}
+                # kombu's stubs type the channel as StdChannel; the Redis transport's Channel has `client`.
+                return {queue: int(channel.client.llen(queue)) for queue in queues}  # type: ignore[attr-defined]
         depths = {}
         for queue in queues:
             # A passive declare of a missing queue closes its channel: one channel per queue.
             with connection.channel() as channel:
                 try:
-                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                    # kombu's stubs type the channel as StdChannel; amqp's Channel has `queue_declare`.
+                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count  # type: ignore[attr-defined]
                 except (amqp.exceptions.NotFound, kombu.exceptions.ChannelError):
                     depths[queue] = 0
         return depths
@@ -134,7 +136,9 @@ class Latency:
 
     def cumulative(self) -> list[tuple[str, float]]:
         """(le, observations <= le) per bucket, as Prometheus wants them."""
-        return [(floatToGoString(le), count) for le, count in zip(BUCKETS_S, itertools.accumulate(self.counts))]
+        cumulative = itertools.accumulate(self.counts)
+        # prometheus_client leaves floatToGoString unannotated.
+        return [(floatToGoString(le), count) for le, count in zip(BUCKETS_S, cumulative)]  # type: ignore[no-untyped-call]
 
 
 class PipelineCollector(Collector):
@@ -247,13 +251,13 @@ def _state_families(batches: Sequence[Row[Any]], unfinished: Sequence[Row[Any]])
     subtask_counts = dict.fromkeys(SubtaskState, 0)
     for row in batches:
         batch_counts[BatchState(row.state)] = row.batches
-        for state in FINISHED_SUBTASK_STATES:
-            subtask_counts[state] += getattr(row, state)
+        for finished in FINISHED_SUBTASK_STATES:
+            subtask_counts[finished] += getattr(row, finished)
     for row in unfinished:
         subtask_counts[SubtaskState(row.state)] += row.subtasks
     batch_family = GaugeMetricFamily("pipeline_batches", "Batches in the ledger, by state.", labels=["state"])
-    for state, count in batch_counts.items():
-        batch_family.add_metric([state], count)
+    for batch_state, count in batch_counts.items():
+        batch_family.add_metric([batch_state], count)
     subtask_family = GaugeMetricFamily("pipeline_subtasks", "Sub-tasks in the ledger, by state.", labels=["state"])
     for state, count in subtask_counts.items():
         subtask_family.add_metric([state], count)

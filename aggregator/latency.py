@@ -25,8 +25,10 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 
 def _spread(quantiles: list[float] | None, maximum: float | None) -> dict[str, float | None]:
     """{p50, p95, p99, max} in seconds, None where there was nothing to measure."""
-    values = quantiles or [None] * len(QUANTILES)
-    spread = {f"p{round(q * 100)}": None if v is None else round(v, 6) for q, v in zip(QUANTILES, values)}
+    values: list[float | None] = list(quantiles) if quantiles else [None] * len(QUANTILES)
+    spread: dict[str, float | None] = {
+        f"p{round(q * 100)}": None if v is None else round(v, 6) for q, v in zip(QUANTILES, values)
+    }
     spread["max"] = None if maximum is None else round(maximum, 6)
     return spread
 

@@ -30,8 +30,32 @@ if TYPE_CHECKING:
     )
     from pipeline.schema import BatchState, FailurePolicy
 
-# Public name → the module defining it.
-_EXPORTS = {
+__all__ = [
+    "ArtifactError",
+    "BatchHandle",
+    "BatchNotFoundError",
+    "BatchState",
+    "BatchStatus",
+    "Client",
+    "EmbeddedServiceError",
+    "FailurePolicy",
+    "GuardrailViolation",
+    "IdempotencyKeyError",
+    "InvalidInputError",
+    "ItemResult",
+    "Kpis",
+    "ModelRows",
+    "ModelSpec",
+    "Pipeline",
+    "PipelineError",
+    "ServiceNotReadyError",
+    "SplitError",
+    "TrainedModel",
+    "UnknownPipelineError",
+]
+
+# The module defining each public name but the errors (all in pipeline.errors).
+_MODULES = {
     "Client": "pipeline.client",
     "BatchHandle": "pipeline.client",
     "BatchStatus": "pipeline.client",
@@ -43,29 +67,16 @@ _EXPORTS = {
     "ModelRows": "pipeline.definition",
     "TrainedModel": "pipeline.definition",
     "Kpis": "pipeline.definition",
-    "PipelineError": "pipeline.errors",
-    "ArtifactError": "pipeline.errors",
-    "BatchNotFoundError": "pipeline.errors",
-    "EmbeddedServiceError": "pipeline.errors",
-    "GuardrailViolation": "pipeline.errors",
-    "IdempotencyKeyError": "pipeline.errors",
-    "InvalidInputError": "pipeline.errors",
-    "ServiceNotReadyError": "pipeline.errors",
-    "SplitError": "pipeline.errors",
-    "UnknownPipelineError": "pipeline.errors",
 }
-
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in __all__:
         raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(_MODULES.get(name, "pipeline.errors")), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__all__))

@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline import Client, InvalidInputError, health, ledger, registry
-from pipeline.errors import PipelineError
+from pipeline import health, ledger, registry
+from pipeline.client import Client
+from pipeline.errors import InvalidInputError, PipelineError
 from pipeline.schema import BatchState
 from pipeline.settings import get_settings
 
@@ -89,7 +90,8 @@ def models() -> None:
 
 def _model_rows() -> list[dict[str, Any]]:
     """One row per registered model: its queue and chunk size, and its trained artifact (None when untrained)."""
-    from pipeline.artifacts import ArtifactError, read_manifest
+    from pipeline.artifacts import read_manifest
+    from pipeline.errors import ArtifactError
 
     models_dir = get_settings().resolved_models_dir
     rows = []
@@ -392,7 +394,7 @@ def up() -> None:
 
     settings = get_settings()
     with Stack(settings, flower=True) as stack:
-        console.print(f"database: {stack.urls.database_url}\nbroker:   {stack.urls.broker_url}")
+        console.print(f"database: {stack.service_urls.database_url}\nbroker:   {stack.service_urls.broker_url}")
         console.print(
             f"Flower:   http://127.0.0.1:{settings.flower_port} (user {settings.flower_user},"
             f" password {stack.flower_password})"

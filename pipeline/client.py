@@ -21,7 +21,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import broker, ledger, registry
 from pipeline.embedded import ensure_services
 from pipeline.errors import BatchNotFoundError
-from pipeline.inputs import InvalidInputError as InvalidInputError  # re-exported: part of the client API
 from pipeline.inputs import encode_inputs
 from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy
 from pipeline.settings import Settings, get_settings, libpq_url

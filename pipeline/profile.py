@@ -134,7 +134,8 @@ def outside_range(profile: ReferenceProfile, X: np.ndarray, margin: float) -> np
     low = np.array([feature.low for feature in profile.features])
     high = np.array([feature.high for feature in profile.features])
     slack = margin * (high - low)
-    return ((X < low - slack) | (X > high + slack)).any(axis=1)
+    outside: np.ndarray = ((X < low - slack) | (X > high + slack)).any(axis=1)
+    return outside
 
 
 def range_warnings(profile: ReferenceProfile, values: Sequence[float], margin: float) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import redis
@@ -29,14 +30,14 @@ class ScratchServices:
     # "given", "embedded" or "mixed": where the servers came from.
     origin: str
 
-    def settings(self, models_dir: Path, **overrides: object) -> Settings:
-        values: dict[str, object] = dict(
+    def settings(self, models_dir: Path, **overrides: Any) -> Settings:
+        values: dict[str, Any] = dict(
             database_url=self.database_url,
             broker_url=self.broker_url,
             broker_prefix=self.broker_prefix,
             models_dir=models_dir,
         )
-        return Settings(**{**values, **overrides})  # type: ignore[arg-type]
+        return Settings(**{**values, **overrides})
 
     def env(self, models_dir: Path, **overrides: str) -> dict[str, str]:
         """The environment of a process started on these services."""

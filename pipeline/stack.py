@@ -47,12 +47,16 @@ class Stack:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     @property
+    def service_urls(self) -> ServiceUrls:
+        """The URLs of the running services (inside the `with` block)."""
+        assert self.urls is not None, "the stack is not running"
+        return self.urls
+
+    @property
     def resolved_settings(self) -> Settings:
         """The settings with the concrete service URLs, for a client in this process."""
-        assert self.urls is not None
-        return self.settings.model_copy(
-            update={"database_url": self.urls.database_url, "broker_url": self.urls.broker_url}
-        )
+        urls = self.service_urls
+        return self.settings.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         output = None

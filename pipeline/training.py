@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import registry
-from pipeline.artifacts import ArtifactError, Manifest, read_manifest, save_model
+from pipeline.artifacts import Manifest, read_manifest, save_model
+from pipeline.errors import ArtifactError
 
 
 def missing_models(models_dir: Path) -> list[str]:

@@ -8,8 +8,8 @@ import os
 import sys
 
 from pipeline import broker, registry, runtime
-from pipeline.artifacts import ArtifactError, load_verified
-from pipeline.errors import UnknownPipelineError
+from pipeline.artifacts import load_verified
+from pipeline.errors import ArtifactError, UnknownPipelineError
 from pipeline.settings import get_settings
 
 

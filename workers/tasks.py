@@ -11,7 +11,7 @@ from workers.models import served
 
 
 @broker.app.task(name=broker.PREDICT_TASK, bind=True)
-def predict(self: Task, subtask_id: int) -> None:
+def predict(self: Task[[int], None], subtask_id: int) -> None:
     message = broker.PredictMessage(subtask_id=subtask_id)
     delay = run_subtask(
         runtime.engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown", served()

@@ -64,9 +64,7 @@ class DigitStrip(BaseModel):
 def dataset_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed train / held-out halves of `load_digits`: (X_train, X_test, y_train, y_test)."""
     data = load_digits()
-    return tuple(  # type: ignore[return-value]
-        train_test_split(data.data, data.target, test_size=0.5, random_state=0, stratify=data.target)
-    )
+    return tuple(train_test_split(data.data, data.target, test_size=0.5, random_state=0, stratify=data.target))
 
 
 def held_out_strips(count: int, max_digits: int = 6, seed: int = 0) -> list[dict[str, Any]]:
@@ -89,7 +87,7 @@ def _train_classifier() -> TrainedModel:
 
 
 def _predict_classifier(model: Any, X: np.ndarray) -> np.ndarray:
-    return model.predict_proba(X)
+    return np.asarray(model.predict_proba(X))
 
 
 def _train_ood_guard() -> TrainedModel:
@@ -107,7 +105,7 @@ def _train_ood_guard() -> TrainedModel:
 
 
 def _confidence(output: np.ndarray) -> np.ndarray:
-    return output.max(axis=1)
+    return np.asarray(output.max(axis=1))
 
 
 def _predict_ood_guard(model: Any, X: np.ndarray) -> np.ndarray:

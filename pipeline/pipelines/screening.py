@@ -82,9 +82,7 @@ class PatientRecord(RecordLabel):
 def dataset_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed train / held-out split of `load_breast_cancer`: (X_train, X_test, y_train, y_test)."""
     data = load_breast_cancer()
-    return tuple(  # type: ignore[return-value]
-        train_test_split(data.data, data.target, test_size=0.3, random_state=0, stratify=data.target)
-    )
+    return tuple(train_test_split(data.data, data.target, test_size=0.3, random_state=0, stratify=data.target))
 
 
 def held_out_records(count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
@@ -157,7 +155,7 @@ def _train(name: str) -> TrainedModel:
 
 
 def _predict(model: Any, X: np.ndarray) -> np.ndarray:
-    return model.predict_proba(X)
+    return np.asarray(model.predict_proba(X))
 
 
 def forest_proba(forest: RandomForestClassifier, X: np.ndarray) -> np.ndarray:
@@ -213,9 +211,9 @@ def trained_threshold() -> float:
         ValueError: the manifests disagree (models trained apart with other settings).
     """
     thresholds = {manifest.config.get("operating_threshold") for manifest in _manifests()}
-    if len(thresholds) != 1 or None in thresholds:
+    if len(thresholds) != 1 or (threshold := next(iter(thresholds))) is None:
         raise ValueError(f"the screening models' manifests disagree on the operating threshold: {thresholds}")
-    return float(thresholds.pop())  # type: ignore[arg-type]
+    return float(threshold)
 
 
 @dataclass(frozen=True)
@@ -264,15 +262,16 @@ def screen(X: np.ndarray, votes: np.ndarray, answered: np.ndarray) -> Screened:
     probability = votes.mean(axis=0)
     malignant = probability >= threshold
     said = votes >= threshold
-    disagreement = said.any(axis=0) & ~said.all(axis=0)
+    disagreement = np.asarray(said.any(axis=0) & ~said.all(axis=0))
     reference = _manifests()[0].reference
     warned = np.zeros(len(X), dtype=bool)
+    warnings: dict[int, list[str]] = {}
     if reference is not None:
         warned = outside_range(reference, X, CONFIG.range_margin) & answered
-    warnings = {
-        row: range_warnings(reference, X[row].tolist(), CONFIG.range_margin)  # type: ignore[arg-type]
-        for row in np.flatnonzero(warned).tolist()
-    }
+        warnings = {
+            row: range_warnings(reference, X[row].tolist(), CONFIG.range_margin)
+            for row in np.flatnonzero(warned).tolist()
+        }
     needs_review = disagreement | (np.abs(probability - threshold) < CONFIG.review_margin) | warned
     return Screened(
         answered, np.round(probability, 6), np.round(votes, 6), malignant, disagreement, needs_review, warnings
@@ -341,7 +340,8 @@ class ScreeningPipeline(Pipeline):
 
     def split_page(self, page: InputPage) -> dict[str, ModelRows]:
         # Every model scores every record as it is: the stored features, not a copy.
-        rows = ModelRows(page.X, np.arange(page.count), of_inputs=True)  # type: ignore[arg-type]
+        assert page.X is not None, "a feature-vector pipeline's pages carry their features (with_features)"
+        rows = ModelRows(page.X, np.arange(page.count), of_inputs=True)
         return {name: rows for name in MODELS}
 
     def aggregate_page(
