@@ -34,6 +34,16 @@ from pipeline.training import train_models
 # The services a test run owns (its database and broker prefix).
 RunServices = ScratchServices
 
+# A test using any of these needs real services or trained models: it is marked `services`
+# (the `make test` tier); the rest are pure logic (`make test-fast`).
+SERVICE_FIXTURES = frozenset({"services", "models_dir", "amqp_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunServices]:

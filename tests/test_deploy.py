@@ -116,6 +116,7 @@ def test_worker_hosts_must_name_both_services() -> None:
     ("name", "service"),
     [(name, service) for name in (MAIN, WORKERS) for service in _pipeline_services(name)],
 )
+@pytest.mark.services  # runs each command in a process of its own
 def test_service_command_is_a_real_entry_point(name: str, service: str) -> None:
     """The command, run with `--help` through the installed console script, is known."""
     command = _pipeline_services(name)[service]["command"]
@@ -164,6 +165,7 @@ def test_compose_variables_are_settings_or_in_env_example(name: str) -> None:
     assert used - set(ENV_NAME.findall(ENV_EXAMPLE.read_text())) == set(), "variables missing from .env.example"
 
 
+@pytest.mark.services  # asks each worker command in a process of its own
 @pytest.mark.parametrize("name", [MAIN, WORKERS])
 def test_worker_services_cover_every_registered_model(name: str) -> None:
     workers = {

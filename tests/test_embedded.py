@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from pipeline import ledger
 from pipeline.embedded import ensure_services, stop_services
+
+pytestmark = pytest.mark.services
 
 
 def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:

@@ -266,6 +266,7 @@ def _rabbitmq_answers() -> bool:
         return False
 
 
+@pytest.mark.services
 @pytest.mark.skipif(not _rabbitmq_answers(), reason=f"no RabbitMQ answers at {AMQP_URL}")
 def test_queue_depth_on_rabbitmq() -> None:
     app = broker.client_app(AMQP_URL, Settings(broker_url=AMQP_URL))

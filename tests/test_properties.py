@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
 from pipeline import ledger
-from pipeline.client import Client, InvalidInputError
+from pipeline.client import Client
+from pipeline.errors import InvalidInputError
 from pipeline.pipelines.digits import held_out_strips
 from tests.batches import split_batch, store_batch
 from tests.conftest import RunServices

@@ -8,7 +8,8 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
-from pipeline.client import Client, InvalidInputError
+from pipeline.client import Client
+from pipeline.errors import InvalidInputError
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.registry import UnknownPipelineError
 from tests.conftest import RunServices
