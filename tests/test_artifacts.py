@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import ArtifactError, load_verified, model_paths
-from tests.conftest import RunServices
+from tests.helpers import RunServices
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from pipeline import registry
 from pipeline.pipelines.screening import held_out_records
 from pipeline.settings import libpq_url, sqlalchemy_url
-from tests.conftest import RunServices
+from tests.helpers import RunServices
 from tests.pipelines import BAD_OUTPUT
 
 PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")

@@ -15,7 +15,7 @@ from pipeline import broker
 from pipeline.artifacts import read_manifest
 from pipeline.client import BatchHandle, BatchStatus, Client
 from pipeline.pipelines.digits import held_out_strips
-from tests.conftest import RunServices, wait_for
+from tests.helpers import RunServices, wait_for
 
 STRIPS = 240
 

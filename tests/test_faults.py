@@ -16,7 +16,7 @@ import redis
 
 from pipeline import broker
 from pipeline.pipelines.digits import held_out_strips
-from tests.faults import OwnStack, assert_finished_and_consistent, wait_until
+from tests.helpers import OwnStack, assert_finished_and_consistent, wait_for
 
 ONE_TILE_CHUNKS = '{"digit-classifier": 1, "digit-ood": 1}'
 SMALL_CHUNKS = '{"digit-classifier": 4, "digit-ood": 4}'
@@ -39,7 +39,7 @@ def test_worker_killed_mid_batch_a_second_worker_finishes(own: OwnStack) -> None
     first = own.start("workers", "--concurrency", "2")
     own.start("aggregator", "--concurrency", "1")
     batch = own.client.submit("poison", _points(5000, poison=set()))
-    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 300, 300, "the first worker to make progress")
+    wait_for(lambda: own.succeeded_subtasks(batch.id) >= 300, 300, "the first worker to make progress")
     own.kill(first)
     status = batch.status()
     assert status.total == 5000 and not status.finished
@@ -59,7 +59,7 @@ def test_aggregator_killed_while_splitting_or_following_a_batch(tmp_path: Path, 
         own.start("workers", "--concurrency", "2")
         first = own.start("aggregator", "--concurrency", "2")
         batch = own.client.submit("poison", _points(5000, poison=set()))
-        wait_until(
+        wait_for(
             lambda: own.count("SELECT split_items FROM batches WHERE id = :b", b=batch.id) > 0, 120, "a split step"
         )
         own.kill(first)
@@ -96,7 +96,7 @@ def test_batch_survives_a_service_disruption_mid_batch(own: OwnStack, disrupt: C
     own.start("workers", "--concurrency", "2")
     own.start("aggregator", "--concurrency", "1")
     batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=12))
-    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
+    wait_for(lambda: own.succeeded_subtasks(batch.id) >= 20, 120, "progress")
     disrupt(own)
     status = batch.wait(timeout=300)
     assert status.state == "succeeded"
@@ -109,7 +109,7 @@ def test_every_message_published_twice(own: OwnStack) -> None:
     own.start("aggregator", "--concurrency", "1")
     batch = own.client.submit("digits", held_out_strips(300, max_digits=4, seed=15))
     broker.publish_split(own.client.app, batch.id)
-    wait_until(lambda: batch.status().total > 0, 60, "the split")
+    wait_for(lambda: batch.status().total > 0, 60, "the split")
     subtasks = (
         own.client.engine.connect()
         .exec_driver_sql("SELECT id, model FROM subtasks WHERE batch_id = %(b)s", {"b": batch.id})
@@ -120,7 +120,7 @@ def test_every_message_published_twice(own: OwnStack) -> None:
     broker.publish_aggregate(own.client.app, batch.id)
     broker.publish_aggregate(own.client.app, batch.id)
     queues = redis.Redis.from_url(own.broker_url)
-    wait_until(
+    wait_for(
         lambda: (
             all(queues.llen(q) == 0 for q in ("aggregate", "split", "model.digit-classifier", "model.digit-ood"))
             and queues.hlen("unacked") == 0
@@ -189,9 +189,9 @@ def test_cancel_mid_batch_keeps_what_finished(own: OwnStack) -> None:
     own.start("workers", "--concurrency", "2")
     own.start("aggregator", "--concurrency", "1")
     batch = own.client.submit("digits", held_out_strips(400, max_digits=4, seed=16))
-    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 50, 120, "progress")
+    wait_for(lambda: own.succeeded_subtasks(batch.id) >= 50, 120, "progress")
     assert batch.cancel().state == "cancelled"
-    wait_until(lambda: own.count("SELECT aggregate_runs FROM batches WHERE id = :b", b=batch.id) == 1, 120, "results")
+    wait_for(lambda: own.count("SELECT aggregate_runs FROM batches WHERE id = :b", b=batch.id) == 1, 120, "results")
     row = assert_finished_and_consistent(own.engine, batch.id)
     assert row["state"] == "cancelled" and row["cancelled"] > 0 and row["succeeded"] >= 50
     answered, unanswered = _results(own, batch.id)
@@ -218,7 +218,7 @@ def test_sigterm_lets_a_worker_finish_its_sub_task_and_exit(own: OwnStack) -> No
     first = own.start("workers", "--concurrency", "1")
     own.start("aggregator", "--concurrency", "1")
     batch = own.client.submit("poison", _points(3000, poison=set()))
-    wait_until(lambda: own.succeeded_subtasks(batch.id) >= 100, 120, "progress")
+    wait_for(lambda: own.succeeded_subtasks(batch.id) >= 100, 120, "progress")
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
     running = own.count("SELECT count(*) FROM subtasks WHERE batch_id = :b AND state = 'running'", b=batch.id)

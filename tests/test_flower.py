@@ -25,7 +25,7 @@ from pipeline import broker
 from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.stack import flower_args
-from tests.conftest import Processes, RunServices, free_port, wait_for
+from tests.helpers import Processes, RunServices, free_port, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

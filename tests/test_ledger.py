@@ -15,7 +15,7 @@ from pipeline import ledger, registry
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.splitter import split_steps
-from tests.batches import split_batch, store_batch
+from tests.helpers import split_batch, store_batch
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
 

@@ -19,8 +19,7 @@ from pipeline import ledger
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import FEATURES, held_out_records
 from pipeline.settings import libpq_url, sqlalchemy_url
-from tests.batches import split_batch
-from tests.conftest import RunServices
+from tests.helpers import RunServices, split_batch
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pipeline import broker, ledger, registry
 from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.settings import Settings
-from tests.conftest import Processes, RunServices, free_port, wait_for
+from tests.helpers import Processes, RunServices, free_port, wait_for
 
 AMQP_URL = os.environ.get("PIPELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 FAMILIES = (

@@ -16,8 +16,7 @@ from pipeline import ledger
 from pipeline.client import Client
 from pipeline.errors import InvalidInputError
 from pipeline.pipelines.digits import held_out_strips
-from tests.batches import split_batch, store_batch
-from tests.conftest import RunServices
+from tests.helpers import RunServices, split_batch, store_batch
 
 pixel = st.one_of(
     st.floats(min_value=0, max_value=16),

@@ -27,7 +27,7 @@ from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.scratch import ScratchServices, scratch_services
 from pipeline.settings import Settings
-from tests.conftest import TEST_SPLIT_ENV, Processes, run_client_settings, wait_for
+from tests.helpers import TEST_SPLIT_ENV, Processes, run_client_settings, wait_for
 
 AMQP_URL = os.environ.get("PIPELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DIGITS_QUEUES = ("model.digit-classifier", "model.digit-ood", broker.SPLIT_QUEUE, broker.AGGREGATE_QUEUE)

@@ -11,7 +11,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from tests.conftest import Processes, RunServices, delete_keys
+from pipeline.scratch import delete_keys
+from tests.helpers import Processes, RunServices
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = """

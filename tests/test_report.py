@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.client import BatchStatus, Client
 from pipeline.pipelines.screening import held_out_records
-from tests.conftest import RunServices
+from tests.helpers import RunServices
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")

@@ -15,7 +15,7 @@ import redis
 
 from pipeline import broker
 from pipeline.client import Client
-from tests.conftest import Processes, RunServices, wait_for
+from tests.helpers import Processes, RunServices, wait_for
 
 
 class CreatesFile:

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, text
 from pipeline import broker
 from pipeline.client import Client
 from pipeline.pipelines.screening import FOREST, LOGREG, MODELS, held_out_records
-from tests.conftest import RunServices, run_client_settings, wait_for
+from tests.helpers import RunServices, run_client_settings, wait_for
 from tests.pipelines import UNSPLITTABLE
 
 

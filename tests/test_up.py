@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import RunServices, wait_for
+from tests.helpers import RunServices, wait_for
 
 
 def _free_port() -> int:

