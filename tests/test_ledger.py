@@ -12,6 +12,7 @@ from sqlalchemy import Engine, text
 
 from aggregator.assemble import aggregate_batch
 from pipeline import ledger, registry
+from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.splitter import split_steps
@@ -148,7 +149,7 @@ def test_idempotency_key_returns_the_same_batch(engine: Engine) -> None:
     second, created_again = store_batch(engine, data, key)
     assert created and not created_again and first == second
     pages = encode_inputs(registry.get_pipeline("digits"), data, 10, 10_000)
-    with pytest.raises(ValueError, match="already names a 'digits' batch"), engine.begin() as conn:
+    with pytest.raises(IdempotencyKeyError, match="already names batch .* of pipeline 'digits'"), engine.begin() as conn:
         ledger.insert_batch(conn, "other", pages, key)
     with engine.connect() as conn:
         stored = conn.execute(text("SELECT sum(items) FROM input_pages WHERE batch_id = :b"), {"b": first}).scalar()
