@@ -149,7 +149,10 @@ def test_idempotency_key_returns_the_same_batch(engine: Engine) -> None:
     second, created_again = store_batch(engine, data, key)
     assert created and not created_again and first == second
     pages = encode_inputs(registry.get_pipeline("digits"), data, 10, 10_000)
-    with pytest.raises(IdempotencyKeyError, match="already names batch .* of pipeline 'digits'"), engine.begin() as conn:
+    with (
+        pytest.raises(IdempotencyKeyError, match="already names batch .* of pipeline 'digits'"),
+        engine.begin() as conn,
+    ):
         ledger.insert_batch(conn, "other", pages, key)
     with engine.connect() as conn:
         stored = conn.execute(text("SELECT sum(items) FROM input_pages WHERE batch_id = :b"), {"b": first}).scalar()
