@@ -121,7 +121,12 @@ def test_service_command_is_a_real_entry_point(name: str, service: str) -> None:
     """The command, run with `--help` through the installed console script, is known."""
     command = _pipeline_services(name)[service]["command"]
     assert command[0] in {"pipeline", "celery"}, command
-    ran = subprocess.run([str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True, timeout=120)
+    # URLs nothing answers on: `--help` must reach no service, and must not start embedded ones.
+    env = {**os.environ, "PIPELINE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    env["PIPELINE_BROKER_URL"] = "redis://127.0.0.1:1/0"
+    ran = subprocess.run(
+        [str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert ran.returncode == 0, ran.stderr
     # `celery --app APP flower`: the sub-command follows the app.
     subcommand = command[3] if command[1] == "--app" else command[1]
