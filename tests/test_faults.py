@@ -17,6 +17,7 @@ import redis
 from pipeline import broker
 from pipeline.pipelines.digits import held_out_strips
 from tests.helpers import OwnStack, assert_finished_and_consistent, wait_for
+from tests.malformed import Malformed, publish
 
 ONE_TILE_CHUNKS = '{"digit-classifier": 1, "digit-ood": 1}'
 SMALL_CHUNKS = '{"digit-classifier": 4, "digit-ood": 4}'
@@ -226,3 +227,26 @@ def test_sigterm_lets_a_worker_finish_its_sub_task_and_exit(own: OwnStack) -> No
     own.start("workers", "--concurrency", "1")
     assert batch.wait(timeout=300).state == "succeeded"
     assert_finished_and_consistent(own.engine, batch.id)
+
+
+def test_malformed_message_while_the_ledger_is_down_is_logged_and_acknowledged(own: OwnStack) -> None:
+    """With PostgreSQL stopped, a malformed message cannot get its dead_letters row: the worker
+    logs it (body included) on its one error line, acknowledges it, and keeps running."""
+    worker = own.start("workers", "--models", "digit-ood", "--concurrency", "1")
+    log = own.log_dir / "workers-0.log"
+    wait_for(lambda: " ready." in log.read_text(errors="replace"), 120, "the worker to be ready")
+    own.stop_postgres()
+    message = Malformed("a JSON string", "shape", b'"a string"', broker.PREDICT_TASK)
+    queue = broker.model_queue("digit-ood")
+    publish(own.client.app, queue, [message])
+
+    def named() -> list[str]:
+        return [line for line in log.read_text(errors="replace").splitlines() if message.id in line]
+
+    wait_for(lambda: named(), 60, "the worker to refuse the message")
+    queues = redis.Redis.from_url(own.broker_url)
+    wait_for(lambda: queues.llen(queue) == 0 and queues.hlen("unacked") == 0, 60, "the message to be acknowledged")
+    time.sleep(1)
+    assert worker.poll() is None
+    [line] = named()
+    assert "refused" in line and "shape" in line and "NOT recorded in dead_letters" in line and "a string" in line

@@ -27,10 +27,13 @@ from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.scratch import ScratchServices, scratch_services
 from pipeline.settings import Settings
-from tests.helpers import TEST_SPLIT_ENV, Processes, run_client_settings, wait_for
+from tests.helpers import TEST_SPLIT_ENV, Processes, free_port, run_client_settings, wait_for
+from tests.malformed import assert_refused_while_serving
 
 AMQP_URL = os.environ.get("PIPELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DIGITS_QUEUES = ("model.digit-classifier", "model.digit-ood", broker.SPLIT_QUEUE, broker.AGGREGATE_QUEUE)
+# A queue of each kind, for the malformed messages.
+POISONED_QUEUES = {"model": "model.digit-ood", "split": broker.SPLIT_QUEUE, "aggregate": broker.AGGREGATE_QUEUE}
 STRIPS = 80
 
 
@@ -108,7 +111,9 @@ def rabbit_stack(
     processes = Processes(tmp_path_factory.mktemp("logs-rabbitmq"))
     env = rabbit_services.env(models_dir, **TEST_SPLIT_ENV)
     processes.start("worker", ["-m", "workers", "--models", "digit-classifier,digit-ood", "--concurrency", "1"], env)
-    processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
+    processes.metrics_port = free_port()
+    metrics = {"PIPELINE_METRICS_PORT": str(processes.metrics_port), "PIPELINE_METRICS_ADDRESS": "127.0.0.1"}
+    processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], {**env, **metrics})
     yield processes
     processes.stop_all()
 
@@ -161,3 +166,19 @@ def test_digits_batch_end_to_end_on_rabbitmq(
     )
     queues = _queues(amqp_url)
     assert all(queues[q][0] for q in DIGITS_QUEUES), queues
+
+
+def test_malformed_messages_are_refused_on_rabbitmq(
+    rabbit_services: ScratchServices, rabbit_stack: Processes, models_dir: Path, amqp_url: str
+) -> None:
+    """tests/test_poison.py over RabbitMQ: each malformed message on a model, the split and the
+    aggregate queue is refused, dead-lettered once and counted; both processes keep serving."""
+    wait_for(lambda: set(DIGITS_QUEUES) <= set(_queues(amqp_url)), 120, "the processes to declare their queues")
+
+    def drained() -> bool:
+        """Nothing ready or unacknowledged in the queues."""
+        queues = _queues(amqp_url)
+        return all(queues[queue][1:] == (0, 0) for queue in POISONED_QUEUES.values())
+
+    settings = run_client_settings(rabbit_services, models_dir)
+    assert_refused_while_serving(rabbit_stack, settings, POISONED_QUEUES, drained)

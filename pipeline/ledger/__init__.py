@@ -12,6 +12,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `pages`: reading input pages, reading and writing result pages;
 - `aggregation`: the aggregate's locks, reads and the batch's final state;
 - `sweep`: the sweeper's reconciliation;
+- `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole

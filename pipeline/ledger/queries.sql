@@ -31,6 +31,10 @@ CROSS JOIN LATERAL (
 ) AS c
 ORDER BY c.model, c.seq
 
+-- name: rejected_messages
+-- The dead letters by queue and reason (the counter pipeline_rejected_messages_total).
+SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
+
 -- name: copy_input_pages
 COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 
