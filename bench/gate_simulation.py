@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -194,6 +195,11 @@ def failed_within(verdicts: np.ndarray, batches: int) -> Rate:
     return Rate.of_mask((verdicts[:, :batches] == FAIL).any(axis=1))
 
 
+def passed_within(verdicts: np.ndarray, batches: int) -> Rate:
+    """The roll-outs whose gate said `pass` at any look within the first `batches` batches."""
+    return Rate.of_mask((verdicts[:, :batches] == PASS).any(axis=1))
+
+
 def passed_at(verdicts: np.ndarray, batch: int) -> Rate:
     """The roll-outs whose gate says `pass` after batch number `batch` (1-based)."""
     return Rate.of_mask(verdicts[:, batch - 1] == PASS)
@@ -239,20 +245,29 @@ def summarise(scenario: Scenario, verdicts: np.ndarray) -> dict[str, object]:
         f"fail within {last} batches": str(failed_within(verdicts, last)),
         "pass after batch 5": str(passed_at(verdicts, 5)),
         f"pass after batch {last}": str(passed_at(verdicts, last)),
+        f"pass at any look within {last} batches": str(passed_within(verdicts, last)),
         "median first pass (batch)": float(np.median(passes)) if passes else None,
     }
 
 
+ABORT_CASES = (
+    # (what, champion's and challenger's sub-task failure rates, batches watched)
+    ("equal 1 % failure rates", 0.01, 0.01, 100),
+    ("equal 5 % failure rates", 0.05, 0.05, 100),
+    ("challenger fails 30 %, champion 1 %", 0.01, 0.3, 10),
+    ("challenger fails every sub-task", 0.01, 1.0, 2),
+)
+
+
 def abort_rates(rollouts: int, seed: int, rule: AbortRule | None = None) -> dict[str, str]:
-    """The failure-rate abort rule, checked after every batch (5 sub-tasks per version) over
-    100 batches: how often it aborts a challenger failing as often as the champion (1 % of
-    sub-tasks), and how often within 10 batches one that fails 30 % of them."""
+    """The failure-rate abort rule, checked after every batch (5 sub-tasks per version), per
+    case of ABORT_CASES: the share of roll-outs aborted within the batches watched."""
     rng = np.random.default_rng(seed)
     figures = {}
-    for name, challenger_rate, batches in (("equal 1 % failure rates", 0.01, 100), ("challenger fails 30 %", 0.3, 10)):
+    for name, champion_rate, challenger_rate, batches in ABORT_CASES:
         aborted = np.zeros(rollouts, dtype=bool)
         for index in range(rollouts):
-            failed = rng.binomial(5, [[0.01, challenger_rate]] * batches).cumsum(axis=0)
+            failed = rng.binomial(5, [[champion_rate, challenger_rate]] * batches).cumsum(axis=0)
             for batch in range(batches):
                 finished = 5 * (batch + 1)
                 champion = SubtaskCounts(finished=finished, failed=int(failed[batch, 0]))
@@ -262,6 +277,43 @@ def abort_rates(rollouts: int, seed: int, rule: AbortRule | None = None) -> dict
                     break
         figures[f"{name}: aborted within {batches} batches"] = str(Rate.of_mask(aborted))
     return figures
+
+
+LADDER_STARTS = (200, 250)
+
+
+def ladder_start_rates(rollouts: int, seed: int) -> dict[str, str]:
+    """The 3-point accuracy drop with independent errors (the hardest case for the paired KPI
+    check), failed within 5 batches, for each first labelled milestone of LADDER_STARTS on the
+    same simulated roll-outs: why `min_labelled_rows` is 250."""
+    scenario = Scenario("3-point accuracy drop, labelled (rho 0)", challenger_accuracy=0.87, correlation=0.0, batches=5)
+    return {
+        f"min_labelled_rows {first}: fail within 5 batches": str(
+            failed_within(simulate_verdicts(scenario, rollouts, seed, GateConfig(min_labelled_rows=first)), 5)
+        )
+        for first in LADDER_STARTS
+    }
+
+
+def recompute_cpu_ms(seed: int, repeats: int = 10) -> float:
+    """Median CPU milliseconds of one shadow gate recompute at the caps (the last milestones:
+    every paired, labelled and timed row the gate can read), process time so that other load
+    on the machine does not count."""
+    config = GateConfig()
+    rng = np.random.default_rng(seed)
+    rows = config.milestones(config.min_paired_rows)[-1]
+    timed = config.milestones(config.min_timings)[-1]
+    labels = rng.integers(0, 2, rows)
+    labels[config.milestones(config.min_labelled_rows)[-1] :] = NO_LABEL
+    decisions = rng.integers(0, 2, (2, rows))
+    evidence = PairedRows(rng.random(rows), rng.random(rows), decisions[0], decisions[1], labels)
+    timings = Timings(rng.lognormal(size=timed), rng.lognormal(size=timed))
+    costs = []
+    for _ in range(repeats):
+        started = time.process_time()
+        judge_shadow(evidence, timings, config)
+        costs.append(1000 * (time.process_time() - started))
+    return float(np.median(costs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,8 +327,17 @@ def main(argv: list[str] | None = None) -> int:
         for index, scenario in enumerate(SCENARIOS)
     ]
     aborts = abort_rates(args.rollouts, args.seed)
+    ladder = ladder_start_rates(args.rollouts, args.seed)
+    cost = recompute_cpu_ms(args.seed)
     if args.json:
-        print(json.dumps({"config": GateConfig().model_dump(), "gate": results, "abort": aborts}, indent=2))
+        report = {
+            "config": GateConfig().model_dump(),
+            "gate": results,
+            "abort": aborts,
+            "ladder": ladder,
+            "recompute_cpu_ms": cost,
+        }
+        print(json.dumps(report, indent=2))
         return 0
     print(f"{args.rollouts} simulated roll-outs per scenario, batches of {ROWS_PER_BATCH} rows, seed {args.seed}")
     print(f"gate config: {GateConfig().model_dump()}")
@@ -287,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nabort rule")
     for key, value in aborts.items():
         print(f"  {key}: {value}")
+    print("\nfirst labelled milestone")
+    for key, value in ladder.items():
+        print(f"  {key}: {value}")
+    print(f"\none shadow recompute at the caps: {cost:.0f} ms of CPU (median of 10)")
     return 0
 
 

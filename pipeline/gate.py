@@ -60,7 +60,7 @@ class GateConfig(BaseModel):
     growth: float = Field(default=2.0, ge=1.2)
     min_paired_rows: int = Field(default=500, ge=20)
     min_labelled_rows: int = Field(default=250, ge=20)
-    min_timings: int = Field(default=5, ge=3)
+    min_timings: int = Field(default=10, ge=3)
     # Shadow without labels: fail below this share of unchanged decisions...
     min_agreement: float = Field(default=0.9, gt=0, lt=1)
     # ... or when changed decisions move a class's share of decisions by more than this ...
@@ -472,8 +472,8 @@ def check_latency(timings: Timings, config: GateConfig) -> GateCheck:
     """Both modes: is the challenger more than `max_slowdown` times slower per row? Mann-Whitney
     test (one-sided) of the challenger's compute seconds per row against the champion's times
     `max_slowdown`, one value per sub-task, on the first m of each version's sub-tasks (m the
-    latest milestone both reached); fails when significant at `alpha / looks`. The estimate is
-    the ratio of the medians."""
+    latest milestone both reached); fails when significant at `alpha / looks`, passes when not
+    and the ratio of the medians (the estimate) is within `max_slowdown`, else waits."""
     look = _look(min(len(timings.champion), len(timings.challenger)), config.min_timings, config)
     if look.index is None:
         why = (
@@ -486,16 +486,20 @@ def check_latency(timings: Timings, config: GateConfig) -> GateCheck:
     champion, challenger = timings.champion[: look.rows], timings.challenger[: look.rows]
     p_value = float(stats.mannwhitneyu(challenger, champion * config.max_slowdown, alternative="greater").pvalue)
     ratio = _slowdown(float(np.median(champion)), float(np.median(challenger)))
-    failed = p_value < alpha
+    verdict: Verdict = FAIL if p_value < alpha else PASS if ratio <= config.max_slowdown else INSUFFICIENT
+    finding = {
+        FAIL: "significantly more than",
+        PASS: "within",
+        INSUFFICIENT: "above, though not yet significantly,",
+    }[verdict]
     why = (
-        f"median compute per row {ratio:.2f}x the champion's, "
-        f"{'significantly' if failed else 'not significantly'} more than {config.max_slowdown:g}x "
-        f"(Mann-Whitney p = {p_value:.3g})"
+        f"median compute per row {ratio:.2f}x the champion's, {finding} the {config.max_slowdown:g}x margin "
+        f"(Mann-Whitney p = {p_value:.3g} that it is more)"
     )
     return GateCheck(
         name="latency",
         kind="latency",
-        verdict=FAIL if failed else PASS,
+        verdict=verdict,
         why=why,
         n_champion=len(champion),
         n_challenger=len(challenger),
@@ -761,7 +765,7 @@ class AbortRule(BaseModel):
 
     margin: float = Field(default=0.05, gt=0, lt=1)
     min_subtasks: int = Field(default=10, ge=1)
-    alpha: float = Field(default=0.001, gt=0, lt=0.5)
+    alpha: float = Field(default=0.01, gt=0, lt=0.5)
 
 
 def abort_reason(champion: SubtaskCounts, challenger: SubtaskCounts, rule: AbortRule | None = None) -> str | None:

@@ -264,19 +264,21 @@ def test_latency_fails_when_significantly_more_than_the_margin_slower() -> None:
     slightly = gate.check_latency(Timings(base, base * 1.1), CONFIG)
     assert slightly.verdict == PASS
     assert slightly.estimate == pytest.approx(1.1)
-    # 30 % slower, but too noisy to say it is more than 1.2x.
+    # 30 % slower, but too noisy to say it is more than 1.2x: wait for more sub-tasks.
     noisy = np.random.default_rng(3).lognormal(-10, 1.0, (2, 20))
-    assert gate.check_latency(Timings(noisy[0], noisy[1] * 1.3), CONFIG).verdict == PASS
+    waiting = gate.check_latency(Timings(noisy[0], np.median(noisy[0]) / np.median(noisy[1]) * 1.3 * noisy[1]), CONFIG)
+    assert waiting.verdict == INSUFFICIENT
+    assert waiting.estimate == pytest.approx(1.3)
     faster = gate.check_latency(Timings(base, base * 0.5), CONFIG)
     assert faster.verdict == PASS
 
 
 def test_latency_waits_for_the_minimum_of_each_version_and_judges_equal_prefixes() -> None:
-    few = gate.check_latency(Timings(np.ones(50), np.ones(4)), CONFIG)
+    few = gate.check_latency(Timings(np.ones(50), np.ones(9)), CONFIG)
     assert few.verdict == INSUFFICIENT
     assert few.next_look_at == CONFIG.min_timings
-    judged = gate.check_latency(Timings(np.ones(50), np.ones(12)), CONFIG)
-    assert (judged.n_champion, judged.n_challenger, judged.next_look_at) == (10, 10, 20)
+    judged = gate.check_latency(Timings(np.ones(50), np.ones(25)), CONFIG)
+    assert (judged.n_champion, judged.n_challenger, judged.next_look_at) == (20, 20, 40)
 
 
 def test_latency_with_a_zero_champion_median() -> None:
@@ -470,7 +472,7 @@ def test_abort_on_a_failure_rate_beyond_the_margin() -> None:
     assert abort_reason(healthy, SubtaskCounts(finished=9, failed=9)) is None  # fewer than 10 finished
     reason = abort_reason(healthy, SubtaskCounts(finished=10, failed=10))
     assert reason is not None and reason.startswith("challenger sub-task failure rate 100.0% (10 of 10)")
-    # 3 of 20 against 0 of 20: 15 points worse, but not significant at 0.001.
+    # 3 of 20 against 0 of 20: 15 points worse, but not significant at 0.01.
     assert abort_reason(SubtaskCounts(finished=20, failed=0), SubtaskCounts(finished=20, failed=3)) is None
     # Significant, but within the 5-point margin.
     many = SubtaskCounts(finished=100_000, failed=1000)
@@ -498,10 +500,14 @@ def test_simulated_3_point_accuracy_drop_fails_within_5_batches_in_at_least_90_p
     assert rate.count >= 0.9 * ROLLOUTS
 
 
-def test_simulated_different_seeds_of_one_recipe_pass() -> None:
-    scenario = Scenario("different seeds", correlation=0.95, challenger_accuracy=0.899, labelled=False, batches=3)
+def test_simulated_different_seeds_of_one_recipe_pass_once_the_minimum_sample_is_reached() -> None:
+    # Every check's first look is reached with batch 2 (10 sub-tasks timed per version); where the
+    # latency look is still undecided there (a median ratio above 1.2x by chance), batch 4 decides.
+    scenario = Scenario("different seeds", correlation=0.95, challenger_accuracy=0.899, labelled=False, batches=4)
     verdicts = simulate_verdicts(scenario, ROLLOUTS, seed=3)
-    passing = passed_at(verdicts, 1)
-    print(f"\ndifferent seeds, unlabelled: pass after the first batch in {passing}")
-    assert passing.count >= 0.95 * ROLLOUTS
-    assert failed_within(verdicts, 3).count <= 0.05 * ROLLOUTS
+    assert (verdicts[:, 0] == INSUFFICIENT).all()
+    first, later = passed_at(verdicts, 2), passed_at(verdicts, 4)
+    print(f"\ndifferent seeds, unlabelled: pass after batch 2 in {first}, after batch 4 in {later}")
+    assert first.count >= 0.85 * ROLLOUTS
+    assert later.count >= 0.95 * ROLLOUTS
+    assert failed_within(verdicts, 4).count == 0
