@@ -290,21 +290,23 @@ class GateResult(BaseModel):
 
 @dataclass(frozen=True)
 class _Look:
-    """Where a sample of `available` rows stands on a check's milestones: the look number and
-    the rows judged (None before the first milestone), and the next milestone (None after the last)."""
+    """Where a sample stands on a check's milestones: the rows judged (the latest milestone
+    reached, 0 before the first) and the next milestone (None after the last)."""
 
-    index: int | None
     rows: int
     next_at: int | None
 
+    @property
+    def reached(self) -> bool:
+        return self.rows > 0
+
 
 def _look(available: int, first: int, config: GateConfig) -> _Look:
+    """The look at a sample of `available` rows for a check whose first milestone is `first`."""
     milestones = config.milestones(first)
     reached = [m for m in milestones if m <= available]
     upcoming = [m for m in milestones if m > available]
-    return _Look(
-        len(reached) - 1 if reached else None, reached[-1] if reached else 0, upcoming[0] if upcoming else None
-    )
+    return _Look(reached[-1] if reached else 0, upcoming[0] if upcoming else None)
 
 
 def _finite(value: float) -> float | None:
@@ -449,7 +451,7 @@ BEHAVIOUR_CHECKS = ("agreement", "flips", "scores")
 def check_behaviour(rows: PairedRows, config: GateConfig) -> list[GateCheck]:
     """Shadow: the agreement, flips and scores checks, on the paired rows up to the latest milestone."""
     look = _look(len(rows), config.min_paired_rows, config)
-    if look.index is None:
+    if not look.reached:
         why = f"{len(rows)} paired rows, the first look is at {look.next_at}"
         return [_insufficient(name, "behaviour", why, len(rows), len(rows), look.next_at) for name in BEHAVIOUR_CHECKS]
     n, alpha = look.rows, config.alpha / config.looks
@@ -475,7 +477,7 @@ def check_latency(timings: Timings, config: GateConfig) -> GateCheck:
     latest milestone both reached); fails when significant at `alpha / looks`, passes when not
     and the ratio of the medians (the estimate) is within `max_slowdown`, else waits."""
     look = _look(min(len(timings.champion), len(timings.challenger)), config.min_timings, config)
-    if look.index is None:
+    if not look.reached:
         why = (
             f"{len(timings.champion)} champion and {len(timings.challenger)} challenger sub-tasks timed, "
             f"the first look needs {look.next_at} of each"
@@ -604,7 +606,7 @@ def check_paired_kpis(rows: PairedRows, kpis: Mapping[str, Kpi], config: GateCon
     all_labels = _known(rows.labels, len(rows))
     labelled = np.flatnonzero(all_labels != NO_LABEL)
     look = _look(len(labelled), config.min_labelled_rows, config)
-    if look.index is None:
+    if not look.reached:
         why = f"{len(labelled)} labelled rows, the first look is at {look.next_at}"
         return [_insufficient(f"kpi:{name}", "kpi", why, len(labelled), len(labelled), look.next_at) for name in kpis]
     judged = labelled[: look.rows]
@@ -640,7 +642,7 @@ def check_unpaired_kpis(
         labelled = np.flatnonzero(labels != NO_LABEL)
         samples.append((rows.decisions[labelled], labels[labelled]))
     look = _look(min(len(labels) for _, labels in samples), config.min_labelled_rows, config)
-    if look.index is None:
+    if not look.reached:
         n_champion, n_challenger = (len(labels) for _, labels in samples)
         why = (
             f"{n_champion} champion and {n_challenger} challenger labelled rows, "
