@@ -1,12 +1,13 @@
-"""A batch's drift: PSI of every model's input features and output score against the
-reference profile in its manifest, from the bin counts each worker stored with its
+"""A batch's drift: the PSI (effect) and chi-square p-value (evidence) of every model's
+input features and output score against the reference profile in its manifest, and
+the verdict over all of them, from the bin counts each worker stored with its
 sub-task's output (the aggregator only sums them)."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Connection, bindparam, select
@@ -14,7 +15,7 @@ from sqlalchemy import Connection, bindparam, select
 from pipeline.artifacts import read_manifest
 from pipeline.definition import ModelSpec, Pipeline
 from pipeline.errors import ArtifactError
-from pipeline.profile import Band, DriftConfig, ReferenceProfile
+from pipeline.profile import DriftConfig, ReferenceProfile
 from pipeline.schema import Subtask, SubtaskState
 
 # Built once: every aggregate runs it.
@@ -52,49 +53,98 @@ def _profile(models_dir: Path, spec: ModelSpec) -> tuple[ReferenceProfile | None
     return profile, manifest.version
 
 
-def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, models_dir: Path) -> dict[str, Any]:
-    """Return the drift section of a batch's metrics.
+class ModelCounts(NamedTuple):
+    """A model's summed drift bin counts over a batch, with the reference they are judged against."""
 
-    Per model: rows scored, PSI and band of its output score, or why it was skipped.
-    Per feature (by name, the largest PSI over the models that take it): PSI and band.
-    Then the features and scores in the significant band, the share of drifted
-    features and the batch's drift flag. A model that scored fewer than the
-    pipeline's `drift.min_rows` rows flags nothing.
+    name: str
+    rows: int
+    version: str
+    profile: ReferenceProfile
+    counts: np.ndarray
+
+
+def _figures(config: DriftConfig, test: tuple[float, float], significant: bool, drifted: bool) -> dict[str, Any]:
+    """One test's JSON figures: PSI, band, p-value, significant, drifted."""
+    psi, p_value = test
+    return {
+        "psi": round(psi, 6),
+        "band": config.band(psi).value,
+        "p_value": None if np.isnan(p_value) else float(f"{p_value:.4g}"),
+        "significant": significant,
+        "drifted": drifted,
+    }
+
+
+def judge_counts(config: DriftConfig, models: list[ModelCounts]) -> dict[str, Any]:
+    """The drift figures of a batch from its models' counts: per model its score's test,
+    per feature (by name) one test, on the model that scored the most rows (the first in
+    `models` on a tie), then the verdict over all of them together (`DriftConfig.judge`)."""
+    judged = [(model, model.profile.psis(model.counts), model.profile.p_values(model.counts)) for model in models]
+    features: dict[str, tuple[float, float]] = {}
+    for model, psis, p_values in sorted(judged, key=lambda entry: -entry[0].rows):
+        for histogram, psi, p_value in zip(model.profile.features, psis[:-1], p_values[:-1]):
+            features.setdefault(histogram.name, (float(psi), float(p_value)))
+    scores = {model.name: (float(psis[-1]), float(p_values[-1])) for model, psis, p_values in judged}
+    tests = [*features.values(), *scores.values()]
+    verdict = config.judge(np.array([psi for psi, _ in tests]), np.array([p for _, p in tests]))
+    entries = [
+        _figures(config, test, significant, drifted)
+        for test, significant, drifted in zip(tests, verdict.significant.tolist(), verdict.drifted.tolist())
+    ]
+    feature_entries = dict(zip(features, entries))
+    model_entries = {
+        model.name: {
+            "rows": model.rows,
+            "reference_rows": model.profile.rows,
+            "reference_version": model.version,
+            **{f"score_{key}": value for key, value in entry.items()},
+        }
+        for model, entry in zip(models, entries[len(features) :])
+    }
+    return {
+        "features": feature_entries,
+        "models": model_entries,
+        "tests": int(np.count_nonzero(~np.isnan([p for _, p in tests]))),
+        "drifted_features": [name for name, entry in feature_entries.items() if entry["drifted"]],
+        "drifted_scores": [name for name, entry in model_entries.items() if entry["score_drifted"]],
+    }
+
+
+def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, models_dir: Path) -> dict[str, Any]:
+    """Return the drift section of a batch's metrics (docs/monitoring.md, "Drift, calibrated
+    to sample size").
+
+    Per model: rows scored, its reference's rows and version, and its output score's PSI,
+    band, p-value, whether that is significant and whether it is drifted; or why it was
+    skipped. Per feature (by name): the same figures. Then the drifted features and
+    scores, the share of drifted features (None when no model could be judged) and the
+    batch's `drifted` flag, with the false-alarm rate, minimum PSI and bands used.
     """
     config: DriftConfig = pipeline.drift
-    models: dict[str, dict[str, Any]] = {}
-    features: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, dict[str, Any]] = {}
+    judged: list[ModelCounts] = []
     totals = stored_counts(conn, batch_id)
     for spec in pipeline.models:
         profile, version = _profile(models_dir, spec)
         if profile is None:
-            models[spec.name] = {"skipped": version}
+            skipped[spec.name] = {"skipped": version}
             continue
         rows, counts = totals.get((spec.name, version), (0, None))
         if counts is None:
-            models[spec.name] = {"skipped": f"no succeeded sub-task scored by version {version}"}
+            skipped[spec.name] = {"skipped": f"no succeeded sub-task scored by version {version}"}
             continue
-        *feature_psis, score_psi = profile.psis(counts).tolist()
-        models[spec.name] = {
-            "rows": rows,
-            "reference_version": version,
-            "score_psi": round(score_psi, 6),
-            "score_band": config.band(score_psi, rows).value,
-        }
-        for histogram, value in zip(profile.features, feature_psis):
-            known = features.get(histogram.name)
-            if known is None or value > known["psi"]:
-                features[histogram.name] = {"psi": round(value, 6), "band": config.band(value, rows).value}
-    drifted_features = [name for name, entry in features.items() if entry["band"] == Band.significant]
-    drifted_scores = [name for name, entry in models.items() if entry.get("score_band") == Band.significant]
-    judged = any(entry.get("rows", 0) >= config.min_rows for entry in models.values())
+        judged.append(ModelCounts(spec.name, rows, version, profile, counts))
+    figures = judge_counts(config, judged)
+    features = figures["features"]
     return {
-        "min_rows": config.min_rows,
-        "bands": {"moderate": config.moderate, "significant": config.significant},
-        "models": models,
+        "false_alarm_rate": config.false_alarm_rate,
+        "min_psi": config.min_psi,
+        "bands": {"moderate": config.moderate, "major": config.major},
+        "tests": figures["tests"],
+        "models": {spec.name: figures["models"].get(spec.name) or skipped[spec.name] for spec in pipeline.models},
         "features": features,
-        "drifted_features": drifted_features,
-        "drifted_scores": drifted_scores,
-        "drifted_share": round(len(drifted_features) / len(features), 6) if judged and features else None,
-        "drifted": bool(drifted_features or drifted_scores),
+        "drifted_features": figures["drifted_features"],
+        "drifted_scores": figures["drifted_scores"],
+        "drifted_share": round(len(figures["drifted_features"]) / len(features), 6) if features else None,
+        "drifted": bool(figures["drifted_features"] or figures["drifted_scores"]),
     }

@@ -1,18 +1,25 @@
 """Reference profiles for drift: quantile bins of a model's input features and of its
-output score, built at training time and stored in the model's manifest, and the
-population stability index (PSI) of a batch's bin counts against them."""
+output score, built at training time and stored in the model's manifest; the
+population stability index (PSI, the effect) and the chi-square p-value (the
+evidence, at the batch's and the reference's sample sizes) of a batch's bin counts
+against them; and the verdict that weighs the two (docs/monitoring.md)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
+from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+from scipy import stats
 
 REFERENCE_BINS = 10
 # Floor of a bin's share in the PSI, so an empty bin gives a large but finite term.
 PSI_EPSILON = 1e-4
+# Fewest rows a merged bin must expect in the smaller sample before the chi-square test uses it.
+MIN_EXPECTED = 5.0
 
 
 class Histogram(BaseModel):
@@ -36,41 +43,147 @@ class Histogram(BaseModel):
         return np.bincount(bins, minlength=len(self.edges) + 1)
 
 
+class BinLayout(NamedTuple):
+    """Where a profile's histograms lie in a vector of bin counts (H histograms, B bins in all)."""
+
+    sizes: np.ndarray  # bins of each histogram (H)
+    starts: np.ndarray  # index of each histogram's first bin (H)
+    histogram: np.ndarray  # the histogram of each bin (B)
+    shares: np.ndarray  # the reference share of each bin (B)
+    padded: np.ndarray  # the shares, one histogram a row, padded with zeros (H x the most bins)
+    used: np.ndarray  # where `padded` holds a bin (H x the most bins)
+
+
 class ReferenceProfile(BaseModel):
-    """A model's reference: one histogram per input feature (in column order) and one of its output score."""
+    """A model's reference: one histogram per input feature (in column order) and one of
+    its output score, all over the same `rows` reference rows."""
 
     rows: int
     features: list[Histogram]
     score: Histogram
 
+    @property
+    def histograms(self) -> list[Histogram]:
+        """The features' histograms in column order, then the score's: the order of `bin_counts`."""
+        return [*self.features, self.score]
+
+    @cached_property
+    def layout(self) -> BinLayout:
+        """The histograms' places in `bin_counts` vectors, and their reference shares."""
+        sizes = np.array([len(h.expected) for h in self.histograms])
+        used = np.arange(sizes.max()) < sizes[:, None]
+        shares = np.concatenate([h.expected for h in self.histograms])
+        padded = np.zeros(used.shape)
+        padded[used] = shares
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        return BinLayout(sizes, starts, np.repeat(np.arange(len(sizes)), sizes), shares, padded, used)
+
     def bin_counts(self, X: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The bin counts of rows `X` (n x features) and their `scores`: every feature's
         histogram, then the score's, concatenated (int64). Sums of these vectors over
-        sub-tasks are a batch's counts (`psis` reads them)."""
+        sub-tasks are a batch's counts (`psis` and `p_values` read them)."""
         return np.concatenate(
             [h.counts(X[:, column]) for column, h in enumerate(self.features)] + [self.score.counts(scores)]
         )
 
-    def psis(self, counts: np.ndarray) -> np.ndarray:
-        """The population stability index of every histogram (the features in column order,
-        then the score) in a vector made by `bin_counts`, against the reference shares, in
-        one vectorised pass. Each bin's share is floored at PSI_EPSILON, so an empty bin
-        gives a large but finite term.
+    def totals(self, counts: np.ndarray) -> np.ndarray:
+        """The rows each histogram of `counts` (..., bins, made by `bin_counts`) holds (..., histograms).
 
         Raises:
             ValueError: `counts` does not fit the histograms, or a histogram counts nothing.
         """
-        histograms = [*self.features, self.score]
-        sizes = np.array([len(h.expected) for h in histograms])
-        if len(counts) != sizes.sum():
-            raise ValueError(f"{len(counts)} bin counts do not fit {len(histograms)} histograms of {sizes.sum()} bins")
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        totals = np.add.reduceat(counts, starts)
+        layout = self.layout
+        if counts.shape[-1] != len(layout.shares):
+            raise ValueError(
+                f"{counts.shape[-1]} bin counts do not fit {len(layout.sizes)} histograms of {len(layout.shares)} bins"
+            )
+        totals = np.add.reduceat(counts, layout.starts, axis=-1)
         if not totals.all():
-            raise ValueError("cannot compute the PSI of a histogram that counts no value")
-        actual = np.maximum(counts / np.repeat(totals, sizes), PSI_EPSILON)
-        reference = np.maximum(np.concatenate([h.expected for h in histograms]), PSI_EPSILON)
-        return np.add.reduceat((actual - reference) * np.log(actual / reference), starts)
+            raise ValueError("cannot judge the drift of a histogram that counts no value")
+        return totals
+
+    def psis(self, counts: np.ndarray) -> np.ndarray:
+        """The population stability index of every histogram (the features in column order,
+        then the score) in counts made by `bin_counts` (..., bins), against the reference
+        shares, in one vectorised pass (..., histograms). Each bin's share is floored at
+        PSI_EPSILON, so an empty bin gives a large but finite term.
+
+        Raises:
+            ValueError: `counts` does not fit the histograms, or a histogram counts nothing.
+        """
+        layout = self.layout
+        actual = np.maximum(counts / np.repeat(self.totals(counts), layout.sizes, axis=-1), PSI_EPSILON)
+        reference = np.maximum(layout.shares, PSI_EPSILON)
+        return np.add.reduceat((actual - reference) * np.log(actual / reference), layout.starts, axis=-1)
+
+    def p_values(self, counts: np.ndarray) -> np.ndarray:
+        """The p-value of every histogram's Pearson chi-square test of homogeneity between
+        a batch's counts (..., bins, made by `bin_counts`) and the reference's: a
+        two-sample test, so it accounts for the batch's n rows, the reference's m rows and
+        the bins. Adjacent bins are first merged (`merged_bins`) until each expects at least
+        MIN_EXPECTED rows in the smaller sample; a test of g merged bins has g - 1 degrees
+        of freedom. NaN for a histogram left with one bin (a constant reference feature, or
+        too few rows to test it). Returns (..., histograms), in one vectorised pass.
+
+        Raises:
+            ValueError: `counts` does not fit the histograms, or a histogram counts nothing.
+        """
+        layout, m = self.layout, self.rows
+        totals = self.totals(counts)
+        histograms = len(layout.sizes)
+        flat = counts.reshape(-1, len(layout.shares))
+        begins = self.merged_bins(totals).reshape(flat.shape)
+        # Number the merged bins of all batches consecutively, then sum each one's counts.
+        merged = np.cumsum(begins.ravel()) - 1
+        batch = np.bincount(merged, weights=flat.ravel())
+        reference = np.bincount(merged, weights=np.tile(np.rint(layout.shares * m), len(flat)))
+        row, first = np.nonzero(begins)
+        cell = row * histograms + layout.histogram[first]
+        n = totals.reshape(-1)[cell]
+        # X² = n m Σ (a/n - r/m)² / (a + r) over the merged bins; every reference bin holds a row.
+        terms = n * m * (batch / n - reference / m) ** 2 / (batch + reference)
+        statistic = np.bincount(cell, weights=terms, minlength=flat.shape[0] * histograms)
+        degrees = np.bincount(cell, minlength=flat.shape[0] * histograms) - 1
+        with np.errstate(invalid="ignore"):
+            p_values = np.where(degrees > 0, stats.chi2.sf(statistic, degrees), np.nan)
+        return p_values.reshape(totals.shape)
+
+    def merged_bins(self, totals: np.ndarray) -> np.ndarray:
+        """Which bins begin a merged bin of the chi-square test (..., bins, bool) for
+        histograms of `totals` rows (..., histograms): adjacent bins join, left to right,
+        until their reference share times min(n, m) reaches MIN_EXPECTED (the smaller
+        sample then expects at least that many rows in each, where the chi-square
+        distribution holds); a short last one joins the one before it."""
+        layout = self.layout
+        minimum = MIN_EXPECTED / np.minimum(totals, self.rows)
+        held = np.zeros(minimum.shape)
+        begins = np.zeros((*minimum.shape, layout.used.shape[1]), dtype=bool)
+        for column in range(layout.used.shape[1]):
+            begin = (held >= minimum) & layout.used[:, column]
+            begins[..., column] = begin
+            held = np.where(begin, 0.0, held) + layout.padded[:, column]
+        begins[..., 0] = True
+        last = layout.used.shape[1] - 1 - np.argmax(begins[..., ::-1], axis=-1)
+        short = ((held < minimum) & (last > 0))[..., None]
+        np.put_along_axis(begins, last[..., None], np.take_along_axis(begins, last[..., None], -1) & ~short, -1)
+        return begins[..., layout.used]
+
+
+def _quantile_levels(bins: int) -> np.ndarray:
+    return np.linspace(0, 1, bins + 1)[1:-1]
+
+
+def _histogram_at(name: str, ordered: np.ndarray, quantiles: np.ndarray) -> Histogram:
+    """The histogram of values `ordered` (1-D float64, ascending) whose edges are their
+    distinct interior `quantiles`."""
+    high = float(ordered[-1])
+    edges = np.unique(quantiles)
+    edges = edges[edges < high]
+    # The values up to each edge, found in the ordered values.
+    counts = np.diff(np.concatenate([[0], np.searchsorted(ordered, edges, side="right"), [len(ordered)]]))
+    return Histogram(
+        name=name, edges=edges.tolist(), expected=(counts / len(ordered)).tolist(), low=float(ordered[0]), high=high
+    )
 
 
 def histogram(name: str, values: np.ndarray, bins: int = REFERENCE_BINS) -> Histogram:
@@ -79,53 +192,91 @@ def histogram(name: str, values: np.ndarray, bins: int = REFERENCE_BINS) -> Hist
     Edges are data values (so no bin is empty), duplicates collapse (a feature with
     few distinct values gets fewer bins), and the largest value is never an edge.
     """
-    values = np.asarray(values, dtype=np.float64)
-    high = float(values.max())
-    quantiles = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1], method="inverted_cdf")
-    edges = np.unique(quantiles)
-    edges = edges[edges < high]
-    partial = Histogram(name=name, edges=edges.tolist(), expected=[], low=float(values.min()), high=high)
-    counts = partial.counts(values)
-    return partial.model_copy(update={"expected": (counts / counts.sum()).tolist()})
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    return _histogram_at(name, ordered, np.quantile(ordered, _quantile_levels(bins), method="inverted_cdf"))
 
 
 def build_profile(feature_names: Sequence[str], X: np.ndarray, scores: np.ndarray) -> ReferenceProfile:
-    """Return the reference profile of rows `X` (n x features) and their output `scores` (n)."""
+    """Return the reference profile of rows `X` (n x features) and their output `scores` (n):
+    a `histogram` of each feature and of the score."""
     if X.ndim != 2 or X.shape[1] != len(feature_names) or len(scores) != len(X) or not len(X):
         raise ValueError(
             f"reference rows {X.shape} and {len(scores)} scores do not fit {len(feature_names)} feature names"
         )
+    # One sort and one quantile pass over all the columns.
+    ordered = np.sort(np.asarray(X, dtype=np.float64), axis=0)
+    quantiles = np.quantile(ordered, _quantile_levels(REFERENCE_BINS), axis=0, method="inverted_cdf")
     return ReferenceProfile(
         rows=len(X),
-        features=[histogram(name, X[:, column]) for column, name in enumerate(feature_names)],
+        features=[_histogram_at(name, ordered[:, c], quantiles[:, c]) for c, name in enumerate(feature_names)],
         score=histogram("score", scores),
     )
 
 
 class Band(StrEnum):
-    stable = "stable"
+    """A PSI's effect-size label, by the conventional bands (it says nothing of the evidence)."""
+
+    none = "none"
     moderate = "moderate"
-    significant = "significant"
-    # Scored on fewer rows than the pipeline's `min_rows`: the PSI is mostly sampling noise.
-    too_few_rows = "too few rows"
+    major = "major"
+
+
+class DriftVerdict(NamedTuple):
+    """Per test (..., tests): whether its p-value is significant after Benjamini-Hochberg
+    over the batch's tests, and whether it is drifted (significant and at least `min_psi`)."""
+
+    significant: np.ndarray
+    drifted: np.ndarray
 
 
 class DriftConfig(BaseModel):
-    """How a pipeline judges drift: the conventional PSI bands and the fewest rows
-    a model must have scored in a batch before its PSI may flag anything (below
-    that, sampling noise alone gives PSIs above the bands)."""
+    """How a pipeline judges drift (docs/monitoring.md, "Drift, calibrated to sample size").
+
+    `moderate` / `major` are the conventional PSI bands, effect-size labels only. A
+    histogram is drifted when its chi-square p-value is significant after Benjamini-Hochberg
+    at `false_alarm_rate` over all of a batch's features and scores, and its PSI is at least
+    `min_psi`: the evidence threshold shrinks with the rows, the effect floor does not.
+    """
 
     moderate: float = Field(default=0.1, gt=0)
-    significant: float = Field(default=0.2, gt=0)
-    min_rows: int = Field(default=100, ge=1)
+    major: float = Field(default=0.2, gt=0)
+    min_psi: float = Field(default=0.1, ge=0)
+    false_alarm_rate: float = Field(default=0.025, gt=0, lt=1)
 
-    def band(self, value: float, rows: int) -> Band:
-        """The band of a PSI computed over `rows` rows."""
-        if rows < self.min_rows:
-            return Band.too_few_rows
-        if value >= self.significant:
-            return Band.significant
-        return Band.moderate if value >= self.moderate else Band.stable
+    @model_validator(mode="after")
+    def _ordered_bands(self) -> DriftConfig:
+        if self.major < self.moderate:
+            raise ValueError(f"the major PSI band ({self.major}) is below the moderate one ({self.moderate})")
+        return self
+
+    def band(self, psi: float) -> Band:
+        """The effect-size label of a PSI."""
+        if psi >= self.major:
+            return Band.major
+        return Band.moderate if psi >= self.moderate else Band.none
+
+    def judge(self, psis: np.ndarray, p_values: np.ndarray) -> DriftVerdict:
+        """The verdict on batches' tests (..., tests: a batch's features and scores) from
+        their PSIs and p-values (NaN: a histogram that could not be tested, never significant)."""
+        significant = benjamini_hochberg(p_values, self.false_alarm_rate)
+        return DriftVerdict(significant, significant & (psis >= self.min_psi))
+
+
+def benjamini_hochberg(p_values: np.ndarray, rate: float) -> np.ndarray:
+    """Which of each row's p-values (..., tests) the Benjamini-Hochberg procedure rejects at
+    false-discovery rate `rate`, counting only the row's tests (NaN: no test, not rejected).
+    The same decisions as `scipy.stats.false_discovery_control(p) <= rate` on each row's
+    tests, vectorised over rows whose tests differ (scipy's takes no NaN)."""
+    if not p_values.shape[-1]:
+        return np.zeros(p_values.shape, dtype=bool)
+    tests = np.sum(~np.isnan(p_values), axis=-1, keepdims=True)
+    ordered = np.sort(np.where(np.isnan(p_values), np.inf, p_values), axis=-1)
+    ranks = np.arange(1, p_values.shape[-1] + 1)
+    passing = ordered <= ranks * rate / np.maximum(tests, 1)
+    # Every p-value up to the largest ordered one under its rank's line is rejected.
+    largest = p_values.shape[-1] - 1 - np.argmax(passing[..., ::-1], axis=-1)
+    cutoff = np.where(passing.any(axis=-1), np.take_along_axis(ordered, largest[..., None], -1)[..., 0], -np.inf)
+    return p_values <= cutoff[..., None]
 
 
 def outside_range(profile: ReferenceProfile, X: np.ndarray, margin: float) -> np.ndarray:

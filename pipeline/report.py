@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +25,8 @@ from pipeline.errors import UnknownPipelineError
 
 HISTOGRAM_BINS = 30
 SHOWN_FEATURES = 10
-BAND_COLOURS = {"stable": "#4c9a2a", "moderate": "#e69f00", "significant": "#c0392b", "too few rows": "#999999"}
+# PSI bands (effect sizes); a band of metrics stored before the calibrated verdict is grey.
+BAND_COLOURS = {"none": "#4c9a2a", "moderate": "#e69f00", "major": "#c0392b"}
 # PSI bars are drawn up to this value; larger ones are cut there and labelled with their value.
 PSI_AXIS_CAP = 1.0
 STATUS_FIELDS = (
@@ -54,6 +56,13 @@ def fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return "-" if value is None else str(value)
+
+
+def fmt_p(value: float | None) -> str:
+    """A p-value: three decimals, or two significant digits below 0.001."""
+    if value is None:
+        return "-"
+    return f"{value:.1e}" if value < 0.001 else f"{value:.3f}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -144,13 +153,41 @@ def batch_latency_rows(status: BatchStatus) -> list[tuple[str, str]]:
     ]
 
 
+DRIFT_MODEL_HEADER = ("model", "rows", "score PSI", "band", "p-value", "significant", "drifted", "reference")
+DRIFT_FEATURE_HEADER = ("feature", "PSI", "band", "p-value", "significant", "drifted")
+
+
 def drift_model_rows(status: BatchStatus) -> list[list[str]]:
+    """Per model: rows, its score's PSI and band (the effect), p-value and whether it is
+    significant at this n (the evidence), drifted, and its reference's version."""
     models = (_metrics(status).get("drift") or {}).get("models") or {}
     return [
-        [name, "-", "-", "-", entry["skipped"]]
+        [name, "-", "-", "-", "-", "-", "-", entry["skipped"]]
         if "skipped" in entry
-        else [name, str(entry["rows"]), fmt(entry["score_psi"]), entry["score_band"], entry["reference_version"]]
+        else [
+            name,
+            str(entry["rows"]),
+            fmt(entry["score_psi"]),
+            entry["score_band"],
+            fmt_p(entry.get("score_p_value")),
+            fmt(entry.get("score_significant")),
+            fmt(entry.get("score_drifted")),
+            entry["reference_version"],
+        ]
         for name, entry in models.items()
+    ]
+
+
+def drift_feature_rows(status: BatchStatus, limit: int | None = None) -> list[list[str]]:
+    """The features, drifted ones first, then the significant ones, then by PSI; the first
+    `limit` of them (all when None)."""
+    features = (_metrics(status).get("drift") or {}).get("features") or {}
+    ranked = sorted(
+        features.items(), key=lambda kv: (not kv[1].get("drifted"), not kv[1].get("significant"), -kv[1]["psi"])
+    )
+    return [
+        [name, fmt(e["psi"]), e["band"], fmt_p(e.get("p_value")), fmt(e.get("significant")), fmt(e.get("drifted"))]
+        for name, e in ranked[:limit]
     ]
 
 
@@ -159,12 +196,17 @@ def drift_summary(status: BatchStatus) -> str:
     if not drift:
         return "no drift figures"
     if drift["drifted_share"] is None:
-        return f"not judged: fewer than {drift['min_rows']} rows per model, or no reference profile"
+        return "not judged: no model with a reference profile scored this batch"
     verdict = "DRIFT" if drift["drifted"] else "no drift"
     flagged = ", ".join(drift["drifted_features"] + [f"score of {m}" for m in drift["drifted_scores"]]) or "nothing"
+    rule = (
+        f" (significant at a false-alarm rate of {drift['false_alarm_rate']:g} and PSI >= {drift['min_psi']:g})"
+        if "false_alarm_rate" in drift
+        else ""
+    )
     return (
         f"{verdict}: {len(drift['drifted_features'])} of {len(drift['features'])} features"
-        f" ({drift['drifted_share']:.0%}) significant; flagged: {flagged}"
+        f" ({drift['drifted_share']:.0%}) drifted{rule}; flagged: {flagged}"
     )
 
 
@@ -227,14 +269,12 @@ def batch_latency_table(status: BatchStatus) -> Table:
 
 
 def drift_table(status: BatchStatus) -> Table:
-    """Output-score PSI per model and the features with the largest PSI."""
-    drift = _metrics(status).get("drift") or {}
-    table = Table("model / feature", "rows", "PSI", "band", "reference", title=f"drift: {drift_summary(status)}")
+    """Per model its output score's drift figures, then the features' (drifted first)."""
+    table = Table("model / feature", *DRIFT_MODEL_HEADER[1:], title=f"drift: {drift_summary(status)}")
     for row in drift_model_rows(status):
         table.add_row(f"score of {row[0]}", *row[1:])
-    features = sorted((drift.get("features") or {}).items(), key=lambda kv: -kv[1]["psi"])
-    for name, entry in features[:SHOWN_FEATURES]:
-        table.add_row(name, "", fmt(entry["psi"]), entry["band"], "")
+    for name, psi, band, p_value, significant, drifted in drift_feature_rows(status, SHOWN_FEATURES):
+        table.add_row(name, "", psi, band, p_value, significant, drifted, "")
     return table
 
 
@@ -321,11 +361,14 @@ def latency_plot(status: BatchStatus, histograms: dict[str, Any]) -> str | None:
 
 def drift_plot(status: BatchStatus) -> str | None:
     """PSI per feature and per model output score, coloured by band, with the band
-    limits drawn; as base64 PNG (None without drift figures)."""
+    limits drawn and the significant ones starred; as base64 PNG (None without drift figures)."""
     drift = _metrics(status).get("drift") or {}
-    bars = [(name, entry["psi"], entry["band"]) for name, entry in (drift.get("features") or {}).items()]
+    bars = [
+        (name, entry["psi"], entry["band"], entry.get("significant"))
+        for name, entry in (drift.get("features") or {}).items()
+    ]
     bars += [
-        (f"score of {model}", entry["score_psi"], entry["score_band"])
+        (f"score of {model}", entry["score_psi"], entry["score_band"], entry.get("score_significant"))
         for model, entry in (drift.get("models") or {}).items()
         if "skipped" not in entry
     ]
@@ -334,21 +377,23 @@ def drift_plot(status: BatchStatus) -> str | None:
     figure = Figure(figsize=(9, 1 + 0.22 * len(bars)))
     ax = figure.subplots()
     positions = range(len(bars))
-    values = [min(value, PSI_AXIS_CAP) for _, value, _ in bars]
-    ax.barh(positions, values, color=[BAND_COLOURS.get(band, "#999999") for _, _, band in bars])
-    for position, (_, value, _) in zip(positions, bars):
+    values = [min(value, PSI_AXIS_CAP) for _, value, _, _ in bars]
+    ax.barh(positions, values, color=[BAND_COLOURS.get(band, "#999999") for _, _, band, _ in bars])
+    for position, (_, value, _, _) in zip(positions, bars):
         if value > PSI_AXIS_CAP:
             ax.text(PSI_AXIS_CAP, position, f" {value:.2f}", va="center", fontsize=7)
     bands = drift.get("bands") or {}
-    for limit, style in ((bands.get("moderate"), ":"), (bands.get("significant"), "--")):
+    for limit, style in ((bands.get("moderate"), ":"), (bands.get("major"), "--")):
         if limit is not None:
             ax.axvline(limit, color="black", linestyle=style, linewidth=1)
-    ax.set_yticks(list(positions), [name for name, _, _ in bars], fontsize=7)
+    ax.set_yticks(
+        list(positions), [f"{name} *" if significant else name for name, _, _, significant in bars], fontsize=7
+    )
     ax.invert_yaxis()
-    significant = bands.get("significant") or 0.2
-    ax.set_xlim(0, max(1.5 * significant, max(values)) * 1.15)
-    ax.set_xlabel("PSI against the training reference (dotted: moderate, dashed: significant)")
-    ax.set_title(drift_summary(status), fontsize=9)
+    major = bands.get("major") or 0.2
+    ax.set_xlim(0, max(1.5 * major, max(values)) * 1.15)
+    ax.set_xlabel("PSI against the training reference (dotted: moderate, dashed: major; * significant at this n)")
+    ax.set_title("\n".join(textwrap.wrap(drift_summary(status), 110)), fontsize=9)
     figure.tight_layout()
     return _png(figure)
 
@@ -403,8 +448,6 @@ def _img(png: str | None, alt: str) -> str:
 def render_html(status: BatchStatus, histograms: dict[str, Any]) -> str:
     """The batch's report as one self-contained HTML page."""
     kpis = [(name, fmt(value)) for name, value in (_metrics(status).get("kpis") or {}).items()]
-    drift = _metrics(status).get("drift") or {}
-    features = sorted((drift.get("features") or {}).items(), key=lambda kv: -kv[1]["psi"])
     title = f"Batch {status.id} ({status.pipeline})"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
@@ -423,9 +466,9 @@ sub-tasks succeeded, {status.failed} failed, {status.cancelled} cancelled.</p>
 {_img(latency_plot(status, histograms), "latency histogram per model")}
 <h2 id="drift">Drift</h2>
 <p class="flag">{html.escape(drift_summary(status))}</p>
-{_html_table(("model", "rows", "score PSI", "band", "reference"), drift_model_rows(status))}
+{_html_table(DRIFT_MODEL_HEADER, drift_model_rows(status))}
 {_img(drift_plot(status), "drift per feature")}
-{_html_table(("feature", "PSI", "band"), [[name, fmt(e["psi"]), e["band"]] for name, e in features])}
+{_html_table(DRIFT_FEATURE_HEADER, drift_feature_rows(status))}
 </body></html>
 """
 

@@ -33,6 +33,10 @@ from pipeline.pipelines.screening import (
 
 Finished = tuple[list[dict[str, Any]], BatchHandle, BatchStatus]
 SHIFTED = ("mean texture", "worst smoothness")
+# Moved by half a training standard deviation in `half_sd_shift`: the issue's detection target.
+HALF_SD_SHIFTED = ("mean radius", "mean texture", "worst smoothness")
+UNSEEN_SUBSETS = 4
+UNSEEN_ROWS = 150
 SPREAD_KEYS = ("p50", "p95", "p99", "max")
 
 
@@ -57,6 +61,34 @@ def shifted(client: Client, stack: object) -> BatchStatus:
     inputs = copy.deepcopy(held_out_records())
     for name in SHIFTED:
         shift = 5 * X_train[:, FEATURES.index(name)].std()
+        for record in inputs:
+            record["features"][name] += shift
+    return _run(client, inputs)[1]
+
+
+@pytest.fixture(scope="module")
+def unseen_subsets(client: Client, stack: object) -> list[BatchStatus]:
+    """Batches of 150 held-out records each, drawn without replacement: rows the models
+    never saw, from the training distribution (no drift). Resampling with replacement would
+    not do: a batch of n rows drawn from the 171 held-out ones repeats their own sampling
+    noise (PSIs up to 0.16 against the reference), which at n >> 171 is a real difference
+    between those 171 rows and the training rows (docs/monitoring.md)."""
+    records = held_out_records()
+    subsets = [
+        np.random.default_rng(seed).choice(len(records), UNSEEN_ROWS, replace=False)
+        for seed in range(1, UNSEEN_SUBSETS + 1)
+    ]
+    return [_run(client, [records[row] for row in subset])[1] for subset in subsets]
+
+
+@pytest.fixture(scope="module")
+def half_sd_shift(client: Client, stack: object) -> BatchStatus:
+    """513 rows (each held-out record three times) with three features moved up by half a
+    training standard deviation."""
+    X_train = dataset_split()[0]
+    inputs = [copy.deepcopy(record) for record in held_out_records() * 3]
+    for name in HALF_SD_SHIFTED:
+        shift = 0.5 * X_train[:, FEATURES.index(name)].std()
         for record in inputs:
             record["features"][name] += shift
     return _run(client, inputs)[1]
@@ -114,13 +146,32 @@ def test_kpis_match_scikit_learn(held_out: Finished) -> None:
     assert kpis["recall_malignant"] >= 0.9
 
 
+def _significant(drift: dict[str, Any]) -> list[str]:
+    features = [name for name, entry in drift["features"].items() if entry["significant"]]
+    return features + [name for name, entry in drift["models"].items() if entry["score_significant"]]
+
+
 def test_reference_like_batch_is_not_flagged(held_out: Finished) -> None:
     drift = held_out[2].metrics["drift"]  # type: ignore[index]
     assert set(drift["models"]) == set(MODELS)
-    assert all(entry["rows"] == len(held_out[0]) >= drift["min_rows"] for entry in drift["models"].values())
-    assert len(drift["features"]) == len(FEATURES)
-    assert {entry["band"] for entry in drift["features"].values()} <= {"stable", "moderate"}
+    reference_rows = len(dataset_split()[0])
+    for entry in drift["models"].values():
+        assert (entry["rows"], entry["reference_rows"]) == (len(held_out[0]), reference_rows)
+    assert len(drift["features"]) == len(FEATURES) and drift["tests"] == len(FEATURES) + len(MODELS)
+    assert (drift["false_alarm_rate"], drift["min_psi"]) == (0.025, 0.1)
+    # 171 rows against 398: PSIs up to the moderate band from sampling alone, none significant.
+    assert {entry["band"] for entry in drift["features"].values()} <= {"none", "moderate"}
+    assert all(0 < entry["p_value"] <= 1 for entry in drift["features"].values())
+    assert _significant(drift) == []
     assert (drift["drifted"], drift["drifted_features"], drift["drifted_share"]) == (False, [], 0.0)
+
+
+def test_unseen_rows_are_not_flagged(unseen_subsets: list[BatchStatus]) -> None:
+    assert len(unseen_subsets) == UNSEEN_SUBSETS
+    for status in unseen_subsets:
+        drift = status.metrics["drift"]  # type: ignore[index]
+        assert all(entry["rows"] == UNSEEN_ROWS for entry in drift["models"].values())
+        assert _significant(drift) == [] and drift["drifted"] is False
 
 
 def test_two_shifted_features_are_flagged_exactly(shifted: BatchStatus) -> None:
@@ -129,14 +180,28 @@ def test_two_shifted_features_are_flagged_exactly(shifted: BatchStatus) -> None:
     assert sorted(drift["drifted_features"]) == sorted(SHIFTED)
     assert drift["drifted_share"] == pytest.approx(2 / len(FEATURES), abs=1e-6)
     for name, entry in drift["features"].items():
-        assert (entry["psi"] >= 0.2) == (name in SHIFTED), (name, entry)
+        assert (entry["psi"] >= 0.2) == (name in SHIFTED) == (entry["band"] == "major"), (name, entry)
+        assert entry["significant"] == (name in SHIFTED), (name, entry)
+
+
+def test_half_a_standard_deviation_on_3_of_30_features_is_flagged(half_sd_shift: BatchStatus) -> None:
+    drift = half_sd_shift.metrics["drift"]  # type: ignore[index]
+    assert drift["drifted"] is True
+    assert set(HALF_SD_SHIFTED) <= set(drift["drifted_features"])
+    # Each held-out row counts three times, so their own noise may flag a few other
+    # features too; the shifted ones carry by far the strongest evidence.
+    tests = {name: entry["p_value"] for name, entry in drift["features"].items()}
+    tests |= {f"score of {name}": entry["score_p_value"] for name, entry in drift["models"].items()}
+    assert set(sorted(tests, key=tests.__getitem__)[:3]) == set(HALF_SD_SHIFTED)
 
 
 def test_small_batch_is_not_flagged_by_noise(small: Finished) -> None:
     drift = small[2].metrics["drift"]  # type: ignore[index]
     assert all(entry["rows"] == 20 for entry in drift["models"].values())
-    assert {entry["band"] for entry in drift["features"].values()} == {"too few rows"}
-    assert (drift["drifted"], drift["drifted_features"], drift["drifted_share"]) == (False, [], None)
+    # PSIs of 20 rows are mostly sampling noise: large effects (fixed bands would flag them), no evidence.
+    assert [entry["band"] for entry in drift["features"].values()].count("major") > len(FEATURES) / 2
+    assert _significant(drift) == []
+    assert (drift["drifted"], drift["drifted_features"], drift["drifted_share"]) == (False, [], 0.0)
 
 
 def test_far_out_of_range_value_is_a_warning_not_a_rejection(small: Finished) -> None:
