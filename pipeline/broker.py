@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from typing import Annotated
+from typing import Annotated, Literal
 
 from celery import Celery
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -53,6 +53,8 @@ class SplitMessage(Message):
 
 class PredictMessage(Message):
     subtask_id: SubtaskId
+    # Shown in Flower; the ledger, not this, decides what a worker claims first.
+    priority: Literal["interactive", "bulk", "shadow"] | None = None
 
 
 class AggregateMessage(Message):
@@ -127,16 +129,22 @@ def publish_aggregate(app: Celery, batch_id: str) -> None:
     app.send_task(AGGREGATE_TASK, kwargs=AggregateMessage(batch_id=batch_id).model_dump(), queue=AGGREGATE_QUEUE)
 
 
-def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str]], countdown: float | None = None) -> int:
-    """Publish one predict message per (sub-task id, model) over one producer, in batches
-    (on Redis one pipelined round trip per batch, with kombu's `Producer.batch`), each to
-    run no sooner than `countdown` seconds from now; return the count."""
+# `subtasks.priority` rank → its name (the `priority` of a predict message).
+PRIORITY_NAMES: dict[int, Literal["interactive", "bulk", "shadow"]] = {0: "interactive", 1: "bulk", 2: "shadow"}
+
+
+def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str, int]], countdown: float | None = None) -> int:
+    """Publish one predict message per (sub-task id, model, priority rank) — a
+    `ledger.Dispatch` — over one producer, in batches (on Redis one pipelined round trip per
+    batch, with kombu's `Producer.batch`), each to run no sooner than `countdown` seconds
+    from now; return the count."""
     count = 0
     with app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
-        for subtask_id, model in subtasks:
+        for subtask_id, model, rank in subtasks:
+            message = PredictMessage(subtask_id=subtask_id, priority=PRIORITY_NAMES.get(rank))
             app.send_task(
                 PREDICT_TASK,
-                kwargs=PredictMessage(subtask_id=subtask_id).model_dump(),
+                kwargs=message.model_dump(exclude_none=True),
                 queue=model_queue(model),
                 producer=producer,
                 countdown=countdown,

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from pydantic import BaseModel, Field
@@ -22,7 +22,7 @@ from pipeline import broker, ledger, registry
 from pipeline.embedded import ensure_services
 from pipeline.errors import BatchNotFoundError
 from pipeline.inputs import encode_inputs
-from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy
+from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy, Priority
 from pipeline.settings import Settings, get_settings, libpq_url
 from pipeline.splitter import first_split_step, run_split
 
@@ -34,6 +34,8 @@ class SubmitOptions(BaseModel):
     failure_policy: FailurePolicy = FailurePolicy.best_effort
     max_failed_fraction: float | None = Field(default=None, gt=0, le=1)
     deadline_s: float | None = Field(default=None, gt=0)
+    # None: by size (`Settings.is_small_batch`: interactive).
+    priority: Literal["interactive", "bulk"] | None = None
 
 
 class BatchStatus(BaseModel):
@@ -42,6 +44,7 @@ class BatchStatus(BaseModel):
     id: uuid.UUID
     pipeline: str
     state: BatchState
+    priority: Priority
     items: int
     total: int
     succeeded: int
@@ -227,6 +230,7 @@ class Client:
         failure_policy: FailurePolicy | str = FailurePolicy.best_effort,
         max_failed_fraction: float | None = None,
         deadline_s: float | None = None,
+        priority: Priority | str | None = None,
     ) -> BatchHandle:
         """Validate every input, store the batch and queue its split; return its handle at once.
 
@@ -237,7 +241,9 @@ class Client:
         could produce; `fail_fast` fails the batch at the first failed sub-task and
         cancels the rest. `max_failed_fraction` (0..1] aborts a best-effort batch once
         more than that share of its sub-tasks failed. Past `deadline_s` seconds the
-        batch is finished with what it has.
+        batch is finished with what it has. `priority`: `interactive` sub-tasks are claimed
+        by workers before `bulk` ones, bulk batches share the workers round-robin; default
+        by size, interactive up to `PIPELINE_SMALL_BATCH_ITEMS` inputs.
 
         Raises:
             UnknownPipelineError: no pipeline is registered as `pipeline`.
@@ -253,11 +259,13 @@ class Client:
             failure_policy=failure_policy,
             max_failed_fraction=max_failed_fraction,
             deadline_s=deadline_s,
+            priority=priority,
         )
         pages = encode_inputs(
             registry.get_pipeline(pipeline), inputs, self.settings.max_batch_items, self.settings.max_item_bytes
         )
         small = self.settings.is_small_batch(sum(page.count for page in pages))
+        priority_of_batch = Priority(options.priority or ("interactive" if small else "bulk"))
         with self.engine.begin() as conn:
             batch_id, created = ledger.insert_batch(
                 conn,
@@ -267,6 +275,7 @@ class Client:
                 options.failure_policy,
                 options.max_failed_fraction,
                 options.deadline_s,
+                priority_of_batch,
             )
             # A small batch is split here, in the transaction that stores it: no split
             # message and no second commit before its sub-tasks are published.

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     Text,
     UniqueConstraint,
     text,
@@ -62,6 +63,23 @@ class FailurePolicy(enum.StrEnum):
     fail_fast = "fail_fast"
 
 
+class Priority(enum.StrEnum):
+    """Who waits on a batch's sub-tasks: a worker claims interactive ones first, then bulk
+    ones (round-robin over bulk batches), then shadow ones (a roll-out's extra scoring)."""
+
+    interactive = "interactive"
+    bulk = "bulk"
+    shadow = "shadow"
+
+    @property
+    def rank(self) -> int:
+        """`subtasks.priority`: lower is claimed first."""
+        return PRIORITY_RANKS[self]
+
+
+PRIORITY_RANKS = {Priority.interactive: 0, Priority.bulk: 1, Priority.shadow: 2}
+
+
 class RejectionReason(enum.StrEnum):
     """Why a message was refused; the `reason` label of `pipeline_rejected_messages_total`."""
 
@@ -89,7 +107,10 @@ class Base(DeclarativeBase):
 
 class Batch(Base):
     __tablename__ = "batches"
-    __table_args__ = (Index("batches_state_created", "state", "created_at"),)
+    __table_args__ = (
+        Index("batches_state_created", "state", "created_at"),
+        CheckConstraint("priority IN ('interactive', 'bulk')", name="batches_priority_known"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     pipeline: Mapped[str] = mapped_column(Text)
@@ -104,6 +125,8 @@ class Batch(Base):
     # Inputs split so far: the split commits step by step and resumes from here.
     split_items: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     failure_policy: Mapped[str] = mapped_column(Text, server_default=FailurePolicy.best_effort.value)
+    # `interactive` or `bulk` (`Priority`): the rank its sub-tasks are claimed in.
+    priority: Mapped[str] = mapped_column(Text, server_default=Priority.bulk.value)
     max_failed_fraction: Mapped[float | None] = mapped_column(Float)
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
@@ -125,6 +148,16 @@ class Subtask(Base):
             "lease_until",
             postgresql_where=text("state IN ('pending','dispatched','running')"),
         ),
+        # A worker's claim: the model's next dispatched sub-task by priority, then seq (which
+        # interleaves batches of one priority: round-robin), then id.
+        Index(
+            "subtasks_dispatched_by_priority",
+            "model",
+            "priority",
+            "seq",
+            "id",
+            postgresql_where=text("state = 'dispatched'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -134,6 +167,8 @@ class Subtask(Base):
     state: Mapped[str] = mapped_column(Text, server_default=SubtaskState.pending.value)
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     max_attempts: Mapped[int] = mapped_column(Integer)
+    # `Priority.rank` of its batch (or of shadow work): lower is claimed first.
+    priority: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
     rows: Mapped[int] = mapped_column(Integer)
     # Input item index of each payload row; rows are in item order.
     items: Mapped[list[int]] = mapped_column(ARRAY(Integer))

@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Engine
 from pipeline import broker, ledger, registry, runtime
 from pipeline.definition import ModelRows, ModelSpec
 from pipeline.errors import SplitError, UnknownPipelineError
+from pipeline.schema import Priority
 from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,25 @@ class Chunker:
     """Packs one model's rows, as they arrive in item order, into sub-tasks of `chunk_size` rows.
 
     Rows that are the inputs' own stored features (`ModelRows.of_inputs`) are not
-    copied into the sub-tasks unless `copy_inputs`.
+    copied into the sub-tasks unless `copy_inputs`. `priority`: the sub-tasks' rank
+    (`Priority.rank`).
     """
 
-    def __init__(self, spec: ModelSpec, chunk_size: int, first_seq: int = 0, copy_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        chunk_size: int,
+        first_seq: int = 0,
+        copy_inputs: bool = False,
+        priority: int = Priority.bulk.rank,
+    ) -> None:
         if chunk_size < 1:
             raise ValueError(f"model {spec.name!r}: chunk size must be at least 1, got {chunk_size}")
         self.spec = spec
         self.chunk_size = chunk_size
         self.seq = first_seq
         self.copy_inputs = copy_inputs
+        self.priority = priority
         self._rows: list[np.ndarray] = []
         self._items: list[np.ndarray] = []
         self._buffered = 0
@@ -76,6 +86,7 @@ class Chunker:
                 model=self.spec.name,
                 seq=self.seq,
                 max_attempts=self.spec.max_attempts,
+                priority=self.priority,
                 items=items[start : start + size],
                 payload=None if rows is None else rows[start : start + size].tobytes(),
             )
@@ -90,7 +101,7 @@ class SplitStep:
     """What one committed split step did: the sub-tasks to publish, whether the split is
     finished, and whether the batch must now be aggregated."""
 
-    published: list[tuple[int, str]]
+    published: list[ledger.Dispatch]
     finished: bool
     aggregate: bool
 
@@ -113,8 +124,10 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     pipeline = registry.get_pipeline(batch.pipeline)
     # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
     seqs = ledger.next_seqs(conn, batch_id) if batch.split_items else {}
+    rank = Priority(batch.priority).rank
     chunkers = [
-        Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), seqs.get(spec.name, 0)) for spec in pipeline.models
+        Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), seqs.get(spec.name, 0), priority=rank)
+        for spec in pipeline.models
     ]
     split_items = batch.split_items
     step = min(step_items, batch.items - split_items)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 # Test-only pipelines, known to this process and every process the tests start.
 os.environ["PIPELINE_PIPELINES"] = "tests.pipelines:PoisonPipeline,tests.guarded:BadProbabilityPipeline"
@@ -37,9 +37,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunServices]:
-    with scratch_services("test", tmp_path_factory.mktemp("embedded")) as owned:
+def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the run's embedded servers live when no URL is set."""
+    return tmp_path_factory.mktemp("embedded")
+
+
+@pytest.fixture(scope="session")
+def services(embedded_dir: Path) -> Iterator[RunServices]:
+    with scratch_services("test", embedded_dir) as owned:
         yield owned
+
+
+@pytest.fixture(scope="session")
+def quiet_services(services: RunServices, embedded_dir: Path) -> Iterator[RunServices]:
+    """A database of its own that no worker or aggregator process of the run reads: a worker
+    claims any dispatched sub-task of its models, so tests that drive the ledger in-process
+    keep their sub-tasks here."""
+    with scratch_services("quiet", embedded_dir) as owned:
+        yield owned
+
+
+@pytest.fixture
+def quiet_engine(quiet_services: RunServices) -> Iterator[Engine]:
+    """An engine on `quiet_services`' database, emptied of batches after each test."""
+    engine = ledger.make_engine(quiet_services.database_url)
+    yield engine
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE batches CASCADE"))
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

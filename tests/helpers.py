@@ -23,6 +23,7 @@ from pipeline import ledger, registry
 from pipeline.client import Client
 from pipeline.embedded import ensure_services, start_redis, stop_services
 from pipeline.inputs import encode_inputs
+from pipeline.schema import Priority
 from pipeline.scratch import ScratchServices
 from pipeline.settings import Settings
 from pipeline.splitter import split_steps
@@ -112,12 +113,16 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
 
 
 def store_batch(
-    engine: Engine, inputs: list[Any], key: str | None = None, pipeline: str = "digits"
+    engine: Engine,
+    inputs: list[Any],
+    key: str | None = None,
+    pipeline: str = "digits",
+    priority: Priority = Priority.bulk,
 ) -> tuple[uuid.UUID, bool]:
     """Validate and store a `pending` batch as the client does, without queueing its split."""
     pages = encode_inputs(registry.get_pipeline(pipeline), inputs, 10_000, 1_000_000)
     with engine.begin() as conn:
-        return ledger.insert_batch(conn, pipeline, pages, key)
+        return ledger.insert_batch(conn, pipeline, pages, key, priority=priority)
 
 
 def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int = 3) -> int:

@@ -106,7 +106,9 @@ def test_redelivered_messages_change_nothing(
     with engine.connect() as conn:
         subtasks = [
             tuple(r)
-            for r in conn.execute(text("SELECT id, model FROM subtasks WHERE batch_id = :id"), {"id": batch.id})
+            for r in conn.execute(
+                text("SELECT id, model, priority FROM subtasks WHERE batch_id = :id"), {"id": batch.id}
+            )
         ]
     broker.publish_predictions(client.app, subtasks + subtasks)
     broker.publish_aggregate(client.app, batch.id)

@@ -113,7 +113,7 @@ def test_every_message_published_twice(own: OwnStack) -> None:
     wait_for(lambda: batch.status().total > 0, 60, "the split")
     subtasks = (
         own.client.engine.connect()
-        .exec_driver_sql("SELECT id, model FROM subtasks WHERE batch_id = %(b)s", {"b": batch.id})
+        .exec_driver_sql("SELECT id, model, priority FROM subtasks WHERE batch_id = %(b)s", {"b": batch.id})
         .all()
     )
     broker.publish_predictions(own.client.app, [tuple(row) for row in subtasks])

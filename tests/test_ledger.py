@@ -15,10 +15,18 @@ from pipeline import ledger, registry
 from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
+from pipeline.schema import Priority
 from pipeline.splitter import split_steps
 from tests.helpers import split_batch, store_batch
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
+
+
+@pytest.fixture
+def engine(quiet_engine: Engine) -> Engine:
+    """This module drives the ledger in-process: a database no worker process reads (a
+    worker claims any dispatched sub-task of its models)."""
+    return quiet_engine
 
 
 def _split_batch(engine: Engine, strips: int = 6) -> tuple[uuid.UUID, list[ledger.Claim]]:
@@ -181,3 +189,57 @@ def test_a_split_resumes_after_its_last_committed_step(engine: Engine) -> None:
     assert chunks(interrupted) == chunks(straight)
     assert _batch(engine, interrupted)["state"] == _batch(engine, straight)["state"] == "running"
     assert _batch(engine, interrupted)["total"] == len(chunks(straight))
+
+
+def _dispatched(engine: Engine, batch_id: uuid.UUID, model: str) -> list[int]:
+    """The batch's sub-tasks of `model`, in seq order."""
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                text("SELECT id FROM subtasks WHERE batch_id = :b AND model = :m ORDER BY seq"),
+                {"b": batch_id, "m": model},
+            ).scalars()
+        )
+
+
+def _split(engine: Engine, strips: int, priority: Priority, seed: int) -> uuid.UUID:
+    batch_id, _ = store_batch(engine, held_out_strips(strips, max_digits=4, seed=seed), priority=priority)
+    assert split_batch(engine, batch_id, CHUNKS)
+    return batch_id
+
+
+def test_a_message_claims_interactive_work_before_its_own_bulk_sub_task(engine: Engine) -> None:
+    bulk = _split(engine, 12, Priority.bulk, seed=1)
+    interactive = _split(engine, 1, Priority.interactive, seed=2)
+    queued_first = _dispatched(engine, bulk, "digit-ood")[0]
+    taken = ledger.claim_subtask(engine, queued_first, "w", lease_s=300)
+    assert taken is not None and taken.batch_id == interactive and taken.priority == Priority.interactive.rank
+    # The bulk sub-task whose message that was is still dispatched: the next message takes it.
+    again = ledger.claim_subtask(engine, _dispatched(engine, bulk, "digit-ood")[1], "w", lease_s=300)
+    assert again is not None and again.subtask_id == queued_first
+
+
+def test_bulk_batches_share_the_claims_round_robin(engine: Engine) -> None:
+    first = _split(engine, 12, Priority.bulk, seed=3)
+    second = _split(engine, 12, Priority.bulk, seed=4)
+    # Every message of the first batch's model, in the order they were published.
+    messages = _dispatched(engine, first, "digit-ood") + _dispatched(engine, second, "digit-ood")
+    taken = [ledger.claim_subtask(engine, message, "w", lease_s=300) for message in messages]
+    order = [claim.batch_id for claim in taken if claim is not None]
+    assert len(order) == len(messages), "every message claimed a sub-task"
+    half = len(order) // 2
+    assert order[:4] == [first, second, first, second]
+    assert order[:half].count(first) == order[:half].count(second) == half // 2
+
+
+def test_a_retry_waits_for_its_own_message(engine: Engine) -> None:
+    batch_id = _split(engine, 12, Priority.bulk, seed=5)
+    ids = _dispatched(engine, batch_id, "digit-ood")
+    failed = ledger.claim_subtask(engine, ids[0], "w", lease_s=300)
+    assert failed is not None and failed.subtask_id == ids[0]
+    assert ledger.fail_subtask(engine, failed, "flaky", retry=True, lease_s=300).recorded
+    # Another message does not take the sub-task waiting out its backoff, but the next dispatched one.
+    other = ledger.claim_subtask(engine, ids[1], "w", lease_s=300)
+    assert other is not None and other.subtask_id == ids[1]
+    own = ledger.claim_subtask(engine, ids[0], "w", lease_s=300)
+    assert own is not None and own.subtask_id == ids[0] and own.attempt == 2

@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from sqlalchemy import Engine
@@ -56,50 +56,35 @@ def with_ledger_retry(settings: Settings, write: Callable[[], T]) -> T:
             delay = min(delay * 2, LEDGER_RETRY_MAX_S)
 
 
-def run_subtask(
-    engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()
-) -> float | None:
-    """Run sub-task `subtask_id` once. When it belongs to a small batch (at most
-    `small_batch_items` inputs), go on with the batch's other `dispatched` sub-tasks for
-    the `served` models, claimed from the ledger: a one-input batch then waits for no
-    message delivery of a model this process serves (their messages find them claimed).
-
-    Returns a delay in seconds when sub-task `subtask_id` must be retried, else None (done,
-    failed for good, or not ours to run: finished, cancelled or leased elsewhere).
+def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()) -> None:
+    """Take a turn for a predict message of sub-task `subtask_id`: claim what it should run
+    (`ledger.claim_subtask`: its own retry, or its model's best dispatched sub-task) and run
+    it. When that belongs to a small batch (at most `small_batch_items` inputs), go on with
+    the batch's other `dispatched` sub-tasks for the `served` models, claimed from the
+    ledger: a one-input batch then waits for no message delivery of a model this process
+    serves (their messages find them claimed).
     """
     claim = with_ledger_retry(settings, lambda: ledger.claim_subtask(engine, subtask_id, worker, settings.lease_s))
     if claim is None:
-        log.info("sub-task %d is not claimable (finished, cancelled or leased); dropping the message", subtask_id)
-        return None
-    ran = run_claimed(engine, settings, claim)
-    if ran.completed_batch or not settings.is_small_batch(claim.batch_items) or not served:
-        return ran.retry_in
+        log.info("message of sub-task %d: nothing of its model is claimable; dropping it", subtask_id)
+        return
+    if run_claimed(engine, settings, claim) or not settings.is_small_batch(claim.batch_items) or not served:
+        return
     while (
         taken := with_ledger_retry(
             settings,
             lambda: ledger.claim_next_of_batch(engine, claim.batch_id, served, worker, settings.lease_s),
         )
     ) is not None:
-        then = run_claimed(engine, settings, taken)
-        if then.retry_in is not None:
-            # Its own message may be gone already: publish the retry, as the task's retry would.
-            broker.publish_predictions(runtime.celery_app(), [(taken.subtask_id, taken.model)], countdown=then.retry_in)
-        if then.completed_batch:
-            break
-    return ran.retry_in
+        if run_claimed(engine, settings, taken):
+            return
 
 
-class Ran(NamedTuple):
-    """What running a claimed sub-task did: the delay before it must be retried (None: no
-    retry), and whether it completed its batch's counters (nothing of the batch is left)."""
-
-    retry_in: float | None
-    completed_batch: bool
-
-
-def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> Ran:
+def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool:
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
-    it was the last."""
+    it was the last. A failure to retry is published again with its backoff as countdown (the
+    message that claimed it may have been another sub-task's). Returns True when it
+    completed its batch's counters (nothing of the batch is left to run)."""
     try:
         spec = registry.get_model(claim.model)
         estimator, manifest = loaded_model(spec.name)
@@ -116,7 +101,6 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> Ran:
         outcome = with_ledger_retry(
             settings, lambda: ledger.fail_subtask(engine, claim, message, retry=False, lease_s=settings.lease_s)
         )
-        delay = None
     # A model may raise anything; the error is recorded in the ledger and the sub-task retried.
     except Exception as error:  # noqa: BLE001
         retry = claim.attempt < claim.max_attempts
@@ -125,15 +109,19 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> Ran:
         outcome = with_ledger_retry(
             settings, lambda: ledger.fail_subtask(engine, claim, message, retry=retry, lease_s=settings.lease_s)
         )
-        delay = retry_delay(settings, claim.attempt) if retry and outcome.recorded else None
+        if retry and outcome.recorded:
+            broker.publish_predictions(
+                runtime.celery_app(),
+                [(claim.subtask_id, claim.model, claim.priority)],
+                countdown=retry_delay(settings, claim.attempt),
+            )
     else:
         outcome = with_ledger_retry(
             settings, lambda: ledger.complete_subtask(engine, claim, output.tobytes(), manifest.version, bin_counts)
         )
-        delay = None
     if outcome.aggregate:
         aggregate_or_hand_over(engine, settings, claim)
-    return Ran(delay, outcome.aggregate)
+    return outcome.aggregate
 
 
 def aggregate_or_hand_over(engine: Engine, settings: Settings, claim: ledger.Claim) -> None:

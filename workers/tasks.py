@@ -11,10 +11,6 @@ from workers.models import served
 
 
 @broker.app.task(name=broker.PREDICT_TASK, bind=True)
-def predict(self: Task[[int], None], subtask_id: int) -> None:
-    message = broker.PredictMessage(subtask_id=subtask_id)
-    delay = run_subtask(
-        runtime.engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown", served()
-    )
-    if delay is not None:
-        raise self.retry(countdown=delay, max_retries=None)
+def predict(self: Task[..., None], subtask_id: int, priority: str | None = None) -> None:
+    message = broker.PredictMessage.model_validate({"subtask_id": subtask_id, "priority": priority})
+    run_subtask(runtime.engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown", served())

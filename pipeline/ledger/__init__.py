@@ -50,6 +50,7 @@ from pipeline.ledger.counters import (
 )
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
 from pipeline.ledger.split import (
+    Dispatch,
     NewSubtask,
     copy_subtasks,
     fail_pending_batch,
@@ -65,6 +66,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "UNFINISHED_SUBTASK_STATES",
     "Claim",
+    "Dispatch",
     "NewSubtask",
     "Outcome",
     "StoredResult",

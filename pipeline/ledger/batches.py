@@ -16,7 +16,7 @@ from pipeline.errors import IdempotencyKeyError
 from pipeline.ledger import queries
 from pipeline.ledger.connection import autocommit, copy_rows, now
 from pipeline.ledger.counters import Outcome, cancel_subtasks, counters_complete
-from pipeline.schema import Batch, BatchState, FailurePolicy, Subtask, SubtaskState
+from pipeline.schema import Batch, BatchState, FailurePolicy, Priority, Subtask, SubtaskState
 
 # The channel a batch's finish is announced on (payload: its id).
 NOTIFY_CHANNEL = "batch_finished"
@@ -29,6 +29,7 @@ INSERT_BATCH = (
         items=bindparam("items"),
         idempotency_key=bindparam("idempotency_key"),
         failure_policy=bindparam("failure_policy"),
+        priority=bindparam("priority"),
         max_failed_fraction=bindparam("max_failed_fraction", type_=Float),
         # NULL without a deadline.
         deadline_at=now() + bindparam("deadline", type_=Interval),
@@ -46,6 +47,7 @@ def insert_batch(
     failure_policy: FailurePolicy = FailurePolicy.best_effort,
     max_failed_fraction: float | None = None,
     deadline_s: float | None = None,
+    priority: Priority = Priority.bulk,
 ) -> tuple[uuid.UUID, bool]:
     """Insert a `pending` batch and its input pages on `conn`'s transaction.
 
@@ -64,6 +66,7 @@ def insert_batch(
             "items": sum(page.count for page in pages),
             "idempotency_key": idempotency_key,
             "failure_policy": failure_policy.value,
+            "priority": priority.value,
             "max_failed_fraction": max_failed_fraction,
             "deadline": None if deadline_s is None else timedelta(seconds=deadline_s),
         },

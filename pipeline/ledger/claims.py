@@ -48,6 +48,8 @@ class Claim:
     payload: bytes
     # Inputs of the sub-task's batch.
     batch_items: int
+    # `Priority.rank` of the sub-task.
+    priority: int
 
 
 def _claim_statement(*claimable: Any) -> Select[Any]:
@@ -72,6 +74,7 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
             Subtask.max_attempts,
             Subtask.rows,
             Subtask.payload,
+            Subtask.priority,
             Subtask.items[1].label("first_item"),
         )
         .cte("claimed")
@@ -106,14 +109,53 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
         claimed.c.rows,
         func.coalesce(claimed.c.payload, input_features).label("payload"),
         select(Batch.items).where(Batch.id == claimed.c.batch_id).scalar_subquery().label("batch_items"),
+        claimed.c.priority,
     )
 
 
 # The workers' hot path: statements built once, executed with bound parameters (building
 # one costs more than running it). Pitfall: in an UPDATE, a bindparam named like a column
 # of the target table becomes a SET of that column (hence `of_batch`, not `batch_id`).
+#
+# A predict message is a turn to claim, not an order to run its own sub-task: it claims the
+# best `dispatched` sub-task of its model (lowest priority rank, then lowest seq, which
+# interleaves the batches of one rank), its own included. Each dispatched sub-task was
+# published once, and a message claims something whenever anything is dispatched, so every
+# sub-task is claimed by some message; an interactive sub-task queued behind a thousand
+# bulk messages is taken by the next one a worker reads. A sub-task waiting out a retry's
+# backoff (`pending`) or a lost worker's expired lease (`running`) is claimed only by its
+# own message, so the backoff holds.
+_named = aliased(Subtask)
+_best = aliased(Subtask)
+_model = aliased(Subtask)
+OWN_RETRY = (
+    select(_named.id)
+    .where(
+        _named.id == bindparam("subtask_id"),
+        _named.attempts < _named.max_attempts,
+        or_(
+            _named.state == SubtaskState.pending,
+            and_(_named.state == SubtaskState.running, _named.lease_until < now()),
+        ),
+    )
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+BEST_DISPATCHED = (
+    select(_best.id)
+    .where(
+        _best.model == select(_model.model).where(_model.id == bindparam("subtask_id")).scalar_subquery(),
+        _best.state == SubtaskState.dispatched,
+        _best.attempts < _best.max_attempts,
+    )
+    .order_by(_best.priority, _best.seq, _best.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
 CLAIM = _claim_statement(
-    Subtask.id == bindparam("subtask_id"),
+    Subtask.id == func.coalesce(OWN_RETRY, BEST_DISPATCHED),
+    # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
     Subtask.attempts < Subtask.max_attempts,
     or_(
         Subtask.state.in_((SubtaskState.pending, SubtaskState.dispatched)),
@@ -140,11 +182,15 @@ CLAIM_NEXT_OF_BATCH = _claim_statement(
 
 
 def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
-    """`pending`/`dispatched` (or `running` past its lease) → `running`, attempts + 1, in one
-    statement that also returns the rows to score: the sub-task's payload, or the slice of
-    its batch's stored input features that it names (`ModelRows.of_inputs`).
+    """Claim the sub-task a predict message for `subtask_id` should run (see `CLAIM`): its own
+    when it waits for a retry (`pending`) or its worker was lost (`running` past its lease),
+    else the best `dispatched` sub-task of its model, maybe its own. `running`,
+    attempts + 1, in one statement that also returns the rows to score: the sub-task's
+    payload, or the slice of its batch's stored input features that it names
+    (`ModelRows.of_inputs`).
 
-    Returns None when the sub-task is finished, cancelled, or leased by another worker.
+    Returns None when there is nothing to claim (its own is finished, cancelled or leased,
+    and no other sub-task of its model is dispatched).
     """
     return _claim(engine, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
 
@@ -167,7 +213,15 @@ def _claim(engine: Engine, statement: Select[Any], parameters: dict[str, Any]) -
     if row is None:
         return None
     return Claim(
-        row.id, row.batch_id, row.model, row.attempts, row.max_attempts, row.rows, row.payload, row.batch_items
+        row.id,
+        row.batch_id,
+        row.model,
+        row.attempts,
+        row.max_attempts,
+        row.rows,
+        row.payload,
+        row.batch_items,
+        row.priority,
     )
 
 

@@ -13,8 +13,8 @@ WHERE CAST(:state AS text) IS NULL OR s.state = :state
 ORDER BY s.created_at DESC LIMIT :limit
 
 -- name: new_subtask_ids
--- The ids of the sub-tasks a split step just copied: per model, those from its first new seq.
-SELECT s.id, s.model FROM subtasks s
+-- The sub-tasks a split step just copied: per model, those from its first new seq.
+SELECT s.id, s.model, s.priority FROM subtasks s
 JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)
   ON s.model = f.model AND s.seq >= f.first_seq
 WHERE s.batch_id = :batch_id ORDER BY s.seq, s.model
@@ -39,7 +39,7 @@ SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 
 -- name: copy_subtasks
-COPY subtasks (batch_id, model, seq, max_attempts, rows, items, payload, state) FROM STDIN
+COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state) FROM STDIN
 
 -- name: copy_result_page
 COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN

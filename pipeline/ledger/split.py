@@ -7,7 +7,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Connection, Row, Update, bindparam, case, func, select, update
@@ -19,6 +19,14 @@ from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, cancel_subtasks
 from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
 
 
+class Dispatch(NamedTuple):
+    """A sub-task to publish: its id, its model (the queue) and its priority rank."""
+
+    subtask_id: int
+    model: str
+    priority: int
+
+
 @dataclass(frozen=True)
 class NewSubtask:
     """A sub-task a split step writes: one chunk of one model's rows."""
@@ -26,6 +34,8 @@ class NewSubtask:
     model: str
     seq: int
     max_attempts: int
+    # `Priority.rank`: lower is claimed first.
+    priority: int
     items: np.ndarray
     # None: the rows are the inputs' stored features (`ModelRows.of_inputs`).
     payload: bytes | None
@@ -90,8 +100,8 @@ def _int4_array(values: np.ndarray) -> bytes:
     return header + elements.tobytes()
 
 
-def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask]) -> list[tuple[int, str]]:
-    """Insert sub-tasks as `dispatched` with one COPY; return their (id, model) to publish.
+def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask]) -> list[Dispatch]:
+    """Insert sub-tasks as `dispatched` with one COPY; return them to publish.
 
     Their lease runs from `queued_at`: if the messages are never published (a crash
     after commit), the sweeper publishes them once it expires.
@@ -105,6 +115,7 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
                 s.model,
                 s.seq,
                 s.max_attempts,
+                s.priority,
                 s.rows,
                 _int4_array(s.items),
                 s.payload,
@@ -113,7 +124,7 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
             for s in subtasks
         ),
         # `items` goes as bytes already in int4[]'s binary form (see _int4_array).
-        binary_types=("uuid", "text", "int4", "int4", "int4", "bytea", "bytea", "text"),
+        binary_types=("uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text"),
     )
     first_seqs: dict[str, int] = {}
     for subtask in subtasks:
@@ -124,7 +135,7 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
         queries.NEW_SUBTASK_IDS,
         {"batch_id": batch_id, "models": list(first_seqs), "first_seqs": list(first_seqs.values())},
     ).all()
-    return [(row.id, row.model) for row in rows]
+    return [Dispatch(row.id, row.model, row.priority) for row in rows]
 
 
 def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, created: int, finished: bool) -> bool:

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select, update
 from pipeline.ledger.aggregation import aggregate_due
 from pipeline.ledger.connection import now
 from pipeline.ledger.counters import DEADLINE_REASON, UNFINISHED_SUBTASK_STATES, abort_batch, count_finished
+from pipeline.ledger.split import Dispatch
 from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
 
 # pg_try_advisory_xact_lock key: one sweep at a time across every aggregator process.
@@ -21,7 +22,7 @@ SWEEP_LOCK_KEY = 7_240_113
 class Sweep:
     """What one sweep found: messages to publish again, and how many sub-tasks it gave up on."""
 
-    predict: list[tuple[int, str]]
+    predict: list[Dispatch]
     split: list[uuid.UUID]
     aggregate: list[uuid.UUID]
     gave_up: int
@@ -90,7 +91,7 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
             update(Subtask)
             .where(Subtask.id.in_(expired.scalar_subquery()))
             .values(state=SubtaskState.dispatched, lease_until=stamp + lease)
-            .returning(Subtask.id, Subtask.model)
+            .returning(Subtask.id, Subtask.model, Subtask.priority)
         ).all()
 
         split = (
@@ -107,4 +108,4 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
             .scalars()
             .all()
         )
-    return Sweep([(row.id, row.model) for row in predict], list(split), aggregate, len(lost))
+    return Sweep([Dispatch(row.id, row.model, row.priority) for row in predict], list(split), aggregate, len(lost))
