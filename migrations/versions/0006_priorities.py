@@ -2,14 +2,14 @@
 claims them in (interactive, then bulk round-robin by seq, then shadow), with an index for
 that claim; `batch_status` shows the priority.
 
-Revision ID: 0009
+Revision ID: 0006
 Revises: 0005
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
