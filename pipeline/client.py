@@ -196,8 +196,9 @@ class BatchHandle:
         """Cancel the batch if it is still pending or running; return its status.
 
         Sub-tasks not yet running are skipped; running ones finish, and every result
-        produced stays readable through `results()` once they have. A finished batch
-        is left as it is.
+        produced stays readable through `results()` once they have. The batch is
+        `cancelled` at once; `wait()` returns once its results are written. A finished
+        batch is left as it is.
 
         Raises:
             BatchNotFoundError: the batch is not in the ledger.

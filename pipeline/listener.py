@@ -104,9 +104,14 @@ class BatchListener:
                     self._attempted.set()
                     delay = RECONNECT_FIRST_S
                     self._dispatch(conn)
-            except psycopg.OperationalError as error:
+            # Any driver error (the server gone, the backend terminated, the socket closed):
+            # the connection is useless, open another.
+            except psycopg.Error as error:
                 self._attempted.set()
-                log.warning("batch listener: connection lost (%s); reconnecting in %.1f s", error, delay)
+                if self._closed.is_set():
+                    return  # closed by its client while the connection went down: nothing to report
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                log.warning("batch listener: no connection (%s); reconnecting in %.1f s", reason, delay)
                 self._wake_all()
                 self._closed.wait(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
