@@ -151,21 +151,22 @@ def _same_request(
     existing = conn.execute(
         select(Batch.id, Batch.pipeline, Batch.request_sha256).where(Batch.idempotency_key == idempotency_key)
     ).one()
+    batch_id: uuid.UUID = existing.id
     if existing.pipeline != pipeline:
         raise IdempotencyKeyError(
-            f"idempotency_key {idempotency_key!r} already names batch {existing.id}"
+            f"idempotency_key {idempotency_key!r} already names batch {batch_id}"
             f" of pipeline {existing.pipeline!r}, not {pipeline!r}"
         )
     if existing.request_sha256 is None:
-        return existing.id  # stored before fingerprints (revision 0006): accepted as before
+        return batch_id  # stored before fingerprints (revision 0006): accepted as before
     for page in pages:
         fingerprint.add_page(page.first, page.count, *_stored_page(page))
     if fingerprint.hexdigest() != existing.request_sha256:
         raise IdempotencyKeyError(
-            f"idempotency_key {idempotency_key!r} already names batch {existing.id}, submitted with other"
+            f"idempotency_key {idempotency_key!r} already names batch {batch_id}, submitted with other"
             " inputs or options; a new request needs a new key"
         )
-    return existing.id
+    return batch_id
 
 
 def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | None:
