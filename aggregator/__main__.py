@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from typing import Any
 
 from celery import signals
@@ -13,6 +14,7 @@ from celery import signals
 from aggregator import exporter
 from aggregator.sweeper import Sweeper
 from pipeline import broker, ledger, runtime
+from pipeline.heartbeat import beat_while_consuming
 from pipeline.settings import get_settings
 
 
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     import aggregator.tasks  # noqa: F401  (registers split and aggregate)
 
     app = runtime.celery_app()
+    node = f"aggregator-{os.getpid()}@{socket.gethostname()}"
+    beat_while_consuming(node, [broker.SPLIT_QUEUE, broker.AGGREGATE_QUEUE], settings)
     sweepers: list[Sweeper] = []
 
     # Started once the pool has forked, with an engine of its own, so no child inherits its connections.
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             "worker",
             "--queues", f"{broker.SPLIT_QUEUE},{broker.AGGREGATE_QUEUE}",
             "--concurrency", str(args.concurrency or settings.aggregator_concurrency),
-            "--hostname", f"aggregator-{os.getpid()}@%h",
+            "--hostname", node,
             "--loglevel", args.loglevel,
             "--without-mingle",
             "--without-gossip",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -119,20 +119,45 @@ class ModelOutputStream:
         return PageOutputs(np.concatenate(rows), np.concatenate(items)), errors
 
 
-def final_state(batch: Row[Any], answered: int, unanswered: int) -> tuple[BatchState, str | None]:
+class FailureCauses:
+    """Why inputs have no result: per failed sub-task error (`model 'm': error`), how many
+    inputs it left without one; a cancelled sub-task is no cause. At most `MAX_CAUSES`
+    distinct errors are counted."""
+
+    MAX_CAUSES = 100
+
+    def __init__(self) -> None:
+        self._inputs: Counter[str] = Counter()
+
+    def add(self, cause: str, inputs: int) -> None:
+        if cause in self._inputs or len(self._inputs) < self.MAX_CAUSES:
+            self._inputs[cause] += inputs
+
+    def explain(self, reason: str, unanswered: int) -> str:
+        """`reason`, followed by the error that left the most inputs without a result."""
+        if not self._inputs:
+            return reason
+        cause, inputs = self._inputs.most_common(1)[0]
+        return f"{reason}; {inputs} of {unanswered} inputs without a result: {cause}"
+
+
+def final_state(
+    batch: Row[Any], answered: int, unanswered: int, causes: FailureCauses
+) -> tuple[BatchState, str | None]:
     """A batch's final state, and why it is not `succeeded`, from its failure policy
-    and how many inputs got a result."""
+    and how many inputs got a result; a failed batch's reason names its commonest cause."""
     reason = batch.error
     if batch.state == BatchState.cancelled:
         return BatchState.cancelled, reason
     if unanswered == 0:
         return BatchState.succeeded, reason
     if batch.failure_policy == FailurePolicy.fail_fast:
-        return BatchState.failed, reason or ledger.FAIL_FAST_REASON
+        return BatchState.failed, causes.explain(reason or ledger.FAIL_FAST_REASON, unanswered)
     if batch.max_failed_fraction is not None and batch.failed > batch.max_failed_fraction * batch.total:
-        return BatchState.failed, reason or ledger.too_many_failures_reason(batch.max_failed_fraction)
+        reason = reason or ledger.too_many_failures_reason(batch.max_failed_fraction)
+        return BatchState.failed, causes.explain(reason, unanswered)
     if answered == 0:
-        return BatchState.failed, reason or "no input has a result"
+        return BatchState.failed, causes.explain(reason or "no input has a result", unanswered)
     return BatchState.partial, reason
 
 
@@ -178,6 +203,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
         unsplit_error = batch.error or "batch cancelled before it was split"
         answered = unanswered = 0
+        causes = FailureCauses()
         for stored in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), 0, batch.items):
             page = pipeline.with_features(stored)
             end = page.first + page.count
@@ -187,12 +213,18 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             for index in range(max(0, batch.split_items - page.first), page.count):
                 errors[index] = unsplit_error
             page_outputs = {}
+            failures: dict[str, dict[int, str]] = {}
             for stream in streams:
-                page_outputs[stream.spec.name], failed = stream.take_page(page.first, page.count)
-                for index, reason in failed.items():
+                page_outputs[stream.spec.name], failures[stream.spec.name] = stream.take_page(page.first, page.count)
+                for index, reason in failures[stream.spec.name].items():
                     message = f"model {stream.spec.name!r}: {reason}"
                     errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
             results = pipeline.aggregate_page(page, page_outputs, errors, kpis)
+            for model, failed in failures.items():
+                unanswered_by = Counter(reason for index, reason in failed.items() if results[index] is None)
+                for reason, inputs in unanswered_by.items():
+                    if reason != ledger.CANCELLED_ERROR:
+                        causes.add(f"model {model!r}: {reason}", inputs)
             page_answered = page.count - results.count(None)
             answered += page_answered
             unanswered += page.count - page_answered
@@ -208,7 +240,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             if due is None:
                 return None
             batch = due
-        state, error = final_state(batch, answered, unanswered)
+        state, error = final_state(batch, answered, unanswered, causes)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
         ledger.finish_batch(conn, batch_id, state, error, result, metrics)

@@ -278,11 +278,14 @@ def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -
 
     client = _client()
     if batch_id:
-        one = client.batch(batch_id).status()
+        handle = client.batch(batch_id)
+        one = handle.status()
         if as_json:
             click.echo(one.model_dump_json())
         else:
             _print_status(one)
+            for queue in handle.unserved_queues(one):
+                console.print(f"[yellow]no worker is serving {queue}")
         return
     rows = client.batches(state=state, limit=limit)
     if as_json:

@@ -4,27 +4,39 @@ client = Client()
 batch = client.submit("digits", inputs, idempotency_key="run-42")
 status = batch.wait(timeout=600, progress=True)
 for item in batch.results(): ...
+
+One `Client` may be shared by every thread of a process (a web service's request
+threads): its engine and broker producers come from thread-safe pools, and one
+listening connection wakes each waiting thread on its own batch's notification.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any, Literal
 
-import psycopg
+from celery import Celery
 from pydantic import BaseModel, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import broker, ledger, registry
+from pipeline import broker, heartbeat, ledger, registry
 from pipeline.embedded import ensure_services
-from pipeline.errors import BatchNotFoundError
+from pipeline.errors import BatchNotFoundError, InvalidArgumentError, UnknownPipelineError
 from pipeline.inputs import encode_inputs
-from pipeline.schema import FINISHED_BATCH_STATES, BatchState, FailurePolicy, Priority
-from pipeline.settings import Settings, get_settings, libpq_url
+from pipeline.listener import BatchListener
+from pipeline.schema import BatchState, FailurePolicy, Priority
+from pipeline.settings import Settings, get_settings
 from pipeline.splitter import first_split_step, run_split
+
+# Most batches `Client.batches` lists at once.
+MAX_LISTED_BATCHES = 10_000
+# How often a progress bar reads the batch's status, and checks that its queues are served.
+PROGRESS_REFRESH_S = 0.25
+UNSERVED_CHECK_S = 2.0
 
 
 class SubmitOptions(BaseModel):
@@ -59,13 +71,18 @@ class BatchStatus(BaseModel):
     aggregation_s: float | None
     elapsed_s: float | None
     error: str | None
+    # Every input's result is readable: the batch is in a final state and its results are
+    # written (a cancelled batch is `cancelled` at once, its results come once its running
+    # sub-tasks have finished).
+    results_ready: bool
     result: dict[str, Any] | None
     metrics: dict[str, Any] | None
 
     @property
     def finished(self) -> bool:
-        """True once the batch is `succeeded`, `partial`, `failed` or `cancelled`."""
-        return self.state in FINISHED_BATCH_STATES
+        """True once the batch is `succeeded`, `partial`, `failed` or `cancelled` and its
+        results are readable (`results_ready`)."""
+        return self.results_ready
 
 
 class ItemResult(BaseModel):
@@ -105,44 +122,70 @@ class BatchHandle:
         return BatchStatus.model_validate(row)
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> BatchStatus:
-        """Block until the batch is finished; return its final status.
+        """Block until the batch is finished and every input's result is readable through
+        `results()`, whatever its final state; return its final status.
 
-        `timeout`: seconds to wait at most (None: no limit). `progress`: draw a
-        progress bar of the batch's sub-tasks on the terminal while waiting.
-        Woken by the aggregator's NOTIFY; re-reads the status at least every few
-        seconds in case a notification was missed.
+        `timeout`: seconds to wait at most (None: no limit). `progress`: draw a progress
+        bar of the batch's sub-tasks on the terminal while waiting, which also names the
+        queues the batch waits on that no worker serves. Woken by the `batch_finished`
+        NOTIFY of its batch (the client's one listening connection, shared by every
+        thread); re-reads the status every `PIPELINE_WAIT_REREAD_S` as a safety net.
+        Safe to call from several threads at once.
 
         Raises:
-            TimeoutError: not finished within `timeout` seconds.
+            TimeoutError: not finished within `timeout` seconds (e.g. a cancelled batch
+                whose results no aggregator assembles).
+            BatchNotFoundError: the batch is not in the ledger.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _ProgressBar(self.id) if progress else None
+        bar = _ProgressBar(self) if progress else None
+        reread_s = PROGRESS_REFRESH_S if bar is not None else self._client.settings.wait_reread_s
         try:
-            while True:
-                # LISTEN before reading the status, so a finish in between still wakes us.
-                listener = self._client.listener()
-                status = self.status()
-                if bar is not None:
-                    bar.update(status)
-                if status.finished:
-                    return status
-                pause = 0.25 if bar is not None else 5.0
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(
-                            f"batch {self.id} not finished after {timeout} s: {status.state.value},"
-                            f" {status.progress:.0%} of {status.total} sub-tasks done"
-                        )
-                    pause = min(pause, left)
-                try:
-                    for _ in listener.notifies(timeout=pause, stop_after=1):
-                        pass
-                except psycopg.OperationalError:
-                    self._client.drop_listener()  # reconnected on the next turn
+            # Subscribed before the status is read, so a finish right after the read still wakes us.
+            with self._client.listener.subscription(self.id) as woken:
+                while True:
+                    woken.clear()
+                    status = self.status()
+                    if bar is not None:
+                        bar.update(status)
+                    if status.finished:
+                        return status
+                    pause = reread_s
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError(f"batch {self.id} not finished after {timeout} s: {_unfinished(status)}")
+                        pause = min(pause, left)
+                    woken.wait(pause)
         finally:
             if bar is not None:
                 bar.close()
+
+    def unserved_queues(self, status: BatchStatus | None = None) -> list[str]:
+        """The queues this unfinished batch waits on that no live worker (or aggregator)
+        consumes, by their heartbeats in the ledger: e.g. `["model.digit-ood"]`. Empty once
+        the batch is finished. `status`: the batch's status when just read (else read here).
+
+        A `pending` batch waits on its models' queues, and on `split` unless the client
+        splits it (a small batch); a `running` one on its models' queues; an `aggregating`
+        or cancelled one on `aggregate`.
+
+        Raises:
+            BatchNotFoundError: the batch is not in the ledger.
+        """
+        status = status or self.status()
+        if status.finished:
+            return []
+        settings = self._client.settings
+        try:
+            models = [broker.model_queue(spec.name) for spec in registry.get_pipeline(status.pipeline).models]
+        except UnknownPipelineError:
+            models = []  # a pipeline this client does not know: its models' queues are unknown too
+        queues = {
+            BatchState.pending: models if settings.is_small_batch(status.items) else [broker.SPLIT_QUEUE, *models],
+            BatchState.running: models,
+        }.get(status.state, [broker.AGGREGATE_QUEUE])
+        return heartbeat.unserved_queues(self._client.engine, settings, queues)
 
     def results(self) -> Iterator[ItemResult]:
         """Yield one `ItemResult` per input, in input order, streamed page by page
@@ -155,34 +198,57 @@ class BatchHandle:
         """Cancel the batch if it is still pending or running; return its status.
 
         Sub-tasks not yet running are skipped; running ones finish, and every result
-        produced stays readable through `results()` once they have. A finished batch
-        is left as it is.
+        produced stays readable through `results()` once they have. The batch is
+        `cancelled` at once; `wait()` returns once its results are written. A finished
+        batch is left as it is.
 
         Raises:
             BatchNotFoundError: the batch is not in the ledger.
         """
         outcome = ledger.cancel_batch(self._client.engine, self._uuid)
         if outcome.aggregate:
-            broker.publish_aggregate(self._client.app, self.id)
+            broker.publish_aggregate(self._client.publisher(), self.id)
         return self.status()
 
 
+def _unfinished(status: BatchStatus) -> str:
+    """What an unfinished batch is doing, for a timeout's message."""
+    if status.state.finished:
+        return f"{status.state.value}, its results not yet assembled"
+    return f"{status.state.value}, {status.progress:.0%} of {status.total} sub-tasks done"
+
+
 class _ProgressBar:
-    def __init__(self, batch_id: str) -> None:
+    """A batch's progress on the terminal, with a line naming the queues it waits on that no
+    worker serves (checked every `UNSERVED_CHECK_S`, from that long after it appears)."""
+
+    def __init__(self, batch: BatchHandle) -> None:
+        self._batch = batch
         self._progress = Progress(
-            TextColumn(f"batch {batch_id[:8]}"),
+            TextColumn(f"batch {batch.id[:8]}"),
             TextColumn("{task.fields[state]:<11}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("sub-tasks"),
             TimeElapsedColumn(),
+            TextColumn("[yellow]{task.fields[warning]}"),
         )
-        self._task = self._progress.add_task("batch", total=None, state="pending")
+        self._task = self._progress.add_task("batch", total=None, state="pending", warning="")
+        self._next_check = time.monotonic() + UNSERVED_CHECK_S
+        self._warning = ""
         self._progress.start()
 
     def update(self, status: BatchStatus) -> None:
+        if status.finished:
+            self._warning = ""
+        elif time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + UNSERVED_CHECK_S
+            unserved = self._batch.unserved_queues(status)
+            self._warning = "; ".join(f"no worker is serving {queue}" for queue in unserved)
         done = status.succeeded + status.failed + status.cancelled
-        self._progress.update(self._task, total=status.total or None, completed=done, state=status.state.value)
+        self._progress.update(
+            self._task, total=status.total or None, completed=done, state=status.state.value, warning=self._warning
+        )
 
     def close(self) -> None:
         self._progress.stop()
@@ -205,21 +271,22 @@ class Client:
         self.database_url = urls.database_url
         self.engine = ledger.make_engine(urls.database_url)
         self.app = broker.client_app(urls.broker_url, self.settings)
-        self._listener: psycopg.Connection[Any] | None = None
+        self._pools_lock = threading.Lock()
+        self._pools_ready = False
+        # Wakes the threads waiting on a batch; its thread and connection start with the first wait.
+        self.listener = BatchListener(urls.database_url)
 
-    def listener(self) -> psycopg.Connection[Any]:
-        """The client's connection listening for `batch_finished` notifications, opened on
-        first use and kept, so waiting on many small batches costs no connection each."""
-        if self._listener is None or self._listener.closed:
-            self._listener = psycopg.connect(libpq_url(self.database_url), autocommit=True)
-            self._listener.execute(f"LISTEN {ledger.NOTIFY_CHANNEL}")
-        return self._listener
-
-    def drop_listener(self) -> None:
-        """Close the listening connection (e.g. after it broke); the next wait opens another."""
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+    def publisher(self) -> Celery:
+        """The broker app to publish with. Celery creates its connection and producer pools
+        lazily and unguarded: here they are created once, under a lock, before the first
+        publish, so two threads never create one each. (Not in `__init__`: importing the
+        broker's transport costs a command that only reads the ledger most of a second.)"""
+        if not self._pools_ready:
+            with self._pools_lock:
+                if not self._pools_ready:
+                    self.app.amqp.producer_pool  # noqa: B018  (creates both pools; nothing connects)
+                    self._pools_ready = True
+        return self.app
 
     def submit(
         self,
@@ -282,9 +349,9 @@ class Client:
             first_step = first_split_step(conn, self.settings, batch_id) if created and small else None
         if created:
             if small:
-                run_split(self.engine, self.settings, batch_id, self.app, first_step)
+                run_split(self.engine, self.settings, batch_id, self.publisher(), first_step)
             else:
-                broker.publish_split(self.app, str(batch_id))
+                broker.publish_split(self.publisher(), str(batch_id))
         return BatchHandle(self, batch_id)
 
     def batch(self, batch_id: str | uuid.UUID) -> BatchHandle:
@@ -301,14 +368,17 @@ class Client:
         return handle
 
     def batches(self, state: str | None = None, limit: int = 50) -> list[BatchStatus]:
-        """Return the statuses of the newest `limit` batches, newest first, optionally
-        only those in `state`.
+        """Return the statuses of the newest `limit` batches (1 .. 10,000), newest first,
+        optionally only those in `state`.
 
         Raises:
-            ValueError: `state` is not a batch state.
+            InvalidArgumentError: `state` is not a batch state, or `limit` is out of range.
         """
-        if state is not None:
-            BatchState(state)
+        if state is not None and state not in BatchState.__members__:
+            known = ", ".join(BatchState.__members__)
+            raise InvalidArgumentError(f"state {state!r} is not a batch state; known: {known}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LISTED_BATCHES:
+            raise InvalidArgumentError(f"limit must be an integer from 1 to {MAX_LISTED_BATCHES}, got {limit!r}")
         return [BatchStatus.model_validate(row) for row in ledger.batch_status_rows(self.engine, state, limit)]
 
     def __enter__(self) -> Client:
@@ -319,6 +389,6 @@ class Client:
 
     def close(self) -> None:
         """Release database and broker connections and the listening connection."""
-        self.drop_listener()
+        self.listener.close()
         self.engine.dispose()
         self.app.close()

@@ -39,7 +39,12 @@ class InvalidInputError(PipelineError, ValueError):
 
 
 class IdempotencyKeyError(PipelineError, ValueError):
-    """An idempotency key already names a batch that is not this request's."""
+    """An idempotency key already names a batch that is not this request's: one of another
+    pipeline, or one submitted with other inputs or options (another request fingerprint)."""
+
+
+class InvalidArgumentError(PipelineError, ValueError):
+    """An argument of a library call is out of its range (e.g. a `limit` of 0); nothing was done."""
 
 
 class SplitError(PipelineError, ValueError):

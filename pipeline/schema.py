@@ -116,6 +116,9 @@ class Batch(Base):
     pipeline: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(Text, server_default=BatchState.pending.value)
     idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    # SHA-256 (hex) of a keyed submission: pipeline, options and inputs as stored (see
+    # `ledger.RequestFingerprint`); NULL without a key, or stored before revision 0006.
+    request_sha256: Mapped[str | None] = mapped_column(Text)
     items: Mapped[int] = mapped_column(Integer)
     total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     succeeded: Mapped[int] = mapped_column(Integer, server_default=text("0"))
@@ -251,3 +254,15 @@ class DeadLetter(Base):
     # The worker or aggregator that refused it.
     hostname: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+
+
+class WorkerHeartbeat(Base):
+    """A worker or aggregator process and the queues it consumes, as of its last beat."""
+
+    __tablename__ = "worker_heartbeats"
+
+    # The Celery node name, e.g. models-4242@host.
+    worker: Mapped[str] = mapped_column(Text, primary_key=True)
+    queues: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    started_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    beat_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))

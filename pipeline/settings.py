@@ -86,6 +86,22 @@ class Settings(BaseSettings):
     max_item_bytes: int = Field(default=1_000_000, ge=1, description="Largest input, as JSON bytes.")
     lease_s: float = Field(default=300.0, gt=0, description="A claimed or dispatched sub-task's lease.")
     sweep_interval_s: float = Field(default=15.0, gt=0, description="How often the sweeper reconciles the ledger.")
+    wait_reread_s: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "How often `batch.wait()` reads its batch's status again when no notification woke it:"
+            " a safety net, as every waiter is woken by its own batch's NOTIFY."
+        ),
+    )
+    heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "How often each worker and aggregator records in the ledger (`worker_heartbeats`) the"
+            " queues it consumes; a queue without a beat for 3 intervals counts as served by no one."
+        ),
+    )
     worker_concurrency: int = Field(default=1, ge=1, description="Processes per `pipeline worker`.")
     aggregator_concurrency: int = Field(default=2, ge=1, description="Processes per `pipeline aggregator`.")
     flower_user: str = Field(default="admin", description="Flower basic-auth user.")

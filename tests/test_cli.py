@@ -153,6 +153,20 @@ def test_unknown_pipeline(services: RunServices, models_dir: Path, records_file:
     _assert_one_line_error(run, "unknown pipeline 'nope'", "screening")
 
 
+def test_idempotency_key_of_another_request(services: RunServices, models_dir: Path, tmp_path: Path) -> None:
+    env = _env(services, models_dir)
+    key = f"cli-{uuid.uuid4().hex}"
+    records = held_out_records(3, seed=5)
+    first = _cli(env, "submit", "screening", str(_jsonl(tmp_path / "a.jsonl", records)), "--idempotency-key", key)
+    assert first.returncode == 0, first.stderr
+    batch_id = first.stdout.strip()
+    again = _cli(env, "submit", "screening", str(_jsonl(tmp_path / "b.jsonl", records)), "--idempotency-key", key)
+    assert again.returncode == 0 and again.stdout.strip() == batch_id
+    other = _jsonl(tmp_path / "c.jsonl", records[:2])
+    run = _cli(env, "submit", "screening", str(other), "--idempotency-key", key)
+    _assert_one_line_error(run, f"idempotency_key '{key}' already names batch {batch_id}", "other inputs or options")
+
+
 def test_bad_input_files(services: RunServices, models_dir: Path, tmp_path: Path) -> None:
     env = _env(services, models_dir)
     record = held_out_records(1)[0]

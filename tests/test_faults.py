@@ -165,7 +165,9 @@ def test_fail_fast_fails_the_batch_and_cancels_the_rest(own: OwnStack) -> None:
     inputs = _points(1000, poison=set(), bad_output=frozenset({0}))
     batch = own.client.submit("poison", inputs, failure_policy="fail_fast")
     status = batch.wait(timeout=300)
-    assert status.state == "failed" and status.error == "fail_fast: a sub-task failed"
+    assert status.state == "failed" and status.error is not None
+    # The reason, then what failed.
+    assert status.error.startswith("fail_fast: a sub-task failed; 1 of ") and "GuardrailViolation" in status.error
     row = assert_finished_and_consistent(own.engine, batch.id)
     assert row["failed"] == 1 and row["cancelled"] > 0
     failed = own.count("SELECT attempts FROM subtasks WHERE batch_id = :b AND state = 'failed'", b=batch.id)

@@ -5,17 +5,20 @@ and aggregate runs once."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 
 from aggregator.assemble import aggregate_batch
+from aggregator.sweeper import sweep_once
 from pipeline import ledger, registry
+from pipeline.client import Client
 from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
-from pipeline.schema import Priority
+from pipeline.schema import FailurePolicy, Priority
 from pipeline.splitter import split_steps
 from tests.helpers import split_batch, store_batch
 
@@ -150,21 +153,107 @@ def test_cancel_skips_unstarted_subtasks(engine: Engine) -> None:
     assert ledger.claim_subtask(engine, first, "test-worker", lease_s=300) is None
 
 
-def test_idempotency_key_returns_the_same_batch(engine: Engine) -> None:
+def test_idempotency_key_returns_the_same_batch_for_the_same_request(engine: Engine) -> None:
     key = f"run-{uuid.uuid4()}"
     data = held_out_strips(3)
     first, created = store_batch(engine, data, key)
     second, created_again = store_batch(engine, data, key)
     assert created and not created_again and first == second
     pages = encode_inputs(registry.get_pipeline("digits"), data, 10, 10_000)
-    with (
-        pytest.raises(IdempotencyKeyError, match="already names batch .* of pipeline 'digits'"),
-        engine.begin() as conn,
-    ):
-        ledger.insert_batch(conn, "other", pages, key)
+    with pytest.raises(IdempotencyKeyError, match=f"already names batch {first} of pipeline 'digits'"):
+        with engine.begin() as conn:
+            ledger.insert_batch(conn, "other", pages, key)
     with engine.connect() as conn:
         stored = conn.execute(text("SELECT sum(items) FROM input_pages WHERE batch_id = :b"), {"b": first}).scalar()
-    assert stored == 3
+        fingerprint = conn.execute(text("SELECT request_sha256 FROM batches WHERE id = :b"), {"b": first}).scalar()
+    assert stored == 3 and len(fingerprint) == 64
+
+
+def _insert(engine: Engine, key: str, inputs: list[dict], **options: object) -> uuid.UUID:
+    pages = encode_inputs(registry.get_pipeline("digits"), inputs, 10, 1_000_000)
+    with engine.begin() as conn:
+        return ledger.insert_batch(conn, "digits", pages, key, **options)[0]  # type: ignore[arg-type]
+
+
+def _relabelled(strip: dict) -> dict:
+    """The strip with the first digit of its label changed."""
+    label = strip["label"]
+    return {**strip, "label": str((int(label[0]) + 1) % 10) + label[1:]}
+
+
+@pytest.mark.parametrize(
+    ("inputs_of", "options"),
+    [
+        (lambda strips: strips[:2], {}),  # fewer inputs
+        (lambda strips: [strips[0], _relabelled(strips[1]), strips[2]], {}),  # one digit of one label
+        (lambda strips: strips, {"failure_policy": FailurePolicy.fail_fast}),
+        (lambda strips: strips, {"max_failed_fraction": 0.5}),
+        (lambda strips: strips, {"deadline_s": 60.0}),
+    ],
+    ids=["fewer-inputs", "one-label", "failure-policy", "max-failed-fraction", "deadline"],
+)
+def test_idempotency_key_of_another_request_is_refused_naming_its_batch(
+    engine: Engine, inputs_of: Any, options: dict[str, object]
+) -> None:
+    key = f"run-{uuid.uuid4()}"
+    strips = held_out_strips(3, seed=4)
+    first = _insert(engine, key, strips)
+    with pytest.raises(IdempotencyKeyError, match=f"already names batch {first}, submitted with other inputs or"):
+        _insert(engine, key, inputs_of(strips), **options)
+    with engine.connect() as conn:
+        batches = conn.execute(text("SELECT count(*) FROM batches WHERE idempotency_key = :k"), {"k": key}).scalar()
+    assert batches == 1
+    # The same request again still returns the batch.
+    assert _insert(engine, key, strips) == first
+
+
+def test_idempotency_key_of_a_batch_stored_before_fingerprints_is_accepted(engine: Engine) -> None:
+    key = f"run-{uuid.uuid4()}"
+    first = _insert(engine, key, held_out_strips(2, seed=5))
+    with engine.begin() as conn:  # as revision 0006 leaves a batch stored before it
+        conn.execute(text("UPDATE batches SET request_sha256 = NULL WHERE id = :b"), {"b": first})
+    assert _insert(engine, key, held_out_strips(3, seed=6)) == first
+
+
+def test_a_cancelled_batch_is_finished_once_its_results_are_written(engine: Engine) -> None:
+    batch_id, claims = _split_batch(engine)
+    running = claims[0]  # claimed: running when the batch is cancelled
+    with engine.begin() as conn:  # the other sub-tasks were never claimed
+        conn.execute(
+            text("UPDATE subtasks SET state = 'dispatched', attempts = 0 WHERE batch_id = :b AND id <> :i"),
+            {"b": batch_id, "i": running.subtask_id},
+        )
+    assert not ledger.cancel_batch(engine, batch_id).aggregate
+    status = ledger.batch_status_row(engine, batch_id)
+    assert status is not None and status["state"] == "cancelled" and not status["results_ready"]
+    assert ledger.complete_subtask(engine, running, _output(running), "v1", None).aggregate
+    assert aggregate_batch(engine, batch_id) == "cancelled"
+    status = ledger.batch_status_row(engine, batch_id)
+    assert status is not None and status["results_ready"]
+
+
+def test_sweeper_cancels_what_a_cancelled_batch_still_runs_past_its_lease(engine: Engine, client: Client) -> None:
+    """A worker died running a sub-task of a cancelled batch: past its lease the sweeper
+    cancels it instead of publishing it again, and the batch is due for its results."""
+    batch_id, claims = _split_batch(engine)
+    for claim in claims[1:]:
+        ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+    assert not ledger.cancel_batch(engine, batch_id).aggregate  # claims[0] is still running
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE subtasks SET lease_until = clock_timestamp() - interval '1 s' WHERE id = :i"),
+            {"i": claims[0].subtask_id},
+        )
+    # As the sweeper thread does, publishing what it found (the run's aggregator, if up, takes it).
+    found = sweep_once(engine, client.publisher(), client.settings)
+    assert found is not None
+    assert claims[0].subtask_id not in [subtask_id for subtask_id, _ in found.predict]
+    assert found.aggregate.count(batch_id) == 1
+    batch = _batch(engine, batch_id)
+    assert batch["cancelled"] == 1 and batch["succeeded"] == len(claims) - 1
+    aggregate_batch(engine, batch_id)  # here, or by the aggregator: once
+    batch = _batch(engine, batch_id)
+    assert batch["state"] == "cancelled" and batch["aggregate_runs"] == 1
 
 
 def test_a_split_resumes_after_its_last_committed_step(engine: Engine) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from pipeline import broker, registry, runtime
 from pipeline.artifacts import load_verified
 from pipeline.errors import ArtifactError, UnknownPipelineError
+from pipeline.heartbeat import beat_while_consuming
 from pipeline.settings import get_settings
 
 
@@ -35,17 +37,20 @@ def main(argv: list[str] | None = None) -> None:
     from workers.models import serve
 
     serve(names)
+    queues = [broker.model_queue(name) for name in names]
+    node = f"models-{os.getpid()}@{socket.gethostname()}"
+    beat_while_consuming(node, queues, settings)
 
     app = runtime.celery_app()
     app.worker_main(
         [
             "worker",
             "--queues",
-            ",".join(broker.model_queue(name) for name in names),
+            ",".join(queues),
             "--concurrency",
             str(args.concurrency or settings.worker_concurrency),
             "--hostname",
-            f"models-{os.getpid()}@%h",
+            node,
             "--loglevel",
             args.loglevel,
             "--without-mingle",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -23,9 +24,19 @@ log = logging.getLogger(__name__)
 
 # Errors that a retry cannot fix: fail the sub-task at once.
 PERMANENT_ERRORS = (ArtifactError, GuardrailViolation, UnknownPipelineError)
+# The folders of an absolute path: a `/` not inside a word, a relative path or a URL, then
+# each `name/` up to the file name.
+SERVER_FOLDERS = re.compile(r"(?<![\w.~/:])/(?:[^\s/'\"]+/)+")
 LEDGER_RETRY_FIRST_S = 0.2
 LEDGER_RETRY_MAX_S = 5.0
 T = TypeVar("T")
+
+
+def public_error(message: str) -> str:
+    """`message` as the ledger keeps it for users: each absolute path cut to its file name
+    (`/srv/models/a.skops` → `a.skops`), so results do not show the server's folders. The
+    worker's log keeps the whole message."""
+    return SERVER_FOLDERS.sub("", message)
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:
@@ -99,7 +110,8 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
         message = f"{type(error).__name__}: {error}"
         log.error("sub-task %d failed for good: %s", claim.subtask_id, message, exc_info=error)
         outcome = with_ledger_retry(
-            settings, lambda: ledger.fail_subtask(engine, claim, message, retry=False, lease_s=settings.lease_s)
+            settings,
+            lambda: ledger.fail_subtask(engine, claim, public_error(message), retry=False, lease_s=settings.lease_s),
         )
     # A model may raise anything; the error is recorded in the ledger and the sub-task retried.
     except Exception as error:  # noqa: BLE001
@@ -107,7 +119,8 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
         message = f"{type(error).__name__}: {error} (attempt {claim.attempt} of {claim.max_attempts})"
         log.warning("sub-task %d failed: %s", claim.subtask_id, message, exc_info=error)
         outcome = with_ledger_retry(
-            settings, lambda: ledger.fail_subtask(engine, claim, message, retry=retry, lease_s=settings.lease_s)
+            settings,
+            lambda: ledger.fail_subtask(engine, claim, public_error(message), retry=retry, lease_s=settings.lease_s),
         )
         if retry and outcome.recorded:
             broker.publish_predictions(

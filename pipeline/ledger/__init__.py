@@ -5,7 +5,7 @@ state it expects; when it matches no row the caller lost a race or holds a dupli
 message, and does nothing more. Bulk writes use COPY. One module per noun:
 
 - `connection`: the engine, migrations, autocommit, COPY;
-- `batches`: a new batch and its inputs, statuses, cancel;
+- `batches`: a new batch and its inputs (with a keyed request's fingerprint), statuses, cancel;
 - `counters`: counting finished sub-tasks, failure policies, aborts;
 - `split`: the split's writes (new sub-tasks, its steps);
 - `claims`: a worker's claim, completion and failure of a sub-task;
@@ -13,6 +13,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `aggregation`: the aggregate's locks, reads and the batch's final state;
 - `sweep`: the sweeper's reconciliation;
 - `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
+- `heartbeats`: which queues the live workers consume;
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -22,6 +23,7 @@ never commits, so the caller can put several steps in one (`with engine.begin() 
 """
 
 from pipeline.ledger.aggregation import (
+    CANCELLED_ERROR,
     SubtaskOutput,
     batch_state,
     finish_batch,
@@ -33,6 +35,7 @@ from pipeline.ledger.aggregation import (
 )
 from pipeline.ledger.batches import (
     NOTIFY_CHANNEL,
+    RequestFingerprint,
     batch_status_row,
     batch_status_rows,
     cancel_batch,
@@ -48,6 +51,7 @@ from pipeline.ledger.counters import (
     Outcome,
     too_many_failures_reason,
 )
+from pipeline.ledger.heartbeats import forget_worker, record_heartbeat, unserved_queues
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
 from pipeline.ledger.split import (
     Dispatch,
@@ -61,6 +65,7 @@ from pipeline.ledger.split import (
 from pipeline.ledger.sweep import Sweep, sweep
 
 __all__ = [
+    "CANCELLED_ERROR",
     "DEADLINE_REASON",
     "FAIL_FAST_REASON",
     "NOTIFY_CHANNEL",
@@ -69,6 +74,7 @@ __all__ = [
     "Dispatch",
     "NewSubtask",
     "Outcome",
+    "RequestFingerprint",
     "StoredResult",
     "SubtaskOutput",
     "Sweep",
@@ -85,6 +91,7 @@ __all__ = [
     "fail_subtask",
     "finish_batch",
     "first_subtask_started",
+    "forget_worker",
     "input_pages",
     "insert_batch",
     "iter_results",
@@ -93,6 +100,7 @@ __all__ = [
     "make_engine",
     "migrate",
     "next_seqs",
+    "record_heartbeat",
     "record_split",
     "running_batch",
     "subtask_outputs",
@@ -100,4 +108,5 @@ __all__ = [
     "too_many_failures_reason",
     "try_lock_aggregation",
     "unfinished_before",
+    "unserved_queues",
 ]

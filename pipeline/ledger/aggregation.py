@@ -82,6 +82,10 @@ def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
     )
 
 
+# The error of the rows of a cancelled sub-task.
+CANCELLED_ERROR = "cancelled"
+
+
 @dataclass(frozen=True)
 class SubtaskOutput:
     """A finished sub-task's rows for the aggregate: its output, or why it has none."""
@@ -111,7 +115,7 @@ def subtask_outputs(
     outputs: dict[str, list[SubtaskOutput]] = {model: [] for model in after_seqs}
     for row in rows:
         succeeded = row.state == SubtaskState.succeeded
-        error = "cancelled" if row.state == SubtaskState.cancelled else None if succeeded else row.error
+        error = CANCELLED_ERROR if row.state == SubtaskState.cancelled else None if succeeded else row.error
         outputs[row.model].append(
             SubtaskOutput(row.seq, np.asarray(row.items), row.output if succeeded else None, error)
         )

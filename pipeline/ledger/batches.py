@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,6 +42,46 @@ INSERT_BATCH = (
 )
 
 
+class RequestFingerprint:
+    """The SHA-256 of a submission as it is stored: its pipeline and options, then per input
+    page its range, packed features and JSON data, each length-prefixed. Fed page by page,
+    so a batch of any size is hashed in the pass that stores it, with no copy of it."""
+
+    def __init__(
+        self, pipeline: str, failure_policy: FailurePolicy, max_failed_fraction: float | None, deadline_s: float | None
+    ) -> None:
+        self._sha256 = hashlib.sha256()
+        options = {
+            "pipeline": pipeline,
+            "failure_policy": failure_policy.value,
+            "max_failed_fraction": max_failed_fraction,
+            "deadline_s": deadline_s,
+        }
+        self._field(json.dumps(options, sort_keys=True).encode())
+
+    def _field(self, value: bytes | None) -> None:
+        # Length-prefixed (-1 for NULL): no two different sequences of fields hash alike.
+        self._sha256.update(struct.pack("<q", -1 if value is None else len(value)))
+        if value is not None:
+            self._sha256.update(value)
+
+    def add_page(self, first: int, count: int, features: bytes | None, data: str | None) -> None:
+        """Add the next stored page: inputs `first` .. `first + count - 1`."""
+        self._sha256.update(struct.pack("<qq", first, count))
+        self._field(features)
+        self._field(None if data is None else data.encode())
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
+
+
+def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
+    """A page's columns as stored: its features packed as float32 little-endian, its data as JSON text."""
+    features = None if page.X is None else np.ascontiguousarray(page.X, dtype="<f4").tobytes()
+    data = None if page.data is None else json.dumps(page.data, separators=(",", ":"))
+    return features, data
+
+
 def insert_batch(
     conn: Connection,
     pipeline: str,
@@ -49,14 +92,23 @@ def insert_batch(
     deadline_s: float | None = None,
     priority: Priority = Priority.bulk,
 ) -> tuple[uuid.UUID, bool]:
-    """Insert a `pending` batch and its input pages on `conn`'s transaction.
+    """Insert a `pending` batch and its input pages on `conn`'s transaction; with an
+    `idempotency_key`, store the request's fingerprint (`RequestFingerprint`) with it.
 
-    Returns (batch id, created). With an `idempotency_key` already used, returns the
-    existing batch and writes nothing.
+    Returns (batch id, created). With an `idempotency_key` already used by the same
+    request (same fingerprint), returns the existing batch and writes nothing. A batch
+    stored before fingerprints existed (NULL `request_sha256`) is returned for its key as
+    long as the pipeline matches.
 
     Raises:
-        IdempotencyKeyError: the key belongs to a batch of another pipeline.
+        IdempotencyKeyError: the key names a batch of another pipeline, or one submitted
+            with other inputs or options.
     """
+    fingerprint = (
+        None
+        if idempotency_key is None
+        else RequestFingerprint(pipeline, failure_policy, max_failed_fraction, deadline_s)
+    )
     batch_id = uuid.uuid4()
     inserted = conn.execute(
         INSERT_BATCH,
@@ -72,26 +124,52 @@ def insert_batch(
         },
     ).scalar_one_or_none()
     if inserted is None:
-        existing_id, existing_pipeline = conn.execute(
-            select(Batch.id, Batch.pipeline).where(Batch.idempotency_key == idempotency_key)
-        ).one()
-        if existing_pipeline != pipeline:
-            raise IdempotencyKeyError(
-                f"idempotency_key {idempotency_key!r} already names batch {existing_id}"
-                f" of pipeline {existing_pipeline!r}, not {pipeline!r}"
-            )
-        return existing_id, False
-    copy_rows(
-        conn,
-        queries.COPY_INPUT_PAGES,
-        ((batch_id, page.first, page.count, _packed(page.X), page.data) for page in pages),
-        binary_types=("uuid", "int4", "int4", "bytea", "json"),
-    )
+        assert idempotency_key is not None and fingerprint is not None, "only a key conflicts with a new uuid"
+        return _same_request(conn, idempotency_key, pipeline, pages, fingerprint), False
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for page in pages:
+            features, data = _stored_page(page)
+            if fingerprint is not None:
+                fingerprint.add_page(page.first, page.count, features, data)
+            yield batch_id, page.first, page.count, features, data
+
+    # `data` goes as JSON text: json's binary COPY form is its text.
+    copy_rows(conn, queries.COPY_INPUT_PAGES, rows(), binary_types=("uuid", "int4", "int4", "bytea", "text"))
+    if fingerprint is not None:
+        conn.execute(
+            update(Batch).where(Batch.id == batch_id).values(request_sha256=fingerprint.hexdigest()),
+        )
     return batch_id, True
 
 
-def _packed(X: np.ndarray | None) -> bytes | None:
-    return None if X is None else np.ascontiguousarray(X, dtype="<f4").tobytes()
+def _same_request(
+    conn: Connection, idempotency_key: str, pipeline: str, pages: Sequence[InputPage], fingerprint: RequestFingerprint
+) -> uuid.UUID:
+    """The batch `idempotency_key` names, when it was submitted by the same request.
+
+    Raises:
+        IdempotencyKeyError: it is a batch of another pipeline, or of another request.
+    """
+    existing = conn.execute(
+        select(Batch.id, Batch.pipeline, Batch.request_sha256).where(Batch.idempotency_key == idempotency_key)
+    ).one()
+    batch_id: uuid.UUID = existing.id
+    if existing.pipeline != pipeline:
+        raise IdempotencyKeyError(
+            f"idempotency_key {idempotency_key!r} already names batch {batch_id}"
+            f" of pipeline {existing.pipeline!r}, not {pipeline!r}"
+        )
+    if existing.request_sha256 is None:
+        return batch_id  # stored before fingerprints (revision 0006): accepted as before
+    for page in pages:
+        fingerprint.add_page(page.first, page.count, *_stored_page(page))
+    if fingerprint.hexdigest() != existing.request_sha256:
+        raise IdempotencyKeyError(
+            f"idempotency_key {idempotency_key!r} already names batch {batch_id}, submitted with other"
+            " inputs or options; a new request needs a new key"
+        )
+    return batch_id
 
 
 def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | None:

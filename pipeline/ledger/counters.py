@@ -104,6 +104,19 @@ def abort_batch(conn: Connection, batch_id: uuid.UUID, reason: str) -> bool:
     return True
 
 
+def count_cancelled(conn: Connection, batch_id: uuid.UUID, count: int) -> bool:
+    """Add `count` sub-tasks the caller cancelled to the batch's `cancelled` counter. Returns
+    True when that completed the counters of a cancelled batch not yet aggregated: its
+    results can be assembled now."""
+    counted = conn.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(cancelled=Batch.cancelled + count)
+        .returning(Batch.state, counters_complete().label("complete"), Batch.aggregate_runs)
+    ).one()
+    return bool(counted.complete and counted.state == BatchState.cancelled and counted.aggregate_runs == 0)
+
+
 def cancel_subtasks(conn: Connection, batch_id: uuid.UUID, states: Sequence[SubtaskState]) -> int:
     """Cancel a batch's sub-tasks in `states` and count them in `batches.cancelled`; return how many.
 
@@ -115,5 +128,5 @@ def cancel_subtasks(conn: Connection, batch_id: uuid.UUID, states: Sequence[Subt
         .values(state=SubtaskState.cancelled, finished_at=now(), lease_until=None)
     ).rowcount
     if count:
-        conn.execute(update(Batch).where(Batch.id == batch_id).values(cancelled=Batch.cancelled + count))
+        count_cancelled(conn, batch_id, count)
     return count

@@ -33,6 +33,8 @@ BATCH_STATUS = query("batch_status")
 BATCH_STATUSES = query("batch_statuses")
 NEW_SUBTASK_IDS = query("new_subtask_ids")
 SUBTASK_OUTPUTS = query("subtask_outputs")
+RECORD_HEARTBEAT = query("record_heartbeat")
+UNSERVED_QUEUES = query("unserved_queues")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]

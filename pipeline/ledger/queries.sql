@@ -43,3 +43,22 @@ COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payloa
 
 -- name: copy_result_page
 COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN
+
+-- name: record_heartbeat
+-- A worker's beat: its row inserted or refreshed. Rows of other workers silent for an hour
+-- (killed, never stopped cleanly) are removed on the way.
+WITH pruned AS (
+  DELETE FROM worker_heartbeats
+  WHERE beat_at < clock_timestamp() - interval '1 hour' AND worker <> :worker
+)
+INSERT INTO worker_heartbeats (worker, queues) VALUES (:worker, CAST(:queues AS text[]))
+ON CONFLICT (worker) DO UPDATE SET queues = excluded.queues, beat_at = clock_timestamp()
+
+-- name: unserved_queues
+-- The queues, in the order given, that no worker has reported consuming within the last :max_age_s.
+SELECT q.queue FROM unnest(CAST(:queues AS text[])) WITH ORDINALITY AS q (queue, n)
+WHERE NOT EXISTS (
+  SELECT 1 FROM worker_heartbeats h
+  WHERE q.queue = ANY (h.queues) AND h.beat_at > clock_timestamp() - make_interval(secs => CAST(:max_age_s AS float8))
+)
+ORDER BY q.n

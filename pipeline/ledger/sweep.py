@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -10,7 +11,13 @@ from sqlalchemy import Engine, func, select, update
 
 from pipeline.ledger.aggregation import aggregate_due
 from pipeline.ledger.connection import now
-from pipeline.ledger.counters import DEADLINE_REASON, UNFINISHED_SUBTASK_STATES, abort_batch, count_finished
+from pipeline.ledger.counters import (
+    DEADLINE_REASON,
+    UNFINISHED_SUBTASK_STATES,
+    abort_batch,
+    count_cancelled,
+    count_finished,
+)
 from pipeline.ledger.split import Dispatch
 from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
 
@@ -32,6 +39,9 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
     """Reconcile the ledger with what should be in flight, in one transaction.
 
     - batches past their deadline are finished with what they have;
+    - unfinished sub-tasks of a cancelled batch whose lease expired (their worker died, or
+      a retry came due) are cancelled, not published again, so the batch's results are
+      assembled even when no worker is left;
     - `running` sub-tasks whose lease expired on their last attempt become `failed`;
     - unfinished sub-tasks whose lease expired go back to `dispatched` with a new lease
       (at most `limit`), to be published again;
@@ -51,6 +61,25 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
             select(Batch.id).where(Batch.state.in_((BatchState.pending, BatchState.running)), Batch.deadline_at < stamp)
         ).scalars()
         aggregate += [batch_id for batch_id in overdue.all() if abort_batch(conn, batch_id, DEADLINE_REASON)]
+
+        awaiting_results = select(Batch.id).where(Batch.state == BatchState.cancelled, Batch.aggregate_runs == 0)
+        orphaned = (
+            conn.execute(
+                update(Subtask)
+                .where(
+                    Subtask.batch_id.in_(awaiting_results.scalar_subquery()),
+                    Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+                    func.coalesce(Subtask.lease_until, Subtask.queued_at + lease) < stamp,
+                )
+                .values(state=SubtaskState.cancelled, finished_at=stamp, lease_until=None)
+                .returning(Subtask.batch_id)
+            )
+            .scalars()
+            .all()
+        )
+        for batch_id, count in Counter(orphaned).items():
+            if count_cancelled(conn, batch_id, count):
+                aggregate.append(batch_id)
 
         lost = (
             conn.execute(
@@ -108,4 +137,6 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
             .scalars()
             .all()
         )
-    return Sweep([Dispatch(row.id, row.model, row.priority) for row in predict], list(split), aggregate, len(lost))
+    # A batch may be found twice (a cancelled one whose last sub-task was cancelled here).
+    predicts = [Dispatch(row.id, row.model, row.priority) for row in predict]
+    return Sweep(predicts, list(split), list(dict.fromkeys(aggregate)), len(lost))
