@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.assemble import ModelOutputStream, final_state
+from aggregator.assemble import FailureCauses, ModelOutputStream, final_state
 from pipeline import ledger
 from pipeline.definition import InputPage, ModelRows, ModelSpec, TrainedModel
 from pipeline.errors import SplitError
@@ -150,7 +150,17 @@ def _batch(**fields: object) -> SimpleNamespace:
 def test_final_state_rules(
     batch: SimpleNamespace, answered: int, unanswered: int, expected: tuple[BatchState, str | None]
 ) -> None:
-    assert final_state(batch, answered, unanswered) == expected  # type: ignore[arg-type]
+    assert final_state(batch, answered, unanswered, FailureCauses()) == expected  # type: ignore[arg-type]
+
+
+def test_a_failed_batch_names_the_cause_that_left_most_inputs_without_a_result() -> None:
+    causes = FailureCauses()
+    causes.add("model 'a': boom", 2)
+    causes.add("model 'b': ArtifactError: hash differs", 5)
+    causes.add("model 'a': boom", 1)
+    state, reason = final_state(_batch(), 0, 8, causes)  # type: ignore[arg-type]
+    assert state == BatchState.failed
+    assert reason == "no input has a result; 5 of 8 inputs without a result: model 'b': ArtifactError: hash differs"
 
 
 # --- the named SQL -------------------------------------------------------------------------
