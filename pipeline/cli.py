@@ -531,8 +531,13 @@ def demo(strips: int, records: int | None) -> None:
     """Run the digits and screening pipelines end to end on the embedded default (or your URLs), then stop."""
     from pipeline.demo import run_demo
     from pipeline.settings import get_settings
+    from pipeline.stack import StopSignal, stop_signals
 
-    run_demo(get_settings(), strips, records, _console())
+    try:
+        with stop_signals():
+            run_demo(get_settings(), strips, records, _console())
+    except StopSignal as stop:
+        raise click.ClickException(f"{stop.signal.name}: the demo stopped before its end") from None
 
 
 @main.command()
