@@ -8,7 +8,8 @@ started in a temporary folder; the run uses a database and a broker prefix of it
 and removes them afterwards. Phases, in order: train the models; the limit (one process,
 one predict call per model); the pipeline's N-row batch (a worker with 2 processes and
 the aggregator), with peak RSS sampled; `batch.status()` on it; `pipeline results --out`;
-one-input latency; the naive and chunked Celery chord peers (their own 2 processes).
+one-input latency; the naive and chunked Celery chord peers (their own 2 processes); once
+every process has stopped, how fast the CLI answers (`bench/cli.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.cli import measure_cli
 from bench.memory import PeakRss
 from bench.processes import Processes
 from bench.table import print_table
@@ -192,6 +194,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             chunked = run_client(processes, "client-chunked", client_command("chunked", pipeline.name, args))
         finally:
             processes.stop_all()
+        log("CLI: pipeline --help, pipeline status --limit 1")
+        cli = measure_cli(services.env(models_dir))
 
     limit_s = sum(limit.values())
     rows = measured["rows"]
@@ -240,6 +244,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "rss_aggregator_total_mb": rss.tree_mb("aggregator"),
             "worker_processes": WORKER_PROCESSES,
             "cpus": os.cpu_count(),
+            **cli,
         }
     )
     return figures

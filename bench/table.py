@@ -58,6 +58,16 @@ ROWS: tuple[Row, ...] = (
     ("rss_aggregator_processes_mb", "aggregator: main / each pool child", _mbs, "", None),
     ("rss_results_out_mb", "pipeline results --out, all rows", _mb, "constant in N", None),
 )
+# bench/cli.py's figures (issue 11): medians over its runs.
+CLI_ROWS: tuple[Row, ...] = (
+    ("python_startup_s", "python -c pass: the floor of any command", _s, "", None),
+    ("cli_help_s", "pipeline --help", _s, "≤ 0.3 s", lambda v: v <= 0.3),
+    ("cli_help_vs_python", "pipeline --help ÷ python -c pass", _x, "", None),
+    ("cli_help_cpu_s", "pipeline --help, CPU (user + system)", _s, "", None),
+    ("cli_status_s", "pipeline status --limit 1", _s, "≤ 0.6 s", lambda v: v <= 0.6),
+    ("cli_status_vs_python", "pipeline status ÷ python -c pass", _x, "", None),
+    ("cli_status_cpu_s", "pipeline status --limit 1, CPU (user + system)", _s, "", None),
+)
 
 
 def print_table(figures: dict[str, Any]) -> None:
@@ -66,8 +76,16 @@ def print_table(figures: dict[str, Any]) -> None:
         f" sub-tasks; naive peer on {figures['naive_items']:,} inputs; latency over {figures['latency_samples']}"
         f" batches; {figures['cpus']} CPUs, {figures['services']} services"
     )
+    _print(title, ROWS + CLI_ROWS, figures)
+
+
+def print_cli_table(figures: dict[str, Any]) -> None:
+    _print("pipeline CLI: time to answer", CLI_ROWS, figures)
+
+
+def _print(title: str, rows: tuple[Row, ...], figures: dict[str, Any]) -> None:
     table = Table("figure", "what", "value", "target", "", title=title, title_justify="left")
-    for key, what, show, target, meets in ROWS:
+    for key, what, show, target, meets in rows:
         mark = "" if meets is None else ("yes" if meets(figures[key]) else "NO")
         table.add_row(key, what, show(figures[key]), target, mark)
     Console(width=150).print(table)

@@ -2,7 +2,11 @@
 
 Reading commands print rich tables, or JSON with `--json`. An error a user can make
 (unknown batch or pipeline, services unreachable or not migrated, a bad input
-file) prints one line on stderr and exits 1, without a traceback.
+file, a bad option) prints one line on stderr and exits 1, without a traceback.
+
+Each command imports what it needs when it runs: loading this module costs click
+alone, so `pipeline --help` answers at once and `pipeline status` loads neither
+Celery, nor Alembic, nor the models' libraries.
 """
 
 from __future__ import annotations
@@ -10,28 +14,36 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
-import kombu.exceptions
-import psycopg
-import sqlalchemy.exc
-from pydantic import ValidationError
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from pipeline import health, ledger, registry
-from pipeline.client import Client
-from pipeline.errors import InvalidInputError, PipelineError
-from pipeline.schema import BatchState
-from pipeline.settings import get_settings
+from pipeline.states import BatchState
 
-console = Console()
-# What a user can get wrong or a service can refuse: one line, no traceback. Anything else
-# is a bug and keeps its traceback.
-KNOWN_ERRORS = (PipelineError, TimeoutError)
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from pipeline.client import BatchStatus, Client
+    from pipeline.errors import InvalidInputError
+    from pipeline.settings import Settings
+    from pipeline.stack import Stack
+
+# The errors a user can cause, each shown as one line (prefix + its first line): module,
+# class, prefix. They are looked up in sys.modules when an error reaches the CLI: the
+# commands import lazily, and an error of a module never imported cannot have been raised.
+# `PipelineError` is the root of every error the library raises on purpose.
+USER_ERRORS = (
+    ("pipeline.errors", "PipelineError", ""),
+    ("builtins", "TimeoutError", ""),
+    ("sqlalchemy.exc", "OperationalError", "database error: "),
+    ("psycopg", "OperationalError", "database error: "),
+    ("kombu.exceptions", "OperationalError", "broker error: "),
+)
 # Bad inputs `submit` lists line by line; the rest are counted.
 SHOWN_PROBLEMS = 20
 # Rows of `results --out` between two progress bar updates.
@@ -39,29 +51,90 @@ PROGRESS_STEP = 1000
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
 
 
+@cache
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console()
+
+
 def _validation_line(error: ValidationError) -> str:
     problems = (f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
     return f"invalid {error.title}: " + "; ".join(problems)
 
 
+def _loaded(module: str, name: str) -> type[BaseException] | None:
+    """The exception class `module.name` when that module has been imported, else None."""
+    kind: type[BaseException] | None = getattr(sys.modules.get(module), name, None)
+    return kind
+
+
+def _user_error_line(error: Exception) -> str | None:
+    """The one line shown for an error a user can cause; None for any other error (a bug,
+    which keeps its traceback)."""
+    from pipeline.redaction import error_line, redact
+
+    if "pydantic" in sys.modules:  # a ValidationError can only come from a loaded pydantic
+        from pydantic import ValidationError
+
+        if isinstance(error, ValidationError):
+            return redact(_validation_line(error))
+    for module, name, prefix in USER_ERRORS:
+        kind = _loaded(module, name)
+        if kind is not None and isinstance(error, kind):
+            return prefix + error_line(error)
+    return None
+
+
+def _usage_line(error: click.UsageError) -> str:
+    """A bad command line as one line, with where to read the command's usage."""
+    if error.ctx is None:
+        return error.format_message()
+    return f"{error.format_message().rstrip('.')} (see `{error.ctx.command_path} --help`)"
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Re-raise a bad command line and an error a user can cause as a one-line ClickException
+    (exit code 1); anything else, a bug, keeps its traceback."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a bare `pipeline` or `pipeline models`: click shows the help
+    except click.UsageError as error:
+        raise click.ClickException(_usage_line(error)) from None
+    except click.ClickException:
+        raise
+    except Exception as error:
+        line = _user_error_line(error)
+        if line is None:
+            raise
+        raise click.ClickException(line) from None
+
+
 class _Group(click.Group):
-    """Turns the library's expected errors into a one-line message and exit code 1."""
+    """Shows bad command lines and the library's expected errors as one line, exit code 1.
+
+    Exit code 2 is not used for a bad command line (click's default), because
+    `submit --wait` exits 2 for a batch that finished otherwise than succeeded.
+    """
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
+        with _one_line_errors():
             return super().invoke(ctx)
-        except KNOWN_ERRORS as error:
-            raise click.ClickException(health.first_line(error)) from None
-        except ValidationError as error:
-            raise click.ClickException(_validation_line(error)) from None
-        except (sqlalchemy.exc.OperationalError, psycopg.OperationalError) as error:
-            raise click.ClickException(f"database error: {health.first_line(error)}") from None
-        except kombu.exceptions.OperationalError as error:
-            raise click.ClickException(f"broker error: {health.first_line(error)}") from None
 
 
 def _client(publishes: bool = False) -> Client:
     """A client on a reachable, migrated ledger (and a reachable broker when the command publishes)."""
+    from pipeline import health
+    from pipeline.client import Client
+
     client = Client()
     health.check_ledger(client.engine)
     if publishes:
@@ -77,10 +150,10 @@ def main() -> None:
 @main.command()
 def migrate() -> None:
     """Apply the ledger's database migrations."""
-    from pipeline import runtime
+    from pipeline import ledger, runtime
 
     ledger.migrate(runtime.service_urls().database_url)
-    console.print("ledger schema is up to date")
+    _console().print("ledger schema is up to date")
 
 
 @main.group()
@@ -90,8 +163,10 @@ def models() -> None:
 
 def _model_rows() -> list[dict[str, Any]]:
     """One row per registered model: its queue and chunk size, and its trained artifact (None when untrained)."""
+    from pipeline import registry
     from pipeline.artifacts import read_manifest
     from pipeline.errors import ArtifactError
+    from pipeline.settings import get_settings
 
     models_dir = get_settings().resolved_models_dir
     rows = []
@@ -119,6 +194,8 @@ def _model_rows() -> list[dict[str, Any]]:
 @JSON_OPTION
 def models_list(as_json: bool) -> None:
     """List registered models and their trained artifacts."""
+    from rich.table import Table
+
     rows = _model_rows()
     if as_json:
         click.echo(json.dumps(rows, default=lambda value: value.isoformat()))
@@ -133,18 +210,19 @@ def models_list(as_json: bool) -> None:
         table.add_row(
             row["pipeline"], row["model"], row["queue"], str(row["chunk_size"]), row["version"] or "-", *trained
         )
-    console.print(table)
+    _console().print(table)
 
 
 @models.command("train")
 @click.option("--only", help="Comma-separated model names (default: all).")
 def models_train(only: str | None) -> None:
     """Train models from their datasets and write artifacts with SHA-256 manifests."""
+    from pipeline.settings import get_settings
     from pipeline.training import train_models
 
     names = [n.strip() for n in only.split(",")] if only else None
     for manifest in train_models(get_settings().resolved_models_dir, names):
-        console.print(f"{manifest.name} {manifest.version} {json.dumps(manifest.metrics)}")
+        _console().print(f"{manifest.name} {manifest.version} {json.dumps(manifest.metrics)}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -181,6 +259,8 @@ def _read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
                     numbers.append(number)
     except UnicodeDecodeError as error:
         raise click.ClickException(f"{path}: not UTF-8 text: {error}") from None
+    except OSError as error:
+        raise click.ClickException(f"cannot read {path}: {error.strerror}") from None
     return items, numbers
 
 
@@ -197,7 +277,7 @@ def _input_problems(path: Path, numbers: list[int], error: InvalidInputError) ->
 
 @main.command()
 @click.argument("pipeline_name", metavar="PIPELINE")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the batch to finish, with a progress bar.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option("--idempotency-key", help="Submitting the same key again returns the same batch.")
@@ -228,6 +308,10 @@ def submit(
 
     With --wait, exit 0 when the batch succeeded and 2 when it finished otherwise.
     """
+    from pipeline import registry
+    from pipeline.errors import InvalidInputError
+    from pipeline.schema import BatchState
+
     registry.get_pipeline(pipeline_name)
     items, numbers = _read_jsonl(file)
     client = _client(publishes=True)
@@ -257,16 +341,16 @@ def submit(
             sys.exit(2)
 
 
-def _print_status(status: Any) -> None:
+def _print_status(status: BatchStatus) -> None:
     from pipeline.report import print_status
 
-    print_status(console, status)
+    print_status(_console(), status)
 
 
 @main.command()
 @click.argument("batch_id", required=False)
 @click.option("--state", type=click.Choice([state.value for state in BatchState]), help="Only batches in this state.")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest batches shown.")
 @JSON_OPTION
 def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -> None:
     """Show one batch (with its latency and KPIs when finished), or the newest batches.
@@ -274,8 +358,6 @@ def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -
     --json prints one batch's status with its result and metrics, or a list of the
     newest batches' `batch_status` rows.
     """
-    from pipeline.report import batches_table
-
     client = _client()
     if batch_id:
         handle = client.batch(batch_id)
@@ -285,13 +367,15 @@ def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -
         else:
             _print_status(one)
             for queue in handle.unserved_queues(one):
-                console.print(f"[yellow]no worker is serving {queue}")
+                _console().print(f"[yellow]no worker is serving {queue}")
         return
     rows = client.batches(state=state, limit=limit)
     if as_json:
         click.echo(json.dumps([row.model_dump(mode="json", exclude={"result", "metrics"}) for row in rows]))
-    else:
-        console.print(batches_table(rows))
+        return
+    from pipeline.report import batches_table
+
+    _console().print(batches_table(rows))
 
 
 @main.command()
@@ -323,9 +407,9 @@ def report(batch_id: str, html_path: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(status.model_dump_json())
         return
-    print_report(console, status)
+    print_report(_console(), status)
     if html_path is not None:
-        console.print(f"report written to {html_path}")
+        _console().print(f"report written to {html_path}")
 
 
 def _open_for_writing(path: Path) -> TextIO:
@@ -364,9 +448,13 @@ def results(batch_id: str, out: Path | None) -> None:
         for result in batch.results():
             sys.stdout.write(result.model_dump_json() + "\n")
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     failed_out = errors_path(out)
     written = failed = 0
-    progress = Progress(TextColumn("results"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    progress = Progress(
+        TextColumn("results"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console()
+    )
     with _open_for_writing(out) as succeeded_file, _open_for_writing(failed_out) as failed_file, progress:
         task = progress.add_task("results", total=status.items)
         for result in batch.results():
@@ -379,7 +467,7 @@ def results(batch_id: str, out: Path | None) -> None:
             if written % PROGRESS_STEP == 0:
                 progress.update(task, completed=written)
         progress.update(task, completed=written)
-    console.print(f"{written - failed} results written to {out}, {failed} failed inputs to {failed_out}")
+    _console().print(f"{written - failed} results written to {out}, {failed} failed inputs to {failed_out}")
 
 
 @main.command()
@@ -390,23 +478,42 @@ def cancel(batch_id: str) -> None:
     click.echo(f"{status.id} {status.state.value}")
 
 
+def _print_endpoints(settings: Settings, stack: Stack) -> None:
+    """Where `up`'s services are, passwords masked; where Flower's password is."""
+    from pipeline.redaction import redact
+
+    urls = stack.service_urls
+    click.echo(f"database: {redact(urls.database_url)}")
+    click.echo(f"broker:   {redact(urls.broker_url)}")
+    stored = stack.flower_password_file
+    password = "from PIPELINE_FLOWER_PASSWORD" if stored is None else f"in {stored}"
+    click.echo(f"Flower:   http://127.0.0.1:{settings.flower_port} (user {settings.flower_user}, password {password})")
+
+
 @main.command()
-def up() -> None:
-    """Start services (embedded when no URL is set), workers, aggregator and Flower; Ctrl-C stops them."""
-    from pipeline.stack import Stack
+@click.pass_context
+def up(ctx: click.Context) -> None:
+    """Start services (embedded when no URL is set), workers, aggregator and Flower; Ctrl-C
+    (or SIGTERM, SIGHUP) stops them all, and so does any of them exiting."""
+    from pipeline.settings import get_settings
+    from pipeline.stack import Stack, StopSignal, stop_signals
 
     settings = get_settings()
-    with Stack(settings, flower=True) as stack:
-        console.print(f"database: {stack.service_urls.database_url}\nbroker:   {stack.service_urls.broker_url}")
-        console.print(
-            f"Flower:   http://127.0.0.1:{settings.flower_port} (user {settings.flower_user},"
-            f" password {stack.flower_password})"
-        )
-        console.print("running; Ctrl-C stops everything")
+    with stop_signals():
         try:
-            stack.wait()
-        except KeyboardInterrupt:
-            console.print("stopping")
+            with Stack(settings, flower=True) as stack:
+                _print_endpoints(settings, stack)
+                click.echo("running; Ctrl-C stops everything")
+                try:
+                    exited = stack.wait()
+                except StopSignal as stop:
+                    click.echo(f"{stop.signal.name}: stopping")
+                    return
+                # Before the others are stopped, which can take a while (workers finish their sub-task).
+                click.echo(f"Error: {exited}: stopping everything", err=True)
+                ctx.exit(1)
+        except StopSignal as stop:
+            click.echo(f"{stop.signal.name} while starting: stopped")
 
 
 @main.command()
@@ -415,14 +522,21 @@ def up() -> None:
 def demo(strips: int, records: int | None) -> None:
     """Run the digits and screening pipelines end to end on the embedded default (or your URLs), then stop."""
     from pipeline.demo import run_demo
+    from pipeline.settings import get_settings
+    from pipeline.stack import StopSignal, stop_signals
 
-    run_demo(get_settings(), strips, records, console)
+    try:
+        with stop_signals():
+            run_demo(get_settings(), strips, records, _console())
+    except StopSignal as stop:
+        raise click.ClickException(f"{stop.signal.name}: the demo stopped before its end") from None
 
 
 @main.command()
 def down() -> None:
     """Stop the embedded PostgreSQL and Redis under PIPELINE_DATA_DIR."""
     from pipeline.embedded import stop_services
+    from pipeline.settings import get_settings
 
     stop_services(get_settings().data_dir)
-    console.print("embedded services stopped")
+    _console().print("embedded services stopped")

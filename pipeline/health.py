@@ -1,24 +1,30 @@
 """Is a service ready for a command: the broker answers, the ledger database answers
-and its schema is at this code's migration head."""
+and its schema is at this code's migration head.
+
+The ledger check reads Alembic's version table with plain SQL and this code's heads
+from the migration files' `revision` / `down_revision` assignments (parsed, not run),
+without importing Alembic: a CLI command pays neither Alembic's import nor loading
+every migration script (each imports Alembic); `tests/test_cli.py` checks the heads
+against Alembic's.
+"""
 
 from __future__ import annotations
 
+import ast
+from functools import lru_cache
 from importlib.resources import files
-
-import kombu.exceptions
-import sqlalchemy.exc
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from celery import Celery
-from sqlalchemy import URL, Engine
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ServiceNotReadyError
+from pipeline.redaction import error_line, redact
 
+if TYPE_CHECKING:
+    from celery import Celery
+    from sqlalchemy import URL, Engine
 
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (a driver's cause when SQLAlchemy wraps one)."""
-    cause = getattr(error, "orig", None) or error
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+# Alembic's version table: whether it exists (no ledger schema when not), then its revisions.
+VERSION_TABLE_EXISTS = "SELECT to_regclass('alembic_version') IS NOT NULL"
+CURRENT_REVISIONS = "SELECT version_num FROM alembic_version"
 
 
 def _described(url: URL) -> str:
@@ -28,7 +34,44 @@ def _described(url: URL) -> str:
     if url.host is None and isinstance(socket_dir, str):
         user = f"{url.username}@" if url.username else ""
         return f"{url.drivername}://{user}[{socket_dir}]/{url.database}"
-    return url.render_as_string(hide_password=True)
+    return redact(url.render_as_string(hide_password=False))
+
+
+def _assigned_revisions(source: str) -> dict[str, object]:
+    """The literal values a migration file assigns to `revision` and `down_revision`."""
+    values: dict[str, object] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in ("revision", "down_revision"):
+                values[target.id] = ast.literal_eval(value)
+    return values
+
+
+@lru_cache(maxsize=1)
+def migration_revisions() -> tuple[frozenset[str], frozenset[str]]:
+    """(every revision, the heads) of this code's migrations, read from `migrations/versions`.
+
+    Raises:
+        ValueError: a migration file has no literal `revision`.
+    """
+    known: set[str] = set()
+    parents: set[str] = set()
+    for path in files("migrations").joinpath("versions").iterdir():
+        if not path.name.endswith(".py") or path.name.startswith("_"):
+            continue
+        values = _assigned_revisions(path.read_text(encoding="utf-8"))
+        if not isinstance(values.get("revision"), str):
+            raise ValueError(f"migration {path.name} has no literal `revision`")
+        known.add(str(values["revision"]))
+        down = values.get("down_revision")
+        parents.update([down] if isinstance(down, str) else down if isinstance(down, (tuple, list)) else [])
+    return frozenset(known), frozenset(known - parents)
 
 
 def check_ledger(engine: Engine) -> None:
@@ -40,17 +83,19 @@ def check_ledger(engine: Engine) -> None:
         ServiceNotReadyError: the database is unreachable, has no ledger schema, or is
             at an older migration than this code needs.
     """
+    import sqlalchemy.exc
+    from sqlalchemy import text
+
     where = _described(engine.url)
     try:
         with engine.connect() as conn:
-            current = set(MigrationContext.configure(conn).get_current_heads())
+            exists = conn.execute(text(VERSION_TABLE_EXISTS)).scalar_one()
+            current = set(conn.execute(text(CURRENT_REVISIONS)).scalars()) if exists else set()
     except sqlalchemy.exc.OperationalError as error:
-        raise ServiceNotReadyError(f"cannot reach PostgreSQL at {where}: {first_line(error)}") from None
+        raise ServiceNotReadyError(f"cannot reach PostgreSQL at {where}: {error_line(error)}") from None
     if not current:
         raise ServiceNotReadyError(f"the database {where} has no ledger schema: run `pipeline migrate`")
-    script = ScriptDirectory(str(files("migrations")))
-    heads = set(script.get_heads())
-    known = {revision.revision for revision in script.walk_revisions()}
+    known, heads = migration_revisions()
     behind = sorted((current & known) - heads)
     if behind:
         raise ServiceNotReadyError(
@@ -65,9 +110,11 @@ def check_broker(app: Celery) -> None:
     Raises:
         ServiceNotReadyError: the broker is unreachable.
     """
+    import kombu.exceptions
+
     with app.connection_for_write() as conn:
         try:
             conn.ensure_connection(max_retries=0)
         except kombu.exceptions.OperationalError as error:
-            where = conn.as_uri()
-            raise ServiceNotReadyError(f"cannot reach the broker at {where}: {first_line(error)}") from None
+            where = redact(conn.as_uri(include_password=True))
+            raise ServiceNotReadyError(f"cannot reach the broker at {where}: {error_line(error)}") from None

@@ -11,9 +11,8 @@ import textwrap
 import uuid
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -22,6 +21,9 @@ from sqlalchemy import Engine, text
 from pipeline import registry
 from pipeline.client import BatchStatus
 from pipeline.errors import UnknownPipelineError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HISTOGRAM_BINS = 30
 SHOWN_FEATURES = 10
@@ -331,6 +333,14 @@ def latency_histograms(engine: Engine, batch_id: uuid.UUID, bins: int = HISTOGRA
     return histograms
 
 
+def _figure(width: float, height: float) -> Figure:
+    """A bare matplotlib Figure of `width` x `height` inches. matplotlib is imported here, when
+    a plot is drawn, so the terminal commands (`pipeline status`) do not load it."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
 def _png(figure: Figure) -> str:
     buffer = io.BytesIO()
     # A bare Figure (no pyplot) renders with the Agg canvas: no display, no global state.
@@ -342,7 +352,7 @@ def latency_plot(status: BatchStatus, histograms: dict[str, Any]) -> str | None:
     """Histograms of queue wait and compute per model, as base64 PNG (None without sub-tasks)."""
     if not histograms:
         return None
-    figure = Figure(figsize=(10, 2.4 * len(histograms)))
+    figure = _figure(10, 2.4 * len(histograms))
     axes = figure.subplots(len(histograms), 2, squeeze=False)
     for row, (model, kinds) in enumerate(_ordered(histograms, _key_order(status.pipeline)[1]).items()):
         for column, kind in enumerate(("queue wait", "compute")):
@@ -374,7 +384,7 @@ def drift_plot(status: BatchStatus) -> str | None:
     ]
     if not bars:
         return None
-    figure = Figure(figsize=(9, 1 + 0.22 * len(bars)))
+    figure = _figure(9, 1 + 0.22 * len(bars))
     ax = figure.subplots()
     positions = range(len(bars))
     values = [min(value, PSI_AXIS_CAP) for _, value, _, _ in bars]
@@ -407,7 +417,7 @@ def kpi_plot(status: BatchStatus) -> str | None:
     ]
     if not shares:
         return None
-    figure = Figure(figsize=(8, 0.8 + 0.4 * len(shares)))
+    figure = _figure(8, 0.8 + 0.4 * len(shares))
     ax = figure.subplots()
     ax.barh(range(len(shares)), [value for _, value in shares], color="#3b6ea5")
     for position, (_, value) in enumerate(shares):

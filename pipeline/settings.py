@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,7 +20,8 @@ class Settings(BaseSettings):
     under `data_dir` are started (or reused) on first use.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+    # An invalid value is not repeated in the error: a URL holds a password.
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore", hide_input_in_errors=True)
 
     database_url: str | None = Field(
         default=None,
@@ -115,21 +117,27 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the Prometheus `/metrics` endpoint served by `pipeline aggregator`; 0 disables it.",
     )
-    metrics_address: str = Field(default="0.0.0.0", description="Address the `/metrics` endpoint binds to.")
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Address the `/metrics` endpoint binds to: this host only by default; `0.0.0.0` where"
+            " Prometheus scrapes from elsewhere (docker-compose.yml sets it inside its network)."
+        ),
+    )
 
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
             raise ValueError("PIPELINE_DATABASE_URL must start with postgresql:// or postgresql+psycopg://")
-        return url
+        return _well_formed("PIPELINE_DATABASE_URL", url)
 
     @field_validator("broker_url")
     @classmethod
     def _redis_or_rabbitmq(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(REDIS_SCHEMES + AMQP_SCHEMES):
             raise ValueError("PIPELINE_BROKER_URL must start with redis://, rediss://, amqp:// or amqps://")
-        return url
+        return _well_formed("PIPELINE_BROKER_URL", url)
 
     @model_validator(mode="after")
     def _prefix_on_redis_only(self) -> Settings:
@@ -147,6 +155,20 @@ class Settings(BaseSettings):
     def is_small_batch(self, items: int) -> bool:
         """Whether a batch of `items` inputs takes the small-batch path (`small_batch_items`)."""
         return items <= self.small_batch_items
+
+
+def _well_formed(variable: str, url: str | None) -> str | None:
+    """`url` when its host and port parse (a number in 0..65535, a closed IPv6 bracket).
+
+    Raises:
+        ValueError: naming `variable` and what is wrong, never the URL (it may hold a password).
+    """
+    if url is not None:
+        try:
+            urlsplit(url).port  # noqa: B018 (reading the port parses it: that is the check)
+        except ValueError as error:
+            raise ValueError(f"{variable} is not a valid URL: {error}") from None
+    return url
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -1,6 +1,7 @@
 """The `pipeline` command as users run it, a subprocess on real services: the errors
-they can make each print one line and exit non-zero, `--json` output for scripts,
-and `results --out` splitting results from failed inputs."""
+they can make each print one line (no password in it) and exit 1, `--json` output for
+scripts, `results --out` splitting results from failed inputs, and the modules a command
+loads (each imports what it needs when it runs)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from pipeline import registry
+from pipeline import health, registry
 from pipeline.pipelines.screening import held_out_records
 from pipeline.settings import libpq_url, sqlalchemy_url
 from tests.helpers import RunServices
@@ -30,6 +31,7 @@ from tests.pipelines import BAD_OUTPUT
 PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")
 ROOT = Path(__file__).resolve().parent.parent
 MISSING_BATCH = str(uuid.UUID(int=0))
+SECRET = "pw-5b7e19c3"
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -42,7 +44,7 @@ def _env(services: RunServices, models_dir: Path, **overrides: str) -> dict[str,
 
 
 def _assert_one_line_error(run: subprocess.CompletedProcess[str], *expected: str) -> None:
-    assert run.returncode != 0, run.stdout + run.stderr
+    assert run.returncode == 1, run.stdout + run.stderr
     assert "Traceback" not in run.stderr + run.stdout
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
@@ -136,11 +138,73 @@ def test_database_without_migrations(services: RunServices, models_dir: Path) ->
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def test_migration_heads_read_without_alembic_are_alembics() -> None:
+    """`pipeline status` checks the schema against heads read from the migration files, without Alembic."""
+    script = ScriptDirectory(str(files("migrations")))
+    known, heads = health.migration_revisions()
+    assert heads == set(script.get_heads())
+    assert known == {revision.revision for revision in script.walk_revisions()}
+
+
 @pytest.mark.parametrize("command_name", ["status", "results", "report", "cancel"])
 def test_unknown_batch(command_name: str, services: RunServices, models_dir: Path) -> None:
     env = _env(services, models_dir)
     _assert_one_line_error(_cli(env, command_name, MISSING_BATCH), f"no batch {MISSING_BATCH}")
     _assert_one_line_error(_cli(env, command_name, "not-a-uuid"), "'not-a-uuid' is not a batch id")
+
+
+def test_unreachable_services_are_named_without_their_password(
+    services: RunServices, models_dir: Path, records_file: Path
+) -> None:
+    port = _closed_port()
+    env = _env(services, models_dir, PIPELINE_DATABASE_URL=f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/pipeline")
+    run = _cli(env, "status")
+    _assert_one_line_error(run, "cannot reach PostgreSQL", f"postgres:***@127.0.0.1:{port}/pipeline")
+    assert SECRET not in run.stdout + run.stderr
+
+    env = _env(services, models_dir, PIPELINE_BROKER_URL=f"redis://:{SECRET}@127.0.0.1:{port}/0")
+    run = _cli(env, "submit", "screening", str(records_file))
+    _assert_one_line_error(run, "cannot reach the broker", f"redis://:***@127.0.0.1:{port}")
+    assert SECRET not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        (f"postgresql://u:{SECRET}@127.0.0.1:abc/db", "Port could not be cast to integer value as 'abc'"),
+        (f"postgresql://u:{SECRET}@127.0.0.1:99999/db", "Port out of range 0-65535"),
+        (f"postgresql://u:{SECRET}@[::1/db", "Invalid IPv6 URL"),
+    ],
+)
+def test_malformed_database_url(url: str, why: str, services: RunServices, models_dir: Path) -> None:
+    run = _cli(_env(services, models_dir, PIPELINE_DATABASE_URL=url), "status")
+    _assert_one_line_error(run, "invalid Settings: database_url", "PIPELINE_DATABASE_URL is not a valid URL", why)
+    assert SECRET not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("status", "--limit", "-1"), "Invalid value for '--limit': -1 is not in the range x>=1"),
+        (("status", "--limit", "0"), "Invalid value for '--limit': 0 is not in the range x>=1"),
+        (("status", "--state", "done"), "Invalid value for '--state': 'done' is not one of 'pending', 'running'"),
+        (("submit", "screening"), "Missing argument 'FILE'"),
+        (("results",), "Missing argument 'BATCH_ID'"),
+        (("models", "list", "--bogus"), "No such option '--bogus' (see `pipeline models list --help`)"),
+        (("stats",), "No such command 'stats'"),
+        (("--bogus",), "No such option '--bogus' (see `pipeline --help`)"),
+    ],
+)
+def test_bad_command_line(args: tuple[str, ...], expected: str, services: RunServices, models_dir: Path) -> None:
+    """Exit 1, as every other error: `submit --wait` exits 2 for a batch that did not succeed."""
+    _assert_one_line_error(_cli(_env(services, models_dir), *args), expected, "--help`)")
+
+
+def test_missing_or_unreadable_input_file(services: RunServices, models_dir: Path, tmp_path: Path) -> None:
+    env = _env(services, models_dir)
+    missing = tmp_path / "missing.jsonl"
+    _assert_one_line_error(_cli(env, "submit", "screening", str(missing)), f"cannot read {missing}: No such file")
+    _assert_one_line_error(_cli(env, "submit", "screening", str(tmp_path)), f"cannot read {tmp_path}: Is a directory")
 
 
 def test_bad_setting(services: RunServices, models_dir: Path) -> None:
@@ -281,3 +345,50 @@ def test_results_to_a_reader_that_stops_early(finished: str, services: RunServic
         process.wait(timeout=120)
     assert first["item"] == 0 and first["output"]["decision"] in ("malignant", "benign")
     assert stderr == ""
+
+
+# --- what a command loads --------------------------------------------------------------------
+
+# Prints the third-party (and pipeline) modules the code after it loaded, as JSON.
+LOADED_MODULES = """
+import json, sys
+before = set(sys.modules)
+{code}
+print(json.dumps(sorted({{name.split(".")[0] for name in set(sys.modules) - before}} - set(sys.stdlib_module_names))))
+"""
+
+
+def _loaded_by(code: str, env: dict[str, str] | None = None) -> set[str]:
+    script = LOADED_MODULES.format(code=code)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return set(json.loads(run.stdout.splitlines()[-1]))
+
+
+def test_the_cli_and_its_help_load_click_alone() -> None:
+    """What makes `pipeline --help` answer at once: no library a command needs is loaded before it runs."""
+    assert _loaded_by("import pipeline.cli") == {"click", "pipeline"}
+    help_run = "from pipeline.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass"
+    assert _loaded_by(help_run) == {"click", "pipeline"}
+
+
+@pytest.fixture(scope="module")
+def loaded_by_status(services: RunServices, models_dir: Path) -> set[str]:
+    status_run = "from pipeline.cli import main\ntry: main(['status', '--limit', '1'])\nexcept SystemExit: pass"
+    return _loaded_by(status_run, _env(services, models_dir))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "sklearn",
+        "matplotlib",
+        "redis",
+        "alembic",
+        "celery",
+    ],
+)
+def test_status_does_not_load(module: str, loaded_by_status: set[str]) -> None:
+    """`pipeline status` reads the ledger: no model library, no plotting, no Celery, no Alembic."""
+    assert "sqlalchemy" in loaded_by_status  # the command ran
+    assert module not in loaded_by_status

@@ -122,11 +122,15 @@ def test_service_command_is_a_real_entry_point(name: str, service: str) -> None:
     command = _pipeline_services(name)[service]["command"]
     assert command[0] in {"pipeline", "celery"}, command
     # URLs nothing answers on: `--help` must reach no service, and must not start embedded ones.
-    env = {**os.environ, "PIPELINE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
-    env["PIPELINE_BROKER_URL"] = "redis://127.0.0.1:1/0"
-    ran = subprocess.run(
-        [str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True, timeout=120, env=env
-    )
+    # Compose refuses to start without the Flower password, and pipeline.flower refuses to load without it.
+    env = {
+        **os.environ,
+        "PIPELINE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "PIPELINE_BROKER_URL": "redis://127.0.0.1:1/0",
+        "PIPELINE_FLOWER_PASSWORD": "set-by-compose",
+    }
+    argv = [str(BIN / command[0]), *command[1:], "--help"]
+    ran = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
     # `celery --app APP flower`: the sub-command follows the app.
     subcommand = command[3] if command[1] == "--app" else command[1]
@@ -148,9 +152,21 @@ def test_flower_options_are_flower_options() -> None:
     assert flower["command"][:4] == ["celery", "--app", "pipeline.flower", "flower"]
     for argument in flower["command"][4:]:
         assert argument.lstrip("-").split("=")[0] in options, argument
-    auth = flower["environment"]["FLOWER_BASIC_AUTH"]
-    assert "${PIPELINE_FLOWER_USER" in auth and "${PIPELINE_FLOWER_PASSWORD:?" in auth
+    # Basic auth through the environment (pipeline.flower hands it to Flower), never the command line.
+    assert not any("auth" in argument for argument in flower["command"])
+    assert flower["environment"]["PIPELINE_FLOWER_PASSWORD"].startswith("${PIPELINE_FLOWER_PASSWORD:?")
     assert "PIPELINE_BROKER_URL" in flower["environment"]
+
+
+def test_metrics_endpoint_binds_every_interface_only_inside_compose() -> None:
+    """The setting's default keeps /metrics on the host's loopback; the compose aggregator
+    binds 0.0.0.0 for Prometheus inside the network, and still publishes no port."""
+    assert Settings.model_fields["metrics_address"].default == "127.0.0.1"
+    aggregator = _pipeline_services(MAIN)["aggregator"]
+    assert aggregator["environment"]["PIPELINE_METRICS_ADDRESS"] == "0.0.0.0"
+    # The service's own environment replaces the shared one: the URLs must still be there.
+    assert {"PIPELINE_DATABASE_URL", "PIPELINE_BROKER_URL"} <= set(aggregator["environment"])
+    assert "ports" not in aggregator
 
 
 def test_env_example_names_every_setting_and_no_other() -> None:

@@ -77,7 +77,8 @@ def test_flower_shows_the_live_workers_and_the_pipeline_tasks(
     url = f"http://127.0.0.1:{port}"
     workers = _worker_names(stack)
     assert len(workers) == 2
-    flower = stack.start("flower", flower_args(port, USER, PASSWORD), services.env(models_dir))
+    env = services.env(models_dir, PIPELINE_FLOWER_USER=USER, PIPELINE_FLOWER_PASSWORD=PASSWORD)
+    flower = stack.start("flower", flower_args(port), env)
     try:
         # Flower hears the events before the batch runs, so it sees every task of it.
         wait_for(lambda: _flower_knows(url, workers), 90, "Flower to see the workers and their queues")

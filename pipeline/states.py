@@ -1,0 +1,74 @@
+"""The states and kinds the ledger's columns take, as enums: importable without SQLAlchemy
+(the CLI offers them as choices before it loads anything else)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class BatchState(enum.StrEnum):
+    pending = "pending"
+    running = "running"
+    aggregating = "aggregating"
+    succeeded = "succeeded"
+    partial = "partial"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_BATCH_STATES
+
+
+FINISHED_BATCH_STATES = frozenset({BatchState.succeeded, BatchState.partial, BatchState.failed, BatchState.cancelled})
+
+
+class SubtaskState(enum.StrEnum):
+    pending = "pending"
+    dispatched = "dispatched"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class FailurePolicy(enum.StrEnum):
+    # Finish as `partial` with every result that could be produced.
+    best_effort = "best_effort"
+    # The first failed sub-task fails the batch and cancels the rest.
+    fail_fast = "fail_fast"
+
+
+class Priority(enum.StrEnum):
+    """Who waits on a batch's sub-tasks: a worker claims interactive ones first, then bulk
+    ones (round-robin over bulk batches), then shadow ones (a roll-out's extra scoring)."""
+
+    interactive = "interactive"
+    bulk = "bulk"
+    shadow = "shadow"
+
+    @property
+    def rank(self) -> int:
+        """`subtasks.priority`: lower is claimed first."""
+        return PRIORITY_RANKS[self]
+
+
+PRIORITY_RANKS = {Priority.interactive: 0, Priority.bulk: 1, Priority.shadow: 2}
+
+
+class RejectionReason(enum.StrEnum):
+    """Why a message was refused; the `reason` label of `pipeline_rejected_messages_total`."""
+
+    # Not a Celery protocol 2 task message as the pipeline publishes it: body, headers or
+    # protocol 1.
+    shape = "shape"
+    # The task's keyword arguments fail its message model (`pipeline.broker.MESSAGES`).
+    arguments = "arguments"
+    # Not a task of the pipeline that this process runs.
+    unknown_task = "unknown_task"
+    # Its content type is refused: anything but JSON (pickle, YAML, ...).
+    content_type = "content_type"
+    # The body does not decode (not JSON, nested too deep, a failed decompression).
+    undecodable = "undecodable"
+    # Celery refused it while taking it (e.g. an ETA that is no date).
+    invalid = "invalid"
