@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
-from scipy import stats
 
 REFERENCE_BINS = 10
 # Floor of a bin's share in the PSI, so an empty bin gives a large but finite term.
@@ -144,8 +143,12 @@ class ReferenceProfile(BaseModel):
         terms = n * m * (batch / n - reference / m) ** 2 / (batch + reference)
         statistic = np.bincount(cell, weights=terms, minlength=flat.shape[0] * histograms)
         degrees = np.bincount(cell, minlength=flat.shape[0] * histograms) - 1
+        # Imported here: scipy.stats costs seconds to import, and only a drift verdict needs it
+        # (not a worker's bin counts, nor a command that reads the ledger).
+        from scipy.stats import chi2
+
         with np.errstate(invalid="ignore"):
-            p_values = np.where(degrees > 0, stats.chi2.sf(statistic, degrees), np.nan)
+            p_values = np.where(degrees > 0, chi2.sf(statistic, degrees), np.nan)
         return p_values.reshape(totals.shape)
 
     def merged_bins(self, totals: np.ndarray) -> np.ndarray:
