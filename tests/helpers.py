@@ -64,12 +64,14 @@ class Processes:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.running: list[subprocess.Popen[bytes]] = []
+        self.started = 0
         # The port of the `stack` aggregator's Prometheus endpoint.
         self.metrics_port: int | None = None
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start `python *argv` in its own process group, so `kill` reaches its pool children too."""
-        log = open(self.log_dir / f"{name}-{len(self.running)}.log", "wb")  # noqa: SIM115
+        self.started += 1
+        log = open(self.log_dir / f"{name}-{self.started}.log", "wb")  # noqa: SIM115
         process = subprocess.Popen(
             [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -77,20 +79,29 @@ class Processes:
         return process
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
-        """kill -9 the process and its pool children."""
+        """kill -9 the process and its pool children; it is no longer one of `running`."""
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        if process in self.running:
+            self.running.remove(process)
 
-    def stop_all(self, timeout: float = 30) -> None:
-        """SIGTERM every process (a warm shutdown), SIGKILL what is left after `timeout` s."""
-        for process in self.running:
+    def stop(self, *processes: subprocess.Popen[bytes], timeout: float = 30) -> None:
+        """SIGTERM `processes` (a warm shutdown), SIGKILL what is left after `timeout` s;
+        they are no longer `running`."""
+        for process in processes:
             if process.poll() is None:
                 process.terminate()
-        for process in self.running:
+        for process in processes:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill(process)
+            if process in self.running:
+                self.running.remove(process)
+
+    def stop_all(self, timeout: float = 30) -> None:
+        """Stop every running process."""
+        self.stop(*self.running, timeout=timeout)
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -120,10 +119,6 @@ def test_flower_shows_the_live_workers_and_the_pipeline_tasks(
                 expect(page.locator("#tasks-table tbody")).to_contain_text(task)
             browser.close()
     finally:
-        flower.terminate()
-        try:
-            flower.wait(30)
-        except subprocess.TimeoutExpired:
-            stack.kill(flower)
+        stack.stop(flower)
     with capsys.disabled():
         print(f"\nFlower screenshots: {', '.join(map(str, screenshots))}")
