@@ -392,12 +392,21 @@ def report(batch_id: str, html_path: Path | None, as_json: bool) -> None:
 
     --json prints the batch's status with its metrics.
     """
-    from pipeline.report import latency_histograms, print_report, write_html
+    from pipeline.report import latency_histograms, print_report, print_status, write_html
 
     client = _client()
     status = client.batch(batch_id).status()
     if not status.metrics:
-        raise click.ClickException(f"batch {status.id} is {status.state.value}: its metrics come when it finishes")
+        if not status.finished:
+            raise click.ClickException(f"batch {status.id} is {status.state.value}: its metrics come when it finishes")
+        # Finished before any input was scored (e.g. its split failed): the status is all there is.
+        if as_json:
+            click.echo(status.model_dump_json())
+        else:
+            print_status(_console(), status)
+        raise click.ClickException(
+            f"batch {status.id} {status.state.value} before any input was scored: it has no KPIs, latency or drift"
+        )
     if html_path is not None:
         histograms = latency_histograms(client.engine, status.id)
         try:

@@ -22,10 +22,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from pipeline import health, registry
+from pipeline import health, ledger, registry
+from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import held_out_records
 from pipeline.settings import libpq_url, sqlalchemy_url
-from tests.helpers import RunServices
+from tests.helpers import RunServices, store_batch
 from tests.pipelines import BAD_OUTPUT
 
 PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")
@@ -281,6 +282,21 @@ def test_status_json_and_tables(finished: str, services: RunServices, models_dir
 
     report = json.loads(_cli(env, "report", finished, "--json").stdout)
     assert report["metrics"]["kpis"] == one["metrics"]["kpis"]
+
+
+def test_report_on_a_batch_that_failed_before_scoring_says_so(
+    engine: Engine, services: RunServices, models_dir: Path
+) -> None:
+    """A batch whose split failed has a status but no metrics: `report` shows the status and
+    says why there is nothing more (not "its metrics come when it finishes")."""
+    batch_id, _ = store_batch(engine, held_out_strips(2))
+    with engine.begin() as conn:
+        ledger.fail_pending_batch(conn, batch_id, "the split failed: test")
+    run = _cli(_env(services, models_dir), "report", str(batch_id))
+    assert run.returncode == 1 and "the split failed: test" in run.stdout
+    assert run.stderr.strip() == (
+        f"Error: batch {batch_id} failed before any input was scored: it has no KPIs, latency or drift"
+    )
 
 
 def test_submit_json_prints_the_id(services: RunServices, models_dir: Path, records_file: Path) -> None:
