@@ -50,7 +50,8 @@ app = Celery("bench-peers", set_as_current=False)
 
 
 def configure(settings: Settings) -> Celery:
-    """The pipeline's broker settings, plus the Redis result backend under the run's prefix."""
+    """The pipeline's broker settings, plus the Redis result backend under the run's prefix
+    and Celery's own message consumer."""
     assert settings.broker_url is not None
     broker.configure(app, settings.broker_url, settings)
     app.conf.update(
@@ -58,6 +59,8 @@ def configure(settings: Settings) -> Celery:
         result_backend=settings.broker_url,
         result_backend_transport_options={"global_keyprefix": settings.broker_prefix},
         task_default_queue=QUEUE,
+        # Celery's own consumer: the pipeline's guard accepts only the pipeline's task messages.
+        worker_consumer="celery.worker.consumer:Consumer",
     )
     return app
 
