@@ -86,10 +86,11 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=0, help="model rows of the warm-up batch (0: none)")
     args = parser.parse_args()
 
-    workload = make_workload(args.pipeline, args.rows)
+    definition = registry.get_pipeline(args.pipeline)
+    workload = make_workload(definition, args.rows)
     if args.items is not None:
         workload = workload.head(args.items)
-    warm_up = make_workload(args.pipeline, args.warm_up, WARM_UP_SEED) if args.warm_up else None
+    warm_up = make_workload(definition, args.warm_up, WARM_UP_SEED) if args.warm_up else None
     if args.mode == "pipeline":
         client = Client()
         if warm_up is not None:

@@ -4,7 +4,10 @@ result backend, on the same broker, models and JSON serialisation as the pipelin
 * naive: one task per input (validate, split, predict with every model, aggregate);
 * chunked: the pipeline's own chunking (`Chunker`, chunk size per model), one task per
   chunk carrying its float32 rows; the client assembles one result per input from the
-  chunk outputs with the aggregator's own code, but nothing is written to a ledger.
+  chunk outputs with the aggregator's own code, but nothing is written to a ledger;
+* floor: a task that does nothing but write one ledger row and notify, waited for
+  through the client's own `batch_finished` listener: the least a one-input batch
+  can take on this broker and database.
 
 The chord body returns the header's results, so the client reads them all from the
 result backend. `python -m bench.peers` runs the peers' worker.
@@ -15,14 +18,19 @@ from __future__ import annotations
 import base64
 import os
 import sys
+import time
+import uuid
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import numpy as np
 from celery import Celery, chord
+from sqlalchemy import Engine, text
 
 from aggregator.assemble import ModelOutputStream
 from pipeline import broker, ledger, registry
+from pipeline.client import Client
 from pipeline.definition import PageOutputs, Pipeline
 from pipeline.inputs import encode_inputs, is_table
 from pipeline.settings import Settings, get_settings
@@ -33,6 +41,8 @@ QUEUE = "bench.peers"
 NAIVE_TASK = "bench.naive_item"
 CHUNK_TASK = "bench.predict_chunk"
 COLLECT_TASK = "bench.collect"
+FLOOR_TASK = "bench.floor"
+FLOOR_TABLE = "bench_floor"
 # How long a client waits for a chord's results.
 TIMEOUT_S = 3600
 
@@ -40,7 +50,8 @@ app = Celery("bench-peers", set_as_current=False)
 
 
 def configure(settings: Settings) -> Celery:
-    """The pipeline's broker settings, plus the Redis result backend under the run's prefix."""
+    """The pipeline's broker settings, plus the Redis result backend under the run's prefix
+    and Celery's own message consumer."""
     assert settings.broker_url is not None
     broker.configure(app, settings.broker_url, settings)
     app.conf.update(
@@ -48,6 +59,8 @@ def configure(settings: Settings) -> Celery:
         result_backend=settings.broker_url,
         result_backend_transport_options={"global_keyprefix": settings.broker_prefix},
         task_default_queue=QUEUE,
+        # Celery's own consumer: the pipeline's guard accepts only the pipeline's task messages.
+        worker_consumer="celery.worker.consumer:Consumer",
     )
     return app
 
@@ -88,6 +101,45 @@ def predict_chunk(model: str, rows: int, payload: str) -> str:
 @app.task(name=COLLECT_TASK)
 def collect(results: list[Any]) -> list[Any]:
     return results
+
+
+@cache
+def _ledger() -> Engine:
+    settings = get_settings()
+    assert settings.database_url is not None
+    return ledger.make_engine(settings.database_url)
+
+
+@app.task(name=FLOOR_TASK, ignore_result=True)
+def floor(key: str) -> None:
+    """One ledger write and its notification, as a sub-task completion and a batch finish make."""
+    with _ledger().begin() as conn:
+        conn.execute(
+            text(f"INSERT INTO {FLOOR_TABLE} (key, done_at) VALUES (:key, clock_timestamp())"),  # noqa: S608
+            {"key": key},
+        )
+        conn.execute(text("SELECT pg_notify(:channel, :key)"), {"channel": ledger.NOTIFY_CHANNEL, "key": key})
+
+
+def measure_floor(client: Client, samples: int, warm_up: int) -> list[float]:
+    """ms of `samples` no-op round trips, one after another: `apply_async` → a peers worker
+    → one ledger write and NOTIFY → the client's listener wakes → the row read back."""
+    with client.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (key text PRIMARY KEY, done_at timestamptz)"))
+    times = []
+    for sample in range(warm_up + samples):
+        key = str(uuid.uuid4())
+        start = time.perf_counter()
+        with client.listener.subscription(key) as woken:
+            woken.clear()
+            floor.apply_async((key,), queue=QUEUE)
+            if not woken.wait(TIMEOUT_S):
+                raise RuntimeError(f"no-op task {key} never notified")
+        with client.engine.connect() as conn:
+            conn.execute(text(f"SELECT done_at FROM {FLOOR_TABLE} WHERE key = :key"), {"key": key}).one()  # noqa: S608
+        if sample >= warm_up:
+            times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def naive_items(pipeline: Pipeline, inputs: Any) -> list[dict[str, Any]]:

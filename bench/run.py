@@ -27,28 +27,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import text
 
+from bench import peers
 from bench.cli import measure_cli
 from bench.memory import PeakRss
 from bench.processes import Processes
 from bench.table import print_table
-from bench.workload import DEFAULT_ROWS, Workload, make_workload
+from bench.workload import DEFAULT_ROWS, make_workload
 from pipeline import registry
 from pipeline.artifacts import load_verified
 from pipeline.client import Client
 from pipeline.definition import Pipeline
 from pipeline.errors import UnknownPipelineError
-from pipeline.inputs import encode_inputs
 from pipeline.scratch import scratch_services
-from pipeline.settings import get_settings
 from pipeline.training import train_models
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 WORKER_PROCESSES = 2
 STATUS_CALLS = 50
+# Rows of the untimed predict call before the limit is timed.
+WARM_UP_ROWS = 50
 LATENCY_WARM_UP = 5
-CHECKED_ITEMS = 50
 RUN_TIMEOUT_S = 3 * 3600
+THROUGHPUT, MIXED, FAIR = SCENARIOS = ("throughput", "mixed", "fair")
+# Between the submissions of the fair scenario's two bulk batches.
+FAIR_GAP_S = 1.0
 _started = time.monotonic()
 
 
@@ -65,31 +69,31 @@ def default_pipeline() -> str:
     return "screening"
 
 
-def check_workload(pipeline: Pipeline, workload: Workload) -> None:
-    """The rows the limit predicts are the rows the pipeline's own split gives, checked on the first inputs."""
-    head = workload.head(min(workload.items, CHECKED_ITEMS))
-    (page,) = encode_inputs(pipeline, head.inputs, CHECKED_ITEMS, get_settings().max_item_bytes)
-    parts = pipeline.split_page(page)
-    for spec in pipeline.models:
-        if not np.array_equal(np.asarray(parts[spec.name].X, dtype="<f4"), head.X):
-            raise RuntimeError(f"bench workload rows differ from {pipeline.name}'s split for model {spec.name}")
-
-
-def measure_limit(pipeline: Pipeline, models_dir: Path, X: np.ndarray) -> dict[str, float]:
-    """Seconds of one vectorised predict call per model over all rows, in this process."""
+def measure_limit(pipeline: Pipeline, models_dir: Path, Xs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Seconds of one vectorised predict call per model over all its rows, in this process."""
     seconds = {}
     for spec in pipeline.models:
+        X = Xs[spec.name]
         estimator, _ = load_verified(models_dir, spec.name)
-        spec.predict(estimator, X[:CHECKED_ITEMS])
+        spec.predict(estimator, X[:WARM_UP_ROWS])
         start = time.perf_counter()
         spec.predict(estimator, X)
         seconds[spec.name] = time.perf_counter() - start
     return seconds
 
 
-def client_command(mode: str, pipeline: str, args: argparse.Namespace, items: int | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "bench.client", mode, "--pipeline", pipeline, "--rows", str(args.rows)]
-    argv += ["--warm-up", str(args.warm_up)]
+def client_command(
+    mode: str,
+    pipeline: str,
+    args: argparse.Namespace,
+    items: int | None = None,
+    rows: int | None = None,
+    warm_up: int | None = None,
+) -> list[str]:
+    """A `bench.client` run of `rows` (default `--rows`), after a warm-up batch of `warm_up`
+    rows (default `--warm-up`)."""
+    argv = [sys.executable, "-m", "bench.client", mode, "--pipeline", pipeline, "--rows", str(rows or args.rows)]
+    argv += ["--warm-up", str(args.warm_up if warm_up is None else warm_up)]
     return argv + (["--items", str(items)] if items is not None else [])
 
 
@@ -104,11 +108,11 @@ def measure_status(client: Client, batch_id: str) -> float:
     return statistics.median(times) * 1000
 
 
-def measure_latency(client: Client, pipeline: str, samples: int) -> list[float]:
+def measure_latency(client: Client, pipeline: str, samples: int, warm_up: int = LATENCY_WARM_UP) -> list[float]:
     """ms from submit to the result readable, for one-input batches run one after another."""
-    one = make_workload(pipeline, 1).inputs
+    one = make_workload(registry.get_pipeline(pipeline), 1).inputs
     times = []
-    for sample in range(LATENCY_WARM_UP + samples):
+    for sample in range(warm_up + samples):
         start = time.perf_counter()
         batch = client.submit(pipeline, one)
         batch.wait(timeout=60)
@@ -116,7 +120,7 @@ def measure_latency(client: Client, pipeline: str, samples: int) -> list[float]:
         elapsed = time.perf_counter() - start
         if len(results) != 1 or results[0].output is None:
             raise RuntimeError(f"one-input batch {batch.id} has no result: {results}")
-        if sample >= LATENCY_WARM_UP:
+        if sample >= warm_up:
             times.append(elapsed * 1000)
     return times
 
@@ -142,112 +146,242 @@ def measure_results_out(processes: Processes, folder: Path, batch_id: str, items
     return seconds, rss.peak_mb("results_out")
 
 
-def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """Every phase, in order; return the figures."""
-    pipeline = registry.get_pipeline(args.pipeline)
-    figures: dict[str, Any] = {"pipeline": pipeline.name, "started_at": datetime.now(UTC).isoformat()}
-    models_dir = folder / "models"
-    with scratch_services("bench", folder / "embedded") as services:
-        figures["services"] = services.origin
-        log(f"training {', '.join(spec.name for spec in pipeline.models)}")
-        train_models(models_dir, [spec.name for spec in pipeline.models])
+def bulk_phases(client: Client, batch_id: str) -> dict[str, float]:
+    """Seconds from a batch's submission (its ledger row) to its first finished sub-task and to its end."""
+    with client.engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT extract(epoch FROM min(s.finished_at) - b.created_at) AS first_result_s,"
+                " extract(epoch FROM b.finished_at - b.created_at) AS finish_s,"
+                " extract(epoch FROM b.created_at) AS created_epoch,"
+                " extract(epoch FROM b.finished_at) AS finished_epoch"
+                " FROM batches b JOIN subtasks s ON s.batch_id = b.id WHERE b.id = :b GROUP BY b.id"
+            ),
+            {"b": batch_id},
+        ).one()
+    return {key: float(value) for key, value in row._mapping.items()}
 
-        workload = make_workload(pipeline.name, args.rows)
-        check_workload(pipeline, workload)
-        log(f"limit: {workload.rows} rows, one predict call per model")
-        limit = measure_limit(pipeline, models_dir, workload.X)
-        naive_items = min(workload.items, args.naive_items)
-        del workload
 
-        processes = Processes(folder / "logs", services.env(models_dir))
-        try:
-            models = ",".join(spec.name for spec in pipeline.models)
-            worker = processes.start("worker", "workers", "--models", models, "--concurrency", str(WORKER_PROCESSES))
-            aggregator = processes.start("aggregator", "aggregator")
-            processes.start("peers", "bench.peers", str(WORKER_PROCESSES))
+def measure_mixed(processes: Processes, client: Client, pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One-input latency idle, the bulk batch alone, then the bulk batch again with a stream of
+    one-input batches (this process's own client) submitted one after another while it runs."""
+    bulk = client_command("pipeline", pipeline, args, rows=args.bulk_rows, warm_up=0)
+    log(f"mixed: {args.latency_samples} one-input batches on the idle cluster")
+    idle = measure_latency(client, pipeline, args.latency_samples)
+    log(f"mixed: bulk batch of {args.bulk_rows} rows alone")
+    alone = run_client(processes, "client-bulk-alone", bulk)
+    log("mixed: the bulk batch again, with one-input batches while it runs")
+    launched = processes.launch("client-bulk-mixed", bulk)
+    stream = []
+    while launched.poll() is None:
+        started = time.time()
+        stream.append((started, measure_latency(client, pipeline, 1, warm_up=0)[0]))
+    mixed = json.loads(processes.finish("client-bulk-mixed", launched, RUN_TIMEOUT_S))
+    window = bulk_phases(client, mixed["batch_id"])
+    # Only the one-input batches submitted and answered while the bulk batch was in the ledger.
+    during = [
+        ms
+        for started, ms in stream
+        if started >= window["created_epoch"] and started + ms / 1000 <= window["finished_epoch"]
+    ]
+    if not during:
+        raise RuntimeError("no one-input batch ran while the bulk batch did: raise --bulk-rows")
+    log(
+        f"mixed: {len(during)} one-input batches during the bulk batch; bulk {alone['seconds']:.2f} s alone,"
+        f" {mixed['seconds']:.2f} s with them"
+    )
+    figures = {
+        "idle_latency_p50_ms": float(np.percentile(idle, 50)),
+        "idle_latency_p99_ms": float(np.percentile(idle, 99)),
+        "mixed_latency_p50_ms": float(np.percentile(during, 50)),
+        "mixed_latency_p99_ms": float(np.percentile(during, 99)),
+        "mixed_latency_max_ms": max(during),
+        "mixed_latency_samples": len(during),
+        "mixed_bulk_rows": mixed["rows"],
+        "mixed_bulk_items": mixed["items"],
+        "mixed_bulk_alone_s": alone["seconds"],
+        "mixed_bulk_with_stream_s": mixed["seconds"],
+        "bulk_slowdown": mixed["seconds"] / alone["seconds"],
+    }
+    figures["mixed_p99_vs_idle_p99"] = figures["mixed_latency_p99_ms"] / figures["idle_latency_p99_ms"]
+    return figures
 
-            log(f"pipeline: {args.rows} rows")
-            launched = processes.launch("client-pipeline", client_command("pipeline", pipeline.name, args))
-            roots = {"client": launched.pid, "worker": worker.pid, "aggregator": aggregator.pid}
-            with PeakRss(roots) as rss:
-                measured = json.loads(processes.finish("client-pipeline", launched, RUN_TIMEOUT_S))
-            log(
-                f"pipeline took {measured['seconds']:.2f} s, submit {measured['submit_s']:.2f} s;"
-                " from the ledger, s after submission:"
-                f" {json.dumps(measured['phases_s'])}"
-            )
 
-            client = Client(services.settings(models_dir))
-            log("batch.status() on the finished batch")
-            status_ms = measure_status(client, measured["batch_id"])
-            log("pipeline results --out")
-            results_out_s, rss_results_out_mb = measure_results_out(
-                processes, folder, measured["batch_id"], measured["items"]
-            )
-            log(f"latency: {args.latency_samples} one-input batches")
-            latency = measure_latency(client, pipeline.name, args.latency_samples)
-            client.close()
+def measure_fair(processes: Processes, client: Client, pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Two bulk batches of `--bulk-rows`, from two client processes started `FAIR_GAP_S` apart:
+    each one's time from its submission (its ledger row) to its first finished sub-task and to its end."""
+    bulk = client_command("pipeline", pipeline, args, rows=args.bulk_rows, warm_up=0)
+    log(f"fair: two bulk batches of {args.bulk_rows} rows, {FAIR_GAP_S:.0f} s apart")
+    first = processes.launch("client-fair-1", bulk)
+    time.sleep(FAIR_GAP_S)
+    second = processes.launch("client-fair-2", bulk)
+    measured = [
+        json.loads(processes.finish(f"client-fair-{n}", p, RUN_TIMEOUT_S)) for n, p in ((1, first), (2, second))
+    ]
+    figures: dict[str, Any] = {"fair_bulk_rows": measured[0]["rows"]}
+    for n, run_of in enumerate(measured, 1):
+        phases = bulk_phases(client, run_of["batch_id"])
+        figures[f"fair_{n}_submit_s"] = run_of["submit_s"]
+        figures[f"fair_{n}_first_result_s"] = phases["first_result_s"]
+        figures[f"fair_{n}_finish_s"] = phases["finish_s"]
+    first_created = bulk_phases(client, measured[0]["batch_id"])["created_epoch"]
+    second_created = bulk_phases(client, measured[1]["batch_id"])["created_epoch"]
+    figures["fair_2_submitted_after_1_s"] = second_created - first_created
+    return figures
 
-            log(f"naive peer: {naive_items} inputs")
-            naive = run_client(processes, "client-naive", client_command("naive", pipeline.name, args, naive_items))
-            log(f"chunked peer: {args.rows} rows")
-            chunked = run_client(processes, "client-chunked", client_command("chunked", pipeline.name, args))
-        finally:
-            processes.stop_all()
-        log("CLI: pipeline --help, pipeline status --limit 1")
-        cli = measure_cli(services.env(models_dir))
+
+def measure_floor(client: Client, samples: int) -> dict[str, Any]:
+    """The no-op round trip (`bench.peers.measure_floor`)."""
+    log(f"floor: {samples} no-op Celery tasks, each writing the ledger and notifying")
+    floor = peers.measure_floor(client, samples, LATENCY_WARM_UP)
+    return {
+        "floor_p50_ms": float(np.percentile(floor, 50)),
+        "floor_p99_ms": float(np.percentile(floor, 99)),
+        "floor_samples": len(floor),
+    }
+
+
+def measure_throughput(
+    processes: Processes,
+    client: Client,
+    pipeline: Pipeline,
+    args: argparse.Namespace,
+    folder: Path,
+    limit: dict[str, float],
+    naive_items: int,
+    roots: dict[str, int],
+) -> dict[str, Any]:
+    """The N-row batch with peak RSS, `batch.status()`, `results --out`, one-input latency,
+    and the chord peers."""
+    log(f"pipeline: {args.rows} rows")
+    launched = processes.launch("client-pipeline", client_command("pipeline", pipeline.name, args))
+    with PeakRss({"client": launched.pid, **roots}) as rss:
+        measured = json.loads(processes.finish("client-pipeline", launched, RUN_TIMEOUT_S))
+    log(
+        f"pipeline took {measured['seconds']:.2f} s, submit {measured['submit_s']:.2f} s;"
+        " from the ledger, s after submission:"
+        f" {json.dumps(measured['phases_s'])}"
+    )
+    log("batch.status() on the finished batch")
+    status_ms = measure_status(client, measured["batch_id"])
+    log("pipeline results --out")
+    results_out_s, rss_results_out_mb = measure_results_out(processes, folder, measured["batch_id"], measured["items"])
+    log(f"latency: {args.latency_samples} one-input batches")
+    latency = measure_latency(client, pipeline.name, args.latency_samples)
+    log(f"naive peer: {naive_items} inputs")
+    naive = run_client(processes, "client-naive", client_command("naive", pipeline.name, args, naive_items))
+    log(f"chunked peer: {args.rows} rows")
+    chunked = run_client(processes, "client-chunked", client_command("chunked", pipeline.name, args))
 
     limit_s = sum(limit.values())
     rows = measured["rows"]
     pipeline_rows_per_s = rows / measured["seconds"]
     naive_rows_per_s = naive["rows"] / naive["seconds"]
     chunked_rows_per_s = chunked["rows"] / chunked["seconds"]
-    figures.update(
-        {
-            "rows": rows,
-            "limit_s": limit_s,
-            "pipeline_s": measured["seconds"],
-            "ratio_vs_limit": measured["seconds"] / limit_s,
-            "pipeline_rows_per_s": pipeline_rows_per_s,
-            "naive_rows_per_s": naive_rows_per_s,
-            "chunked_rows_per_s": chunked_rows_per_s,
-            "latency_p50_ms": float(np.percentile(latency, 50)),
-            "latency_p95_ms": float(np.percentile(latency, 95)),
-            "latency_p99_ms": float(np.percentile(latency, 99)),
-            "overhead_ms_per_subtask": (measured["seconds"] - limit_s) / measured["subtasks"] * 1000,
-            "status_ms": status_ms,
-            "rss_client_mb": rss.peak_mb("client"),
-            "rss_worker_mb": rss.peak_mb("worker"),
-            "rss_aggregator_mb": rss.peak_mb("aggregator"),
-            "rss_results_out_mb": rss_results_out_mb,
-            # Extras.
-            "items": measured["items"],
-            "subtasks": measured["subtasks"],
-            "limit_rows_per_s": rows / limit_s,
-            **{f"limit_s_{model}": seconds for model, seconds in limit.items()},
-            "pipeline_submit_s": measured["submit_s"],
-            **{f"phase_{name}": seconds for name, seconds in measured["phases_s"].items()},
-            "ledger_wait_s": measured["ledger_wait_s"],
-            "ledger_aggregation_s": measured["ledger_aggregation_s"],
-            "pipeline_vs_naive": pipeline_rows_per_s / naive_rows_per_s,
-            "pipeline_vs_chunked": pipeline_rows_per_s / chunked_rows_per_s,
-            "naive_items": naive["items"],
-            "naive_rows": naive["rows"],
-            "naive_s": naive["seconds"],
-            "chunked_s": chunked["seconds"],
-            "chunked_tasks": chunked["tasks"],
-            "latency_samples": len(latency),
-            "results_out_s": results_out_s,
-            "rss_worker_processes_mb": rss.peaks_mb("worker"),
-            "rss_worker_total_mb": rss.tree_mb("worker"),
-            "rss_aggregator_processes_mb": rss.peaks_mb("aggregator"),
-            "rss_aggregator_total_mb": rss.tree_mb("aggregator"),
-            "worker_processes": WORKER_PROCESSES,
-            "cpus": os.cpu_count(),
-            **cli,
-        }
-    )
+    return {
+        "rows": rows,
+        "limit_s": limit_s,
+        "pipeline_s": measured["seconds"],
+        "ratio_vs_limit": measured["seconds"] / limit_s,
+        "pipeline_rows_per_s": pipeline_rows_per_s,
+        "naive_rows_per_s": naive_rows_per_s,
+        "chunked_rows_per_s": chunked_rows_per_s,
+        "latency_p50_ms": float(np.percentile(latency, 50)),
+        "latency_p95_ms": float(np.percentile(latency, 95)),
+        "latency_p99_ms": float(np.percentile(latency, 99)),
+        "overhead_ms_per_subtask": (measured["seconds"] - limit_s) / measured["subtasks"] * 1000,
+        "status_ms": status_ms,
+        "rss_client_mb": rss.peak_mb("client"),
+        "rss_worker_mb": rss.peak_mb("worker"),
+        "rss_aggregator_mb": rss.peak_mb("aggregator"),
+        "rss_results_out_mb": rss_results_out_mb,
+        # Extras.
+        "items": measured["items"],
+        "subtasks": measured["subtasks"],
+        "limit_rows_per_s": rows / limit_s,
+        **{f"limit_s_{model}": seconds for model, seconds in limit.items()},
+        "pipeline_submit_s": measured["submit_s"],
+        **{f"phase_{name}": seconds for name, seconds in measured["phases_s"].items()},
+        "ledger_wait_s": measured["ledger_wait_s"],
+        "ledger_aggregation_s": measured["ledger_aggregation_s"],
+        "pipeline_vs_naive": pipeline_rows_per_s / naive_rows_per_s,
+        "pipeline_vs_chunked": pipeline_rows_per_s / chunked_rows_per_s,
+        "naive_items": naive["items"],
+        "naive_rows": naive["rows"],
+        "naive_s": naive["seconds"],
+        "chunked_s": chunked["seconds"],
+        "chunked_tasks": chunked["tasks"],
+        "latency_samples": len(latency),
+        "results_out_s": results_out_s,
+        "rss_worker_processes_mb": rss.peaks_mb("worker"),
+        "rss_worker_total_mb": rss.tree_mb("worker"),
+        "rss_aggregator_processes_mb": rss.peaks_mb("aggregator"),
+        "rss_aggregator_total_mb": rss.tree_mb("aggregator"),
+    }
+
+
+def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Every phase of each scenario, in order; return the figures."""
+    pipeline = registry.get_pipeline(args.pipeline)
+    figures: dict[str, Any] = {
+        "pipeline": pipeline.name,
+        "scenarios": args.scenario,
+        "started_at": datetime.now(UTC).isoformat(),
+        "worker_processes": WORKER_PROCESSES,
+        "cpus": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+    models_dir = folder / "models"
+    with scratch_services("bench", folder / "embedded") as services:
+        figures["services"] = services.origin
+        log(f"training {', '.join(spec.name for spec in pipeline.models)}")
+        train_models(models_dir, [spec.name for spec in pipeline.models])
+
+        limit: dict[str, float] = {}
+        naive_items = 0
+        if THROUGHPUT in args.scenario:
+            workload = make_workload(pipeline, args.rows)
+            log(f"limit: {workload.rows} rows, one predict call per model")
+            limit = measure_limit(pipeline, models_dir, workload.Xs)
+            naive_items = min(workload.items, args.naive_items)
+            del workload
+
+        processes = Processes(folder / "logs", services.env(models_dir))
+        client = Client(services.settings(models_dir))
+        try:
+            models = ",".join(spec.name for spec in pipeline.models)
+            worker = processes.start("worker", "workers", "--models", models, "--concurrency", str(WORKER_PROCESSES))
+            aggregator = processes.start("aggregator", "aggregator")
+            processes.start("peers", "bench.peers", str(WORKER_PROCESSES))
+            peers.configure(services.settings(models_dir))
+            log("warm-up: every worker process loads its models")
+            run_client(processes, "client-warm-up", client_command("pipeline", pipeline.name, args, rows=args.warm_up))
+            figures.update(measure_floor(client, args.latency_samples))
+            if THROUGHPUT in args.scenario:
+                roots = {"worker": worker.pid, "aggregator": aggregator.pid}
+                figures.update(measure_throughput(processes, client, pipeline, args, folder, limit, naive_items, roots))
+                figures["latency_p50_vs_floor"] = figures["latency_p50_ms"] / figures["floor_p50_ms"]
+            if MIXED in args.scenario:
+                figures.update(measure_mixed(processes, client, pipeline.name, args))
+                figures["idle_latency_p50_vs_floor"] = figures["idle_latency_p50_ms"] / figures["floor_p50_ms"]
+            if FAIR in args.scenario:
+                figures.update(measure_fair(processes, client, pipeline.name, args))
+        finally:
+            client.close()
+            processes.stop_all()
+        if THROUGHPUT in args.scenario:
+            log("CLI: pipeline --help, pipeline status --limit 1")
+            figures.update(measure_cli(services.env(models_dir)))
     return figures
+
+
+def write_results(path: Path, figures: dict[str, Any]) -> None:
+    """Merge the run's figures into `path` as flat keys `<pipeline>.<figure>`, replacing that
+    pipeline's earlier figures of the same names (other pipelines' and scenarios' stay)."""
+    prefix = f"{figures['pipeline']}."
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update({prefix + key: value for key, value in _rounded(figures).items()})
+    path.write_text(json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
 
 
 def main() -> None:
@@ -256,11 +390,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="model rows (default: 1,000,000 screening, 200,000 digits)")
     parser.add_argument("--naive-items", type=int, default=20_000, help="inputs of the naive peer's batch, at most")
     parser.add_argument("--latency-samples", type=int, default=200)
-    parser.add_argument("--warm-up", type=int, default=4000, help="rows of the untimed warm-up batch of each client")
+    parser.add_argument("--warm-up", type=int, default=4000, help="rows of the untimed warm-up batch")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="throughput (default), mixed (one-input latency under a bulk batch), fair (two bulk batches); repeatable",
+    )
+    parser.add_argument(
+        "--bulk-rows", type=int, default=1_000_000, help="model rows of each bulk batch of mixed and fair"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.pipeline = args.pipeline or default_pipeline()
     args.rows = args.rows or DEFAULT_ROWS.get(args.pipeline, DEFAULT_ROWS["digits"])
+    args.scenario = args.scenario or [THROUGHPUT]
 
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
@@ -269,7 +413,7 @@ def main() -> None:
         log(f"failed; logs kept in {folder / 'logs'}")
         raise
     shutil.rmtree(folder, ignore_errors=True)
-    args.out.write_text(json.dumps(_rounded(figures), indent=2) + "\n")
+    write_results(args.out, figures)
     print_table(figures)
     log(f"wrote {args.out}")
 

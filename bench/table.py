@@ -47,6 +47,7 @@ ROWS: tuple[Row, ...] = (
     ("pipeline_vs_chunked", "pipeline ÷ chunked peer (rows/s)", _x, "≥ 1 ×", lambda v: v >= 1),
     ("pipeline_vs_naive", "pipeline ÷ naive peer (rows/s)", _x, "≥ 20 ×", lambda v: v >= 20),
     ("latency_p50_ms", "one-input batch, submit → result read", _ms, "≤ 20 ms", lambda v: v <= 20),
+    ("latency_p50_vs_floor", "one-input p50 ÷ no-op task p50 (floor)", _x, "≤ 3 ×", lambda v: v <= 3),
     ("latency_p95_ms", "", _ms, "", None),
     ("latency_p99_ms", "", _ms, "≤ 60 ms", lambda v: v <= 60),
     ("overhead_ms_per_subtask", "(pipeline − limit) ÷ sub-tasks", _ms, "", None),
@@ -58,6 +59,35 @@ ROWS: tuple[Row, ...] = (
     ("rss_aggregator_processes_mb", "aggregator: main / each pool child", _mbs, "", None),
     ("rss_results_out_mb", "pipeline results --out, all rows", _mb, "constant in N", None),
 )
+# The latency floor, measured in every run.
+FLOOR_ROWS: tuple[Row, ...] = (
+    ("floor_p50_ms", "floor: no-op task → ledger write → client woken", _ms, "", None),
+    ("floor_p99_ms", "", _ms, "", None),
+)
+
+# `--scenario mixed`: one-input batches on the idle cluster, then while a bulk batch runs.
+MIXED_ROWS: tuple[Row, ...] = (
+    ("idle_latency_p50_ms", "one-input batch, idle cluster", _ms, "", None),
+    ("idle_latency_p50_vs_floor", "idle one-input p50 ÷ floor p50", _x, "≤ 3 ×", lambda v: v <= 3),
+    ("idle_latency_p99_ms", "", _ms, "", None),
+    ("mixed_latency_p50_ms", "one-input batch while a bulk batch runs", _ms, "", None),
+    ("mixed_latency_p99_ms", "", _ms, "", None),
+    ("mixed_latency_max_ms", "", _ms, "", None),
+    ("mixed_p99_vs_idle_p99", "mixed p99 ÷ idle p99", _x, "≤ 3 ×", lambda v: v <= 3),
+    ("mixed_bulk_alone_s", "bulk batch alone", _s, "", None),
+    ("mixed_bulk_with_stream_s", "bulk batch with the one-input stream", _s, "", None),
+    ("bulk_slowdown", "bulk with stream ÷ alone", _x, "≤ 1.1 ×", lambda v: v <= 1.1),
+)
+
+# `--scenario fair`: two bulk batches submitted about a second apart.
+FAIR_ROWS: tuple[Row, ...] = (
+    ("fair_2_submitted_after_1_s", "second batch stored after the first", _s, "", None),
+    ("fair_1_first_result_s", "first batch: stored → first sub-task done", _s, "", None),
+    ("fair_1_finish_s", "first batch: stored → finished", _s, "", None),
+    ("fair_2_first_result_s", "second batch: stored → first sub-task done", _s, "≤ 2 s", lambda v: v <= 2),
+    ("fair_2_finish_s", "second batch: stored → finished", _s, "", None),
+)
+
 # bench/cli.py's figures (issue 11): medians over its runs.
 CLI_ROWS: tuple[Row, ...] = (
     ("python_startup_s", "python -c pass: the floor of any command", _s, "", None),
@@ -71,12 +101,26 @@ CLI_ROWS: tuple[Row, ...] = (
 
 
 def print_table(figures: dict[str, Any]) -> None:
-    title = (
-        f"{figures['pipeline']}: {figures['rows']:,} rows, {figures['items']:,} inputs, {figures['subtasks']:,}"
-        f" sub-tasks; naive peer on {figures['naive_items']:,} inputs; latency over {figures['latency_samples']}"
-        f" batches; {figures['cpus']} CPUs, {figures['services']} services"
+    """Every figure of the run's scenarios, in one table."""
+    parts = [f"{figures['pipeline']} ({', '.join(figures['scenarios'])})"]
+    if "rows" in figures:
+        parts.append(
+            f"{figures['rows']:,} rows, {figures['items']:,} inputs, {figures['subtasks']:,} sub-tasks; naive peer"
+            f" on {figures['naive_items']:,} inputs; latency over {figures['latency_samples']} batches"
+        )
+    if "mixed_bulk_rows" in figures:
+        parts.append(
+            f"mixed: bulk of {figures['mixed_bulk_rows']:,} rows, {figures['mixed_latency_samples']} one-input"
+            " batches during it"
+        )
+    if "fair_bulk_rows" in figures:
+        parts.append(f"fair: 2 bulk batches of {figures['fair_bulk_rows']:,} rows")
+    parts.append(
+        f"floor over {figures['floor_samples']} tasks; {figures['cpus']} CPUs, load {figures['load_average_1m']:.2f}"
+        f" at start, {figures['services']} services"
     )
-    _print(title, ROWS + CLI_ROWS, figures)
+    rows = [row for row in ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + CLI_ROWS if row[0] in figures]
+    _print("; ".join(parts), tuple(rows), figures)
 
 
 def print_cli_table(figures: dict[str, Any]) -> None:

@@ -1,14 +1,19 @@
 """What a benchmark run submits: the same inputs, rebuilt from a seed in every process,
-and the float32 rows every model of the pipeline scores for them."""
+and the float32 rows every model of the pipeline scores for them. `digits` and
+`screening` have workloads here, sized in model rows; any other pipeline is benchmarked
+on its own `Pipeline.example_inputs`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
+
+from pipeline.definition import Pipeline
+from pipeline.inputs import encode_inputs
+from pipeline.settings import get_settings
 
 DEFAULT_ROWS = {"screening": 1_000_000, "digits": 200_000}
 # A digits input is a strip of 1..MAX_STRIP tiles, as in the demo.
@@ -18,18 +23,24 @@ MAX_STRIP = 6
 @dataclass(frozen=True)
 class Workload:
     """`inputs` is what `Client.submit` takes (a list of items, or a 2-D array for a
-    feature-vector pipeline); input i gives `rows_per_item[i]` rows of `X` to every model.
+    feature-vector pipeline); input i gives `rows_per_item[i]` rows (for a pipeline
+    without a workload here, a row is an input).
 
-    `X` is made on first use from `rows`: a client process, whose memory is measured,
-    holds only the inputs a user would."""
+    `Xs`, the float32 rows each model scores, come from the pipeline's own validation and
+    split, on first use: a client process, whose memory is measured, holds only the inputs
+    a user would."""
 
+    pipeline: Pipeline
     inputs: Any
     rows_per_item: np.ndarray
-    rows_of: Callable[[], np.ndarray]
 
     @cached_property
-    def X(self) -> np.ndarray:
-        return self.rows_of()
+    def Xs(self) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {spec.name: [] for spec in self.pipeline.models}
+        for page in encode_inputs(self.pipeline, self.inputs, self.items, get_settings().max_item_bytes):
+            for name, rows in self.pipeline.split_page(page).items():
+                parts[name].append(np.asarray(rows.X, dtype="<f4"))
+        return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
     @property
     def items(self) -> int:
@@ -41,22 +52,22 @@ class Workload:
 
     def head(self, count: int) -> Workload:
         """The first `count` inputs."""
-        rows_per_item = self.rows_per_item[:count]
-        return Workload(self.inputs[:count], rows_per_item, lambda: self.X[: int(rows_per_item.sum())])
+        return Workload(self.pipeline, self.inputs[:count], self.rows_per_item[:count])
 
 
-def make_workload(pipeline: str, rows: int, seed: int = 0) -> Workload:
-    """`rows` model rows of held-out data for `pipeline` (digits: tiles; screening: records)."""
+def make_workload(pipeline: Pipeline, rows: int, seed: int = 0) -> Workload:
+    """`rows` model rows of held-out data for `pipeline` (digits: tiles; screening: records);
+    for any other pipeline, `rows` inputs from its `example_inputs`."""
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
-    if pipeline == "digits":
-        return _digits(rows, seed)
-    if pipeline == "screening":
-        return _screening(rows, seed)
-    raise ValueError(f"no benchmark workload for pipeline {pipeline!r}; known: {', '.join(DEFAULT_ROWS)}")
+    if pipeline.name == "digits":
+        return _digits(pipeline, rows, seed)
+    if pipeline.name == "screening":
+        return _screening(pipeline, rows, seed)
+    return Workload(pipeline, pipeline.example_inputs(rows, seed), np.ones(rows, dtype=np.int64))
 
 
-def _digits(rows: int, seed: int) -> Workload:
+def _digits(pipeline: Pipeline, rows: int, seed: int) -> Workload:
     from pipeline.pipelines.digits import TILE, dataset_split
 
     _, X_test, _, y_test = dataset_split()
@@ -75,12 +86,12 @@ def _digits(rows: int, seed: int) -> Workload:
         label = "".join(str(digit) for digit in y_test[chosen[start : start + k]].tolist())
         inputs.append({"image": image.tolist(), "label": label})
         start += k
-    return Workload(inputs, sizes, lambda: tiles.astype("<f4"))
+    return Workload(pipeline, inputs, sizes)
 
 
-def _screening(rows: int, seed: int) -> Workload:
+def _screening(pipeline: Pipeline, rows: int, seed: int) -> Workload:
     from pipeline.pipelines.screening import dataset_split
 
     _, X_test, _, _ = dataset_split()
     X = X_test[np.random.default_rng(seed).integers(0, len(X_test), size=rows)]
-    return Workload(X, np.ones(rows, dtype=np.int64), lambda: X.astype("<f4"))
+    return Workload(pipeline, X, np.ones(rows, dtype=np.int64))

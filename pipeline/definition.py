@@ -144,6 +144,11 @@ class PageOutputs:
         lo, hi = np.searchsorted(self.items, (index, index + 1))
         return self.rows[lo:hi]
 
+    def bounds(self, count: int) -> np.ndarray:
+        """For inputs 0 .. `count` - 1, where each one's rows start, then the end of the last:
+        input i's rows are `rows[bounds[i]:bounds[i + 1]]`."""
+        return np.searchsorted(self.items, np.arange(count + 1))
+
 
 class Kpis(ABC):
     """Accumulates a pipeline's business KPIs over one batch, one input at a time."""
@@ -227,12 +232,18 @@ class Pipeline(ABC):
         `aggregate` per input, where an error on one input does not lose the others.
         """
         results: list[str | None] = []
+        # Each input's rows as one slice per model: the bounds of every input in one search.
+        bounds = {name: output.bounds(page.count).tolist() for name, output in outputs.items()}
         for index, item in enumerate(self.page_items(page)):
             result = None
             if errors[index] is None:
-                rows = {name: output.of(index) for name, output in outputs.items()}
+                rows = {}
+                for name, output in outputs.items():
+                    lo, hi = bounds[name][index], bounds[name][index + 1]
+                    if lo < hi:
+                        rows[name] = output.rows[lo:hi]
                 try:
-                    result = self.aggregate(item, {name: r for name, r in rows.items() if len(r)})
+                    result = self.aggregate(item, rows)
                 except Exception as error:  # noqa: BLE001 - a pipeline bug on one input must not lose the others
                     errors[index] = f"aggregate failed: {type(error).__name__}: {error}"
             kpis.add(item, result)
@@ -252,3 +263,8 @@ class Pipeline(ABC):
     @abstractmethod
     def kpis(self) -> Kpis:
         """Return a fresh KPI accumulator for one batch."""
+
+    def example_inputs(self, count: int, seed: int = 0) -> list[Any]:
+        """Return `count` valid inputs, the same for the same `seed`: what `make bench
+        BENCH_ARGS="--pipeline NAME"` submits for a pipeline it has no workload of its own for."""
+        raise NotImplementedError(f"pipeline {self.name!r} has no example inputs")

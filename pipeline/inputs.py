@@ -9,7 +9,6 @@ array or a DataFrame are vectorised: no Python object per row on that path.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence, Sized
 from typing import Any
 
@@ -167,9 +166,11 @@ class _Validator:
             self.problems += _finite_problems(self.pipeline, X, first)
             data = list(extras) if any(extras) else None
             return InputPage(first, len(items), X, data)
-        data = [item.model_dump(mode="json") for item in items]
-        for index, item in enumerate(data):
-            size = len(json.dumps(item))
+        # One serializer call per page for the stored data; each item's size as its compact
+        # JSON, made by pydantic's serializer (no Python object per value).
+        data = self.pipeline.items_adapter.dump_python(items, mode="json")
+        for index, item in enumerate(items):
+            size = len(item.__pydantic_serializer__.to_json(item))
             if size > self.max_item_bytes:
                 self.problems.append((first + index, f"{size} bytes of JSON; at most {self.max_item_bytes} allowed"))
         return InputPage(first, len(items), None, data)

@@ -17,7 +17,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 # Test-only pipelines, known to this process and every process the tests start.
-os.environ["PIPELINE_PIPELINES"] = "tests.pipelines:PoisonPipeline,tests.guarded:BadProbabilityPipeline"
+os.environ["PIPELINE_PIPELINES"] = (
+    "tests.pipelines:PoisonPipeline,tests.guarded:BadProbabilityPipeline,tests.user_pipeline:ShipmentsPipeline"
+)
 
 from pipeline import ledger  # noqa: E402  (after the environment is set)
 from pipeline.client import Client  # noqa: E402

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer
-from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import confusion_matrix, recall_score
 from sqlalchemy import Engine, text
 
@@ -27,7 +26,6 @@ from pipeline.pipelines.screening import (
     MODELS,
     Screened,
     dataset_split,
-    forest_proba,
     held_out_records,
 )
 
@@ -367,11 +365,3 @@ def test_a_missing_label_in_a_dataframe_is_none_whatever_pandas_holds_it_as() ->
         frame = pd.DataFrame(X, columns=FEATURES).assign(label=labels)
         (page,) = encode_inputs(get_pipeline("screening"), frame, 10, 10_000)
         assert page.data == [{"label": 0}, {}, {"label": 1}]
-
-
-@pytest.mark.parametrize("rows", [1, 7, 2000])
-def test_forest_proba_gives_scikit_learns_probabilities(rows: int) -> None:
-    X_train, X_test, y_train, _ = dataset_split()
-    forest = RandomForestClassifier(n_estimators=25, min_samples_leaf=2, random_state=0).fit(X_train, y_train)
-    X = np.resize(X_test, (rows, X_test.shape[1])).astype("<f4")
-    np.testing.assert_array_equal(forest_proba(forest, X), forest.predict_proba(X))

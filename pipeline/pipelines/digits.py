@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
 from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
+from pipeline.forests import isolation_decision
 
 TILE = 8
 MAX_DIGITS = 32
@@ -109,7 +110,7 @@ def _confidence(output: np.ndarray) -> np.ndarray:
 
 
 def _predict_ood_guard(model: Any, X: np.ndarray) -> np.ndarray:
-    score = model.decision_function(X)
+    score = isolation_decision(model, X)
     return np.column_stack([score, score >= 0])
 
 

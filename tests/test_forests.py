@@ -1,0 +1,35 @@
+"""pipeline.forests: the tree-ensemble shortcuts give scikit-learn's own numbers, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.ensemble import IsolationForest, RandomForestClassifier
+
+from pipeline.forests import forest_proba, isolation_decision
+from pipeline.pipelines.digits import dataset_split as digits_split
+from pipeline.pipelines.screening import dataset_split as screening_split
+
+
+@pytest.mark.parametrize("rows", [1, 7, 2000])
+def test_forest_proba_gives_scikit_learns_probabilities(rows: int) -> None:
+    X_train, X_test, y_train, _ = screening_split()
+    forest = RandomForestClassifier(n_estimators=25, min_samples_leaf=2, random_state=0).fit(X_train, y_train)
+    X = np.resize(X_test, (rows, X_test.shape[1])).astype("<f4")
+    np.testing.assert_array_equal(forest_proba(forest, X), forest.predict_proba(X))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 2000])
+def test_isolation_decision_gives_scikit_learns_scores(rows: int) -> None:
+    X_train, X_test, _, _ = digits_split()
+    forest = IsolationForest(n_estimators=50, contamination=0.01, random_state=0).fit(X_train)
+    noise = np.random.default_rng(0).uniform(0, 16, size=(rows, X_test.shape[1]))
+    X = np.concatenate([np.resize(X_test, (rows, X_test.shape[1])), noise]).astype("<f4")
+    np.testing.assert_array_equal(isolation_decision(forest, X), forest.decision_function(X))
+
+
+def test_isolation_decision_refuses_a_forest_on_a_feature_subset() -> None:
+    X_train, _, _, _ = digits_split()
+    forest = IsolationForest(n_estimators=5, max_features=0.5, random_state=0).fit(X_train)
+    with pytest.raises(ValueError, match="every feature"):
+        isolation_decision(forest, X_train[:3].astype("<f4"))
