@@ -11,6 +11,7 @@ Celery, nor Alembic, nor the models' libraries.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -468,6 +469,33 @@ def results(batch_id: str, out: Path | None) -> None:
                 progress.update(task, completed=written)
         progress.update(task, completed=written)
     _console().print(f"{written - failed} results written to {out}, {failed} failed inputs to {failed_out}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.argument("file", type=click.Path(path_type=Path))
+@JSON_OPTION
+def labels(batch_id: str, file: Path, as_json: bool) -> None:
+    """Store ground truth for a finished batch: FILE.jsonl holds one {"item": INDEX, "label": LABEL}
+    per line. All or nothing; the batch's realised KPIs are recomputed (no model runs)."""
+    import uuid
+
+    from pipeline import ledger
+    from pipeline.labels import labels_from_lines
+
+    lines, numbers = _read_jsonl(file)
+    client = _client()
+    handle = client.batch(batch_id)
+    stored = ledger.store_labels(client.engine, uuid.UUID(handle.id), labels_from_lines(handle.id, zip(numbers, lines)))
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(stored)))
+        return
+    realised = stored.realised
+    kpis = ", ".join(f"{name} {'-' if value is None else f'{value:.4g}'}" for name, value in realised["kpis"].items())
+    click.echo(
+        f"{stored.added} labels added, {stored.changed} changed, {stored.unchanged} unchanged;"
+        f" {realised['labelled_items']} inputs labelled ({realised['labelled_share']:.1%}): {kpis}"
+    )
 
 
 @main.command()

@@ -14,6 +14,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `sweep`: the sweeper's reconciliation;
 - `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
 - `heartbeats`: which queues the live workers consume;
+- `labels`: ground truth stored after a batch, and its realised KPIs;
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -52,6 +53,7 @@ from pipeline.ledger.counters import (
     too_many_failures_reason,
 )
 from pipeline.ledger.heartbeats import forget_worker, record_heartbeat, unserved_queues
+from pipeline.ledger.labels import StoredLabels, store_labels
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
 from pipeline.ledger.split import (
     Dispatch,
@@ -75,6 +77,7 @@ __all__ = [
     "NewSubtask",
     "Outcome",
     "RequestFingerprint",
+    "StoredLabels",
     "StoredResult",
     "SubtaskOutput",
     "Sweep",
@@ -103,6 +106,7 @@ __all__ = [
     "record_heartbeat",
     "record_split",
     "running_batch",
+    "store_labels",
     "subtask_outputs",
     "sweep",
     "too_many_failures_reason",

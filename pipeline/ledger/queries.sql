@@ -62,3 +62,24 @@ WHERE NOT EXISTS (
   WHERE q.queue = ANY (h.queues) AND h.beat_at > clock_timestamp() - make_interval(secs => CAST(:max_age_s AS float8))
 )
 ORDER BY q.n
+
+-- name: replace_changed_labels
+-- Close the current label of each input given another one (its history is kept).
+UPDATE labels l SET replaced_at = clock_timestamp()
+FROM unnest(CAST(:items AS int[]), CAST(:labels AS jsonb[])) AS n (item, label)
+WHERE l.batch_id = :batch_id AND l.item = n.item AND l.replaced_at IS NULL AND l.label <> n.label
+RETURNING l.item
+
+-- name: insert_labels
+-- Each input's new current label; the same label again meets its current row and is skipped.
+INSERT INTO labels (batch_id, item, label)
+SELECT :batch_id, n.item, n.label FROM unnest(CAST(:items AS int[]), CAST(:labels AS jsonb[])) AS n (item, label)
+ON CONFLICT (batch_id, item) WHERE replaced_at IS NULL DO NOTHING
+RETURNING item
+
+-- name: labelled_results
+-- A batch's current labels with the stored result of each labelled input (no model runs).
+SELECT l.item, l.label, r.output FROM labels l
+JOIN results r ON r.batch_id = l.batch_id AND r.item = l.item
+WHERE l.batch_id = :batch_id AND l.replaced_at IS NULL
+ORDER BY l.item
