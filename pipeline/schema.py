@@ -275,7 +275,7 @@ class Alert(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     kind: Mapped[str] = mapped_column(Text)
     pipeline: Mapped[str] = mapped_column(Text)
-    # '' for an alert on the whole pipeline (realised KPIs, latency).
+    # A realised-KPI or latency alert is on the pipeline's batches: its first model and version.
     model: Mapped[str] = mapped_column(Text)
     model_version: Mapped[str] = mapped_column(Text)
     # The window spec it was judged on, e.g. `1h`.
@@ -292,3 +292,5 @@ class MonitorEvaluation(Base):
 
     pipeline: Mapped[str] = mapped_column(Text, primary_key=True)
     evaluated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    # The judged windows' headline figures, read by the Prometheus endpoint.
+    figures: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 
 from pipeline import ledger
+from pipeline.artifacts import read_manifest
 from pipeline.client import BatchHandle, Client
 from pipeline.errors import BatchNotFoundError, InvalidLabelError
-from pipeline.pipelines.screening import held_out_records
+from pipeline.monitor import evaluate_alerts, judge_window, parse_window
+from pipeline.pipelines.screening import FEATURES, held_out_records
+from pipeline.registry import get_pipeline
 from tests.helpers import Processes, RunServices
 from tests.test_cli import _assert_one_line_error, _cli, _env
 
@@ -139,3 +144,124 @@ def test_labels_command(
     twice.write_text('{"item": 0, "label": 1}\n{"item": 0, "label": 0}\n')
     _assert_one_line_error(_cli(env, "labels", batch.id, str(twice)), "item 0: labelled twice")
     _assert_one_line_error(_cli(env, "labels", str(uuid.uuid4()), str(good)), "no batch")
+
+
+def test_a_batch_contributes_to_its_windows_and_monitor_shows_them(
+    screened: tuple[BatchHandle, list[int]], engine: Engine, services: RunServices, models_dir: Path
+) -> None:
+    batch, _ = screened
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT model, model_version, rows, label_counts FROM monitor_contributions WHERE batch_id = :id"),
+            {"id": batch.id},
+        ).all()
+    versions = {spec.name: read_manifest(models_dir, spec.name).sha256 for spec in get_pipeline("screening").models}
+    assert {(row.model, row.model_version) for row in rows} == set(versions.items())
+    assert all(row.rows == RECORDS and row.label_counts["labelled"] == RECORDS for row in rows)
+
+    env = _env(services, models_dir)
+    run = _cli(env, "monitor", "screening", "--window", "24h", "--json")
+    assert run.returncode == 0, run.stderr
+    shown = {version["model"]: version for version in json.loads(run.stdout)["versions"]}
+    assert set(shown) == set(versions)
+    logreg = shown["screen-logreg"]
+    assert logreg["model_version"] == versions["screen-logreg"] and logreg["batches"] >= 1
+    assert logreg["labelled_items"] >= RECORDS and logreg["realised_kpis"]["accuracy"] is not None
+    assert "score" in logreg["drift"] and logreg["latency_p95_s"] is not None
+    table = _cli(env, "monitor", "--window", "30m")
+    assert table.returncode == 0, table.stderr
+    assert "screen-forest" in table.stdout and "window 30m" in table.stdout
+    for spec in ("1x", "0h", "h", "5 days", "400d"):
+        _assert_one_line_error(_cli(env, "monitor", "--window", spec), f"window {spec!r}")
+
+
+def _batches(engine: Engine, count: int) -> list[uuid.UUID]:
+    """`count` batch rows of the screening pipeline (the contributions' owners), stored in one statement."""
+    ids = [uuid.uuid4() for _ in range(count)]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO batches (id, pipeline, items) SELECT unnest(CAST(:ids AS uuid[])), 'screening', 30"),
+            {"ids": ids},
+        )
+    return ids
+
+
+def _stream(
+    engine: Engine, models_dir: Path, start: datetime, count: int, rows: int, shifted: int, seed: int
+) -> datetime:
+    """Contribute `count` batches of `rows` rows each of the logistic model, one a minute from
+    `start`: bin counts drawn from its reference shares (no drift), with the first `shifted`
+    features' shares moved towards their upper bins (drift); return the last one's time."""
+    spec = next(spec for spec in get_pipeline("screening").models if spec.name == "screen-logreg")
+    manifest = read_manifest(models_dir, spec.name)
+    profile = manifest.reference
+    assert profile is not None
+    rng = np.random.default_rng(seed)
+    contributions = []
+    for index, batch_id in enumerate(_batches(engine, count)):
+        counts = []
+        for number, histogram in enumerate(profile.histograms):
+            shares = np.asarray(histogram.expected)
+            if number < shifted:
+                # Half the lower bins' share moves to the upper bins (a PSI near 0.27 on deciles).
+                shares = shares * np.where(np.arange(len(shares)) < len(shares) / 2, 0.5, 1.5)
+            counts.append(rng.multinomial(rows, shares / shares.sum()))
+        contributions.append(
+            ledger.Contribution(
+                batch_id,
+                "screening",
+                spec.name,
+                manifest.sha256,
+                start + timedelta(minutes=index),
+                30,
+                rows,
+                np.concatenate(counts).astype("<i8").tobytes(),
+                {"review_rate": 0.1},
+                0.5,
+            )  # fmt: skip
+        )
+    with engine.begin() as conn:
+        ledger.record_contributions(conn, contributions)
+    return start + timedelta(minutes=count - 1)
+
+
+def _alerts(engine: Engine) -> list[tuple[str, str, bool]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text('SELECT kind, "window", cleared_at IS NULL FROM alerts ORDER BY id')).all()
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+def _evaluate(engine: Engine, models_dir: Path, now: datetime, *specs: str) -> tuple[int, int]:
+    with engine.begin() as conn:
+        return evaluate_alerts(conn, get_pipeline("screening"), [parse_window(s) for s in specs], now, models_dir)
+
+
+def test_small_batches_pool_into_a_judged_window_and_a_shift_alarms_once_then_clears(
+    quiet_engine: Engine, models_dir: Path
+) -> None:
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    # 40 batches of 20 rows (4 merged bins a test each alone), 800 rows together.
+    now = _stream(quiet_engine, models_dir, start, 40, 20, shifted=0, seed=1)
+    with quiet_engine.connect() as conn:
+        (window,) = judge_window(conn, "screening", parse_window("1h"), now, models_dir)
+        (single,) = judge_window(conn, "screening", parse_window("20rows"), now, models_dir)
+    assert window["batches"] == 40 and window["rows"] == 800
+    assert not window["drift"]["drifted"]
+    assert any(entry["p_value"] is not None for entry in window["drift"]["top_features"].values())
+    assert (single["batches"], single["rows"]) == (1, 20)
+    assert _evaluate(quiet_engine, models_dir, now, "1h", "600rows") == (0, 0)
+    assert _alerts(quiet_engine) == []
+
+    # The shifted stream: one episode, however often the window is judged while it lasts.
+    for step in range(3):
+        now = _stream(quiet_engine, models_dir, now + timedelta(minutes=1), 10, 20, shifted=3, seed=10 + step)
+        _evaluate(quiet_engine, models_dir, now, "600rows")
+    assert _alerts(quiet_engine) == [("drift", "600rows", True)]
+    with quiet_engine.connect() as conn:
+        evidence = conn.execute(text("SELECT evidence FROM alerts")).scalar_one()
+    assert set(evidence["drifted_features"]) <= set(FEATURES[:3]) and evidence["drifted_features"]
+
+    # Back to no drift: once the shifted rows have left the window, the episode is cleared.
+    now = _stream(quiet_engine, models_dir, now + timedelta(minutes=1), 30, 20, shifted=0, seed=99)
+    assert _evaluate(quiet_engine, models_dir, now, "600rows") == (0, 1)
+    assert _alerts(quiet_engine) == [("drift", "600rows", False)]

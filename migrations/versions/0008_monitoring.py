@@ -10,7 +10,8 @@
 - `alerts`: one row per episode of a condition (drift, realised KPI below its floor,
   latency over budget, estimated performance) per pipeline / model / version / window,
   open while it holds (`cleared_at IS NULL`);
-- `monitor_evaluations`: when each pipeline's windows were last judged (one judge at a time).
+- `monitor_evaluations`: when each pipeline's windows were last judged (one judge at a time),
+  and their headline figures (the Prometheus gauges read them).
 
 Revision ID: 0008m
 Revises: 0007
@@ -122,6 +123,8 @@ def upgrade() -> None:
         "monitor_evaluations",
         sa.Column("pipeline", sa.Text, primary_key=True),
         sa.Column("evaluated_at", TS, nullable=False, server_default=sa.text("clock_timestamp()")),
+        # The judged windows' headline figures, read by the Prometheus endpoint.
+        sa.Column("figures", postgresql.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     )
 
 

@@ -15,6 +15,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
 - `heartbeats`: which queues the live workers consume;
 - `labels`: ground truth stored after a batch, and its realised KPIs;
+- `monitor`: each finished batch's window contributions, windows pooled, alert episodes;
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -54,6 +55,16 @@ from pipeline.ledger.counters import (
 )
 from pipeline.ledger.heartbeats import forget_worker, record_heartbeat, unserved_queues
 from pipeline.ledger.labels import StoredLabels, store_labels
+from pipeline.ledger.monitor import (
+    Condition,
+    Contribution,
+    claim_evaluation,
+    evaluation_figures,
+    open_alerts,
+    record_alerts,
+    record_contributions,
+    window_versions,
+)
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
 from pipeline.ledger.split import (
     Dispatch,
@@ -73,6 +84,8 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "UNFINISHED_SUBTASK_STATES",
     "Claim",
+    "Condition",
+    "Contribution",
     "Dispatch",
     "NewSubtask",
     "Outcome",
@@ -85,11 +98,13 @@ __all__ = [
     "batch_status_row",
     "batch_status_rows",
     "cancel_batch",
+    "claim_evaluation",
     "claim_next_of_batch",
     "claim_subtask",
     "complete_subtask",
     "copy_result_page",
     "copy_subtasks",
+    "evaluation_figures",
     "fail_pending_batch",
     "fail_subtask",
     "finish_batch",
@@ -103,6 +118,9 @@ __all__ = [
     "make_engine",
     "migrate",
     "next_seqs",
+    "open_alerts",
+    "record_alerts",
+    "record_contributions",
     "record_heartbeat",
     "record_split",
     "running_batch",
@@ -113,4 +131,5 @@ __all__ = [
     "try_lock_aggregation",
     "unfinished_before",
     "unserved_queues",
+    "window_versions",
 ]
