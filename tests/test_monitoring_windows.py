@@ -5,6 +5,8 @@ many batches' contributions; alerts that fire once per episode and clear; `pipel
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,8 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from sqlalchemy import Engine, text
 
+from aggregator.exporter import _window_families
 from pipeline import ledger
 from pipeline.artifacts import read_manifest
 from pipeline.client import BatchHandle, Client
@@ -225,6 +229,14 @@ def _stream(
     return start + timedelta(minutes=count - 1)
 
 
+@pytest.fixture
+def monitored(quiet_engine: Engine) -> Engine:
+    """The quiet database without alerts or judged windows (they outlive its batches)."""
+    with quiet_engine.begin() as conn:
+        conn.execute(text("TRUNCATE alerts, monitor_evaluations"))
+    return quiet_engine
+
+
 def _alerts(engine: Engine) -> list[tuple[str, str, bool]]:
     with engine.connect() as conn:
         rows = conn.execute(text('SELECT kind, "window", cleared_at IS NULL FROM alerts ORDER BY id')).all()
@@ -237,8 +249,9 @@ def _evaluate(engine: Engine, models_dir: Path, now: datetime, *specs: str) -> t
 
 
 def test_small_batches_pool_into_a_judged_window_and_a_shift_alarms_once_then_clears(
-    quiet_engine: Engine, models_dir: Path
+    monitored: Engine, models_dir: Path
 ) -> None:
+    quiet_engine = monitored
     start = datetime(2030, 1, 1, tzinfo=UTC)
     # 40 batches of 20 rows (4 merged bins a test each alone), 800 rows together.
     now = _stream(quiet_engine, models_dir, start, 40, 20, shifted=0, seed=1)
@@ -265,3 +278,28 @@ def test_small_batches_pool_into_a_judged_window_and_a_shift_alarms_once_then_cl
     now = _stream(quiet_engine, models_dir, now + timedelta(minutes=1), 30, 20, shifted=0, seed=99)
     assert _evaluate(quiet_engine, models_dir, now, "600rows") == (0, 1)
     assert _alerts(quiet_engine) == [("drift", "600rows", False)]
+
+
+def test_prometheus_alerting_rules_parse_and_name_exported_metrics(monitored: Engine, models_dir: Path) -> None:
+    quiet_engine = monitored
+    rules_path = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
+    rules = yaml.safe_load(rules_path.read_text())
+    (group,) = rules["groups"]
+    kinds = {rule["expr"].split('kind="')[1].split('"')[0] for rule in group["rules"] if "kind=" in rule["expr"]}
+    assert kinds == {"drift", "realised_kpi", "latency", "estimated_performance"}
+    assert all({"alert", "expr", "labels", "annotations"} <= set(rule) for rule in group["rules"])
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        check = subprocess.run([promtool, "check", "rules", str(rules_path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+    # An open alert and a judged window reach /metrics' collector.
+    now = _stream(quiet_engine, models_dir, datetime(2031, 1, 1, tzinfo=UTC), 40, 20, shifted=3, seed=7)
+    assert _evaluate(quiet_engine, models_dir, now, "1h") == (1, 0)
+    with quiet_engine.connect() as conn:
+        families = _window_families(ledger.evaluation_figures(conn), ledger.open_alerts(conn, None))
+    samples = {
+        (sample.name, sample.labels.get("kind"), sample.labels.get("feature")) for f in families for sample in f.samples
+    }
+    assert ("pipeline_alert_open", "drift", None) in samples
+    assert ("pipeline_window_feature_psi", None, FEATURES[0]) in samples

@@ -134,7 +134,8 @@ WHERE e.evaluated_at <= clock_timestamp() - make_interval(secs => :interval_s)
 RETURNING e.pipeline
 
 -- name: store_evaluation
-UPDATE monitor_evaluations SET evaluated_at = clock_timestamp(), figures = :figures WHERE pipeline = :pipeline
+INSERT INTO monitor_evaluations (pipeline, figures) VALUES (:pipeline, :figures)
+ON CONFLICT (pipeline) DO UPDATE SET evaluated_at = clock_timestamp(), figures = excluded.figures
 
 -- name: open_alerts_holding
 -- An alert opens for each condition that holds and has no open episode (one statement).
