@@ -18,7 +18,9 @@ from sqlalchemy import Connection, Engine, Row
 from aggregator.metrics import batch_metrics
 from pipeline import ledger, registry
 from pipeline.definition import ModelSpec, PageOutputs
+from pipeline.monitor import evaluate_if_due
 from pipeline.schema import BatchState, FailurePolicy
+from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +244,13 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             batch = due
         state, error = final_state(batch, answered, unanswered, causes)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
-        metrics = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
+        metrics, contributions = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
         ledger.finish_batch(conn, batch_id, state, error, result, metrics)
+        ledger.record_contributions(conn, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
+    if contributions:
+        settings = get_settings()
+        evaluate_if_due(
+            engine, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s, settings.resolved_models_dir
+        )
     return state

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, bindparam, select
 
-from pipeline.artifacts import read_manifest
-from pipeline.definition import ModelSpec, Pipeline
-from pipeline.errors import ArtifactError
-from pipeline.profile import DriftConfig, ReferenceProfile
+from pipeline.artifacts import drift_reference
+from pipeline.definition import Pipeline
+from pipeline.profile import DriftConfig, ModelCounts, judge_counts
 from pipeline.schema import Subtask, SubtaskState
 
 # Built once: every aggregate runs it.
@@ -39,79 +38,11 @@ def stored_counts(conn: Connection, batch_id: uuid.UUID) -> dict[tuple[str, str]
     return totals
 
 
-def _profile(models_dir: Path, spec: ModelSpec) -> tuple[ReferenceProfile | None, str]:
-    """(reference profile, its model version) or (None, why there is none)."""
-    try:
-        manifest = read_manifest(models_dir, spec.name)
-    except ArtifactError as error:
-        return None, str(error)
-    profile = manifest.reference
-    if profile is None:
-        return None, f"model {spec.name!r} was trained without a reference profile (retrain it)"
-    if len(profile.features) != spec.n_features:
-        return None, f"model {spec.name!r}: reference has {len(profile.features)} features, model {spec.n_features}"
-    return profile, manifest.version
-
-
-class ModelCounts(NamedTuple):
-    """A model's summed drift bin counts over a batch, with the reference they are judged against."""
-
-    name: str
-    rows: int
-    version: str
-    profile: ReferenceProfile
-    counts: np.ndarray
-
-
-def _figures(config: DriftConfig, test: tuple[float, float], significant: bool, drifted: bool) -> dict[str, Any]:
-    """One test's JSON figures: PSI, band, p-value, significant, drifted."""
-    psi, p_value = test
-    return {
-        "psi": round(psi, 6),
-        "band": config.band(psi).value,
-        "p_value": None if np.isnan(p_value) else float(f"{p_value:.4g}"),
-        "significant": significant,
-        "drifted": drifted,
-    }
-
-
-def judge_counts(config: DriftConfig, models: list[ModelCounts]) -> dict[str, Any]:
-    """The drift figures of a batch from its models' counts: per model its score's test,
-    per feature (by name) one test, on the model that scored the most rows (the first in
-    `models` on a tie), then the verdict over all of them together (`DriftConfig.judge`)."""
-    judged = [(model, model.profile.psis(model.counts), model.profile.p_values(model.counts)) for model in models]
-    features: dict[str, tuple[float, float]] = {}
-    for model, psis, p_values in sorted(judged, key=lambda entry: -entry[0].rows):
-        for histogram, psi, p_value in zip(model.profile.features, psis[:-1], p_values[:-1]):
-            features.setdefault(histogram.name, (float(psi), float(p_value)))
-    scores = {model.name: (float(psis[-1]), float(p_values[-1])) for model, psis, p_values in judged}
-    tests = [*features.values(), *scores.values()]
-    verdict = config.judge(np.array([psi for psi, _ in tests]), np.array([p for _, p in tests]))
-    entries = [
-        _figures(config, test, significant, drifted)
-        for test, significant, drifted in zip(tests, verdict.significant.tolist(), verdict.drifted.tolist())
-    ]
-    feature_entries = dict(zip(features, entries))
-    model_entries = {
-        model.name: {
-            "rows": model.rows,
-            "reference_rows": model.profile.rows,
-            "reference_version": model.version,
-            **{f"score_{key}": value for key, value in entry.items()},
-        }
-        for model, entry in zip(models, entries[len(features) :])
-    }
-    return {
-        "features": feature_entries,
-        "models": model_entries,
-        "tests": int(np.count_nonzero(~np.isnan([p for _, p in tests]))),
-        "drifted_features": [name for name, entry in feature_entries.items() if entry["drifted"]],
-        "drifted_scores": [name for name, entry in model_entries.items() if entry["score_drifted"]],
-    }
-
-
-def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, models_dir: Path) -> dict[str, Any]:
-    """Return the drift section of a batch's metrics (docs/monitoring.md, "Drift, calibrated
+def batch_drift(
+    conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, models_dir: Path
+) -> tuple[dict[str, Any], list[tuple[ModelCounts, str]]]:
+    """Return the drift section of a batch's metrics, and the counts of each judged model with
+    its version's SHA-256 (what the batch adds to its windows) (docs/monitoring.md, "Drift, calibrated
     to sample size").
 
     Per model: rows scored, its reference's rows and version, and its output score's PSI,
@@ -122,21 +53,22 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, model
     """
     config: DriftConfig = pipeline.drift
     skipped: dict[str, dict[str, Any]] = {}
-    judged: list[ModelCounts] = []
+    judged: list[tuple[ModelCounts, str]] = []
     totals = stored_counts(conn, batch_id)
     for spec in pipeline.models:
-        profile, version = _profile(models_dir, spec)
-        if profile is None:
-            skipped[spec.name] = {"skipped": version}
+        reference = drift_reference(models_dir, spec)
+        if isinstance(reference, str):
+            skipped[spec.name] = {"skipped": reference}
             continue
-        rows, counts = totals.get((spec.name, version), (0, None))
+        manifest, profile = reference
+        rows, counts = totals.get((spec.name, manifest.version), (0, None))
         if counts is None:
-            skipped[spec.name] = {"skipped": f"no succeeded sub-task scored by version {version}"}
+            skipped[spec.name] = {"skipped": f"no succeeded sub-task scored by version {manifest.version}"}
             continue
-        judged.append(ModelCounts(spec.name, rows, version, profile, counts))
-    figures = judge_counts(config, judged)
+        judged.append((ModelCounts(spec.name, rows, manifest.version, profile, counts), manifest.sha256))
+    figures = judge_counts(config, [model for model, _ in judged])
     features = figures["features"]
-    return {
+    drift = {
         "false_alarm_rate": config.false_alarm_rate,
         "min_psi": config.min_psi,
         "bands": {"moderate": config.moderate, "major": config.major},
@@ -148,3 +80,4 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, model
         "drifted_share": round(len(figures["drifted_features"]) / len(features), 6) if features else None,
         "drifted": bool(figures["drifted_features"] or figures["drifted_scores"]),
     }
+    return drift, judged

@@ -190,11 +190,14 @@ class PipelineCollector(Collector):
             unfinished = conn.execute(UNFINISHED_SUBTASKS).all()
             recent = conn.execute(RECENT_SUBTASKS, {"window_s": LATENCY_WINDOW_S, "bounds": BUCKETS_S[:-1]}).all()
             rejected = dead_letters.rejected_counts(conn)
+            evaluations = ledger.evaluation_figures(conn)
+            alerts = ledger.open_alerts(conn, None)
         return [
             *_state_families(batches, unfinished),
             *self._unfinished_families(unfinished),
             *self._recent_families(recent),
             self._rejected_family(rejected),
+            *_window_families(evaluations, alerts),
         ]
 
     def _rejected_family(self, rejected: dict[tuple[str, str], int]) -> Metric:
@@ -265,6 +268,45 @@ class PipelineCollector(Collector):
                 family.add_metric([model], latency.cumulative(), latency.sum_s)
             families.append(family)
         return families
+
+
+WINDOW_LABELS = ["pipeline", "model", "version", "window"]
+
+
+def _window_families(evaluations: Sequence[Row[Any]], alerts: Sequence[Row[Any]]) -> list[Metric]:
+    """The windows as last judged for alerts (`monitor_evaluations.figures`, at most
+    `pipeline.monitor.TOP_FEATURES` features per model version) and the open alerts."""
+    psi = GaugeMetricFamily(
+        "pipeline_window_feature_psi", "PSI of a window's top features.", labels=[*WINDOW_LABELS, "feature"]
+    )
+    drifted = GaugeMetricFamily(
+        "pipeline_window_drifted", "1 when the window's drift verdict is drifted.", labels=WINDOW_LABELS
+    )
+    realised = GaugeMetricFamily(
+        "pipeline_window_realised_kpi",
+        "A KPI realised on the window's labelled inputs.",
+        labels=[*WINDOW_LABELS, "kpi"],
+    )
+    latency = GaugeMetricFamily(
+        "pipeline_window_latency_p95_seconds", "p95 of the window's batches' end-to-end latency.", labels=WINDOW_LABELS
+    )
+    for evaluation in evaluations:
+        for window, versions in evaluation.figures.items():
+            for version in versions:
+                scope = [evaluation.pipeline, version["model"], version["model_version"][:12], window]
+                for feature, value in version["feature_psi"].items():
+                    psi.add_metric([*scope, feature], value)
+                if version["drifted"] is not None:
+                    drifted.add_metric(scope, float(version["drifted"]))
+                for kpi, value in version["realised_kpis"].items():
+                    if value is not None:
+                        realised.add_metric([*scope, kpi], value)
+                if version["latency_p95_s"] is not None:
+                    latency.add_metric(scope, version["latency_p95_s"])
+    open_family = GaugeMetricFamily("pipeline_alert_open", "1 for each open alert.", labels=["kind", *WINDOW_LABELS])
+    for alert in alerts:
+        open_family.add_metric([alert.kind, alert.pipeline, alert.model, alert.model_version[:12], alert.window], 1.0)
+    return [psi, drifted, realised, latency, open_family]
 
 
 def _state_families(batches: Sequence[Row[Any]], unfinished: Sequence[Row[Any]]) -> list[Metric]:

@@ -11,6 +11,7 @@ Celery, nor Alembic, nor the models' libraries.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -376,6 +377,52 @@ def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -
     from pipeline.report import batches_table
 
     _console().print(batches_table(rows))
+    _print_open_alerts(client, None)
+
+
+def _open_alerts(client: Client, pipeline: str | None) -> list[dict[str, Any]]:
+    from pipeline import ledger
+
+    with client.engine.connect() as conn:
+        return [{**row._asdict(), "opened_at": row.opened_at.isoformat()} for row in ledger.open_alerts(conn, pipeline)]
+
+
+def _print_open_alerts(client: Client, pipeline: str | None) -> None:
+    """One line per open alert (none: nothing printed)."""
+    for alert in _open_alerts(client, pipeline):
+        _console().print(
+            f"[red]alert[/red] {alert['kind']} {alert['pipeline']} {alert['model']}@{alert['model_version'][:12]}"
+            f" window {alert['window']} since {alert['opened_at'][:19]}: {json.dumps(alert['evidence'])}",
+            markup=True,
+            highlight=False,
+        )
+
+
+@main.command()
+@click.argument("pipeline_name", metavar="[PIPELINE]", required=False)
+@click.option("--window", "window_spec", default="1h", show_default=True, help="<n>m, <n>h, <n>d or <n>rows.")
+@JSON_OPTION
+def monitor(pipeline_name: str | None, window_spec: str, as_json: bool) -> None:
+    """Per model version over a window: pooled drift (PSI, band, significant), KPIs, realised
+    KPIs where labelled, p95 latency; then the open alerts."""
+    from datetime import UTC, datetime
+
+    from pipeline.monitor import judge_window, parse_window
+    from pipeline.settings import get_settings
+
+    window = parse_window(window_spec)
+    client = _client()
+    now = datetime.now(UTC)
+    with client.engine.connect() as conn:
+        versions = judge_window(conn, pipeline_name, window, now, get_settings().resolved_models_dir)
+    if as_json:
+        alerts = _open_alerts(client, pipeline_name)
+        click.echo(json.dumps({"window": window.spec, "at": now.isoformat(), "versions": versions, "alerts": alerts}))
+        return
+    from pipeline.report import monitor_table
+
+    _console().print(monitor_table(window.spec, versions))
+    _print_open_alerts(client, pipeline_name)
 
 
 @main.command()
@@ -477,6 +524,33 @@ def results(batch_id: str, out: Path | None) -> None:
                 progress.update(task, completed=written)
         progress.update(task, completed=written)
     _console().print(f"{written - failed} results written to {out}, {failed} failed inputs to {failed_out}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.argument("file", type=click.Path(path_type=Path))
+@JSON_OPTION
+def labels(batch_id: str, file: Path, as_json: bool) -> None:
+    """Store ground truth for a finished batch: FILE.jsonl holds one {"item": INDEX, "label": LABEL}
+    per line. All or nothing; the batch's realised KPIs are recomputed (no model runs)."""
+    import uuid
+
+    from pipeline import ledger
+    from pipeline.labels import labels_from_lines
+
+    lines, numbers = _read_jsonl(file)
+    client = _client()
+    handle = client.batch(batch_id)
+    stored = ledger.store_labels(client.engine, uuid.UUID(handle.id), labels_from_lines(handle.id, zip(numbers, lines)))
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(stored)))
+        return
+    realised = stored.realised
+    kpis = ", ".join(f"{name} {'-' if value is None else f'{value:.4g}'}" for name, value in realised["kpis"].items())
+    click.echo(
+        f"{stored.added} labels added, {stored.changed} changed, {stored.unchanged} unchanged;"
+        f" {realised['labelled_items']} inputs labelled ({realised['labelled_share']:.1%}): {kpis}"
+    )
 
 
 @main.command()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -198,6 +198,20 @@ class BatchHandle:
         written when it is aggregated."""
         for row in ledger.iter_results(self._client.engine, self._uuid):
             yield ItemResult(item=row.item, output=row.output, error=row.error)
+
+    def add_labels(self, labels: Mapping[int, Any]) -> ledger.StoredLabels:
+        """Store ground truth that arrived after the batch: `{input index: label}`, each label
+        of the pipeline's `label_type`. All or nothing; the same label again changes nothing,
+        another label for a labelled input replaces it (the old one is kept as history). The
+        batch's realised KPIs (`metrics.realised`) are recomputed from its stored results:
+        no model runs. Returns what was added, changed and unchanged, and the realised figures.
+
+        Raises:
+            BatchNotFoundError: the batch is not in the ledger.
+            InvalidLabelError: the batch has not finished, its pipeline takes no labels, or
+                an index is out of range or a label of the wrong type; nothing was stored.
+        """
+        return ledger.store_labels(self._client.engine, self._uuid, labels.items())
 
     def cancel(self) -> BatchStatus:
         """Cancel the batch if it is still pending or running; return its status.

@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from pipeline.profile import DriftConfig
 
@@ -165,6 +165,21 @@ class Kpis(ABC):
         to learn the KPIs' order)."""
 
 
+class MonitoringConfig(BaseModel):
+    """What a pipeline's alerts hold it to (docs/monitoring.md, "Alerts").
+
+    `kpi_floors`: per realised KPI (a key of `Pipeline.realised_kpis`), the lowest value
+    a window may have before a `realised_kpi` alert opens. `latency_p95_budget_s`: the
+    longest p95 of the batches' end-to-end latency a window may have before a `latency`
+    alert opens. `min_labelled`: the fewest labelled inputs a window needs before its
+    realised KPIs are judged against the floors.
+    """
+
+    kpi_floors: dict[str, float] = Field(default_factory=dict)
+    latency_p95_budget_s: float = Field(default=60.0, gt=0)
+    min_labelled: int = Field(default=100, ge=1)
+
+
 class Pipeline(ABC):
     """A named fan-out / aggregate job. Subclass it, then register the class.
 
@@ -177,7 +192,8 @@ class Pipeline(ABC):
     `feature_names` (and the other fields of an input in `extras_model`) and
     implements `item_parts` / `make_item`: `Client.submit` then also takes a 2-D
     array or a DataFrame with those columns, validated and stored without a Python
-    object per row. `drift` says how its batches' PSIs are judged.
+    object per row. `drift` says how its batches' PSIs are judged; `monitoring`, what its
+    windows' alerts hold it to; `label_type`, the ground truth it takes after a batch.
     """
 
     name: ClassVar[str]
@@ -186,6 +202,10 @@ class Pipeline(ABC):
     feature_names: ClassVar[tuple[str, ...]] = ()
     extras_model: ClassVar[type[BaseModel] | None] = None
     drift: ClassVar[DriftConfig] = DriftConfig()
+    monitoring: ClassVar[MonitoringConfig] = MonitoringConfig()
+    # The type of one input's ground truth, validated strictly (`true`, "1" and 1.0 are not
+    # the label 1); None: the pipeline takes no labels. See `label_counts`.
+    label_type: ClassVar[Any] = None
 
     def item_parts(self, item: BaseModel) -> tuple[list[float], dict[str, Any]]:
         """A feature-vector pipeline's input as (its features in `feature_names` order,
@@ -268,3 +288,15 @@ class Pipeline(ABC):
         """Return `count` valid inputs, the same for the same `seed`: what `make bench
         BENCH_ARGS="--pipeline NAME"` submits for a pipeline it has no workload of its own for."""
         raise NotImplementedError(f"pipeline {self.name!r} has no example inputs")
+
+    def label_counts(self, outputs: Sequence[dict[str, Any] | None], labels: Sequence[Any]) -> dict[str, int]:
+        """Count labelled inputs' outcomes: `outputs[i]` is the stored result of the input
+        labelled `labels[i]` (None when it has none). Counts of several batches add up, and
+        `realised_kpis` turns any sum of them into KPIs. A pipeline with a `label_type`
+        implements this and `realised_kpis`."""
+        raise NotImplementedError(f"pipeline {self.name!r} takes no labels")
+
+    def realised_kpis(self, counts: dict[str, int]) -> dict[str, float | None]:
+        """The KPIs realised on labelled inputs from (summed) `label_counts`, with
+        `accuracy` among them (None where nothing was counted)."""
+        raise NotImplementedError(f"pipeline {self.name!r} takes no labels")

@@ -67,3 +67,12 @@ class EmbeddedServiceError(PipelineError, RuntimeError):
 
 class ServiceNotReadyError(PipelineError, RuntimeError):
     """A service is unreachable or not set up; the message names it and what to do."""
+
+
+class InvalidLabelError(PipelineError, ValueError):
+    """Labels refused whole (wrong type, items out of range, a batch not finished or of a
+    pipeline that takes no labels); nothing was stored."""
+
+
+class InvalidWindowError(PipelineError, ValueError):
+    """A monitoring window spec that does not parse (`1h`, `24h`, `30m`, `7d`, `rows:N`)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import StrEnum
 from functools import cached_property
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -303,3 +303,60 @@ def range_warnings(profile: ReferenceProfile, values: Sequence[float], margin: f
                 f"{feature.name} = {value:g} is far outside the training range [{feature.low:g}, {feature.high:g}]"
             )
     return warnings
+
+
+class ModelCounts(NamedTuple):
+    """A model's summed drift bin counts over a batch, with the reference they are judged against."""
+
+    name: str
+    rows: int
+    version: str
+    profile: ReferenceProfile
+    counts: np.ndarray
+
+
+def _figures(config: DriftConfig, test: tuple[float, float], significant: bool, drifted: bool) -> dict[str, Any]:
+    """One test's JSON figures: PSI, band, p-value, significant, drifted."""
+    psi, p_value = test
+    return {
+        "psi": round(psi, 6),
+        "band": config.band(psi).value,
+        "p_value": None if np.isnan(p_value) else float(f"{p_value:.4g}"),
+        "significant": significant,
+        "drifted": drifted,
+    }
+
+
+def judge_counts(config: DriftConfig, models: list[ModelCounts]) -> dict[str, Any]:
+    """The drift figures of a batch from its models' counts: per model its score's test,
+    per feature (by name) one test, on the model that scored the most rows (the first in
+    `models` on a tie), then the verdict over all of them together (`DriftConfig.judge`)."""
+    judged = [(model, model.profile.psis(model.counts), model.profile.p_values(model.counts)) for model in models]
+    features: dict[str, tuple[float, float]] = {}
+    for model, psis, p_values in sorted(judged, key=lambda entry: -entry[0].rows):
+        for histogram, psi, p_value in zip(model.profile.features, psis[:-1], p_values[:-1]):
+            features.setdefault(histogram.name, (float(psi), float(p_value)))
+    scores = {model.name: (float(psis[-1]), float(p_values[-1])) for model, psis, p_values in judged}
+    tests = [*features.values(), *scores.values()]
+    verdict = config.judge(np.array([psi for psi, _ in tests]), np.array([p for _, p in tests]))
+    entries = [
+        _figures(config, test, significant, drifted)
+        for test, significant, drifted in zip(tests, verdict.significant.tolist(), verdict.drifted.tolist())
+    ]
+    feature_entries = dict(zip(features, entries))
+    model_entries = {
+        model.name: {
+            "rows": model.rows,
+            "reference_rows": model.profile.rows,
+            "reference_version": model.version,
+            **{f"score_{key}": value for key, value in entry.items()},
+        }
+        for model, entry in zip(models, entries[len(features) :])
+    }
+    return {
+        "features": feature_entries,
+        "models": model_entries,
+        "tests": int(np.count_nonzero(~np.isnan([p for _, p in tests]))),
+        "drifted_features": [name for name, entry in feature_entries.items() if entry["drifted"]],
+        "drifted_scores": [name for name, entry in model_entries.items() if entry["score_drifted"]],
+    }

@@ -485,3 +485,42 @@ sub-tasks succeeded, {status.failed} failed, {status.cancelled} cancelled.</p>
 
 def write_html(path: Path, status: BatchStatus, histograms: dict[str, Any]) -> None:
     path.write_text(render_html(status, histograms), encoding="utf-8")
+
+
+def _window_drift(drift: dict[str, Any]) -> tuple[str, str]:
+    """(verdict, the top feature's PSI, band and significance) of a version's window drift."""
+    if "skipped" in drift:
+        return "-", str(drift["skipped"])
+    verdict = "[red]drifted[/]: " + ", ".join(drift["drifted_features"]) if drift["drifted"] else "no"
+    if not drift["top_features"]:
+        return verdict, "-"
+    name, top = next(iter(drift["top_features"].items()))
+    star = "*" if top["significant"] else ""
+    return verdict, f"{name} {top['psi']:.3f} {top['band']}{star}"
+
+
+def monitor_table(window: str, versions: list[dict[str, Any]]) -> Table:
+    """One line per model version over a window (`pipeline monitor`): pooled drift, KPIs,
+    realised KPIs where labelled, p95 latency."""
+    table = Table(title=f"window {window}", box=box.SIMPLE_HEAD)
+    for column in ("pipeline", "model", "version", "batches", "rows", "drifted", "top PSI (* significant)"):
+        table.add_column(column, justify="right" if column in ("batches", "rows") else "left")
+    for column in ("score PSI", "KPIs", "realised (labelled)", "p95 s"):
+        table.add_column(column)
+    for version in versions:
+        drift = version["drift"]
+        score = drift.get("score")
+        realised = ", ".join(f"{name} {fmt(value)}" for name, value in version["realised_kpis"].items())
+        table.add_row(
+            version["pipeline"],
+            version["model"],
+            version["model_version"][:12],
+            str(version["batches"]),
+            str(version["rows"]),
+            *_window_drift(drift),
+            "-" if score is None else f"{score['psi']:.3f} {score['band']}{'*' if score['significant'] else ''}",
+            ", ".join(f"{name} {fmt(value)}" for name, value in version["kpis"].items() if name.endswith("rate")),
+            f"{realised} ({version['labelled_items']})" if realised else "-",
+            fmt(version["latency_p95_s"]),
+        )
+    return table

@@ -205,3 +205,92 @@ class WorkerHeartbeat(Base):
     queues: Mapped[list[str]] = mapped_column(ARRAY(Text))
     started_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
     beat_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+
+
+class Label(Base):
+    """An input's ground truth, stored after its batch finished; `replaced_at` is set when a
+    different label replaced it (the current one has none)."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        Index("labels_current", "batch_id", "item", unique=True, postgresql_where=text("replaced_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"))
+    item: Mapped[int] = mapped_column(Integer)
+    # The label as JSON, validated against the pipeline's `label_type`.
+    label: Mapped[Any] = mapped_column(JSONB)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    replaced_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class MonitorContribution(Base):
+    """What one finished batch adds to its model version's windows (see `pipeline.monitor`)."""
+
+    __tablename__ = "monitor_contributions"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "model", "model_version"),
+        Index("monitor_contributions_window", "pipeline", "finished_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"))
+    pipeline: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    # The SHA-256 of the model's artifact (its manifest's `sha256`).
+    model_version: Mapped[str] = mapped_column(Text)
+    finished_at: Mapped[datetime] = mapped_column(Timestamp)
+    # The batch's inputs, and the rows this model version scored in it.
+    items: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int] = mapped_column(Integer)
+    # Drift bin counts against the version's reference profile, int64 little-endian; None without one.
+    bin_counts: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # The batch's label-free KPIs (`Kpis.summary`).
+    kpis: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # `Pipeline.label_counts` over the batch's labelled inputs; None before any label.
+    label_counts: Mapped[dict[str, int] | None] = mapped_column(JSONB)
+    # The batch's end-to-end latency.
+    latency_s: Mapped[float | None] = mapped_column(Float)
+
+
+class Alert(Base):
+    """One episode of a monitored condition: open while it holds, `cleared_at` once it stopped."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        CheckConstraint("kind IN ('drift','estimated_performance','realised_kpi','latency')", name="alerts_kind_known"),
+        Index(
+            "alerts_open",
+            "kind",
+            "pipeline",
+            "model",
+            "model_version",
+            "window",
+            unique=True,
+            postgresql_where=text("cleared_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    pipeline: Mapped[str] = mapped_column(Text)
+    # A realised-KPI or latency alert is on the pipeline's batches: its first model and version.
+    model: Mapped[str] = mapped_column(Text)
+    model_version: Mapped[str] = mapped_column(Text)
+    # The window spec it was judged on, e.g. `1h`.
+    window: Mapped[str] = mapped_column(Text)
+    opened_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    cleared_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class MonitorEvaluation(Base):
+    """When a pipeline's windows were last judged for alerts."""
+
+    __tablename__ = "monitor_evaluations"
+
+    pipeline: Mapped[str] = mapped_column(Text, primary_key=True)
+    evaluated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    # The judged windows' headline figures, read by the Prometheus endpoint.
+    figures: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))

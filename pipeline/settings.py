@@ -104,6 +104,21 @@ class Settings(BaseSettings):
             " queues it consumes; a queue without a beat for 3 intervals counts as served by no one."
         ),
     )
+    monitor_windows: str = Field(
+        default="1h,24h",
+        description=(
+            "The windows alerts are judged on, comma-separated: `<n>m`, `<n>h`, `<n>d` (the last so"
+            " long) or `<n>rows` (each model version's newest rows)."
+        ),
+    )
+    monitor_evaluate_s: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "Alerts are judged when a batch finishes, at most once per this many seconds per"
+            " pipeline (0: after every batch)."
+        ),
+    )
     worker_concurrency: int = Field(default=1, ge=1, description="Processes per `pipeline worker`.")
     aggregator_concurrency: int = Field(default=2, ge=1, description="Processes per `pipeline aggregator`.")
     flower_user: str = Field(default="admin", description="Flower basic-auth user.")
@@ -138,6 +153,17 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(REDIS_SCHEMES + AMQP_SCHEMES):
             raise ValueError("PIPELINE_BROKER_URL must start with redis://, rediss://, amqp:// or amqps://")
         return _well_formed("PIPELINE_BROKER_URL", url)
+
+    @field_validator("monitor_windows")
+    @classmethod
+    def _windows_parse(cls, specs: str) -> str:
+        from pipeline.monitor import parse_windows
+
+        try:
+            parse_windows(specs)
+        except ValueError as error:
+            raise ValueError(f"PIPELINE_MONITOR_WINDOWS: {error}") from None
+        return specs
 
     @model_validator(mode="after")
     def _prefix_on_redis_only(self) -> Settings:

@@ -14,6 +14,8 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `sweep`: the sweeper's reconciliation;
 - `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
 - `heartbeats`: which queues the live workers consume;
+- `labels`: ground truth stored after a batch, and its realised KPIs;
+- `monitor`: each finished batch's window contributions, windows pooled, alert episodes;
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -52,6 +54,17 @@ from pipeline.ledger.counters import (
     too_many_failures_reason,
 )
 from pipeline.ledger.heartbeats import forget_worker, record_heartbeat, unserved_queues
+from pipeline.ledger.labels import StoredLabels, store_labels
+from pipeline.ledger.monitor import (
+    Condition,
+    Contribution,
+    claim_evaluation,
+    evaluation_figures,
+    open_alerts,
+    record_alerts,
+    record_contributions,
+    window_versions,
+)
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
 from pipeline.ledger.split import (
     Dispatch,
@@ -71,10 +84,13 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "UNFINISHED_SUBTASK_STATES",
     "Claim",
+    "Condition",
+    "Contribution",
     "Dispatch",
     "NewSubtask",
     "Outcome",
     "RequestFingerprint",
+    "StoredLabels",
     "StoredResult",
     "SubtaskOutput",
     "Sweep",
@@ -82,11 +98,13 @@ __all__ = [
     "batch_status_row",
     "batch_status_rows",
     "cancel_batch",
+    "claim_evaluation",
     "claim_next_of_batch",
     "claim_subtask",
     "complete_subtask",
     "copy_result_page",
     "copy_subtasks",
+    "evaluation_figures",
     "fail_pending_batch",
     "fail_subtask",
     "finish_batch",
@@ -100,13 +118,18 @@ __all__ = [
     "make_engine",
     "migrate",
     "next_seqs",
+    "open_alerts",
+    "record_alerts",
+    "record_contributions",
     "record_heartbeat",
     "record_split",
     "running_batch",
+    "store_labels",
     "subtask_outputs",
     "sweep",
     "too_many_failures_reason",
     "try_lock_aggregation",
     "unfinished_before",
     "unserved_queues",
+    "window_versions",
 ]

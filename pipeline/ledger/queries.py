@@ -35,6 +35,16 @@ NEW_SUBTASK_IDS = query("new_subtask_ids")
 SUBTASK_OUTPUTS = query("subtask_outputs")
 RECORD_HEARTBEAT = query("record_heartbeat")
 UNSERVED_QUEUES = query("unserved_queues")
+REPLACE_CHANGED_LABELS = query("replace_changed_labels")
+INSERT_LABELS = query("insert_labels")
+LABELLED_RESULTS = query("labelled_results")
+WINDOW_VERSIONS = query("window_versions")
+CLAIM_EVALUATION = query("claim_evaluation")
+STORE_EVALUATION = query("store_evaluation")
+OPEN_ALERTS_HOLDING = query("open_alerts_holding")
+CLEAR_ALERTS_NOT_HOLDING = query("clear_alerts_not_holding")
+OPEN_ALERTS = query("open_alerts")
+EVALUATION_FIGURES = query("evaluation_figures")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]

@@ -62,3 +62,104 @@ WHERE NOT EXISTS (
   WHERE q.queue = ANY (h.queues) AND h.beat_at > clock_timestamp() - make_interval(secs => CAST(:max_age_s AS float8))
 )
 ORDER BY q.n
+
+-- name: replace_changed_labels
+-- Close the current label of each input given another one (its history is kept).
+UPDATE labels l SET replaced_at = clock_timestamp()
+FROM unnest(CAST(:items AS int[]), CAST(:labels AS jsonb[])) AS n (item, label)
+WHERE l.batch_id = :batch_id AND l.item = n.item AND l.replaced_at IS NULL AND l.label <> n.label
+RETURNING l.item
+
+-- name: insert_labels
+-- Each input's new current label; the same label again meets its current row and is skipped.
+INSERT INTO labels (batch_id, item, label)
+SELECT :batch_id, n.item, n.label FROM unnest(CAST(:items AS int[]), CAST(:labels AS jsonb[])) AS n (item, label)
+ON CONFLICT (batch_id, item) WHERE replaced_at IS NULL DO NOTHING
+RETURNING item
+
+-- name: labelled_results
+-- A batch's current labels with the stored result of each labelled input (no model runs).
+SELECT l.item, l.label, r.output FROM labels l
+JOIN results r ON r.batch_id = l.batch_id AND r.item = l.item
+WHERE l.batch_id = :batch_id AND l.replaced_at IS NULL
+ORDER BY l.item
+
+-- name: window_versions
+-- Per pipeline, model and model version: its contributions finished in (:since, :until],
+-- or of those its newest up to :last_rows rows; their batches, inputs, rows, the drift bin
+-- counts end to end (summed by the caller), the p95 of the batches' end-to-end latency, the
+-- item-weighted mean of each numeric KPI and the sum of each label count.
+WITH windowed AS (
+  SELECT * FROM (
+    SELECT c.*, sum(c.rows) OVER (
+      PARTITION BY c.pipeline, c.model, c.model_version ORDER BY c.finished_at DESC, c.id DESC
+    ) - c.rows AS newer_rows
+    FROM monitor_contributions c
+    WHERE (CAST(:pipeline AS text) IS NULL OR c.pipeline = :pipeline)
+      AND c.finished_at > :since AND c.finished_at <= :until
+  ) AS w
+  WHERE CAST(:last_rows AS bigint) IS NULL OR w.newer_rows < :last_rows
+)
+SELECT g.*, kpi.kpis, labelled.label_counts FROM (
+  SELECT pipeline, model, model_version, count(*) AS batches, sum(items) AS items, sum(rows) AS rows,
+    min(finished_at) AS first_finished, max(finished_at) AS last_finished,
+    string_agg(bin_counts, ''::bytea ORDER BY id) AS bin_counts,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_s) AS latency_p95_s
+  FROM windowed GROUP BY pipeline, model, model_version
+) AS g
+CROSS JOIN LATERAL (
+  SELECT jsonb_object_agg(k.key, k.mean) AS kpis FROM (
+    SELECT e.key, sum(e.value::text::float8 * w.items) / nullif(sum(w.items), 0) AS mean
+    FROM windowed w CROSS JOIN LATERAL jsonb_each(w.kpis) AS e
+    WHERE w.pipeline = g.pipeline AND w.model = g.model AND w.model_version = g.model_version
+      AND jsonb_typeof(e.value) = 'number'
+    GROUP BY e.key
+  ) AS k
+) AS kpi
+CROSS JOIN LATERAL (
+  SELECT jsonb_object_agg(k.key, k.total) AS label_counts FROM (
+    SELECT e.key, sum(e.value::text::bigint) AS total
+    FROM windowed w CROSS JOIN LATERAL jsonb_each(w.label_counts) AS e
+    WHERE w.pipeline = g.pipeline AND w.model = g.model AND w.model_version = g.model_version
+    GROUP BY e.key
+  ) AS k
+) AS labelled
+ORDER BY g.pipeline, g.model, g.model_version
+
+-- name: claim_evaluation
+-- The pipeline's windows are due to be judged (none in the last :interval_s seconds): claim it.
+INSERT INTO monitor_evaluations AS e (pipeline) VALUES (:pipeline)
+ON CONFLICT (pipeline) DO UPDATE SET evaluated_at = clock_timestamp()
+WHERE e.evaluated_at <= clock_timestamp() - make_interval(secs => :interval_s)
+RETURNING e.pipeline
+
+-- name: store_evaluation
+INSERT INTO monitor_evaluations (pipeline, figures) VALUES (:pipeline, :figures)
+ON CONFLICT (pipeline) DO UPDATE SET evaluated_at = clock_timestamp(), figures = excluded.figures
+
+-- name: open_alerts_holding
+-- An alert opens for each condition that holds and has no open episode (one statement).
+INSERT INTO alerts (kind, pipeline, model, model_version, "window", evidence)
+SELECT h.kind, :pipeline, h.model, h.model_version, h."window", h.evidence
+FROM unnest(CAST(:kinds AS text[]), CAST(:models AS text[]), CAST(:versions AS text[]),
+            CAST(:windows AS text[]), CAST(:evidence AS jsonb[])) AS h (kind, model, model_version, "window", evidence)
+ON CONFLICT (kind, pipeline, model, model_version, "window") WHERE cleared_at IS NULL DO NOTHING
+RETURNING id
+
+-- name: clear_alerts_not_holding
+-- Clear the pipeline's open alerts on the judged windows whose condition no longer holds.
+UPDATE alerts a SET cleared_at = clock_timestamp()
+WHERE a.pipeline = :pipeline AND a.cleared_at IS NULL AND a."window" = ANY(CAST(:judged AS text[]))
+  AND (a.kind, a.model, a.model_version, a."window") NOT IN (
+    SELECT * FROM unnest(CAST(:kinds AS text[]), CAST(:models AS text[]), CAST(:versions AS text[]),
+                         CAST(:windows AS text[])))
+RETURNING id
+
+-- name: open_alerts
+-- The open alerts, of one pipeline or all, oldest first.
+SELECT kind, pipeline, model, model_version, "window", opened_at, evidence FROM alerts
+WHERE cleared_at IS NULL AND (CAST(:pipeline AS text) IS NULL OR pipeline = :pipeline)
+ORDER BY opened_at, id
+
+-- name: evaluation_figures
+SELECT pipeline, evaluated_at, figures FROM monitor_evaluations ORDER BY pipeline

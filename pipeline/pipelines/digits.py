@@ -20,7 +20,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
-from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
+from pipeline.definition import Kpis, ModelRows, ModelSpec, MonitoringConfig, Pipeline, TrainedModel
 from pipeline.forests import isolation_decision
 
 TILE = 8
@@ -147,6 +147,32 @@ class DigitsKpis(Kpis):
 class DigitsPipeline(Pipeline):
     name = "digits"
     input_model = DigitStrip
+    # The digits of the strip, as text.
+    label_type = Annotated[str, Field(strict=True, pattern=r"^[0-9]+$", max_length=MAX_DIGITS)]
+    # The classifier reads 98 to 99 % of held-out digits right.
+    monitoring = MonitoringConfig(kpi_floors={"digit_accuracy": 0.95})
+
+    def label_counts(self, outputs: Sequence[dict[str, Any] | None], labels: Sequence[Any]) -> dict[str, int]:
+        counts = dict.fromkeys(("labelled", "unanswered", "numbers_right", "digits_labelled", "digits_right"), 0)
+        for output, label in zip(outputs, labels, strict=True):
+            counts["labelled"] += 1
+            if output is None:
+                counts["unanswered"] += 1
+                continue
+            counts["numbers_right"] += output["text"] == label
+            counts["digits_labelled"] += len(label)
+            counts["digits_right"] += sum(read == given for read, given in zip(output["text"], label))
+        return counts
+
+    def realised_kpis(self, counts: dict[str, int]) -> dict[str, float | None]:
+        answered = counts["labelled"] - counts["unanswered"]
+        accuracy = counts["numbers_right"] / answered if answered else None
+        return {
+            "accuracy": accuracy,
+            "whole_number_accuracy": accuracy,
+            "digit_accuracy": counts["digits_right"] / counts["digits_labelled"] if counts["digits_labelled"] else None,
+        }
+
     models = (
         ModelSpec(
             CLASSIFIER,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Annotated, Any
@@ -27,7 +28,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.artifacts import Manifest, read_manifest
-from pipeline.definition import InputPage, Kpis, ModelRows, ModelSpec, PageOutputs, Pipeline, TrainedModel
+from pipeline.definition import (
+    InputPage,
+    Kpis,
+    ModelRows,
+    ModelSpec,
+    MonitoringConfig,
+    PageOutputs,
+    Pipeline,
+    TrainedModel,
+)
 from pipeline.forests import forest_proba
 from pipeline.profile import outside_range, range_warnings
 from pipeline.settings import get_settings
@@ -319,6 +329,37 @@ class ScreeningPipeline(Pipeline):
     models = tuple(_spec(name) for name in MODELS)
     feature_names = FEATURES
     extras_model = RecordLabel
+    # 0 = malignant, 1 = benign, as in the data set.
+    label_type = Annotated[int, Field(strict=True, ge=0, le=1)]
+    # Trained for 98 % recall on malignant records; a window below 90 % is a screen missing cancers.
+    monitoring = MonitoringConfig(kpi_floors={"recall_malignant": 0.9})
+
+    def label_counts(self, outputs: Sequence[dict[str, Any] | None], labels: Sequence[Any]) -> dict[str, int]:
+        counts = dict.fromkeys(("labelled", "unanswered", "true_pos", "false_neg", "false_pos", "true_neg"), 0)
+        for output, label in zip(outputs, labels, strict=True):
+            counts["labelled"] += 1
+            if output is None:
+                counts["unanswered"] += 1
+                continue
+            flagged = output["decision"] == "malignant"
+            if label == MALIGNANT:
+                counts["true_pos" if flagged else "false_neg"] += 1
+            else:
+                counts["false_pos" if flagged else "true_neg"] += 1
+        return counts
+
+    def realised_kpis(self, counts: dict[str, int]) -> dict[str, float | None]:
+        malignant = counts["true_pos"] + counts["false_neg"]
+        benign = counts["false_pos"] + counts["true_neg"]
+
+        def share(count: int, of: int) -> float | None:
+            return count / of if of else None
+
+        return {
+            "accuracy": share(counts["true_pos"] + counts["true_neg"], malignant + benign),
+            "recall_malignant": share(counts["true_pos"], malignant),
+            "false_positive_rate": share(counts["false_pos"], benign),
+        }
 
     def item_parts(self, item: BaseModel) -> tuple[list[float], dict[str, Any]]:
         assert isinstance(item, PatientRecord)
