@@ -13,7 +13,7 @@
 - `monitor_evaluations`: when each pipeline's windows were last judged (one judge at a time),
   and their headline figures (the Prometheus gauges read them).
 
-Revision ID: 0008m
+Revision ID: 0008
 Revises: 0007
 """
 
