@@ -20,6 +20,7 @@ import random
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ SUBMITTERS = 3
 # The share of submissions that repeat an earlier request under its key.
 REPEAT_SHARE = 0.25
 WORKERS = 2
+# The default: one process splits while another follows a big batch.
+AGGREGATOR_CONCURRENCY = 2
 # What a submit raises while PostgreSQL or Redis restarts or its connection was terminated
 # (the ledger's driver errors, a publish that found no broker): retried with the same key,
 # which returns the batch if the first attempt stored it.
@@ -115,7 +118,7 @@ class Submitter:
             except TRANSIENT_SUBMIT_ERRORS as error:
                 if time.monotonic() > deadline:
                     raise
-                self.retried.append(type(error).__name__)
+                self.retried.append(f"{type(error).__module__}.{type(error).__name__}")
                 time.sleep(0.5)
 
 
@@ -163,7 +166,7 @@ class Chaos:
 
     def kill_aggregator(self) -> None:
         self._kill(self.aggregator)
-        self.aggregator = self.own.start("aggregator", "--concurrency", "1")
+        self.aggregator = self.own.start("aggregator", "--concurrency", str(AGGREGATOR_CONCURRENCY))
 
     def _kill(self, victim: subprocess.Popen[bytes]) -> None:
         assert victim.poll() is None, f"{victim.args} exited on its own (code {victim.returncode}) before the chaos"
@@ -233,7 +236,8 @@ def _wait_until_finished(own: OwnStack, context: str) -> None:
 def test_chaos_soak(own: OwnStack) -> None:
     rng = random.Random(SEED)
     workers = [own.start("workers", "--concurrency", "1") for _ in range(WORKERS)]
-    chaos = Chaos(own, random.Random(rng.random()), workers, own.start("aggregator", "--concurrency", "1"))
+    aggregator = own.start("aggregator", "--concurrency", str(AGGREGATOR_CONCURRENCY))
+    chaos = Chaos(own, random.Random(rng.random()), workers, aggregator)
     stop = threading.Event()
     submitters = [Submitter(own.client, i, stop, random.Random(rng.random())) for i in range(SUBMITTERS)]
     with ThreadPoolExecutor(SUBMITTERS) as pool:
@@ -246,7 +250,9 @@ def test_chaos_soak(own: OwnStack) -> None:
             future.result()
     requests = {key: request for submitter in submitters for key, request in submitter.requests.items()}
     context = f"seed {SEED}, {len(requests)} requests, chaos: {', '.join(chaos.done)}"
+    chaos_ended = time.monotonic()
     _wait_until_finished(own, context)
+    recovery_s = time.monotonic() - chaos_ended
 
     with own.engine.connect() as conn:
         batches = {str(row.id): row for row in conn.execute(text("SELECT id, state, items, error FROM batches"))}
@@ -268,6 +274,6 @@ def test_chaos_soak(own: OwnStack) -> None:
     assert all(count == 1 for _, count in dead_letters), "a malformed message is dead-lettered once"
     print(
         f"soak: {len(requests)} requests ({sum(r.submits for r in requests.values())} submits,"
-        f" {sum(given.values())} inputs), {len(chaos.done)} disruptions, submit retries:"
-        f" {sorted(set(name for s in submitters for name in s.retried))} ({context})"
+        f" {sum(given.values())} inputs), {len(chaos.done)} disruptions, all finished {recovery_s:.0f} s"
+        f" after the chaos; submit retries: {Counter(name for s in submitters for name in s.retried)} ({context})"
     )
