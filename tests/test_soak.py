@@ -61,14 +61,10 @@ REPEAT_SHARE = 0.25
 WORKERS = 2
 # The default: one process splits while another follows a big batch.
 AGGREGATOR_CONCURRENCY = 2
-# What a submit raises while PostgreSQL or Redis restarts or its connection was terminated
-# (the ledger's driver errors, a publish that found no broker): retried with the same key,
-# which returns the batch if the first attempt stored it.
-TRANSIENT_SUBMIT_ERRORS = (
-    sqlalchemy.exc.OperationalError,
-    kombu.exceptions.OperationalError,
-    redis.exceptions.ConnectionError,
-)
+# What `Client.submit` documents it raises while PostgreSQL or Redis restarts or its
+# connection was terminated: retried with the same key, which returns the batch if the first
+# attempt stored it.
+TRANSIENT_SUBMIT_ERRORS = (sqlalchemy.exc.OperationalError, kombu.exceptions.OperationalError)
 SUBMIT_RETRY_S = 120.0
 
 
