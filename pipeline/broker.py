@@ -7,14 +7,19 @@ this package never imports `workers` or `aggregator`, which define them.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable
 from typing import Annotated, Literal
 
+import kombu.exceptions
 from celery import Celery
+from kombu import Producer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.settings import AMQP_SCHEMES, Settings
+
+log = logging.getLogger(__name__)
 
 SPLIT_TASK = "pipeline.split"
 PREDICT_TASK = "pipeline.predict"
@@ -137,17 +142,39 @@ def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str, int]], c
     """Publish one predict message per (sub-task id, model, priority rank) — a
     `ledger.Dispatch` — over one producer, in batches (on Redis one pipelined round trip per
     batch, with kombu's `Producer.batch`), each to run no sooner than `countdown` seconds
-    from now; return the count."""
-    count = 0
-    with app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
-        for subtask_id, model, rank in subtasks:
-            message = PredictMessage(subtask_id=subtask_id, priority=PRIORITY_NAMES.get(rank))
-            app.send_task(
-                PREDICT_TASK,
-                kwargs=message.model_dump(exclude_none=True),
-                queue=model_queue(model),
-                producer=producer,
-                countdown=countdown,
-            )
-            count += 1
-    return count
+    from now; return the count.
+
+    Raises:
+        kombu.exceptions.OperationalError: the broker is unreachable (after kombu's retries);
+            some of the messages may have gone out.
+    """
+    messages = [
+        (PredictMessage(subtask_id=subtask_id, priority=PRIORITY_NAMES.get(rank)), model_queue(model))
+        for subtask_id, model, rank in subtasks
+    ]
+    try:
+        with app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
+            for message, queue in messages:
+                _send_prediction(app, message, queue, countdown, producer)
+    # A batch is flushed without kombu's reconnecting retry, and a failed flush leaves unknown
+    # which of its messages went out: publish each again with the retry (a duplicate is
+    # dropped by the ledger). A broker still unreachable then raises OperationalError, the
+    # error every caller takes as transient (a BatchPublishError stopped the sweeper thread).
+    # celery-types' kombu stubs predate BatchPublishError (kombu 5.7).
+    except kombu.exceptions.BatchPublishError as error:  # type: ignore[attr-defined]
+        log.warning("a batch of predict messages failed (%s); publishing them one by one", error.__cause__ or error)
+        for message, queue in messages:
+            _send_prediction(app, message, queue, countdown, None)
+    return len(messages)
+
+
+def _send_prediction(
+    app: Celery, message: PredictMessage, queue: str, countdown: float | None, producer: Producer | None
+) -> None:
+    app.send_task(
+        PREDICT_TASK,
+        kwargs=message.model_dump(exclude_none=True),
+        queue=queue,
+        producer=producer,
+        countdown=countdown,
+    )

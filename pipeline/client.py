@@ -349,6 +349,9 @@ class Client:
             IdempotencyKeyError: `idempotency_key` already names a batch of another pipeline.
             kombu.exceptions.OperationalError: the broker is unreachable; the batch
                 is stored, and the aggregator's sweeper queues its split later.
+            sqlalchemy.exc.OperationalError: the ledger is unreachable (restarting, or the
+                connection was cut); the batch may have been stored. Submitting again with
+                the same `idempotency_key` stores it once and returns it.
         """
         from pipeline import broker
         from pipeline.inputs import encode_inputs

@@ -143,7 +143,7 @@ def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int]
 
 
 # --- a deployment owned by one fault-injection test: its own embedded PostgreSQL and Redis
-# (so the test may kill them), real processes with short leases and sweep intervals ---
+# (so the test may kill them), real processes with short leases and sweep intervals by default ---
 
 LEASE_S = 3.0
 SWEEP_INTERVAL_S = 0.5
@@ -151,7 +151,14 @@ SWEEP_INTERVAL_S = 0.5
 
 class OwnStack:
     def __init__(
-        self, tmp_path: Path, models_dir: Path, chunk_sizes: str = "{}", split_step_items: int = 50_000
+        self,
+        tmp_path: Path,
+        models_dir: Path,
+        chunk_sizes: str = "{}",
+        split_step_items: int = 50_000,
+        lease_s: float = LEASE_S,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+        small_batch_items: int = Settings.model_fields["small_batch_items"].default,
     ) -> None:
         self.data_dir = tmp_path / "data"
         self.log_dir = tmp_path / "logs"
@@ -164,13 +171,14 @@ class OwnStack:
             PIPELINE_DATABASE_URL=urls.database_url,
             PIPELINE_BROKER_URL=urls.broker_url,
             PIPELINE_MODELS_DIR=str(models_dir),
-            PIPELINE_LEASE_S=str(LEASE_S),
-            PIPELINE_SWEEP_INTERVAL_S=str(SWEEP_INTERVAL_S),
+            PIPELINE_LEASE_S=str(lease_s),
+            PIPELINE_SWEEP_INTERVAL_S=str(sweep_interval_s),
             PIPELINE_RETRY_BASE_S="0.05",
             PIPELINE_RETRY_MAX_S="0.2",
             PIPELINE_DB_RETRY_S="120",
             PIPELINE_CHUNK_SIZES=chunk_sizes,
             PIPELINE_SPLIT_STEP_ITEMS=str(split_step_items),
+            PIPELINE_SMALL_BATCH_ITEMS=str(small_batch_items),
         )
         self.processes = Processes(self.log_dir)
         # The client splits a small batch itself: the same way as the aggregator.
@@ -180,6 +188,7 @@ class OwnStack:
                 broker_url=urls.broker_url,
                 chunk_sizes=json.loads(chunk_sizes),
                 split_step_items=split_step_items,
+                small_batch_items=small_batch_items,
             )
         )
         self.engine: Engine = self.client.engine
@@ -196,6 +205,13 @@ class OwnStack:
 
     def restart_redis(self) -> None:
         start_redis(self.data_dir)
+
+    def kill_and_restart_redis(self) -> None:
+        """kill -9 Redis (what it had not yet appended to its file is lost), then start it again."""
+        pid = self.redis_pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(pid), 30, f"redis (pid {pid}) to exit")
+        self.restart_redis()
 
     def restart_postgres(self) -> None:
         self._pg_ctl("restart")
@@ -220,6 +236,16 @@ class OwnStack:
         self.processes.stop_all(timeout=10)
         self.client.close()
         stop_services(self.data_dir)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still exists (a zombie of another parent counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not status.exists() or status.read_text().split(") ", 1)[1][:1] != "Z"
 
 
 def assert_finished_and_consistent(engine: Engine, batch_id: str | uuid.UUID) -> dict[str, Any]:

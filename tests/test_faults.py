@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import kombu.exceptions
 import pytest
 import redis
 
 from pipeline import broker
+from pipeline.embedded import start_redis, stop_services
 from pipeline.pipelines.digits import held_out_strips
+from pipeline.settings import Settings
 from tests.helpers import OwnStack, assert_finished_and_consistent, wait_for
 from tests.malformed import Malformed, publish
 
@@ -83,9 +86,7 @@ def _flush_redis(own: OwnStack) -> None:
 
 
 def _kill_and_restart_redis(own: OwnStack) -> None:
-    os.kill(own.redis_pid(), signal.SIGKILL)
-    time.sleep(1)
-    own.restart_redis()
+    own.kill_and_restart_redis()
 
 
 def _restart_postgres(own: OwnStack) -> None:
@@ -103,6 +104,22 @@ def test_batch_survives_a_service_disruption_mid_batch(own: OwnStack, disrupt: C
     assert status.state == "succeeded"
     assert_finished_and_consistent(own.engine, batch.id)
     assert _results(own, batch.id) == (400, 0)
+
+
+def test_predictions_published_to_a_stopped_redis_raise_the_transient_error(tmp_path: Path) -> None:
+    """A pipelined publish batch that fails raised kombu's BatchPublishError, which no caller
+    takes for an unreachable broker: it stopped the aggregator's sweeper thread for good and
+    escaped a client's submit. It is the OperationalError every other publish raises."""
+    url, _ = start_redis(tmp_path)
+    app = broker.client_app(url, Settings(broker_url=url))
+    try:
+        assert broker.publish_predictions(app, [(1, "digit-ood", 0)]) == 1
+        os.kill(int((tmp_path / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+        with pytest.raises(kombu.exceptions.OperationalError):
+            broker.publish_predictions(app, [(2, "digit-ood", 0), (3, "digit-ood", 1)])
+    finally:
+        app.close()
+        stop_services(tmp_path)
 
 
 def test_every_message_published_twice(own: OwnStack) -> None:
