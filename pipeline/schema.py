@@ -74,6 +74,8 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     aggregating_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # When the sweeper last published this pending batch's split (NULL: only the client did).
+    split_published_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)

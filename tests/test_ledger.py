@@ -332,3 +332,28 @@ def test_a_retry_waits_for_its_own_message(engine: Engine) -> None:
     assert other is not None and other.subtask_id == ids[1]
     own = ledger.claim_subtask(engine, ids[0], "w", lease_s=300)
     assert own is not None and own.subtask_id == ids[0] and own.attempt == 2
+
+
+def test_the_sweeper_republishes_a_pending_split_once_a_lease(engine: Engine) -> None:
+    """A batch still `pending` a lease after submission has its split published again, and
+    not again at the next sweep: only once its last publish is a lease old."""
+    batch_id, _ = store_batch(engine, held_out_strips(2, seed=3))
+
+    def backdate(column: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                text(f"UPDATE batches SET {column} = clock_timestamp() - interval '2 s' WHERE id = :i"),
+                {"i": batch_id},
+            )
+
+    def swept_splits() -> list[uuid.UUID]:
+        found = ledger.sweep(engine, 1.0, 100)
+        assert found is not None
+        return [split for split in found.split if split == batch_id]
+
+    assert swept_splits() == []  # submitted less than a lease ago
+    backdate("created_at")
+    assert swept_splits() == [batch_id]
+    assert swept_splits() == []  # just published again
+    backdate("split_published_at")
+    assert swept_splits() == [batch_id]

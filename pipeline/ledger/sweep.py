@@ -45,7 +45,8 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
     - `running` sub-tasks whose lease expired on their last attempt become `failed`;
     - unfinished sub-tasks whose lease expired go back to `dispatched` with a new lease
       (at most `limit`), to be published again;
-    - batches still `pending` a lease after submission are split again;
+    - batches still `pending` a lease after submission (or after their split was last
+      published again) are split again, once a lease;
     - batches due for aggregation for longer than a lease are aggregated again.
 
     Returns None when another process holds the sweep lock. Publishing the returned
@@ -123,8 +124,18 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
             .returning(Subtask.id, Subtask.model, Subtask.priority)
         ).all()
 
+        # Once a lease per batch, not every sweep: a split that is slow to start (a busy
+        # aggregator) is not republished at every sweep.
         split = (
-            conn.execute(select(Batch.id).where(Batch.state == BatchState.pending, Batch.created_at < stamp - lease))
+            conn.execute(
+                update(Batch)
+                .where(
+                    Batch.state == BatchState.pending,
+                    func.coalesce(Batch.split_published_at, Batch.created_at) < stamp - lease,
+                )
+                .values(split_published_at=stamp)
+                .returning(Batch.id)
+            )
             .scalars()
             .all()
         )
