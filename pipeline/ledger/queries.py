@@ -35,6 +35,7 @@ NEW_SUBTASK_IDS = query("new_subtask_ids")
 SUBTASK_OUTPUTS = query("subtask_outputs")
 RECORD_HEARTBEAT = query("record_heartbeat")
 UNSERVED_QUEUES = query("unserved_queues")
+FAILED_RESULT_PAGES = query("failed_result_pages")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]
