@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -272,3 +274,24 @@ def test_submit_shows_its_progress_reading_a_file(services: RunServices, models_
     uuid.UUID(run.stdout.strip())
     run = run_cli(cli_env(services, models_dir), "submit", "poison", str(path))
     assert run.returncode == 0 and run.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("chunk_sizes", "reason"),
+    [
+        ("digit-classifier=500", "PIPELINE_CHUNK_SIZES is not JSON"),
+        ('{"digit-classifier": 0}', "chunk_sizes.digit-classifier: Input should be greater than 0"),
+        ('{"digit-clasifier": 500}', "PIPELINE_CHUNK_SIZES names models no pipeline has: digit-clasifier;"),
+    ],
+)
+def test_bad_chunk_sizes_stop_a_worker_and_an_aggregator_at_start_up(
+    chunk_sizes: str, reason: str, services: RunServices, models_dir: Path
+) -> None:
+    env = cli_env(services, models_dir, PIPELINE_CHUNK_SIZES=chunk_sizes)
+    for role in ("workers", "aggregator"):
+        run = subprocess.run([sys.executable, "-m", role], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert line.startswith(f"pipeline {role.removesuffix('s')}: ") and reason in line
+    if "names models" not in reason:  # read by every command: one line from the CLI too
+        assert_one_line_error(run_cli(env, "status"), "invalid Settings: chunk_sizes", reason)
