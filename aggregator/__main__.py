@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from typing import Any
 
 from celery import signals
 
 from aggregator import exporter
 from aggregator.sweeper import Sweeper
-from pipeline import broker, ledger, runtime
+from pipeline import broker, ledger, registry, runtime
+from pipeline.errors import SettingsError
 from pipeline.heartbeat import beat_while_consuming
 from pipeline.settings import get_settings
 
@@ -23,7 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, help="processes (default PIPELINE_AGGREGATOR_CONCURRENCY)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+        # The aggregator splits batches: refuse chunk sizes of unknown models before any split.
+        registry.check_chunk_sizes(settings.chunk_sizes)
+    except SettingsError as error:
+        sys.exit(f"pipeline aggregator: {error}")
 
     import aggregator.tasks  # noqa: F401  (registers split and aggregate)
 

@@ -26,11 +26,11 @@ import click
 from pipeline.states import BatchState
 
 if TYPE_CHECKING:
-    from pydantic import ValidationError
     from rich.console import Console
 
     from pipeline.client import BatchStatus, Client
     from pipeline.errors import InvalidInputError
+    from pipeline.inputs import JsonLinesFile
     from pipeline.settings import Settings
     from pipeline.stack import Stack
 
@@ -47,7 +47,7 @@ USER_ERRORS = (
 )
 # Bad inputs `submit` lists line by line; the rest are counted.
 SHOWN_PROBLEMS = 20
-# Rows of `results --out` between two progress bar updates.
+# Rows of `results --out` (inputs of `submit`) between two progress bar updates.
 PROGRESS_STEP = 1000
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
 
@@ -57,11 +57,6 @@ def _console() -> Console:
     from rich.console import Console
 
     return Console()
-
-
-def _validation_line(error: ValidationError) -> str:
-    problems = (f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
-    return f"invalid {error.title}: " + "; ".join(problems)
 
 
 def _loaded(module: str, name: str) -> type[BaseException] | None:
@@ -78,8 +73,10 @@ def _user_error_line(error: Exception) -> str | None:
     if "pydantic" in sys.modules:  # a ValidationError can only come from a loaded pydantic
         from pydantic import ValidationError
 
+        from pipeline.errors import validation_line
+
         if isinstance(error, ValidationError):
-            return redact(_validation_line(error))
+            return redact(validation_line(error))
     for module, name, prefix in USER_ERRORS:
         kind = _loaded(module, name)
         if kind is not None and isinstance(error, kind):
@@ -246,34 +243,46 @@ def aggregator(concurrency: int | None) -> None:
     os.execv(sys.executable, argv)
 
 
-def _read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
-    """The inputs in a JSON-lines file (blank lines skipped) and the line number of each."""
-    items, numbers = [], []
-    try:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    try:
-                        items.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise click.ClickException(f"{path}:{number}: not JSON: {error}") from None
-                    numbers.append(number)
-    except UnicodeDecodeError as error:
-        raise click.ClickException(f"{path}: not UTF-8 text: {error}") from None
-    except OSError as error:
-        raise click.ClickException(f"cannot read {path}: {error.strerror}") from None
-    return items, numbers
-
-
-def _input_problems(path: Path, numbers: list[int], error: InvalidInputError) -> str:
+def _input_problems(lines: JsonLinesFile, error: InvalidInputError) -> str:
     """`FILE:LINE: reason` for each bad input the error names."""
-    lines = [
-        f"{path}:{numbers[index]}: {reason}" if index < len(numbers) else f"{path}: {reason}"
+    path = lines.path
+    shown = [
+        f"{path}:{lines.line_of(index)}: {reason}" if index < lines.count else f"{path}: {reason}"
         for index, reason in error.problems[:SHOWN_PROBLEMS]
     ]
     if len(error.problems) > SHOWN_PROBLEMS:
-        lines.append(f"... and {len(error.problems) - SHOWN_PROBLEMS} more invalid inputs")
-    return "\n".join(lines)
+        shown.append(f"... and {len(error.problems) - SHOWN_PROBLEMS} more invalid inputs")
+    return "\n".join(shown)
+
+
+@contextmanager
+def _reading_progress(lines: JsonLinesFile) -> Iterator[Iterator[Any]]:
+    """The file's inputs, with a bar on stderr (when it is a terminal) of how much of the file
+    is read and validated, gone once the batch is stored."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn(f"reading {lines.path}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[inputs]} inputs"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task("read", total=lines.size, inputs=0)
+
+    def items() -> Iterator[Any]:
+        for item in lines:
+            if lines.count % PROGRESS_STEP == 0:
+                progress.update(task, completed=lines.bytes_read, inputs=lines.count)
+            yield item
+
+    with progress:
+        yield items()
 
 
 @main.command()
@@ -307,26 +316,32 @@ def submit(
 ) -> None:
     """Submit FILE.jsonl (one input per line) to PIPELINE; print the batch id.
 
+    The file is read a line and validated a page at a time, with a progress bar on a
+    terminal; a bad line is named by FILE:LINE and nothing is stored.
+
     With --wait, exit 0 when the batch succeeded and 2 when it finished otherwise.
     """
     from pipeline import registry
     from pipeline.errors import InvalidInputError
+    from pipeline.inputs import JsonLinesFile
     from pipeline.schema import BatchState
+    from pipeline.settings import get_settings
 
     registry.get_pipeline(pipeline_name)
-    items, numbers = _read_jsonl(file)
-    client = _client(publishes=True)
-    try:
-        batch = client.submit(
-            pipeline_name,
-            items,
-            idempotency_key=idempotency_key,
-            failure_policy=failure_policy,
-            max_failed_fraction=max_failed_fraction,
-            deadline_s=deadline,
-        )
-    except InvalidInputError as error:
-        raise click.ClickException(_input_problems(file, numbers, error)) from None
+    with JsonLinesFile(file, get_settings().max_item_bytes) as lines:
+        client = _client(publishes=True)
+        try:
+            with _reading_progress(lines) as items:
+                batch = client.submit(
+                    pipeline_name,
+                    items,
+                    idempotency_key=idempotency_key,
+                    failure_policy=failure_policy,
+                    max_failed_fraction=max_failed_fraction,
+                    deadline_s=deadline,
+                )
+        except InvalidInputError as error:
+            raise click.ClickException(_input_problems(lines, error)) from None
     if not as_json:
         click.echo(batch.id)
     elif not wait_:
@@ -536,12 +551,15 @@ def labels(batch_id: str, file: Path, as_json: bool) -> None:
     import uuid
 
     from pipeline import ledger
+    from pipeline.inputs import JsonLinesFile
     from pipeline.labels import labels_from_lines
 
-    lines, numbers = _read_jsonl(file)
     client = _client()
     handle = client.batch(batch_id)
-    stored = ledger.store_labels(client.engine, uuid.UUID(handle.id), labels_from_lines(handle.id, zip(numbers, lines)))
+    with JsonLinesFile(file, client.settings.max_item_bytes) as lines:
+        parsed = list(lines)
+        numbered = [(lines.line_of(index), line) for index, line in enumerate(parsed)]
+    stored = ledger.store_labels(client.engine, uuid.UUID(handle.id), labels_from_lines(handle.id, numbered))
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(stored)))
         return

@@ -12,6 +12,7 @@ listening connection wakes each waiting thread on its own batch's notification.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -19,18 +20,20 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import ledger, registry
 from pipeline.embedded import ensure_services
-from pipeline.errors import BatchNotFoundError, InvalidArgumentError, UnknownPipelineError
+from pipeline.errors import BatchNotFoundError, InvalidArgumentError, UnknownPipelineError, validation_line
 from pipeline.listener import BatchListener
 from pipeline.schema import BatchState, FailurePolicy, Priority
 from pipeline.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from pipeline.definition import InputPage
 
 # The broker (Celery), the splitter and the input encoder are imported by the methods that
 # publish or store: a command that only reads the ledger (`pipeline status`) loads none of them.
@@ -40,6 +43,9 @@ MAX_LISTED_BATCHES = 10_000
 # How often a progress bar reads the batch's status, and checks that its queues are served.
 PROGRESS_REFRESH_S = 0.25
 UNSERVED_CHECK_S = 2.0
+# The longest deadline a batch may have: a year (a longer one is a mistake, and 1e13 s
+# overflows PostgreSQL's timestamps).
+MAX_DEADLINE_S = 365 * 24 * 3600.0
 
 
 class SubmitOptions(BaseModel):
@@ -48,7 +54,7 @@ class SubmitOptions(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     failure_policy: FailurePolicy = FailurePolicy.best_effort
     max_failed_fraction: float | None = Field(default=None, gt=0, le=1)
-    deadline_s: float | None = Field(default=None, gt=0)
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)
     # None: by size (`Settings.is_small_batch`: interactive).
     priority: Literal["interactive", "bulk"] | None = None
 
@@ -330,23 +336,26 @@ class Client:
     ) -> BatchHandle:
         """Validate every input, store the batch and queue its split; return its handle at once.
 
-        `inputs`: items shaped like the pipeline's input model (dicts or pydantic
-        objects), or for a feature-vector pipeline a 2-D array or a DataFrame.
+        `inputs`: an iterable of items shaped like the pipeline's input model (dicts or
+        pydantic objects; a generator is read once, a page at a time, so memory does not
+        grow with the batch), or for a feature-vector pipeline a 2-D array or a DataFrame.
         The same `idempotency_key` again returns the first batch and stores nothing.
         `failure_policy`: `best_effort` finishes as `partial` with every result it
         could produce; `fail_fast` fails the batch at the first failed sub-task and
         cancels the rest. `max_failed_fraction` (0..1] aborts a best-effort batch once
-        more than that share of its sub-tasks failed. Past `deadline_s` seconds the
-        batch is finished with what it has. `priority`: `interactive` sub-tasks are claimed
+        more than that share of its sub-tasks failed. Past `deadline_s` seconds (at most
+        a year) the batch is finished with what it has. `priority`: `interactive` sub-tasks are claimed
         by workers before `bulk` ones, bulk batches share the workers round-robin; default
         by size, interactive up to `PIPELINE_SMALL_BATCH_ITEMS` inputs.
 
         Raises:
             UnknownPipelineError: no pipeline is registered as `pipeline`.
             InvalidInputError: some inputs are invalid or too large, or there are too
-                many; nothing was stored or queued.
-            ValueError: an option is out of range (pydantic's ValidationError).
-            IdempotencyKeyError: `idempotency_key` already names a batch of another pipeline.
+                many, or `inputs` is not a collection of items; nothing was stored or queued.
+            InvalidArgumentError: an option is out of range.
+            SettingsError: `PIPELINE_CHUNK_SIZES` names a model no pipeline has.
+            IdempotencyKeyError: `idempotency_key` already names a batch of another
+                pipeline, or of other inputs or options.
             kombu.exceptions.OperationalError: the broker is unreachable; the batch
                 is stored, and the aggregator's sweeper queues its split later.
             sqlalchemy.exc.OperationalError: the ledger is unreachable (restarting, or the
@@ -354,26 +363,31 @@ class Client:
                 the same `idempotency_key` stores it once and returns it.
         """
         from pipeline import broker
-        from pipeline.inputs import encode_inputs
+        from pipeline.inputs import iter_input_pages
         from pipeline.splitter import first_split_step, run_split
 
-        options = SubmitOptions(
-            idempotency_key=idempotency_key,
-            failure_policy=failure_policy,
-            max_failed_fraction=max_failed_fraction,
-            deadline_s=deadline_s,
-            priority=priority,
-        )
-        pages = encode_inputs(
-            registry.get_pipeline(pipeline), inputs, self.settings.max_batch_items, self.settings.max_item_bytes
-        )
-        small = self.settings.is_small_batch(sum(page.count for page in pages))
+        try:
+            options = SubmitOptions(
+                idempotency_key=idempotency_key,
+                failure_policy=failure_policy,
+                max_failed_fraction=max_failed_fraction,
+                deadline_s=deadline_s,
+                priority=priority,
+            )
+        except ValidationError as error:
+            raise InvalidArgumentError(validation_line(error)) from None
+        definition = registry.get_pipeline(pipeline)
+        registry.check_chunk_sizes(self.settings.chunk_sizes)
+        pages = iter_input_pages(definition, inputs, self.settings.max_batch_items, self.settings.max_item_bytes)
+        head, small = self._head_pages(pages)
         priority_of_batch = Priority(options.priority or ("interactive" if small else "bulk"))
+        # The rest of the pages are validated as they are stored: a bad one raises and the
+        # transaction stores nothing.
         with self.engine.begin() as conn:
             batch_id, created = ledger.insert_batch(
                 conn,
                 pipeline,
-                pages,
+                itertools.chain(head, pages),
                 options.idempotency_key,
                 options.failure_policy,
                 options.max_failed_fraction,
@@ -389,6 +403,17 @@ class Client:
             else:
                 broker.publish_split(self.publisher(), str(batch_id))
         return BatchHandle(self, batch_id)
+
+    def _head_pages(self, pages: Iterator[InputPage]) -> tuple[list[InputPage], bool]:
+        """The first pages of a batch, read until they hold more inputs than a small batch
+        may (`PIPELINE_SMALL_BATCH_ITEMS`) or are all of them; and whether the batch is small."""
+        head, count = [], 0
+        for page in pages:
+            head.append(page)
+            count += page.count
+            if not self.settings.is_small_batch(count):
+                return head, False
+        return head, True
 
     def batch(self, batch_id: str | uuid.UUID) -> BatchHandle:
         """Return a handle on the existing batch `batch_id` (a UUID or its string).

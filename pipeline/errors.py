@@ -7,6 +7,11 @@ code catching those still works. Anything else that escapes the library is a bug
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 # How many bad items an InvalidInputError spells out in its message (all are in `.problems`).
 SHOWN_PROBLEMS = 20
 
@@ -43,6 +48,16 @@ class IdempotencyKeyError(PipelineError, ValueError):
     pipeline, or one submitted with other inputs or options (another request fingerprint)."""
 
 
+class InputFileError(PipelineError, ValueError):
+    """An input file cannot be read as JSON lines (missing, not UTF-8, a line that is not JSON
+    or longer than `PIPELINE_MAX_ITEM_BYTES`); the message names `FILE:LINE`."""
+
+
+class SettingsError(PipelineError, ValueError):
+    """A setting (a `PIPELINE_*` variable) is invalid: malformed, out of range, or naming a
+    model that no registered pipeline has."""
+
+
 class InvalidArgumentError(PipelineError, ValueError):
     """An argument of a library call is out of its range (e.g. a `limit` of 0); nothing was done."""
 
@@ -76,3 +91,9 @@ class InvalidLabelError(PipelineError, ValueError):
 
 class InvalidWindowError(PipelineError, ValueError):
     """A monitoring window spec that does not parse (`1h`, `24h`, `30m`, `7d`, `rows:N`)."""
+
+
+def validation_line(error: ValidationError) -> str:
+    """A pydantic `ValidationError` as one line: what was validated, then each field and why."""
+    problems = (f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
+    return f"invalid {error.title}: " + "; ".join(problems)

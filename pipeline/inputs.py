@@ -4,22 +4,32 @@ A page holds consecutive inputs. For a feature-vector pipeline (one with
 `feature_names`) it stores their features as one packed float32 matrix and the
 other fields (the pipeline's `extras_model`) as JSON; for any other pipeline it
 stores the validated items as one JSON array. Validation and packing of a 2-D
-array or a DataFrame are vectorised: no Python object per row on that path.
+array or a DataFrame are vectorised: no Python object per row on that path. An
+iterable of items (a JSON-lines file's included, `JsonLinesFile`) is read, validated
+and stored a page at a time, so the client's memory does not grow with the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence, Sized
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from pipeline.definition import InputPage, Pipeline, list_adapter
-from pipeline.errors import InvalidInputError
+from pipeline.errors import InputFileError, InvalidInputError
 
 # Inputs per stored page: big enough that per-row costs vanish, small enough to stream.
 PAGE_ITEMS = 10_000
+# numpy dtype kinds taken as features: signed and unsigned integers, floats (not bool, complex, str, object).
+NUMERIC_KINDS = "iuf"
 
 
 def _problems_of(error: ValidationError, offset: int = 0) -> list[tuple[int, str]]:
@@ -39,6 +49,10 @@ def is_table(inputs: Any) -> bool:
 def _table_columns(pipeline: Pipeline, table: Any) -> tuple[np.ndarray, dict[str, list[Any]]]:
     """(feature matrix as float64, other known columns by name) of a 2-D array or DataFrame.
 
+    Features must be integer or float numbers (no bool, complex, string or object values,
+    which would be converted silently); a DataFrame's columns are the features and the
+    fields of the pipeline's `extras_model`, each once, as a JSON input's keys are.
+
     Raises:
         InvalidInputError: the table as a whole cannot be read.
     """
@@ -52,26 +66,45 @@ def _table_columns(pipeline: Pipeline, table: Any) -> tuple[np.ndarray, dict[str
     if isinstance(table, np.ndarray):
         if table.ndim != 2 or table.shape[1] != len(names):
             raise bad(f"the array has shape {table.shape}; expected (rows, {len(names)}) with columns {list(names)}")
-        try:
-            return np.asarray(table, dtype=np.float64), {}
-        except (TypeError, ValueError) as error:
-            raise bad(f"the array is not numeric: {error}") from None
+        if table.dtype.kind not in NUMERIC_KINDS:
+            raise bad(f"the array holds {table.dtype} values; expected integer or float numbers")
+        return np.asarray(table, dtype=np.float64), {}
     columns = [str(column) for column in table.columns]
+    repeated = sorted(name for name, count in Counter(columns).items() if count > 1)
+    if repeated:
+        raise bad(f"the DataFrame has the columns {repeated} more than once")
     missing = [name for name in names if name not in columns]
     if missing:
         raise bad(f"the DataFrame lacks the feature columns {missing}")
-    try:
-        X = table[list(names)].to_numpy(dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise bad(f"a feature column is not numeric: {error}") from None
     extra_fields = pipeline.extras_model.model_fields if pipeline.extras_model is not None else {}
+    known = set(names) | set(extra_fields)
+    unknown = [name for name in columns if name not in known]
+    if unknown:
+        raise bad(
+            f"the DataFrame has columns pipeline {pipeline.name!r} does not take: {unknown}"
+            f" (it takes its feature columns and {sorted(extra_fields)})"
+        )
+    # By column position: `table[name]` needs the column's own label, which may not be a str.
+    dtypes = {name: dtype for name, dtype in zip(columns, table.dtypes)}
+    not_numbers = [f"{name!r} is {dtypes[name]}" for name in names if dtypes[name].kind not in NUMERIC_KINDS]
+    if not_numbers:
+        raise bad(f"feature columns must hold integer or float numbers: {', '.join(not_numbers)}")
+    by_name = dict(zip(columns, table.columns))
+    # A missing value (NaN, pandas NA) becomes NaN: refused row by row as not finite.
+    X = table[[by_name[name] for name in names]].to_numpy(dtype=np.float64, na_value=np.nan)
     extras = {}
     for name in columns:
         if name in extra_fields:
+            column = table[by_name[name]]
             # A DataFrame holds a missing value as NaN (or pandas NA): both mean "not given".
-            values = table[name].astype(object).to_numpy().tolist()
+            values = column.astype(object).to_numpy().tolist()
             # pandas NA first: comparing it gives NA, whose truth value raises.
-            extras[name] = [None if _is_na(value) or value is None or value != value else value for value in values]
+            values = [None if _is_na(value) or value is None or value != value else value for value in values]
+            if column.dtype.kind == "f":
+                # pandas holds integers with a missing value as floats: a whole float is read as
+                # the integer it stands for (a strict integer field still refuses 1.5).
+                values = [int(value) if value is not None and value.is_integer() else value for value in values]
+            extras[name] = values
     return X, extras
 
 
@@ -107,10 +140,9 @@ class _Validator:
                 [(self.max_items, f"the batch has {count} inputs; at most {self.max_items} allowed")],
             )
 
-    def table_pages(self, table: Any) -> list[InputPage]:
+    def table_pages(self, table: Any) -> Iterator[InputPage]:
         X, extras = _table_columns(self.pipeline, table)
         self._check_count(len(X))
-        pages = []
         for first in range(0, len(X), PAGE_ITEMS):
             rows = X[first : first + PAGE_ITEMS]
             self.problems += _finite_problems(self.pipeline, rows, first)
@@ -125,17 +157,15 @@ class _Validator:
                 except ValidationError as error:
                     self.problems += _problems_of(error, first)
             # A view of the caller's array: converted to float32 as it is written, page by page.
-            pages.append(InputPage(first, len(rows), rows, data))
-        return pages
+            yield InputPage(first, len(rows), rows, data)
 
     def _json_extras(self, extras: Sequence[BaseModel]) -> list[Any] | None:
         dumped = [extra.model_dump(mode="json", exclude_defaults=True) for extra in extras]
         return dumped if any(dumped) else None
 
-    def item_pages(self, inputs: Iterable[Any]) -> list[InputPage]:
+    def item_pages(self, inputs: Iterable[Any]) -> Iterator[InputPage]:
         if isinstance(inputs, Sized):
             self._check_count(len(inputs))
-        pages = []
         page: list[Any] = []
         first = 0
         for raw in inputs:
@@ -146,13 +176,12 @@ class _Validator:
                 else raw
             )
             if len(page) == PAGE_ITEMS:
-                pages.append(self._item_page(first, page))
+                yield self._item_page(first, page)
                 first += len(page)
                 page = []
                 self._check_count(first)
         if page:
-            pages.append(self._item_page(first, page))
-        return pages
+            yield self._item_page(first, page)
 
     def _item_page(self, first: int, raw: list[Any]) -> InputPage:
         try:
@@ -176,18 +205,125 @@ class _Validator:
         return InputPage(first, len(items), None, data)
 
 
-def encode_inputs(pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int) -> list[InputPage]:
-    """Validate `inputs` (a list of items, or for a feature-vector pipeline a 2-D array
-    or a DataFrame) and return them as pages of `PAGE_ITEMS` inputs.
+def _refuse_non_collection(pipeline: Pipeline, inputs: Any) -> None:
+    """Raise InvalidInputError unless `inputs` is an iterable of items: None, one item (a
+    dict, a pydantic object) or text would otherwise be refused item by item, or read as
+    its keys, fields or characters."""
+    if isinstance(inputs, Iterable) and not isinstance(inputs, str | bytes | dict | BaseModel):
+        return
+    expected = "a list (or an iterable) of items"
+    if pipeline.feature_names:
+        expected += ", a 2-D array or a DataFrame"
+    raise InvalidInputError(pipeline.name, [(0, f"the inputs must be {expected}, not {type(inputs).__name__}")])
+
+
+def iter_input_pages(pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int) -> Iterator[InputPage]:
+    """Validate `inputs` (an iterable of items, or for a feature-vector pipeline a 2-D
+    array or a DataFrame) a page of `PAGE_ITEMS` at a time, yielding each page while
+    every input so far is valid: an iterable is read once, page by page, never whole.
 
     Raises:
-        InvalidInputError: naming every bad item by index and why; also for no inputs
-            and for more than `max_items`.
+        InvalidInputError: once every input is read, naming every bad item by index and
+            why (no page is yielded after the first bad one); also for no inputs, for more
+            than `max_items`, and for inputs that are not a collection of items (at once).
     """
     validator = _Validator(pipeline, max_items, max_item_bytes)
-    pages = validator.table_pages(inputs) if is_table(inputs) else validator.item_pages(inputs)
+    if is_table(inputs):
+        pages = validator.table_pages(inputs)
+    else:
+        _refuse_non_collection(pipeline, inputs)
+        pages = validator.item_pages(inputs)
+    count = 0
+    for page in pages:
+        count += page.count
+        if not validator.problems:
+            yield page
     if validator.problems:
         raise InvalidInputError(pipeline.name, sorted(validator.problems))
-    if not pages:
+    if not count:
         raise InvalidInputError(pipeline.name, [(0, "the batch has no inputs")])
-    return pages
+
+
+def encode_inputs(pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int) -> list[InputPage]:
+    """Every page of `iter_input_pages`, as a list.
+
+    Raises:
+        InvalidInputError: as `iter_input_pages`.
+    """
+    return list(iter_input_pages(pipeline, inputs, max_items, max_item_bytes))
+
+
+class JsonLinesFile:
+    """The inputs of a JSON-lines file, one per non-blank line, parsed as they are read: a
+    context manager (closing the file) to iterate once. A line is read with a bounded read
+    and refused by its size before it is parsed, so memory stays bounded by
+    `max_item_bytes` whatever the file holds.
+
+    `bytes_read` of `size` tells how far the reading is; `line_of(index)` is the line of
+    input `index`, `count` the inputs read so far.
+
+    Raises:
+        InputFileError: the file cannot be opened (here), or while iterating: a line is
+            not UTF-8, not JSON (also: nested too deeply, an integer of too many digits) or
+            longer than `max_item_bytes`; the message names `FILE:LINE`.
+    """
+
+    def __init__(self, path: Path, max_item_bytes: int) -> None:
+        self.path = path
+        self.max_item_bytes = max_item_bytes
+        try:
+            self._file = path.open("rb")
+            self.size = os.fstat(self._file.fileno()).st_size
+        except OSError as error:
+            raise InputFileError(f"cannot read {path}: {error.strerror}") from None
+        self.bytes_read = 0
+        self.count = 0
+        # Input `index` is on line `index + shift` for the last (first input, shift) at or before
+        # it: a new entry after each run of blank lines, so this stays small whatever the file.
+        self._shifts: list[tuple[int, int]] = [(0, 1)]
+
+    def __enter__(self) -> JsonLinesFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._file.close()
+
+    def line_of(self, index: int) -> int:
+        """The line number (from 1) of input `index` (< `count`)."""
+        shift = next(shift for first, shift in reversed(self._shifts) if first <= index)
+        return index + shift
+
+    def _error(self, number: int, reason: str) -> InputFileError:
+        return InputFileError(f"{self.path}:{number}: {reason}")
+
+    def __iter__(self) -> Iterator[Any]:
+        number = 0
+        limit = self.max_item_bytes
+        while line := self._file.readline(limit + 2):  # at most the limit and a CR LF
+            number += 1
+            self.bytes_read += len(line)
+            content = line.rstrip(b"\r\n")
+            if len(content) > limit:
+                raise self._error(number, f"longer than {limit} bytes, the largest input (PIPELINE_MAX_ITEM_BYTES)")
+            if not content.strip():
+                first, shift = self._shifts[-1]
+                if first == self.count:
+                    self._shifts[-1] = (first, shift + 1)
+                else:
+                    self._shifts.append((self.count, shift + 1))
+                continue
+            try:
+                text = content.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputFileError(f"{self.path}: not UTF-8 text (line {number}): {error}") from None
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise self._error(number, f"not JSON: {error}") from None
+            except ValueError:
+                # int() refuses to read more digits than this (CPython's guard against quadratic time).
+                raise self._error(number, f"an integer of more than {sys.get_int_max_str_digits()} digits") from None
+            except RecursionError:
+                raise self._error(number, "nested too deeply to read") from None
+            self.count += 1
+            yield item

@@ -8,7 +8,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 
 from pipeline.definition import ModelSpec, Pipeline
-from pipeline.errors import UnknownPipelineError
+from pipeline.errors import SettingsError, UnknownPipelineError
 from pipeline.settings import get_settings
 
 SHIPPED = ("pipeline.pipelines.digits:DigitsPipeline", "pipeline.pipelines.screening:ScreeningPipeline")
@@ -69,3 +69,19 @@ def get_model(name: str) -> ModelSpec:
         return models[name]
     except KeyError:
         raise UnknownPipelineError(f"unknown model {name!r}; known: {', '.join(sorted(models))}") from None
+
+
+def check_chunk_sizes(chunk_sizes: dict[str, int]) -> None:
+    """Check that `PIPELINE_CHUNK_SIZES` names only registered models (its sizes are checked
+    by `Settings`).
+
+    Raises:
+        SettingsError: naming the unknown models and the known ones.
+    """
+    models = all_models()
+    unknown = sorted(set(chunk_sizes) - set(models))
+    if unknown:
+        raise SettingsError(
+            f"PIPELINE_CHUNK_SIZES names models no pipeline has: {', '.join(unknown)};"
+            f" known: {', '.join(sorted(models))}"
+        )

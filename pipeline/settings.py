@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pipeline.errors import SettingsError, validation_line
 
 REDIS_SCHEMES = ("redis://", "rediss://")
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
@@ -18,6 +22,10 @@ class Settings(BaseSettings):
 
     With `database_url` / `broker_url` unset, the embedded PostgreSQL and Redis
     under `data_dir` are started (or reused) on first use.
+
+    Raises:
+        SettingsError: a value is malformed or out of range (one line naming each; a URL's
+            value is never repeated, it may hold a password).
     """
 
     # An invalid value is not repeated in the error: a URL holds a password.
@@ -54,9 +62,14 @@ class Settings(BaseSettings):
         default="",
         description="Extra pipelines to register, comma-separated `package.module:attr`.",
     )
-    chunk_sizes: dict[str, int] = Field(
+    # NoDecode: read as JSON by `_chunk_sizes_json`, which names the variable when it is not JSON.
+    chunk_sizes: Annotated[dict[str, Annotated[StrictInt, Field(gt=0)]], NoDecode] = Field(
         default_factory=dict,
-        description='Per-model chunk size overrides, JSON: `{"digit-classifier": 2000}`. Read by the splitter.',
+        description=(
+            'Per-model chunk size overrides, JSON: `{"digit-classifier": 2000}`; each a registered model'
+            " and a size of at least 1 (checked when a worker or aggregator starts and on submit). Read by"
+            " the splitter."
+        ),
     )
     split_step_items: int = Field(
         default=50_000,
@@ -139,6 +152,22 @@ class Settings(BaseSettings):
             " Prometheus scrapes from elsewhere (docker-compose.yml sets it inside its network)."
         ),
     )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(validation_line(error)) from None
+
+    @field_validator("chunk_sizes", mode="before")
+    @classmethod
+    def _chunk_sizes_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as error:
+                raise ValueError(f"PIPELINE_CHUNK_SIZES is not JSON: {error}") from None
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
@@ -22,7 +22,7 @@ class Point(BaseModel):
     """Four numbers; a first value of -1 makes the model raise on every attempt, -2 makes
     it return NaN (a guardrail violation, which is not retried), -3 makes the split raise."""
 
-    values: list[float] = Field(min_length=4, max_length=4)
+    values: list[StrictFloat] = Field(min_length=4, max_length=4)
 
 
 def _train() -> TrainedModel:

@@ -1,23 +1,33 @@
 """Pure logic, no service: chunking, page cutting, the output stream of the aggregate,
-final-state rules, result streaming order and the named SQL. `make test-fast` runs these."""
+final-state rules, result streaming order, the named SQL, what input validation and
+settings refuse, and reading a JSON-lines file. `make test-fast` runs these."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.assemble import FailureCauses, ModelOutputStream, final_state
-from pipeline import ledger
+from pipeline import ledger, registry
+from pipeline.artifacts import read_manifest
 from pipeline.definition import InputPage, ModelRows, ModelSpec, TrainedModel
-from pipeline.errors import SplitError
+from pipeline.errors import InputFileError, InvalidInputError, PipelineError, SettingsError, SplitError
+from pipeline.inputs import PAGE_ITEMS, JsonLinesFile, encode_inputs, iter_input_pages
 from pipeline.ledger import queries
+from pipeline.pipelines.screening import FEATURES as SCREENING_FEATURES
+from pipeline.pipelines.screening import dataset_split as screening_split
 from pipeline.schema import BatchState, FailurePolicy
+from pipeline.settings import Settings
 from pipeline.splitter import Chunker
+from pipeline.training import train_models
 
 
 def _spec(n_features: int = 2, n_outputs: int = 1) -> ModelSpec:
@@ -171,3 +181,209 @@ def test_every_named_query_is_loaded_and_none_is_empty() -> None:
     assert {"batch_status", "batch_statuses", "new_subtask_ids", "subtask_outputs", "copy_subtasks"} <= names
     assert all(sql.strip() and not sql.lstrip().startswith("--") for sql in queries.RAW.values())
     assert all(sql.startswith("COPY ") for name, sql in queries.RAW.items() if name.startswith("copy_"))
+
+
+# --- inputs: what validation refuses before a batch exists -------------------------------
+
+
+def _records_frame(count: int = 3) -> pd.DataFrame:
+    return pd.DataFrame(np.resize(screening_split()[1], (count, len(SCREENING_FEATURES))), columns=SCREENING_FEATURES)
+
+
+def _refusal(pipeline: str, inputs: object) -> str:
+    with pytest.raises(InvalidInputError) as caught:
+        encode_inputs(registry.get_pipeline(pipeline), inputs, 1_000, 1_000_000)
+    return str(caught.value)
+
+
+def test_a_dataframe_with_a_repeated_column_is_refused() -> None:
+    frame = _records_frame()
+    repeated = pd.concat([frame, frame[[SCREENING_FEATURES[3]]]], axis=1)
+    assert f"the DataFrame has the columns {[SCREENING_FEATURES[3]]} more than once" in _refusal("screening", repeated)
+
+
+def test_a_dataframe_column_the_pipeline_does_not_take_is_refused_by_name() -> None:
+    """As a JSON input's unknown key is: one rule for extras whatever the input form."""
+    frame = _records_frame().assign(label=[0, 1, 1], patient="x")
+    assert "columns pipeline 'screening' does not take: ['patient'] (it takes its feature columns and ['label'])" in (
+        _refusal("screening", frame)
+    )
+    assert "Extra inputs are not permitted" in _refusal(
+        "screening", [{"features": dict(zip(SCREENING_FEATURES, range(30))), "patient": "x"}]
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (np.ones((2, 30), dtype=np.complex128), "the array holds complex128 values"),
+        (np.ones((2, 30), dtype=bool), "the array holds bool values"),
+        (np.full((2, 30), "1.5"), "the array holds <U3 values"),
+        (np.ones((2, 30), dtype=object), "the array holds object values"),
+    ],
+)
+def test_an_array_of_anything_but_numbers_is_refused(values: np.ndarray, reason: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. numpy's ComplexWarning: a refusal, not a warning
+        assert reason in _refusal("screening", values)
+
+
+def test_a_dataframe_feature_column_of_anything_but_numbers_is_refused() -> None:
+    frame = _records_frame()
+    first, second = SCREENING_FEATURES[:2]
+    frame[first] = [True, False, True]
+    frame[second] = ["1.5", "2", "3"]
+    reason = _refusal("screening", frame)
+    # The strings' dtype: `str` from pandas 3, `object` before.
+    assert f"feature columns must hold integer or float numbers: {first!r} is bool, {second!r} is " in reason
+
+
+def test_a_missing_value_in_a_nullable_column_is_refused_as_not_finite() -> None:
+    frame = _records_frame()
+    frame[SCREENING_FEATURES[0]] = pd.array([1, None, 3], dtype="Int64")
+    assert f"item 1: {SCREENING_FEATURES[0]}: not a finite float32 number" in _refusal("screening", frame)
+
+
+@pytest.mark.parametrize("label", [True, "1", 1.0])
+def test_a_label_that_is_not_an_integer_is_not_stored_as_one(label: object) -> None:
+    record = {"features": dict(zip(SCREENING_FEATURES, map(float, range(30)))), "label": label}
+    assert "item 0: label: Input should be a valid integer" in _refusal("screening", [record])
+
+
+@pytest.mark.parametrize("labels", [[True, False], ["1", "0"], [1.5, 0.0]])
+def test_a_dataframe_label_column_that_is_not_integers_is_refused(labels: list[object]) -> None:
+    """A float column of whole numbers is pandas' integer column with a missing value (see
+    test_screening); a fraction, a bool or a string is refused."""
+    frame = _records_frame(2).assign(label=labels)
+    assert "item 0: label: Input should be a valid integer" in _refusal("screening", frame)
+
+
+def test_numeric_strings_and_bools_are_not_numbers() -> None:
+    features = dict(zip(SCREENING_FEATURES, map(float, range(30))))
+    reason = _refusal("screening", [{"features": {**features, SCREENING_FEATURES[4]: "4.5"}}])
+    assert f"item 0: features.{SCREENING_FEATURES[4]}: Input should be a valid number" in reason
+    image = [[0.0] * 8 for _ in range(8)]
+    image[2][3] = "7"  # type: ignore[call-overload]
+    assert "item 0: image.2.3: Input should be a valid number" in _refusal("digits", [{"image": image}])
+    image[2][3] = True  # type: ignore[call-overload]
+    assert "item 0: image.2.3: Input should be a valid number" in _refusal("digits", [{"image": image}])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "kind"), [(None, "NoneType"), ("strips.jsonl", "str"), ({"image": []}, "dict"), (42, "int")]
+)
+def test_inputs_that_are_not_a_collection_of_items_are_refused(inputs: object, kind: str) -> None:
+    assert f"the inputs must be a list (or an iterable) of items, not {kind}" in _refusal("digits", inputs)
+
+
+def test_an_iterable_of_items_is_read_a_page_at_a_time() -> None:
+    read = 0
+
+    def points() -> Iterator[dict[str, list[float]]]:
+        nonlocal read
+        for _ in range(PAGE_ITEMS * 2 + 5):
+            read += 1
+            yield {"values": [0.5, 1.0, 2.0, 3.0]}
+
+    pages = iter_input_pages(registry.get_pipeline("poison"), points(), 10**6, 10**6)
+    first = next(pages)
+    assert (first.first, first.count) == (0, PAGE_ITEMS) and read == PAGE_ITEMS
+    assert [(page.first, page.count) for page in pages] == [(PAGE_ITEMS, PAGE_ITEMS), (2 * PAGE_ITEMS, 5)]
+
+
+def test_no_page_is_yielded_after_a_bad_item_and_every_bad_item_is_named() -> None:
+    points = [{"values": [0.5, 1.0, 2.0, 3.0]}] * (PAGE_ITEMS * 3)
+    points[PAGE_ITEMS + 7] = points[2 * PAGE_ITEMS + 1] = {"values": [1.0]}
+    pages = iter_input_pages(registry.get_pipeline("poison"), points, 10**6, 10**6)
+    assert next(pages).first == 0
+    with pytest.raises(InvalidInputError) as caught:
+        next(pages)
+    assert [index for index, _ in caught.value.problems] == [PAGE_ITEMS + 7, 2 * PAGE_ITEMS + 1]
+
+
+# --- a JSON-lines file: bounded reads, refused lines named by FILE:LINE --------------------
+
+
+def _lines_file(tmp_path: Path, content: bytes, max_item_bytes: int = 1_000) -> JsonLinesFile:
+    path = tmp_path / "inputs.jsonl"
+    path.write_bytes(content)
+    return JsonLinesFile(path, max_item_bytes)
+
+
+def test_a_json_lines_file_names_the_line_of_each_input(tmp_path: Path) -> None:
+    with _lines_file(tmp_path, b'{"a": 1}\r\n\n\n[2]\n  \n3\n"x"') as lines:
+        assert list(lines) == [{"a": 1}, [2], 3, "x"]
+        assert [lines.line_of(index) for index in range(4)] == [1, 4, 6, 7]
+        assert lines.bytes_read == lines.size and lines.count == 4
+
+
+def test_a_line_longer_than_an_input_may_be_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    # Not JSON past the limit: parsing it would be refused as "not JSON" instead.
+    with _lines_file(tmp_path, b"[1]\n[" + b"1," * 50_000 + b"\n[2]\n", max_item_bytes=100) as lines:
+        with pytest.raises(InputFileError, match=r"inputs.jsonl:2: longer than 100 bytes, the largest input"):
+            list(lines)
+        assert lines.bytes_read <= 4 + 102  # the first line, then a bounded read of the second
+    with _lines_file(tmp_path, b"[" + b"1," * 48 + b"11]\r\n", max_item_bytes=100) as lines:
+        assert list(lines) == [[1] * 48 + [11]]  # exactly the limit, with a CR LF
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"[1]\n" + b"[" * 100_000 + b"]" * 100_000 + b"\n", "inputs.jsonl:2: nested too deeply to read"),
+        (b"1" * 5_000 + b"\n", "inputs.jsonl:1: an integer of more than 4300 digits"),
+        (b"[1]\n{not json\n", "inputs.jsonl:2: not JSON: Expecting property name"),
+        (b"[1]\n\xff\n", "inputs.jsonl: not UTF-8 text (line 2)"),
+    ],
+)
+def test_a_line_that_cannot_be_read_is_one_clear_error(tmp_path: Path, content: bytes, reason: str) -> None:
+    with _lines_file(tmp_path, content, max_item_bytes=1_000_000) as lines:
+        with pytest.raises(InputFileError) as caught:
+            list(lines)
+    assert reason in str(caught.value) and isinstance(caught.value, PipelineError)
+
+
+def test_a_missing_input_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputFileError, match="cannot read .*missing.jsonl: No such file"):
+        JsonLinesFile(tmp_path / "missing.jsonl", 100)
+
+
+# --- settings: refused at start-up with one line ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("digit-classifier: 5", "chunk_sizes: Value error, PIPELINE_CHUNK_SIZES is not JSON: Expecting value"),
+        ('{"digit-classifier": 0}', "chunk_sizes.digit-classifier: Input should be greater than 0"),
+        ('{"digit-classifier": -5}', "chunk_sizes.digit-classifier: Input should be greater than 0"),
+        ('{"digit-classifier": "500"}', "chunk_sizes.digit-classifier: Input should be a valid integer"),
+        ("[500]", "chunk_sizes: Input should be a valid dictionary"),
+    ],
+)
+def test_malformed_chunk_sizes_are_refused(value: str, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_CHUNK_SIZES", value)
+    with pytest.raises(SettingsError) as caught:
+        Settings()
+    assert str(caught.value) == f"invalid Settings: {reason}" or reason in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_chunk_sizes_of_a_model_no_pipeline_has_are_refused() -> None:
+    registry.check_chunk_sizes({"digit-classifier": 500})
+    with pytest.raises(SettingsError, match="PIPELINE_CHUNK_SIZES names models no pipeline has: digit-clasifier;"):
+        registry.check_chunk_sizes({"digit-clasifier": 500})
+
+
+def test_a_non_numeric_port_is_a_settings_error_without_the_password() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings(database_url="postgresql://u:secret-pw@127.0.0.1:abc/db")
+    assert "PIPELINE_DATABASE_URL is not a valid URL: Port could not be cast to integer" in str(caught.value)
+    assert "secret-pw" not in str(caught.value) and isinstance(caught.value, PipelineError)
+
+
+def test_a_model_name_that_is_not_a_safe_file_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="unknown model '../evil'"):
+        train_models(tmp_path, ["../evil"])
+    with pytest.raises(PipelineError, match="not a safe file name"):
+        read_manifest(tmp_path, "../evil")

@@ -10,7 +10,7 @@ import sys
 
 from pipeline import broker, registry, runtime
 from pipeline.artifacts import load_verified
-from pipeline.errors import ArtifactError, UnknownPipelineError
+from pipeline.errors import ArtifactError, SettingsError, UnknownPipelineError
 from pipeline.heartbeat import beat_while_consuming
 from pipeline.settings import get_settings
 
@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, help="worker processes (default PIPELINE_WORKER_CONCURRENCY)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
-    settings = get_settings()
     try:
+        settings = get_settings()
+        registry.check_chunk_sizes(settings.chunk_sizes)
         names = (
             [n.strip() for n in args.models.split(",") if n.strip()] if args.models else sorted(registry.all_models())
         )
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             registry.get_model(name)
             # Fail at start-up, not on every sub-task, when an artifact is missing or tampered with.
             load_verified(settings.resolved_models_dir, name)
-    except (UnknownPipelineError, ArtifactError) as error:
+    except (SettingsError, UnknownPipelineError, ArtifactError) as error:
         sys.exit(f"pipeline worker: {error}")
 
     import workers.tasks  # noqa: F401  (registers the predict task)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import struct
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -85,7 +85,7 @@ def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
 def insert_batch(
     conn: Connection,
     pipeline: str,
-    pages: Sequence[InputPage],
+    pages: Iterable[InputPage],
     idempotency_key: str | None,
     failure_policy: FailurePolicy = FailurePolicy.best_effort,
     max_failed_fraction: float | None = None,
@@ -94,6 +94,8 @@ def insert_batch(
 ) -> tuple[uuid.UUID, bool]:
     """Insert a `pending` batch and its input pages on `conn`'s transaction; with an
     `idempotency_key`, store the request's fingerprint (`RequestFingerprint`) with it.
+    `pages` are read once, as they are stored (a generator validating them as they come
+    may raise: the caller's transaction then stores nothing).
 
     Returns (batch id, created). With an `idempotency_key` already used by the same
     request (same fingerprint), returns the existing batch and writes nothing. A batch
@@ -115,7 +117,8 @@ def insert_batch(
         {
             "id": batch_id,
             "pipeline": pipeline,
-            "items": sum(page.count for page in pages),
+            # Counted as the pages are stored, then set with the fingerprint.
+            "items": 0,
             "idempotency_key": idempotency_key,
             "failure_policy": failure_policy.value,
             "priority": priority.value,
@@ -127,24 +130,26 @@ def insert_batch(
         assert idempotency_key is not None and fingerprint is not None, "only a key conflicts with a new uuid"
         return _same_request(conn, idempotency_key, pipeline, pages, fingerprint), False
 
+    items = 0
+
     def rows() -> Iterator[tuple[Any, ...]]:
+        nonlocal items
         for page in pages:
             features, data = _stored_page(page)
             if fingerprint is not None:
                 fingerprint.add_page(page.first, page.count, features, data)
+            items += page.count
             yield batch_id, page.first, page.count, features, data
 
     # `data` goes as JSON text: json's binary COPY form is its text.
     copy_rows(conn, queries.COPY_INPUT_PAGES, rows(), binary_types=("uuid", "int4", "int4", "bytea", "text"))
-    if fingerprint is not None:
-        conn.execute(
-            update(Batch).where(Batch.id == batch_id).values(request_sha256=fingerprint.hexdigest()),
-        )
+    sha256 = None if fingerprint is None else fingerprint.hexdigest()
+    conn.execute(update(Batch).where(Batch.id == batch_id).values(items=items, request_sha256=sha256))
     return batch_id, True
 
 
 def _same_request(
-    conn: Connection, idempotency_key: str, pipeline: str, pages: Sequence[InputPage], fingerprint: RequestFingerprint
+    conn: Connection, idempotency_key: str, pipeline: str, pages: Iterable[InputPage], fingerprint: RequestFingerprint
 ) -> uuid.UUID:
     """The batch `idempotency_key` names, when it was submitted by the same request.
 

@@ -45,6 +45,7 @@ OPEN_ALERTS_HOLDING = query("open_alerts_holding")
 CLEAR_ALERTS_NOT_HOLDING = query("clear_alerts_not_holding")
 OPEN_ALERTS = query("open_alerts")
 EVALUATION_FIGURES = query("evaluation_figures")
+FAILED_RESULT_PAGES = query("failed_result_pages")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]

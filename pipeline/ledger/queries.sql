@@ -44,6 +44,17 @@ COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payloa
 -- name: copy_result_page
 COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN
 
+-- name: failed_result_pages
+-- A batch whose split failed: every input gets the error as its result, one result page per
+-- input page (set-based, whatever the batch's size).
+INSERT INTO result_pages (batch_id, first_item, items, outputs, errors)
+SELECT batch_id, first_item, items,
+       to_json(array_fill(NULL::text, ARRAY[items])),
+       to_json(array_fill(CAST(:error AS text), ARRAY[items]))
+FROM input_pages
+WHERE batch_id = :batch_id
+ON CONFLICT DO NOTHING
+
 -- name: record_heartbeat
 -- A worker's beat: its row inserted or refreshed. Rows of other workers silent for an hour
 -- (killed, never stopped cleanly) are removed on the way.

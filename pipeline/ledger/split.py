@@ -153,7 +153,8 @@ def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, create
 
 def fail_pending_batch(conn: Connection, batch_id: uuid.UUID, error: str) -> None:
     """`pending` → `failed` when the batch cannot be split, cancelling the sub-tasks an
-    earlier split step made; NOTIFY waiting clients on commit."""
+    earlier split step made and giving every input `error` as its result (one result page
+    per input page, one statement); NOTIFY waiting clients on commit."""
     failed = conn.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.state == BatchState.pending)
@@ -162,4 +163,5 @@ def fail_pending_batch(conn: Connection, batch_id: uuid.UUID, error: str) -> Non
     ).first()
     if failed is not None:
         cancel_subtasks(conn, batch_id, UNFINISHED_SUBTASK_STATES)
+        conn.execute(queries.FAILED_RESULT_PAGES, {"batch_id": batch_id, "error": error})
     conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))

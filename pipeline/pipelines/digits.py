@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_digits
 from sklearn.ensemble import IsolationForest
@@ -30,7 +30,8 @@ REVIEW_CONFIDENCE = 0.8
 CLASSIFIER = "digit-classifier"
 OOD_GUARD = "digit-ood"
 
-Pixel = Annotated[float, Field(ge=0, le=16, allow_inf_nan=False)]
+# Strict: a number, never a bool or a numeric string converted silently.
+Pixel = Annotated[float, Strict(), Field(ge=0, le=16, allow_inf_nan=False)]
 PIXELS = tuple(f"pixel[{row},{column}]" for row in range(TILE) for column in range(TILE))
 
 

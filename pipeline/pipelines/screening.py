@@ -18,7 +18,7 @@ from functools import cache, lru_cache
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -61,13 +61,15 @@ class ScreeningConfig(BaseModel):
 
 CONFIG = ScreeningConfig()
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+# Strict: a number, never a bool or a numeric string converted silently.
+Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 
 
 class RecordLabel(BaseModel):
     """A record's fields besides its features: the label, when ground truth is known."""
 
-    label: int | None = Field(default=None, ge=0, le=1, description="0 = malignant, 1 = benign")
+    # Strict: `true`, "1" or 1.0 is refused, not stored as label 1.
+    label: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=1, description="0 = malignant, 1 = benign")
 
 
 class PatientRecord(RecordLabel):
