@@ -16,8 +16,8 @@ from sqlalchemy.exc import OperationalError
 from aggregator.assemble import aggregate_batch
 from pipeline import broker, ledger, registry, runtime
 from pipeline.errors import ArtifactError, GuardrailViolation, UnknownPipelineError
+from pipeline.guardrails import check_output
 from pipeline.settings import Settings
-from workers.guardrails import check_output
 from workers.models import loaded_model
 
 log = logging.getLogger(__name__)

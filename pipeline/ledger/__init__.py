@@ -14,6 +14,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `sweep`: the sweeper's reconciliation;
 - `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
 - `heartbeats`: which queues the live workers consume;
+- `registry`: model versions, their aliases (champion, challenger) and events;
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -53,6 +54,18 @@ from pipeline.ledger.counters import (
 )
 from pipeline.ledger.heartbeats import forget_worker, record_heartbeat, unserved_queues
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
+from pipeline.ledger.registry import (
+    StoredArtifact,
+    VersionRecord,
+    aliases_of,
+    events_of,
+    insert_version,
+    manifests_of,
+    previous_champion,
+    set_alias,
+    stored_artifact,
+    versions_of,
+)
 from pipeline.ledger.split import (
     Dispatch,
     NewSubtask,
@@ -75,9 +88,12 @@ __all__ = [
     "NewSubtask",
     "Outcome",
     "RequestFingerprint",
+    "StoredArtifact",
     "StoredResult",
     "SubtaskOutput",
     "Sweep",
+    "VersionRecord",
+    "aliases_of",
     "batch_state",
     "batch_status_row",
     "batch_status_rows",
@@ -87,6 +103,7 @@ __all__ = [
     "complete_subtask",
     "copy_result_page",
     "copy_subtasks",
+    "events_of",
     "fail_pending_batch",
     "fail_subtask",
     "finish_batch",
@@ -94,19 +111,25 @@ __all__ = [
     "forget_worker",
     "input_pages",
     "insert_batch",
+    "insert_version",
     "iter_results",
     "lock_aggregating_batch",
     "lock_pending_batch",
     "make_engine",
+    "manifests_of",
     "migrate",
     "next_seqs",
+    "previous_champion",
     "record_heartbeat",
     "record_split",
     "running_batch",
+    "set_alias",
+    "stored_artifact",
     "subtask_outputs",
     "sweep",
     "too_many_failures_reason",
     "try_lock_aggregation",
     "unfinished_before",
     "unserved_queues",
+    "versions_of",
 ]

@@ -35,6 +35,8 @@ NEW_SUBTASK_IDS = query("new_subtask_ids")
 SUBTASK_OUTPUTS = query("subtask_outputs")
 RECORD_HEARTBEAT = query("record_heartbeat")
 UNSERVED_QUEUES = query("unserved_queues")
+SET_ALIAS = query("set_alias")
+REGISTER_VERSION = query("register_version")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]
