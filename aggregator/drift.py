@@ -1,20 +1,20 @@
 """A batch's drift: the PSI (effect) and chi-square p-value (evidence) of every model's
-input features and output score against the reference profile in its manifest, and
+input features and output score against the reference profile of the model version that
+scored the rows (its manifest in the registry), and
 the verdict over all of them, from the bin counts each worker stored with its
 sub-task's output (the aggregator only sums them)."""
 
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Connection, bindparam, select
 
-from pipeline.artifacts import read_manifest
+from pipeline import ledger
+from pipeline.artifacts import Manifest
 from pipeline.definition import ModelSpec, Pipeline
-from pipeline.errors import ArtifactError
 from pipeline.profile import DriftConfig, ReferenceProfile
 from pipeline.schema import Subtask, SubtaskState
 
@@ -39,18 +39,25 @@ def stored_counts(conn: Connection, batch_id: uuid.UUID) -> dict[tuple[str, str]
     return totals
 
 
-def _profile(models_dir: Path, spec: ModelSpec) -> tuple[ReferenceProfile | None, str]:
-    """(reference profile, its model version) or (None, why there is none)."""
-    try:
-        manifest = read_manifest(models_dir, spec.name)
-    except ArtifactError as error:
-        return None, str(error)
-    profile = manifest.reference
+def _scoring_versions(totals: dict[tuple[str, str], tuple[int, np.ndarray]]) -> dict[str, str]:
+    """Per model, the version that scored most of the batch's rows (normally the only one)."""
+    rows: dict[str, tuple[int, str]] = {}
+    for (model, version), (scored, _) in totals.items():
+        if scored > rows.get(model, (-1, ""))[0]:
+            rows[model] = (scored, version)
+    return {model: version for model, (_, version) in rows.items()}
+
+
+def _profile(spec: ModelSpec, manifest: dict[str, Any] | None, version: str) -> tuple[ReferenceProfile | None, str]:
+    """(reference profile of `version`, the version) or (None, why there is none)."""
+    if manifest is None:
+        return None, f"model {spec.name!r}: version {version[:12]} is not in the registry"
+    profile = Manifest.model_validate(manifest).reference
     if profile is None:
         return None, f"model {spec.name!r} was trained without a reference profile (retrain it)"
     if len(profile.features) != spec.n_features:
         return None, f"model {spec.name!r}: reference has {len(profile.features)} features, model {spec.n_features}"
-    return profile, manifest.version
+    return profile, version
 
 
 class ModelCounts(NamedTuple):
@@ -110,7 +117,7 @@ def judge_counts(config: DriftConfig, models: list[ModelCounts]) -> dict[str, An
     }
 
 
-def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, models_dir: Path) -> dict[str, Any]:
+def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> dict[str, Any]:
     """Return the drift section of a batch's metrics (docs/monitoring.md, "Drift, calibrated
     to sample size").
 
@@ -124,15 +131,18 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, model
     skipped: dict[str, dict[str, Any]] = {}
     judged: list[ModelCounts] = []
     totals = stored_counts(conn, batch_id)
+    versions = _scoring_versions(totals)
+    manifests = ledger.manifests_of(conn, list(versions.items()))
     for spec in pipeline.models:
-        profile, version = _profile(models_dir, spec)
+        if spec.name not in versions:
+            skipped[spec.name] = {"skipped": "no succeeded sub-task stored drift counts"}
+            continue
+        version = versions[spec.name]
+        profile, why = _profile(spec, manifests.get((spec.name, version)), version)
         if profile is None:
-            skipped[spec.name] = {"skipped": version}
+            skipped[spec.name] = {"skipped": why}
             continue
-        rows, counts = totals.get((spec.name, version), (0, None))
-        if counts is None:
-            skipped[spec.name] = {"skipped": f"no succeeded sub-task scored by version {version}"}
-            continue
+        rows, counts = totals[(spec.name, version)]
         judged.append(ModelCounts(spec.name, rows, version, profile, counts))
     figures = judge_counts(config, judged)
     features = figures["features"]

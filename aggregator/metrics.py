@@ -5,23 +5,40 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection, Row, bindparam, select
 
 from aggregator.drift import batch_drift
 from aggregator.latency import batch_latency
 from pipeline import registry
-from pipeline.settings import get_settings
+from pipeline.schema import Subtask, SubtaskState
+
+SCORING_VERSIONS = (
+    select(Subtask.model, Subtask.model_version)
+    .where(Subtask.batch_id == bindparam("batch_id"), Subtask.state == SubtaskState.succeeded)
+    .distinct()
+    .order_by(Subtask.model, Subtask.model_version)
+)
+
+
+def scoring_versions(conn: Connection, batch: Row[Any]) -> dict[str, list[str]]:
+    """Per model, the versions (artifact SHA-256) whose outputs the batch's results hold."""
+    versions: dict[str, list[str]] = {}
+    for row in conn.execute(SCORING_VERSIONS, {"batch_id": batch.id}):
+        versions.setdefault(row.model, []).append(row.model_version)
+    return versions
 
 
 def batch_metrics(conn: Connection, batch: Row[Any], kpis: dict[str, Any], now: datetime) -> dict[str, Any]:
     """Return the JSON-able metrics of `batch`, aggregated at `now`: `kpis`, `latency`
-    (the whole batch), `models` (per-model latency) and `drift` (against the reference
-    profiles in the manifests under PIPELINE_MODELS_DIR)."""
+    (the whole batch), `models` (per-model latency), `model_versions` (per model, the
+    versions that scored it) and `drift` (against the reference profile of the version
+    that scored the rows)."""
     latency, models = batch_latency(conn, batch, now)
     pipeline = registry.get_pipeline(batch.pipeline)
     return {
         "kpis": kpis,
         "latency": latency,
         "models": models,
-        "drift": batch_drift(conn, batch.id, pipeline, get_settings().resolved_models_dir),
+        "model_versions": scoring_versions(conn, batch),
+        "drift": batch_drift(conn, batch.id, pipeline),
     }

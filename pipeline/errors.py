@@ -71,6 +71,16 @@ class UnknownVersionError(PipelineError, LookupError):
     """A model has no registered version of that name (or no champion yet)."""
 
 
+class NoChampionError(UnknownVersionError):
+    """A model has no champion version yet: no batch can be split for it."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} has no champion version: run `pipeline models train --only {model}`"
+            f" or `pipeline models register {model} FILE.skops`"
+        )
+
+
 class RegistryConflictError(PipelineError, RuntimeError):
     """A model's alias changed while this change was being made; nothing was changed."""
 

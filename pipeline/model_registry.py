@@ -32,6 +32,7 @@ from pipeline.errors import (
     GuardrailViolation,
     InvalidArgumentError,
     InvalidArtifactError,
+    NoChampionError,
     RegistryConflictError,
     UnknownVersionError,
 )
@@ -240,26 +241,18 @@ def events(engine: Engine, model: str) -> list[dict[str, Any]]:
         return ledger.events_of(conn, model)
 
 
-def no_champion(model: str) -> UnknownVersionError:
-    """The error for a model without a champion version: what to run."""
-    return UnknownVersionError(
-        f"model {model!r} has no champion version: run `pipeline models train --only {model}`"
-        f" or `pipeline models register {model} FILE.skops`"
-    )
-
-
 def champion(engine: Engine, model: str) -> str:
     """The version new batches of `model` are pinned to.
 
     Raises:
         UnknownPipelineError: no pipeline has `model`.
-        UnknownVersionError: it has no version yet.
+        NoChampionError: it has no version yet.
     """
     registry.get_model(model)
     with engine.connect() as conn:
         version = ledger.aliases_of(conn, [model]).get(model)
     if version is None:
-        raise no_champion(model)
+        raise NoChampionError(model)
     return version
 
 
@@ -293,7 +286,7 @@ def rollback(engine: Engine, model: str, *, approved_by: str, to: str | None = N
     with engine.begin() as conn:
         current = ledger.aliases_of(conn, [model]).get(model)
         if current is None:
-            raise no_champion(model)
+            raise NoChampionError(model)
         if to is None:
             target = ledger.previous_champion(conn, model)
             if target is None:
