@@ -199,27 +199,29 @@ def register(
         )
         current = ledger.aliases_of(conn, [model], Alias.champion).get(model)
         if current is None:
-            _move(conn, model, Alias.champion, digest, None, created_by, "first version", ModelEvent.alias_set)
+            first = ledger.set_alias(
+                conn,
+                model=model,
+                alias=Alias.champion,
+                version=digest,
+                expected=None,
+                actor=created_by,
+                reason="first version",
+            )
+            _moved(first, model, Alias.champion)
         elif as_alias is not None:
             named = ledger.aliases_of(conn, [model], as_alias).get(model)
             if named != digest:
-                _move(conn, model, as_alias, digest, named, created_by, None, ModelEvent.alias_set)
+                moved = ledger.set_alias(
+                    conn, model=model, alias=as_alias, version=digest, expected=named, actor=created_by, reason=None
+                )
+                _moved(moved, model, as_alias)
     return digest
 
 
-def _move(
-    conn: Connection,
-    model: str,
-    alias: Alias,
-    version: str,
-    expected: str | None,
-    actor: str,
-    reason: str | None,
-    event: ModelEvent,
-) -> None:
-    if not ledger.set_alias(
-        conn, model=model, alias=alias, version=version, expected=expected, actor=actor, reason=reason, event=event
-    ):
+def _moved(moved: bool, model: str, alias: Alias) -> None:
+    """Raise when a guarded alias change (`ledger.set_alias`) found the alias moved meanwhile."""
+    if not moved:
         raise RegistryConflictError(f"model {model!r}: its {alias.value} changed meanwhile; nothing was changed")
 
 
@@ -295,7 +297,17 @@ def rollback(engine: Engine, model: str, *, approved_by: str, to: str | None = N
             target = resolve_version(conn, model, to)
         if target == current:
             raise InvalidArgumentError(f"model {model!r}: {target[:12]} is the champion already")
-        _move(conn, model, Alias.champion, target, current, approved_by, reason, ModelEvent.rollback)
+        moved = ledger.set_alias(
+            conn,
+            model=model,
+            alias=Alias.champion,
+            version=target,
+            expected=current,
+            actor=approved_by,
+            reason=reason,
+            event=ModelEvent.rollback,
+        )
+        _moved(moved, model, Alias.champion)
     return target
 
 
