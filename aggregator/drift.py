@@ -1,20 +1,21 @@
 """A batch's drift: the PSI (effect) and chi-square p-value (evidence) of every model's
-input features and output score against the reference profile in its manifest, and
+input features and output score against the reference profile of the model version that
+scored the rows (its manifest in the registry), and
 the verdict over all of them, from the bin counts each worker stored with its
 sub-task's output (the aggregator only sums them)."""
 
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, bindparam, select
 
-from pipeline.artifacts import drift_reference
-from pipeline.definition import Pipeline
-from pipeline.profile import DriftConfig, ModelCounts, judge_counts
+from pipeline import ledger
+from pipeline.artifacts import Manifest
+from pipeline.definition import ModelSpec, Pipeline
+from pipeline.profile import DriftConfig, ModelCounts, ReferenceProfile, judge_counts
 from pipeline.schema import Subtask, SubtaskState
 
 # Built once: every aggregate runs it.
@@ -38,12 +39,31 @@ def stored_counts(conn: Connection, batch_id: uuid.UUID) -> dict[tuple[str, str]
     return totals
 
 
-def batch_drift(
-    conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline, models_dir: Path
-) -> tuple[dict[str, Any], list[tuple[ModelCounts, str]]]:
-    """Return the drift section of a batch's metrics, and the counts of each judged model with
-    its version's SHA-256 (what the batch adds to its windows) (docs/monitoring.md, "Drift, calibrated
-    to sample size").
+def _scoring_versions(totals: dict[tuple[str, str], tuple[int, np.ndarray]]) -> dict[str, str]:
+    """Per model, the version that scored most of the batch's rows (normally the only one)."""
+    rows: dict[str, tuple[int, str]] = {}
+    for (model, version), (scored, _) in totals.items():
+        if scored > rows.get(model, (-1, ""))[0]:
+            rows[model] = (scored, version)
+    return {model: version for model, (_, version) in rows.items()}
+
+
+def _profile(spec: ModelSpec, manifest: dict[str, Any] | None, version: str) -> tuple[ReferenceProfile | None, str]:
+    """(reference profile of `version`, the version) or (None, why there is none)."""
+    if manifest is None:
+        return None, f"model {spec.name!r}: version {version[:12]} is not in the registry"
+    profile = Manifest.model_validate(manifest).reference
+    if profile is None:
+        return None, f"model {spec.name!r} was trained without a reference profile (retrain it)"
+    if len(profile.features) != spec.n_features:
+        return None, f"model {spec.name!r}: reference has {len(profile.features)} features, model {spec.n_features}"
+    return profile, version
+
+
+def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> tuple[dict[str, Any], list[ModelCounts]]:
+    """Return the drift section of a batch's metrics (docs/monitoring.md, "Drift, calibrated
+    to sample size"), and the counts of each judged model version (what the batch adds to
+    its windows).
 
     Per model: rows scored, its reference's rows and version, and its output score's PSI,
     band, p-value, whether that is significant and whether it is drifted; or why it was
@@ -53,20 +73,22 @@ def batch_drift(
     """
     config: DriftConfig = pipeline.drift
     skipped: dict[str, dict[str, Any]] = {}
-    judged: list[tuple[ModelCounts, str]] = []
+    judged: list[ModelCounts] = []
     totals = stored_counts(conn, batch_id)
+    versions = _scoring_versions(totals)
+    manifests = ledger.manifests_of(conn, list(versions.items()))
     for spec in pipeline.models:
-        reference = drift_reference(models_dir, spec)
-        if isinstance(reference, str):
-            skipped[spec.name] = {"skipped": reference}
+        if spec.name not in versions:
+            skipped[spec.name] = {"skipped": "no succeeded sub-task stored drift counts"}
             continue
-        manifest, profile = reference
-        rows, counts = totals.get((spec.name, manifest.version), (0, None))
-        if counts is None:
-            skipped[spec.name] = {"skipped": f"no succeeded sub-task scored by version {manifest.version}"}
+        version = versions[spec.name]
+        profile, why = _profile(spec, manifests.get((spec.name, version)), version)
+        if profile is None:
+            skipped[spec.name] = {"skipped": why}
             continue
-        judged.append((ModelCounts(spec.name, rows, manifest.version, profile, counts), manifest.sha256))
-    figures = judge_counts(config, [model for model, _ in judged])
+        rows, counts = totals[(spec.name, version)]
+        judged.append(ModelCounts(spec.name, rows, version, profile, counts))
+    figures = judge_counts(config, judged)
     features = figures["features"]
     drift = {
         "false_alarm_rate": config.false_alarm_rate,

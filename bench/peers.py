@@ -30,12 +30,19 @@ from sqlalchemy import Engine, text
 
 from aggregator.assemble import ModelOutputStream
 from pipeline import broker, ledger, registry
+from pipeline.artifacts import Manifest, load_verified
 from pipeline.client import Client
 from pipeline.definition import PageOutputs, Pipeline
 from pipeline.inputs import encode_inputs, is_table
 from pipeline.settings import Settings, get_settings
 from pipeline.splitter import Chunker
-from workers.models import loaded_model
+
+
+@cache
+def loaded_model(name: str) -> tuple[Any, Manifest]:
+    """Model `name` from PIPELINE_MODELS_DIR, loaded once per peer process (the peers run no registry)."""
+    return load_verified(get_settings().resolved_models_dir, name)
+
 
 QUEUE = "bench.peers"
 NAIVE_TASK = "bench.naive_item"

@@ -35,11 +35,12 @@ from bench.memory import PeakRss
 from bench.processes import Processes
 from bench.table import print_table
 from bench.workload import DEFAULT_ROWS, make_workload
-from pipeline import registry
+from pipeline import ledger, registry
 from pipeline.artifacts import load_verified
 from pipeline.client import Client
 from pipeline.definition import Pipeline
 from pipeline.errors import UnknownPipelineError
+from pipeline.model_registry import adopt_models_dir
 from pipeline.scratch import scratch_services
 from pipeline.training import train_models
 
@@ -336,6 +337,10 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         figures["services"] = services.origin
         log(f"training {', '.join(spec.name for spec in pipeline.models)}")
         train_models(models_dir, [spec.name for spec in pipeline.models])
+        # The trained artifacts become the champions before any batch is split (the split pins them).
+        engine = ledger.make_engine(services.database_url)
+        adopt_models_dir(engine, services.settings(models_dir), created_by="bench")
+        engine.dispose()
 
         limit: dict[str, float] = {}
         naive_items = 0

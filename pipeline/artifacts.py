@@ -118,8 +118,8 @@ def save_model(models_dir: Path, spec: ModelSpec) -> Manifest:
     return manifest
 
 
-def load_verified(models_dir: Path, name: str) -> tuple[Any, Manifest]:
-    """Load model `name` after checking its SHA-256 against the manifest.
+def read_verified(models_dir: Path, name: str) -> tuple[bytes, Manifest]:
+    """Model `name`'s artifact bytes and manifest, after checking its SHA-256 against the manifest.
 
     Raises:
         ArtifactError: missing files, or the artifact's hash differs from the manifest's.
@@ -135,4 +135,10 @@ def load_verified(models_dir: Path, name: str) -> tuple[Any, Manifest]:
             f"model {name!r}: artifact {artifact_path} has SHA-256 {digest}, manifest says {manifest.sha256};"
             " refusing to load it (retrain with `pipeline models train`)"
         )
+    return data, manifest
+
+
+def load_verified(models_dir: Path, name: str) -> tuple[Any, Manifest]:
+    """Load model `name` after checking its SHA-256 against the manifest (`read_verified`)."""
+    data, manifest = read_verified(models_dir, name)
     return skops.io.loads(data, trusted=manifest.trusted_types), manifest

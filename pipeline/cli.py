@@ -148,10 +148,14 @@ def main() -> None:
 @main.command()
 def migrate() -> None:
     """Apply the ledger's database migrations."""
-    from pipeline import ledger, runtime
+    from pipeline import ledger, model_registry, runtime
+    from pipeline.settings import get_settings
 
     ledger.migrate(runtime.service_urls().database_url)
     _console().print("ledger schema is up to date")
+    # An upgrade from before the registry: the models dir's artifacts become first versions.
+    for name in model_registry.adopt_models_dir(runtime.engine(), get_settings(), created_by=_actor()):
+        _console().print(f"{name}: registered from the models folder as its champion")
 
 
 @main.group()
@@ -211,16 +215,107 @@ def models_list(as_json: bool) -> None:
     _console().print(table)
 
 
+def _actor() -> str:
+    """Who runs this command, as the registry records it: user@host."""
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+AS_CHALLENGER = click.option(
+    "--as",
+    "as_alias",
+    type=click.Choice(["challenger"]),
+    help="Also point the model's challenger alias at the new version (a first version becomes champion).",
+)
+
+
+def _print_registered(model: str, version: str, champion: str | None, metrics: dict[str, Any]) -> None:
+    role = " (champion)" if version == champion else ""
+    _console().print(f"{model} {version[:12]}{role} {json.dumps(metrics)}")
+
+
 @models.command("train")
 @click.option("--only", help="Comma-separated model names (default: all).")
-def models_train(only: str | None) -> None:
-    """Train models from their datasets and write artifacts with SHA-256 manifests."""
-    from pipeline.settings import get_settings
-    from pipeline.training import train_models
+@AS_CHALLENGER
+def models_train(only: str | None, as_alias: str | None) -> None:
+    """Train models, write their artifacts to PIPELINE_MODELS_DIR and register each as a
+    version (a model's first version becomes its champion)."""
+    from pipeline import model_registry
+    from pipeline.states import Alias
 
+    client = _client()
     names = [n.strip() for n in only.split(",")] if only else None
-    for manifest in train_models(get_settings().resolved_models_dir, names):
-        _console().print(f"{manifest.name} {manifest.version} {json.dumps(manifest.metrics)}")
+    alias = None if as_alias is None else Alias(as_alias)
+    trained = model_registry.train(client.engine, client.settings, names, created_by=_actor(), as_alias=alias)
+    for manifest, version in trained:
+        champion = model_registry.champion(client.engine, manifest.name)
+        _print_registered(manifest.name, version, champion, manifest.metrics)
+
+
+@models.command("register")
+@click.argument("model")
+@click.argument("file", type=click.Path(path_type=Path))
+@AS_CHALLENGER
+def models_register(model: str, file: Path, as_alias: str | None) -> None:
+    """Check FILE.skops (trusted types only, predicts on the reference rows, output
+    guardrails) and register it as a version of MODEL."""
+    from pipeline import model_registry
+    from pipeline.states import Alias
+
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        raise click.ClickException(f"cannot read {file}: {error.strerror}") from None
+    client = _client()
+    alias = None if as_alias is None else Alias(as_alias)
+    version = model_registry.register(client.engine, client.settings, model, data, created_by=_actor(), as_alias=alias)
+    _print_registered(model, version, model_registry.champion(client.engine, model), {})
+
+
+@models.command("versions")
+@click.argument("model")
+@JSON_OPTION
+def models_versions(model: str, as_json: bool) -> None:
+    """List MODEL's versions, oldest first, with their aliases and metrics."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from pipeline import model_registry
+
+    records = model_registry.versions(_client().engine, model)
+    if as_json:
+        rows = [{k: v for k, v in asdict(record).items() if k != "manifest"} for record in records]
+        click.echo(json.dumps(rows, default=lambda value: value.isoformat()))
+        return
+    table = Table("version", "aliases", "source", "created", "by", "size", "stored", "metrics")
+    for record in records:
+        table.add_row(
+            record.version[:12],
+            ", ".join(record.aliases),
+            record.source,
+            f"{record.created_at:%Y-%m-%d %H:%M}",
+            record.created_by,
+            f"{record.size_bytes / 1e6:.1f} MB",
+            "database" if record.stored_inline else "store",
+            json.dumps(record.metrics),
+        )
+    _console().print(table)
+
+
+@models.command("rollback")
+@click.argument("model")
+@click.option("--to", "to", help="The version to serve (default: the previous champion); a unique prefix will do.")
+@click.option("--approved-by", required=True, help="Who approved the change (recorded).")
+@click.option("--reason", help="Why (recorded).")
+def models_rollback(model: str, to: str | None, approved_by: str, reason: str | None) -> None:
+    """Make the previous (or named) version MODEL's champion for new batches, at once."""
+    from pipeline import model_registry
+
+    version = model_registry.rollback(_client().engine, model, approved_by=approved_by, to=to, reason=reason)
+    _console().print(f"{model}: champion is now {version[:12]}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

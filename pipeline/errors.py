@@ -72,6 +72,34 @@ class ArtifactError(PipelineError, RuntimeError):
     """A model artifact is missing, misnamed or does not match its manifest."""
 
 
+class InvalidArtifactError(PipelineError, ValueError):
+    """A file offered to the model registry is not an artifact the model can serve (not a
+    skops file, a type outside the allow-list, wrong output shape, a guardrail violation);
+    nothing was registered."""
+
+
+class FeatureCountError(InvalidArtifactError):
+    """An artifact expects another number of input features than its model has."""
+
+
+class UnknownVersionError(PipelineError, LookupError):
+    """A model has no registered version of that name (or no champion yet)."""
+
+
+class NoChampionError(UnknownVersionError):
+    """A model has no champion version yet: no batch can be split for it."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} has no champion version: run `pipeline models train --only {model}`"
+            f" or `pipeline models register {model} FILE.skops`"
+        )
+
+
+class RegistryConflictError(PipelineError, RuntimeError):
+    """A model's alias changed while this change was being made; nothing was changed."""
+
+
 class GuardrailViolation(PipelineError, ValueError):
     """A model's output is malformed; retrying cannot fix it."""
 

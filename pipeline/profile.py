@@ -77,6 +77,18 @@ class ReferenceProfile(BaseModel):
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         return BinLayout(sizes, starts, np.repeat(np.arange(len(sizes)), sizes), shares, padded, used)
 
+    def quantile_rows(self) -> np.ndarray:
+        """Rows of the features' reference quantiles, float32 (REFERENCE_BINS + 1 x features):
+        row 0 holds each feature's smallest reference value, the last its largest, the rows
+        between its bin edges (interpolated where a feature has fewer). Rows a model must
+        score when its artifact is checked before registration."""
+        points = np.linspace(0.0, 1.0, REFERENCE_BINS + 1)
+        columns = []
+        for histogram in self.features:
+            values = [histogram.low, *histogram.edges, histogram.high]
+            columns.append(np.interp(points, np.linspace(0.0, 1.0, len(values)), values))
+        return np.column_stack(columns).astype("<f4")
+
     def bin_counts(self, X: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The bin counts of rows `X` (n x features) and their `scores`: every feature's
         histogram, then the score's, concatenated (int64). Sums of these vectors over

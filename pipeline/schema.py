@@ -6,6 +6,7 @@ these mappings must match them (a test compares the two).
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy import (
     CheckConstraint,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -31,11 +33,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # The column values' enums, re-exported: they are part of the schema's vocabulary.
 from pipeline.states import FINISHED_BATCH_STATES as FINISHED_BATCH_STATES
 from pipeline.states import PRIORITY_RANKS as PRIORITY_RANKS
+from pipeline.states import Alias as Alias
 from pipeline.states import BatchState as BatchState
 from pipeline.states import FailurePolicy as FailurePolicy
+from pipeline.states import ModelEvent as ModelEvent
 from pipeline.states import Priority as Priority
 from pipeline.states import RejectionReason as RejectionReason
 from pipeline.states import SubtaskState as SubtaskState
+from pipeline.states import VersionSource as VersionSource
 
 Timestamp = TIMESTAMP(timezone=True)
 
@@ -80,6 +85,8 @@ class Batch(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     error: Mapped[str | None] = mapped_column(Text)
+    # Model → version (artifact SHA-256) its first split step pinned; its later steps keep them.
+    model_versions: Mapped[dict[str, str] | None] = mapped_column(JSONB)
 
 
 class Subtask(Base):
@@ -126,6 +133,8 @@ class Subtask(Base):
     bin_counts: Mapped[bytes | None] = mapped_column(LargeBinary)
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(Text)
+    # The model version (artifact SHA-256) that scores it, pinned by the split: its model's
+    # champion when the batch's split began. NULL only for sub-tasks split before revision 0008.
     model_version: Mapped[str | None] = mapped_column(Text)
     queued_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -296,3 +305,72 @@ class MonitorEvaluation(Base):
     evaluated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
     # The judged windows' headline figures, read by the Prometheus endpoint.
     figures: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+def _known(column: str, values: type[enum.StrEnum], name: str) -> CheckConstraint:
+    return CheckConstraint(f"{column} IN ({', '.join(repr(value.value) for value in values)})", name=name)
+
+
+class ModelVersion(Base):
+    """A model version: one artifact (by SHA-256) of one model, with its manifest and metrics.
+    The artifact is in `artifact` up to `Settings.registry_inline_max_bytes`, else in the
+    content-addressed store directory at `artifact_path` (relative to it)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        CheckConstraint("version ~ '^[0-9a-f]{64}$'", name="model_versions_version_sha256"),
+        _known("source", VersionSource, "model_versions_source_known"),
+        CheckConstraint("(artifact IS NULL) <> (artifact_path IS NULL)", name="model_versions_artifact_in_one_place"),
+    )
+
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    # The artifact's SHA-256, 64 lowercase hex digits.
+    version: Mapped[str] = mapped_column(Text, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    # `pipeline.artifacts.Manifest` as JSON (its drift reference, config, trusted types).
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    artifact: Mapped[bytes | None] = mapped_column(LargeBinary)
+    artifact_path: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+
+
+class ModelAlias(Base):
+    """Which version a model's `champion` (or `challenger`) is."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (
+        _known("alias", Alias, "model_aliases_alias_known"),
+        ForeignKeyConstraint(["model", "version"], ["model_versions.model", "model_versions.version"]),
+    )
+
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    alias: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[str] = mapped_column(Text)
+    set_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    set_by: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ModelEventRow(Base):
+    """One registry change, append-only (a trigger refuses UPDATE and DELETE)."""
+
+    __tablename__ = "model_events"
+    __table_args__ = (
+        _known("event", ModelEvent, "model_events_event_known"),
+        Index("model_events_model_at", "model", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    model: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(Text)
+    version: Mapped[str] = mapped_column(Text)
+    # The alias an `alias_set` or `rollback` moved; NULL for a registration.
+    alias: Mapped[str | None] = mapped_column(Text)
+    # The version the alias named before (NULL: none).
+    previous_version: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))

@@ -58,6 +58,24 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(
         default=None, description="Model artifacts and manifests; default `<data_dir>/models`."
     )
+    registry_inline_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Model artifacts up to this size are stored in PostgreSQL (`model_versions.artifact`);"
+            " larger ones in PIPELINE_REGISTRY_STORE_DIR, which every host must then mount."
+        ),
+    )
+    registry_store_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Content-addressed store of the artifacts too big for PostgreSQL (`<sha256[:2]>/<sha256>.skops`),"
+            " shared by every host; default `<data_dir>/registry`."
+        ),
+    )
+    worker_model_cache: int = Field(
+        default=4, ge=1, description="Model versions a worker process keeps loaded (least recently used leaves)."
+    )
     pipelines: str = Field(
         default="",
         description="Extra pipelines to register, comma-separated `package.module:attr`.",
@@ -206,6 +224,10 @@ class Settings(BaseSettings):
     @property
     def resolved_models_dir(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    @property
+    def resolved_registry_store_dir(self) -> Path:
+        return self.registry_store_dir if self.registry_store_dir is not None else self.data_dir / "registry"
 
     def is_small_batch(self, items: int) -> bool:
         """Whether a batch of `items` inputs takes the small-batch path (`small_batch_items`)."""

@@ -14,8 +14,8 @@ from celery import Celery
 from sqlalchemy import Connection, Engine
 
 from pipeline import broker, ledger, registry, runtime
-from pipeline.definition import ModelRows, ModelSpec
-from pipeline.errors import SplitError, UnknownPipelineError
+from pipeline.definition import ModelRows, ModelSpec, Pipeline
+from pipeline.errors import NoChampionError, SplitError, UnknownPipelineError
 from pipeline.schema import Priority
 from pipeline.settings import Settings, get_settings
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # What a batch's inputs can make a split raise: the batch fails with the reason. Anything
 # else is a bug (in a pipeline or here): it propagates with its traceback, the batch stays
 # `pending`, and the sweeper splits it again once fixed code is deployed.
-SPLIT_ERRORS = (SplitError, UnknownPipelineError)
+SPLIT_ERRORS = (SplitError, UnknownPipelineError, NoChampionError)
 
 
 class Chunker:
@@ -33,7 +33,7 @@ class Chunker:
 
     Rows that are the inputs' own stored features (`ModelRows.of_inputs`) are not
     copied into the sub-tasks unless `copy_inputs`. `priority`: the sub-tasks' rank
-    (`Priority.rank`).
+    (`Priority.rank`); `model_version`: the version pinned on them.
     """
 
     def __init__(
@@ -43,6 +43,7 @@ class Chunker:
         first_seq: int = 0,
         copy_inputs: bool = False,
         priority: int = Priority.bulk.rank,
+        model_version: str | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"model {spec.name!r}: chunk size must be at least 1, got {chunk_size}")
@@ -51,6 +52,7 @@ class Chunker:
         self.seq = first_seq
         self.copy_inputs = copy_inputs
         self.priority = priority
+        self.model_version = model_version
         self._rows: list[np.ndarray] = []
         self._items: list[np.ndarray] = []
         self._buffered = 0
@@ -89,6 +91,7 @@ class Chunker:
                 priority=self.priority,
                 items=items[start : start + size],
                 payload=None if rows is None else rows[start : start + size].tobytes(),
+                model_version=self.model_version,
             )
             self.seq += 1
         self._items = [items[end:]]
@@ -106,6 +109,21 @@ class SplitStep:
     aggregate: bool
 
 
+def pin_champions(conn: Connection, pipeline: Pipeline) -> dict[str, str]:
+    """Each of the pipeline's models' champion version: one registry query for a batch's
+    whole split (its first step; the later ones keep what it pinned).
+
+    Raises:
+        NoChampionError: a model has no version yet.
+    """
+    names = [spec.name for spec in pipeline.models]
+    versions = ledger.aliases_of(conn, names)
+    for name in names:
+        if name not in versions:
+            raise NoChampionError(name)
+    return versions
+
+
 def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int) -> SplitStep | None:
     """Split the next `step_items` inputs of a `pending` batch into `dispatched` sub-tasks,
     on `conn`'s transaction; the last step moves the batch to `running`.
@@ -117,6 +135,7 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     Raises:
         SplitError, UnknownPipelineError: the pipeline cannot split the inputs
             (raised before anything is written).
+        NoChampionError: a model of the pipeline has no version to pin.
     """
     batch = ledger.lock_pending_batch(conn, batch_id)
     if batch is None:
@@ -125,8 +144,15 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
     seqs = ledger.next_seqs(conn, batch_id) if batch.split_items else {}
     rank = Priority(batch.priority).rank
+    versions = batch.model_versions or pin_champions(conn, pipeline)
     chunkers = [
-        Chunker(spec, chunk_sizes.get(spec.name, spec.chunk_size), seqs.get(spec.name, 0), priority=rank)
+        Chunker(
+            spec,
+            chunk_sizes.get(spec.name, spec.chunk_size),
+            seqs.get(spec.name, 0),
+            priority=rank,
+            model_version=versions.get(spec.name),
+        )
         for spec in pipeline.models
     ]
     split_items = batch.split_items
@@ -142,7 +168,7 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     subtasks = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
     published = ledger.copy_subtasks(conn, batch_id, subtasks)
     finished = split_items >= batch.items
-    aggregate = ledger.record_split(conn, batch_id, split_items, len(subtasks), finished)
+    aggregate = ledger.record_split(conn, batch_id, split_items, len(subtasks), finished, versions)
     return SplitStep(published, finished, aggregate)
 
 
@@ -154,6 +180,7 @@ def split_steps(
 
     Raises:
         SplitError, UnknownPipelineError: the pipeline cannot split the inputs.
+        NoChampionError: a model of the pipeline has no version to pin.
     """
     while True:
         with engine.begin() as conn:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from pipeline import ledger
+from pipeline import ledger, model_registry
 from pipeline.embedded import ServiceUrls, ensure_services, stop_services
 from pipeline.settings import Settings
 from pipeline.training import missing_models, train_models
@@ -158,6 +158,12 @@ class Stack:
             if missing:
                 print(f"training models: {', '.join(missing)}", flush=True)
                 train_models(s.resolved_models_dir, missing)
+            # Before any batch: the split pins each model's champion.
+            engine = ledger.make_engine(self.urls.database_url)
+            try:
+                model_registry.adopt_models_dir(engine, s, created_by="pipeline up")
+            finally:
+                engine.dispose()
             env = dict(
                 os.environ,
                 PIPELINE_DATABASE_URL=self.urls.database_url,

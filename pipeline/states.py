@@ -72,3 +72,28 @@ class RejectionReason(enum.StrEnum):
     undecodable = "undecodable"
     # Celery refused it while taking it (e.g. an ETA that is no date).
     invalid = "invalid"
+
+
+class Alias(enum.StrEnum):
+    """A model's aliases (`model_aliases.alias`): the champion serves new batches; a
+    challenger is the version a roll-out tries."""
+
+    champion = "champion"
+    challenger = "challenger"
+
+
+class VersionSource(enum.StrEnum):
+    """Where a model version came from (`model_versions.source`)."""
+
+    trained = "trained"
+    registered = "registered"
+    # A models-dir artifact of a deployment from before the registry.
+    migrated = "migrated"
+
+
+class ModelEvent(enum.StrEnum):
+    """What a `model_events` row records."""
+
+    registered = "registered"
+    alias_set = "alias_set"
+    rollback = "rollback"

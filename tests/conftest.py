@@ -25,7 +25,14 @@ from pipeline import ledger  # noqa: E402  (after the environment is set)
 from pipeline.client import Client  # noqa: E402
 from pipeline.scratch import delete_keys, scratch_services  # noqa: E402
 from pipeline.training import train_models  # noqa: E402
-from tests.helpers import TEST_SPLIT_ENV, Processes, RunServices, free_port, run_client_settings  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    TEST_SPLIT_ENV,
+    Processes,
+    RunServices,
+    free_port,
+    register_champions,
+    run_client_settings,
+)
 
 # A test using any of these needs real services or trained models: it is marked `services`
 # (the `make test` tier); the rest are pure logic (`make test-fast`).
@@ -45,17 +52,20 @@ def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def services(embedded_dir: Path) -> Iterator[RunServices]:
+def services(embedded_dir: Path, models_dir: Path) -> Iterator[RunServices]:
+    """The run's services, with the trained models registered as champions."""
     with scratch_services("test", embedded_dir) as owned:
+        register_champions(owned.database_url, models_dir)
         yield owned
 
 
 @pytest.fixture(scope="session")
-def quiet_services(services: RunServices, embedded_dir: Path) -> Iterator[RunServices]:
+def quiet_services(services: RunServices, embedded_dir: Path, models_dir: Path) -> Iterator[RunServices]:
     """A database of its own that no worker or aggregator process of the run reads: a worker
     claims any dispatched sub-task of its models, so tests that drive the ledger in-process
     keep their sub-tasks here."""
     with scratch_services("quiet", embedded_dir) as owned:
+        register_champions(owned.database_url, models_dir)
         yield owned
 
 

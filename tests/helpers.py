@@ -23,6 +23,7 @@ from pipeline import ledger, registry
 from pipeline.client import Client
 from pipeline.embedded import ensure_services, start_redis, stop_services
 from pipeline.inputs import encode_inputs
+from pipeline.model_registry import adopt_models_dir
 from pipeline.schema import Priority
 from pipeline.scratch import ScratchServices
 from pipeline.settings import Settings
@@ -70,8 +71,8 @@ class Processes:
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start `python *argv` in its own process group, so `kill` reaches its pool children too."""
-        self.started += 1
         log = open(self.log_dir / f"{name}-{self.started}.log", "wb")  # noqa: SIM115
+        self.started += 1
         process = subprocess.Popen(
             [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -136,6 +137,16 @@ def store_batch(
         return ledger.insert_batch(conn, pipeline, pages, key, priority=priority)
 
 
+def register_champions(database_url: str, models_dir: Path) -> None:
+    """Register the trained artifacts in `models_dir` as their models' champions in the ledger
+    at `database_url` (as a worker's start does), so a split can pin them."""
+    engine = ledger.make_engine(database_url)
+    try:
+        adopt_models_dir(engine, Settings(database_url=database_url, models_dir=models_dir), created_by="tests")
+    finally:
+        engine.dispose()
+
+
 def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int = 3) -> int:
     """Split a `pending` batch to the end, `step_items` inputs per committed step; return how
     many sub-tasks it created (0 when not pending)."""
@@ -165,6 +176,7 @@ class OwnStack:
         self.log_dir.mkdir()
         urls = ensure_services(None, None, self.data_dir)
         ledger.migrate(urls.database_url)
+        register_champions(urls.database_url, models_dir)
         self.database_url, self.broker_url = urls.database_url, urls.broker_url
         self.env = dict(
             os.environ,

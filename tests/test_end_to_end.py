@@ -56,7 +56,7 @@ def test_ledger_is_consistent(
     assert b["aggregate_runs"] == 1
     assert results == len(inputs) == b["items"]
     assert b["created_at"] <= b["started_at"] <= b["aggregating_at"] <= b["finished_at"]
-    versions = {name: read_manifest(models_dir, name).version for name in ("digit-classifier", "digit-ood")}
+    versions = {name: read_manifest(models_dir, name).sha256 for name in ("digit-classifier", "digit-ood")}
     tiles = sum(len(strip["label"]) for strip in inputs)
     for model in versions:
         mine = sorted((s for s in subtasks if s["model"] == model), key=lambda s: s["seq"])

@@ -9,8 +9,8 @@ from sqlalchemy import Engine, text
 
 from pipeline import registry
 from pipeline.client import Client
+from pipeline.guardrails import GuardrailViolation, check_output
 from tests.guarded import MODEL
-from workers.guardrails import GuardrailViolation, check_output
 
 BAD = {1, 4, 6}
 GUARDRAIL_ERROR = f"GuardrailViolation: model {MODEL!r} returned probabilities outside [0, 1] in rows [0]"

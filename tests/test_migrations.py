@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -19,7 +20,7 @@ from pipeline import ledger
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import FEATURES, held_out_records
 from pipeline.settings import libpq_url, sqlalchemy_url
-from tests.helpers import RunServices, split_batch
+from tests.helpers import RunServices, register_champions, split_batch
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def _store_old_batch(engine: Engine, pipeline: str, state: str, inputs: list[dic
     return batch_id
 
 
-def test_upgrade_keeps_inputs_and_results(database_at_0003: str) -> None:
+def test_upgrade_keeps_inputs_and_results(database_at_0003: str, models_dir: Path) -> None:
     engine = ledger.make_engine(database_at_0003)
     try:
         finished_results = [(0, {"text": "3"}, None), (1, None, "model 'digit-ood': boom"), (2, {"text": "14"}, None)]
@@ -68,6 +69,7 @@ def test_upgrade_keeps_inputs_and_results(database_at_0003: str) -> None:
         pending = _store_old_batch(engine, "screening", "pending", records, [])
 
         ledger.migrate(database_at_0003)
+        register_champions(database_at_0003, models_dir)
 
         with engine.connect() as conn:
             results = conn.execute(

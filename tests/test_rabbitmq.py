@@ -27,7 +27,7 @@ from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.scratch import ScratchServices, scratch_services
 from pipeline.settings import Settings
-from tests.helpers import TEST_SPLIT_ENV, Processes, free_port, run_client_settings, wait_for
+from tests.helpers import TEST_SPLIT_ENV, Processes, free_port, register_champions, run_client_settings, wait_for
 from tests.malformed import assert_refused_while_serving
 
 AMQP_URL = os.environ.get("PIPELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -97,9 +97,12 @@ def amqp_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def rabbit_services(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScratchServices]:
+def rabbit_services(
+    amqp_url: str, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ScratchServices]:
     """A database of this module's own, and the run's vhost as the broker."""
     with scratch_services("rabbitmq", tmp_path_factory.mktemp("embedded-rabbitmq")) as owned:
+        register_champions(owned.database_url, models_dir)
         yield dataclasses.replace(owned, broker_url=amqp_url, broker_prefix="")
 
 

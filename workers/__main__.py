@@ -8,9 +8,8 @@ import os
 import socket
 import sys
 
-from pipeline import broker, registry, runtime
-from pipeline.artifacts import load_verified
-from pipeline.errors import ArtifactError, SettingsError, UnknownPipelineError
+from pipeline import broker, model_registry, registry, runtime
+from pipeline.errors import PipelineError
 from pipeline.heartbeat import beat_while_consuming
 from pipeline.settings import get_settings
 
@@ -21,6 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, help="worker processes (default PIPELINE_WORKER_CONCURRENCY)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
+    import workers.tasks  # noqa: F401  (registers the predict task)
+    from workers.models import loaded_version, serve
+
     try:
         settings = get_settings()
         registry.check_chunk_sizes(settings.chunk_sizes)
@@ -29,13 +31,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         for name in names:
             registry.get_model(name)
-            # Fail at start-up, not on every sub-task, when an artifact is missing or tampered with.
-            load_verified(settings.resolved_models_dir, name)
-    except (SettingsError, UnknownPipelineError, ArtifactError) as error:
+        engine = runtime.engine()
+        # A deployment from before the registry: its models dir's artifacts become first versions.
+        model_registry.adopt_models_dir(engine, settings, created_by=f"worker@{socket.gethostname()}")
+        for name in names:
+            # Fail at start-up, not on every sub-task, when a champion is missing or tampered with;
+            # the pool inherits what is loaded here.
+            loaded_version(engine, settings, name, model_registry.champion(engine, name))
+    except (PipelineError, OSError) as error:
         sys.exit(f"pipeline worker: {error}")
-
-    import workers.tasks  # noqa: F401  (registers the predict task)
-    from workers.models import serve
+    # Forked pool processes must not share the parent's database connections.
+    engine.dispose()
 
     serve(names)
     queues = [broker.model_queue(name) for name in names]

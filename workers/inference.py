@@ -14,16 +14,16 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from aggregator.assemble import aggregate_batch
-from pipeline import broker, ledger, registry, runtime
-from pipeline.errors import ArtifactError, GuardrailViolation, UnknownPipelineError
+from pipeline import broker, ledger, model_registry, registry, runtime
+from pipeline.errors import ArtifactError, GuardrailViolation, InvalidArtifactError, UnknownPipelineError
+from pipeline.guardrails import check_output
 from pipeline.settings import Settings
-from workers.guardrails import check_output
-from workers.models import loaded_model
+from workers.models import loaded_version
 
 log = logging.getLogger(__name__)
 
 # Errors that a retry cannot fix: fail the sub-task at once.
-PERMANENT_ERRORS = (ArtifactError, GuardrailViolation, UnknownPipelineError)
+PERMANENT_ERRORS = (ArtifactError, InvalidArtifactError, GuardrailViolation, UnknownPipelineError)
 # The folders of an absolute path: a `/` not inside a word, a relative path or a URL, then
 # each `name/` up to the file name.
 SERVER_FOLDERS = re.compile(r"(?<![\w.~/:])/(?:[^\s/'\"]+/)+")
@@ -98,7 +98,9 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
     completed its batch's counters (nothing of the batch is left to run)."""
     try:
         spec = registry.get_model(claim.model)
-        estimator, manifest = loaded_model(spec.name)
+        # The version the split pinned; the champion for a sub-task split before the registry.
+        version = claim.model_version or model_registry.champion(engine, spec.name)
+        estimator, manifest = loaded_version(engine, settings, spec.name, version)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
         output = check_output(spec, spec.predict(estimator, X), claim.rows)
         # Drift counts are made here, in parallel workers, where the rows already are.
@@ -130,7 +132,7 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
             )
     else:
         outcome = with_ledger_retry(
-            settings, lambda: ledger.complete_subtask(engine, claim, output.tobytes(), manifest.version, bin_counts)
+            settings, lambda: ledger.complete_subtask(engine, claim, output.tobytes(), version, bin_counts)
         )
     if outcome.aggregate:
         aggregate_or_hand_over(engine, settings, claim)

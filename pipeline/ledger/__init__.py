@@ -16,6 +16,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `heartbeats`: which queues the live workers consume;
 - `labels`: ground truth stored after a batch, and its realised KPIs;
 - `monitor`: each finished batch's window contributions, windows pooled, alert episodes;
+- `registry`: model versions, their aliases (champion, challenger) and events;
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -66,6 +67,18 @@ from pipeline.ledger.monitor import (
     window_versions,
 )
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
+from pipeline.ledger.registry import (
+    StoredArtifact,
+    VersionRecord,
+    aliases_of,
+    events_of,
+    insert_version,
+    manifests_of,
+    previous_champion,
+    set_alias,
+    stored_artifact,
+    versions_of,
+)
 from pipeline.ledger.split import (
     Dispatch,
     NewSubtask,
@@ -91,9 +104,12 @@ __all__ = [
     "Outcome",
     "RequestFingerprint",
     "StoredLabels",
+    "StoredArtifact",
     "StoredResult",
     "SubtaskOutput",
     "Sweep",
+    "VersionRecord",
+    "aliases_of",
     "batch_state",
     "batch_status_row",
     "batch_status_rows",
@@ -105,6 +121,7 @@ __all__ = [
     "copy_result_page",
     "copy_subtasks",
     "evaluation_figures",
+    "events_of",
     "fail_pending_batch",
     "fail_subtask",
     "finish_batch",
@@ -112,10 +129,12 @@ __all__ = [
     "forget_worker",
     "input_pages",
     "insert_batch",
+    "insert_version",
     "iter_results",
     "lock_aggregating_batch",
     "lock_pending_batch",
     "make_engine",
+    "manifests_of",
     "migrate",
     "next_seqs",
     "open_alerts",
@@ -125,6 +144,12 @@ __all__ = [
     "record_split",
     "running_batch",
     "store_labels",
+    "previous_champion",
+    "record_heartbeat",
+    "record_split",
+    "running_batch",
+    "set_alias",
+    "stored_artifact",
     "subtask_outputs",
     "sweep",
     "too_many_failures_reason",
@@ -132,4 +157,5 @@ __all__ = [
     "unfinished_before",
     "unserved_queues",
     "window_versions",
+    "versions_of",
 ]

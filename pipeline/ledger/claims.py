@@ -50,6 +50,8 @@ class Claim:
     batch_items: int
     # `Priority.rank` of the sub-task.
     priority: int
+    # The version the split pinned (None only for a sub-task split before revision 0008).
+    model_version: str | None
 
 
 def _claim_statement(*claimable: Any) -> Select[Any]:
@@ -75,6 +77,7 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
             Subtask.rows,
             Subtask.payload,
             Subtask.priority,
+            Subtask.model_version,
             Subtask.items[1].label("first_item"),
         )
         .cte("claimed")
@@ -110,6 +113,7 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
         func.coalesce(claimed.c.payload, input_features).label("payload"),
         select(Batch.items).where(Batch.id == claimed.c.batch_id).scalar_subquery().label("batch_items"),
         claimed.c.priority,
+        claimed.c.model_version,
     )
 
 
@@ -222,6 +226,7 @@ def _claim(engine: Engine, statement: Select[Any], parameters: dict[str, Any]) -
         row.payload,
         row.batch_items,
         row.priority,
+        row.model_version,
     )
 
 

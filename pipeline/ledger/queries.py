@@ -46,6 +46,8 @@ CLEAR_ALERTS_NOT_HOLDING = query("clear_alerts_not_holding")
 OPEN_ALERTS = query("open_alerts")
 EVALUATION_FIGURES = query("evaluation_figures")
 FAILED_RESULT_PAGES = query("failed_result_pages")
+SET_ALIAS = query("set_alias")
+REGISTER_VERSION = query("register_version")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]

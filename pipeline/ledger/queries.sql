@@ -39,7 +39,7 @@ SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 
 -- name: copy_subtasks
-COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state) FROM STDIN
+COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version) FROM STDIN
 
 -- name: copy_result_page
 COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN
@@ -174,3 +174,33 @@ ORDER BY opened_at, id
 
 -- name: evaluation_figures
 SELECT pipeline, evaluated_at, figures FROM monitor_evaluations ORDER BY pipeline
+-- name: set_alias
+-- Point a model's alias at a version, only if it still names :expected (NULL: it names none
+-- yet), and record the change in model_events: one statement, so both or neither happen.
+-- Returns the event's id; no row when the alias named another version (a concurrent change).
+WITH moved AS (
+  INSERT INTO model_aliases (model, alias, version, set_by, reason)
+  VALUES (:model, :alias, :version, :actor, :reason)
+  ON CONFLICT (model, alias) DO UPDATE
+    SET version = excluded.version, set_at = clock_timestamp(), set_by = excluded.set_by, reason = excluded.reason
+    WHERE model_aliases.version = CAST(:expected AS text)
+  RETURNING model
+)
+INSERT INTO model_events (model, event, version, alias, previous_version, actor, reason)
+SELECT model, :event, :version, :alias, CAST(:expected AS text), :actor, :reason FROM moved
+RETURNING id
+
+-- name: register_version
+-- A new version and its `registered` event in one statement; no row when the model already
+-- has this version (the same artifact registered again).
+WITH added AS (
+  INSERT INTO model_versions
+    (model, version, source, manifest, metrics, size_bytes, artifact, artifact_path, created_by)
+  VALUES (:model, :version, :source, CAST(:manifest AS jsonb), CAST(:metrics AS jsonb), :size_bytes,
+          :artifact, :artifact_path, :created_by)
+  ON CONFLICT (model, version) DO NOTHING
+  RETURNING model, version, created_by, source
+)
+INSERT INTO model_events (model, event, version, actor, reason)
+SELECT model, 'registered', version, created_by, source FROM added
+RETURNING id

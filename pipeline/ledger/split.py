@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Connection, Row, Update, bindparam, case, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 
 from pipeline.ledger import queries
 from pipeline.ledger.batches import NOTIFY_CHANNEL
@@ -39,6 +40,8 @@ class NewSubtask:
     items: np.ndarray
     # None: the rows are the inputs' stored features (`ModelRows.of_inputs`).
     payload: bytes | None
+    # The model version (artifact SHA-256) that must score it.
+    model_version: str | None
 
     @property
     def rows(self) -> int:
@@ -56,7 +59,11 @@ LOCK_PENDING_BATCH = (
 def _record_split_statement(finished: bool) -> Update:
     total = Batch.total + bindparam("created")
     complete = Batch.succeeded + Batch.failed + Batch.cancelled == total
-    values: dict[str, Any] = {"split_items": bindparam("split_items"), "total": total}
+    values: dict[str, Any] = {
+        "split_items": bindparam("split_items"),
+        "total": total,
+        "model_versions": func.coalesce(Batch.model_versions, bindparam("model_versions", type_=JSONB)),
+    }
     if finished:
         values |= {
             "state": case((complete, BatchState.aggregating.value), else_=BatchState.running.value),
@@ -120,11 +127,12 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
                 _int4_array(s.items),
                 s.payload,
                 SubtaskState.dispatched.value,
+                s.model_version,
             )
             for s in subtasks
         ),
         # `items` goes as bytes already in int4[]'s binary form (see _int4_array).
-        binary_types=("uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text"),
+        binary_types=("uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text", "text"),
     )
     first_seqs: dict[str, int] = {}
     for subtask in subtasks:
@@ -138,15 +146,24 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
     return [Dispatch(row.id, row.model, row.priority) for row in rows]
 
 
-def record_split(conn: Connection, batch_id: uuid.UUID, split_items: int, created: int, finished: bool) -> bool:
+def record_split(
+    conn: Connection,
+    batch_id: uuid.UUID,
+    split_items: int,
+    created: int,
+    finished: bool,
+    model_versions: dict[str, str],
+) -> bool:
     """Count a committed split step on the locked `pending` batch: `split_items` inputs are
-    split, `created` more sub-tasks exist. With `finished`, the batch becomes `running`, or
+    split, `created` more sub-tasks exist; the first step records the `model_versions` it
+    pinned (later steps keep them). With `finished`, the batch becomes `running`, or
     `aggregating` when every sub-task is already counted (or there is none).
 
     Returns True when the batch must now be aggregated.
     """
     state = conn.execute(
-        RECORD_SPLIT[finished], {"batch_id": batch_id, "split_items": split_items, "created": created}
+        RECORD_SPLIT[finished],
+        {"batch_id": batch_id, "split_items": split_items, "created": created, "model_versions": model_versions},
     ).scalar_one()
     return bool(state == BatchState.aggregating)
 

@@ -1,4 +1,5 @@
-"""Checks on what a model returns, before it can reach the ledger."""
+"""Checks on what a model returns, before it can reach the ledger (a worker runs them on
+every output; the model registry on an artifact before accepting it)."""
 
 from __future__ import annotations
 
