@@ -1,6 +1,7 @@
 """How fast the CLI answers (issue 11): `pipeline --help` (target 0.3 s) and
-`pipeline status --limit 1` (target 0.6 s), beside `python -c pass`, the interpreter's
-own start-up and the floor of any command.
+`pipeline status --limit 1` (target 0.6 s), beside `python -c pass` (the interpreter's
+own start-up, the floor of any command) and the import of the libraries `status` cannot
+do without (the floor of `status`).
 
     python -m bench.cli [--runs N]
 
@@ -31,6 +32,9 @@ COMMANDS = {
     "python_startup": [sys.executable, "-c", "pass"],
     "cli_help": [PIPELINE, "--help"],
     "cli_status": [PIPELINE, "status", "--limit", "1"],
+    # The floor of `status` on this machine: it reads the ledger through SQLAlchemy and
+    # psycopg with settings from pydantic-settings, whatever else it avoids.
+    "status_libraries": [sys.executable, "-c", "import sqlalchemy.orm, psycopg, pydantic_settings"],
 }
 
 
@@ -64,6 +68,7 @@ def measure_cli(env: dict[str, str], runs: int = RUNS) -> dict[str, float]:
         figures[f"{name}_s"], figures[f"{name}_cpu_s"] = time_command(argv, env, runs)
     for name in ("cli_help", "cli_status"):
         figures[f"{name}_vs_python"] = figures[f"{name}_s"] / figures["python_startup_s"]
+    figures["cli_status_vs_libraries"] = figures["cli_status_s"] / figures["status_libraries_s"]
     return figures
 
 

@@ -21,10 +21,11 @@ from sqlalchemy import text
 
 from pipeline import ledger
 from pipeline.artifacts import read_manifest
-from pipeline.monitor import evaluate_alerts, judge_window, parse_window
+from pipeline.monitor import evaluate_alerts, judge_window
 from pipeline.registry import get_pipeline
 from pipeline.scratch import scratch_services
 from pipeline.training import train_models
+from pipeline.windows import parse_window
 
 
 def _contributions(models_dir: Path, batch_ids: list[uuid.UUID], now: datetime) -> list[ledger.Contribution]:

@@ -517,8 +517,9 @@ def monitor(pipeline_name: str | None, window_spec: str, as_json: bool) -> None:
     KPIs where labelled, p95 latency; then the open alerts."""
     from datetime import UTC, datetime
 
-    from pipeline.monitor import judge_window, parse_window
+    from pipeline.monitor import judge_window
     from pipeline.settings import get_settings
+    from pipeline.windows import parse_window
 
     window = parse_window(window_spec)
     client = _client()

@@ -21,9 +21,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import ledger, registry
+from pipeline import ledger
 from pipeline.embedded import ensure_services
 from pipeline.errors import BatchNotFoundError, InvalidArgumentError, UnknownPipelineError, validation_line
 from pipeline.listener import BatchListener
@@ -185,7 +184,7 @@ class BatchHandle:
         status = status or self.status()
         if status.finished:
             return []
-        from pipeline import broker, heartbeat
+        from pipeline import broker, heartbeat, registry
 
         settings = self._client.settings
         try:
@@ -250,6 +249,8 @@ class _ProgressBar:
     worker serves (checked every `UNSERVED_CHECK_S`, from that long after it appears)."""
 
     def __init__(self, batch: BatchHandle) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         self._batch = batch
         self._progress = Progress(
             TextColumn(f"batch {batch.id[:8]}"),
@@ -362,7 +363,7 @@ class Client:
                 connection was cut); the batch may have been stored. Submitting again with
                 the same `idempotency_key` stores it once and returns it.
         """
-        from pipeline import broker
+        from pipeline import broker, registry
         from pipeline.inputs import iter_input_pages
         from pipeline.splitter import first_split_step, run_split
 

@@ -5,9 +5,7 @@ latency), and the alerts that open while a condition holds and clear when it sto
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,55 +15,14 @@ from sqlalchemy import Connection, Engine, Row
 from pipeline import ledger, registry
 from pipeline.artifacts import drift_reference
 from pipeline.definition import Pipeline
-from pipeline.errors import InvalidWindowError, UnknownPipelineError
+from pipeline.errors import UnknownPipelineError
 from pipeline.profile import ModelCounts, judge_counts
+from pipeline.windows import Window, parse_windows
 
-WINDOW_SPEC = re.compile(r"^([1-9][0-9]{0,8})(m|h|d|rows)$")
-UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
-LONGEST_WINDOW = timedelta(days=366)
 # Fewest batches in a window before its p95 latency is held to the budget.
 MIN_LATENCY_BATCHES = 20
 # Features per model version a window's figures keep (by PSI): the Prometheus gauges' bound.
 TOP_FEATURES = 10
-
-
-@dataclass(frozen=True)
-class Window:
-    """A monitoring window: the last `span` of time, or each model version's last `last_rows` rows."""
-
-    spec: str
-    span: timedelta | None
-    last_rows: int | None
-
-    def bounds(self, now: datetime) -> tuple[datetime, datetime]:
-        """The (exclusive start, inclusive end) of its contributions' finish times at `now`."""
-        return (now - self.span if self.span is not None else datetime.min.replace(tzinfo=now.tzinfo)), now
-
-
-def parse_window(spec: str) -> Window:
-    """`30m`, `1h`, `24h`, `7d` (the last so long, up to 366 days) or `10000rows` (each model
-    version's newest contributions up to that many rows).
-
-    Raises:
-        InvalidWindowError: any other spec.
-    """
-    match = WINDOW_SPEC.match(spec.strip())
-    if match is None:
-        raise InvalidWindowError(
-            f"window {spec!r} does not parse: give <n>m, <n>h, <n>d (minutes, hours, days) or <n>rows, e.g. 1h or 24h"
-        )
-    count, unit = int(match.group(1)), match.group(2)
-    if unit == "rows":
-        return Window(spec.strip(), None, count)
-    span = count * UNITS[unit]
-    if span > LONGEST_WINDOW:
-        raise InvalidWindowError(f"window {spec!r} is longer than {LONGEST_WINDOW.days} days")
-    return Window(spec.strip(), span, None)
-
-
-def parse_windows(specs: str) -> list[Window]:
-    """Comma-separated window specs (`PIPELINE_MONITOR_WINDOWS`)."""
-    return [parse_window(spec) for spec in specs.split(",") if spec.strip()]
 
 
 def _number(value: Any) -> float | None:

@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, text
 
-from pipeline import registry
 from pipeline.client import BatchStatus
 from pipeline.errors import UnknownPipelineError
 
@@ -78,6 +77,8 @@ def _rate(value: float | None) -> str:
 @lru_cache(maxsize=32)
 def _key_order(pipeline_name: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """The pipeline's own order of its (KPIs, models, features); empty when it is not registered here."""
+    from pipeline import registry  # the pipelines' modules: only for a report that shows metrics
+
     try:
         pipeline = registry.get_pipeline(pipeline_name)
     except UnknownPipelineError:

@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     @field_validator("monitor_windows")
     @classmethod
     def _windows_parse(cls, specs: str) -> str:
-        from pipeline.monitor import parse_windows
+        from pipeline.windows import parse_windows
 
         try:
             parse_windows(specs)

@@ -22,9 +22,10 @@ from pipeline import ledger
 from pipeline.artifacts import read_manifest
 from pipeline.client import BatchHandle, Client
 from pipeline.errors import BatchNotFoundError, InvalidLabelError
-from pipeline.monitor import evaluate_alerts, judge_window, parse_window
+from pipeline.monitor import evaluate_alerts, judge_window
 from pipeline.pipelines.screening import FEATURES, held_out_records
 from pipeline.registry import get_pipeline
+from pipeline.windows import parse_window
 from tests.helpers import Processes, RunServices
 from tests.test_cli import _assert_one_line_error, _cli, _env
 

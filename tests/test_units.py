@@ -387,3 +387,17 @@ def test_a_model_name_that_is_not_a_safe_file_name_is_refused(tmp_path: Path) ->
         train_models(tmp_path, ["../evil"])
     with pytest.raises(PipelineError, match="not a safe file name"):
         read_manifest(tmp_path, "../evil")
+
+
+def test_every_ledger_name_is_its_modules_own_object() -> None:
+    """`ledger.X` (imported on first use) is X as its module defines it, never a sub-module
+    of the same name, and `__all__` names exactly what the package re-exports."""
+    import importlib
+    import types
+
+    assert sorted(ledger.__all__) == sorted(name for names in ledger._EXPORTS.values() for name in names)
+    for module, names in ledger._EXPORTS.items():
+        defined = importlib.import_module(f"pipeline.ledger.{module}")
+        for name in names:
+            value = getattr(ledger, name)
+            assert value is getattr(defined, name) and not isinstance(value, types.ModuleType), name

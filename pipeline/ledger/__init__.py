@@ -11,7 +11,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `claims`: a worker's claim, completion and failure of a sub-task;
 - `pages`: reading input pages, reading and writing result pages;
 - `aggregation`: the aggregate's locks, reads and the batch's final state;
-- `sweep`: the sweeper's reconciliation;
+- `sweeps`: the sweeper's reconciliation;
 - `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
 - `heartbeats`: which queues the live workers consume;
 - `labels`: ground truth stored after a batch, and its realised KPIs;
@@ -23,72 +23,174 @@ Who owns the transaction: a function whose first argument is an `Engine` is a wh
 transaction (or one autocommitted statement) and has committed when it returns; a
 function whose first argument is a `Connection` runs on the caller's transaction and
 never commits, so the caller can put several steps in one (`with engine.begin() as conn`).
+
+Each name is imported from its module on first use (PEP 562): a command that reads batch
+statuses does not build the claim, split and sweep statements.
 """
 
-from pipeline.ledger.aggregation import (
-    CANCELLED_ERROR,
-    SubtaskOutput,
-    batch_state,
-    finish_batch,
-    lock_aggregating_batch,
-    running_batch,
-    subtask_outputs,
-    try_lock_aggregation,
-    unfinished_before,
-)
-from pipeline.ledger.batches import (
-    NOTIFY_CHANNEL,
-    RequestFingerprint,
-    batch_status_row,
-    batch_status_rows,
-    cancel_batch,
-    first_subtask_started,
-    insert_batch,
-)
-from pipeline.ledger.claims import Claim, claim_next_of_batch, claim_subtask, complete_subtask, fail_subtask
-from pipeline.ledger.connection import make_engine, migrate
-from pipeline.ledger.counters import (
-    DEADLINE_REASON,
-    FAIL_FAST_REASON,
-    UNFINISHED_SUBTASK_STATES,
-    Outcome,
-    too_many_failures_reason,
-)
-from pipeline.ledger.heartbeats import forget_worker, record_heartbeat, unserved_queues
-from pipeline.ledger.labels import StoredLabels, store_labels
-from pipeline.ledger.monitor import (
-    Condition,
-    Contribution,
-    claim_evaluation,
-    evaluation_figures,
-    open_alerts,
-    record_alerts,
-    record_contributions,
-    window_versions,
-)
-from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
-from pipeline.ledger.registry import (
-    StoredArtifact,
-    VersionRecord,
-    aliases_of,
-    events_of,
-    insert_version,
-    manifests_of,
-    previous_champion,
-    set_alias,
-    stored_artifact,
-    versions_of,
-)
-from pipeline.ledger.split import (
-    Dispatch,
-    NewSubtask,
-    copy_subtasks,
-    fail_pending_batch,
-    lock_pending_batch,
-    next_seqs,
-    record_split,
-)
-from pipeline.ledger.sweep import Sweep, sweep
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.ledger.aggregation import (
+        CANCELLED_ERROR,
+        SubtaskOutput,
+        batch_state,
+        finish_batch,
+        lock_aggregating_batch,
+        running_batch,
+        subtask_outputs,
+        try_lock_aggregation,
+        unfinished_before,
+    )
+    from pipeline.ledger.batches import (
+        NOTIFY_CHANNEL,
+        RequestFingerprint,
+        batch_status_row,
+        batch_status_rows,
+        cancel_batch,
+        first_subtask_started,
+        insert_batch,
+    )
+    from pipeline.ledger.claims import Claim, claim_next_of_batch, claim_subtask, complete_subtask, fail_subtask
+    from pipeline.ledger.connection import make_engine, migrate
+    from pipeline.ledger.counters import (
+        DEADLINE_REASON,
+        FAIL_FAST_REASON,
+        UNFINISHED_SUBTASK_STATES,
+        Outcome,
+        too_many_failures_reason,
+    )
+    from pipeline.ledger.heartbeats import forget_worker, record_heartbeat, unserved_queues
+    from pipeline.ledger.labels import StoredLabels, store_labels
+    from pipeline.ledger.monitor import (
+        Condition,
+        Contribution,
+        claim_evaluation,
+        evaluation_figures,
+        open_alerts,
+        record_alerts,
+        record_contributions,
+        window_versions,
+    )
+    from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
+    from pipeline.ledger.registry import (
+        StoredArtifact,
+        VersionRecord,
+        aliases_of,
+        events_of,
+        insert_version,
+        manifests_of,
+        previous_champion,
+        set_alias,
+        stored_artifact,
+        versions_of,
+    )
+    from pipeline.ledger.split import (
+        Dispatch,
+        NewSubtask,
+        copy_subtasks,
+        fail_pending_batch,
+        lock_pending_batch,
+        next_seqs,
+        record_split,
+    )
+    from pipeline.ledger.sweeps import Sweep, sweep
+
+# The names each module re-exports here.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "aggregation": (
+        "CANCELLED_ERROR",
+        "SubtaskOutput",
+        "batch_state",
+        "finish_batch",
+        "lock_aggregating_batch",
+        "running_batch",
+        "subtask_outputs",
+        "try_lock_aggregation",
+        "unfinished_before",
+    ),
+    "batches": (
+        "NOTIFY_CHANNEL",
+        "RequestFingerprint",
+        "batch_status_row",
+        "batch_status_rows",
+        "cancel_batch",
+        "first_subtask_started",
+        "insert_batch",
+    ),
+    "claims": (
+        "Claim",
+        "claim_next_of_batch",
+        "claim_subtask",
+        "complete_subtask",
+        "fail_subtask",
+    ),
+    "connection": (
+        "make_engine",
+        "migrate",
+    ),
+    "counters": (
+        "DEADLINE_REASON",
+        "FAIL_FAST_REASON",
+        "UNFINISHED_SUBTASK_STATES",
+        "Outcome",
+        "too_many_failures_reason",
+    ),
+    "heartbeats": (
+        "forget_worker",
+        "record_heartbeat",
+        "unserved_queues",
+    ),
+    "labels": (
+        "StoredLabels",
+        "store_labels",
+    ),
+    "monitor": (
+        "Condition",
+        "Contribution",
+        "claim_evaluation",
+        "evaluation_figures",
+        "open_alerts",
+        "record_alerts",
+        "record_contributions",
+        "window_versions",
+    ),
+    "pages": (
+        "StoredResult",
+        "copy_result_page",
+        "input_pages",
+        "iter_results",
+    ),
+    "registry": (
+        "StoredArtifact",
+        "VersionRecord",
+        "aliases_of",
+        "events_of",
+        "insert_version",
+        "manifests_of",
+        "previous_champion",
+        "set_alias",
+        "stored_artifact",
+        "versions_of",
+    ),
+    "split": (
+        "Dispatch",
+        "NewSubtask",
+        "copy_subtasks",
+        "fail_pending_batch",
+        "lock_pending_batch",
+        "next_seqs",
+        "record_split",
+    ),
+    "sweeps": (
+        "Sweep",
+        "sweep",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "CANCELLED_ERROR",
@@ -145,9 +247,6 @@ __all__ = [
     "running_batch",
     "store_labels",
     "previous_champion",
-    "record_heartbeat",
-    "record_split",
-    "running_batch",
     "set_alias",
     "stored_artifact",
     "subtask_outputs",
@@ -159,3 +258,15 @@ __all__ = [
     "window_versions",
     "versions_of",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'pipeline.ledger' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pipeline.ledger.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,18 +8,19 @@ import struct
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from sqlalchemy import Connection, Engine, Float, Interval, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from pipeline.definition import InputPage
 from pipeline.errors import IdempotencyKeyError
 from pipeline.ledger import queries
 from pipeline.ledger.connection import autocommit, copy_rows, now
 from pipeline.ledger.counters import Outcome, cancel_subtasks, counters_complete
 from pipeline.schema import Batch, BatchState, FailurePolicy, Priority, Subtask, SubtaskState
+
+if TYPE_CHECKING:
+    from pipeline.definition import InputPage
 
 # The channel a batch's finish is announced on (payload: its id).
 NOTIFY_CHANNEL = "batch_finished"
@@ -77,7 +78,7 @@ class RequestFingerprint:
 
 def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
     """A page's columns as stored: its features packed as float32 little-endian, its data as JSON text."""
-    features = None if page.X is None else np.ascontiguousarray(page.X, dtype="<f4").tobytes()
+    features = None if page.X is None else page.X.astype("<f4", copy=False).tobytes()  # C order whatever its layout
     data = None if page.data is None else json.dumps(page.data, separators=(",", ":"))
     return features, data
 
