@@ -36,7 +36,7 @@ def _contributions(models_dir: Path, batch_ids: list[uuid.UUID], now: datetime) 
         assert manifest.reference is not None
         shares = np.asarray(manifest.reference.layout.shares)
         for index, batch_id in enumerate(batch_ids):
-            counts = rng.poisson(shares * 100).astype("<i8").tobytes()
+            counts = rng.poisson(shares * 100).astype(np.int64)
             finished = now - timedelta(seconds=86_000 * (1 - index / len(batch_ids)))
             made.append(
                 ledger.Contribution(

@@ -219,7 +219,7 @@ def _stream(
                 start + timedelta(minutes=index),
                 30,
                 rows,
-                np.concatenate(counts).astype("<i8").tobytes(),
+                np.concatenate(counts).astype(np.int64),
                 {"review_rate": 0.1},
                 0.5,
             )  # fmt: skip

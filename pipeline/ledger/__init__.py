@@ -58,11 +58,13 @@ from pipeline.ledger.labels import StoredLabels, store_labels
 from pipeline.ledger.monitor import (
     Condition,
     Contribution,
+    PooledVersion,
     claim_evaluation,
     evaluation_figures,
     open_alerts,
     record_alerts,
     record_contributions,
+    store_label_counts,
     window_versions,
 )
 from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
@@ -86,6 +88,7 @@ __all__ = [
     "Claim",
     "Condition",
     "Contribution",
+    "PooledVersion",
     "Dispatch",
     "NewSubtask",
     "Outcome",
@@ -121,6 +124,7 @@ __all__ = [
     "open_alerts",
     "record_alerts",
     "record_contributions",
+    "store_label_counts",
     "record_heartbeat",
     "record_split",
     "running_batch",
