@@ -76,3 +76,8 @@ class InvalidLabelError(PipelineError, ValueError):
 
 class InvalidWindowError(PipelineError, ValueError):
     """A monitoring window spec that does not parse (`1h`, `24h`, `30m`, `7d`, `rows:N`)."""
+
+
+class EstimationError(PipelineError, ValueError):
+    """Performance cannot be estimated: the model gives no calibrated probabilities, or
+    what was given is not probabilities."""
