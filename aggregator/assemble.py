@@ -250,7 +250,5 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     if contributions:
         settings = get_settings()
-        evaluate_if_due(
-            engine, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s, settings.resolved_models_dir
-        )
+        evaluate_if_due(engine, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)
     return state

@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy import Connection, bindparam, select
 
 from pipeline import ledger
-from pipeline.artifacts import Manifest
+from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import ModelSpec, Pipeline
 from pipeline.profile import DriftConfig, ModelCounts, ReferenceProfile, judge_counts
 from pipeline.schema import Subtask, SubtaskState
@@ -48,16 +48,11 @@ def _scoring_versions(totals: dict[tuple[str, str], tuple[int, np.ndarray]]) -> 
     return {model: version for model, (_, version) in rows.items()}
 
 
-def _profile(spec: ModelSpec, manifest: dict[str, Any] | None, version: str) -> tuple[ReferenceProfile | None, str]:
-    """(reference profile of `version`, the version) or (None, why there is none)."""
+def _profile(spec: ModelSpec, manifest: dict[str, Any] | None, version: str) -> ReferenceProfile | str:
+    """The reference profile of registered `version`, or why there is none."""
     if manifest is None:
-        return None, f"model {spec.name!r}: version {version[:12]} is not in the registry"
-    profile = Manifest.model_validate(manifest).reference
-    if profile is None:
-        return None, f"model {spec.name!r} was trained without a reference profile (retrain it)"
-    if len(profile.features) != spec.n_features:
-        return None, f"model {spec.name!r}: reference has {len(profile.features)} features, model {spec.n_features}"
-    return profile, version
+        return f"model {spec.name!r}: version {version[:12]} is not in the registry"
+    return reference_of(spec, Manifest.model_validate(manifest))
 
 
 def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> tuple[dict[str, Any], list[ModelCounts]]:
@@ -82,9 +77,9 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> tu
             skipped[spec.name] = {"skipped": "no succeeded sub-task stored drift counts"}
             continue
         version = versions[spec.name]
-        profile, why = _profile(spec, manifests.get((spec.name, version)), version)
-        if profile is None:
-            skipped[spec.name] = {"skipped": why}
+        profile = _profile(spec, manifests.get((spec.name, version)), version)
+        if isinstance(profile, str):
+            skipped[spec.name] = {"skipped": profile}
             continue
         rows, counts = totals[(spec.name, version)]
         judged.append(ModelCounts(spec.name, rows, version, profile, counts))

@@ -50,7 +50,7 @@ def batch_metrics(
             finished_at=now,
             items=batch.items,
             rows=counts.rows,
-            bin_counts=counts.counts.astype("<i8").tobytes(),
+            bin_counts=counts.counts,
             kpis=kpis,
             latency_s=latency["end_to_end_s"],
         )

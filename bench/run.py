@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from bench import peers
 from bench.cli import measure_cli
 from bench.memory import PeakRss
+from bench.monitor import measure_monitor
 from bench.processes import Processes
 from bench.table import print_table
 from bench.workload import DEFAULT_ROWS, make_workload
@@ -51,7 +52,9 @@ STATUS_CALLS = 50
 WARM_UP_ROWS = 50
 LATENCY_WARM_UP = 5
 RUN_TIMEOUT_S = 3 * 3600
-THROUGHPUT, MIXED, FAIR = SCENARIOS = ("throughput", "mixed", "fair")
+THROUGHPUT, MIXED, FAIR, MONITOR = SCENARIOS = ("throughput", "mixed", "fair", "monitor")
+# Small batches whose aggregation time the monitor scenario's window update is held to.
+SMALL_BATCHES, SMALL_BATCH_ITEMS = 20, 100
 # Between the submissions of the fair scenario's two bulk batches.
 FAIR_GAP_S = 1.0
 _started = time.monotonic()
@@ -242,6 +245,29 @@ def measure_floor(client: Client, samples: int) -> dict[str, Any]:
     }
 
 
+def measure_monitoring(
+    client: Client, engine: Engine, pipeline: Pipeline, models_dir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The window update per finished batch against a small batch's aggregation time (the
+    median of `SMALL_BATCHES` batches of `SMALL_BATCH_ITEMS` inputs), and `pipeline monitor`
+    over a day of `--monitor-batches` batches (`bench.monitor`)."""
+    log(f"monitor: {SMALL_BATCHES} batches of {SMALL_BATCH_ITEMS} inputs, then a day of {args.monitor_batches} batches")
+    inputs = make_workload(pipeline, SMALL_BATCH_ITEMS * len(pipeline.models)).inputs[:SMALL_BATCH_ITEMS]
+    aggregation = []
+    for _ in range(SMALL_BATCHES):
+        batch = client.submit(pipeline.name, inputs)
+        batch.wait(timeout=120)
+        with engine.connect() as conn:
+            seconds = conn.execute(
+                text("SELECT aggregation_s FROM batch_metrics WHERE id = :id"), {"id": batch.id}
+            ).scalar_one()
+        aggregation.append(seconds * 1000)
+    figures = measure_monitor(engine, pipeline, models_dir, args.monitor_batches, repeat=5)
+    figures["small_batch_aggregation_ms"] = statistics.median(aggregation)
+    figures["monitor_update_vs_aggregation"] = figures["monitor_update_ms"] / figures["small_batch_aggregation_ms"]
+    return figures
+
+
 def measure_throughput(
     processes: Processes,
     client: Client,
@@ -371,6 +397,12 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 figures["idle_latency_p50_vs_floor"] = figures["idle_latency_p50_ms"] / figures["floor_p50_ms"]
             if FAIR in args.scenario:
                 figures.update(measure_fair(processes, client, pipeline.name, args))
+            if MONITOR in args.scenario:
+                engine = ledger.make_engine(services.database_url)
+                try:
+                    figures.update(measure_monitoring(client, engine, pipeline, models_dir, args))
+                finally:
+                    engine.dispose()
         finally:
             client.close()
             processes.stop_all()
@@ -400,10 +432,14 @@ def main() -> None:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="throughput (default), mixed (one-input latency under a bulk batch), fair (two bulk batches); repeatable",
+        help="throughput (default), mixed (one-input latency under a bulk batch), fair (two bulk batches),"
+        " monitor (window update per batch, pipeline monitor over a day of batches); repeatable",
     )
     parser.add_argument(
         "--bulk-rows", type=int, default=1_000_000, help="model rows of each bulk batch of mixed and fair"
+    )
+    parser.add_argument(
+        "--monitor-batches", type=int, default=10_000, help="batches in the monitor scenario's day of contributions"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

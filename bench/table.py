@@ -28,6 +28,10 @@ def _ms(value: float) -> str:
     return f"{value:.1f} ms"
 
 
+def _pct(value: float) -> str:
+    return f"{value * 100:.1f} %"
+
+
 def _mb(value: float) -> str:
     return f"{value:.0f} MB"
 
@@ -88,6 +92,17 @@ FAIR_ROWS: tuple[Row, ...] = (
     ("fair_2_finish_s", "second batch: stored → finished", _s, "", None),
 )
 
+# `--scenario monitor` (bench/monitor.py, issue 14): medians.
+MONITOR_ROWS: tuple[Row, ...] = (
+    ("small_batch_aggregation_ms", "small batch's aggregation (100 inputs)", _ms, "", None),
+    ("monitor_update_ms", "window update per finished batch (contributions + rollups)", _ms, "", None),
+    ("monitor_update_vs_aggregation", "window update ÷ small batch's aggregation", _pct, "< 5 %", lambda v: v < 0.05),
+    ("monitor_24h_ms", "pipeline monitor, 24h window of a day's batches", _ms, "≤ 200 ms", lambda v: v <= 200),
+    ("monitor_1h_ms", "pipeline monitor, 1h window", _ms, "", None),
+    ("monitor_10000rows_ms", "pipeline monitor, 10000rows window", _ms, "", None),
+    ("monitor_alert_evaluation_ms", "one alert evaluation (1h and 24h)", _ms, "< 1 s", lambda v: v < 1000),
+)
+
 # bench/cli.py's figures (issue 11): medians over its runs.
 CLI_ROWS: tuple[Row, ...] = (
     ("python_startup_s", "python -c pass: the floor of any command", _s, "", None),
@@ -121,7 +136,10 @@ def print_table(figures: dict[str, Any]) -> None:
         f"floor over {figures['floor_samples']} tasks; {figures['cpus']} CPUs, load {figures['load_average_1m']:.2f}"
         f" at start, {figures['services']} services"
     )
-    rows = [row for row in ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + CLI_ROWS if row[0] in figures]
+    if "monitor_batches" in figures:
+        parts.append(f"monitor: a day of {figures['monitor_batches']:,} batches")
+    all_rows = ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + MONITOR_ROWS + CLI_ROWS
+    rows = [row for row in all_rows if row[0] in figures]
     _print("; ".join(parts), tuple(rows), figures)
 
 

@@ -65,18 +65,14 @@ def _parsed_manifest(path: Path, mtime_ns: int, size: int) -> Manifest:
     return Manifest.model_validate_json(path.read_text())
 
 
-def drift_reference(models_dir: Path, spec: ModelSpec) -> tuple[Manifest, ReferenceProfile] | str:
-    """The trained model's manifest and its drift reference profile, or why there is none."""
-    try:
-        manifest = read_manifest(models_dir, spec.name)
-    except ArtifactError as error:
-        return str(error)
+def reference_of(spec: ModelSpec, manifest: Manifest) -> ReferenceProfile | str:
+    """A model version's drift reference profile (from its manifest), or why there is none."""
     profile = manifest.reference
     if profile is None:
-        return f"model {spec.name!r} was trained without a reference profile (retrain it)"
+        return f"model {spec.name!r} version {manifest.version} was trained without a reference profile"
     if len(profile.features) != spec.n_features:
         return f"model {spec.name!r}: reference has {len(profile.features)} features, model {spec.n_features}"
-    return manifest, profile
+    return profile
 
 
 def sha256_of(data: bytes) -> str:

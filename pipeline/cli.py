@@ -518,14 +518,13 @@ def monitor(pipeline_name: str | None, window_spec: str, as_json: bool) -> None:
     from datetime import UTC, datetime
 
     from pipeline.monitor import judge_window
-    from pipeline.settings import get_settings
     from pipeline.windows import parse_window
 
     window = parse_window(window_spec)
     client = _client()
     now = datetime.now(UTC)
     with client.engine.connect() as conn:
-        versions = judge_window(conn, pipeline_name, window, now, get_settings().resolved_models_dir)
+        versions = judge_window(conn, pipeline_name, window, now)
     if as_json:
         alerts = _open_alerts(client, pipeline_name)
         click.echo(json.dumps({"window": window.spec, "at": now.isoformat(), "versions": versions, "alerts": alerts}))

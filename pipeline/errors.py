@@ -121,6 +121,11 @@ class InvalidWindowError(PipelineError, ValueError):
     """A monitoring window spec that does not parse (`1h`, `24h`, `30m`, `7d`, `rows:N`)."""
 
 
+class EstimationError(PipelineError, ValueError):
+    """Performance cannot be estimated: the model gives no calibrated probabilities, or
+    what was given is not probabilities."""
+
+
 def validation_line(error: ValidationError) -> str:
     """A pydantic `ValidationError` as one line: what was validated, then each field and why."""
     problems = (f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())

@@ -5,17 +5,15 @@ latency), and the alerts that open while a condition holds and clear when it sto
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sqlalchemy import Connection, Engine, Row
+from sqlalchemy import Connection, Engine
 
 from pipeline import ledger, registry
-from pipeline.artifacts import drift_reference
+from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import Pipeline
-from pipeline.errors import UnknownPipelineError
 from pipeline.profile import ModelCounts, judge_counts
 from pipeline.windows import Window, parse_windows
 
@@ -23,32 +21,53 @@ from pipeline.windows import Window, parse_windows
 MIN_LATENCY_BATCHES = 20
 # Features per model version a window's figures keep (by PSI): the Prometheus gauges' bound.
 TOP_FEATURES = 10
+# The latency histogram's buckets (SQL `monitor_latency_bucket`, migration 0009): bucket k
+# holds (FLOOR * GROWTH^(k-1), FLOOR * GROWTH^k] seconds.
+LATENCY_FLOOR_S = 0.001
+LATENCY_GROWTH = 1.02
 
 
 def _number(value: Any) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def _drift(pipeline: Pipeline, row: Row[Any], models_dir: Path) -> dict[str, Any]:
-    """A model version's window drift: its pooled bin counts judged against its reference with
-    the calibrated test (`judge_counts`), the top features by PSI; or why it was skipped."""
-    spec = next((spec for spec in pipeline.models if spec.name == row.model), None)
+def latency_p95(histogram: dict[str, float]) -> float | None:
+    """The p95 of the batches in a latency histogram (batches per `monitor_latency_bucket`):
+    the upper edge of the bucket holding the nearest-rank 95th percentile, so at most 2 %
+    above the exact one; None without batches."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    rank, seen = math.ceil(0.95 * total), 0.0
+    for bucket in sorted(histogram, key=int):
+        seen += histogram[bucket]
+        if seen >= rank:
+            break
+    return LATENCY_FLOOR_S * LATENCY_GROWTH ** int(bucket)
+
+
+def _drift(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """A model version's window drift: its pooled bin counts judged against the reference
+    profile of that version (`manifest`, from the registry) with the calibrated test
+    (`judge_counts`), the top features by PSI; or why it was skipped."""
+    spec = next((spec for spec in pipeline.models if spec.name == pooled.model), None)
     if spec is None:
-        return {"skipped": f"model {row.model!r} is no longer in pipeline {pipeline.name!r}"}
-    reference = drift_reference(models_dir, spec)
-    if isinstance(reference, str):
-        return {"skipped": reference}
-    manifest, profile = reference
-    if manifest.sha256 != row.model_version:
-        return {"skipped": f"version {row.model_version[:12]} is not the trained one ({manifest.version})"}
-    if row.bin_counts is None:
+        return {"skipped": f"model {pooled.model!r} is no longer in pipeline {pipeline.name!r}"}
+    if manifest is None:
+        return {"skipped": f"version {pooled.model_version[:12]} is not in the registry"}
+    profile = reference_of(spec, Manifest.model_validate(manifest))
+    if isinstance(profile, str):
+        return {"skipped": profile}
+    counts = pooled.bin_counts(len(profile.layout.shares))
+    if counts is None:
         return {"skipped": "no bin counts"}
-    counts = np.frombuffer(row.bin_counts, dtype="<i8").reshape(-1, len(profile.layout.shares)).sum(axis=0)
-    figures = judge_counts(pipeline.drift, [ModelCounts(row.model, int(row.rows), manifest.version, profile, counts)])
+    figures = judge_counts(
+        pipeline.drift, [ModelCounts(pooled.model, pooled.rows, pooled.model_version, profile, counts)]
+    )
     top = sorted(figures["features"].items(), key=lambda entry: -entry[1]["psi"])[:TOP_FEATURES]
-    score = figures["models"][row.model]
+    score = figures["models"][pooled.model]
     return {
-        "rows": int(row.rows),
+        "rows": pooled.rows,
         "drifted": bool(figures["drifted_features"] or figures["drifted_scores"]),
         "drifted_features": figures["drifted_features"],
         "score": {key.removeprefix("score_"): value for key, value in score.items() if key.startswith("score_")},
@@ -56,47 +75,50 @@ def _drift(pipeline: Pipeline, row: Row[Any], models_dir: Path) -> dict[str, Any
     }
 
 
-def version_figures(pipeline: Pipeline, row: Row[Any], models_dir: Path) -> dict[str, Any]:
-    """One model version's window (a row of `ledger.window_versions`) as JSON-able figures."""
-    label_counts = row.label_counts or {}
+def version_figures(
+    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One model version's pooled window as JSON-able figures (`manifest`: the version's, from
+    the registry; None when it is not registered)."""
+    label_counts = {key: int(value) for key, value in pooled.sums.get("label_counts", {}).items()}
     realised = pipeline.realised_kpis(label_counts) if label_counts and pipeline.label_type is not None else {}
+    kpi_sums, kpi_items = pooled.sums.get("kpi_sums", {}), pooled.sums.get("kpi_items", {})
     return {
-        "pipeline": row.pipeline,
-        "model": row.model,
-        "model_version": row.model_version,
-        "batches": int(row.batches),
-        "items": int(row.items),
-        "rows": int(row.rows),
-        "first_finished": row.first_finished.isoformat(),
-        "last_finished": row.last_finished.isoformat(),
-        "drift": _drift(pipeline, row, models_dir),
-        "kpis": {name: _number(value) for name, value in (row.kpis or {}).items()},
-        "labelled_items": int(label_counts.get("labelled", 0)),
+        "pipeline": pooled.pipeline,
+        "model": pooled.model,
+        "model_version": pooled.model_version,
+        "batches": pooled.batches,
+        "items": pooled.items,
+        "rows": pooled.rows,
+        "first_finished": pooled.first_finished.isoformat(),
+        "last_finished": pooled.last_finished.isoformat(),
+        "drift": _drift(pipeline, pooled, manifest),
+        "kpis": {name: _number(total / kpi_items[name]) for name, total in kpi_sums.items() if kpi_items.get(name)},
+        "labelled_items": label_counts.get("labelled", 0),
         "realised_kpis": {name: _number(value) for name, value in realised.items()},
-        "latency_p95_s": _number(row.latency_p95_s),
+        "latency_p95_s": _number(latency_p95(pooled.sums.get("latency_histogram", {}))),
     }
 
 
-def judge_window(
-    conn: Connection, pipeline_name: str | None, window: Window, now: datetime, models_dir: Path
-) -> list[dict[str, Any]]:
-    """Every model version's figures in `window` at `now`, of one pipeline or all.
+def judge_window(conn: Connection, pipeline_name: str | None, window: Window, now: datetime) -> list[dict[str, Any]]:
+    """Every model version's figures in `window` at `now`, of one pipeline or of every
+    registered one (contributions of others have nothing to judge them by).
 
     Raises:
         UnknownPipelineError: `pipeline_name` is not registered.
     """
-    if pipeline_name is not None:
-        registry.get_pipeline(pipeline_name)
+    pipelines = (
+        {pipeline_name: registry.get_pipeline(pipeline_name)}
+        if pipeline_name is not None
+        else {pipeline.name: pipeline for pipeline in registry.all_pipelines()}
+    )
     since, until = window.bounds(now)
-    rows = ledger.window_versions(conn, pipeline_name, since, until, window.last_rows)
-    figures = []
-    for row in rows:
-        try:
-            pipeline = registry.get_pipeline(row.pipeline)
-        except UnknownPipelineError:
-            continue  # contributions of a pipeline this process does not know: nothing to judge them by
-        figures.append(version_figures(pipeline, row, models_dir))
-    return figures
+    pooled = ledger.window_versions(conn, list(pipelines), since, until, window.last_rows)
+    manifests = ledger.manifests_of(conn, [(version.model, version.model_version) for version in pooled])
+    return [
+        version_figures(pipelines[version.pipeline], version, manifests.get((version.model, version.model_version)))
+        for version in pooled
+    ]
 
 
 def conditions(pipeline: Pipeline, window: Window, versions: list[dict[str, Any]]) -> list[ledger.Condition]:
@@ -128,15 +150,13 @@ def conditions(pipeline: Pipeline, window: Window, versions: list[dict[str, Any]
     return holding
 
 
-def evaluate_alerts(
-    conn: Connection, pipeline: Pipeline, windows: list[Window], now: datetime, models_dir: Path
-) -> tuple[int, int]:
+def evaluate_alerts(conn: Connection, pipeline: Pipeline, windows: list[Window], now: datetime) -> tuple[int, int]:
     """Judge the pipeline's `windows` at `now`, open an alert per condition that holds and has
     no open episode, clear those that stopped; return (opened, cleared)."""
     holding: list[ledger.Condition] = []
     figures: dict[str, list[dict[str, Any]]] = {}
     for window in windows:
-        versions = judge_window(conn, pipeline.name, window, now, models_dir)
+        versions = judge_window(conn, pipeline.name, window, now)
         figures[window.spec] = [_headline(version) for version in versions]
         holding += conditions(pipeline, window, versions)
     return ledger.record_alerts(conn, pipeline.name, [w.spec for w in windows], holding, figures)
@@ -156,7 +176,7 @@ def _headline(version: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def evaluate_if_due(engine: Engine, pipeline_name: str, windows: str, interval_s: float, models_dir: Path) -> None:
+def evaluate_if_due(engine: Engine, pipeline_name: str, windows: str, interval_s: float) -> None:
     """After a batch of `pipeline_name` finished: judge its windows and update its alerts,
     unless another process did in the last `interval_s` seconds (the windows then change by
     a few batches at most; one transaction)."""
@@ -165,4 +185,4 @@ def evaluate_if_due(engine: Engine, pipeline_name: str, windows: str, interval_s
     pipeline = registry.get_pipeline(pipeline_name)
     with engine.begin() as conn:
         if ledger.claim_evaluation(conn, pipeline_name, interval_s):
-            evaluate_alerts(conn, pipeline, parse_windows(windows), datetime.now(UTC), models_dir)
+            evaluate_alerts(conn, pipeline, parse_windows(windows), datetime.now(UTC))

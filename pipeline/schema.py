@@ -243,6 +243,14 @@ class MonitorContribution(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "model", "model_version"),
         Index("monitor_contributions_window", "pipeline", "finished_at"),
+        Index(
+            "monitor_contributions_version",
+            "pipeline",
+            "model",
+            "model_version",
+            text("finished_at DESC"),
+            text("id DESC"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -263,6 +271,35 @@ class MonitorContribution(Base):
     label_counts: Mapped[dict[str, int] | None] = mapped_column(JSONB)
     # The batch's end-to-end latency.
     latency_s: Mapped[float | None] = mapped_column(Float)
+    # The CBPE sums of its rows (`pipeline.estimation`); None for a model without them.
+    estimate_sums: Mapped[dict[str, float] | None] = mapped_column(JSONB)
+
+
+class MonitorRollup(Base):
+    """The contributions of one pipeline, model, model version and hour, summed: what a
+    window reads for each hour it covers whole (kept by the statements that write them)."""
+
+    __tablename__ = "monitor_rollups"
+    __table_args__ = (Index("monitor_rollups_window", "pipeline", "bucket_start"),)
+
+    pipeline: Mapped[str] = mapped_column(Text, primary_key=True)
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    model_version: Mapped[str] = mapped_column(Text, primary_key=True)
+    # The UTC hour (`monitor_bucket(finished_at)`).
+    bucket_start: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+    batches: Mapped[int] = mapped_column(BigInteger)
+    items: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(BigInteger)
+    first_finished: Mapped[datetime] = mapped_column(Timestamp)
+    last_finished: Mapped[datetime] = mapped_column(Timestamp)
+    bin_counts: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
+    # Per numeric KPI: the sum of its value times the batch's inputs, and of those inputs.
+    kpi_sums: Mapped[dict[str, float]] = mapped_column(JSONB)
+    kpi_items: Mapped[dict[str, int]] = mapped_column(JSONB)
+    label_counts: Mapped[dict[str, int] | None] = mapped_column(JSONB)
+    # Batches per latency bucket (`monitor_latency_bucket`), keyed by the bucket as text.
+    latency_histogram: Mapped[dict[str, int]] = mapped_column(JSONB)
+    estimate_sums: Mapped[dict[str, float] | None] = mapped_column(JSONB)
 
 
 class Alert(Base):

@@ -220,7 +220,7 @@ def _stream(
                 start + timedelta(minutes=index),
                 30,
                 rows,
-                np.concatenate(counts).astype("<i8").tobytes(),
+                np.concatenate(counts).astype(np.int64),
                 {"review_rate": 0.1},
                 0.5,
             )  # fmt: skip
@@ -246,7 +246,7 @@ def _alerts(engine: Engine) -> list[tuple[str, str, bool]]:
 
 def _evaluate(engine: Engine, models_dir: Path, now: datetime, *specs: str) -> tuple[int, int]:
     with engine.begin() as conn:
-        return evaluate_alerts(conn, get_pipeline("screening"), [parse_window(s) for s in specs], now, models_dir)
+        return evaluate_alerts(conn, get_pipeline("screening"), [parse_window(s) for s in specs], now)
 
 
 def test_small_batches_pool_into_a_judged_window_and_a_shift_alarms_once_then_clears(
@@ -257,8 +257,8 @@ def test_small_batches_pool_into_a_judged_window_and_a_shift_alarms_once_then_cl
     # 40 batches of 20 rows (4 merged bins a test each alone), 800 rows together.
     now = _stream(quiet_engine, models_dir, start, 40, 20, shifted=0, seed=1)
     with quiet_engine.connect() as conn:
-        (window,) = judge_window(conn, "screening", parse_window("1h"), now, models_dir)
-        (single,) = judge_window(conn, "screening", parse_window("20rows"), now, models_dir)
+        (window,) = judge_window(conn, "screening", parse_window("1h"), now)
+        (single,) = judge_window(conn, "screening", parse_window("20rows"), now)
     assert window["batches"] == 40 and window["rows"] == 800
     assert not window["drift"]["drifted"]
     assert any(entry["p_value"] is not None for entry in window["drift"]["top_features"].values())

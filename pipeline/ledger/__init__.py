@@ -68,11 +68,13 @@ if TYPE_CHECKING:
     from pipeline.ledger.monitor import (
         Condition,
         Contribution,
+        PooledVersion,
         claim_evaluation,
         evaluation_figures,
         open_alerts,
         record_alerts,
         record_contributions,
+        store_label_counts,
         window_versions,
     )
     from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
@@ -151,11 +153,13 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "monitor": (
         "Condition",
         "Contribution",
+        "PooledVersion",
         "claim_evaluation",
         "evaluation_figures",
         "open_alerts",
         "record_alerts",
         "record_contributions",
+        "store_label_counts",
         "window_versions",
     ),
     "pages": (
@@ -201,6 +205,7 @@ __all__ = [
     "Claim",
     "Condition",
     "Contribution",
+    "PooledVersion",
     "Dispatch",
     "NewSubtask",
     "Outcome",
@@ -242,6 +247,7 @@ __all__ = [
     "open_alerts",
     "record_alerts",
     "record_contributions",
+    "store_label_counts",
     "record_heartbeat",
     "record_split",
     "running_batch",

@@ -16,7 +16,8 @@ from pipeline.definition import Pipeline
 from pipeline.errors import BatchNotFoundError
 from pipeline.labels import refuse, validated_labels
 from pipeline.ledger import queries
-from pipeline.schema import FINISHED_BATCH_STATES, Batch, MonitorContribution
+from pipeline.ledger.monitor import store_label_counts
+from pipeline.schema import FINISHED_BATCH_STATES, Batch
 
 LOCK_BATCH = select(Batch.pipeline, Batch.items, Batch.state, Batch.aggregate_runs).where(
     Batch.id == bindparam("batch_id")
@@ -29,11 +30,6 @@ STORE_REALISED = (
             Batch.metrics, literal_column("'{realised}'::text[]"), bindparam("realised", type_=JSONB)
         )
     )
-)
-STORE_LABEL_COUNTS = (
-    update(MonitorContribution)
-    .where(MonitorContribution.batch_id == bindparam("of_batch"))
-    .values(label_counts=bindparam("counts", type_=JSONB))
 )
 
 
@@ -95,5 +91,5 @@ def _recompute_realised(conn: Connection, pipeline: Pipeline, batch_id: uuid.UUI
     labelled = conn.execute(queries.LABELLED_RESULTS, {"batch_id": batch_id}).all()
     realised = realised_figures(pipeline, items, labelled)
     conn.execute(STORE_REALISED, {"batch_id": batch_id, "realised": realised})
-    conn.execute(STORE_LABEL_COUNTS, {"of_batch": batch_id, "counts": realised["counts"]})
+    store_label_counts(conn, batch_id, realised["counts"])
     return realised

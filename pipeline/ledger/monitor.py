@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Connection, Row
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from pipeline.ledger import queries
-from pipeline.schema import MonitorContribution
 
 
 @dataclass(frozen=True)
@@ -29,29 +29,100 @@ class Contribution:
     finished_at: datetime
     items: int
     rows: int
-    # Drift bin counts, int64 little-endian (`ReferenceProfile.bin_counts`).
-    bin_counts: bytes
+    # Drift bin counts (`ReferenceProfile.bin_counts`).
+    bin_counts: npt.NDArray[np.int64]
     kpis: dict[str, Any]
     latency_s: float | None
+    # The CBPE sums of its rows (`pipeline.estimation.estimate_sums`); None without them.
+    estimate_sums: dict[str, float] | None = None
 
 
 def record_contributions(conn: Connection, contributions: Sequence[Contribution]) -> None:
-    """Store a batch's contributions in one multi-row statement on the caller's transaction
-    (the aggregate's, with the batch's metrics); a batch aggregated again adds nothing."""
-    if contributions:
-        conn.execute(pg_insert(MonitorContribution).values([asdict(c) for c in contributions]).on_conflict_do_nothing())
+    """Store a batch's contributions and add them to their hours' rollups, in one statement
+    on the caller's transaction (the aggregate's, with the batch's metrics); a batch
+    aggregated again adds nothing."""
+    if not contributions:
+        return
+    ordered = sorted(contributions, key=lambda c: (c.pipeline, c.model, c.model_version))
+    conn.execute(
+        queries.RECORD_CONTRIBUTIONS,
+        {
+            "batch_ids": [c.batch_id for c in ordered],
+            "pipelines": [c.pipeline for c in ordered],
+            "models": [c.model for c in ordered],
+            "versions": [c.model_version for c in ordered],
+            "finished": [c.finished_at for c in ordered],
+            "items": [c.items for c in ordered],
+            "rows": [c.rows for c in ordered],
+            "bin_counts": [c.bin_counts.astype("<i8").tobytes() for c in ordered],
+            "bin_arrays": ["{" + ",".join(map(str, c.bin_counts.tolist())) + "}" for c in ordered],
+            "kpis": [json.dumps(c.kpis) for c in ordered],
+            "latencies": [c.latency_s for c in ordered],
+            "estimate_sums": [None if c.estimate_sums is None else json.dumps(c.estimate_sums) for c in ordered],
+        },
+    )
+
+
+def store_label_counts(conn: Connection, batch_id: uuid.UUID, counts: dict[str, int]) -> None:
+    """Set a batch's label counts on its contributions and move their hours' rollups by the
+    difference, on the caller's transaction."""
+    conn.execute(queries.STORE_LABEL_COUNTS, {"batch_id": batch_id, "counts": json.dumps(counts)})
+
+
+@dataclass(frozen=True)
+class PooledVersion:
+    """One model version's window pooled: its contributions' totals, the drift bin counts of
+    its rollups (summed) and of its other contributions (int64 bytes end to end), and the
+    JSON sums key by key (`sums`: `kpi_sums`, `kpi_items`, `label_counts`,
+    `latency_histogram`, `estimate_sums`)."""
+
+    pipeline: str
+    model: str
+    model_version: str
+    batches: int
+    items: int
+    rows: int
+    first_finished: datetime
+    last_finished: datetime
+    bin_array: list[int] | None
+    bin_bytes: bytes | None
+    sums: dict[str, dict[str, float]]
+
+    def bin_counts(self, bins: int) -> npt.NDArray[np.int64] | None:
+        """The window's bin counts, summed over `bins` bins per contribution; None without any."""
+        parts = [] if self.bin_array is None else [np.asarray(self.bin_array, dtype=np.int64)]
+        if self.bin_bytes:
+            parts.append(np.frombuffer(self.bin_bytes, dtype="<i8").reshape(-1, bins).sum(axis=0))
+        return np.sum(parts, axis=0, dtype=np.int64) if parts else None
 
 
 def window_versions(
-    conn: Connection, pipeline: str | None, since: datetime, until: datetime, last_rows: int | None
-) -> Sequence[Row[Any]]:
-    """Per pipeline, model and model version (of `pipeline`, or all): the pooled sums of its
-    contributions finished in (`since`, `until`], or of its newest ones up to `last_rows`
-    rows (rows of the `window_versions` query)."""
-    return conn.execute(
-        queries.WINDOW_VERSIONS,
-        {"pipeline": pipeline, "since": since, "until": until, "last_rows": last_rows},
-    ).all()
+    conn: Connection, pipelines: Sequence[str], since: datetime, until: datetime, last_rows: int | None
+) -> list[PooledVersion]:
+    """Per pipeline (of `pipelines`), model and model version: its contributions finished in
+    (`since`, `until`] pooled (hourly rollups for the hours inside, the contributions of the
+    edge hours), or its newest ones up to `last_rows` rows."""
+    if last_rows is None:
+        rows = conn.execute(queries.WINDOW_BY_TIME, {"pipelines": list(pipelines), "since": since, "until": until})
+    else:
+        parameters = {"pipelines": list(pipelines), "until": until, "last_rows": last_rows}
+        rows = conn.execute(queries.WINDOW_BY_ROWS, parameters)
+    return [
+        PooledVersion(
+            row.pipeline,
+            row.model,
+            row.model_version,
+            int(row.batches),
+            int(row.items),
+            int(row.rows),
+            row.first_finished,
+            row.last_finished,
+            row.bin_array,
+            row.bin_bytes,
+            row.sums or {},
+        )
+        for row in rows
+    ]
 
 
 @dataclass(frozen=True)

@@ -95,46 +95,136 @@ JOIN results r ON r.batch_id = l.batch_id AND r.item = l.item
 WHERE l.batch_id = :batch_id AND l.replaced_at IS NULL
 ORDER BY l.item
 
--- name: window_versions
--- Per pipeline, model and model version: its contributions finished in (:since, :until],
--- or of those its newest up to :last_rows rows; their batches, inputs, rows, the drift bin
--- counts end to end (summed by the caller), the p95 of the batches' end-to-end latency, the
--- item-weighted mean of each numeric KPI and the sum of each label count.
-WITH windowed AS (
-  SELECT * FROM (
-    SELECT c.*, sum(c.rows) OVER (
-      PARTITION BY c.pipeline, c.model, c.model_version ORDER BY c.finished_at DESC, c.id DESC
-    ) - c.rows AS newer_rows
-    FROM monitor_contributions c
-    WHERE (CAST(:pipeline AS text) IS NULL OR c.pipeline = :pipeline)
-      AND c.finished_at > :since AND c.finished_at <= :until
-  ) AS w
-  WHERE CAST(:last_rows AS bigint) IS NULL OR w.newer_rows < :last_rows
+-- name: record_contributions
+-- Finished batches' contributions, and those stored (not those of a batch aggregated
+-- again) added to their hours' rollups element-wise; in (model, version) order, so
+-- concurrent batches lock the rollups in one order.
+WITH incoming AS (
+  SELECT * FROM unnest(
+    CAST(:batch_ids AS uuid[]), CAST(:pipelines AS text[]), CAST(:models AS text[]), CAST(:versions AS text[]),
+    CAST(:finished AS timestamptz[]), CAST(:items AS int[]), CAST(:rows AS int[]), CAST(:bin_counts AS bytea[]),
+    CAST(:bin_arrays AS text[]), CAST(:kpis AS jsonb[]), CAST(:latencies AS float8[]), CAST(:estimate_sums AS jsonb[])
+  ) AS i (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, bin_array, kpis,
+          latency_s, estimate_sums)
+), stored AS (
+  INSERT INTO monitor_contributions
+    (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, kpis, latency_s, estimate_sums)
+  SELECT batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, kpis, latency_s, estimate_sums
+  FROM incoming
+  ON CONFLICT DO NOTHING
+  RETURNING batch_id, model, model_version
 )
-SELECT g.*, kpi.kpis, labelled.label_counts FROM (
-  SELECT pipeline, model, model_version, count(*) AS batches, sum(items) AS items, sum(rows) AS rows,
-    min(finished_at) AS first_finished, max(finished_at) AS last_finished,
-    string_agg(bin_counts, ''::bytea ORDER BY id) AS bin_counts,
-    percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_s) AS latency_p95_s
-  FROM windowed GROUP BY pipeline, model, model_version
+INSERT INTO monitor_rollups AS r
+SELECT i.pipeline, i.model, i.model_version, monitor_bucket(i.finished_at), count(*), sum(i.items), sum(i.rows),
+  min(i.finished_at), max(i.finished_at), monitor_counts_sum(CAST(i.bin_array AS bigint[])),
+  monitor_jsonb_sum(monitor_kpi_sums(i.kpis, i.items)), monitor_jsonb_sum(monitor_kpi_items(i.kpis, i.items)), NULL,
+  monitor_jsonb_sum(monitor_latency_histogram(i.latency_s)), monitor_jsonb_sum(i.estimate_sums)
+FROM incoming i JOIN stored s USING (batch_id, model, model_version)
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4
+ON CONFLICT (pipeline, model, model_version, bucket_start) DO UPDATE SET
+  batches = r.batches + excluded.batches,
+  items = r.items + excluded.items,
+  rows = r.rows + excluded.rows,
+  first_finished = least(r.first_finished, excluded.first_finished),
+  last_finished = greatest(r.last_finished, excluded.last_finished),
+  bin_counts = monitor_counts_add(r.bin_counts, excluded.bin_counts),
+  kpi_sums = monitor_jsonb_add(r.kpi_sums, excluded.kpi_sums),
+  kpi_items = monitor_jsonb_add(r.kpi_items, excluded.kpi_items),
+  latency_histogram = monitor_jsonb_add(r.latency_histogram, excluded.latency_histogram),
+  estimate_sums = monitor_jsonb_add(r.estimate_sums, excluded.estimate_sums)
+
+-- name: store_label_counts
+-- A batch's label counts on its contributions, and the difference they make on their
+-- hours' rollups (rows locked in (model, version) order, as the contributions' writer does).
+WITH previous AS (
+  SELECT c.id, c.pipeline, c.model, c.model_version, monitor_bucket(c.finished_at) AS bucket_start, c.label_counts
+  FROM monitor_contributions c WHERE c.batch_id = :batch_id
+  ORDER BY c.model, c.model_version FOR UPDATE
+), stored AS (
+  UPDATE monitor_contributions c SET label_counts = CAST(:counts AS jsonb) FROM previous p WHERE c.id = p.id
+)
+UPDATE monitor_rollups r
+SET label_counts = monitor_jsonb_combine(monitor_jsonb_add(r.label_counts, CAST(:counts AS jsonb)), p.label_counts, -1)
+FROM previous p
+WHERE r.pipeline = p.pipeline AND r.model = p.model AND r.model_version = p.model_version
+  AND r.bucket_start = p.bucket_start
+
+-- name: window_parts_by_time
+-- A time window (:since, :until] of the pipelines in :pipelines: the hourly rollups whose
+-- contributions all lie inside it (every hour but the first and the last), and the
+-- contributions of the other hours that lie inside it (index range scans of two hours).
+WITH usable AS (
+  SELECT r.* FROM monitor_rollups r
+  WHERE r.pipeline = ANY(CAST(:pipelines AS text[]))
+    AND r.bucket_start >= monitor_bucket(:since) AND r.bucket_start <= :until
+    AND r.first_finished > :since AND r.last_finished <= :until
+), parts AS (
+  SELECT pipeline, model, model_version, batches, items, rows, first_finished, last_finished,
+    bin_counts AS bin_array, NULL::bytea AS bin_bytes, kpi_sums, kpi_items, label_counts, latency_histogram, estimate_sums
+  FROM usable
+  UNION ALL
+  SELECT c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at, c.finished_at,
+    NULL, c.bin_counts, c.kpi_sums, c.kpi_items, c.label_counts, c.latency_histogram, c.estimate_sums
+  FROM monitor_contribution_parts c
+  WHERE c.pipeline = ANY(CAST(:pipelines AS text[]))
+    AND c.finished_at > :since AND c.finished_at <= :until
+    AND (c.finished_at < monitor_bucket(:since) + interval '1 hour' OR c.finished_at >= monitor_bucket(:until))
+    AND NOT EXISTS (
+      SELECT FROM usable u WHERE u.pipeline = c.pipeline AND u.model = c.model
+        AND u.model_version = c.model_version AND u.bucket_start = c.bucket_start)
+)
+
+-- name: window_parts_by_rows
+-- Each model version's newest contributions up to :last_rows rows (finished by :until),
+-- found newest first on the (pipeline, model, model_version, finished_at) index.
+WITH versions AS (
+  SELECT DISTINCT r.pipeline, r.model, r.model_version FROM monitor_rollups r
+  WHERE r.pipeline = ANY(CAST(:pipelines AS text[])) AND r.bucket_start <= :until
+), newest AS (
+  SELECT n.id FROM versions v CROSS JOIN LATERAL (
+    SELECT w.id FROM (
+      SELECT c.id, sum(c.rows) OVER (ORDER BY c.finished_at DESC, c.id DESC) - c.rows AS newer_rows FROM (
+        SELECT c.id, c.rows, c.finished_at FROM monitor_contributions c
+        WHERE c.pipeline = v.pipeline AND c.model = v.model AND c.model_version = v.model_version
+          AND c.finished_at <= :until
+        ORDER BY c.finished_at DESC, c.id DESC
+        -- Each contribution has a row at least.
+        LIMIT :last_rows
+      ) AS c
+    ) AS w WHERE w.newer_rows < :last_rows
+  ) AS n
+), parts AS (
+  SELECT c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at AS first_finished,
+    c.finished_at AS last_finished, NULL::bigint[] AS bin_array, c.bin_counts AS bin_bytes, c.kpi_sums, c.kpi_items,
+    c.label_counts, c.latency_histogram, c.estimate_sums
+  FROM monitor_contribution_parts c JOIN newest USING (id)
+)
+
+-- name: window_pooled
+-- The parts of a window pooled per pipeline, model and model version: batches, inputs,
+-- rows, first and last finish, the rollups' bin counts summed and the contributions' bin
+-- counts end to end (added by the caller), and each JSON sum key by key (`sums`: field →
+-- key → total; exact numeric sums, so any split of the window into parts gives the same).
+SELECT g.*, s.sums FROM (
+  SELECT pipeline, model, model_version, sum(batches) AS batches, sum(items) AS items, sum(rows) AS rows,
+    min(first_finished) AS first_finished, max(last_finished) AS last_finished,
+    monitor_counts_sum(bin_array) AS bin_array, string_agg(bin_bytes, ''::bytea) AS bin_bytes
+  FROM parts GROUP BY pipeline, model, model_version
 ) AS g
-CROSS JOIN LATERAL (
-  SELECT jsonb_object_agg(k.key, k.mean) AS kpis FROM (
-    SELECT e.key, sum(e.value::text::float8 * w.items) / nullif(sum(w.items), 0) AS mean
-    FROM windowed w CROSS JOIN LATERAL jsonb_each(w.kpis) AS e
-    WHERE w.pipeline = g.pipeline AND w.model = g.model AND w.model_version = g.model_version
-      AND jsonb_typeof(e.value) = 'number'
-    GROUP BY e.key
-  ) AS k
-) AS kpi
-CROSS JOIN LATERAL (
-  SELECT jsonb_object_agg(k.key, k.total) AS label_counts FROM (
-    SELECT e.key, sum(e.value::text::bigint) AS total
-    FROM windowed w CROSS JOIN LATERAL jsonb_each(w.label_counts) AS e
-    WHERE w.pipeline = g.pipeline AND w.model = g.model AND w.model_version = g.model_version
-    GROUP BY e.key
-  ) AS k
-) AS labelled
+LEFT JOIN (
+  SELECT t.pipeline, t.model, t.model_version, jsonb_object_agg(t.field, t.totals) AS sums FROM (
+    SELECT k.pipeline, k.model, k.model_version, k.field, jsonb_object_agg(k.key, k.total) AS totals FROM (
+      SELECT p.pipeline, p.model, p.model_version, f.field, e.key, sum(e.value::text::numeric) AS total
+      FROM parts p
+      CROSS JOIN LATERAL (VALUES ('kpi_sums', p.kpi_sums), ('kpi_items', p.kpi_items),
+        ('label_counts', p.label_counts), ('latency_histogram', p.latency_histogram),
+        ('estimate_sums', p.estimate_sums)) AS f (field, doc)
+      CROSS JOIN LATERAL jsonb_each(f.doc) AS e
+      GROUP BY p.pipeline, p.model, p.model_version, f.field, e.key
+    ) AS k GROUP BY k.pipeline, k.model, k.model_version, k.field
+  ) AS t GROUP BY t.pipeline, t.model, t.model_version
+) AS s ON s.pipeline = g.pipeline AND s.model = g.model AND s.model_version = g.model_version
 ORDER BY g.pipeline, g.model, g.model_version
 
 -- name: claim_evaluation

@@ -1,0 +1,157 @@
+"""Windows read from hourly rollups pool exactly as the contributions themselves do: with
+labels stored (and changed) after the batches, a batch aggregated again, and batches deleted."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import Connection, Engine, text
+
+from pipeline import ledger
+from pipeline.ledger.queries import RAW
+
+BINS = 12
+START = datetime(2032, 1, 1, 0, 17, tzinfo=UTC)
+VERSIONS = [("screen-logreg", "a" * 64), ("screen-forest", "b" * 64)]
+# Every contribution alone, pooled by the same statement as a window's parts.
+ALL_RAW = text(
+    """
+WITH parts AS (
+  SELECT c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at AS first_finished,
+    c.finished_at AS last_finished, NULL::bigint[] AS bin_array, c.bin_counts AS bin_bytes, c.kpi_sums, c.kpi_items,
+    c.label_counts, c.latency_histogram, c.estimate_sums
+  FROM monitor_contribution_parts c
+  WHERE c.pipeline = 'screening' AND c.finished_at > :since AND c.finished_at <= :until
+)
+"""
+    + RAW["window_pooled"]
+)
+
+
+def _contribute(engine: Engine, count: int, seed: int) -> list[ledger.Contribution]:
+    """`count` screening batches, one every 97 s from START, each contributing to both versions
+    with random bin counts, KPIs (numbers, and text a window ignores), latency and CBPE sums."""
+    rng = np.random.default_rng(seed)
+    ids = [uuid.uuid4() for _ in range(count)]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO batches (id, pipeline, items) SELECT unnest(CAST(:ids AS uuid[])), 'screening', 30"),
+            {"ids": ids},
+        )
+    made = []
+    for index, batch_id in enumerate(ids):
+        items = int(rng.integers(1, 200))
+        kpis: dict[str, Any] = {"review_rate": round(float(rng.random()), 4), "note": "text", "flagged": index % 7}
+        latency = None if index % 11 == 0 else float(rng.lognormal(-1.5, 0.8))
+        for model, version in VERSIONS:
+            made.append(
+                ledger.Contribution(
+                    batch_id,
+                    "screening",
+                    model,
+                    version,
+                    START + timedelta(seconds=97 * index),
+                    items,
+                    items,
+                    rng.poisson(5, BINS).astype(np.int64),
+                    kpis,
+                    latency,
+                    {"accuracy.expected": round(float(rng.random()) * items, 6), "accuracy.n": items},
+                )  # fmt: skip
+            )
+    with engine.begin() as conn:
+        ledger.record_contributions(conn, made)
+    return made
+
+
+def _comparable(pooled: ledger.PooledVersion) -> tuple[Any, ...]:
+    counts = pooled.bin_counts(BINS)
+    return (
+        pooled.model,
+        pooled.model_version,
+        pooled.batches,
+        pooled.items,
+        pooled.rows,
+        pooled.first_finished,
+        pooled.last_finished,
+        None if counts is None else counts.tolist(),
+        pooled.sums,
+    )
+
+
+def _raw(conn: Connection, since: datetime, until: datetime) -> list[tuple[Any, ...]]:
+    rows = conn.execute(ALL_RAW, {"since": since, "until": until}).all()
+    return [
+        _comparable(ledger.PooledVersion(*row[:8], row.bin_array, row.bin_bytes, row.sums or {}))  # fmt: skip
+        for row in rows
+    ]
+
+
+WINDOWS = [
+    # (since, until) as offsets from START: edges inside hours, on hour boundaries, past the last.
+    (timedelta(minutes=-20), timedelta(hours=5)),
+    (timedelta(minutes=5), timedelta(hours=3, minutes=2)),
+    (timedelta(minutes=43), timedelta(hours=1, minutes=43)),
+    (timedelta(minutes=-17), timedelta(hours=2, minutes=43)),
+    (timedelta(hours=1, minutes=1), timedelta(hours=1, minutes=30)),
+]
+
+
+def _assert_pooled_alike(engine: Engine) -> None:
+    with engine.connect() as conn:
+        for since_offset, until_offset in WINDOWS:
+            since, until = START + since_offset, START + until_offset
+            rolled = [_comparable(v) for v in ledger.window_versions(conn, ["screening"], since, until, None)]
+            assert rolled == _raw(conn, since, until), (since_offset, until_offset)
+
+
+@pytest.fixture
+def contributions(quiet_engine: Engine) -> list[ledger.Contribution]:
+    # 160 batches over 4.3 hours: 5 hourly rollups per version.
+    return _contribute(quiet_engine, 160, seed=3)
+
+
+def test_rollups_pool_as_their_contributions_do(quiet_engine: Engine, contributions: list[ledger.Contribution]) -> None:
+    with quiet_engine.connect() as conn:
+        hours = conn.execute(text("SELECT count(*), sum(batches) FROM monitor_rollups")).one()
+    assert tuple(hours) == (2 * 5, 2 * 160)
+    _assert_pooled_alike(quiet_engine)
+    with quiet_engine.connect() as conn:
+        (whole,) = [
+            v for v in ledger.window_versions(conn, ["screening"], START - timedelta(1), START + timedelta(1), None)
+            if v.model == "screen-logreg"
+        ]  # fmt: skip
+    logreg = [c for c in contributions if c.model == "screen-logreg"]
+    assert whole.batches == 160 and whole.rows == sum(c.rows for c in logreg)
+    counts = whole.bin_counts(BINS)
+    assert counts is not None and counts.tolist() == np.sum([c.bin_counts for c in logreg], axis=0).tolist()
+    assert whole.sums["kpi_items"]["review_rate"] == whole.items and "note" not in whole.sums["kpi_sums"]
+
+
+def test_labels_and_reaggregation_and_deletion_keep_rollups_exact(
+    quiet_engine: Engine, contributions: list[ledger.Contribution]
+) -> None:
+    batch_ids = list(dict.fromkeys(c.batch_id for c in contributions))
+    with quiet_engine.begin() as conn:
+        for number, batch_id in enumerate(batch_ids[::3]):
+            ledger.store_label_counts(conn, batch_id, {"labelled": 10, "true_pos": number % 4})
+        # Labels that change replace their counts on the rollups (the difference is added).
+        for batch_id in batch_ids[::6]:
+            ledger.store_label_counts(conn, batch_id, {"labelled": 12, "true_pos": 1})
+        # A batch aggregated again adds nothing.
+        ledger.record_contributions(conn, contributions[:6])
+    _assert_pooled_alike(quiet_engine)
+    with quiet_engine.connect() as conn:
+        labelled = conn.execute(text("SELECT sum((label_counts ->> 'labelled')::int) FROM monitor_rollups")).scalar()
+    assert labelled == 2 * (10 * len(batch_ids[::3]) + 2 * len(batch_ids[::6]))
+
+    with quiet_engine.begin() as conn:
+        conn.execute(text("DELETE FROM batches WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": batch_ids[5:60]})
+    _assert_pooled_alike(quiet_engine)
+    with quiet_engine.connect() as conn:
+        left = conn.execute(text("SELECT sum(batches) FROM monitor_rollups")).scalar()
+    assert left == 2 * (160 - 55)
