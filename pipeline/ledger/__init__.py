@@ -17,6 +17,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `labels`: ground truth stored after a batch, and its realised KPIs;
 - `monitor`: each finished batch's window contributions, windows pooled, alert episodes;
 - `registry`: model versions, their aliases (champion, challenger) and events;
+- `rollouts`: roll-outs, their batches and gate evidence (used as a module: `rollouts.start_rollout`);
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -27,11 +28,13 @@ never commits, so the caller can put several steps in one (`with engine.begin() 
 
 from pipeline.ledger.aggregation import (
     CANCELLED_ERROR,
+    StreamKey,
     SubtaskOutput,
     batch_state,
     finish_batch,
     lock_aggregating_batch,
     running_batch,
+    serving_versions,
     subtask_outputs,
     try_lock_aggregation,
     unfinished_before,
@@ -106,6 +109,7 @@ __all__ = [
     "StoredLabels",
     "StoredArtifact",
     "StoredResult",
+    "StreamKey",
     "SubtaskOutput",
     "Sweep",
     "VersionRecord",
@@ -148,6 +152,7 @@ __all__ = [
     "record_heartbeat",
     "record_split",
     "running_batch",
+    "serving_versions",
     "set_alias",
     "stored_artifact",
     "subtask_outputs",
