@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -32,7 +30,9 @@ from pipeline.states import Alias, RolloutMode, RolloutState
 from tests.helpers import (
     TEST_SPLIT_ENV,
     Processes,
+    assert_one_line_error,
     register_champions,
+    run_cli,
     run_client_settings,
     split_batch,
     store_batch,
@@ -217,44 +217,27 @@ def test_bad_rollout_commands_are_refused_and_write_nothing(
     assert _events(engine) == before
 
 
-PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cli(services: ScratchServices, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = services.env(
-        settings.resolved_models_dir,
-        PYTHONPATH=str(ROOT),
-        COLUMNS="250",
-        PIPELINE_REGISTRY_STORE_DIR=str(settings.resolved_registry_store_dir),
-    )
-    return subprocess.run([PIPELINE_CLI, *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def _one_line_error(run: subprocess.CompletedProcess[str], expected: str) -> None:
-    assert run.returncode == 1, run.stdout + run.stderr
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], run.stderr
-
-
 def test_rollout_cli_start_status_abort_and_one_line_refusals(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
     services, settings, engine = own
     v2 = _second_version(engine, settings, models_dir)
-    cli = functools.partial(_cli, services, settings, "rollout")
-    _one_line_error(cli("start", "no-such-model", "--version", v2, "--mode", "shadow"), "unknown model 'no-such-model'")
-    _one_line_error(cli("start", CLASSIFIER, "--version", "0" * 12, "--mode", "shadow"), "is not a registered version")
-    _one_line_error(cli("start", CLASSIFIER, "--version", v2, "--mode", "canary", "--percent", "120"), "--percent")
-    _one_line_error(cli("promote", CLASSIFIER, "--approved-by", "lead"), "has no active roll-out")
+    cli = functools.partial(run_cli, services, settings, "rollout")
+    refused = assert_one_line_error
+    refused(cli("start", "no-such-model", "--version", v2, "--mode", "shadow"), "unknown model 'no-such-model'")
+    refused(cli("start", CLASSIFIER, "--version", "0" * 12, "--mode", "shadow"), "is not a registered version")
+    refused(cli("start", CLASSIFIER, "--version", v2, "--mode", "canary", "--percent", "120"), "--percent")
+    assert_one_line_error(cli("promote", CLASSIFIER, "--approved-by", "lead"), "has no active roll-out")
     started = cli("start", CLASSIFIER, "--version", v2[:12], "--mode", "canary", "--percent", "10")
     assert started.returncode == 0 and "canary 10 % roll-out" in started.stdout, started.stderr
-    _one_line_error(cli("start", CLASSIFIER, "--version", v2, "--mode", "shadow"), "already has an active canary")
+    assert_one_line_error(cli("start", CLASSIFIER, "--version", v2, "--mode", "shadow"), "already has an active canary")
     shown = cli("status", CLASSIFIER, "--json")
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     assert (status["version"], status["mode"], status["percent"], status["state"]) == (v2, "canary", 10.0, "active")
-    _one_line_error(cli("promote", CLASSIFIER, "--approved-by", "lead"), "promotion refused")
+    assert_one_line_error(cli("promote", CLASSIFIER, "--approved-by", "lead"), "promotion refused")
     aborted = cli("abort", CLASSIFIER, "--reason", "not today")
     assert aborted.returncode == 0 and "aborted" in aborted.stdout, aborted.stderr
-    assert _events(engine)[-2:] == [("rollout_started", None), ("rollout_aborted", None)]
+    # `status` recomputed the gate: its first verdict is recorded.
+    kinds = [("rollout_started", None), ("rollout_verdict", None), ("rollout_aborted", None)]
+    assert _events(engine)[-3:] == kinds
