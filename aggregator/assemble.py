@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, Row
 
 from aggregator.metrics import batch_metrics
-from pipeline import ledger, registry
+from pipeline import ledger, registry, rollouts
 from pipeline.definition import ModelSpec, PageOutputs
 from pipeline.monitor import evaluate_if_due
 from pipeline.schema import BatchState, FailurePolicy
@@ -37,20 +37,20 @@ FETCH_LIMIT = 64
 
 
 class BatchOutputs:
-    """A batch's sub-task outputs for every model of its pipeline, in `seq` order: one query
-    reads the next ones of every model whose stream has run out, and a model known to have
-    no more before an input is not asked again."""
+    """A batch's serve sub-task outputs for every stream (model, pinned version) of its
+    pipeline, in `seq` order: one query reads the next ones of every stream that has run
+    out, and a stream known to have no more before an input is not asked again."""
 
-    def __init__(self, conn: Connection, batch_id: uuid.UUID, models: Sequence[str]) -> None:
+    def __init__(self, conn: Connection, batch_id: uuid.UUID, models: Sequence[ledger.StreamKey]) -> None:
         self._conn = conn
         self._batch_id = batch_id
-        self._read: dict[str, list[ledger.SubtaskOutput]] = {model: [] for model in models}
+        self._read: dict[ledger.StreamKey, list[ledger.SubtaskOutput]] = {model: [] for model in models}
         self._after_seq = dict.fromkeys(models, -1)
-        # Every sub-task of the model starting before this input has been read.
+        # Every sub-task of the stream starting before this input has been read.
         self._complete_before = dict.fromkeys(models, -1)
 
-    def fetch(self, model: str, before_item: int) -> list[ledger.SubtaskOutput]:
-        """The next sub-tasks of `model` starting before input `before_item` (a `FetchOutputs`)."""
+    def fetch(self, model: ledger.StreamKey, before_item: int) -> list[ledger.SubtaskOutput]:
+        """The next sub-tasks of stream `model` starting before input `before_item` (a `FetchOutputs`)."""
         if not self._read[model] and self._complete_before[model] < before_item:
             wanted = {
                 m: seq
@@ -119,6 +119,29 @@ class ModelOutputStream:
         if not rows:
             return PageOutputs(np.empty((0, self.spec.n_outputs), "<f4"), np.empty(0, np.int64)), errors
         return PageOutputs(np.concatenate(rows), np.concatenate(items)), errors
+
+
+class ModelOutputs:
+    """One model's output rows of a batch from its streams: one per pinned version (a canary's
+    model has two, whose chunks interleave by input); each page merged in item order."""
+
+    def __init__(self, spec: ModelSpec, streams: Sequence[ModelOutputStream]) -> None:
+        self.spec = spec
+        self._streams = streams
+
+    def take_page(self, first: int, count: int) -> tuple[PageOutputs, dict[int, str]]:
+        """As `ModelOutputStream.take_page`, over every stream of the model."""
+        if len(self._streams) == 1:
+            return self._streams[0].take_page(first, count)
+        pages: list[PageOutputs] = []
+        errors: dict[int, str] = {}
+        for stream in self._streams:
+            page, failed = stream.take_page(first, count)
+            pages.append(page)
+            errors.update(failed)
+        items = np.concatenate([page.items for page in pages])
+        order = np.argsort(items, kind="stable")
+        return PageOutputs(np.concatenate([page.rows for page in pages])[order], items[order]), errors
 
 
 class FailureCauses:
@@ -199,8 +222,13 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         if following:
             log.info("batch %s: assembling its results as its sub-tasks finish", batch_id)
         pipeline = registry.get_pipeline(batch.pipeline)
-        outputs = BatchOutputs(conn, batch_id, [spec.name for spec in pipeline.models])
-        streams = [ModelOutputStream(spec, partial(outputs.fetch, spec.name)) for spec in pipeline.models]
+        pinned = ledger.serving_versions(conn, batch_id)
+        keys = {spec.name: [(spec.name, v) for v in pinned.get(spec.name, [None])] for spec in pipeline.models}
+        outputs = BatchOutputs(conn, batch_id, [key for model_keys in keys.values() for key in model_keys])
+        streams = [
+            ModelOutputs(spec, [ModelOutputStream(spec, partial(outputs.fetch, key)) for key in keys[spec.name]])
+            for spec in pipeline.models
+        ]
         kpis = pipeline.kpis()
         # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
         unsplit_error = batch.error or "batch cancelled before it was split"
@@ -248,6 +276,8 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         ledger.finish_batch(conn, batch_id, state, error, result, metrics)
         ledger.record_contributions(conn, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
+    # After commit: the batch's results never wait for the gate.
+    rollouts.evaluate_batch(engine, batch_id)
     if contributions:
         settings = get_settings()
         evaluate_if_due(engine, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)

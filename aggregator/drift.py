@@ -16,11 +16,12 @@ from pipeline import ledger
 from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import ModelSpec, Pipeline
 from pipeline.profile import DriftConfig, ModelCounts, ReferenceProfile, judge_counts
-from pipeline.schema import Subtask, SubtaskState
+from pipeline.schema import Subtask, SubtaskRole, SubtaskState
 
 # Built once: every aggregate runs it.
 STORED_COUNTS = select(Subtask.model, Subtask.model_version, Subtask.rows, Subtask.bin_counts).where(
     Subtask.batch_id == bindparam("batch_id"),
+    Subtask.role == SubtaskRole.serve,
     Subtask.state == SubtaskState.succeeded,
     Subtask.bin_counts.is_not(None),
 )

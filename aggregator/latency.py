@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, Float, Row, Select, bindparam, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from pipeline.schema import Subtask, SubtaskState
+from pipeline.schema import Subtask, SubtaskRole, SubtaskState
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -57,6 +57,7 @@ def _latency_statement() -> Select[Any]:
         )
         .where(
             Subtask.batch_id == bindparam("batch_id"),
+            Subtask.role == SubtaskRole.serve,
             Subtask.state.in_((SubtaskState.succeeded, SubtaskState.failed)),
             Subtask.started_at.is_not(None),
             Subtask.finished_at.is_not(None),

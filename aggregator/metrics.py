@@ -11,11 +11,15 @@ from sqlalchemy import Connection, Row, bindparam, select
 from aggregator.drift import batch_drift
 from aggregator.latency import batch_latency
 from pipeline import ledger, registry
-from pipeline.schema import Subtask, SubtaskState
+from pipeline.schema import Subtask, SubtaskRole, SubtaskState
 
 SCORING_VERSIONS = (
     select(Subtask.model, Subtask.model_version)
-    .where(Subtask.batch_id == bindparam("batch_id"), Subtask.state == SubtaskState.succeeded)
+    .where(
+        Subtask.batch_id == bindparam("batch_id"),
+        Subtask.role == SubtaskRole.serve,
+        Subtask.state == SubtaskState.succeeded,
+    )
     .distinct()
     .order_by(Subtask.model, Subtask.model_version)
 )

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from pipeline.states import BatchState
+from pipeline.states import BatchState, RolloutMode
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pipeline.client import BatchStatus, Client
     from pipeline.errors import InvalidInputError
     from pipeline.inputs import JsonLinesFile
+    from pipeline.rollouts import RolloutStatus
     from pipeline.settings import Settings
     from pipeline.stack import Stack
 
@@ -316,6 +317,75 @@ def models_rollback(model: str, to: str | None, approved_by: str, reason: str | 
 
     version = model_registry.rollback(_client().engine, model, approved_by=approved_by, to=to, reason=reason)
     _console().print(f"{model}: champion is now {version[:12]}")
+
+
+@main.group()
+def rollout() -> None:
+    """Try a challenger model version on live batches: shadow or canary, gate, promote."""
+
+
+def _print_rollout(status: RolloutStatus) -> None:
+    percent = f" {status.percent:g} %" if status.percent is not None else ""
+    _console().print(
+        f"{status.model}: {status.mode.value}{percent} roll-out {status.id} of {status.version[:12]} is"
+        f" {status.state.value} (started by {status.started_by}, {status.batches} batches);"
+        f" gate: {status.verdict}" + (f"; {status.reason}" if status.reason else "")
+    )
+    if status.gate is not None:
+        for check in status.gate.checks:
+            _console().print(f"  {check.name}: {check.verdict} ({check.why})", markup=False)
+
+
+@rollout.command("start")
+@click.argument("model")
+@click.option("--version", "version", required=True, help="The version to try (a unique prefix will do).")
+@click.option("--mode", type=click.Choice([m.value for m in RolloutMode]), required=True)
+@click.option("--percent", type=float, help="A canary's share of inputs served by the version (0 < P < 100).")
+def rollout_start(model: str, version: str, mode: str, percent: float | None) -> None:
+    """Start a roll-out of VERSION of MODEL: new batches follow it from their split on."""
+    from pipeline import rollouts
+
+    _print_rollout(
+        rollouts.start(
+            _client().engine, model, version=version, mode=RolloutMode(mode), percent=percent, started_by=_actor()
+        )
+    )
+
+
+@rollout.command("status")
+@click.argument("model")
+@JSON_OPTION
+def rollout_status(model: str, as_json: bool) -> None:
+    """MODEL's active roll-out (else its last one), with its gate recomputed."""
+    from pipeline import rollouts
+
+    status = rollouts.status(_client().engine, model)
+    if as_json:
+        click.echo(status.model_dump_json())
+        return
+    _print_rollout(status)
+
+
+@rollout.command("promote")
+@click.argument("model")
+@click.option("--approved-by", required=True, help="Who approved the promotion (recorded).")
+@click.option("--reason", help="Why (recorded); required with --force.")
+@click.option("--force", is_flag=True, help="Promote without a passing gate (recorded as forced).")
+def rollout_promote(model: str, approved_by: str, reason: str | None, force: bool) -> None:
+    """Make the roll-out's version MODEL's champion: refused unless the gate is `pass`."""
+    from pipeline import rollouts
+
+    _print_rollout(rollouts.promote(_client().engine, model, approved_by=approved_by, reason=reason, force=force))
+
+
+@rollout.command("abort")
+@click.argument("model")
+@click.option("--reason", help="Why (recorded).")
+def rollout_abort(model: str, reason: str | None) -> None:
+    """End MODEL's roll-out; the champion is unchanged."""
+    from pipeline import rollouts
+
+    _print_rollout(rollouts.abort(_client().engine, model, actor=_actor(), reason=reason))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

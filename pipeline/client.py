@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from pipeline.definition import InputPage
+    from pipeline.rollouts import RolloutStatus
 
 # The broker (Celery), the splitter and the input encoder are imported by the methods that
 # publish or store: a command that only reads the ledger (`pipeline status`) loads none of them.
@@ -282,6 +283,49 @@ class _ProgressBar:
         self._progress.stop()
 
 
+class Rollouts:
+    """`client.rollouts`: a model's roll-outs (`pipeline.rollouts`; the gate's scipy is
+    imported on first use). Raises as the functions there."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def start(
+        self,
+        model: str,
+        *,
+        version: str,
+        mode: Literal["shadow", "canary"] = "shadow",
+        percent: float | None = None,
+        started_by: str,
+    ) -> RolloutStatus:
+        """Start a shadow roll-out of `version` of `model`, or a canary serving `percent` % of inputs."""
+        from pipeline import rollouts
+        from pipeline.states import RolloutMode
+
+        return rollouts.start(
+            self._client.engine, model, version=version, mode=RolloutMode(mode), percent=percent, started_by=started_by
+        )
+
+    def status(self, model: str) -> RolloutStatus:
+        """`model`'s active roll-out (else its last one) with its gate recomputed."""
+        from pipeline import rollouts
+
+        return rollouts.status(self._client.engine, model)
+
+    def promote(self, model: str, *, approved_by: str, reason: str | None = None, force: bool = False) -> RolloutStatus:
+        """Make the roll-out's version the champion: needs a passing gate, or `force` with a `reason`."""
+        from pipeline import rollouts
+
+        return rollouts.promote(self._client.engine, model, approved_by=approved_by, reason=reason, force=force)
+
+    def abort(self, model: str, *, actor: str, reason: str | None = None) -> RolloutStatus:
+        """End the roll-out; the champion is unchanged."""
+        from pipeline import rollouts
+
+        return rollouts.abort(self._client.engine, model, actor=actor, reason=reason)
+
+
 class Client:
     """Entry point of the Python API; a context manager that closes it on exit.
 
@@ -318,6 +362,11 @@ class Client:
                     app.amqp.producer_pool  # noqa: B018  (creates both pools; nothing connects)
                     self._app = app
         return self._app
+
+    @property
+    def rollouts(self) -> Rollouts:
+        """Roll-outs of challenger model versions (`Rollouts`)."""
+        return Rollouts(self)
 
     @property
     def app(self) -> Celery:

@@ -130,3 +130,8 @@ def validation_line(error: ValidationError) -> str:
     """A pydantic `ValidationError` as one line: what was validated, then each field and why."""
     problems = (f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
     return f"invalid {error.title}: " + "; ".join(problems)
+
+
+class RolloutError(PipelineError, ValueError):
+    """A roll-out command refused: a second roll-out of a model, none to promote or abort, a
+    promotion without a passing gate or an approver. Nothing was changed."""

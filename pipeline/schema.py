@@ -39,6 +39,9 @@ from pipeline.states import FailurePolicy as FailurePolicy
 from pipeline.states import ModelEvent as ModelEvent
 from pipeline.states import Priority as Priority
 from pipeline.states import RejectionReason as RejectionReason
+from pipeline.states import RolloutMode as RolloutMode
+from pipeline.states import RolloutState as RolloutState
+from pipeline.states import SubtaskRole as SubtaskRole
 from pipeline.states import SubtaskState as SubtaskState
 from pipeline.states import VersionSource as VersionSource
 
@@ -109,6 +112,7 @@ class Subtask(Base):
             "id",
             postgresql_where=text("state = 'dispatched'"),
         ),
+        CheckConstraint("role IN ('serve','shadow')", name="subtasks_role_known"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -140,6 +144,9 @@ class Subtask(Base):
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # `serve`, or `shadow`: a roll-out's challenger scoring a copy of the rows of the serve
+    # sub-task numbered `-1 - seq`; never counted in the batch's counters (revision 0011).
+    role: Mapped[str] = mapped_column(Text, server_default=SubtaskRole.serve.value)
 
 
 class StoredInputPage(Base):
@@ -411,3 +418,48 @@ class ModelEventRow(Base):
     actor: Mapped[str] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+
+
+class Rollout(Base):
+    """A roll-out of a model's version: its mode, state, who started and ended it, and the
+    latest gate (`pipeline.gate.GateResult` as JSON). At most one `active` per model."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (
+        _known("mode", RolloutMode, "rollouts_mode_known"),
+        _known("state", RolloutState, "rollouts_state_known"),
+        CheckConstraint(
+            "(mode = 'canary') = (percent IS NOT NULL) AND (percent IS NULL OR (percent > 0 AND percent < 100))",
+            name="rollouts_percent_of_canary",
+        ),
+        CheckConstraint("(state = 'active') = (ended_at IS NULL)", name="rollouts_ended_when_not_active"),
+        ForeignKeyConstraint(["model", "version"], ["model_versions.model", "model_versions.version"]),
+        Index("rollouts_one_active_per_model", "model", unique=True, postgresql_where=text("state = 'active'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    model: Mapped[str] = mapped_column(Text)
+    version: Mapped[str] = mapped_column(Text)
+    mode: Mapped[str] = mapped_column(Text)
+    # A canary's share of inputs in percent; None for a shadow roll-out.
+    percent: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(Text, server_default=RolloutState.active.value)
+    started_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+    started_by: Mapped[str] = mapped_column(Text)
+    ended_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    ended_by: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class RolloutBatch(Base):
+    """A batch whose split pinned a roll-out's version: where the gate reads its evidence."""
+
+    __tablename__ = "rollout_batches"
+    __table_args__ = (Index("rollout_batches_batch", "batch_id"),)
+
+    rollout_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("rollouts.id"), primary_key=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    added_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))

@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from celery import Celery
@@ -16,7 +17,8 @@ from sqlalchemy import Connection, Engine
 from pipeline import broker, ledger, registry, runtime
 from pipeline.definition import ModelRows, ModelSpec, Pipeline
 from pipeline.errors import NoChampionError, SplitError, UnknownPipelineError
-from pipeline.schema import Priority
+from pipeline.ledger import rollouts as rollout_rows
+from pipeline.schema import Priority, RolloutMode, SubtaskRole
 from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,25 @@ log = logging.getLogger(__name__)
 SPLIT_ERRORS = (SplitError, UnknownPipelineError, NoChampionError)
 
 
+class SeqCounter:
+    """The next `seq` of one model's sub-tasks in a batch: shared by a canary's two chunkers
+    (champion and challenger), so each version's chunks are numbered in item order."""
+
+    def __init__(self, first: int) -> None:
+        self.next = first
+
+    def take(self) -> int:
+        seq, self.next = self.next, self.next + 1
+        return seq
+
+
 class Chunker:
     """Packs one model's rows, as they arrive in item order, into sub-tasks of `chunk_size` rows.
 
     Rows that are the inputs' own stored features (`ModelRows.of_inputs`) are not
     copied into the sub-tasks unless `copy_inputs`. `priority`: the sub-tasks' rank
-    (`Priority.rank`); `model_version`: the version pinned on them.
+    (`Priority.rank`); `model_version`: the version pinned on them; `seqs`: a counter
+    shared with another chunker of the model (default: its own, from `first_seq`).
     """
 
     def __init__(
@@ -44,12 +59,13 @@ class Chunker:
         copy_inputs: bool = False,
         priority: int = Priority.bulk.rank,
         model_version: str | None = None,
+        seqs: SeqCounter | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"model {spec.name!r}: chunk size must be at least 1, got {chunk_size}")
         self.spec = spec
         self.chunk_size = chunk_size
-        self.seq = first_seq
+        self.seqs = seqs if seqs is not None else SeqCounter(first_seq)
         self.copy_inputs = copy_inputs
         self.priority = priority
         self.model_version = model_version
@@ -86,14 +102,13 @@ class Chunker:
         for start in range(0, end, size):
             yield ledger.NewSubtask(
                 model=self.spec.name,
-                seq=self.seq,
+                seq=self.seqs.take(),
                 max_attempts=self.spec.max_attempts,
                 priority=self.priority,
                 items=items[start : start + size],
                 payload=None if rows is None else rows[start : start + size].tobytes(),
                 model_version=self.model_version,
             )
-            self.seq += 1
         self._items = [items[end:]]
         self._rows = [] if rows is None else [rows[end:]]
         self._buffered = len(items) - end
@@ -124,9 +139,42 @@ def pin_champions(conn: Connection, pipeline: Pipeline) -> dict[str, str]:
     return versions
 
 
+def canary_inputs(batch_id: uuid.UUID, items: np.ndarray, percent: float) -> np.ndarray:
+    """For each input index in `items`, True when a canary of `percent` % sends it to the
+    challenger: a splitmix64 hash of (batch id, input index) mapped to [0, 100), so an input
+    of a batch always gets the same version, whenever and however often it is split."""
+    key = np.uint64(int.from_bytes(batch_id.bytes[:8], "big") ^ int.from_bytes(batch_id.bytes[8:], "big"))
+    with np.errstate(over="ignore"):
+        x = key ^ np.asarray(items, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * (100.0 / 2.0**53) < percent
+
+
+def _subset(rows: ModelRows, chosen: np.ndarray) -> ModelRows:
+    """The rows of `rows` where `chosen`; always copied (a subset is not the inputs' own rows)."""
+    return ModelRows(rows.X[chosen], rows.items[chosen], of_inputs=False)
+
+
+def batch_rollouts(conn: Connection, batch: Any, versions: dict[str, str]) -> dict[str, rollout_rows.ActiveRollout]:
+    """Per model, the active roll-out this batch's split follows: the first step takes those
+    active now (of a version other than the pinned champion), later steps those the first
+    recorded (`rollout_batches`) that are still active."""
+    if batch.model_versions is None:
+        active = rollout_rows.active_rollouts(conn, list(versions))
+        return {model: rollout for model, rollout in active.items() if rollout.version != versions[model]}
+    return {rollout.model: rollout for rollout in rollout_rows.active_rollouts_of_batch(conn, batch.id)}
+
+
 def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int) -> SplitStep | None:
     """Split the next `step_items` inputs of a `pending` batch into `dispatched` sub-tasks,
     on `conn`'s transaction; the last step moves the batch to `running`.
+
+    With a roll-out active for a model: in shadow, every serve sub-task of the model gets a
+    shadow copy (its challenger version, role shadow, rank shadow, seq -1 - its seq); as a
+    canary, the inputs `canary_inputs` chooses are scored by the challenger in serve
+    sub-tasks of their own.
 
     Chunks do not span steps, so a step interrupted by a crash is redone from
     `batches.split_items` with the same sub-tasks. Returns None when the batch is not
@@ -145,30 +193,64 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     seqs = ledger.next_seqs(conn, batch_id) if batch.split_items else {}
     rank = Priority(batch.priority).rank
     versions = batch.model_versions or pin_champions(conn, pipeline)
-    chunkers = [
-        Chunker(
-            spec,
-            chunk_sizes.get(spec.name, spec.chunk_size),
-            seqs.get(spec.name, 0),
-            priority=rank,
-            model_version=versions.get(spec.name),
+    rollouts = batch_rollouts(conn, batch, versions)
+    chunkers: list[Chunker] = []
+    champions: dict[str, Chunker] = {}
+    canaries: dict[str, tuple[Chunker, Chunker, float]] = {}
+    for spec in pipeline.models:
+        size = chunk_sizes.get(spec.name, spec.chunk_size)
+        counter = SeqCounter(seqs.get(spec.name, 0))
+        rollout = rollouts.get(spec.name)
+        canary = rollout is not None and rollout.mode == RolloutMode.canary
+        champion = Chunker(
+            spec, size, copy_inputs=canary, priority=rank, model_version=versions.get(spec.name), seqs=counter
         )
-        for spec in pipeline.models
-    ]
+        chunkers.append(champion)
+        champions[spec.name] = champion
+        if canary:
+            assert rollout is not None and rollout.percent is not None, "rollouts_percent_of_canary"
+            challenger = Chunker(
+                spec, size, copy_inputs=True, priority=rank, model_version=rollout.version, seqs=counter
+            )
+            chunkers.append(challenger)
+            canaries[spec.name] = (champion, challenger, rollout.percent)
     split_items = batch.split_items
     step = min(step_items, batch.items - split_items)
     for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
         parts = pipeline.split_page(pipeline.with_features(page))
-        for chunker in chunkers:
-            rows = parts.get(chunker.spec.name)
-            if rows is not None and len(rows.X):
-                # A worker can read the inputs' rows only where their features are stored.
-                chunker.add(rows if page.X is not None else replace(rows, of_inputs=False), page.first)
+        for spec in pipeline.models:
+            rows = parts.get(spec.name)
+            if rows is None or not len(rows.X):
+                continue
+            # A worker can read the inputs' rows only where their features are stored.
+            rows = rows if page.X is not None else replace(rows, of_inputs=False)
+            if spec.name in canaries:
+                champion, challenger, percent = canaries[spec.name]
+                chosen = canary_inputs(batch_id, np.asarray(rows.items) + page.first, percent)
+                for chunker, part in ((champion, _subset(rows, ~chosen)), (challenger, _subset(rows, chosen))):
+                    if len(part.X):
+                        chunker.add(part, page.first)
+            else:
+                champions[spec.name].add(rows, page.first)
         split_items = page.first + page.count
-    subtasks = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
+    serving = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
+    shadows = {model: r.version for model, r in rollouts.items() if r.mode == RolloutMode.shadow}
+    subtasks = serving + [
+        replace(
+            subtask,
+            seq=-1 - subtask.seq,
+            priority=Priority.shadow.rank,
+            model_version=shadows[subtask.model],
+            role=SubtaskRole.shadow,
+        )
+        for subtask in serving
+        if subtask.model in shadows
+    ]
     published = ledger.copy_subtasks(conn, batch_id, subtasks)
+    if rollouts and batch.model_versions is None:
+        rollout_rows.add_rollout_batch(conn, [r.id for r in rollouts.values()], batch_id)
     finished = split_items >= batch.items
-    aggregate = ledger.record_split(conn, batch_id, split_items, len(subtasks), finished, versions)
+    aggregate = ledger.record_split(conn, batch_id, split_items, len(serving), finished, versions)
     return SplitStep(published, finished, aggregate)
 
 

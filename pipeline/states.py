@@ -97,3 +97,33 @@ class ModelEvent(enum.StrEnum):
     registered = "registered"
     alias_set = "alias_set"
     rollback = "rollback"
+    # A roll-out's life (`rollouts`): started, a new gate verdict, promoted (the champion
+    # alias moved to its version) or aborted (by hand or automatically).
+    rollout_started = "rollout_started"
+    rollout_verdict = "rollout_verdict"
+    rollout_promoted = "rollout_promoted"
+    rollout_aborted = "rollout_aborted"
+
+
+class SubtaskRole(enum.StrEnum):
+    """`subtasks.role`: a `serve` sub-task's output makes the batch's results and counters;
+    a `shadow` one is a roll-out's challenger scoring the same rows, kept only for the gate."""
+
+    serve = "serve"
+    shadow = "shadow"
+
+
+class RolloutMode(enum.StrEnum):
+    """How a roll-out tries its version: on copies of every batch's rows (`shadow`), or by
+    serving a stable share of the inputs (`canary`)."""
+
+    shadow = "shadow"
+    canary = "canary"
+
+
+class RolloutState(enum.StrEnum):
+    """`rollouts.state`: at most one `active` roll-out per model."""
+
+    active = "active"
+    promoted = "promoted"
+    aborted = "aborted"

@@ -147,6 +147,29 @@ def register_champions(database_url: str, models_dir: Path) -> None:
         engine.dispose()
 
 
+PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(services: ScratchServices, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pipeline ARGS` against `services` with `settings`' models and registry settings."""
+    env = services.env(
+        settings.resolved_models_dir,
+        PYTHONPATH=str(ROOT),
+        COLUMNS="250",
+        PIPELINE_REGISTRY_STORE_DIR=str(settings.resolved_registry_store_dir),
+        PIPELINE_REGISTRY_INLINE_MAX_BYTES=str(settings.registry_inline_max_bytes),
+    )
+    return subprocess.run([PIPELINE_CLI, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess[str], expected: str) -> None:
+    """The command failed with exit code 1 and one line on stderr containing `expected`."""
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], run.stderr
+
+
 def split_batch(engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int = 3) -> int:
     """Split a `pending` batch to the end, `step_items` inputs per committed step; return how
     many sub-tasks it created (0 when not pending)."""

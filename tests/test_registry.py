@@ -8,8 +8,6 @@ every change is in `model_events`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -27,10 +25,16 @@ from pipeline.pipelines.digits import held_out_strips
 from pipeline.scratch import ScratchServices, delete_keys, scratch_services
 from pipeline.settings import Settings
 from pipeline.states import Alias
-from tests.helpers import TEST_SPLIT_ENV, Processes, register_champions, run_client_settings, wait_for
+from tests.helpers import (
+    TEST_SPLIT_ENV,
+    Processes,
+    assert_one_line_error,
+    register_champions,
+    run_cli,
+    run_client_settings,
+    wait_for,
+)
 
-PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")
-ROOT = Path(__file__).resolve().parent.parent
 CLASSIFIER, OOD = "digit-classifier", "digit-ood"
 # Below digit-ood's artifact (3.2 MB), above digit-classifier's (1.9 MB): one of each is
 # stored in PostgreSQL, the other in the store directory.
@@ -52,23 +56,6 @@ def own(embedded_dir: Path, tmp_path: Path) -> Iterator[tuple[ScratchServices, S
         engine.dispose()
 
 
-def _cli(services: ScratchServices, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = services.env(
-        settings.resolved_models_dir,
-        PYTHONPATH=str(ROOT),
-        COLUMNS="250",
-        PIPELINE_REGISTRY_STORE_DIR=str(settings.resolved_registry_store_dir),
-        PIPELINE_REGISTRY_INLINE_MAX_BYTES=str(settings.registry_inline_max_bytes),
-    )
-    return subprocess.run([PIPELINE_CLI, *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def _one_line_error(run: subprocess.CompletedProcess[str], expected: str) -> None:
-    assert run.returncode == 1, run.stdout + run.stderr
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], run.stderr
-
-
 def _registry_rows(engine: Engine) -> tuple[int, int, int]:
     with engine.connect() as conn:
         versions, aliases, events = (
@@ -88,9 +75,9 @@ def _redumped(models_dir: Path, model: str) -> bytes:
 
 def test_train_registers_a_champion(own: tuple[ScratchServices, Settings, Engine]) -> None:
     services, settings, engine = own
-    run = _cli(services, settings, "models", "train", "--only", "poison-model")
+    run = run_cli(services, settings, "models", "train", "--only", "poison-model")
     assert run.returncode == 0, run.stderr
-    listed = _cli(services, settings, "models", "versions", "poison-model", "--json")
+    listed = run_cli(services, settings, "models", "versions", "poison-model", "--json")
     assert listed.returncode == 0, listed.stderr
     [version] = json.loads(listed.stdout)
     assert version["aliases"] == ["champion"] and version["source"] == "trained"
@@ -109,27 +96,29 @@ def test_register_refuses_what_cannot_serve_and_writes_nothing(
     before = _registry_rows(engine)
     garbage = tmp_path / "garbage.skops"
     garbage.write_bytes(b"not a zip file")
-    _one_line_error(_cli(services, settings, "models", "register", CLASSIFIER, str(garbage)), "not a skops artifact")
+    assert_one_line_error(
+        run_cli(services, settings, "models", "register", CLASSIFIER, str(garbage)), "not a skops artifact"
+    )
     # A 64-feature digits model offered for the 4-feature test model.
     wrong = str(models_dir / f"{CLASSIFIER}.skops")
-    _one_line_error(
-        _cli(services, settings, "models", "register", "poison-model", wrong),
+    assert_one_line_error(
+        run_cli(services, settings, "models", "register", "poison-model", wrong),
         "takes 4 features; the artifact was fitted on 64",
     )
-    _one_line_error(
-        _cli(services, settings, "models", "register", "no-such-model", wrong), "unknown model 'no-such-model'"
+    assert_one_line_error(
+        run_cli(services, settings, "models", "register", "no-such-model", wrong), "unknown model 'no-such-model'"
     )
     # An estimator without predict_proba for a probability model: it fails on the reference rows.
-    _one_line_error(
-        _cli(services, settings, "models", "register", CLASSIFIER, str(models_dir / f"{OOD}.skops")),
+    assert_one_line_error(
+        run_cli(services, settings, "models", "register", CLASSIFIER, str(models_dir / f"{OOD}.skops")),
         "fails on the reference rows",
     )
-    _one_line_error(
-        _cli(services, settings, "models", "rollback", CLASSIFIER, "--to", "0123456789ab", "--approved-by", "x"),
+    assert_one_line_error(
+        run_cli(services, settings, "models", "rollback", CLASSIFIER, "--to", "0123456789ab", "--approved-by", "x"),
         "is not a registered version",
     )
-    _one_line_error(
-        _cli(services, settings, "models", "rollback", CLASSIFIER, "--approved-by", "x"), "has no previous champion"
+    assert_one_line_error(
+        run_cli(services, settings, "models", "rollback", CLASSIFIER, "--approved-by", "x"), "has no previous champion"
     )
     with pytest.raises(FeatureCountError):
         model_registry.register(engine, settings, "poison-model", Path(wrong).read_bytes(), created_by="t")

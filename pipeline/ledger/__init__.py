@@ -17,6 +17,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `labels`: ground truth stored after a batch, and its realised KPIs;
 - `monitor`: each finished batch's window contributions, windows pooled, alert episodes;
 - `registry`: model versions, their aliases (champion, challenger) and events;
+- `rollouts`: roll-outs, their batches and gate evidence (used as a module: `rollouts.start_rollout`);
 - `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
@@ -36,11 +37,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.ledger.aggregation import (
         CANCELLED_ERROR,
+        StreamKey,
         SubtaskOutput,
         batch_state,
         finish_batch,
         lock_aggregating_batch,
         running_batch,
+        serving_versions,
         subtask_outputs,
         try_lock_aggregation,
         unfinished_before,
@@ -105,11 +108,13 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "aggregation": (
         "CANCELLED_ERROR",
+        "StreamKey",
         "SubtaskOutput",
         "batch_state",
         "finish_batch",
         "lock_aggregating_batch",
         "running_batch",
+        "serving_versions",
         "subtask_outputs",
         "try_lock_aggregation",
         "unfinished_before",
@@ -198,23 +203,24 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 __all__ = [
     "CANCELLED_ERROR",
-    "DEADLINE_REASON",
-    "FAIL_FAST_REASON",
-    "NOTIFY_CHANNEL",
-    "UNFINISHED_SUBTASK_STATES",
     "Claim",
     "Condition",
     "Contribution",
-    "PooledVersion",
+    "DEADLINE_REASON",
     "Dispatch",
+    "FAIL_FAST_REASON",
+    "NOTIFY_CHANNEL",
     "NewSubtask",
     "Outcome",
+    "PooledVersion",
     "RequestFingerprint",
-    "StoredLabels",
     "StoredArtifact",
+    "StoredLabels",
     "StoredResult",
+    "StreamKey",
     "SubtaskOutput",
     "Sweep",
+    "UNFINISHED_SUBTASK_STATES",
     "VersionRecord",
     "aliases_of",
     "batch_state",
@@ -245,15 +251,16 @@ __all__ = [
     "migrate",
     "next_seqs",
     "open_alerts",
+    "previous_champion",
     "record_alerts",
     "record_contributions",
-    "store_label_counts",
     "record_heartbeat",
     "record_split",
     "running_batch",
-    "store_labels",
-    "previous_champion",
+    "serving_versions",
     "set_alias",
+    "store_label_counts",
+    "store_labels",
     "stored_artifact",
     "subtask_outputs",
     "sweep",
@@ -261,8 +268,8 @@ __all__ = [
     "try_lock_aggregation",
     "unfinished_before",
     "unserved_queues",
-    "window_versions",
     "versions_of",
+    "window_versions",
 ]
 
 

@@ -15,7 +15,7 @@ from pipeline.ledger import queries
 from pipeline.ledger.batches import NOTIFY_CHANNEL
 from pipeline.ledger.connection import now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, counters_complete
-from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
+from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
 
 
 def aggregate_due() -> Any:
@@ -66,7 +66,8 @@ def running_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
 
 
 def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
-    """True while a sub-task of the batch holding rows of an input before `item` is unfinished."""
+    """True while a serve sub-task of the batch holding rows of an input before `item` is
+    unfinished (shadow ones never hold the results up)."""
     return bool(
         conn.execute(
             select(
@@ -74,6 +75,7 @@ def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
                 .where(
                     Subtask.batch_id == batch_id,
                     Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+                    Subtask.role == SubtaskRole.serve,
                     Subtask.items[1] < item,
                 )
                 .exists()
@@ -96,27 +98,42 @@ class SubtaskOutput:
     error: str | None
 
 
+# One output stream of a batch: a model and the version pinned on its sub-tasks (None only
+# for sub-tasks split before revision 0010).
+StreamKey = tuple[str, str | None]
+
+
+def serving_versions(conn: Connection, batch_id: uuid.UUID) -> dict[str, list[str | None]]:
+    """Per model, the versions pinned on the batch's serve sub-tasks: one, or a canary's two."""
+    versions: dict[str, list[str | None]] = {}
+    for row in conn.execute(queries.SERVING_VERSIONS, {"batch_id": batch_id}):
+        versions.setdefault(row.model, []).append(row.model_version)
+    return versions
+
+
 def subtask_outputs(
-    conn: Connection, batch_id: uuid.UUID, after_seqs: dict[str, int], before_item: int, limit: int
-) -> dict[str, list[SubtaskOutput]]:
-    """Per model of `after_seqs`, up to `limit` of its sub-tasks of a batch after its `seq`
-    there, in `seq` (hence item) order, that start before input `before_item`: their
-    outputs, or why they have none."""
+    conn: Connection, batch_id: uuid.UUID, after_seqs: dict[StreamKey, int], before_item: int, limit: int
+) -> dict[StreamKey, list[SubtaskOutput]]:
+    """Per stream (model, version) of `after_seqs`, up to `limit` of its serve sub-tasks of a
+    batch after its `seq` there, in `seq` (hence item) order, that start before input
+    `before_item`: their outputs, or why they have none."""
+    keys = list(after_seqs)
     rows = conn.execute(
         queries.SUBTASK_OUTPUTS,
         {
-            "models": list(after_seqs),
+            "models": [model for model, _ in keys],
+            "versions": [version for _, version in keys],
             "after_seqs": list(after_seqs.values()),
             "batch_id": batch_id,
             "before_item": before_item,
             "limit": limit,
         },
     )
-    outputs: dict[str, list[SubtaskOutput]] = {model: [] for model in after_seqs}
+    outputs: dict[StreamKey, list[SubtaskOutput]] = {key: [] for key in keys}
     for row in rows:
         succeeded = row.state == SubtaskState.succeeded
         error = CANCELLED_ERROR if row.state == SubtaskState.cancelled else None if succeeded else row.error
-        outputs[row.model].append(
+        outputs[keys[row.n - 1]].append(
             SubtaskOutput(row.seq, np.asarray(row.items), row.output if succeeded else None, error)
         )
     return outputs

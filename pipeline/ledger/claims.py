@@ -20,6 +20,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    case,
     cast,
     func,
     literal,
@@ -32,7 +33,7 @@ from sqlalchemy.orm import aliased
 
 from pipeline.ledger.connection import autocommit, now
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
-from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskState
+from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Claim:
     priority: int
     # The version the split pinned (None only for a sub-task split before revision 0008).
     model_version: str | None
+    # `serve`, or `shadow`: a roll-out's copy, never counted in its batch's counters.
+    role: str = SubtaskRole.serve.value
 
 
 def _claim_statement(*claimable: Any) -> Select[Any]:
@@ -78,6 +81,7 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
             Subtask.payload,
             Subtask.priority,
             Subtask.model_version,
+            Subtask.role,
             Subtask.items[1].label("first_item"),
         )
         .cte("claimed")
@@ -114,6 +118,7 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
         select(Batch.items).where(Batch.id == claimed.c.batch_id).scalar_subquery().label("batch_items"),
         claimed.c.priority,
         claimed.c.model_version,
+        claimed.c.role,
     )
 
 
@@ -174,6 +179,8 @@ CLAIM_NEXT_OF_BATCH = _claim_statement(
         _waiting.batch_id == bindparam("of_batch"),
         _waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
         _waiting.state == SubtaskState.dispatched,
+        # Shadow work waits for its rank; it never keeps a small batch's worker.
+        _waiting.role == SubtaskRole.serve,
         _waiting.attempts < _waiting.max_attempts,
     )
     .order_by(_waiting.seq)
@@ -227,6 +234,7 @@ def _claim(engine: Engine, statement: Select[Any], parameters: dict[str, Any]) -
         row.batch_items,
         row.priority,
         row.model_version,
+        row.role,
     )
 
 
@@ -247,10 +255,13 @@ def _complete_statement() -> Update:
             finished_at=now(),
             lease_until=None,
         )
-        .returning(Subtask.batch_id)
+        .returning(Subtask.batch_id, Subtask.role)
         .cte("done")
     )
-    return counting(succeeded=1, failed=0).where(Batch.id == done.c.batch_id)
+    # A shadow sub-task only stores its output: it adds 0 (the batch row is still returned,
+    # so a shadow finishing after its batch is recorded as well).
+    serves = case((done.c.role == SubtaskRole.serve, 1), else_=0)
+    return counting(succeeded=serves, failed=0).where(Batch.id == done.c.batch_id).returning(done.c.role)
 
 
 COMPLETE = _complete_statement()
@@ -272,7 +283,7 @@ def complete_subtask(
         counted = conn.execute(COMPLETE, parameters).first()
     if counted is None:
         return Outcome(recorded=False)
-    return Outcome(recorded=True, aggregate=must_aggregate(counted))
+    return Outcome(recorded=True, aggregate=counted.role == SubtaskRole.serve and must_aggregate(counted))
 
 
 def fail_subtask(engine: Engine, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
@@ -299,4 +310,6 @@ def fail_subtask(engine: Engine, claim: Claim, error: str, retry: bool, lease_s:
         ).first()
         if failed is None:
             return Outcome(recorded=False)
+        if claim.role == SubtaskRole.shadow:
+            return Outcome(recorded=True)
         return Outcome(recorded=True, aggregate=count_finished(conn, claim.batch_id, succeeded=0, failed=1))

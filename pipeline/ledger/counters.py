@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, Update, and_, case, update
 
 from pipeline.ledger.connection import now
-from pipeline.schema import Batch, BatchState, FailurePolicy, Subtask, SubtaskState
+from pipeline.schema import Batch, BatchState, FailurePolicy, Subtask, SubtaskRole, SubtaskState
 
 FAIL_FAST_REASON = "fail_fast: a sub-task failed"
 DEADLINE_REASON = "deadline passed"
@@ -41,10 +41,11 @@ def counters_complete() -> Any:
     return Batch.succeeded + Batch.failed + Batch.cancelled == Batch.total
 
 
-def counting(succeeded: int, failed: int) -> Update:
-    """The UPDATE (its WHERE is the caller's) that adds to a batch's counters and flips it
-    `running` → `aggregating` when they reach the total, returning what `must_aggregate`
-    and the failure policies decide on."""
+def counting(succeeded: Any, failed: Any) -> Update:
+    """The UPDATE (its WHERE is the caller's) that adds `succeeded` and `failed` (numbers, or
+    SQL expressions of them) to a batch's counters and flips it `running` → `aggregating`
+    when they reach the total, returning what `must_aggregate` and the failure policies
+    decide on."""
     complete = Batch.succeeded + succeeded + Batch.failed + failed + Batch.cancelled == Batch.total
     flips = and_(Batch.state == BatchState.running, complete)
     return (
@@ -118,15 +119,22 @@ def count_cancelled(conn: Connection, batch_id: uuid.UUID, count: int) -> bool:
 
 
 def cancel_subtasks(conn: Connection, batch_id: uuid.UUID, states: Sequence[SubtaskState]) -> int:
-    """Cancel a batch's sub-tasks in `states` and count them in `batches.cancelled`; return how many.
+    """Cancel a batch's sub-tasks in `states` (its shadow ones too) and count the serve ones
+    in `batches.cancelled`; return how many serve ones.
 
     The caller must have locked (updated) the batch row in this transaction.
     """
-    count = conn.execute(
-        update(Subtask)
-        .where(Subtask.batch_id == batch_id, Subtask.state.in_(states))
-        .values(state=SubtaskState.cancelled, finished_at=now(), lease_until=None)
-    ).rowcount
+    roles = (
+        conn.execute(
+            update(Subtask)
+            .where(Subtask.batch_id == batch_id, Subtask.state.in_(states))
+            .values(state=SubtaskState.cancelled, finished_at=now(), lease_until=None)
+            .returning(Subtask.role)
+        )
+        .scalars()
+        .all()
+    )
+    count = roles.count(SubtaskRole.serve)
     if count:
         count_cancelled(conn, batch_id, count)
     return count

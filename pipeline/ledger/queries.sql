@@ -13,23 +13,32 @@ WHERE CAST(:state AS text) IS NULL OR s.state = :state
 ORDER BY s.created_at DESC LIMIT :limit
 
 -- name: new_subtask_ids
--- The sub-tasks a split step just copied: per model, those from its first new seq.
+-- The sub-tasks a split step just copied: per model, those from its first new seq, and their
+-- shadows (a shadow's seq is -1 - its serve sub-task's); shadows last.
 SELECT s.id, s.model, s.priority FROM subtasks s
 JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)
-  ON s.model = f.model AND s.seq >= f.first_seq
-WHERE s.batch_id = :batch_id ORDER BY s.seq, s.model
+  ON s.model = f.model AND CASE WHEN s.role = 'shadow' THEN -1 - s.seq ELSE s.seq END >= f.first_seq
+WHERE s.batch_id = :batch_id ORDER BY s.role, s.seq, s.model
 
 -- name: subtask_outputs
--- Per model (after a seq of its own), the sub-tasks of a batch that start before an input:
--- one query for every model, each read in seq order through the (batch_id, model, seq) index.
-SELECT c.model, c.seq, c.items, c.output, c.error, c.state
-FROM unnest(CAST(:models AS text[]), CAST(:after_seqs AS int[])) AS m (model, after_seq)
+-- Per model and pinned version (after a seq of its own), the serve sub-tasks of a batch that
+-- start before an input: one query for every stream, each read in seq order through the
+-- (batch_id, model, seq) index. A canary's model has two streams, one per version.
+SELECT m.n, c.seq, c.items, c.output, c.error, c.state
+FROM unnest(CAST(:models AS text[]), CAST(:versions AS text[]), CAST(:after_seqs AS int[]))
+  WITH ORDINALITY AS m (model, version, after_seq, n)
 CROSS JOIN LATERAL (
-  SELECT s.model, s.seq, s.items, s.output, s.error, s.state FROM subtasks s
-  WHERE s.batch_id = :batch_id AND s.model = m.model AND s.seq > m.after_seq AND s.items[1] < :before_item
+  SELECT s.seq, s.items, s.output, s.error, s.state FROM subtasks s
+  WHERE s.batch_id = :batch_id AND s.model = m.model AND s.role = 'serve' AND s.seq > m.after_seq
+    AND s.model_version IS NOT DISTINCT FROM m.version AND s.items[1] < :before_item
   ORDER BY s.seq LIMIT :limit
 ) AS c
-ORDER BY c.model, c.seq
+ORDER BY m.n, c.seq
+
+-- name: serving_versions
+-- Per model, the versions pinned on a batch's serve sub-tasks (two for a canary's model).
+SELECT DISTINCT model, model_version FROM subtasks WHERE batch_id = :batch_id AND role = 'serve'
+ORDER BY model, model_version
 
 -- name: rejected_messages
 -- The dead letters by queue and reason (the counter pipeline_rejected_messages_total).
@@ -39,7 +48,7 @@ SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 
 -- name: copy_subtasks
-COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version) FROM STDIN
+COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version, role) FROM STDIN
 
 -- name: copy_result_page
 COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN
@@ -294,3 +303,74 @@ WITH added AS (
 INSERT INTO model_events (model, event, version, actor, reason)
 SELECT model, 'registered', version, created_by, source FROM added
 RETURNING id
+
+-- name: start_rollout
+-- A roll-out and its `rollout_started` event in one statement; no row when the model has an
+-- active roll-out already (the partial unique index `rollouts_one_active_per_model`).
+WITH started AS (
+  INSERT INTO rollouts (model, version, mode, percent, started_by)
+  VALUES (:model, :version, :mode, CAST(:percent AS float8), :actor)
+  ON CONFLICT (model) WHERE state = 'active' DO NOTHING
+  RETURNING id, model, version, mode, percent, started_by
+)
+INSERT INTO model_events (model, event, version, actor, reason)
+SELECT model, 'rollout_started', version, started_by,
+       mode || CASE WHEN percent IS NULL THEN '' ELSE ' ' || percent || ' %' END || ' (roll-out ' || id || ')'
+FROM started
+RETURNING (SELECT id FROM started)
+
+-- name: end_rollout
+-- An active roll-out ends (promoted or aborted) with its event: one statement.
+WITH ended AS (
+  UPDATE rollouts SET state = :state, ended_at = clock_timestamp(), ended_by = :actor, reason = :reason
+  WHERE id = :id AND state = 'active'
+  RETURNING model, version
+)
+INSERT INTO model_events (model, event, version, actor, reason)
+SELECT model, :event, version, :actor, :reason FROM ended
+RETURNING id
+
+-- name: record_gate
+-- An active roll-out's latest gate; a `rollout_verdict` event only when the overall verdict
+-- changed (every CTE reads the row as it was before the UPDATE).
+WITH previous AS (
+  SELECT gate ->> 'verdict' AS verdict FROM rollouts WHERE id = :id AND state = 'active'
+), stored AS (
+  UPDATE rollouts SET gate = CAST(:gate AS jsonb) WHERE id = :id AND state = 'active'
+  RETURNING model, version
+)
+INSERT INTO model_events (model, event, version, actor, reason)
+SELECT s.model, 'rollout_verdict', s.version, 'gate', :summary FROM stored s, previous p
+WHERE p.verdict IS DISTINCT FROM CAST(:verdict AS text)
+RETURNING id
+
+-- name: add_rollout_batch
+INSERT INTO rollout_batches (rollout_id, batch_id)
+SELECT r, :batch_id FROM unnest(CAST(:rollout_ids AS bigint[])) AS r
+ON CONFLICT DO NOTHING
+
+-- name: rollout_evidence
+-- The first finished sub-tasks of a model in a roll-out's batches: batches in the order they
+-- joined it, each read through the (batch_id, model, seq) index.
+SELECT s.batch_id, s.seq, s.role, s.model_version, s.state, s.rows, s.output,
+       extract(epoch FROM s.finished_at - s.started_at)::float8 AS compute_s
+FROM rollout_batches rb
+CROSS JOIN LATERAL (
+  SELECT * FROM subtasks s
+  WHERE s.batch_id = rb.batch_id AND s.model = :model AND s.state IN ('succeeded', 'failed')
+  ORDER BY s.seq
+) AS s
+WHERE rb.rollout_id = :rollout_id
+ORDER BY rb.added_at, rb.batch_id, s.seq
+LIMIT :limit
+
+-- name: rollout_counts
+-- Per version and role, a model's finished, failed and guardrail-failed sub-tasks in a
+-- roll-out's batches (a worker records a guardrail failure as `GuardrailViolation: ...`).
+SELECT s.model_version, s.role,
+       count(*) AS finished,
+       count(*) FILTER (WHERE s.state = 'failed') AS failed,
+       count(*) FILTER (WHERE s.state = 'failed' AND s.error LIKE 'GuardrailViolation:%') AS guardrail_violations
+FROM rollout_batches rb JOIN subtasks s ON s.batch_id = rb.batch_id
+WHERE rb.rollout_id = :rollout_id AND s.model = :model AND s.state IN ('succeeded', 'failed')
+GROUP BY s.model_version, s.role

@@ -17,7 +17,7 @@ from pipeline.ledger import queries
 from pipeline.ledger.batches import NOTIFY_CHANNEL
 from pipeline.ledger.connection import copy_rows, now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, cancel_subtasks
-from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
+from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
 
 
 class Dispatch(NamedTuple):
@@ -42,6 +42,8 @@ class NewSubtask:
     payload: bytes | None
     # The model version (artifact SHA-256) that must score it.
     model_version: str | None
+    # `serve`, or `shadow` (a roll-out's copy of the serve sub-task numbered -1 - seq).
+    role: SubtaskRole = SubtaskRole.serve
 
     @property
     def rows(self) -> int:
@@ -87,7 +89,7 @@ def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None
 
 
 def next_seqs(conn: Connection, batch_id: uuid.UUID) -> dict[str, int]:
-    """Per model, the `seq` the batch's next sub-task gets."""
+    """Per model, the `seq` the batch's next serve sub-task gets (shadows' seqs are negative)."""
     rows = conn.execute(
         select(Subtask.model, func.max(Subtask.seq) + 1).where(Subtask.batch_id == batch_id).group_by(Subtask.model)
     ).all()
@@ -128,15 +130,17 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
                 s.payload,
                 SubtaskState.dispatched.value,
                 s.model_version,
+                s.role.value,
             )
             for s in subtasks
         ),
         # `items` goes as bytes already in int4[]'s binary form (see _int4_array).
-        binary_types=("uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text", "text"),
+        binary_types=("uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text", "text", "text"),
     )
     first_seqs: dict[str, int] = {}
     for subtask in subtasks:
-        first_seqs.setdefault(subtask.model, subtask.seq)
+        if subtask.role == SubtaskRole.serve:
+            first_seqs[subtask.model] = min(subtask.seq, first_seqs.get(subtask.model, subtask.seq))
     if not first_seqs:
         return []
     rows = conn.execute(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
@@ -19,7 +21,7 @@ from pipeline.ledger.counters import (
     count_finished,
 )
 from pipeline.ledger.split import Dispatch
-from pipeline.schema import Batch, BatchState, Subtask, SubtaskState
+from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
 
 # pg_try_advisory_xact_lock key: one sweep at a time across every aggregator process.
 SWEEP_LOCK_KEY = 7_240_113
@@ -33,6 +35,11 @@ class Sweep:
     split: list[uuid.UUID]
     aggregate: list[uuid.UUID]
     gave_up: int
+
+
+def _serving(subtasks: Sequence[Any]) -> Counter[uuid.UUID]:
+    """Per batch, how many of (batch id, role) `subtasks` serve: shadow ones are never counted."""
+    return Counter(batch_id for batch_id, role in subtasks if role == SubtaskRole.serve)
 
 
 def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
@@ -64,47 +71,39 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
         aggregate += [batch_id for batch_id in overdue.all() if abort_batch(conn, batch_id, DEADLINE_REASON)]
 
         awaiting_results = select(Batch.id).where(Batch.state == BatchState.cancelled, Batch.aggregate_runs == 0)
-        orphaned = (
-            conn.execute(
-                update(Subtask)
-                .where(
-                    Subtask.batch_id.in_(awaiting_results.scalar_subquery()),
-                    Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
-                    func.coalesce(Subtask.lease_until, Subtask.queued_at + lease) < stamp,
-                )
-                .values(state=SubtaskState.cancelled, finished_at=stamp, lease_until=None)
-                .returning(Subtask.batch_id)
+        orphaned = conn.execute(
+            update(Subtask)
+            .where(
+                Subtask.batch_id.in_(awaiting_results.scalar_subquery()),
+                Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+                func.coalesce(Subtask.lease_until, Subtask.queued_at + lease) < stamp,
             )
-            .scalars()
-            .all()
-        )
-        for batch_id, count in Counter(orphaned).items():
+            .values(state=SubtaskState.cancelled, finished_at=stamp, lease_until=None)
+            .returning(Subtask.batch_id, Subtask.role)
+        ).all()
+        for batch_id, count in _serving(orphaned).items():
             if count_cancelled(conn, batch_id, count):
                 aggregate.append(batch_id)
 
-        lost = (
-            conn.execute(
-                update(Subtask)
-                .where(
-                    Subtask.state == SubtaskState.running,
-                    Subtask.lease_until < stamp,
-                    Subtask.attempts >= Subtask.max_attempts,
-                )
-                .values(
-                    state=SubtaskState.failed,
-                    error=func.concat(
-                        Subtask.error, "lease expired on the last attempt (", Subtask.attempts, "): worker lost"
-                    ),
-                    finished_at=stamp,
-                    lease_until=None,
-                )
-                .returning(Subtask.batch_id)
+        lost = conn.execute(
+            update(Subtask)
+            .where(
+                Subtask.state == SubtaskState.running,
+                Subtask.lease_until < stamp,
+                Subtask.attempts >= Subtask.max_attempts,
             )
-            .scalars()
-            .all()
-        )
-        for batch_id in set(lost):
-            if count_finished(conn, batch_id, succeeded=0, failed=lost.count(batch_id)):
+            .values(
+                state=SubtaskState.failed,
+                error=func.concat(
+                    Subtask.error, "lease expired on the last attempt (", Subtask.attempts, "): worker lost"
+                ),
+                finished_at=stamp,
+                lease_until=None,
+            )
+            .returning(Subtask.batch_id, Subtask.role)
+        ).all()
+        for batch_id, count in _serving(lost).items():
+            if count_finished(conn, batch_id, succeeded=0, failed=count):
                 aggregate.append(batch_id)
 
         expired = (

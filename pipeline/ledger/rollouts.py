@@ -1,0 +1,183 @@
+"""Roll-outs' reads and writes: start, the batches that pin a roll-out's version, the gate's
+evidence (their sub-tasks), the latest gate and the end (promoted or aborted).
+
+Every change of a roll-out is one statement that also writes its `model_events` row
+(`queries.sql`: `start_rollout`, `end_rollout`, `record_gate`), so both or neither happen.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Text, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from pipeline.ledger import queries
+from pipeline.schema import ModelEvent, Rollout, RolloutBatch, RolloutState
+
+
+@dataclass(frozen=True)
+class ActiveRollout:
+    """What the split needs of an active roll-out."""
+
+    id: int
+    model: str
+    version: str
+    mode: str
+    # A canary's share of inputs in percent; None in shadow.
+    percent: float | None
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """A roll-out as `rollout status` shows it."""
+
+    id: int
+    model: str
+    version: str
+    mode: str
+    percent: float | None
+    state: str
+    started_at: datetime
+    started_by: str
+    ended_at: datetime | None
+    ended_by: str | None
+    reason: str | None
+    gate: dict[str, Any] | None
+    batches: int
+
+
+@dataclass(frozen=True)
+class EvidenceSubtask:
+    """A finished sub-task of a roll-out's batch, for the gate: its output (None unless it
+    succeeded) and its compute seconds."""
+
+    batch_id: uuid.UUID
+    seq: int
+    role: str
+    model_version: str | None
+    state: str
+    rows: int
+    output: bytes | None
+    compute_s: float | None
+
+
+@dataclass(frozen=True)
+class VersionCounts:
+    """Finished sub-tasks of one version (and role) in a roll-out's batches."""
+
+    model_version: str | None
+    role: str
+    finished: int
+    failed: int
+    guardrail_violations: int
+
+
+ACTIVE_OF = select(Rollout.id, Rollout.model, Rollout.version, Rollout.mode, Rollout.percent).where(
+    Rollout.state == RolloutState.active, Rollout.model == func.any(bindparam("models", type_=ARRAY(Text)))
+)
+ACTIVE_OF_BATCH = (
+    select(Rollout.id, Rollout.model, Rollout.version, Rollout.mode, Rollout.percent)
+    .join(RolloutBatch, RolloutBatch.rollout_id == Rollout.id)
+    .where(Rollout.state == RolloutState.active, RolloutBatch.batch_id == bindparam("batch_id"))
+    .order_by(Rollout.id)
+)
+_batches_of = select(func.count()).where(RolloutBatch.rollout_id == Rollout.id).scalar_subquery().label("batches")
+
+
+def _active(rows: Any) -> list[ActiveRollout]:
+    return [ActiveRollout(r.id, r.model, r.version, r.mode, r.percent) for r in rows]
+
+
+def active_rollouts(conn: Connection, models: Sequence[str]) -> dict[str, ActiveRollout]:
+    """Per model of `models` with an active roll-out, that roll-out (one query)."""
+    return {rollout.model: rollout for rollout in _active(conn.execute(ACTIVE_OF, {"models": list(models)}))}
+
+
+def start_rollout(
+    conn: Connection, *, model: str, version: str, mode: str, percent: float | None, actor: str
+) -> int | None:
+    """Start a roll-out with its `rollout_started` event (one statement); its id, or None
+    when the model has an active roll-out already."""
+    return conn.execute(
+        queries.START_ROLLOUT,
+        {"model": model, "version": version, "mode": mode, "percent": percent, "actor": actor},
+    ).scalar_one_or_none()
+
+
+def end_rollout(
+    conn: Connection, rollout_id: int, *, state: RolloutState, event: ModelEvent, actor: str, reason: str | None
+) -> bool:
+    """`active` → `state` with its `event` (one statement); False when it was not active."""
+    ended = conn.execute(
+        queries.END_ROLLOUT,
+        {"id": rollout_id, "state": state.value, "event": event.value, "actor": actor, "reason": reason},
+    ).first()
+    return ended is not None
+
+
+def record_gate(conn: Connection, rollout_id: int, gate: dict[str, Any], summary: str) -> bool:
+    """Store an active roll-out's latest gate; when its overall verdict changed, also a
+    `rollout_verdict` event with `summary` (one statement). True when it wrote an event."""
+    parameters = {"id": rollout_id, "gate": json.dumps(gate), "verdict": gate["verdict"], "summary": summary}
+    event = conn.execute(queries.RECORD_GATE, parameters).first()
+    return event is not None
+
+
+def add_rollout_batch(conn: Connection, rollout_ids: Sequence[int], batch_id: uuid.UUID) -> None:
+    """Record that `batch_id`'s split pinned the versions of `rollout_ids` (a re-split adds nothing)."""
+    conn.execute(queries.ADD_ROLLOUT_BATCH, {"rollout_ids": list(rollout_ids), "batch_id": batch_id})
+
+
+def active_rollouts_of_batch(conn: Connection, batch_id: uuid.UUID) -> list[ActiveRollout]:
+    """The active roll-outs whose versions `batch_id`'s split pinned."""
+    return _active(conn.execute(ACTIVE_OF_BATCH, {"batch_id": batch_id}))
+
+
+def latest_rollout(conn: Connection, model: str) -> RolloutRecord | None:
+    """`model`'s active roll-out, else its last one; None when it never had one."""
+    row = conn.execute(
+        select(Rollout.__table__, _batches_of)
+        .where(Rollout.model == model)
+        .order_by((Rollout.state == RolloutState.active).desc(), Rollout.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    return RolloutRecord(
+        row.id,
+        row.model,
+        row.version,
+        row.mode,
+        row.percent,
+        row.state,
+        row.started_at,
+        row.started_by,
+        row.ended_at,
+        row.ended_by,
+        row.reason,
+        row.gate,
+        row.batches,
+    )
+
+
+def evidence_subtasks(conn: Connection, rollout_id: int, model: str, limit: int) -> list[EvidenceSubtask]:
+    """The first `limit` finished sub-tasks of `model` in the roll-out's batches, in the order
+    the batches joined the roll-out, then by seq (append-only: a later batch comes after)."""
+    rows = conn.execute(queries.ROLLOUT_EVIDENCE, {"rollout_id": rollout_id, "model": model, "limit": limit})
+    return [
+        EvidenceSubtask(r.batch_id, r.seq, r.role, r.model_version, r.state, r.rows, r.output, r.compute_s)
+        for r in rows
+    ]
+
+
+def version_counts(conn: Connection, rollout_id: int, model: str) -> list[VersionCounts]:
+    """Per version and role, the finished, failed and guardrail-failed sub-tasks of `model`
+    in the roll-out's batches (one query)."""
+    rows = conn.execute(queries.ROLLOUT_COUNTS, {"rollout_id": rollout_id, "model": model})
+    return [VersionCounts(r.model_version, r.role, r.finished, r.failed, r.guardrail_violations) for r in rows]
