@@ -357,3 +357,17 @@ def test_the_sweeper_republishes_a_pending_split_once_a_lease(engine: Engine) ->
     assert swept_splits() == []  # just published again
     backdate("split_published_at")
     assert swept_splits() == [batch_id]
+
+
+def test_split_steps_ramp_up_from_a_small_first_step(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first step covers `FIRST_STEP_ITEMS` inputs and each later one as many as are split
+    already, up to the step size: a big batch's first sub-tasks are published early."""
+    from pipeline import splitter
+
+    monkeypatch.setattr(splitter, "FIRST_STEP_ITEMS", 2)
+    batch_id, _ = store_batch(engine, held_out_strips(11, max_digits=4, seed=5))
+    split_so_far = []
+    for step in split_steps(engine, batch_id, CHUNKS, 6):
+        assert step.published
+        split_so_far.append(_batch(engine, batch_id)["split_items"])
+    assert split_so_far == [2, 4, 8, 11]  # 2, then 2, 4 (doubling), then the rest (at most 6)
