@@ -173,6 +173,11 @@ def test_a_batch_contributes_to_its_windows_and_monitor_shows_them(
     assert logreg["model_version"] == versions["screen-logreg"] and logreg["batches"] >= 1
     assert logreg["labelled_items"] >= RECORDS and logreg["realised_kpis"]["accuracy"] is not None
     assert "score" in logreg["drift"] and logreg["latency_p95_s"] is not None
+    # CBPE of the soft vote is carried by the first model's versions only.
+    recall = logreg["estimated_kpis"]["recall_malignant"]
+    assert recall["low"] <= recall["value"] <= recall["high"]
+    assert set(logreg["estimated_kpis"]) == {"accuracy", "recall_malignant", "false_positive_rate"}
+    assert shown["screen-forest"]["estimated_kpis"] == {}
     table = _cli(env, "monitor", "--window", "30m")
     assert table.returncode == 0, table.stderr
     assert "screen-forest" in table.stdout and "window 30m" in table.stdout
