@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, Row
 from aggregator.metrics import batch_metrics
 from pipeline import ledger, registry, rollouts
 from pipeline.definition import ModelSpec, PageOutputs
+from pipeline.estimation import ScoreCounts
 from pipeline.monitor import evaluate_if_due
 from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import get_settings
@@ -230,6 +231,8 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             for spec in pipeline.models
         ]
         kpis = pipeline.kpis()
+        # CBPE: the pages' scores, calibrated once the scoring version is known (batch_metrics).
+        scores = ScoreCounts() if pipeline.estimation is not None else None
         # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
         unsplit_error = batch.error or "batch cancelled before it was split"
         answered = unanswered = 0
@@ -250,6 +253,8 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                     message = f"model {stream.spec.name!r}: {reason}"
                     errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
             results = pipeline.aggregate_page(page, page_outputs, errors, kpis)
+            if scores is not None:
+                scores.add(*pipeline.estimate_scores(page, page_outputs, results))
             for model, failed in failures.items():
                 unanswered_by = Counter(reason for index, reason in failed.items() if results[index] is None)
                 for reason, inputs in unanswered_by.items():
@@ -272,7 +277,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             batch = due
         state, error = final_state(batch, answered, unanswered, causes)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
-        metrics, contributions = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC))
+        metrics, contributions = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC), scores)
         ledger.finish_batch(conn, batch_id, state, error, result, metrics)
         ledger.record_contributions(conn, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)

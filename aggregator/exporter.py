@@ -287,6 +287,11 @@ def _window_families(evaluations: Sequence[Row[Any]], alerts: Sequence[Row[Any]]
         "A KPI realised on the window's labelled inputs.",
         labels=[*WINDOW_LABELS, "kpi"],
     )
+    estimated = GaugeMetricFamily(
+        "pipeline_window_estimated_kpi",
+        "A KPI estimated without labels (CBPE) over the window: its value and 95 % band.",
+        labels=[*WINDOW_LABELS, "kpi", "bound"],
+    )
     latency = GaugeMetricFamily(
         "pipeline_window_latency_p95_seconds", "p95 of the window's batches' end-to-end latency.", labels=WINDOW_LABELS
     )
@@ -301,12 +306,16 @@ def _window_families(evaluations: Sequence[Row[Any]], alerts: Sequence[Row[Any]]
                 for kpi, value in version["realised_kpis"].items():
                     if value is not None:
                         realised.add_metric([*scope, kpi], value)
+                # Figures judged before CBPE was monitored have no estimates.
+                for kpi, band in version.get("estimated_kpis", {}).items():
+                    for bound in ("value", "low", "high"):
+                        estimated.add_metric([*scope, kpi, bound], band[bound])
                 if version["latency_p95_s"] is not None:
                     latency.add_metric(scope, version["latency_p95_s"])
     open_family = GaugeMetricFamily("pipeline_alert_open", "1 for each open alert.", labels=["kind", *WINDOW_LABELS])
     for alert in alerts:
         open_family.add_metric([alert.kind, alert.pipeline, alert.model, alert.model_version[:12], alert.window], 1.0)
-    return [psi, drifted, realised, latency, open_family]
+    return [psi, drifted, realised, estimated, latency, open_family]
 
 
 def _state_families(batches: Sequence[Row[Any]], unfinished: Sequence[Row[Any]]) -> list[Metric]:

@@ -11,6 +11,10 @@ from sqlalchemy import Connection, Row, bindparam, select
 from aggregator.drift import batch_drift
 from aggregator.latency import batch_latency
 from pipeline import ledger, registry
+from pipeline.definition import Pipeline
+from pipeline.errors import EstimationError
+from pipeline.estimation import ScoreCounts, calibration_of, estimated_as
+from pipeline.profile import ModelCounts
 from pipeline.schema import Subtask, SubtaskRole, SubtaskState
 
 SCORING_VERSIONS = (
@@ -33,18 +37,53 @@ def scoring_versions(conn: Connection, batch: Row[Any]) -> dict[str, list[str]]:
     return versions
 
 
+def batch_estimate(
+    conn: Connection, pipeline: Pipeline, judged: list[ModelCounts], scores: ScoreCounts
+) -> tuple[tuple[str, str], dict[str, float], dict[str, dict[str, float]]]:
+    """A batch's CBPE: the (model, version) of the pipeline's estimated model that scored most of its
+    rows, the CBPE sums of `scores` by that version's calibration (its manifest in the
+    registry), and the estimated KPIs with their bands (`estimated_as`).
+
+    Raises:
+        EstimationError: the model was not judged (no drift counts, not registered) or its
+            version stores no calibration.
+    """
+    assert pipeline.estimation is not None
+    model = pipeline.estimation.model
+    version = next((counts.version for counts in judged if counts.name == model), None)
+    if version is None:
+        raise EstimationError(f"model {model!r}: no registered version scored the batch with drift counts")
+    calibration = calibration_of(ledger.manifests_of(conn, [(model, version)]).get((model, version)))
+    if calibration is None:
+        raise EstimationError(
+            f"model {model!r} version {version[:12]} stores no CBPE calibration: its performance cannot be estimated"
+        )
+    sums = scores.sums(calibration)
+    return (model, version), sums, estimated_as(pipeline.estimation.kpis, sums, calibration["rows"])
+
+
 def batch_metrics(
-    conn: Connection, batch: Row[Any], kpis: dict[str, Any], now: datetime
+    conn: Connection, batch: Row[Any], kpis: dict[str, Any], now: datetime, scores: ScoreCounts | None = None
 ) -> tuple[dict[str, Any], list[ledger.Contribution]]:
     """Return the JSON-able metrics of `batch`, aggregated at `now`: `kpis`, `latency`
     (the whole batch), `models` (per-model latency), `model_versions` (per model, the
-    versions that scored it) and `drift` (against the reference profile of the version
-    that scored the rows); and its window contribution per judged model version (rows,
-    summed bin counts, KPIs, end-to-end latency), from the figures already computed (no
-    second read of the sub-tasks)."""
+    versions that scored it), `drift` (against the reference profile of the version
+    that scored the rows) and, from the CBPE `scores` of a pipeline with an estimation,
+    `estimated` (KPI: value, low, high; or `estimation_skipped`: why not); and its window
+    contribution per judged model version (rows, summed bin counts, KPIs, end-to-end
+    latency, CBPE sums), from the figures already computed (no second read of the sub-tasks)."""
     latency, models = batch_latency(conn, batch, now)
     pipeline = registry.get_pipeline(batch.pipeline)
     drift, judged = batch_drift(conn, batch.id, pipeline)
+    estimate: dict[str, Any] = {}
+    # The (model, version) whose contribution carries the CBPE sums.
+    estimated: tuple[str, str] | None = None
+    estimate_sums = None
+    if scores is not None and scores.binary is not None:
+        try:
+            estimated, estimate_sums, estimate["estimated"] = batch_estimate(conn, pipeline, judged, scores)
+        except EstimationError as error:
+            estimate["estimation_skipped"] = str(error)
     contributions = [
         ledger.Contribution(
             batch_id=batch.id,
@@ -57,6 +96,7 @@ def batch_metrics(
             bin_counts=counts.counts,
             kpis=kpis,
             latency_s=latency["end_to_end_s"],
+            estimate_sums=estimate_sums if (counts.name, counts.version) == estimated else None,
         )
         for counts in judged
     ]
@@ -66,5 +106,6 @@ def batch_metrics(
         "models": models,
         "model_versions": scoring_versions(conn, batch),
         "drift": drift,
+        **estimate,
     }
     return metrics, contributions

@@ -180,6 +180,21 @@ class MonitoringConfig(BaseModel):
     min_labelled: int = Field(default=100, ge=1)
 
 
+@dataclass(frozen=True)
+class Estimation:
+    """What a pipeline's performance without labels (CBPE, docs/monitoring.md) estimates.
+
+    `model`: the model whose version's manifest holds the calibration
+    (`config["cbpe_calibration"]`) and whose window contribution carries the estimate.
+    `kpis`: per CBPE figure (`accuracy`; `recall` and `false_positive_rate` of a binary
+    decision), the realised KPI (a key of `Pipeline.realised_kpis`) it estimates: the
+    estimate is shown under that name beside the realised value and held to its floor.
+    """
+
+    model: str
+    kpis: dict[str, str]
+
+
 class Pipeline(ABC):
     """A named fan-out / aggregate job. Subclass it, then register the class.
 
@@ -206,6 +221,8 @@ class Pipeline(ABC):
     # The type of one input's ground truth, validated strictly (`true`, "1" and 1.0 are not
     # the label 1); None: the pipeline takes no labels. See `label_counts`.
     label_type: ClassVar[Any] = None
+    # What its CBPE estimates (see `estimate_scores`); None: its performance is not estimated.
+    estimation: ClassVar[Estimation | None] = None
 
     def item_parts(self, item: BaseModel) -> tuple[list[float], dict[str, Any]]:
         """A feature-vector pipeline's input as (its features in `feature_names` order,
@@ -288,6 +305,16 @@ class Pipeline(ABC):
         """Return `count` valid inputs, the same for the same `seed`: what `make bench
         BENCH_ARGS="--pipeline NAME"` submits for a pipeline it has no workload of its own for."""
         raise NotImplementedError(f"pipeline {self.name!r} has no example inputs")
+
+    def estimate_scores(
+        self, page: InputPage, outputs: dict[str, PageOutputs], results: list[str | None]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A page's CBPE scores, from its model outputs and results (None: no result): per
+        unit the estimate counts (an input, or a row such as a digit) of the inputs with a
+        result, the score its `estimation.model`'s calibration maps (a classifier's top
+        probability), and, for a binary decision, whether it was decided positive (else
+        None). A pipeline with an `estimation` implements this."""
+        raise NotImplementedError(f"pipeline {self.name!r} estimates no performance")
 
     def label_counts(self, outputs: Sequence[dict[str, Any] | None], labels: Sequence[Any]) -> dict[str, int]:
         """Count labelled inputs' outcomes: `outputs[i]` is the stored result of the input

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine
 from pipeline import ledger, registry
 from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import Pipeline
+from pipeline.estimation import calibration_of, estimated_as
 from pipeline.profile import ModelCounts, judge_counts
 from pipeline.windows import Window, parse_windows
 
@@ -75,6 +76,18 @@ def _drift(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str,
     }
 
 
+def _estimated(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """A version's window CBPE: its pooled `estimate_sums` under the realised KPIs' names, each
+    with its 95 % band (by the calibration rows of the version's manifest); empty for a model
+    the pipeline does not estimate or a window without sums."""
+    estimation, sums = pipeline.estimation, pooled.sums.get("estimate_sums")
+    calibration = calibration_of(manifest)
+    if estimation is None or estimation.model != pooled.model or not sums or calibration is None:
+        return {}
+    estimated = estimated_as(estimation.kpis, {key: float(value) for key, value in sums.items()}, calibration["rows"])
+    return {name: {key: _number(value) for key, value in band.items()} for name, band in estimated.items()}
+
+
 def version_figures(
     pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -96,6 +109,7 @@ def version_figures(
         "kpis": {name: _number(total / kpi_items[name]) for name, total in kpi_sums.items() if kpi_items.get(name)},
         "labelled_items": label_counts.get("labelled", 0),
         "realised_kpis": {name: _number(value) for name, value in realised.items()},
+        "estimated_kpis": _estimated(pipeline, pooled, manifest),
         "latency_p95_s": _number(latency_p95(pooled.sums.get("latency_histogram", {}))),
     }
 
@@ -123,8 +137,9 @@ def judge_window(conn: Connection, pipeline_name: str | None, window: Window, no
 
 def conditions(pipeline: Pipeline, window: Window, versions: list[dict[str, Any]]) -> list[ledger.Condition]:
     """The alert conditions that hold on a pipeline's judged window: drift per model version;
-    realised KPIs below their floor and p95 latency over budget on the batches of its first
-    model's versions (each batch counts once)."""
+    an estimated KPI whose band lies wholly below its floor on the estimated model's
+    versions; realised KPIs below their floor and p95 latency over budget on the batches of
+    its first model's versions (each batch counts once)."""
     holding = []
     config = pipeline.monitoring
     for version in versions:
@@ -133,6 +148,14 @@ def conditions(pipeline: Pipeline, window: Window, versions: list[dict[str, Any]
         if drift.get("drifted"):
             evidence = {key: drift[key] for key in ("rows", "drifted_features", "score")}
             holding.append(ledger.Condition("drift", *scope, evidence))
+        estimated_below = {
+            name: {**band, "floor": config.kpi_floors[name]}
+            for name, band in version["estimated_kpis"].items()
+            if name in config.kpi_floors and band["high"] < config.kpi_floors[name]
+        }
+        if estimated_below:
+            evidence = {"rows": version["rows"], "below": estimated_below}
+            holding.append(ledger.Condition("estimated_performance", *scope, evidence))
         if version["model"] != pipeline.models[0].name:
             continue
         below = {
@@ -172,6 +195,7 @@ def _headline(version: dict[str, Any]) -> dict[str, Any]:
         "drifted": drift.get("drifted"),
         "feature_psi": {name: entry["psi"] for name, entry in drift.get("top_features", {}).items()},
         "realised_kpis": version["realised_kpis"],
+        "estimated_kpis": version["estimated_kpis"],
         "latency_p95_s": version["latency_p95_s"],
     }
 

@@ -8,7 +8,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 
 from pipeline.definition import ModelSpec, Pipeline
-from pipeline.errors import SettingsError, UnknownPipelineError
+from pipeline.errors import EstimationError, SettingsError, UnknownPipelineError
 from pipeline.settings import get_settings
 
 SHIPPED = ("pipeline.pipelines.digits:DigitsPipeline", "pipeline.pipelines.screening:ScreeningPipeline")
@@ -23,6 +23,27 @@ def _load(reference: str) -> type[Pipeline]:
     if not (isinstance(obj, type) and issubclass(obj, Pipeline)):
         raise TypeError(f"{reference} is not a Pipeline subclass")
     return obj
+
+
+def check_estimation(pipeline: Pipeline) -> None:
+    """Refuse a pipeline whose CBPE (`Pipeline.estimation`) names a model that is not one of
+    its models giving probabilities, or a figure CBPE does not estimate.
+
+    Raises:
+        EstimationError: naming the pipeline and what is wrong.
+    """
+    estimation = pipeline.estimation
+    if estimation is None:
+        return
+    spec = next((spec for spec in pipeline.models if spec.name == estimation.model), None)
+    if spec is None or not spec.probabilities:
+        raise EstimationError(
+            f"pipeline {pipeline.name!r} asks for CBPE of model {estimation.model!r}, which is not one of its"
+            " models giving probabilities: its performance cannot be estimated"
+        )
+    unknown = sorted(set(estimation.kpis) - {"accuracy", "recall", "false_positive_rate"})
+    if unknown:
+        raise EstimationError(f"pipeline {pipeline.name!r}: CBPE estimates no {', '.join(unknown)}")
 
 
 @lru_cache(maxsize=1)
@@ -42,6 +63,7 @@ def _registered() -> dict[str, Pipeline]:
             if spec.name in model_owner:
                 raise ValueError(f"model {spec.name!r} is in both {model_owner[spec.name]!r} and {pipeline.name!r}")
             model_owner[spec.name] = pipeline.name
+        check_estimation(pipeline)
         pipelines[pipeline.name] = pipeline
     return pipelines
 

@@ -249,10 +249,30 @@ def batches_table(rows: list[BatchStatus]) -> Table:
     return table
 
 
+def band_text(band: dict[str, float]) -> str:
+    """A CBPE estimate with its 95 % band: `0.987 [0.975, 0.995]`."""
+    return f"{fmt(band['value'])} [{fmt(band['low'])}, {fmt(band['high'])}]"
+
+
+def estimate_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """A batch's estimated KPIs (CBPE) each beside its realised value once labels are stored
+    (`-` before), or why none was estimated."""
+    if metrics.get("estimation_skipped"):
+        return [("estimated", f"none: {metrics['estimation_skipped']}")]
+    realised = (metrics.get("realised") or {}).get("kpis") or {}
+    return [
+        (f"{name} estimated / realised", f"{band_text(band)} / {fmt(realised.get(name, '-'))}")
+        for name, band in (metrics.get("estimated") or {}).items()
+    ]
+
+
 def kpi_table(status: BatchStatus) -> Table:
     table = Table(title=f"{status.pipeline} KPIs", show_header=False)
-    for name, value in (_metrics(status).get("kpis") or {}).items():
+    metrics = _metrics(status)
+    for name, value in (metrics.get("kpis") or {}).items():
         table.add_row(name, fmt(value))
+    for name, value in estimate_rows(metrics):
+        table.add_row(name, value)
     return table
 
 
@@ -502,16 +522,17 @@ def _window_drift(drift: dict[str, Any]) -> tuple[str, str]:
 
 def monitor_table(window: str, versions: list[dict[str, Any]]) -> Table:
     """One line per model version over a window (`pipeline monitor`): pooled drift, KPIs,
-    realised KPIs where labelled, p95 latency."""
+    estimated KPIs (CBPE, with their 95 % band), realised KPIs where labelled, p95 latency."""
     table = Table(title=f"window {window}", box=box.SIMPLE_HEAD)
     for column in ("pipeline", "model", "version", "batches", "rows", "drifted", "top PSI (* significant)"):
         table.add_column(column, justify="right" if column in ("batches", "rows") else "left")
-    for column in ("score PSI", "KPIs", "realised (labelled)", "p95 s"):
+    for column in ("score PSI", "KPIs", "estimated [95 % band]", "realised (labelled)", "p95 s"):
         table.add_column(column)
     for version in versions:
         drift = version["drift"]
         score = drift.get("score")
         realised = ", ".join(f"{name} {fmt(value)}" for name, value in version["realised_kpis"].items())
+        estimated = ", ".join(f"{name} {band_text(band)}" for name, band in version["estimated_kpis"].items())
         table.add_row(
             version["pipeline"],
             version["model"],
@@ -521,6 +542,7 @@ def monitor_table(window: str, versions: list[dict[str, Any]]) -> Table:
             *_window_drift(drift),
             "-" if score is None else f"{score['psi']:.3f} {score['band']}{'*' if score['significant'] else ''}",
             ", ".join(f"{name} {fmt(value)}" for name, value in version["kpis"].items() if name.endswith("rate")),
+            estimated or "-",
             f"{realised} ({version['labelled_items']})" if realised else "-",
             fmt(version["latency_p95_s"]),
         )

@@ -22,6 +22,7 @@ from pipeline import ledger
 from pipeline.artifacts import read_manifest
 from pipeline.client import BatchHandle, Client
 from pipeline.errors import BatchNotFoundError, InvalidLabelError
+from pipeline.estimation import binary_sums
 from pipeline.monitor import evaluate_alerts, judge_window
 from pipeline.pipelines.screening import FEATURES, held_out_records
 from pipeline.registry import get_pipeline
@@ -173,6 +174,11 @@ def test_a_batch_contributes_to_its_windows_and_monitor_shows_them(
     assert logreg["model_version"] == versions["screen-logreg"] and logreg["batches"] >= 1
     assert logreg["labelled_items"] >= RECORDS and logreg["realised_kpis"]["accuracy"] is not None
     assert "score" in logreg["drift"] and logreg["latency_p95_s"] is not None
+    # CBPE of the soft vote is carried by the first model's versions only.
+    recall = logreg["estimated_kpis"]["recall_malignant"]
+    assert recall["low"] <= recall["value"] <= recall["high"]
+    assert set(logreg["estimated_kpis"]) == {"accuracy", "recall_malignant", "false_positive_rate"}
+    assert shown["screen-forest"]["estimated_kpis"] == {}
     table = _cli(env, "monitor", "--window", "30m")
     assert table.returncode == 0, table.stderr
     assert "screen-forest" in table.stdout and "window 30m" in table.stdout
@@ -192,11 +198,19 @@ def _batches(engine: Engine, count: int) -> list[uuid.UUID]:
 
 
 def _stream(
-    engine: Engine, models_dir: Path, start: datetime, count: int, rows: int, shifted: int, seed: int
+    engine: Engine,
+    models_dir: Path,
+    start: datetime,
+    count: int,
+    rows: int,
+    shifted: int,
+    seed: int,
+    estimate_sums: dict[str, float] | None = None,
 ) -> datetime:
     """Contribute `count` batches of `rows` rows each of the logistic model, one a minute from
     `start`: bin counts drawn from its reference shares (no drift), with the first `shifted`
-    features' shares moved towards their upper bins (drift); return the last one's time."""
+    features' shares moved towards their upper bins (drift), and `estimate_sums` (CBPE) each;
+    return the last one's time."""
     spec = next(spec for spec in get_pipeline("screening").models if spec.name == "screen-logreg")
     manifest = read_manifest(models_dir, spec.name)
     profile = manifest.reference
@@ -223,6 +237,7 @@ def _stream(
                 np.concatenate(counts).astype(np.int64),
                 {"review_rate": 0.1},
                 0.5,
+                estimate_sums,
             )  # fmt: skip
         )
     with engine.begin() as conn:
@@ -279,6 +294,28 @@ def test_small_batches_pool_into_a_judged_window_and_a_shift_alarms_once_then_cl
     now = _stream(quiet_engine, models_dir, now + timedelta(minutes=1), 30, 20, shifted=0, seed=99)
     assert _evaluate(quiet_engine, models_dir, now, "600rows") == (0, 1)
     assert _alerts(quiet_engine) == [("drift", "600rows", False)]
+
+
+def test_an_estimated_kpi_below_its_floor_alarms_once_then_clears(monitored: Engine, models_dir: Path) -> None:
+    quiet_engine = monitored
+    # Each input malignant with chance 0.6; a screen that flags 30 % of them (expected recall
+    # 0.3, below the 0.9 floor), then one that flags them all (1.0).
+    p = np.full(20, 0.6)
+    missing = binary_sums(p, np.arange(20) < 6)
+    flagging = binary_sums(p, np.ones(20, dtype=bool))
+    now = _stream(quiet_engine, models_dir, datetime(2032, 1, 1, tzinfo=UTC), 40, 20, 0, 3, missing)
+    assert _evaluate(quiet_engine, models_dir, now, "1h") == (1, 0)
+    now = _stream(quiet_engine, models_dir, now + timedelta(minutes=1), 5, 20, 0, 4, missing)
+    assert _evaluate(quiet_engine, models_dir, now, "1h") == (0, 0)
+    assert _alerts(quiet_engine) == [("estimated_performance", "1h", True)]
+    with quiet_engine.connect() as conn:
+        evidence = conn.execute(text("SELECT evidence FROM alerts")).scalar_one()
+    below = evidence["below"]["recall_malignant"]
+    assert below["floor"] == 0.9 and below["high"] < 0.9 and below["value"] == pytest.approx(0.3)
+
+    now = _stream(quiet_engine, models_dir, now + timedelta(minutes=61), 40, 20, 0, 5, flagging)
+    assert _evaluate(quiet_engine, models_dir, now, "1h") == (0, 1)
+    assert _alerts(quiet_engine) == [("estimated_performance", "1h", False)]
 
 
 def test_prometheus_alerting_rules_parse_and_name_exported_metrics(monitored: Engine, models_dir: Path) -> None:

@@ -20,8 +20,18 @@ from sklearn.ensemble import IsolationForest
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.svm import SVC
 
-from pipeline.definition import Kpis, ModelRows, ModelSpec, MonitoringConfig, Pipeline, TrainedModel
-from pipeline.estimation import fit_calibration
+from pipeline.definition import (
+    Estimation,
+    InputPage,
+    Kpis,
+    ModelRows,
+    ModelSpec,
+    MonitoringConfig,
+    PageOutputs,
+    Pipeline,
+    TrainedModel,
+)
+from pipeline.estimation import top_class_calibration
 from pipeline.forests import isolation_decision
 
 TILE = 8
@@ -94,7 +104,7 @@ def _train_classifier() -> TrainedModel:
     out_of_fold = cross_val_predict(_classifier(), X_train, y_train, cv=folds, method="predict_proba")
     model = _classifier().fit(X_train, y_train)
     accuracy = float((model.predict_proba(X_test).argmax(axis=1) == y_test).mean())
-    config = {"cbpe_calibration": fit_calibration(out_of_fold, y_train)}
+    config = {"cbpe_calibration": top_class_calibration(out_of_fold, y_train)}
     return TrainedModel(model, {"held_out_accuracy": accuracy}, reference=X_train, config=config)
 
 
@@ -162,6 +172,8 @@ class DigitsPipeline(Pipeline):
     label_type = Annotated[str, Field(strict=True, pattern=r"^[0-9]+$", max_length=MAX_DIGITS)]
     # The classifier reads 98 to 99 % of held-out digits right.
     monitoring = MonitoringConfig(kpi_floors={"digit_accuracy": 0.95})
+    # CBPE: the classifier's chance of reading each digit right, so the share of digits read right.
+    estimation = Estimation(CLASSIFIER, {"accuracy": "digit_accuracy"})
 
     def label_counts(self, outputs: Sequence[dict[str, Any] | None], labels: Sequence[Any]) -> dict[str, int]:
         counts = dict.fromkeys(("labelled", "unanswered", "numbers_right", "digits_labelled", "digits_right"), 0)
@@ -174,6 +186,14 @@ class DigitsPipeline(Pipeline):
             counts["digits_labelled"] += len(label)
             counts["digits_right"] += sum(read == given for read, given in zip(output["text"], label))
         return counts
+
+    def estimate_scores(
+        self, page: InputPage, outputs: dict[str, PageOutputs], results: list[str | None]
+    ) -> tuple[np.ndarray, None]:
+        # Each digit of an answered strip, scored by its top probability.
+        classified = outputs[CLASSIFIER]
+        answered = np.array([result is not None for result in results], dtype=bool)
+        return classified.rows[answered[classified.items]].max(axis=1), None
 
     def realised_kpis(self, counts: dict[str, int]) -> dict[str, float | None]:
         answered = counts["labelled"] - counts["unanswered"]

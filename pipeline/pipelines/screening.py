@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.artifacts import Manifest, read_manifest
 from pipeline.definition import (
+    Estimation,
     InputPage,
     Kpis,
     ModelRows,
@@ -38,6 +39,7 @@ from pipeline.definition import (
     Pipeline,
     TrainedModel,
 )
+from pipeline.estimation import fit_calibration
 from pipeline.forests import forest_proba
 from pipeline.profile import outside_range, range_warnings
 from pipeline.settings import get_settings
@@ -146,11 +148,13 @@ def _screen_rates(p_malignant: np.ndarray, y: np.ndarray, threshold: float) -> t
 
 def _train(name: str) -> TrainedModel:
     """Fit model `name` on the training split. The three models share one operating
-    threshold, chosen on the soft vote of their out-of-fold probabilities, so every
-    manifest stores the same value."""
+    threshold and one CBPE calibration (the soft vote to its chance of being malignant;
+    sigmoid, as 398 rows are few for isotonic), both fitted on the soft vote of their
+    out-of-fold probabilities, so every manifest stores the same values."""
     X_train, X_test, y_train, y_test = dataset_split()
     oof = _out_of_fold()
-    threshold = operating_threshold(np.mean(list(oof.values()), axis=0), y_train == MALIGNANT, CONFIG.target_recall)
+    vote = np.mean(list(oof.values()), axis=0)
+    threshold = operating_threshold(vote, y_train == MALIGNANT, CONFIG.target_recall)
     fitted = _fitted()
     held_out = {model: fitted[model].predict_proba(X_test)[:, MALIGNANT] for model in MODELS}
     recall, fpr = _screen_rates(np.mean(list(held_out.values()), axis=0), y_test, threshold)
@@ -163,7 +167,11 @@ def _train(name: str) -> TrainedModel:
         },
         reference=X_train,
         reference_scores=oof[name],
-        config={"operating_threshold": threshold, "target_recall": CONFIG.target_recall},
+        config={
+            "operating_threshold": threshold,
+            "target_recall": CONFIG.target_recall,
+            "cbpe_calibration": fit_calibration(vote, y_train == MALIGNANT, method="sigmoid"),
+        },
     )
 
 
@@ -325,6 +333,15 @@ class ScreeningKpis(Kpis):
         }
 
 
+def _votes(outputs: dict[str, PageOutputs], count: int) -> np.ndarray:
+    """The models' malignant probabilities of a page's `count` records (models x records; NaN
+    where a model gave none)."""
+    votes = np.full((len(MODELS), count), np.nan)
+    for model, name in enumerate(MODELS):
+        votes[model, outputs[name].items] = outputs[name].rows[:, MALIGNANT]
+    return votes
+
+
 class ScreeningPipeline(Pipeline):
     name = "screening"
     input_model = PatientRecord
@@ -335,6 +352,10 @@ class ScreeningPipeline(Pipeline):
     label_type = Annotated[int, Field(strict=True, ge=0, le=1)]
     # Trained for 98 % recall on malignant records; a window below 90 % is a screen missing cancers.
     monitoring = MonitoringConfig(kpi_floors={"recall_malignant": 0.9})
+    # CBPE of the soft vote's decision (malignant is the positive class).
+    estimation = Estimation(
+        LOGREG, {"accuracy": "accuracy", "recall": "recall_malignant", "false_positive_rate": "false_positive_rate"}
+    )
 
     def label_counts(self, outputs: Sequence[dict[str, Any] | None], labels: Sequence[Any]) -> dict[str, int]:
         counts = dict.fromkeys(("labelled", "unanswered", "true_pos", "false_neg", "false_pos", "true_neg"), 0)
@@ -380,9 +401,7 @@ class ScreeningPipeline(Pipeline):
         self, page: InputPage, outputs: dict[str, PageOutputs], errors: list[str | None], kpis: Kpis
     ) -> list[str | None]:
         assert isinstance(kpis, ScreeningKpis) and page.X is not None
-        votes = np.full((len(MODELS), page.count), np.nan)
-        for model, name in enumerate(MODELS):
-            votes[model, outputs[name].items] = outputs[name].rows[:, MALIGNANT]
+        votes = _votes(outputs, page.count)
         answered = np.array([error is None for error in errors], dtype=bool)
         for index in np.flatnonzero(answered & np.isnan(votes).any(axis=0)).tolist():
             errors[index] = "aggregate failed: a model gave no output for this record"
@@ -391,6 +410,14 @@ class ScreeningPipeline(Pipeline):
         labels = np.array([extra.get("label", -1) for extra in page.data] if page.data else [-1] * page.count)
         kpis.add_page(screened, labels)
         return screened.results_json()
+
+    def estimate_scores(
+        self, page: InputPage, outputs: dict[str, PageOutputs], results: list[str | None]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # Each answered record's soft vote, and whether it was decided malignant.
+        answered = np.array([result is not None for result in results], dtype=bool)
+        vote = _votes(outputs, page.count)[:, answered].mean(axis=0)
+        return vote, vote >= trained_threshold()
 
     def kpis(self) -> Kpis:
         return ScreeningKpis()
