@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import broker, ledger, registry
 from pipeline.ledger import dead_letters
-from pipeline.schema import BatchState, RejectionReason, SubtaskState
+from pipeline.schema import BatchState, RejectionReason, SubtaskRole, SubtaskState
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ BATCHES_BY_STATE = text(
 # the unfinished sub-tasks are read. `error` is set on a sub-task whose last attempt failed.
 UNFINISHED_SUBTASKS = text(
     """
-    SELECT model, state, count(*) AS subtasks, count(*) FILTER (WHERE error IS NOT NULL) AS retrying
+    SELECT model, role, state, count(*) AS subtasks, count(*) FILTER (WHERE error IS NOT NULL) AS retrying
     FROM subtasks
     WHERE state IN ('pending', 'dispatched', 'running')
-    GROUP BY model, state
+    GROUP BY model, role, state
     """
 )
 
@@ -82,7 +82,7 @@ UNFINISHED_SUBTASKS = text(
 RECENT_SUBTASKS = text(
     """
     WITH recent AS (
-        SELECT s.model, s.state,
+        SELECT s.model, s.role, s.state,
                extract(epoch FROM s.started_at - s.queued_at)::float8 AS wait_s,
                extract(epoch FROM s.finished_at - s.started_at)::float8 AS compute_s
         FROM batches b
@@ -92,12 +92,12 @@ RECENT_SUBTASKS = text(
           AND s.started_at IS NOT NULL
           AND s.finished_at > now() - make_interval(secs => :window_s)
     )
-    SELECT model, state,
+    SELECT model, role, state,
            width_bucket(wait_s, :bounds) - (wait_s = ANY(:bounds))::int AS wait_bucket,
            width_bucket(compute_s, :bounds) - (compute_s = ANY(:bounds))::int AS compute_bucket,
            count(*) AS subtasks, sum(wait_s) AS wait_s, sum(compute_s) AS compute_s
     FROM recent
-    GROUP BY model, state, wait_bucket, compute_bucket
+    GROUP BY model, role, state, wait_bucket, compute_bucket
     """
 ).bindparams(bindparam("bounds", type_=ARRAY(Float)))
 
@@ -192,10 +192,14 @@ class PipelineCollector(Collector):
             rejected = dead_letters.rejected_counts(conn)
             evaluations = ledger.evaluation_figures(conn)
             alerts = ledger.open_alerts(conn, None)
+        # Shadow sub-tasks (a roll-out's challenger) are neither the batches' work nor the
+        # models' serving latency: counted apart (`_shadow_families`), as the batch counters do.
+        serving = [row for row in unfinished if row.role == SubtaskRole.serve]
         return [
-            *_state_families(batches, unfinished),
-            *self._unfinished_families(unfinished),
-            *self._recent_families(recent),
+            *_state_families(batches, serving),
+            *self._unfinished_families(serving),
+            *self._recent_families([row for row in recent if row.role == SubtaskRole.serve]),
+            *_shadow_families(unfinished, recent),
             self._rejected_family(rejected),
             *_window_families(evaluations, alerts),
         ]
@@ -316,6 +320,29 @@ def _window_families(evaluations: Sequence[Row[Any]], alerts: Sequence[Row[Any]]
     for alert in alerts:
         open_family.add_metric([alert.kind, alert.pipeline, alert.model, alert.model_version[:12], alert.window], 1.0)
     return [psi, drifted, realised, estimated, latency, open_family]
+
+
+def _shadow_families(unfinished: Sequence[Row[Any]], recent: Sequence[Row[Any]]) -> list[Metric]:
+    """The shadow sub-tasks of active roll-outs per model: unfinished by state (the shadow
+    backlog), and finished in the last `LATENCY_WINDOW_S` by outcome; only the models that have any."""
+    backlog = GaugeMetricFamily(
+        "pipeline_model_shadow_unfinished_subtasks",
+        "Shadow sub-tasks (a roll-out's challenger, never counted in a batch) not finished yet, by state.",
+        labels=["model", "state"],
+    )
+    finished = GaugeMetricFamily(
+        "pipeline_model_shadow_finished_subtasks",
+        f"Shadow sub-tasks that finished in the last {LATENCY_WINDOW_S} s, by outcome (succeeded, failed).",
+        labels=["model", "state"],
+    )
+    for family, rows in ((backlog, unfinished), (finished, recent)):
+        counts: dict[tuple[str, str], int] = {}
+        for row in rows:
+            if row.role == SubtaskRole.shadow:
+                counts[(row.model, row.state)] = counts.get((row.model, row.state), 0) + row.subtasks
+        for (model, state), count in sorted(counts.items()):
+            family.add_metric([model, state], count)
+    return [backlog, finished]
 
 
 def _state_families(batches: Sequence[Row[Any]], unfinished: Sequence[Row[Any]]) -> list[Metric]:

@@ -331,6 +331,12 @@ def _print_rollout(status: RolloutStatus) -> None:
         f" {status.state.value} (started by {status.started_by}, {status.batches} batches);"
         f" gate: {status.verdict}" + (f"; {status.reason}" if status.reason else "")
     )
+    if status.gate_error is not None:
+        error = status.gate_error
+        _console().print(
+            f"  the gate could not be recomputed {error.after} ({error.at:%Y-%m-%d %H:%M:%S}): {error.error}",
+            markup=False,
+        )
     if status.gate is not None:
         for check in status.gate.checks:
             _console().print(f"  {check.name}: {check.verdict} ({check.why})", markup=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,26 @@ ABORT_RULE = AbortRule()
 GATE_ACTOR = "gate"
 
 
+# The gate's own errors, recorded on the roll-out rather than raised after a batch: evidence it
+# refuses (a NaN score, an output that is not whole rows, a decision that is not a class
+# number: ValueError, pydantic's ValidationError among them) and numpy's or scipy's refusal of
+# a degenerate sample (ValueError, ArithmeticError). Anything else is a bug and propagates; so
+# does a database error (nothing could record it, and `rollout status` recomputes the gate).
+GATE_ERRORS = (ValueError, ArithmeticError)
+
+
+class GateError(BaseModel):
+    """Why the gate of a roll-out could not be computed last time: when, after what (a batch,
+    or `rollout status`) and the exception (type: message). Cleared by the next gate computed."""
+
+    at: datetime
+    after: str
+    error: str
+
+
 class RolloutStatus(BaseModel):
     """A roll-out as `rollout status` shows it; `gate` is the latest `GateResult` (None before
-    any batch of it was judged)."""
+    any batch of it was judged) and `gate_error` why it could not be recomputed since."""
 
     id: int
     model: str
@@ -73,6 +90,7 @@ class RolloutStatus(BaseModel):
     reason: str | None
     batches: int
     gate: GateResult | None
+    gate_error: GateError | None = None
 
     @property
     def verdict(self) -> str:
@@ -93,7 +111,8 @@ def _status(record: rollout_rows.RolloutRecord) -> RolloutStatus:
         ended_by=record.ended_by,
         reason=record.reason,
         batches=record.batches,
-        gate=None if record.gate is None else GateResult.model_validate(record.gate),
+        gate=None if record.gate is None or "verdict" not in record.gate else GateResult.model_validate(record.gate),
+        gate_error=None if record.gate is None or "error" not in record.gate else record.gate["error"],
     )
 
 
@@ -180,7 +199,7 @@ def status(engine: Engine, model: str, refresh: bool = True) -> RolloutStatus:
         with engine.connect() as conn:
             active = rollout_rows.active_rollouts(conn, [model]).get(model)
         if active is not None:
-            evaluate_rollout(engine, active)
+            _evaluate_recording_errors(engine, active, "on `rollout status`")
     with engine.connect() as conn:
         return _latest(conn, model)
 
@@ -382,13 +401,27 @@ def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> Gat
     return gate
 
 
+def _evaluate_recording_errors(engine: Engine, rollout: rollout_rows.ActiveRollout, after: str) -> None:
+    """`evaluate_rollout`, where an error of the gate (`GATE_ERRORS`) is logged with its
+    traceback and recorded on the roll-out (`gate.error`, until a later gate succeeds)
+    instead of raised: a bad evidence row must not fail the caller's work."""
+    try:
+        evaluate_rollout(engine, rollout)
+    except GATE_ERRORS as error:
+        log.exception("roll-out %d of %s: the gate could not be computed %s", rollout.id, rollout.model, after)
+        recorded = GateError(at=datetime.now(UTC), after=after, error=f"{type(error).__name__}: {error}")
+        with engine.begin() as conn:
+            rollout_rows.record_gate_error(conn, rollout.id, recorded.model_dump(mode="json"))
+
+
 def evaluate_batch(engine: Engine, batch_id: uuid.UUID) -> None:
-    """After `batch_id` is aggregated: judge each active roll-out its split followed (one
-    query when it followed none)."""
+    """After `batch_id` is aggregated (committed): judge each active roll-out its split followed
+    (one query when it followed none). An error of the gate is logged and recorded on the
+    roll-out, never raised: the batch is done whatever the gate makes of it."""
     with engine.connect() as conn:
         active = rollout_rows.active_rollouts_of_batch(conn, batch_id)
     for rollout in active:
-        evaluate_rollout(engine, rollout)
+        _evaluate_recording_errors(engine, rollout, f"after batch {batch_id}")
 
 
 def as_json(status: RolloutStatus) -> dict[str, Any]:

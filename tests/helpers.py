@@ -55,7 +55,7 @@ TEST_SPLIT_ENV = {
 def run_client_settings(services: ScratchServices, models_dir: Path, **overrides: object) -> Settings:
     """A client's settings for the run's services, splitting as the stack does."""
     return services.settings(
-        models_dir, chunk_sizes=TEST_CHUNK_SIZES, split_step_items=TEST_SPLIT_STEP_ITEMS, **overrides
+        models_dir, **{"chunk_sizes": TEST_CHUNK_SIZES, "split_step_items": TEST_SPLIT_STEP_ITEMS, **overrides}
     )
 
 

@@ -173,6 +173,12 @@ def known_rows(engine: Engine) -> Iterator[str]:
         ("running", 1, None, 5.0, 4.0, None),
         ("dispatched", 0, None, 5.0, None, None),
     ]
+    # A roll-out's shadow sub-tasks (seq -1 - k): never in the model's serving figures.
+    shadows = [
+        ("succeeded", 1, None, 10.0, 9.0, 1.0),
+        ("pending", 1, "boom", 5.0, None, None),
+        ("pending", 0, None, 5.0, None, None),
+    ]
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -181,19 +187,21 @@ def known_rows(engine: Engine) -> Iterator[str]:
             ),
             {"id": batch_id},
         )
-        for seq, (state, attempts, error, queued, started, finished) in enumerate(rows):
+        numbered = [(seq, "serve", row) for seq, row in enumerate(rows)]
+        numbered += [(-1 - seq, "shadow", row) for seq, row in enumerate(shadows)]
+        for seq, role, (state, attempts, error, queued, started, finished) in numbered:
             conn.execute(
                 text(
                     """
-                    INSERT INTO subtasks (batch_id, model, seq, state, attempts, max_attempts, rows, items, payload,
-                                          error, queued_at, started_at, finished_at, lease_until)
-                    VALUES (:batch_id, :model, :seq, :state, :attempts, 3, 1, ARRAY[0], '\\x00', :error,
+                    INSERT INTO subtasks (batch_id, model, seq, role, state, attempts, max_attempts, rows, items,
+                                          payload, error, queued_at, started_at, finished_at, lease_until)
+                    VALUES (:batch_id, :model, :seq, :role, :state, :attempts, 3, 1, ARRAY[0], '\\x00', :error,
                             now() - make_interval(secs => :queued), now() - make_interval(secs => :started),
                             now() - make_interval(secs => :finished), now() + interval '1 day')
                     """
                 ),
-                dict(batch_id=batch_id, model=model, seq=seq, state=state, attempts=attempts, error=error,
-                     queued=queued, started=started, finished=finished),
+                dict(batch_id=batch_id, model=model, seq=seq, role=role, state=state, attempts=attempts,
+                     error=error, queued=queued, started=started, finished=finished),
             )  # fmt: skip
     yield model
     with engine.begin() as conn:
@@ -227,6 +235,9 @@ def test_collector_reads_the_ledger_exactly(known_rows: str, engine: Engine, cli
     assert _value(samples, "pipeline_model_compute_seconds_bucket", model=model, le="2.5") == 3
     assert _check_histogram(samples, "pipeline_model_compute_seconds", model) == (3, pytest.approx(2.87))
     assert _value(samples, "pipeline_metrics_source_up", source="ledger") == 1
+    # The shadow sub-tasks: apart, and only there.
+    assert _value(samples, "pipeline_model_shadow_unfinished_subtasks", model=model, state="pending") == 2
+    assert _value(samples, "pipeline_model_shadow_finished_subtasks", model=model, state="succeeded") == 1
 
 
 def test_unreachable_sources_are_reported_down() -> None:

@@ -6,8 +6,10 @@ are refused; every change is in `model_events`."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -17,17 +19,21 @@ from typing import Any
 import numpy as np
 import pytest
 import skops.io
+from sklearn.base import clone
 from sqlalchemy import Engine, text
 
-from pipeline import heartbeat, ledger, model_registry, rollouts
+from pipeline import heartbeat, ledger, model_registry, registry, rollouts
 from pipeline.client import Client
 from pipeline.errors import InvalidArgumentError, RolloutError, UnknownVersionError
+from pipeline.gate import FAIL, INSUFFICIENT, PASS
+from pipeline.pipelines import screening
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.scratch import ScratchServices, delete_keys, scratch_services
 from pipeline.settings import Settings
 from pipeline.splitter import canary_inputs
 from pipeline.states import Alias, RolloutMode, RolloutState
 from tests.helpers import (
+    TEST_CHUNK_SIZES,
     TEST_SPLIT_ENV,
     Processes,
     assert_one_line_error,
@@ -72,6 +78,39 @@ def _subtasks(engine: Engine, batch_id: str) -> list[Any]:
         ).all()
 
 
+@contextlib.contextmanager
+def _running(
+    services: ScratchServices,
+    settings: Settings,
+    models_dir: Path,
+    log_dir: Path,
+    models: list[str],
+    chunk_sizes: dict[str, int] | None = None,
+) -> Iterator[Client]:
+    """A worker and an aggregator on a broker prefix of their own, serving `models` (split with
+    `chunk_sizes`, else the tests' sizes); yields a client of them."""
+    chunks = chunk_sizes or TEST_CHUNK_SIZES
+    prefix = f"rollouts-{uuid.uuid4().hex[:8]}:"
+    client = Client(run_client_settings(services, models_dir, broker_prefix=prefix, chunk_sizes=chunks))
+    processes = Processes(log_dir)
+    env = services.env(
+        models_dir,
+        PIPELINE_BROKER_PREFIX=prefix,
+        PIPELINE_REGISTRY_STORE_DIR=str(settings.resolved_registry_store_dir),
+        **{**TEST_SPLIT_ENV, "PIPELINE_CHUNK_SIZES": json.dumps(chunks)},
+    )
+    try:
+        processes.start("worker", ["-m", "workers", "--concurrency", "2"], env)
+        processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
+        queues = [f"model.{model}" for model in models]
+        wait_for(lambda: not heartbeat.unserved_queues(client.engine, client.settings, queues), 120, "the worker")
+        yield client
+    finally:
+        processes.stop_all()
+        client.close()
+        delete_keys(services.broker_url, prefix)
+
+
 def _events(engine: Engine) -> list[tuple[str, str | None]]:
     return [(e["event"], e["alias"]) for e in model_registry.events(engine, CLASSIFIER)]
 
@@ -82,22 +121,8 @@ def test_shadow_results_identical_uncounted_and_promotion_needs_pass_or_force(
     services, settings, engine = own
     v1 = model_registry.champion(engine, CLASSIFIER)
     v2 = _second_version(engine, settings, models_dir)
-    prefix = f"rollouts-{uuid.uuid4().hex[:8]}:"
-    client = Client(run_client_settings(services, models_dir, broker_prefix=prefix))
-    processes = Processes(tmp_path)
-    env = services.env(
-        models_dir,
-        PIPELINE_BROKER_PREFIX=prefix,
-        PIPELINE_REGISTRY_STORE_DIR=str(settings.resolved_registry_store_dir),
-        **TEST_SPLIT_ENV,
-    )
     inputs = held_out_strips(12, seed=3)
-    try:
-        processes.start("worker", ["-m", "workers", "--concurrency", "2"], env)
-        processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
-        queues = [f"model.{CLASSIFIER}", f"model.{OOD}"]
-        wait_for(lambda: not heartbeat.unserved_queues(client.engine, client.settings, queues), 120, "the worker")
-
+    with _running(services, settings, models_dir, tmp_path, [CLASSIFIER, OOD]) as client:
         plain = client.submit("digits", inputs)
         assert plain.wait(timeout=180).state == "succeeded"
         started = rollouts.start(engine, CLASSIFIER, version=v2[:12], mode=RolloutMode.shadow, started_by="ana")
@@ -140,10 +165,6 @@ def test_shadow_results_identical_uncounted_and_promotion_needs_pass_or_force(
         after = client.submit("digits", inputs)
         assert after.wait(timeout=180).state == "succeeded"
         assert all(r.role == "serve" for r in _subtasks(engine, after.id))
-    finally:
-        processes.stop_all()
-        client.close()
-        delete_keys(services.broker_url, prefix)
 
     events = model_registry.events(engine, CLASSIFIER)
     kinds = [(e["event"], e["alias"]) for e in events]
@@ -241,3 +262,102 @@ def test_rollout_cli_start_status_abort_and_one_line_refusals(
     # `status` recomputed the gate: its first verdict is recorded.
     kinds = [("rollout_started", None), ("rollout_verdict", None), ("rollout_aborted", None)]
     assert _events(engine)[-3:] == kinds
+
+
+# 1,000 records make 20 forest sub-tasks of 50 (the latency check's first look needs 10 of
+# each version) and few of the other models.
+SCREENING_CHUNKS = {**TEST_CHUNK_SIZES, screening.LOGREG: 250, screening.FOREST: 50, screening.BOOSTING: 250}
+GATE_BATCH = 1000
+
+
+def _refit_forest(engine: Engine, settings: Settings, models_dir: Path, seed: int, shuffled: bool) -> str:
+    """The champion forest's recipe (its hyper-parameters) fitted again on the training split
+    with `random_state=seed`, on shuffled labels when `shuffled`; registered as challenger."""
+    data = (models_dir / f"{screening.FOREST}.skops").read_bytes()
+    champion = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
+    X_train, _, y_train, _ = screening.dataset_split()
+    y = np.random.default_rng(seed).permutation(y_train) if shuffled else y_train
+    refit = clone(champion).set_params(random_state=seed).fit(X_train, y)
+    return model_registry.register(
+        engine, settings, screening.FOREST, skops.io.dumps(refit), created_by="retrain", as_alias=Alias.challenger
+    )
+
+
+def _shadow_verdicts(client: Client, engine: Engine, version: str, seed: int, batches: int = 5) -> list[str]:
+    """Start a shadow roll-out of the forest's `version` and run up to `batches` batches of
+    1,000 labelled records; after each (its shadow sub-tasks finished too) the gate's verdict.
+    Stops at the first `pass` or `fail`."""
+    rollouts.start(engine, screening.FOREST, version=version, mode=RolloutMode.shadow, started_by="ana")
+    verdicts: list[str] = []
+    for k in range(batches):
+        batch = client.submit("screening", screening.held_out_records(GATE_BATCH, seed=seed + k))
+        assert batch.wait(timeout=300).state == "succeeded"
+        finished = ("succeeded", "failed")
+        wait_for(lambda: all(r.state in finished for r in _subtasks(engine, batch.id)), 300, "the shadow sub-tasks")  # noqa: B023
+        verdicts.append(rollouts.status(engine, screening.FOREST).verdict)
+        if verdicts[-1] != INSUFFICIENT:
+            break
+    return verdicts
+
+
+def test_gate_passes_a_reseeded_forest_and_fails_one_fitted_on_shuffled_labels(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path, tmp_path: Path
+) -> None:
+    services, settings, engine = own
+    reseeded = _refit_forest(engine, settings, models_dir, seed=1, shuffled=False)
+    with _running(services, settings, models_dir, tmp_path, list(screening.MODELS), SCREENING_CHUNKS) as client:
+        verdicts = _shadow_verdicts(client, engine, reseeded, seed=10)
+        gate = rollouts.status(engine, screening.FOREST).gate
+        assert gate is not None
+        print(f"\nreseeded forest: {verdicts} after {len(verdicts)} batches; {gate.reasons}")
+        assert verdicts[-1] == PASS, gate.reasons
+        promoted = rollouts.promote(engine, screening.FOREST, approved_by="lead")
+        assert promoted.state == RolloutState.promoted
+        assert model_registry.champion(engine, screening.FOREST) == reseeded
+
+        shuffled = _refit_forest(engine, settings, models_dir, seed=2, shuffled=True)
+        verdicts = _shadow_verdicts(client, engine, shuffled, seed=20)
+        gate = rollouts.status(engine, screening.FOREST).gate
+        assert gate is not None
+        print(f"shuffled-label forest: {verdicts} after {len(verdicts)} batches; {gate.reasons}")
+        assert verdicts[-1] == FAIL, gate.reasons
+        assert any(reason.startswith("agreement:") for reason in gate.reasons)
+        with pytest.raises(RolloutError, match="promotion refused, the gate is 'fail'"):
+            rollouts.promote(engine, screening.FOREST, approved_by="lead")
+        assert model_registry.champion(engine, screening.FOREST) == reseeded
+
+
+def test_a_gate_error_after_a_batch_is_logged_and_recorded_on_the_rollout_not_raised(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, settings, engine = own
+    v2 = _second_version(engine, settings, models_dir)
+    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
+    batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
+    split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)
+    outputs = registry.get_model(CLASSIFIER).n_outputs
+    finish = text(
+        "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(), finished_at = clock_timestamp(),"
+        " output = CASE WHEN role = 'shadow' AND seq = -1 THEN :bad"
+        " ELSE decode(repeat('00000000', rows * :outputs), 'hex') END"
+        " WHERE batch_id = :b AND model = :m"
+    )
+    with engine.begin() as conn:
+        # Every classifier sub-task done; the first shadow one's output is not whole float32 values.
+        conn.execute(finish, {"b": batch_id, "m": CLASSIFIER, "outputs": outputs, "bad": b"\x00\x00\x00"})
+
+    with caplog.at_level(logging.ERROR, logger="pipeline.rollouts"):
+        rollouts.evaluate_batch(engine, batch_id)  # does not raise
+    logged = [r for r in caplog.records if "could not be computed" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # with its traceback
+    recorded = rollouts.status(engine, CLASSIFIER, refresh=False)
+    assert recorded.gate is None and recorded.state == RolloutState.active
+    assert recorded.gate_error is not None and recorded.gate_error.after == f"after batch {batch_id}"
+    assert recorded.gate_error.error.startswith("ValueError: ")
+    shown = rollouts.as_json(recorded)
+    assert shown["gate_error"]["error"] == recorded.gate_error.error
+
+    with engine.begin() as conn:
+        conn.execute(finish, {"b": batch_id, "m": CLASSIFIER, "outputs": outputs, "bad": bytes(4 * outputs * 16)})
+    repaired = rollouts.status(engine, CLASSIFIER)  # recomputed: the next gate replaces the error
+    assert repaired.gate_error is None and repaired.gate is not None

@@ -344,6 +344,11 @@ SELECT s.model, 'rollout_verdict', s.version, 'gate', :summary FROM stored s, pr
 WHERE p.verdict IS DISTINCT FROM CAST(:verdict AS text)
 RETURNING id
 
+-- name: record_gate_error
+-- Why an active roll-out's gate could not be recomputed, next to its latest gate.
+UPDATE rollouts SET gate = coalesce(gate, '{}'::jsonb) || jsonb_build_object('error', CAST(:error AS jsonb))
+WHERE id = :id AND state = 'active'
+
 -- name: add_rollout_batch
 INSERT INTO rollout_batches (rollout_id, batch_id)
 SELECT r, :batch_id FROM unnest(CAST(:rollout_ids AS bigint[])) AS r

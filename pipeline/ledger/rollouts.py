@@ -129,6 +129,12 @@ def record_gate(conn: Connection, rollout_id: int, gate: dict[str, Any], summary
     return event is not None
 
 
+def record_gate_error(conn: Connection, rollout_id: int, error: dict[str, Any]) -> None:
+    """Keep an active roll-out's latest gate and add why it could not be recomputed (under
+    `error`; the next `record_gate` replaces the whole gate, error included)."""
+    conn.execute(queries.RECORD_GATE_ERROR, {"id": rollout_id, "error": json.dumps(error)})
+
+
 def add_rollout_batch(conn: Connection, rollout_ids: Sequence[int], batch_id: uuid.UUID) -> None:
     """Record that `batch_id`'s split pinned the versions of `rollout_ids` (a re-split adds nothing)."""
     conn.execute(queries.ADD_ROLLOUT_BATCH, {"rollout_ids": list(rollout_ids), "batch_id": batch_id})
