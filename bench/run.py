@@ -22,13 +22,11 @@ import statistics
 import sys
 import tempfile
 import time
-import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import skops.io
 from sqlalchemy import Engine, text
 
 from bench import peers
@@ -38,15 +36,13 @@ from bench.monitor import measure_monitor
 from bench.processes import Processes
 from bench.table import print_table
 from bench.workload import DEFAULT_ROWS, make_workload
-from pipeline import ledger, model_registry, registry, rollouts
+from pipeline import ledger, registry
 from pipeline.artifacts import load_verified
 from pipeline.client import Client
 from pipeline.definition import Pipeline
 from pipeline.errors import UnknownPipelineError
 from pipeline.model_registry import adopt_models_dir
 from pipeline.scratch import scratch_services
-from pipeline.settings import Settings
-from pipeline.states import Alias, RolloutMode
 from pipeline.training import train_models
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -56,11 +52,7 @@ STATUS_CALLS = 50
 WARM_UP_ROWS = 50
 LATENCY_WARM_UP = 5
 RUN_TIMEOUT_S = 3 * 3600
-THROUGHPUT, MIXED, FAIR, MONITOR, SHADOW = SCENARIOS = ("throughput", "mixed", "fair", "monitor", "shadow")
-# The shadow scenario's backlog: unfinished shadow sub-tasks (a roll-out's challenger).
-SHADOW_BACKLOG = text(
-    "SELECT count(*) FROM subtasks WHERE role = 'shadow' AND state IN ('pending', 'dispatched', 'running')"
-)
+THROUGHPUT, MIXED, FAIR, MONITOR = SCENARIOS = ("throughput", "mixed", "fair", "monitor")
 # Small batches whose aggregation time the monitor scenario's window update is held to.
 SMALL_BATCHES, SMALL_BATCH_ITEMS = 20, 100
 # Between the submissions of the fair scenario's two bulk batches.
@@ -242,53 +234,6 @@ def measure_fair(processes: Processes, client: Client, pipeline: str, args: argp
     return figures
 
 
-def measure_shadow(
-    processes: Processes, client: Client, settings: Settings, pipeline: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    """One-input latency with no roll-out, then with a shadow roll-out of `--shadow-model` (its
-    own artifact written again: the same estimator as another version) while the shadow
-    sub-tasks of a bulk batch of `--bulk-rows` wait: what an active shadow costs live traffic."""
-    model = args.shadow_model or registry.get_pipeline(pipeline).models[0].name
-    log(f"shadow: {args.latency_samples} one-input batches, no roll-out")
-    idle = measure_latency(client, pipeline, args.latency_samples)
-    data = (settings.resolved_models_dir / f"{model}.skops").read_bytes()
-    estimator = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
-    again = skops.io.dumps(estimator, compression=zipfile.ZIP_DEFLATED)
-    version = model_registry.register(
-        client.engine, settings, model, again, created_by="bench", as_alias=Alias.challenger
-    )
-    rollouts.start(client.engine, model, version=version, mode=RolloutMode.shadow, started_by="bench")
-    try:
-        log(f"shadow: bulk batch of {args.bulk_rows} rows, then one-input batches while its shadow backlog lasts")
-        bulk = run_client(
-            processes, "client-shadow-bulk", client_command("pipeline", pipeline, args, rows=args.bulk_rows, warm_up=0)
-        )
-        during: list[float] = []
-        with client.engine.connect() as conn:
-            backlog = conn.execute(SHADOW_BACKLOG).scalar_one()
-            while conn.execute(SHADOW_BACKLOG).scalar_one() > 0 and len(during) < args.latency_samples:
-                during.extend(measure_latency(client, pipeline, 1, warm_up=0))
-                conn.commit()
-    finally:
-        rollouts.abort(client.engine, model, actor="bench", reason="bench shadow scenario")
-    if not during:
-        raise RuntimeError("the shadow backlog was gone before a one-input batch ran: raise --bulk-rows")
-    log(f"shadow: {len(during)} one-input batches with {backlog} shadow sub-tasks waiting at first")
-    figures = {
-        "shadow_model": model,
-        "shadow_bulk_rows": bulk["rows"],
-        "shadow_backlog_subtasks": backlog,
-        "shadow_off_latency_p50_ms": float(np.percentile(idle, 50)),
-        "shadow_off_latency_p99_ms": float(np.percentile(idle, 99)),
-        "shadow_on_latency_p50_ms": float(np.percentile(during, 50)),
-        "shadow_on_latency_p99_ms": float(np.percentile(during, 99)),
-        "shadow_on_latency_samples": len(during),
-    }
-    figures["shadow_on_vs_off_p50"] = figures["shadow_on_latency_p50_ms"] / figures["shadow_off_latency_p50_ms"]
-    figures["shadow_on_vs_off_p99"] = figures["shadow_on_latency_p99_ms"] / figures["shadow_off_latency_p99_ms"]
-    return figures
-
-
 def measure_floor(client: Client, samples: int) -> dict[str, Any]:
     """The no-op round trip (`bench.peers.measure_floor`)."""
     log(f"floor: {samples} no-op Celery tasks, each writing the ledger and notifying")
@@ -452,8 +397,6 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 figures["idle_latency_p50_vs_floor"] = figures["idle_latency_p50_ms"] / figures["floor_p50_ms"]
             if FAIR in args.scenario:
                 figures.update(measure_fair(processes, client, pipeline.name, args))
-            if SHADOW in args.scenario:
-                figures.update(measure_shadow(processes, client, services.settings(models_dir), pipeline.name, args))
             if MONITOR in args.scenario:
                 engine = ledger.make_engine(services.database_url)
                 try:
@@ -490,17 +433,13 @@ def main() -> None:
         action="append",
         choices=SCENARIOS,
         help="throughput (default), mixed (one-input latency under a bulk batch), fair (two bulk batches),"
-        " monitor (window update per batch, pipeline monitor over a day of batches),"
-        " shadow (one-input latency with and without a shadow roll-out's backlog); repeatable",
+        " monitor (window update per batch, pipeline monitor over a day of batches); repeatable",
     )
     parser.add_argument(
         "--bulk-rows", type=int, default=1_000_000, help="model rows of each bulk batch of mixed and fair"
     )
     parser.add_argument(
         "--monitor-batches", type=int, default=10_000, help="batches in the monitor scenario's day of contributions"
-    )
-    parser.add_argument(
-        "--shadow-model", help="the model the shadow scenario rolls out (default: the pipeline's first)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -83,16 +83,6 @@ MIXED_ROWS: tuple[Row, ...] = (
     ("bulk_slowdown", "bulk with stream ÷ alone", _x, "≤ 1.1 ×", lambda v: v <= 1.1),
 )
 
-# `--scenario shadow`: one-input batches with no roll-out, then while a shadow roll-out's backlog waits.
-SHADOW_ROWS: tuple[Row, ...] = (
-    ("shadow_off_latency_p50_ms", "one-input batch, no roll-out", _ms, "", None),
-    ("shadow_off_latency_p99_ms", "", _ms, "", None),
-    ("shadow_on_latency_p50_ms", "one-input batch, a shadow backlog waiting", _ms, "", None),
-    ("shadow_on_latency_p99_ms", "", _ms, "", None),
-    ("shadow_on_vs_off_p50", "with shadow ÷ without, p50", _x, "", None),
-    ("shadow_on_vs_off_p99", "with shadow ÷ without, p99", _x, "", None),
-)
-
 # `--scenario fair`: two bulk batches submitted about a second apart.
 FAIR_ROWS: tuple[Row, ...] = (
     ("fair_2_submitted_after_1_s", "second batch stored after the first", _s, "", None),
@@ -140,12 +130,6 @@ def print_table(figures: dict[str, Any]) -> None:
             f"mixed: bulk of {figures['mixed_bulk_rows']:,} rows, {figures['mixed_latency_samples']} one-input"
             " batches during it"
         )
-    if "shadow_bulk_rows" in figures:
-        parts.append(
-            f"shadow: {figures['shadow_model']} rolled out, {figures['shadow_backlog_subtasks']} shadow sub-tasks"
-            f" of a {figures['shadow_bulk_rows']:,}-row bulk batch waiting, {figures['shadow_on_latency_samples']}"
-            " one-input batches during it"
-        )
     if "fair_bulk_rows" in figures:
         parts.append(f"fair: 2 bulk batches of {figures['fair_bulk_rows']:,} rows")
     parts.append(
@@ -154,7 +138,7 @@ def print_table(figures: dict[str, Any]) -> None:
     )
     if "monitor_batches" in figures:
         parts.append(f"monitor: a day of {figures['monitor_batches']:,} batches")
-    all_rows = ROWS + FLOOR_ROWS + MIXED_ROWS + SHADOW_ROWS + FAIR_ROWS + MONITOR_ROWS + CLI_ROWS
+    all_rows = ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + MONITOR_ROWS + CLI_ROWS
     rows = [row for row in all_rows if row[0] in figures]
     _print("; ".join(parts), tuple(rows), figures)
 
