@@ -791,7 +791,10 @@ def up(ctx: click.Context) -> None:
 @main.command()
 @click.option("--strips", default=500, show_default=True, help="Digit strips to read.")
 @click.option("--records", type=int, help="Patient records to screen (default: the held-out split, once each).")
-def demo(strips: int, records: int | None) -> None:
+@click.option(
+    "--rollout", is_flag=True, help="Then run a retrained screening forest in a shadow roll-out and show the verdict."
+)
+def demo(strips: int, records: int | None, rollout: bool) -> None:
     """Run the digits and screening pipelines end to end on the embedded default (or your URLs), then stop."""
     from pipeline.demo import run_demo
     from pipeline.settings import get_settings
@@ -799,7 +802,7 @@ def demo(strips: int, records: int | None) -> None:
 
     try:
         with stop_signals():
-            run_demo(get_settings(), strips, records, _console())
+            run_demo(get_settings(), strips, records, _console(), rollout=rollout)
     except StopSignal as stop:
         raise click.ClickException(f"{stop.signal.name}: the demo stopped before its end") from None
 

@@ -1,8 +1,10 @@
 """`pipeline demo`: start everything, read held-out digit strips and screen held-out
-patient records, show what happened, stop."""
+patient records, show what happened, stop. With `--rollout`, then also try a retrained
+screening forest in a shadow roll-out and show the gate's verdict."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from rich.console import Console
@@ -11,13 +13,21 @@ from rich.table import Table
 from pipeline import ledger
 from pipeline.client import BatchHandle, BatchStatus, Client
 from pipeline.pipelines.digits import held_out_strips
-from pipeline.pipelines.screening import held_out_records
+from pipeline.pipelines.screening import FOREST, held_out_records, refit_forest
 from pipeline.redaction import redact
 from pipeline.report import drift_summary, fmt, kpi_table, latency_table, status_table
 from pipeline.settings import Settings
 from pipeline.stack import Stack
 
 SHOWN_RESULTS = 10
+# The shadow roll-out: batches of this many held-out records, at most so many of them.
+ROLLOUT_BATCH = 1_000
+ROLLOUT_BATCHES = 3
+# How long to wait for a batch's shadow sub-tasks (taken after all regular work) to be judged.
+VERDICT_WAIT_S = 120
+# The forest's chunk size for the roll-out's batches: 20 sub-tasks per batch, so the gate's
+# latency check has its 10 timings per version from the first batch.
+ROLLOUT_FOREST_CHUNK = 50
 
 
 def _digits_results(batch: BatchHandle, inputs: list[dict[str, object]]) -> Table:
@@ -71,10 +81,65 @@ def _summary(console: Console, status: BatchStatus) -> None:
     console.print(f"{status.pipeline} drift: {drift_summary(status)}")
 
 
-def run_demo(settings: Settings, strips: int, records: int | None, console: Console) -> list[BatchStatus]:
+def _shadow_rollout(client: Client, settings: Settings, console: Console) -> str:
+    """Retrain the screening forest with another seed, register it as challenger, run it in
+    shadow on batches of held-out records until the gate decides (or `ROLLOUT_BATCHES`
+    batches), print the verdict and its reasons, end the roll-out; return the verdict."""
+    import skops.io
+
+    from pipeline import model_registry
+    from pipeline.gate import INSUFFICIENT
+    from pipeline.states import Alias, RolloutState
+
+    engine = client.engine
+    champion = model_registry.champion(engine, FOREST)
+    forest, _ = model_registry.load_version(engine, settings, FOREST, champion)
+    challenger = model_registry.register(
+        engine,
+        settings,
+        FOREST,
+        skops.io.dumps(refit_forest(forest, seed=1)),
+        created_by="demo",
+        as_alias=Alias.challenger,
+    )
+    console.rule(f"shadow roll-out: {FOREST} {challenger[:12]} (retrained, seed 1) beside champion {champion[:12]}")
+    client.rollouts.start(FOREST, version=challenger, mode="shadow", started_by="demo")
+    # The client splits a batch this small itself, with its own chunk sizes.
+    chunk_sizes = {**settings.chunk_sizes, FOREST: ROLLOUT_FOREST_CHUNK}
+    submitter = Client(settings.model_copy(update={"chunk_sizes": chunk_sizes}))
+    try:
+        status = client.rollouts.status(FOREST)
+        for seed in range(ROLLOUT_BATCHES):
+            batch = submitter.submit("screening", held_out_records(ROLLOUT_BATCH, seed=seed))
+            batch.wait(timeout=600, progress=True)
+            # The shadow sub-tasks run after regular work: the gate sees them a little later.
+            deadline = time.monotonic() + VERDICT_WAIT_S
+            while (status := client.rollouts.status(FOREST)).verdict == INSUFFICIENT and time.monotonic() < deadline:
+                time.sleep(1)
+            console.print(f"after batch {seed + 1} of {ROLLOUT_BATCH} records: gate {status.verdict}")
+            if status.verdict != INSUFFICIENT:
+                break
+        for reason in status.gate.reasons if status.gate is not None else []:
+            console.print(f"  {reason}")
+        console.print(
+            f"to make it serve: pipeline rollout promote {FOREST} --approved-by NAME (needs `pipeline up`);"
+            " the demo ends the roll-out, the champion is unchanged"
+        )
+        return status.verdict
+    finally:
+        submitter.close()
+        # The gate may have aborted it already (a guardrail hit, too many failures).
+        if client.rollouts.status(FOREST).state == RolloutState.active:
+            client.rollouts.abort(FOREST, actor="demo", reason="the demo ended")
+
+
+def run_demo(
+    settings: Settings, strips: int, records: int | None, console: Console, rollout: bool = False
+) -> list[BatchStatus]:
     """Run a digits batch of `strips` held-out strips and a screening batch of held-out
-    records (`records` drawn with replacement, or each once), side by side; return
-    their final statuses."""
+    records (`records` drawn with replacement, or each once), side by side, then with
+    `rollout` a shadow roll-out of a retrained screening forest; return the two batches'
+    final statuses."""
     with Stack(settings, flower=False, log_dir=settings.data_dir / "logs") as stack:
         urls = stack.service_urls
         console.print(f"services: {redact(urls.database_url.split('?')[0])} and {redact(urls.broker_url)}")
@@ -108,6 +173,8 @@ def run_demo(settings: Settings, strips: int, records: int | None, console: Cons
             console.rule("KPI summary")
             for status in (digits_status, screening_status):
                 console.print(kpi_table(status))
+            if rollout:
+                _shadow_rollout(client, stack.resolved_settings, console)
             return [digits_status, screening_status]
         finally:
             client.close()

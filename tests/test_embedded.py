@@ -5,6 +5,7 @@ screening batches, stops them."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     env["PIPELINE_DATA_DIR"] = str(data_dir)
     pipeline_cli = Path(sys.executable).parent / "pipeline"
     run = subprocess.run(
-        [str(pipeline_cli), "demo", "--strips", "60"],
+        [str(pipeline_cli), "demo", "--strips", "60", "--rollout"],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -34,6 +35,10 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "whole_number_accuracy" in run.stdout and "recall_malignant" in run.stdout
+    # --rollout: a retrained forest in shadow and the gate's verdict after each batch (which
+    # verdict depends on the timings of a shared machine: the gate is tested in test_rollouts.py).
+    assert "shadow roll-out: screen-forest" in run.stdout, run.stdout
+    assert re.search(r"after batch 1 of 1000 records: gate (pass|fail|insufficient data)", run.stdout), run.stdout
     assert (data_dir / "postgres" / "PG_VERSION").exists()
     assert (data_dir / "redis" / "port").exists()
     assert (data_dir / "models" / "digit-classifier.json").exists()

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 import skops.io
-from sklearn.base import clone
 from sqlalchemy import Engine, text
 
 from pipeline import heartbeat, ledger, model_registry, registry, rollouts
@@ -271,13 +270,10 @@ GATE_BATCH = 1000
 
 
 def _refit_forest(engine: Engine, settings: Settings, models_dir: Path, seed: int, shuffled: bool) -> str:
-    """The champion forest's recipe (its hyper-parameters) fitted again on the training split
-    with `random_state=seed`, on shuffled labels when `shuffled`; registered as challenger."""
+    """The champion forest refitted with `seed` (`screening.refit_forest`), registered as challenger."""
     data = (models_dir / f"{screening.FOREST}.skops").read_bytes()
     champion = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
-    X_train, _, y_train, _ = screening.dataset_split()
-    y = np.random.default_rng(seed).permutation(y_train) if shuffled else y_train
-    refit = clone(champion).set_params(random_state=seed).fit(X_train, y)
+    refit = screening.refit_forest(champion, seed, shuffled_labels=shuffled)
     return model_registry.register(
         engine, settings, screening.FOREST, skops.io.dumps(refit), created_by="retrain", as_alias=Alias.challenger
     )

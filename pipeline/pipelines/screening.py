@@ -100,6 +100,17 @@ def dataset_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return tuple(train_test_split(data.data, data.target, test_size=0.3, random_state=0, stratify=data.target))
 
 
+def refit_forest(forest: Any, seed: int, shuffled_labels: bool = False) -> Any:
+    """The forest's recipe (its hyper-parameters) fitted again on the training split with
+    `random_state=seed`: a retrained challenger; on shuffled labels (a broken one) when
+    `shuffled_labels`."""
+    from sklearn.base import clone
+
+    X_train, _, y_train, _ = dataset_split()
+    y = np.random.default_rng(seed).permutation(y_train) if shuffled_labels else y_train
+    return clone(forest).set_params(random_state=seed).fit(X_train, y)
+
+
 def held_out_records(count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Labelled records of the held-out split: all of them in order, or `count` drawn with replacement."""
     _, X_test, _, y_test = dataset_split()
