@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -234,7 +235,8 @@ class BatchHandle:
 
         outcome = ledger.cancel_batch(self._client.engine, self._uuid)
         if outcome.aggregate:
-            broker.publish_aggregate(self._client.publisher(), self.id)
+            with self._client.publishing() as app:
+                broker.publish_aggregate(app, self.id)
         return self.status()
 
 
@@ -345,6 +347,7 @@ class Client:
         self.broker_url = urls.broker_url
         self._app: Celery | None = None
         self._app_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         # Wakes the threads waiting on a batch; its thread and connection start with the first wait.
         self.listener = BatchListener(urls.database_url)
 
@@ -362,6 +365,16 @@ class Client:
                     app.amqp.producer_pool  # noqa: B018  (creates both pools; nothing connects)
                     self._app = app
         return self._app
+
+    @contextmanager
+    def publishing(self) -> Iterator[Celery]:
+        """The broker app, held by this thread while the block publishes: publishes through
+        one client are serialized. Threads sharing a client through a Redis restart otherwise
+        met a channel whose connection kombu had closed meanwhile (an AttributeError out of
+        kombu, seen by the chaos soak)."""
+        app = self.publisher()
+        with self._publish_lock:
+            yield app
 
     @property
     def rollouts(self) -> Rollouts:
@@ -448,10 +461,11 @@ class Client:
             # message and no second commit before its sub-tasks are published.
             first_step = first_split_step(conn, self.settings, batch_id) if created and small else None
         if created:
-            if small:
-                run_split(self.engine, self.settings, batch_id, self.publisher(), first_step)
-            else:
-                broker.publish_split(self.publisher(), str(batch_id))
+            with self.publishing() as app:
+                if small:
+                    run_split(self.engine, self.settings, batch_id, app, first_step)
+                else:
+                    broker.publish_split(app, str(batch_id))
         return BatchHandle(self, batch_id)
 
     def _head_pages(self, pages: Iterator[InputPage]) -> tuple[list[InputPage], bool]:

@@ -19,11 +19,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from pydantic import ValidationError
 from sqlalchemy import text
 
 from pipeline import broker, ledger
 from pipeline.client import Client
+from pipeline.errors import SettingsError
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.scratch import ScratchServices, scratch_services
 from pipeline.settings import Settings
@@ -58,7 +58,7 @@ def test_rabbitmq_gets_publisher_confirms_and_no_redis_only_options() -> None:
     ],
 )
 def test_settings_refuse_what_the_broker_cannot_do(values: dict[str, str], named: str) -> None:
-    with pytest.raises(ValidationError, match=named):
+    with pytest.raises(SettingsError, match=named):
         Settings(**values)
 
 
