@@ -66,17 +66,21 @@ class Processes:
         self.log_dir = log_dir
         self.running: list[subprocess.Popen[bytes]] = []
         self.started = 0
+        # Each started process's log file, by pid.
+        self.logs: dict[int, Path] = {}
         # The port of the `stack` aggregator's Prometheus endpoint.
         self.metrics_port: int | None = None
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start `python *argv` in its own process group, so `kill` reaches its pool children too."""
-        log = open(self.log_dir / f"{name}-{self.started}.log", "wb")  # noqa: SIM115
+        path = self.log_dir / f"{name}-{self.started}.log"
+        log = open(path, "wb")  # noqa: SIM115
         self.started += 1
         process = subprocess.Popen(
             [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.running.append(process)
+        self.logs[process.pid] = path
         return process
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
