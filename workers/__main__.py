@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     import workers.tasks  # noqa: F401  (registers the predict task)
+    from workers.inference import with_ledger_retry
     from workers.models import loaded_version, serve
 
     try:
@@ -32,12 +33,18 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             registry.get_model(name)
         engine = runtime.engine()
-        # A deployment from before the registry: its models dir's artifacts become first versions.
-        model_registry.adopt_models_dir(engine, settings, created_by=f"worker@{socket.gethostname()}")
-        for name in names:
-            # Fail at start-up, not on every sub-task, when a champion is missing or tampered with;
-            # the pool inherits what is loaded here.
-            loaded_version(engine, settings, name, model_registry.champion(engine, name))
+
+        def load_champions() -> None:
+            # A deployment from before the registry: its models dir's artifacts become first versions.
+            model_registry.adopt_models_dir(engine, settings, created_by=f"worker@{socket.gethostname()}")
+            for name in names:
+                # Fail at start-up, not on every sub-task, when a champion is missing or tampered
+                # with; the pool inherits what is loaded here.
+                loaded_version(engine, settings, name, model_registry.champion(engine, name))
+
+        # A worker started while PostgreSQL restarts waits for it, as a sub-task's writes do
+        # (both steps are idempotent).
+        with_ledger_retry(settings, load_champions)
     except (PipelineError, OSError) as error:
         sys.exit(f"pipeline worker: {error}")
     # Forked pool processes must not share the parent's database connections.
