@@ -23,7 +23,7 @@ SHOWN_RESULTS = 10
 # The shadow roll-out: batches of this many held-out records, at most so many of them.
 ROLLOUT_BATCH = 1_000
 ROLLOUT_BATCHES = 3
-# How long to wait for a batch's shadow sub-tasks (taken after all regular work) to be judged.
+# How long to wait for a batch's shadow sub-tasks (taken after all regular work) to finish.
 VERDICT_WAIT_S = 120
 # The forest's chunk size for the roll-out's batches: 20 sub-tasks per batch, so the gate's
 # latency check has its 10 timings per version from the first batch.
@@ -89,6 +89,7 @@ def _shadow_rollout(client: Client, settings: Settings, console: Console) -> str
 
     from pipeline import model_registry
     from pipeline.gate import INSUFFICIENT
+    from pipeline.ledger import rollouts as rollout_rows
     from pipeline.states import Alias, RolloutState
 
     engine = client.engine
@@ -114,8 +115,12 @@ def _shadow_rollout(client: Client, settings: Settings, console: Console) -> str
             batch.wait(timeout=600, progress=True)
             # The shadow sub-tasks run after regular work: the gate sees them a little later.
             deadline = time.monotonic() + VERDICT_WAIT_S
-            while (status := client.rollouts.status(FOREST)).verdict == INSUFFICIENT and time.monotonic() < deadline:
-                time.sleep(1)
+            while time.monotonic() < deadline:
+                with engine.connect() as conn:
+                    if not rollout_rows.unfinished_shadow_subtasks(conn, uuid.UUID(batch.id)):
+                        break
+                time.sleep(0.5)
+            status = client.rollouts.status(FOREST)
             console.print(f"after batch {seed + 1} of {ROLLOUT_BATCH} records: gate {status.verdict}")
             if status.verdict != INSUFFICIENT:
                 break

@@ -18,7 +18,8 @@ from sqlalchemy import Connection, Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from pipeline.ledger import queries
-from pipeline.schema import ModelEvent, Rollout, RolloutBatch, RolloutState
+from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES
+from pipeline.schema import ModelEvent, Rollout, RolloutBatch, RolloutState, Subtask, SubtaskRole
 
 
 @dataclass(frozen=True)
@@ -187,3 +188,19 @@ def version_counts(conn: Connection, rollout_id: int, model: str) -> list[Versio
     in the roll-out's batches (one query)."""
     rows = conn.execute(queries.ROLLOUT_COUNTS, {"rollout_id": rollout_id, "model": model})
     return [VersionCounts(r.model_version, r.role, r.finished, r.failed, r.guardrail_violations) for r in rows]
+
+
+def unfinished_shadow_subtasks(conn: Connection, batch_id: uuid.UUID) -> int:
+    """How many of a batch's shadow sub-tasks are not finished yet (taken after all regular
+    work, they finish after the batch)."""
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(Subtask)
+            .where(
+                Subtask.batch_id == batch_id,
+                Subtask.role == SubtaskRole.shadow,
+                Subtask.state.in_(UNFINISHED_SUBTASK_STATES),
+            )
+        ).scalar_one()
+    )
