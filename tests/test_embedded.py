@@ -31,7 +31,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=540,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "whole_number_accuracy" in run.stdout and "recall_malignant" in run.stdout
