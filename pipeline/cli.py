@@ -625,7 +625,8 @@ def report(batch_id: str, html_path: Path | None, as_json: bool) -> None:
 
     --json prints the batch's status with its metrics.
     """
-    from pipeline.report import latency_histograms, print_report, print_status, write_html
+    from pipeline.html_report import latency_histograms, write_html
+    from pipeline.report import print_report, print_status
 
     client = _client()
     status = client.batch(batch_id).status()

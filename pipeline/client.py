@@ -34,16 +34,15 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from pipeline.definition import InputPage
-    from pipeline.rollouts import RolloutStatus
+    from pipeline.rollouts import Rollouts
 
 # The broker (Celery), the splitter and the input encoder are imported by the methods that
 # publish or store: a command that only reads the ledger (`pipeline status`) loads none of them.
 
 # Most batches `Client.batches` lists at once.
 MAX_LISTED_BATCHES = 10_000
-# How often a progress bar reads the batch's status, and checks that its queues are served.
+# How often a progress bar reads the batch's status.
 PROGRESS_REFRESH_S = 0.25
-UNSERVED_CHECK_S = 2.0
 # The longest deadline a batch may have: a year (a longer one is a mistake, and 1e13 s
 # overflows PostgreSQL's timestamps).
 MAX_DEADLINE_S = 365 * 24 * 3600.0
@@ -148,7 +147,11 @@ class BatchHandle:
             BatchNotFoundError: the batch is not in the ledger.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _ProgressBar(self) if progress else None
+        bar = None
+        if progress:
+            from pipeline.progress import ProgressBar
+
+            bar = ProgressBar(self)
         reread_s = PROGRESS_REFRESH_S if bar is not None else self._client.settings.wait_reread_s
         try:
             # Subscribed before the status is read, so a finish right after the read still wakes us.
@@ -247,87 +250,6 @@ def _unfinished(status: BatchStatus) -> str:
     return f"{status.state.value}, {status.progress:.0%} of {status.total} sub-tasks done"
 
 
-class _ProgressBar:
-    """A batch's progress on the terminal, with a line naming the queues it waits on that no
-    worker serves (checked every `UNSERVED_CHECK_S`, from that long after it appears)."""
-
-    def __init__(self, batch: BatchHandle) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._batch = batch
-        self._progress = Progress(
-            TextColumn(f"batch {batch.id[:8]}"),
-            TextColumn("{task.fields[state]:<11}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("sub-tasks"),
-            TimeElapsedColumn(),
-            TextColumn("[yellow]{task.fields[warning]}"),
-        )
-        self._task = self._progress.add_task("batch", total=None, state="pending", warning="")
-        self._next_check = time.monotonic() + UNSERVED_CHECK_S
-        self._warning = ""
-        self._progress.start()
-
-    def update(self, status: BatchStatus) -> None:
-        if status.finished:
-            self._warning = ""
-        elif time.monotonic() >= self._next_check:
-            self._next_check = time.monotonic() + UNSERVED_CHECK_S
-            unserved = self._batch.unserved_queues(status)
-            self._warning = "; ".join(f"no worker is serving {queue}" for queue in unserved)
-        done = status.succeeded + status.failed + status.cancelled
-        self._progress.update(
-            self._task, total=status.total or None, completed=done, state=status.state.value, warning=self._warning
-        )
-
-    def close(self) -> None:
-        self._progress.stop()
-
-
-class Rollouts:
-    """`client.rollouts`: a model's roll-outs (`pipeline.rollouts`; the gate's scipy is
-    imported on first use). Raises as the functions there."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    def start(
-        self,
-        model: str,
-        *,
-        version: str,
-        mode: Literal["shadow", "canary"] = "shadow",
-        percent: float | None = None,
-        started_by: str,
-    ) -> RolloutStatus:
-        """Start a shadow roll-out of `version` of `model`, or a canary serving `percent` % of inputs."""
-        from pipeline import rollouts
-        from pipeline.states import RolloutMode
-
-        return rollouts.start(
-            self._client.engine, model, version=version, mode=RolloutMode(mode), percent=percent, started_by=started_by
-        )
-
-    def status(self, model: str) -> RolloutStatus:
-        """`model`'s active roll-out (else its last one) with its gate recomputed."""
-        from pipeline import rollouts
-
-        return rollouts.status(self._client.engine, model)
-
-    def promote(self, model: str, *, approved_by: str, reason: str | None = None, force: bool = False) -> RolloutStatus:
-        """Make the roll-out's version the champion: needs a passing gate, or `force` with a `reason`."""
-        from pipeline import rollouts
-
-        return rollouts.promote(self._client.engine, model, approved_by=approved_by, reason=reason, force=force)
-
-    def abort(self, model: str, *, actor: str, reason: str | None = None) -> RolloutStatus:
-        """End the roll-out; the champion is unchanged."""
-        from pipeline import rollouts
-
-        return rollouts.abort(self._client.engine, model, actor=actor, reason=reason)
-
-
 class Client:
     """Entry point of the Python API; a context manager that closes it on exit.
 
@@ -378,7 +300,10 @@ class Client:
 
     @property
     def rollouts(self) -> Rollouts:
-        """Roll-outs of challenger model versions (`Rollouts`)."""
+        """Roll-outs of challenger model versions (`pipeline.rollouts.Rollouts`; the gate's
+        scipy is imported on first use)."""
+        from pipeline.rollouts import Rollouts
+
         return Rollouts(self)
 
     @property

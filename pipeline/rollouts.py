@@ -21,7 +21,7 @@ import logging
 import math
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel
@@ -47,6 +47,9 @@ from pipeline.gate import (
 from pipeline.ledger import rollouts as rollout_rows
 from pipeline.model_registry import resolve_version
 from pipeline.schema import Alias, ModelEvent, RolloutMode, RolloutState, SubtaskRole, SubtaskState
+
+if TYPE_CHECKING:
+    from pipeline.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -427,3 +430,36 @@ def evaluate_batch(engine: Engine, batch_id: uuid.UUID) -> None:
 def as_json(status: RolloutStatus) -> dict[str, Any]:
     """`status` as JSON-able data (`rollout status --json`)."""
     return status.model_dump(mode="json")
+
+
+class Rollouts:
+    """`client.rollouts`: the functions above on a client's ledger. Raises as they do."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def start(
+        self,
+        model: str,
+        *,
+        version: str,
+        mode: Literal["shadow", "canary"] = "shadow",
+        percent: float | None = None,
+        started_by: str,
+    ) -> RolloutStatus:
+        """Start a shadow roll-out of `version` of `model`, or a canary serving `percent` % of inputs."""
+        return start(
+            self._client.engine, model, version=version, mode=RolloutMode(mode), percent=percent, started_by=started_by
+        )
+
+    def status(self, model: str) -> RolloutStatus:
+        """`model`'s active roll-out (else its last one) with its gate recomputed."""
+        return status(self._client.engine, model)
+
+    def promote(self, model: str, *, approved_by: str, reason: str | None = None, force: bool = False) -> RolloutStatus:
+        """Make the roll-out's version the champion: needs a passing gate, or `force` with a `reason`."""
+        return promote(self._client.engine, model, approved_by=approved_by, reason=reason, force=force)
+
+    def abort(self, model: str, *, actor: str, reason: str | None = None) -> RolloutStatus:
+        """End the roll-out; the champion is unchanged."""
+        return abort(self._client.engine, model, actor=actor, reason=reason)
