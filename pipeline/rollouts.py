@@ -318,8 +318,8 @@ class _Side:
         self.classes = 2
 
     def add(self, spec: ModelSpec, subtask: rollout_rows.EvidenceSubtask, rows: bool = True) -> None:
-        if subtask.compute_s is not None:
-            self.seconds.append(max(subtask.compute_s, 0.0) / subtask.rows)
+        if subtask.predict_cpu_s is not None:
+            self.seconds.append(max(subtask.predict_cpu_s, 0.0) / subtask.rows)
         if rows and subtask.output is not None:
             output = np.frombuffer(subtask.output, "<f4").reshape(-1, spec.n_outputs)
             decisions, self.classes = decisions_of(spec, output)

@@ -140,6 +140,9 @@ class Subtask(Base):
     # The model version (artifact SHA-256) that scores it, pinned by the split: its model's
     # champion when the batch's split began. NULL only for sub-tasks split before revision 0008.
     model_version: Mapped[str | None] = mapped_column(Text)
+    # CPU seconds of the worker process in the model's predict call (revision 0013): what the
+    # roll-out gate compares, as wall time depends on what else ran at that moment.
+    predict_cpu_s: Mapped[float | None] = mapped_column(Float)
     queued_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -70,6 +70,9 @@ def test_ledger_is_consistent(
         assert s["queued_at"] <= s["started_at"] <= s["finished_at"] <= b["aggregating_at"]
         assert s["worker"] and s["worker"].startswith("models-")
         assert s["model_version"] == versions[s["model"]]
+        # the CPU time of its predict call, what the roll-out gate compares
+        wall_s = (s["finished_at"] - s["started_at"]).total_seconds()
+        assert s["predict_cpu_s"] is not None and 0 <= s["predict_cpu_s"] <= 2 * wall_s
         assert len(s["payload"]) == s["rows"] * 64 * 4
 
 

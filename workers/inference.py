@@ -102,7 +102,12 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
         version = claim.model_version or model_registry.champion(engine, spec.name)
         estimator, manifest = loaded_version(engine, settings, spec.name, version)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
-        output = check_output(spec, spec.predict(estimator, X), claim.rows)
+        # CPU time, not wall time: the roll-out gate compares versions whose sub-tasks run at
+        # different moments (shadow work after its batch's), beside different neighbours.
+        cpu_before = time.process_time()
+        predicted = spec.predict(estimator, X)
+        predict_cpu_s = time.process_time() - cpu_before
+        output = check_output(spec, predicted, claim.rows)
         # Drift counts are made here, in parallel workers, where the rows already are.
         reference = manifest.reference
         bin_counts = (
@@ -132,7 +137,10 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
             )
     else:
         outcome = with_ledger_retry(
-            settings, lambda: ledger.complete_subtask(engine, claim, output.tobytes(), version, bin_counts)
+            settings,
+            lambda: ledger.complete_subtask(
+                engine, claim, output.tobytes(), version, bin_counts, predict_cpu_s=predict_cpu_s
+            ),
         )
     if outcome.aggregate:
         aggregate_or_hand_over(engine, settings, claim)

@@ -11,7 +11,7 @@ Checks, each with a verdict `pass`, `fail` or `insufficient data`:
   `agreement` (share of rows whose decision is unchanged), `flips` (McNemar's exact test,
   Bowker's test beyond two classes: do changed decisions move one way?), `scores`
   (Wilcoxon signed-rank on the per-row score differences);
-* both modes: `latency` (Mann-Whitney on compute seconds per row, one value per sub-task)
+* both modes: `latency` (Mann-Whitney on CPU seconds of predict per row, one value per sub-task)
   and, on labelled rows, one `kpi:<name>` check per KPI: the challenger's KPI minus the
   champion's, with a bootstrap confidence interval, against a non-inferiority margin.
 

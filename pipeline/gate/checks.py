@@ -210,7 +210,7 @@ def _slowdown(champion_median: float, challenger_median: float) -> float:
 
 def check_latency(timings: Timings, config: GateConfig) -> GateCheck:
     """Both modes: is the challenger more than `max_slowdown` times slower per row? Mann-Whitney
-    test (one-sided) of the challenger's compute seconds per row against the champion's times
+    test (one-sided) of the challenger's CPU seconds of predict per row against the champion's times
     `max_slowdown`, one value per sub-task, on the first m of each version's sub-tasks (m the
     latest milestone both reached); fails when significant at `alpha / looks`, passes when not
     and the ratio of the medians (the estimate) is within `max_slowdown`, else waits."""
@@ -233,7 +233,7 @@ def check_latency(timings: Timings, config: GateConfig) -> GateCheck:
         INSUFFICIENT: "above, though not yet significantly,",
     }[verdict]
     why = (
-        f"median compute per row {ratio:.2f}x the champion's, {finding} the {config.max_slowdown:g}x margin "
+        f"median predict CPU per row {ratio:.2f}x the champion's, {finding} the {config.max_slowdown:g}x margin "
         f"(Mann-Whitney p = {p_value:.3g} that it is more)"
     )
     return GateCheck(

@@ -45,7 +45,7 @@ class GateConfig(BaseModel):
     max_class_shift: float = Field(default=0.05, gt=0, lt=1)
     # ... or move the scores by more than this on average (in the score's units).
     max_score_shift: float = Field(default=0.05, gt=0)
-    # Fail latency when the challenger's compute time per row is significantly more than this times the champion's.
+    # Fail latency when the challenger's predict CPU time per row is significantly more than this times the champion's.
     max_slowdown: float = Field(default=1.2, gt=1)
     bootstrap_resamples: int = Field(default=2000, ge=200, le=100_000)
     seed: int = 0
@@ -219,8 +219,8 @@ class VersionRows:
 
 @dataclass(frozen=True)
 class Timings:
-    """Compute seconds per row of each version, one value per sub-task (its compute time over
-    its rows), in the order recorded. One value per sub-task, not per row: a sub-task's rows
+    """CPU seconds of predict per row of each version, one value per sub-task (its
+    `predict_cpu_s` over its rows), in the order recorded. One value per sub-task, not per row: a sub-task's rows
     share one timing, and counting each would pretend to a sample thousands of times larger.
 
     Raises:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
+    Float,
     Integer,
     Interval,
     LargeBinary,
@@ -252,6 +253,7 @@ def _complete_statement() -> Update:
             bin_counts=bindparam("bin_counts", type_=LargeBinary),
             error=None,
             model_version=bindparam("model_version"),
+            predict_cpu_s=bindparam("predict_cpu_s", type_=Float),
             finished_at=now(),
             lease_until=None,
         )
@@ -268,16 +270,24 @@ COMPLETE = _complete_statement()
 
 
 def complete_subtask(
-    engine: Engine, claim: Claim, output: bytes, model_version: str, bin_counts: bytes | None
+    engine: Engine,
+    claim: Claim,
+    output: bytes,
+    model_version: str,
+    bin_counts: bytes | None,
+    *,
+    predict_cpu_s: float | None = None,
 ) -> Outcome:
-    """`running` → `succeeded` with its output and drift bin counts, only for the claim
-    `claim` holds, and the batch counter: one statement, committed on its own."""
+    """`running` → `succeeded` with its output, drift bin counts and the CPU seconds of its
+    predict call, only for the claim `claim` holds, and the batch counter: one statement,
+    committed on its own."""
     parameters = {
         "subtask_id": claim.subtask_id,
         "attempt": claim.attempt,
         "output": output,
         "bin_counts": bin_counts,
         "model_version": model_version,
+        "predict_cpu_s": predict_cpu_s,
     }
     with autocommit(engine) as conn:
         counted = conn.execute(COMPLETE, parameters).first()

@@ -357,8 +357,7 @@ ON CONFLICT DO NOTHING
 -- name: rollout_evidence
 -- The first finished sub-tasks of a model in a roll-out's batches: batches in the order they
 -- joined it, each read through the (batch_id, model, seq) index.
-SELECT s.batch_id, s.seq, s.role, s.model_version, s.state, s.rows, s.output,
-       extract(epoch FROM s.finished_at - s.started_at)::float8 AS compute_s
+SELECT s.batch_id, s.seq, s.role, s.model_version, s.state, s.rows, s.output, s.predict_cpu_s
 FROM rollout_batches rb
 CROSS JOIN LATERAL (
   SELECT * FROM subtasks s

@@ -65,7 +65,7 @@ class EvidenceSubtask:
     state: str
     rows: int
     output: bytes | None
-    compute_s: float | None
+    predict_cpu_s: float | None
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def evidence_subtasks(conn: Connection, rollout_id: int, model: str, limit: int)
     the batches joined the roll-out, then by seq (append-only: a later batch comes after)."""
     rows = conn.execute(queries.ROLLOUT_EVIDENCE, {"rollout_id": rollout_id, "model": model, "limit": limit})
     return [
-        EvidenceSubtask(r.batch_id, r.seq, r.role, r.model_version, r.state, r.rows, r.output, r.compute_s)
+        EvidenceSubtask(r.batch_id, r.seq, r.role, r.model_version, r.state, r.rows, r.output, r.predict_cpu_s)
         for r in rows
     ]
 
