@@ -23,6 +23,8 @@ from pipeline.rollout_report import (
 )
 
 VERDICT_COLOURS = {"pass": "#4c9a2a", "fail": "#c0392b", "insufficient data": "#e69f00"}
+# Tables of sentences (the roll-out, why each check decided) read better left-aligned.
+TEXT_STYLE = ".text td { text-align: left; }"
 
 
 def score_difference_plot(report: RolloutReport) -> str | None:
@@ -83,15 +85,15 @@ def render_html(report: RolloutReport) -> str:
         flips = "<p>(a canary serves each row with one version: there are no paired rows)</p>"
     kpis = kpi_rows(report)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}{TEXT_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
 <p class="flag" style="color: {colour}">{html.escape(verdict_line(report))}</p>
 <h2 id="rollout">Roll-out</h2>
-{_html_table(None, summary_rows(report))}
+<div class="text">{_html_table(None, summary_rows(report))}</div>
 <h2 id="checks">Gate checks</h2>
 {_html_table(CHECK_HEADER, check_rows(report))}
-{_html_table(("check", "why"), check_whys(report))}
+<div class="text">{_html_table(("check", "why"), check_whys(report))}</div>
 <h2 id="kpis">KPI deltas</h2>
 {_html_table(KPI_HEADER, kpis) if kpis else "<p>(no KPI check: the gate has no labelled rows)</p>"}
 <h2 id="flips">Decisions and scores</h2>

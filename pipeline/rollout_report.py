@@ -168,7 +168,7 @@ def build(engine: Engine, model: str, rollout_id: int | None = None) -> RolloutR
 
 CHECK_HEADER = ("check", "kind", "verdict", "estimate", "interval", "margin", "p-value", "n champion / challenger")
 KPI_HEADER = ("KPI", "verdict", "challenger − champion", "interval", "margin", "labelled rows")
-CPU_HEADER = ("version", "", "sub-tasks", "µs per row: min", "q1", "median", "q3", "max")
+CPU_HEADER = ("role", "version", "sub-tasks", "µs per row: min", "q1", "median", "q3", "max")
 
 
 def verdict_line(report: RolloutReport) -> str:
