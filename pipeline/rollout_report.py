@@ -134,7 +134,7 @@ def build(engine: Engine, model: str, rollout_id: int | None = None) -> RolloutR
     status = rollouts.status(engine, model, rollout_id=rollout_id)
     spec = registry.get_model(model)
     with engine.connect() as conn:
-        subtasks = rollout_rows.evidence_subtasks(conn, status.id, model, rollouts.evidence_limit(spec))
+        subtasks = rollout_rows.evidence_subtasks(conn, status.id, model, rollouts._evidence_limit(spec))
     target = rollout_rows.ActiveRollout(status.id, model, status.version, status.mode.value, status.percent)
     try:
         found = rollouts.evidence(spec, target, subtasks)

@@ -338,7 +338,7 @@ class _Side:
         return np.concatenate(values) if values else np.empty(0)
 
 
-def evidence_limit(spec: ModelSpec) -> int:
+def _evidence_limit(spec: ModelSpec) -> int:
     """Sub-tasks read per look: enough for the gate's largest sample of paired rows and timings."""
     paired = GATE_CONFIG.milestones(GATE_CONFIG.min_paired_rows)[-1]
     timings = GATE_CONFIG.milestones(GATE_CONFIG.min_timings)[-1]
@@ -413,7 +413,7 @@ def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> Gat
     spec = registry.get_model(rollout.model)
     with engine.connect() as conn:
         champion, challenger = _split_counts(rollout, rollout_rows.version_counts(conn, rollout.id, rollout.model))
-        subtasks = rollout_rows.evidence_subtasks(conn, rollout.id, rollout.model, evidence_limit(spec))
+        subtasks = rollout_rows.evidence_subtasks(conn, rollout.id, rollout.model, _evidence_limit(spec))
     why = abort_reason(champion, challenger, ABORT_RULE)
     if why is not None:
         with engine.begin() as conn:

@@ -161,3 +161,32 @@ def test_rollout_report_cli_json_html_and_one_line_refusals(
     assert_one_line_error(cli("no-such-model"), "unknown model 'no-such-model'")
     assert_one_line_error(cli(OOD), f"model {OOD!r} has no roll-out")
     assert_one_line_error(cli(CLASSIFIER, "--id", "999"), "has no roll-out 999")
+
+
+def test_report_of_a_canary_has_no_paired_rows_and_times_each_version(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path
+) -> None:
+    _, settings, engine = own
+    version = _second_version(engine, settings, models_dir)
+    rollouts.start(engine, CLASSIFIER, version=version, mode=RolloutMode.canary, percent=30, started_by="ana")
+    batch_id, _ = store_batch(engine, held_out_strips(200, max_digits=1, seed=12))
+    split_batch(engine, batch_id, {CLASSIFIER: CHUNK, OOD: 1000}, step_items=200)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(),"
+                " finished_at = clock_timestamp(), output = decode(repeat('00000000', rows * 10), 'hex'),"
+                " predict_cpu_s = CASE WHEN model_version = :v THEN 0.02 ELSE 0.01 END"
+                " WHERE batch_id = :b AND model = :m"
+            ),
+            {"b": batch_id, "m": CLASSIFIER, "v": version},
+        )
+    report = build(engine, CLASSIFIER)
+    assert report.rollout.mode == RolloutMode.canary and report.rollout.gate is not None
+    assert (report.paired_rows, report.agreement, report.flips, report.score_differences) == (None,) * 4
+    champion_cpu, challenger_cpu = report.cpu
+    assert champion_cpu.subtasks > 0 and challenger_cpu.subtasks > 0
+    assert challenger_cpu.versions == [version] and champion_cpu.versions == report.champion_versions != [version]
+    page = Page()
+    page.feed(render_html(report))
+    assert set(page.images) == {"CPU per row per version"}
