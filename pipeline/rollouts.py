@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -189,22 +190,28 @@ def start(
         return _latest(conn, model)
 
 
-def status(engine: Engine, model: str, refresh: bool = True) -> RolloutStatus:
-    """`model`'s active roll-out (else its last one), its gate first recomputed from the
-    evidence so far when `refresh` and it is active.
+def status(engine: Engine, model: str, refresh: bool = True, rollout_id: int | None = None) -> RolloutStatus:
+    """`model`'s active roll-out (else its last one; its roll-out `rollout_id` when given,
+    ended ones included), its gate first recomputed from the evidence so far when `refresh`
+    and it is active.
 
     Raises:
         UnknownPipelineError: no pipeline has `model`.
-        RolloutError: it never had a roll-out.
+        RolloutError: it never had a roll-out, or none of id `rollout_id`.
     """
     registry.get_model(model)
     if refresh:
         with engine.connect() as conn:
             active = rollout_rows.active_rollouts(conn, [model]).get(model)
-        if active is not None:
+        if active is not None and rollout_id in (None, active.id):
             _evaluate_recording_errors(engine, active, "on `rollout status`")
     with engine.connect() as conn:
-        return _latest(conn, model)
+        if rollout_id is None:
+            return _latest(conn, model)
+        record = rollout_rows.rollout_by_id(conn, model, rollout_id)
+    if record is None:
+        raise RolloutError(f"model {model!r} has no roll-out {rollout_id} (`pipeline rollout status {model}`)")
+    return _status(record)
 
 
 def promote(
@@ -338,10 +345,25 @@ def _evidence_limit(spec: ModelSpec) -> int:
     return 2 * max(math.ceil(paired / spec.chunk_size), timings)
 
 
-def judge(
+@dataclass(frozen=True)
+class Evidence:
+    """What the gate of a roll-out judges: the paired rows (shadow) or each version's rows
+    (canary), and each version's timings."""
+
+    timings: Timings
+    paired: PairedRows | None = None
+    champion: VersionRows | None = None
+    challenger: VersionRows | None = None
+
+
+def evidence(
     spec: ModelSpec, rollout: rollout_rows.ActiveRollout, subtasks: list[rollout_rows.EvidenceSubtask]
-) -> GateResult:
-    """The gate of `rollout` from its batches' finished sub-tasks (in recorded order)."""
+) -> Evidence:
+    """The gate's evidence of `rollout` from its batches' finished sub-tasks (in recorded order).
+
+    Raises:
+        ValueError: an output that is not whole rows, a NaN score (see `PairedRows`).
+    """
     champion, challenger = _Side(), _Side()
     succeeded = [s for s in subtasks if s.state == SubtaskState.succeeded]
     if rollout.mode == RolloutMode.shadow:
@@ -363,16 +385,26 @@ def judge(
             classes=max(champion.classes, challenger.classes),
         )
         timings = Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds))
-        return judge_shadow(paired, timings, GATE_CONFIG)
+        return Evidence(timings, paired=paired)
     for subtask in succeeded:
         (challenger if subtask.model_version == rollout.version else champion).add(spec, subtask)
     classes = max(champion.classes, challenger.classes)
-    return judge_canary(
-        VersionRows(champion.rows("decisions").astype(np.int64), classes=classes),
-        VersionRows(challenger.rows("decisions").astype(np.int64), classes=classes),
+    return Evidence(
         Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds)),
-        GATE_CONFIG,
+        champion=VersionRows(champion.rows("decisions").astype(np.int64), classes=classes),
+        challenger=VersionRows(challenger.rows("decisions").astype(np.int64), classes=classes),
     )
+
+
+def judge(
+    spec: ModelSpec, rollout: rollout_rows.ActiveRollout, subtasks: list[rollout_rows.EvidenceSubtask]
+) -> GateResult:
+    """The gate of `rollout` from its batches' finished sub-tasks (in recorded order)."""
+    found = evidence(spec, rollout, subtasks)
+    if found.paired is not None:
+        return judge_shadow(found.paired, found.timings, GATE_CONFIG)
+    assert found.champion is not None and found.challenger is not None  # a canary's evidence
+    return judge_canary(found.champion, found.challenger, found.timings, GATE_CONFIG)
 
 
 def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> GateResult | None:

@@ -148,12 +148,26 @@ def active_rollouts_of_batch(conn: Connection, batch_id: uuid.UUID) -> list[Acti
 
 def latest_rollout(conn: Connection, model: str) -> RolloutRecord | None:
     """`model`'s active roll-out, else its last one; None when it never had one."""
-    row = conn.execute(
-        select(Rollout.__table__, _batches_of)
-        .where(Rollout.model == model)
-        .order_by((Rollout.state == RolloutState.active).desc(), Rollout.id.desc())
-        .limit(1)
-    ).first()
+    return _record(
+        conn.execute(
+            select(Rollout.__table__, _batches_of)
+            .where(Rollout.model == model)
+            .order_by((Rollout.state == RolloutState.active).desc(), Rollout.id.desc())
+            .limit(1)
+        ).first()
+    )
+
+
+def rollout_by_id(conn: Connection, model: str, rollout_id: int) -> RolloutRecord | None:
+    """`model`'s roll-out `rollout_id` (active or ended); None when it has none of that id."""
+    return _record(
+        conn.execute(
+            select(Rollout.__table__, _batches_of).where(Rollout.model == model, Rollout.id == rollout_id)
+        ).first()
+    )
+
+
+def _record(row: Any) -> RolloutRecord | None:
     if row is None:
         return None
     return RolloutRecord(
