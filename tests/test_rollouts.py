@@ -24,9 +24,10 @@ from sqlalchemy import Engine, text
 from pipeline import heartbeat, ledger, model_registry, registry, rollouts
 from pipeline.client import Client
 from pipeline.errors import InvalidArgumentError, RolloutError, UnknownVersionError
-from pipeline.gate import FAIL, INSUFFICIENT, PASS
+from pipeline.gate import FAIL, INSUFFICIENT, NO_LABEL, PASS
+from pipeline.ledger import rollouts as rollout_rows
 from pipeline.pipelines import screening
-from pipeline.pipelines.digits import held_out_strips
+from pipeline.pipelines.digits import DigitsPipeline, held_out_strips, tile_labels
 from pipeline.scratch import ScratchServices, delete_keys, scratch_services
 from pipeline.settings import Settings
 from pipeline.splitter import canary_inputs
@@ -357,3 +358,101 @@ def test_a_gate_error_after_a_batch_is_logged_and_recorded_on_the_rollout_not_ra
         conn.execute(finish, {"b": batch_id, "m": CLASSIFIER, "outputs": outputs, "bad": bytes(4 * outputs * 16)})
     repaired = rollouts.status(engine, CLASSIFIER)  # recomputed: the next gate replaces the error
     assert repaired.gate_error is None and repaired.gate is not None
+
+
+def _finish_all(engine: Engine, batch_id: uuid.UUID, model: str) -> None:
+    """Mark every sub-task of `model` in the batch succeeded, with all-zero outputs."""
+    outputs = registry.get_model(model).n_outputs
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(),"
+                " finished_at = clock_timestamp(), predict_cpu_s = 0.001,"
+                " output = decode(repeat('00000000', rows * :outputs), 'hex') WHERE batch_id = :b AND model = :m"
+            ),
+            {"b": batch_id, "m": model, "outputs": outputs},
+        )
+
+
+def _digit_truth(engine: Engine, batch_id: uuid.UUID, labels: dict[int, str]) -> dict[int, list[int]]:
+    """Per serve classifier sub-task (by seq), each row's labelled digit or NO_LABEL: an input's
+    rows are its tiles left to right, in seq order (each input is in one version's sub-tasks)."""
+    seen: dict[int, int] = {}
+    truth = {}
+    for row in sorted(
+        (r for r in _subtasks(engine, str(batch_id)) if r.model == CLASSIFIER and r.role == "serve"),
+        key=lambda r: r.seq,
+    ):
+        digits = []
+        for item in row.items:
+            offset, seen[item] = seen.get(item, 0), seen.get(item, 0) + 1
+            label = labels.get(item)
+            digits.append(int(label[offset]) if label is not None and offset < len(label) else NO_LABEL)
+        truth[row.seq] = digits
+    return truth
+
+
+def test_stored_labels_map_to_the_rows_they_label_across_split_inputs(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path
+) -> None:
+    _, settings, engine = own
+    v2 = _second_version(engine, settings, models_dir)
+    assert DigitsPipeline().row_labels(OOD) is None
+    strips = held_out_strips(30, max_digits=6, seed=11)
+    for mode, percent in ((RolloutMode.shadow, None), (RolloutMode.canary, 40.0)):
+        started = rollouts.start(engine, CLASSIFIER, version=v2, mode=mode, percent=percent, started_by="ana")
+        batch_id, _ = store_batch(engine, [{"image": s["image"]} for s in strips])
+        # 4 rows a sub-task: a strip of up to 6 tiles runs on over two or three sub-tasks.
+        split_batch(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, step_items=10)
+        _finish_all(engine, batch_id, CLASSIFIER)
+        # Every third strip unlabelled; strip 1's first label replaced; strip 2's label one digit short.
+        labels = {i: s["label"] for i, s in enumerate(strips) if i % 3}
+        labels[2] = labels[2][:-1]
+        rows = [{"i": i, "l": json.dumps(label), "old": False} for i, label in labels.items()]
+        rows.append({"i": 1, "l": json.dumps("0" * 6), "old": True})
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO labels (batch_id, item, label, replaced_at)"
+                    " VALUES (:b, :i, CAST(:l AS jsonb), CASE WHEN :old THEN clock_timestamp() END)"
+                ),
+                [{"b": batch_id, **row} for row in rows],
+            )
+            evidence = rollout_rows.evidence_subtasks(conn, started.id, CLASSIFIER, 10_000, labels=True)
+        truth = _digit_truth(engine, batch_id, labels)
+        serve = [s for s in evidence if s.batch_id == batch_id and s.role == "serve"]
+        assert sorted(s.seq for s in serve) == sorted(truth)
+        assert all(s.items is None for s in evidence if s.role == "shadow")  # paired with their serve twins
+        assert max(s.lead for s in serve) > 4  # a strip's third sub-task: the walk back went past one
+        for subtask in serve:
+            items = np.asarray(subtask.items)
+            mapped = tile_labels(items, rollouts.row_offsets(items, subtask.lead), subtask.labels)
+            assert mapped.tolist() == truth[subtask.seq], subtask.seq
+
+        gate = rollouts.status(engine, CLASSIFIER).gate
+        assert gate is not None
+        kpi = next(check for check in gate.checks if check.name == "kpi:accuracy")
+        labelled = sum(digit != NO_LABEL for digits in truth.values() for digit in digits)
+        if mode == RolloutMode.shadow:
+            assert kpi.n_champion == labelled, kpi
+        else:
+            by_seq = {s.seq: s.model_version for s in serve}
+            champion = sum(d != NO_LABEL for seq, digits in truth.items() if by_seq[seq] != v2 for d in digits)
+            assert (kpi.n_champion, kpi.n_challenger) == (champion, labelled - champion), kpi
+        rollouts.abort(engine, CLASSIFIER, actor="ana")
+
+
+def test_record_labels_are_the_screening_models_classes() -> None:
+    items = np.array([0, 1, 2, 3])
+    mapped = screening.ScreeningPipeline().row_labels(screening.FOREST)
+    assert mapped is not None
+    assert mapped(items, np.zeros(4, dtype=np.int64), {1: screening.MALIGNANT, 3: screening.BENIGN}).tolist() == [
+        NO_LABEL,
+        screening.MALIGNANT,
+        NO_LABEL,
+        screening.BENIGN,
+    ]
+    # The forest decides the most probable of (malignant, benign): the label's number.
+    output = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
+    decisions, classes = rollouts.decisions_of(registry.get_model(screening.FOREST), output)
+    assert decisions.tolist() == [screening.MALIGNANT, screening.BENIGN] and classes == 2
