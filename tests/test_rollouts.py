@@ -270,11 +270,15 @@ SCREENING_CHUNKS = {**TEST_CHUNK_SIZES, screening.LOGREG: 250, screening.FOREST:
 GATE_BATCH = 1000
 
 
+def _forest(models_dir: Path) -> Any:
+    """The trained (first champion) screening forest."""
+    data = (models_dir / f"{screening.FOREST}.skops").read_bytes()
+    return skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
+
+
 def _refit_forest(engine: Engine, settings: Settings, models_dir: Path, seed: int, shuffled: bool) -> str:
     """The champion forest refitted with `seed` (`screening.refit_forest`), registered as challenger."""
-    data = (models_dir / f"{screening.FOREST}.skops").read_bytes()
-    champion = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
-    refit = screening.refit_forest(champion, seed, shuffled_labels=shuffled)
+    refit = screening.refit_forest(_forest(models_dir), seed, shuffled_labels=shuffled)
     return model_registry.register(
         engine, settings, screening.FOREST, skops.io.dumps(refit), created_by="retrain", as_alias=Alias.challenger
     )
@@ -456,3 +460,64 @@ def test_record_labels_are_the_screening_models_classes() -> None:
     output = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
     decisions, classes = rollouts.decisions_of(registry.get_model(screening.FOREST), output)
     assert decisions.tolist() == [screening.MALIGNANT, screening.BENIGN] and classes == 2
+
+
+def _records_both_decide_right(forests: list[Any], count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` records of screening's training split that every forest of `forests` decides
+    right (all but one or two of its 398), drawn with replacement, with their labels."""
+    X_train, _, y_train, _ = screening.dataset_split()
+    right = np.flatnonzero(np.all([f.predict_proba(X_train).argmax(axis=1) == y_train for f in forests], axis=0))
+    rows = np.random.default_rng(seed).choice(right, count).tolist()
+    features = [dict(zip(screening.FEATURES, X_train[row].tolist())) for row in rows]
+    return [{"features": f, "label": int(y_train[row])} for f, row in zip(features, rows)]
+
+
+def _batch_then_labels(client: Client, engine: Engine, records: list[dict[str, Any]]) -> tuple[str, str]:
+    """Run a batch of `records` without their labels (its shadow sub-tasks finished too); return
+    the forest's gate verdict before and after the labels are stored for it."""
+    batch = client.submit("screening", [{"features": r["features"]} for r in records])
+    assert batch.wait(timeout=300).state == "succeeded"
+    wait_for(lambda: all(r.state in ("succeeded", "failed") for r in _subtasks(engine, batch.id)), 300, "sub-tasks")
+    before = rollouts.status(engine, screening.FOREST).verdict
+    batch.add_labels({i: r["label"] for i, r in enumerate(records)})
+    # Storing the labels recomputed the gate: read it as stored, not recomputed again.
+    return before, rollouts.status(engine, screening.FOREST, refresh=False).verdict
+
+
+def test_labels_stored_after_batches_decide_a_canary_pass_and_a_shadow_kpi_fail(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path, tmp_path: Path
+) -> None:
+    services, settings, engine = own
+    reseeded = _refit_forest(engine, settings, models_dir, seed=1, shuffled=False)
+    with _running(services, settings, models_dir, tmp_path, list(screening.MODELS), SCREENING_CHUNKS) as client:
+        # Records both forests decide right: the accuracy difference is 0 on every resample, so the
+        # first look (250 labelled rows of each version) passes. How many batches a canary needs
+        # at real error rates is the simulation's to say (docs/rollouts.md); here a label mapped to
+        # the wrong row would show as errors and keep the interval wide.
+        forests = [_forest(models_dir), screening.refit_forest(_forest(models_dir), 1)]
+        rollouts.start(engine, screening.FOREST, version=reseeded, mode=RolloutMode.canary, percent=50, started_by="a")
+        verdicts: list[tuple[str, str]] = []
+        for k in range(3):
+            verdicts.append(_batch_then_labels(client, engine, _records_both_decide_right(forests, GATE_BATCH, 30 + k)))
+            if verdicts[-1][1] != INSUFFICIENT:
+                break
+        gate = rollouts.status(engine, screening.FOREST).gate
+        assert gate is not None
+        print(f"\ncanary of the reseeded forest, (before, after labels) per batch: {verdicts}; {gate.reasons}")
+        assert verdicts[0][0] == INSUFFICIENT and verdicts[-1][1] == PASS, gate.reasons  # a canary needs labels
+        kpi = next(check for check in gate.checks if check.name == "kpi:accuracy")
+        assert kpi.verdict == PASS and kpi.ci is not None and kpi.ci[0] > -0.01 and kpi.n_challenger >= 250, kpi
+        rollouts.promote(engine, screening.FOREST, approved_by="lead")
+
+        shuffled = _refit_forest(engine, settings, models_dir, seed=2, shuffled=True)
+        rollouts.start(engine, screening.FOREST, version=shuffled, mode=RolloutMode.shadow, started_by="ana")
+        before, after = _batch_then_labels(client, engine, screening.held_out_records(GATE_BATCH, seed=40))
+        gate = rollouts.status(engine, screening.FOREST).gate
+        assert gate is not None
+        print(f"shadow of the shuffled-label forest: {before} before labels, {after} after; {gate.reasons}")
+        assert after == FAIL, gate.reasons
+        kpi = next(check for check in gate.checks if check.name == "kpi:accuracy")
+        assert kpi.verdict == FAIL and kpi.ci is not None and kpi.ci[1] < -0.01 and kpi.n_champion == GATE_BATCH, kpi
+        assert any(reason.startswith("kpi:accuracy:") for reason in gate.reasons), gate.reasons
+        # The labels decide quality: the behaviour checks that fail only warn.
+        assert any("a warning only" in reason for reason in gate.reasons), gate.reasons
