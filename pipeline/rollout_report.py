@@ -133,11 +133,10 @@ def build(engine: Engine, model: str, rollout_id: int | None = None) -> RolloutR
     """
     status = rollouts.status(engine, model, rollout_id=rollout_id)
     spec = registry.get_model(model)
-    with engine.connect() as conn:
-        subtasks = rollout_rows.evidence_subtasks(conn, status.id, model, rollouts._evidence_limit(spec))
     target = rollout_rows.ActiveRollout(status.id, model, status.version, status.mode.value, status.percent)
     try:
-        found = rollouts.evidence(spec, target, subtasks)
+        with engine.connect() as conn:
+            subtasks, found = rollouts.read_evidence(conn, target)
     except rollouts.GATE_ERRORS as error:
         raise RolloutError(f"roll-out {status.id} of {model!r}: its evidence cannot be read: {error}") from None
     champions = sorted({s.model_version for s in subtasks if s.model_version and s.model_version != status.version})

@@ -5,9 +5,10 @@ or abort it.
 - `start`: a shadow roll-out (the challenger scores a copy of every batch's rows for the
   model, kept only for the gate) or a canary (it serves `percent` % of the inputs, chosen
   by a stable hash of (batch id, input index): `pipeline.splitter.canary_inputs`);
-- `evaluate_batch`: after a batch of a roll-out is aggregated, the paired evidence is read
-  from its batches' sub-tasks, the gate recomputed and stored on the roll-out (an event
-  when its verdict changes), and the challenger aborted automatically when its sub-tasks
+- `evaluate_batch`: after a batch of a roll-out is aggregated or labelled, the evidence is
+  read from its batches' sub-tasks (with the labels stored for their inputs, mapped to rows
+  by the pipeline's `Pipeline.row_labels`), the gate recomputed and stored on the roll-out
+  (an event when its verdict changes), and the challenger aborted automatically when its sub-tasks
   violate the output guardrails or fail more than the champion's (`gate.AbortRule`);
 - `promote` / `abort`: end the roll-out; a promotion makes the version champion through
   the registry's guarded alias change.
@@ -29,7 +30,7 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, Engine
 
 from pipeline import ledger, registry
-from pipeline.definition import ModelSpec
+from pipeline.definition import ModelSpec, RowLabels
 from pipeline.errors import InvalidArgumentError, NoChampionError, RolloutError
 from pipeline.gate import (
     INSUFFICIENT,
@@ -315,16 +316,34 @@ def _split_counts(
     )
 
 
-class _Side:
-    """One version's evidence: scores and decisions per row, seconds per row per sub-task."""
+def row_offsets(items: np.ndarray, lead: int) -> np.ndarray:
+    """Each row's position among its input's rows, for a sub-task whose rows' inputs are
+    `items` (non-decreasing) and whose first input has `lead` rows in the sub-tasks before it."""
+    offsets = np.arange(len(items)) - np.searchsorted(items, items)
+    offsets[items == items[0]] += lead
+    return offsets
 
-    def __init__(self) -> None:
+
+class _Side:
+    """One version's evidence: scores, decisions and labels per row, seconds per row per sub-task."""
+
+    def __init__(self, row_labels: RowLabels | None) -> None:
         self.scores: list[np.ndarray] = []
         self.decisions: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
         self.seconds: list[float] = []
         self.classes = 2
+        self.row_labels = row_labels
 
-    def add(self, spec: ModelSpec, subtask: rollout_rows.EvidenceSubtask, rows: bool = True) -> None:
+    def add(
+        self,
+        spec: ModelSpec,
+        subtask: rollout_rows.EvidenceSubtask,
+        rows: bool = True,
+        labelled: rollout_rows.EvidenceSubtask | None = None,
+    ) -> None:
+        """Add `subtask`'s timing and, with `rows`, its rows, labelled by the items and labels
+        of `labelled` (default: its own; a shadow sub-task's are its serve twin's)."""
         if subtask.predict_cpu_s is not None:
             self.seconds.append(max(subtask.predict_cpu_s, 0.0) / subtask.rows)
         if rows and subtask.output is not None:
@@ -332,10 +351,20 @@ class _Side:
             decisions, self.classes = decisions_of(spec, output)
             self.scores.append(spec.output_score(output).astype(np.float64))
             self.decisions.append(decisions)
+            source = labelled or subtask
+            if self.row_labels is not None and source.items is not None:
+                items = np.asarray(source.items, dtype=np.int64)
+                self.labels.append(self.row_labels(items, row_offsets(items, source.lead), source.labels))
 
     def rows(self, key: str) -> np.ndarray:
         values = self.scores if key == "scores" else self.decisions
         return np.concatenate(values) if values else np.empty(0)
+
+    def row_labels_or_none(self) -> np.ndarray | None:
+        """The rows' labels (NO_LABEL where unknown); None when the model maps no labels."""
+        if self.row_labels is None:
+            return None
+        return np.concatenate(self.labels).astype(np.int64) if self.labels else np.empty(0, dtype=np.int64)
 
 
 def _evidence_limit(spec: ModelSpec) -> int:
@@ -357,14 +386,19 @@ class Evidence:
 
 
 def evidence(
-    spec: ModelSpec, rollout: rollout_rows.ActiveRollout, subtasks: list[rollout_rows.EvidenceSubtask]
+    spec: ModelSpec,
+    rollout: rollout_rows.ActiveRollout,
+    subtasks: list[rollout_rows.EvidenceSubtask],
+    row_labels: RowLabels | None = None,
 ) -> Evidence:
-    """The gate's evidence of `rollout` from its batches' finished sub-tasks (in recorded order).
+    """The gate's evidence of `rollout` from its batches' finished sub-tasks (in recorded
+    order), their rows labelled by `row_labels` (the pipeline's `Pipeline.row_labels` of the
+    model) from the items and labels read with them; None: no labels.
 
     Raises:
         ValueError: an output that is not whole rows, a NaN score (see `PairedRows`).
     """
-    champion, challenger = _Side(), _Side()
+    champion, challenger = _Side(row_labels), _Side(row_labels)
     succeeded = [s for s in subtasks if s.state == SubtaskState.succeeded]
     if rollout.mode == RolloutMode.shadow:
         shadows = {(s.batch_id, -1 - s.seq): s for s in succeeded if s.role == SubtaskRole.shadow}
@@ -373,7 +407,7 @@ def evidence(
         for key, serve in serves.items():
             champion.add(spec, serve, rows=key in shadows)
             if key in shadows:
-                challenger.add(spec, shadows[key])
+                challenger.add(spec, shadows[key], labelled=serve)
         for key, shadow in shadows.items():
             if key not in serves:
                 challenger.add(spec, shadow, rows=False)
@@ -383,6 +417,7 @@ def evidence(
             champion.rows("decisions").astype(np.int64),
             challenger.rows("decisions").astype(np.int64),
             classes=max(champion.classes, challenger.classes),
+            labels=champion.row_labels_or_none(),
         )
         timings = Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds))
         return Evidence(timings, paired=paired)
@@ -391,29 +426,44 @@ def evidence(
     classes = max(champion.classes, challenger.classes)
     return Evidence(
         Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds)),
-        champion=VersionRows(champion.rows("decisions").astype(np.int64), classes=classes),
-        challenger=VersionRows(challenger.rows("decisions").astype(np.int64), classes=classes),
+        champion=VersionRows(
+            champion.rows("decisions").astype(np.int64), classes=classes, labels=champion.row_labels_or_none()
+        ),
+        challenger=VersionRows(
+            challenger.rows("decisions").astype(np.int64), classes=classes, labels=challenger.row_labels_or_none()
+        ),
     )
 
 
-def judge(
-    spec: ModelSpec, rollout: rollout_rows.ActiveRollout, subtasks: list[rollout_rows.EvidenceSubtask]
-) -> GateResult:
-    """The gate of `rollout` from its batches' finished sub-tasks (in recorded order)."""
-    found = evidence(spec, rollout, subtasks)
+def judge(found: Evidence) -> GateResult:
+    """The gate's verdict on `found` (see `evidence`)."""
     if found.paired is not None:
         return judge_shadow(found.paired, found.timings, GATE_CONFIG)
     assert found.champion is not None and found.challenger is not None  # a canary's evidence
     return judge_canary(found.champion, found.challenger, found.timings, GATE_CONFIG)
 
 
+def read_evidence(
+    conn: Connection, rollout: rollout_rows.ActiveRollout
+) -> tuple[list[rollout_rows.EvidenceSubtask], Evidence]:
+    """The finished sub-tasks the gate of `rollout` reads (with their labels where its model
+    maps them) and the evidence built from them.
+
+    Raises:
+        ValueError: evidence the gate refuses (see `evidence`).
+    """
+    spec = registry.get_model(rollout.model)
+    row_labels = registry.pipeline_of(rollout.model).row_labels(rollout.model)
+    limit = _evidence_limit(spec)
+    subtasks = rollout_rows.evidence_subtasks(conn, rollout.id, rollout.model, limit, labels=row_labels is not None)
+    return subtasks, evidence(spec, rollout, subtasks, row_labels)
+
+
 def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> GateResult | None:
     """Abort `rollout` automatically when its challenger must stop (recorded with the
     reason), else recompute its gate and store it. Returns the gate; None when aborted."""
-    spec = registry.get_model(rollout.model)
     with engine.connect() as conn:
         champion, challenger = _split_counts(rollout, rollout_rows.version_counts(conn, rollout.id, rollout.model))
-        subtasks = rollout_rows.evidence_subtasks(conn, rollout.id, rollout.model, _evidence_limit(spec))
     why = abort_reason(champion, challenger, ABORT_RULE)
     if why is not None:
         with engine.begin() as conn:
@@ -428,7 +478,9 @@ def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> Gat
         if ended:
             log.warning("roll-out %d of %s aborted: %s", rollout.id, rollout.model, why)
         return None
-    gate = judge(spec, rollout, subtasks)
+    with engine.connect() as conn:
+        _, found = read_evidence(conn, rollout)
+    gate = judge(found)
     summary = f"{gate.verdict}: " + "; ".join(gate.reasons) if gate.reasons else gate.verdict
     with engine.begin() as conn:
         if rollout_rows.record_gate(conn, rollout.id, gate.model_dump(mode="json"), summary):
@@ -449,14 +501,15 @@ def _evaluate_recording_errors(engine: Engine, rollout: rollout_rows.ActiveRollo
             rollout_rows.record_gate_error(conn, rollout.id, recorded.model_dump(mode="json"))
 
 
-def evaluate_batch(engine: Engine, batch_id: uuid.UUID) -> None:
-    """After `batch_id` is aggregated (committed): judge each active roll-out its split followed
-    (one query when it followed none). An error of the gate is logged and recorded on the
-    roll-out, never raised: the batch is done whatever the gate makes of it."""
+def evaluate_batch(engine: Engine, batch_id: uuid.UUID, after: str = "after batch") -> None:
+    """After `batch_id` is aggregated, or labels for it are stored (committed): judge each
+    active roll-out its split followed (one query when it followed none). An error of the
+    gate is logged and recorded on the roll-out (`after` names the moment), never raised: the
+    batch and its labels are done whatever the gate makes of them."""
     with engine.connect() as conn:
         active = rollout_rows.active_rollouts_of_batch(conn, batch_id)
     for rollout in active:
-        _evaluate_recording_errors(engine, rollout, f"after batch {batch_id}")
+        _evaluate_recording_errors(engine, rollout, f"{after} {batch_id}")
 
 
 def as_json(status: RolloutStatus) -> dict[str, Any]:

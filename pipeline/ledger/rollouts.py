@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -56,7 +56,10 @@ class RolloutRecord:
 @dataclass(frozen=True)
 class EvidenceSubtask:
     """A finished sub-task of a roll-out's batch, for the gate: its output (None unless it
-    succeeded) and its compute seconds."""
+    succeeded) and its compute seconds. Read with labels, a succeeded serve sub-task also has
+    `items` (each row's input index), `lead` (rows of its first input in the sub-tasks before
+    it) and `labels` (input index → current label, of the inputs in its item range that have
+    one); the others have None, 0 and none."""
 
     batch_id: uuid.UUID
     seq: int
@@ -66,6 +69,9 @@ class EvidenceSubtask:
     rows: int
     output: bytes | None
     predict_cpu_s: float | None
+    items: list[int] | None = None
+    lead: int = 0
+    labels: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,13 +193,29 @@ def _record(row: Any) -> RolloutRecord | None:
     )
 
 
-def evidence_subtasks(conn: Connection, rollout_id: int, model: str, limit: int) -> list[EvidenceSubtask]:
+def evidence_subtasks(
+    conn: Connection, rollout_id: int, model: str, limit: int, labels: bool = False
+) -> list[EvidenceSubtask]:
     """The first `limit` finished sub-tasks of `model` in the roll-out's batches, in the order
-    the batches joined the roll-out, then by seq (append-only: a later batch comes after)."""
-    rows = conn.execute(queries.ROLLOUT_EVIDENCE, {"rollout_id": rollout_id, "model": model, "limit": limit})
+    the batches joined the roll-out, then by seq (append-only: a later batch comes after);
+    with `labels`, also the items, lead and current labels of the succeeded serve ones (one
+    query either way)."""
+    parameters = {"rollout_id": rollout_id, "model": model, "limit": limit, "labels": labels}
     return [
-        EvidenceSubtask(r.batch_id, r.seq, r.role, r.model_version, r.state, r.rows, r.output, r.predict_cpu_s)
-        for r in rows
+        EvidenceSubtask(
+            r.batch_id,
+            r.seq,
+            r.role,
+            r.model_version,
+            r.state,
+            r.rows,
+            r.output,
+            r.predict_cpu_s,
+            r.items,
+            int(r.lead or 0),
+            dict(zip(r.labelled_items or [], r.labels or [], strict=True)),
+        )
+        for r in conn.execute(queries.ROLLOUT_EVIDENCE, parameters)
     ]
 
 
