@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import skops.io
 from sqlalchemy import Engine, text
 
-from pipeline import ledger, registry
+from pipeline import ledger, model_registry, registry
 from pipeline.client import Client
 from pipeline.embedded import ensure_services, start_redis, stop_services
 from pipeline.inputs import encode_inputs
@@ -28,6 +31,7 @@ from pipeline.schema import Priority
 from pipeline.scratch import ScratchServices
 from pipeline.settings import Settings
 from pipeline.splitter import split_steps
+from pipeline.states import Alias
 
 # The services a test run owns (its database and broker prefix).
 RunServices = ScratchServices
@@ -149,6 +153,15 @@ def register_champions(database_url: str, models_dir: Path) -> None:
         adopt_models_dir(engine, Settings(database_url=database_url, models_dir=models_dir), created_by="tests")
     finally:
         engine.dispose()
+
+
+def second_version(engine: Engine, settings: Settings, models_dir: Path, model: str) -> str:
+    """`model`'s trained artifact written again (the same estimator, other bytes), registered
+    as its challenger; returns the version."""
+    data = (models_dir / f"{model}.skops").read_bytes()
+    estimator = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
+    again = skops.io.dumps(estimator, compression=zipfile.ZIP_DEFLATED)
+    return model_registry.register(engine, settings, model, again, created_by="retrain", as_alias=Alias.challenger)
 
 
 PIPELINE_CLI = str(Path(sys.executable).parent / "pipeline")
@@ -288,12 +301,14 @@ def _alive(pid: int) -> bool:
 
 
 def assert_finished_and_consistent(engine: Engine, batch_id: str | uuid.UUID) -> dict[str, Any]:
-    """The invariants every fault test ends on; returns the batch row."""
+    """The invariants every fault test ends on; returns the batch row. The counters are the
+    serve sub-tasks' (a shadow roll-out's are never counted: `assert_shadow_twins`)."""
     with engine.connect() as conn:
         batch = dict(conn.execute(text("SELECT * FROM batches WHERE id = :b"), {"b": batch_id}).mappings().one())
         states = dict(
             conn.execute(
-                text("SELECT state, count(*) FROM subtasks WHERE batch_id = :b GROUP BY state"), {"b": batch_id}
+                text("SELECT state, count(*) FROM subtasks WHERE batch_id = :b AND role = 'serve' GROUP BY state"),
+                {"b": batch_id},
             ).all()
         )
         results = conn.execute(
@@ -310,3 +325,37 @@ def assert_finished_and_consistent(engine: Engine, batch_id: str | uuid.UUID) ->
     assert not {"pending", "dispatched", "running"} & set(states), f"unfinished sub-tasks left: {states}"
     assert batch["aggregate_runs"] == 1
     return batch
+
+
+def assert_shadow_twins(engine: Engine, batch_id: str | uuid.UUID, model: str, challenger: str) -> int:
+    """A shadow roll-out's sub-tasks of a batch it followed: exactly one shadow twin (seq
+    -1 - seq, `challenger`'s version) per serve sub-task of `model`, with its rows and items,
+    each finished (`succeeded`, or `failed` with a reason); returns how many."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT seq, role, model_version, state, error, rows, items FROM subtasks"
+                " WHERE batch_id = :b AND model = :m"
+            ),
+            {"b": batch_id, "m": model},
+        ).all()
+    serve = {r.seq: r for r in rows if r.role == "serve"}
+    shadows = [r for r in rows if r.role == "shadow"]
+    assert sorted(-1 - s.seq for s in shadows) == sorted(serve), f"batch {batch_id}: one shadow twin per serve sub-task"
+    for shadow in shadows:
+        twin = serve[-1 - shadow.seq]
+        assert (shadow.rows, shadow.items) == (twin.rows, twin.items), f"batch {batch_id}: shadow {shadow.seq}'s rows"
+        assert shadow.model_version == challenger != twin.model_version, f"batch {batch_id}: shadow {shadow.seq}"
+        finished = shadow.state == "succeeded" or (shadow.state == "failed" and shadow.error)
+        assert finished, f"batch {batch_id}: shadow {shadow.seq} is {shadow.state} ({shadow.error})"
+    return len(shadows)
+
+
+def rows_per_input(engine: Engine, batch_id: str | uuid.UUID, model: str) -> Counter[int]:
+    """How many rows of each input the serve sub-tasks of `model` in the batch score."""
+    with engine.connect() as conn:
+        items = conn.execute(
+            text("SELECT items FROM subtasks WHERE batch_id = :b AND model = :m AND role = 'serve'"),
+            {"b": batch_id, "m": model},
+        ).scalars()
+        return Counter(item for subtask in items for item in subtask)

@@ -14,12 +14,14 @@ from pathlib import Path
 import kombu.exceptions
 import pytest
 import redis
+from sqlalchemy import text
 
-from pipeline import broker
+from pipeline import broker, rollouts
 from pipeline.embedded import start_redis, stop_services
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.settings import Settings
-from tests.helpers import OwnStack, assert_finished_and_consistent, wait_for
+from pipeline.states import RolloutMode
+from tests.helpers import OwnStack, assert_finished_and_consistent, assert_shadow_twins, second_version, wait_for
 from tests.malformed import Malformed, publish
 
 ONE_TILE_CHUNKS = '{"digit-classifier": 1, "digit-ood": 1}'
@@ -52,6 +54,56 @@ def test_worker_killed_mid_batch_a_second_worker_finishes(own: OwnStack) -> None
     assert status.state == "succeeded"
     assert_finished_and_consistent(own.engine, batch.id)
     assert _results(own, batch.id) == (5000, 0)
+
+
+def test_worker_killed_running_shadow_sub_tasks_a_second_worker_finishes_them(own: OwnStack, models_dir: Path) -> None:
+    """With a shadow roll-out active, the worker is killed -9 while it runs shadow sub-tasks
+    (frozen first with SIGSTOP until the ledger shows some running, so the kill surely hits
+    them): past their lease the sweeper dispatches them again and a second worker finishes
+    them; the batch's state, counters and results are those it had without them."""
+    model = "poison-model"
+    challenger = second_version(own.engine, own.client.settings, models_dir, model)
+    rollouts.start(own.engine, model, version=challenger, mode=RolloutMode.shadow, started_by="faults")
+    first = own.start("workers", "--concurrency", "2")
+    own.start("aggregator", "--concurrency", "1")
+    batch = own.client.submit("poison", _points(600, poison=set()))
+    running_shadows = "SELECT id, worker FROM subtasks WHERE batch_id = :b AND role = 'shadow' AND state = 'running'"
+
+    def held_shadows() -> set[tuple[int, str]]:
+        with own.engine.connect() as conn:
+            return {(row.id, row.worker) for row in conn.execute(text(running_shadows), {"b": batch.id})}
+
+    def frozen_holding_shadows() -> set[tuple[int, str]]:
+        """The shadow sub-tasks the frozen worker holds: still running a moment after it
+        froze (a completion it sent before lands meanwhile). Thawed again when none."""
+        os.killpg(first.pid, signal.SIGSTOP)
+        if held := held_shadows():
+            time.sleep(1.0)
+            held &= held_shadows()
+        if not held:
+            os.killpg(first.pid, signal.SIGCONT)
+        return held
+
+    deadline = time.monotonic() + 300
+    while not (hit := frozen_holding_shadows()):
+        assert time.monotonic() < deadline, "the worker never ran a shadow sub-task"
+        time.sleep(0.02)
+    own.kill(first)
+    own.start("workers", "--concurrency", "2")
+    status = batch.wait(timeout=300)
+    assert status.state == "succeeded" and status.total == status.succeeded == 600
+    finished = assert_finished_and_consistent(own.engine, batch.id)
+    unfinished = "SELECT count(*) FROM subtasks WHERE batch_id = :b AND state IN ('pending', 'dispatched', 'running')"
+    wait_for(lambda: not own.count(unfinished, b=batch.id), 300, "the shadow sub-tasks")
+    assert assert_shadow_twins(own.engine, batch.id, model, challenger) == 600
+    assert assert_finished_and_consistent(own.engine, batch.id) == finished  # untouched by its shadows
+    assert _results(own, batch.id) == (600, 0)
+    with own.engine.connect() as conn:
+        again = conn.execute(
+            text("SELECT state, attempts, worker FROM subtasks WHERE id = ANY(:ids)"), {"ids": [i for i, _ in hit]}
+        ).all()
+    killed = {worker for _, worker in hit}
+    assert all(r.state == "succeeded" and r.attempts >= 2 and r.worker not in killed for r in again), again
 
 
 def test_aggregator_killed_while_splitting_or_following_a_batch(tmp_path: Path, models_dir: Path) -> None:

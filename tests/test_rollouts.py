@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import uuid
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,11 @@ from tests.helpers import (
     TEST_SPLIT_ENV,
     Processes,
     assert_one_line_error,
+    assert_shadow_twins,
     register_champions,
     run_cli,
     run_client_settings,
+    second_version,
     split_batch,
     store_batch,
     wait_for,
@@ -57,14 +58,6 @@ def own(embedded_dir: Path, models_dir: Path, tmp_path: Path) -> Iterator[tuple[
         engine = ledger.make_engine(services.database_url)
         yield services, settings, engine
         engine.dispose()
-
-
-def _second_version(engine: Engine, settings: Settings, models_dir: Path) -> str:
-    """The classifier's artifact written again (the same estimator, other bytes): a challenger."""
-    data = (models_dir / f"{CLASSIFIER}.skops").read_bytes()
-    estimator = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
-    again = skops.io.dumps(estimator, compression=zipfile.ZIP_DEFLATED)
-    return model_registry.register(engine, settings, CLASSIFIER, again, created_by="retrain", as_alias=Alias.challenger)
 
 
 def _subtasks(engine: Engine, batch_id: str) -> list[Any]:
@@ -120,7 +113,7 @@ def test_shadow_results_identical_uncounted_and_promotion_needs_pass_or_force(
 ) -> None:
     services, settings, engine = own
     v1 = model_registry.champion(engine, CLASSIFIER)
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     inputs = held_out_strips(12, seed=3)
     with _running(services, settings, models_dir, tmp_path, [CLASSIFIER, OOD]) as client:
         plain = client.submit("digits", inputs)
@@ -136,15 +129,14 @@ def test_shadow_results_identical_uncounted_and_promotion_needs_pass_or_force(
         serve = [r for r in rows if r.role == "serve"]
         shadow = [r for r in rows if r.role == "shadow"]
         assert shadow and {r.model for r in shadow} == {CLASSIFIER}
-        assert {r.model_version for r in shadow} == {v2} and {r.priority for r in shadow} == {2}
-        by_seq = {r.seq: r for r in serve if r.model == CLASSIFIER}
-        assert sorted(-1 - r.seq for r in shadow) == sorted(by_seq)
-        assert all(r.items == by_seq[-1 - r.seq].items and by_seq[-1 - r.seq].model_version == v1 for r in shadow)
+        assert {r.priority for r in shadow} == {2}
+        assert {r.model_version for r in serve if r.model == CLASSIFIER} == {v1}
         assert status.total == len(serve) and status.succeeded == len(serve)
         assert status.metrics is not None and status.metrics["model_versions"][CLASSIFIER] == [v1]
         wait_for(
             lambda: all(r.state == "succeeded" for r in _subtasks(engine, shadowed.id)), 120, "the shadow sub-tasks"
         )
+        assert assert_shadow_twins(engine, shadowed.id, CLASSIFIER, v2) == len(shadow)
 
         gate = rollouts.status(engine, CLASSIFIER)
         assert gate.batches == 1 and gate.gate is not None and gate.gate.mode == "shadow"
@@ -183,7 +175,7 @@ def test_canary_share_is_stable_per_input_and_within_sampling_error(
 ) -> None:
     _, settings, engine = own
     v1 = model_registry.champion(engine, CLASSIFIER)
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     percent = 30.0
     rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.canary, percent=percent, started_by="ana")
     inputs = held_out_strips(400, max_digits=1, seed=7)
@@ -214,7 +206,7 @@ def test_bad_rollout_commands_are_refused_and_write_nothing(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
     _, settings, engine = own
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     before = _events(engine)
     with pytest.raises(UnknownVersionError, match="is not a registered version"):
         rollouts.start(engine, CLASSIFIER, version="f" * 12, mode=RolloutMode.shadow, started_by="ana")
@@ -242,7 +234,7 @@ def test_rollout_cli_start_status_abort_and_one_line_refusals(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
     services, settings, engine = own
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     cli = functools.partial(run_cli, services, settings, "rollout")
     refused = assert_one_line_error
     refused(cli("start", "no-such-model", "--version", v2, "--mode", "shadow"), "unknown model 'no-such-model'")
@@ -379,7 +371,7 @@ def test_a_gate_error_after_a_batch_is_logged_and_recorded_on_the_rollout_not_ra
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, settings, engine = own
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
     batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
     split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)

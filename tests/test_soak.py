@@ -8,6 +8,12 @@ the submitters were given; and every process the chaos did not kill still runs, 
 kombu's Redis reconnection failure only and was restarted, as the deployment's supervisor does
 (see KOMBU_RECONNECT_CRASH).
 
+Roll-outs are active throughout (started before the submitters): the digit classifier's
+challenger in shadow, the OOD guard's as a canary of CANARY_PERCENT %. At the end every batch
+followed both; every shadow sub-task is finished, one per serve sub-task of the classifier,
+never counted; every serve sub-task ran the version the batch pinned, the canary's inputs
+the ones its hash picks; and each roll-out's gate can be computed.
+
 Settings are a production's, shortened only where recovery waits on them: a lease long
 enough for a sub-task on a loaded machine (a short one has the sweeper re-publish what is
 merely slow, again and again), a sweep every few seconds.
@@ -23,6 +29,7 @@ import subprocess
 import threading
 import time
 import traceback
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,17 +38,20 @@ from pathlib import Path
 from typing import Any
 
 import kombu.exceptions
+import numpy as np
 import psycopg
 import pytest
 import redis
 import sqlalchemy.exc
 from sqlalchemy import text
 
-from pipeline import broker
+from pipeline import broker, model_registry, rollouts
 from pipeline.client import Client
-from pipeline.pipelines.digits import held_out_strips
+from pipeline.pipelines.digits import CLASSIFIER, OOD_GUARD, held_out_strips
 from pipeline.settings import libpq_url
-from tests.helpers import OwnStack, assert_finished_and_consistent
+from pipeline.splitter import canary_inputs
+from pipeline.states import RolloutMode, RolloutState
+from tests.helpers import OwnStack, assert_finished_and_consistent, assert_shadow_twins, rows_per_input, second_version
 from tests.malformed import QUEUE_KINDS, Malformed, malformed_messages, publish
 
 SOAK_S = float(os.environ.get("PIPELINE_TEST_SOAK_S", "45"))
@@ -76,6 +86,8 @@ SUBMIT_RETRY_S = 120.0
 # supervisor (compose: `restart: unless-stopped`) restarts such a process; the soak does the
 # same, and a submitter retries such a publish with its key. Anything else fails the soak.
 KOMBU_RECONNECT_CRASH = "Unrecoverable error: AttributeError"
+# The OOD guard's canary: the share of inputs its challenger serves.
+CANARY_PERCENT = 30.0
 
 
 @dataclass
@@ -252,21 +264,107 @@ def _unfinished(own: OwnStack) -> list[dict[str, Any]]:
         return [dict(row) for row in rows]
 
 
-def _wait_until_finished(own: OwnStack, chaos: Chaos, context: str) -> None:
+def _unfinished_shadows(own: OwnStack) -> list[dict[str, Any]]:
+    with own.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT batch_id, model, seq, state, attempts, lease_until FROM subtasks"
+                " WHERE role = 'shadow' AND state IN ('pending', 'dispatched', 'running') ORDER BY id"
+            )
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+def _wait_until(own: OwnStack, chaos: Chaos, context: str, unfinished: Callable[[OwnStack], list[Any]]) -> None:
+    """Until `unfinished(own)` is empty; fails the soak with what is left after FINAL_WAIT_S."""
     deadline = time.monotonic() + FINAL_WAIT_S
-    while unfinished := _unfinished(own):
+    while left := unfinished(own):
         chaos.supervise()
         if time.monotonic() > deadline:
-            listed = "\n".join(str(row) for row in unfinished[:50])
-            waited = f"{len(unfinished)} batches unfinished {FINAL_WAIT_S:.0f} s after the chaos"
+            listed = "\n".join(str(row) for row in left[:50])
+            waited = f"{len(left)} unfinished ({unfinished.__name__}) {FINAL_WAIT_S:.0f} s after the chaos"
             pytest.fail(f"{waited} ({context}):\n{listed}")
         time.sleep(1)
 
 
+@dataclass(frozen=True)
+class SoakRollouts:
+    """The soak's roll-outs: per model, its champion and the challenger it tries."""
+
+    champions: dict[str, str]
+    challengers: dict[str, str]
+
+    @classmethod
+    def start(cls, own: OwnStack, models_dir: Path) -> SoakRollouts:
+        """A shadow roll-out of the classifier and a canary of the OOD guard, each of its
+        model's artifact registered again as the challenger."""
+        models = (CLASSIFIER, OOD_GUARD)
+        champions = {model: model_registry.champion(own.engine, model) for model in models}
+        challengers = {model: second_version(own.engine, own.client.settings, models_dir, model) for model in models}
+        shadow = challengers[CLASSIFIER]
+        rollouts.start(own.engine, CLASSIFIER, version=shadow, mode=RolloutMode.shadow, started_by="soak")
+        rollouts.start(
+            own.engine,
+            OOD_GUARD,
+            version=challengers[OOD_GUARD],
+            mode=RolloutMode.canary,
+            percent=CANARY_PERCENT,
+            started_by="soak",
+        )
+        return cls(champions, challengers)
+
+    def assert_held(self, own: OwnStack, batches: list[str], context: str) -> str:
+        """The roll-outs' invariants on every batch (see the module's docstring); returns a summary."""
+        with own.engine.connect() as conn:
+            followed = Counter(
+                str(batch_id)
+                for (batch_id,) in conn.execute(
+                    text("SELECT batch_id FROM rollout_batches JOIN rollouts ON rollouts.id = rollout_id")
+                )
+            )
+            serve = conn.execute(
+                text("SELECT batch_id, model, model_version, state, items FROM subtasks WHERE role = 'serve'")
+            ).all()
+            metrics = dict(conn.execute(text("SELECT id, metrics -> 'model_versions' FROM batches")).all())
+            pinned = dict(conn.execute(text("SELECT id, model_versions FROM batches")).all())
+        assert {batch: 2 for batch in batches} == dict(followed), f"every batch followed both roll-outs ({context})"
+        scored: dict[tuple[str, str], set[str]] = {}
+        canary_share = Counter[bool]()
+        for row in serve:
+            batch_id = str(row.batch_id)
+            if row.state == "succeeded":
+                scored.setdefault((batch_id, row.model), set()).add(row.model_version)
+            if row.model == CLASSIFIER:
+                assert row.model_version == self.champions[CLASSIFIER], f"batch {batch_id} ({context})"
+                continue
+            chosen = canary_inputs(row.batch_id, np.asarray(row.items), CANARY_PERCENT)
+            canary_share.update(chosen.tolist())
+            version = self.challengers[OOD_GUARD] if chosen.all() else self.champions[OOD_GUARD]
+            assert chosen.all() or not chosen.any(), f"batch {batch_id}: a sub-task of both versions ({context})"
+            assert row.model_version == version, f"batch {batch_id}: the canary's version ({context})"
+        shadows = 0
+        for batch_id in batches:
+            assert pinned[uuid.UUID(batch_id)] == self.champions, f"batch {batch_id} pinned ({context})"
+            for model in (CLASSIFIER, OOD_GUARD):
+                assert sorted(metrics[uuid.UUID(batch_id)][model]) == sorted(scored[batch_id, model]), context
+            rows = rows_per_input(own.engine, batch_id, CLASSIFIER)
+            assert rows == rows_per_input(own.engine, batch_id, OOD_GUARD), f"batch {batch_id} ({context})"
+            shadows += assert_shadow_twins(own.engine, batch_id, CLASSIFIER, self.challengers[CLASSIFIER])
+        verdicts = []
+        for model in (CLASSIFIER, OOD_GUARD):
+            status = rollouts.status(own.engine, model)
+            assert status.state == RolloutState.active, f"{model}: {status.reason} ({context})"
+            assert status.gate is not None and status.gate_error is None, f"{model}: {status.gate_error} ({context})"
+            verdicts.append(f"{model} {status.mode.value} {status.verdict} over {status.batches} batches")
+        share = canary_share[True] / max(1, canary_share.total())
+        return f"{shadows} shadow sub-tasks; canary rows {share:.1%} of the OOD guard's; gates: {', '.join(verdicts)}"
+
+
 @pytest.mark.services
 @pytest.mark.timeout(SOAK_S + FINAL_WAIT_S + 300)
-def test_chaos_soak(own: OwnStack) -> None:
+def test_chaos_soak(own: OwnStack, models_dir: Path) -> None:
     rng = random.Random(SEED)
+    tried = SoakRollouts.start(own, models_dir)
     workers = [own.start("workers", "--concurrency", "1") for _ in range(WORKERS)]
     aggregator = own.start("aggregator", "--concurrency", str(AGGREGATOR_CONCURRENCY))
     chaos = Chaos(own, random.Random(rng.random()), workers, aggregator)
@@ -283,8 +381,11 @@ def test_chaos_soak(own: OwnStack) -> None:
     requests = {key: request for submitter in submitters for key, request in submitter.requests.items()}
     context = f"seed {SEED}, {len(requests)} requests, chaos: {', '.join(chaos.done)}"
     chaos_ended = time.monotonic()
-    _wait_until_finished(own, chaos, context)
+    _wait_until(own, chaos, context, _unfinished)
     recovery_s = time.monotonic() - chaos_ended
+    # Shadow work is taken after all regular work: it finishes after the batches.
+    _wait_until(own, chaos, context, _unfinished_shadows)
+    shadows_s = time.monotonic() - chaos_ended
 
     with own.engine.connect() as conn:
         batches = {str(row.id): row for row in conn.execute(text("SELECT id, state, items, error FROM batches"))}
@@ -295,6 +396,7 @@ def test_chaos_soak(own: OwnStack) -> None:
     assert not failed, f"batches not succeeded ({context}): {failed}"
     for batch_id in batches:
         assert_finished_and_consistent(own.engine, batch_id)
+    held = tried.assert_held(own, list(batches), context)
 
     chaos.supervise()  # an exit other than kombu's reconnection failure fails here
     with own.engine.connect() as conn:
@@ -305,6 +407,7 @@ def test_chaos_soak(own: OwnStack) -> None:
     print(
         f"soak: {len(requests)} requests ({sum(r.submits for r in requests.values())} submits,"
         f" {sum(given.values())} inputs), {len(chaos.done)} disruptions, all finished {recovery_s:.0f} s"
-        f" after the chaos; submit retries: {Counter(name for s in submitters for name in s.retried)};"
+        f" after the chaos, shadow work {shadows_s:.0f} s; roll-outs: {held};"
+        f" submit retries: {Counter(name for s in submitters for name in s.retried)};"
         f" restarted by the supervisor after kombu's reconnection failure: {Counter(chaos.supervised)} ({context})"
     )
