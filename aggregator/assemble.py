@@ -142,6 +142,8 @@ class ModelOutputs:
             served[page.items] = code
             pages.append(page)
             errors.update(failed)
+        # An input with rows in a failed sub-task has no version, even if others of its rows ran.
+        served[list(errors)] = UNSCORED
         if len(pages) == 1:
             return pages[0], errors, served
         items = np.concatenate([page.items for page in pages])
