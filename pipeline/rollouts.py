@@ -80,7 +80,8 @@ class GateError(BaseModel):
 
 class RolloutStatus(BaseModel):
     """A roll-out as `rollout status` shows it; `gate` is the latest `GateResult` (None before
-    any batch of it was judged) and `gate_error` why it could not be recomputed since."""
+    any batch of it was judged), `gate_at` when it was computed, and `gate_error` why it could
+    not be recomputed since."""
 
     id: int
     model: str
@@ -95,6 +96,7 @@ class RolloutStatus(BaseModel):
     reason: str | None
     batches: int
     gate: GateResult | None
+    gate_at: datetime | None = None
     gate_error: GateError | None = None
 
     @property
@@ -117,6 +119,7 @@ def _status(record: rollout_rows.RolloutRecord) -> RolloutStatus:
         reason=record.reason,
         batches=record.batches,
         gate=None if record.gate is None or "verdict" not in record.gate else GateResult.model_validate(record.gate),
+        gate_at=None if record.gate is None else record.gate.get("computed_at"),
         gate_error=None if record.gate is None or "error" not in record.gate else record.gate["error"],
     )
 
@@ -459,11 +462,17 @@ def read_evidence(
     return subtasks, evidence(spec, rollout, subtasks, row_labels)
 
 
-def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> GateResult | None:
+def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout, seen: int | None = None) -> GateResult | None:
     """Abort `rollout` automatically when its challenger must stop (recorded with the
-    reason), else recompute its gate and store it. Returns the gate; None when aborted."""
+    reason), else recompute its gate and store it. `seen`: the finished sub-tasks its stored
+    gate saw; when that is still their number, nothing new can change the gate and it is
+    kept. Returns the gate; None when aborted or kept."""
     with engine.connect() as conn:
-        champion, challenger = _split_counts(rollout, rollout_rows.version_counts(conn, rollout.id, rollout.model))
+        counts = rollout_rows.version_counts(conn, rollout.id, rollout.model)
+    finished = sum(count.finished for count in counts)
+    if seen is not None and finished == seen:
+        return None
+    champion, challenger = _split_counts(rollout, counts)
     why = abort_reason(champion, challenger, ABORT_RULE)
     if why is not None:
         with engine.begin() as conn:
@@ -483,17 +492,19 @@ def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> Gat
     gate = judge(found)
     summary = f"{gate.verdict}: " + "; ".join(gate.reasons) if gate.reasons else gate.verdict
     with engine.begin() as conn:
-        if rollout_rows.record_gate(conn, rollout.id, gate.model_dump(mode="json"), summary):
+        if rollout_rows.record_gate(conn, rollout.id, gate.model_dump(mode="json"), summary, finished):
             log.info("roll-out %d of %s: gate %s", rollout.id, rollout.model, gate.verdict)
     return gate
 
 
-def _evaluate_recording_errors(engine: Engine, rollout: rollout_rows.ActiveRollout, after: str) -> None:
+def _evaluate_recording_errors(
+    engine: Engine, rollout: rollout_rows.ActiveRollout, after: str, seen: int | None = None
+) -> None:
     """`evaluate_rollout`, where an error of the gate (`GATE_ERRORS`) is logged with its
     traceback and recorded on the roll-out (`gate.error`, until a later gate succeeds)
     instead of raised: a bad evidence row must not fail the caller's work."""
     try:
-        evaluate_rollout(engine, rollout)
+        evaluate_rollout(engine, rollout, seen)
     except GATE_ERRORS as error:
         log.exception("roll-out %d of %s: the gate could not be computed %s", rollout.id, rollout.model, after)
         recorded = GateError(at=datetime.now(UTC), after=after, error=f"{type(error).__name__}: {error}")
@@ -501,15 +512,29 @@ def _evaluate_recording_errors(engine: Engine, rollout: rollout_rows.ActiveRollo
             rollout_rows.record_gate_error(conn, rollout.id, recorded.model_dump(mode="json"))
 
 
-def evaluate_batch(engine: Engine, batch_id: uuid.UUID, after: str = "after batch") -> None:
+def evaluate_batch(engine: Engine, batch_id: uuid.UUID, after: str = "after batch", min_age_s: float = 0.0) -> None:
     """After `batch_id` is aggregated, or labels for it are stored (committed): judge each
-    active roll-out its split followed (one query when it followed none). An error of the
-    gate is logged and recorded on the roll-out (`after` names the moment), never raised: the
-    batch and its labels are done whatever the gate makes of them."""
+    active roll-out its split followed whose stored gate is at least `min_age_s` old (one
+    query when none is). The aggregate passes `PIPELINE_ROLLOUT_GATE_INTERVAL_S`: a stream
+    of small batches, aggregated in the workers, then recomputes a gate at most once per
+    interval, and `refresh_gates` catches up on what it skipped. An error of the gate is
+    logged and recorded on the roll-out (`after` names the moment), never raised: the batch
+    and its labels are done whatever the gate makes of them."""
     with engine.connect() as conn:
-        active = rollout_rows.active_rollouts_of_batch(conn, batch_id)
-    for rollout in active:
+        due = rollout_rows.due_rollouts_of_batch(conn, batch_id, min_age_s)
+    for rollout in due:
         _evaluate_recording_errors(engine, rollout, f"{after} {batch_id}")
+
+
+def refresh_gates(engine: Engine, min_age_s: float) -> None:
+    """Recompute the gate of every active roll-out whose stored gate is at least `min_age_s`
+    old and whose sub-tasks finished since (the shadow sub-tasks of its last batches, which
+    finish after them, or batches whose gate `evaluate_batch` skipped). The aggregator's
+    sweeper runs it at each sweep. Errors of the gate are recorded, as `evaluate_batch` does."""
+    with engine.connect() as conn:
+        stale = rollout_rows.stale_rollouts(conn, min_age_s)
+    for rollout, seen in stale:
+        _evaluate_recording_errors(engine, rollout, "on the sweeper's refresh", seen)
 
 
 def as_json(status: RolloutStatus) -> dict[str, Any]:

@@ -329,6 +329,53 @@ def test_gate_passes_a_reseeded_forest_and_fails_one_fitted_on_shuffled_labels(
         assert model_registry.champion(engine, screening.FOREST) == reseeded
 
 
+def test_a_gate_is_recomputed_after_a_batch_at_most_once_per_interval_and_the_sweeper_catches_up(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path
+) -> None:
+    _, settings, engine = own
+    v2 = _second_version(engine, settings, models_dir)
+    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
+    batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
+    split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)
+    outputs = registry.get_model(CLASSIFIER).n_outputs
+    finish = text(
+        "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(), finished_at = clock_timestamp(),"
+        " predict_cpu_s = 0.001, output = decode(repeat('3e000000', rows * :outputs), 'hex')"
+        " WHERE batch_id = :b AND model = :m AND (role = 'serve' OR seq <> -1)"
+    )
+    with engine.begin() as conn:
+        # Every classifier sub-task done but one shadow twin, which finishes after the batch.
+        conn.execute(finish, {"b": batch_id, "m": CLASSIFIER, "outputs": outputs})
+
+    def gate_at() -> Any:
+        return rollouts.status(engine, CLASSIFIER, refresh=False).gate_at
+
+    rollouts.evaluate_batch(engine, batch_id, min_age_s=60)
+    first = gate_at()
+    assert first is not None  # no gate yet: due
+    rollouts.evaluate_batch(engine, batch_id, min_age_s=60)
+    assert gate_at() == first  # computed less than 60 s ago: skipped
+    rollouts.refresh_gates(engine, min_age_s=0)
+    assert gate_at() == first  # nothing finished since: kept
+    paired_before = rollouts.status(engine, CLASSIFIER, refresh=False).gate
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(),"
+                " finished_at = clock_timestamp(), predict_cpu_s = 0.001,"
+                " output = decode(repeat('3e000000', rows * :outputs), 'hex')"
+                " WHERE batch_id = :b AND model = :m AND role = 'shadow' AND seq = -1"
+            ),
+            {"b": batch_id, "m": CLASSIFIER, "outputs": outputs},
+        )
+    rollouts.refresh_gates(engine, min_age_s=0)
+    after = rollouts.status(engine, CLASSIFIER, refresh=False)
+    assert after.gate_at is not None and after.gate_at > first  # the late shadow twin: recomputed
+    assert paired_before is not None and after.gate is not None
+    rows_before = max(check.n_challenger for check in paired_before.checks if check.kind == "behaviour")
+    assert max(check.n_challenger for check in after.gate.checks if check.kind == "behaviour") > rows_before
+
+
 def test_a_gate_error_after_a_batch_is_logged_and_recorded_on_the_rollout_not_raised(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

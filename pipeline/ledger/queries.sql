@@ -338,12 +338,16 @@ SELECT model, :event, version, :actor, :reason FROM ended
 RETURNING id
 
 -- name: record_gate
--- An active roll-out's latest gate; a `rollout_verdict` event only when the overall verdict
--- changed (every CTE reads the row as it was before the UPDATE).
+-- An active roll-out's latest gate, with when it was computed and the finished sub-tasks it
+-- saw (what decides whether it is due again); a `rollout_verdict` event only when the overall
+-- verdict changed (every CTE reads the row as it was before the UPDATE).
 WITH previous AS (
   SELECT gate ->> 'verdict' AS verdict FROM rollouts WHERE id = :id AND state = 'active'
 ), stored AS (
-  UPDATE rollouts SET gate = CAST(:gate AS jsonb) WHERE id = :id AND state = 'active'
+  UPDATE rollouts
+  SET gate = CAST(:gate AS jsonb)
+             || jsonb_build_object('computed_at', clock_timestamp(), 'finished_subtasks', CAST(:finished AS bigint))
+  WHERE id = :id AND state = 'active'
   RETURNING model, version
 )
 INSERT INTO model_events (model, event, version, actor, reason)

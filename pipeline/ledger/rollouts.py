@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Text, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import BigInteger, Connection, Text, bindparam, func, literal, select
+from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
 
 from pipeline.ledger import queries
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES
@@ -94,6 +94,21 @@ ACTIVE_OF_BATCH = (
     .where(Rollout.state == RolloutState.active, RolloutBatch.batch_id == bindparam("batch_id"))
     .order_by(Rollout.id)
 )
+# When the stored gate was computed; -infinity before any (or with only an error stored).
+_gate_at = func.coalesce(
+    Rollout.gate["computed_at"].astext.cast(TIMESTAMP(timezone=True)),
+    literal("-infinity").cast(TIMESTAMP(timezone=True)),
+)
+_gate_due = _gate_at <= func.clock_timestamp() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("min_age_s"))
+DUE_OF_BATCH = ACTIVE_OF_BATCH.where(_gate_due)
+STALE = select(
+    Rollout.id,
+    Rollout.model,
+    Rollout.version,
+    Rollout.mode,
+    Rollout.percent,
+    Rollout.gate["finished_subtasks"].astext.cast(BigInteger).label("seen"),
+).where(Rollout.state == RolloutState.active, _gate_due)
 _batches_of = select(func.count()).where(RolloutBatch.rollout_id == Rollout.id).scalar_subquery().label("batches")
 
 
@@ -128,10 +143,17 @@ def end_rollout(
     return ended is not None
 
 
-def record_gate(conn: Connection, rollout_id: int, gate: dict[str, Any], summary: str) -> bool:
-    """Store an active roll-out's latest gate; when its overall verdict changed, also a
-    `rollout_verdict` event with `summary` (one statement). True when it wrote an event."""
-    parameters = {"id": rollout_id, "gate": json.dumps(gate), "verdict": gate["verdict"], "summary": summary}
+def record_gate(conn: Connection, rollout_id: int, gate: dict[str, Any], summary: str, finished: int) -> bool:
+    """Store an active roll-out's latest gate, when it was computed and the `finished`
+    sub-tasks it saw; when its overall verdict changed, also a `rollout_verdict` event with
+    `summary` (one statement). True when it wrote an event."""
+    parameters = {
+        "id": rollout_id,
+        "gate": json.dumps(gate),
+        "verdict": gate["verdict"],
+        "summary": summary,
+        "finished": finished,
+    }
     event = conn.execute(queries.RECORD_GATE, parameters).first()
     return event is not None
 
@@ -150,6 +172,19 @@ def add_rollout_batch(conn: Connection, rollout_ids: Sequence[int], batch_id: uu
 def active_rollouts_of_batch(conn: Connection, batch_id: uuid.UUID) -> list[ActiveRollout]:
     """The active roll-outs whose versions `batch_id`'s split pinned."""
     return _active(conn.execute(ACTIVE_OF_BATCH, {"batch_id": batch_id}))
+
+
+def due_rollouts_of_batch(conn: Connection, batch_id: uuid.UUID, min_age_s: float) -> list[ActiveRollout]:
+    """The active roll-outs whose versions `batch_id`'s split pinned and whose stored gate
+    was computed at least `min_age_s` ago (or never)."""
+    return _active(conn.execute(DUE_OF_BATCH, {"batch_id": batch_id, "min_age_s": min_age_s}))
+
+
+def stale_rollouts(conn: Connection, min_age_s: float) -> list[tuple[ActiveRollout, int | None]]:
+    """Every active roll-out whose stored gate was computed at least `min_age_s` ago (or
+    never), with the finished sub-tasks that gate saw (None before any gate)."""
+    rows = conn.execute(STALE, {"min_age_s": min_age_s}).all()
+    return [(rollout, row.seen) for rollout, row in zip(_active(rows), rows)]
 
 
 def latest_rollout(conn: Connection, model: str) -> RolloutRecord | None:
