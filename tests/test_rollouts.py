@@ -625,10 +625,12 @@ def test_results_name_the_versions_that_scored_them_canary_inputs_the_challenger
     rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.canary, percent=percent, started_by="ana")
     strips = held_out_strips(60, max_digits=3, seed=3)
     batch_id, _ = store_batch(engine, strips)
-    # 4 rows a sub-task: a strip's tiles can span two; the challenger's first one fails.
+    # 4 rows a sub-task: a strip's tiles can span two. A challenger sub-task whose last strip
+    # goes on into the next one fails: that strip has no classifier version, though some of its rows ran.
     split_batch(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, step_items=25)
-    first = min(r.seq for r in _subtasks(engine, str(batch_id)) if r.model_version == v2)
-    _score_in_process(engine, batch_id, fail=lambda s: s.model == CLASSIFIER and s.seq == first)
+    challenger = [r for r in _subtasks(engine, str(batch_id)) if r.model_version == v2]
+    failing = next(r.seq for r, after in zip(challenger, challenger[1:]) if r.items[-1] == after.items[0])
+    _score_in_process(engine, batch_id, fail=lambda s: s.model == CLASSIFIER and s.seq == failing)
     assert aggregate_batch(engine, batch_id) == "partial"
 
     chosen = canary_inputs(batch_id, np.arange(len(strips)), percent)
