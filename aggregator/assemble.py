@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, Row
 
 from aggregator.metrics import batch_metrics
+from aggregator.versions import UNSCORED, ResultVersions
 from pipeline import ledger, registry, rollouts
 from pipeline.definition import ModelSpec, PageOutputs
 from pipeline.estimation import ScoreCounts
@@ -130,19 +131,24 @@ class ModelOutputs:
         self.spec = spec
         self._streams = streams
 
-    def take_page(self, first: int, count: int) -> tuple[PageOutputs, dict[int, str]]:
-        """As `ModelOutputStream.take_page`, over every stream of the model."""
-        if len(self._streams) == 1:
-            return self._streams[0].take_page(first, count)
+    def take_page(self, first: int, count: int) -> tuple[PageOutputs, dict[int, str], np.ndarray]:
+        """As `ModelOutputStream.take_page`, over every stream of the model; with, per input of
+        the page, the index of the stream whose rows it has (UNSCORED: none)."""
+        served = np.full(count, UNSCORED, np.int8)
         pages: list[PageOutputs] = []
         errors: dict[int, str] = {}
-        for stream in self._streams:
+        for code, stream in enumerate(self._streams):
             page, failed = stream.take_page(first, count)
+            served[page.items] = code
             pages.append(page)
             errors.update(failed)
+        # An input with rows in a failed sub-task has no version, even if others of its rows ran.
+        served[list(errors)] = UNSCORED
+        if len(pages) == 1:
+            return pages[0], errors, served
         items = np.concatenate([page.items for page in pages])
         order = np.argsort(items, kind="stable")
-        return PageOutputs(np.concatenate([page.rows for page in pages])[order], items[order]), errors
+        return PageOutputs(np.concatenate([page.rows for page in pages])[order], items[order]), errors, served
 
 
 class FailureCauses:
@@ -230,6 +236,9 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
             ModelOutputs(spec, [ModelOutputStream(spec, partial(outputs.fetch, key)) for key in keys[spec.name]])
             for spec in pipeline.models
         ]
+        versions = ResultVersions(
+            batch.model_versions or {}, {name: [version for _, version in key] for name, key in keys.items()}
+        )
         kpis = pipeline.kpis()
         # CBPE: the pages' scores, calibrated once the scoring version is known (batch_metrics).
         scores = ScoreCounts() if pipeline.estimation is not None else None
@@ -247,8 +256,10 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 errors[index] = unsplit_error
             page_outputs = {}
             failures: dict[str, dict[int, str]] = {}
+            served: dict[str, np.ndarray] = {}
             for stream in streams:
-                page_outputs[stream.spec.name], failures[stream.spec.name] = stream.take_page(page.first, page.count)
+                name = stream.spec.name
+                page_outputs[name], failures[name], served[name] = stream.take_page(page.first, page.count)
                 for index, reason in failures[stream.spec.name].items():
                     message = f"model {stream.spec.name!r}: {reason}"
                     errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
@@ -269,6 +280,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 page.first,
                 results,
                 [None if r is not None else e or "the pipeline gave no result" for r, e in zip(results, errors)],
+                versions.page_json(served),
             )
         if following:
             due = _due_batch(conn, batch_id)

@@ -95,11 +95,15 @@ class BatchStatus(BaseModel):
 
 
 class ItemResult(BaseModel):
-    """One input's result: `output` when it has one, else the `error` saying why not."""
+    """One input's result: `output` when it has one, else the `error` saying why not;
+    `model_versions`: per model, the version (artifact SHA-256) that scored the input's rows
+    (a canary's challenger for the inputs it serves; a model that scored none of them, its
+    sub-task failed or cancelled, is absent)."""
 
     item: int
     output: dict[str, Any] | None
     error: str | None
+    model_versions: dict[str, str]
 
 
 class BatchHandle:
@@ -207,7 +211,7 @@ class BatchHandle:
         (constant memory). Yields nothing before the batch has finished: results are
         written when it is aggregated."""
         for row in ledger.iter_results(self._client.engine, self._uuid):
-            yield ItemResult(item=row.item, output=row.output, error=row.error)
+            yield ItemResult(item=row.item, output=row.output, error=row.error, model_versions=row.model_versions)
 
     def add_labels(self, labels: Mapping[int, Any]) -> ledger.StoredLabels:
         """Store ground truth that arrived after the batch: `{input index: label}`, each label

@@ -184,6 +184,9 @@ class ResultPage(Base):
     outputs: Mapped[list[Any]] = mapped_column(JSON)
     # JSON array, per input null or why it has no output; NULL when every input has one.
     errors: Mapped[list[Any] | None] = mapped_column(JSON)
+    # JSON array, per input null (the batch's pinned `model_versions`) or {model: version, or
+    # null where the model scored none of its rows} where they differ; NULL when no input's do.
+    versions: Mapped[list[Any] | None] = mapped_column(JSON)
 
 
 class DeadLetter(Base):

@@ -330,9 +330,12 @@ def test_results_out_splits_failed_inputs(
     succeeded = [json.loads(line) for line in out.read_text().splitlines()]
     failed = [json.loads(line) for line in (tmp_path / "results.errors.jsonl").read_text().splitlines()]
     assert [row["item"] for row in succeeded] == [i for i in range(12) if i not in bad]
-    assert all(set(row) == {"item", "output"} and 0 <= row["output"]["p"] <= 1 for row in succeeded)
+    assert all(set(row) == {"item", "output", "model_versions"} and 0 <= row["output"]["p"] <= 1 for row in succeeded)
     assert [row["item"] for row in failed] == sorted(bad)
-    assert all(set(row) == {"item", "error"} and row["error"] for row in failed)
+    assert all(set(row) == {"item", "error", "model_versions"} and row["error"] for row in failed)
+    # The pinned champion scored every input; a failed input's rows have no version.
+    assert len({row["model_versions"]["poison-model"] for row in succeeded}) == 1
+    assert all(row["model_versions"] == {} for row in failed)
     assert f"9 results written to {out}, 3 failed inputs to {tmp_path / 'results.errors.jsonl'}" in run.stdout
 
 

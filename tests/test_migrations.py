@@ -1,5 +1,6 @@
 """Migration 0004 keeps what the per-input tables held: results and inputs become pages,
-and a batch stored before it can still be split and read."""
+and a batch stored before it can still be split and read; after 0014 its results read the
+batch's pinned versions."""
 
 from __future__ import annotations
 
@@ -77,6 +78,22 @@ def test_upgrade_keeps_inputs_and_results(database_at_0003: str, models_dir: Pat
             ).all()
             split_items = dict(conn.execute(text("SELECT id, split_items FROM batches")).all())
         assert [tuple(row) for row in results] == finished_results
+        with engine.connect() as conn:
+            # Revision 0014: pages stored before it have no per-input versions; a batch that
+            # pinned none (split before revision 0010) names none.
+            versions = conn.execute(
+                text("SELECT model_versions FROM results WHERE batch_id = :b ORDER BY item"), {"b": finished}
+            ).scalars()
+            assert list(versions) == [{}] * 3
+            conn.execute(
+                text("UPDATE batches SET model_versions = CAST(:v AS jsonb) WHERE id = :b"),
+                {"b": finished, "v": json.dumps({"digit-classifier": "a" * 64})},
+            )
+            pinned = conn.execute(
+                text("SELECT DISTINCT model_versions FROM results WHERE batch_id = :b"), {"b": finished}
+            ).scalar_one()
+            assert pinned == {"digit-classifier": "a" * 64}
+            conn.rollback()
         assert split_items == {finished: 3, pending: 0}
 
         # The pending batch's inputs were stored as whole items: its split still reads their features.

@@ -20,6 +20,7 @@ import pytest
 import skops.io
 from sqlalchemy import Engine, text
 
+from aggregator.assemble import aggregate_batch
 from pipeline import heartbeat, ledger, model_registry, registry, rollouts
 from pipeline.client import Client
 from pipeline.errors import InvalidArgumentError, RolloutError, UnknownVersionError
@@ -29,7 +30,7 @@ from pipeline.pipelines import screening
 from pipeline.pipelines.digits import DigitsPipeline, held_out_strips, tile_labels
 from pipeline.scratch import ScratchServices, delete_keys, scratch_services
 from pipeline.settings import Settings
-from pipeline.splitter import canary_inputs
+from pipeline.splitter import canary_inputs, split_steps
 from pipeline.states import Alias, RolloutMode, RolloutState
 from tests.helpers import (
     TEST_CHUNK_SIZES,
@@ -560,3 +561,96 @@ def test_labels_stored_after_batches_decide_a_canary_pass_and_a_shadow_kpi_fail(
         assert any(reason.startswith("kpi:accuracy:") for reason in gate.reasons), gate.reasons
         # The labels decide quality: the behaviour checks that fail only warn.
         assert any("a warning only" in reason for reason in gate.reasons), gate.reasons
+
+
+def _score_in_process(engine: Engine, batch_id: uuid.UUID, fail: Any = None) -> None:
+    """Claim and finish every sub-task of a split batch here, as a worker would (one-hot digit
+    1, in distribution), each with its pinned version; `fail(subtask)` says which fail for good."""
+    for row in _subtasks(engine, str(batch_id)):
+        with engine.connect() as conn:
+            subtask_id = conn.execute(
+                text("SELECT id FROM subtasks WHERE batch_id = :b AND model = :m AND seq = :s"),
+                {"b": batch_id, "m": row.model, "s": row.seq},
+            ).scalar_one()
+        claim = ledger.claim_subtask(engine, subtask_id, "test-worker", lease_s=300)
+        assert claim is not None
+        if fail is not None and fail(row):
+            ledger.fail_subtask(engine, claim, "RuntimeError: boom", retry=False, lease_s=300)
+            continue
+        rows = np.ones((claim.rows, registry.get_model(claim.model).n_outputs), dtype="<f4")
+        if claim.model == CLASSIFIER:
+            rows[:] = 0
+            rows[:, 1] = 1
+        assert claim.model_version is not None
+        ledger.complete_subtask(engine, claim, rows.tobytes(), claim.model_version, None)
+
+
+def _versions_read(
+    engine: Engine, services: ScratchServices, settings: Settings, batch_id: uuid.UUID, out: Path
+) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """Each input's `model_versions` through the `results` view, the client and `pipeline
+    results --out` (results and errors files merged, in item order); and the stored page versions."""
+    with engine.connect() as conn:
+        view = conn.execute(
+            text("SELECT model_versions FROM results WHERE batch_id = :b ORDER BY item"), {"b": batch_id}
+        ).scalars()
+        pages = conn.execute(
+            text("SELECT versions FROM result_pages WHERE batch_id = :b ORDER BY first_item"), {"b": batch_id}
+        ).scalars()
+        by_view, stored = list(view), list(pages)
+    with Client(settings) as client:
+        by_client = [result.model_versions for result in client.batch(str(batch_id)).results()]
+    run = run_cli(services, settings, "results", str(batch_id), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for path in (out, out.with_suffix(".errors.jsonl")) for line in path.open()]
+    by_cli = [line["model_versions"] for line in sorted(lines, key=lambda line: line["item"])]
+    return by_view, by_client, by_cli, stored
+
+
+def test_results_name_the_versions_that_scored_them_canary_inputs_the_challenger(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path, tmp_path: Path
+) -> None:
+    services, settings, engine = own
+    v1, ood = model_registry.champion(engine, CLASSIFIER), model_registry.champion(engine, OOD)
+    v2 = _second_version(engine, settings, models_dir)
+    percent = 40.0
+    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.canary, percent=percent, started_by="ana")
+    strips = held_out_strips(60, max_digits=3, seed=3)
+    batch_id, _ = store_batch(engine, strips)
+    # 4 rows a sub-task: a strip's tiles can span two. A challenger sub-task whose last strip
+    # goes on into the next one fails: that strip has no classifier version, though some of its rows ran.
+    split_batch(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, step_items=25)
+    challenger = [r for r in _subtasks(engine, str(batch_id)) if r.model_version == v2]
+    failing = next(r.seq for r, after in zip(challenger, challenger[1:]) if r.items[-1] == after.items[0])
+    _score_in_process(engine, batch_id, fail=lambda s: s.model == CLASSIFIER and s.seq == failing)
+    assert aggregate_batch(engine, batch_id) == "partial"
+
+    chosen = canary_inputs(batch_id, np.arange(len(strips)), percent)
+    assert 0 < chosen.sum() < len(strips)
+    failed = {i for r in _subtasks(engine, str(batch_id)) if r.state == "failed" for i in r.items}
+    assert failed and failed <= set(np.flatnonzero(chosen).tolist())
+    expected = [
+        {OOD: ood} | ({} if item in failed else {CLASSIFIER: v2 if chosen[item] else v1}) for item in range(len(strips))
+    ]
+    by_view, by_client, by_cli, stored = _versions_read(engine, services, settings, batch_id, tmp_path / "c.jsonl")
+    assert by_view == by_client == by_cli == expected
+    assert stored[0] is not None and len(stored[0]) == len(strips)  # per input: overrides or null
+    assert all(entry is None or set(entry) == {CLASSIFIER} for entry in stored[0])
+    rollouts.abort(engine, CLASSIFIER, actor="ana")
+
+    # No roll-out: the pinned champions, and nothing stored per input.
+    batch_id, _ = store_batch(engine, strips)
+    split_batch(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, step_items=25)
+    _score_in_process(engine, batch_id)
+    assert aggregate_batch(engine, batch_id) == "succeeded"
+    by_view, by_client, by_cli, stored = _versions_read(engine, services, settings, batch_id, tmp_path / "n.jsonl")
+    assert by_view == by_client == by_cli == [{CLASSIFIER: v1, OOD: ood}] * len(strips)
+    assert stored == [None]
+
+    # A split that fails after its first step: no model scored any input.
+    batch_id, _ = store_batch(engine, strips)
+    next(split_steps(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, 25))
+    with engine.begin() as conn:
+        ledger.fail_pending_batch(conn, batch_id, "split failed: boom")
+    by_view, by_client, by_cli, stored = _versions_read(engine, services, settings, batch_id, tmp_path / "f.jsonl")
+    assert by_view == by_client == by_cli == [{}] * len(strips)

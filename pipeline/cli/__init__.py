@@ -329,6 +329,11 @@ def _open_for_writing(path: Path) -> TextIO:
         raise click.ClickException(f"cannot write {path}: {error.strerror}") from None
 
 
+# The fields of `results --out`'s lines: FILE.jsonl's, FILE.errors.jsonl's.
+SUCCEEDED_FIELDS = {"item", "output", "model_versions"}
+FAILED_FIELDS = {"item", "error", "model_versions"}
+
+
 def errors_path(out: Path) -> Path:
     """Where `results --out FILE.jsonl` writes the failed inputs: FILE.errors.jsonl."""
     return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
@@ -344,10 +349,11 @@ def errors_path(out: Path) -> Path:
 def results(batch_id: str, out: Path | None) -> None:
     """Stream a finished batch's per-input results as JSON lines, in input order.
 
-    To stdout, one `{"item", "output", "error"}` line per input. With --out FILE.jsonl,
-    `{"item", "output"}` for each input with a result goes to FILE.jsonl and
-    `{"item", "error"}` for each input without one to FILE.errors.jsonl (both written,
-    possibly empty), then the counts are printed.
+    To stdout, one `{"item", "output", "error", "model_versions"}` line per input. With
+    --out FILE.jsonl, `{"item", "output", "model_versions"}` for each input with a result
+    goes to FILE.jsonl and `{"item", "error", "model_versions"}` for each input without one
+    to FILE.errors.jsonl (both written, possibly empty), then the counts are printed.
+    `model_versions`: per model, the version that scored the input's rows.
     """
     batch = _client().batch(batch_id)
     status = batch.status()
@@ -369,9 +375,9 @@ def results(batch_id: str, out: Path | None) -> None:
         task = progress.add_task("results", total=status.items)
         for result in batch.results():
             if result.error is None:
-                succeeded_file.write(json.dumps({"item": result.item, "output": result.output}) + "\n")
+                succeeded_file.write(result.model_dump_json(include=SUCCEEDED_FIELDS) + "\n")
             else:
-                failed_file.write(json.dumps({"item": result.item, "error": result.error}) + "\n")
+                failed_file.write(result.model_dump_json(include=FAILED_FIELDS) + "\n")
                 failed += 1
             written += 1
             if written % PROGRESS_STEP == 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,28 +47,47 @@ def input_pages(
 
 @dataclass(frozen=True)
 class StoredResult:
-    """One input's row of the `results` view."""
+    """One input's row of the `results` view; `model_versions` may be shared by the results
+    of a page (read-only)."""
 
     item: int
     output: dict[str, Any] | None
     error: str | None
+    model_versions: Mapping[str, str]
 
 
-# A batch's next result page after an item, and whether it holds the batch's last input.
+# A batch's next result page after an item, its pinned versions, and whether it holds the
+# batch's last input.
 RESULT_PAGE = (
     select(
         ResultPage.first_item,
         ResultPage.outputs,
         ResultPage.errors,
-        (
-            ResultPage.first_item + ResultPage.items
-            >= select(Batch.items).where(Batch.id == ResultPage.batch_id).scalar_subquery()
-        ).label("last"),
+        ResultPage.versions,
+        Batch.model_versions.label("pinned"),
+        (ResultPage.first_item + ResultPage.items >= Batch.items).label("last"),
     )
+    .join(Batch, Batch.id == ResultPage.batch_id)
     .where(ResultPage.batch_id == bindparam("batch_id"), ResultPage.first_item > bindparam("after"))
     .order_by(ResultPage.first_item)
     .limit(1)
 )
+
+
+def input_versions(
+    pinned: Mapping[str, str], versions: list[dict[str, str | None] | None] | None, count: int
+) -> list[Mapping[str, str]]:
+    """Per input of a result page, the versions that scored it, as the `results` view's
+    `model_versions`: `pinned` (one shared mapping) merged with the input's entry of the
+    page's `versions`, nulls dropped."""
+    if versions is None:
+        return [pinned] * count
+    return [
+        pinned
+        if override is None
+        else {model: version for model, version in {**pinned, **override}.items() if version is not None}
+        for override in versions
+    ]
 
 
 def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
@@ -79,19 +98,27 @@ def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
             page = conn.execute(RESULT_PAGE, {"batch_id": batch_id, "after": after}).first()
         if page is None:
             return
-        errors = page.errors or [None] * len(page.outputs)
-        for index, (output, error) in enumerate(zip(page.outputs, errors, strict=True)):
-            yield StoredResult(page.first_item + index, output, error)
+        count = len(page.outputs)
+        errors = page.errors or [None] * count
+        versions = input_versions(page.pinned or {}, page.versions, count)
+        for index, (output, error, used) in enumerate(zip(page.outputs, errors, versions, strict=True)):
+            yield StoredResult(page.first_item + index, output, error, used)
         if page.last:
             return
         after = page.first_item
 
 
 def copy_result_page(
-    conn: Connection, batch_id: uuid.UUID, first: int, outputs: Sequence[str | None], errors: Sequence[str | None]
+    conn: Connection,
+    batch_id: uuid.UUID,
+    first: int,
+    outputs: Sequence[str | None],
+    errors: Sequence[str | None],
+    versions: str | None,
 ) -> None:
     """Store the results of inputs `first` .. `first + len(outputs) - 1`: per input its
-    output as JSON text, or None and in `errors` why it has none."""
+    output as JSON text, or None and in `errors` why it has none; `versions`: the page's
+    `result_pages.versions` as JSON text (None: every input has the batch's pinned versions)."""
     outputs_json = "[" + ",".join("null" if output is None else output for output in outputs) + "]"
     errors_json = json.dumps(list(errors)) if any(error is not None for error in errors) else None
-    copy_rows(conn, queries.COPY_RESULT_PAGE, [(batch_id, first, len(outputs), outputs_json, errors_json)])
+    copy_rows(conn, queries.COPY_RESULT_PAGE, [(batch_id, first, len(outputs), outputs_json, errors_json, versions)])

@@ -51,17 +51,24 @@ COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version, role) FROM STDIN
 
 -- name: copy_result_page
-COPY result_pages (batch_id, first_item, items, outputs, errors) FROM STDIN
+COPY result_pages (batch_id, first_item, items, outputs, errors, versions) FROM STDIN
 
 -- name: failed_result_pages
 -- A batch whose split failed: every input gets the error as its result, one result page per
--- input page (set-based, whatever the batch's size).
-INSERT INTO result_pages (batch_id, first_item, items, outputs, errors)
-SELECT batch_id, first_item, items,
-       to_json(array_fill(NULL::text, ARRAY[items])),
-       to_json(array_fill(CAST(:error AS text), ARRAY[items]))
-FROM input_pages
-WHERE batch_id = :batch_id
+-- input page (set-based, whatever the batch's size). No model scored any input: each input
+-- drops every version the batch pinned (none pinned: `versions` stays NULL).
+WITH unscored AS (
+  SELECT json_object_agg(m.model, NULL::text) AS versions
+  FROM batches b, jsonb_object_keys(b.model_versions) AS m (model)
+  WHERE b.id = :batch_id
+)
+INSERT INTO result_pages (batch_id, first_item, items, outputs, errors, versions)
+SELECT i.batch_id, i.first_item, i.items,
+       to_json(array_fill(NULL::text, ARRAY[i.items])),
+       to_json(array_fill(CAST(:error AS text), ARRAY[i.items])),
+       CASE WHEN u.versions IS NOT NULL THEN to_json(array_fill(u.versions, ARRAY[i.items])) END
+FROM input_pages i, unscored u
+WHERE i.batch_id = :batch_id
 ON CONFLICT DO NOTHING
 
 -- name: record_heartbeat
