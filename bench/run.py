@@ -22,11 +22,13 @@ import statistics
 import sys
 import tempfile
 import time
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import skops.io
 from sqlalchemy import Engine, text
 
 from bench import peers
@@ -36,13 +38,14 @@ from bench.monitor import measure_monitor
 from bench.processes import Processes
 from bench.table import print_table
 from bench.workload import DEFAULT_ROWS, make_workload
-from pipeline import ledger, registry
+from pipeline import ledger, model_registry, registry
 from pipeline.artifacts import load_verified
 from pipeline.client import Client
 from pipeline.definition import Pipeline
 from pipeline.errors import UnknownPipelineError
 from pipeline.model_registry import adopt_models_dir
 from pipeline.scratch import scratch_services
+from pipeline.states import Alias
 from pipeline.training import train_models
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -52,7 +55,7 @@ STATUS_CALLS = 50
 WARM_UP_ROWS = 50
 LATENCY_WARM_UP = 5
 RUN_TIMEOUT_S = 3 * 3600
-THROUGHPUT, MIXED, FAIR, MONITOR = SCENARIOS = ("throughput", "mixed", "fair", "monitor")
+THROUGHPUT, MIXED, FAIR, MONITOR, SHADOW = SCENARIOS = ("throughput", "mixed", "fair", "monitor", "shadow")
 # Small batches whose aggregation time the monitor scenario's window update is held to.
 SMALL_BATCHES, SMALL_BATCH_ITEMS = 20, 100
 # Between the submissions of the fair scenario's two bulk batches.
@@ -166,6 +169,33 @@ def bulk_phases(client: Client, batch_id: str) -> dict[str, float]:
     return {key: float(value) for key, value in row._mapping.items()}
 
 
+def stream_during_bulk(
+    processes: Processes, client: Client, pipeline: str, bulk: list[str], name: str
+) -> tuple[list[float], dict[str, Any]]:
+    """Run the bulk client `bulk` as process `name` while this process's own client submits
+    one-input batches one after another. Returns the ms of those submitted and answered
+    while the bulk batch was in the ledger, and the bulk client's figures.
+
+    Raises:
+        RuntimeError: no one-input batch ran while the bulk batch did.
+    """
+    launched = processes.launch(name, bulk)
+    stream = []
+    while launched.poll() is None:
+        started = time.time()
+        stream.append((started, measure_latency(client, pipeline, 1, warm_up=0)[0]))
+    figures = json.loads(processes.finish(name, launched, RUN_TIMEOUT_S))
+    window = bulk_phases(client, figures["batch_id"])
+    during = [
+        ms
+        for started, ms in stream
+        if started >= window["created_epoch"] and started + ms / 1000 <= window["finished_epoch"]
+    ]
+    if not during:
+        raise RuntimeError("no one-input batch ran while the bulk batch did: raise --bulk-rows")
+    return during, figures
+
+
 def measure_mixed(processes: Processes, client: Client, pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
     """One-input latency idle, the bulk batch alone, then the bulk batch again with a stream of
     one-input batches (this process's own client) submitted one after another while it runs."""
@@ -175,21 +205,7 @@ def measure_mixed(processes: Processes, client: Client, pipeline: str, args: arg
     log(f"mixed: bulk batch of {args.bulk_rows} rows alone")
     alone = run_client(processes, "client-bulk-alone", bulk)
     log("mixed: the bulk batch again, with one-input batches while it runs")
-    launched = processes.launch("client-bulk-mixed", bulk)
-    stream = []
-    while launched.poll() is None:
-        started = time.time()
-        stream.append((started, measure_latency(client, pipeline, 1, warm_up=0)[0]))
-    mixed = json.loads(processes.finish("client-bulk-mixed", launched, RUN_TIMEOUT_S))
-    window = bulk_phases(client, mixed["batch_id"])
-    # Only the one-input batches submitted and answered while the bulk batch was in the ledger.
-    during = [
-        ms
-        for started, ms in stream
-        if started >= window["created_epoch"] and started + ms / 1000 <= window["finished_epoch"]
-    ]
-    if not during:
-        raise RuntimeError("no one-input batch ran while the bulk batch did: raise --bulk-rows")
+    during, mixed = stream_during_bulk(processes, client, pipeline, bulk, "client-bulk-mixed")
     log(
         f"mixed: {len(during)} one-input batches during the bulk batch; bulk {alone['seconds']:.2f} s alone,"
         f" {mixed['seconds']:.2f} s with them"
@@ -208,6 +224,69 @@ def measure_mixed(processes: Processes, client: Client, pipeline: str, args: arg
         "bulk_slowdown": mixed["seconds"] / alone["seconds"],
     }
     figures["mixed_p99_vs_idle_p99"] = figures["mixed_latency_p99_ms"] / figures["idle_latency_p99_ms"]
+    return figures
+
+
+def equal_cost_challenger(client: Client, models_dir: Path, model: str) -> str:
+    """Register `model`'s champion artifact re-serialized (the same estimator, other bytes) as
+    its challenger: a version whose predict costs what the champion's does. Returns it."""
+    data = (models_dir / f"{model}.skops").read_bytes()
+    estimator = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
+    again = skops.io.dumps(estimator, compression=zipfile.ZIP_DEFLATED)
+    return model_registry.register(
+        client.engine, client.settings, model, again, created_by="bench", as_alias=Alias.challenger
+    )
+
+
+def shadow_drained_s(client: Client, batch_id: str) -> float:
+    """Seconds from `batch_id`'s end to its last shadow sub-task's end, once all have ended."""
+    query = text(
+        "SELECT count(*) FILTER (WHERE s.finished_at IS NULL) AS running,"
+        " extract(epoch FROM max(s.finished_at) - b.finished_at) AS drained_s"
+        " FROM batches b JOIN subtasks s ON s.batch_id = b.id AND s.role = 'shadow' WHERE b.id = :b GROUP BY b.id"
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with client.engine.connect() as conn:
+            row = conn.execute(query, {"b": batch_id}).one()
+        if row.running == 0:
+            return float(row.drained_s)
+        time.sleep(0.2)
+    raise RuntimeError(f"the shadow sub-tasks of batch {batch_id} did not finish")
+
+
+def measure_shadow(
+    processes: Processes, client: Client, pipeline: Pipeline, models_dir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """What an active shadow roll-out costs live traffic, in one run: one-input latency idle
+    and during a bulk batch, and the bulk batch's time, without and then with a shadow
+    roll-out of the pipeline's first model. Its challenger is the champion's own estimator
+    re-serialized (`equal_cost_challenger`), so the difference is the shadow work and the
+    gate, not a slower model. The roll-out is aborted at the end."""
+    model = pipeline.models[0].name
+    bulk = client_command("pipeline", pipeline.name, args, rows=args.bulk_rows, warm_up=0)
+    figures: dict[str, Any] = {"shadow_model": model}
+    for phase in ("off", "on"):
+        if phase == "on":
+            version = equal_cost_challenger(client, models_dir, model)
+            client.rollouts.start(model, version=version, mode="shadow", started_by="bench")
+        log(f"shadow {phase}: {args.latency_samples} one-input batches on the idle cluster, then with a bulk batch")
+        idle = measure_latency(client, pipeline.name, args.latency_samples)
+        during, bulk_figures = stream_during_bulk(processes, client, pipeline.name, bulk, f"client-shadow-{phase}")
+        figures.update(
+            {
+                f"shadow_{phase}_idle_p50_ms": float(np.percentile(idle, 50)),
+                f"shadow_{phase}_idle_p99_ms": float(np.percentile(idle, 99)),
+                f"shadow_{phase}_during_bulk_p50_ms": float(np.percentile(during, 50)),
+                f"shadow_{phase}_during_bulk_p99_ms": float(np.percentile(during, 99)),
+                f"shadow_{phase}_bulk_s": bulk_figures["seconds"],
+            }
+        )
+    figures["shadow_drained_after_bulk_s"] = shadow_drained_s(client, bulk_figures["batch_id"])
+    client.rollouts.abort(model, actor="bench", reason="bench: the shadow scenario is done")
+    for figure in ("idle_p50_ms", "idle_p99_ms", "during_bulk_p50_ms", "during_bulk_p99_ms", "bulk_s"):
+        on, off = figures[f"shadow_on_{figure}"], figures[f"shadow_off_{figure}"]
+        figures[f"shadow_cost_{figure.removesuffix('_ms')}"] = on / off
     return figures
 
 
@@ -397,6 +476,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 figures["idle_latency_p50_vs_floor"] = figures["idle_latency_p50_ms"] / figures["floor_p50_ms"]
             if FAIR in args.scenario:
                 figures.update(measure_fair(processes, client, pipeline.name, args))
+            if SHADOW in args.scenario:
+                figures.update(measure_shadow(processes, client, pipeline, models_dir, args))
             if MONITOR in args.scenario:
                 engine = ledger.make_engine(services.database_url)
                 try:
@@ -433,10 +514,11 @@ def main() -> None:
         action="append",
         choices=SCENARIOS,
         help="throughput (default), mixed (one-input latency under a bulk batch), fair (two bulk batches),"
-        " monitor (window update per batch, pipeline monitor over a day of batches); repeatable",
+        " monitor (window update per batch, pipeline monitor over a day of batches), shadow (one-input latency"
+        " and a bulk batch without and with a shadow roll-out); repeatable",
     )
     parser.add_argument(
-        "--bulk-rows", type=int, default=1_000_000, help="model rows of each bulk batch of mixed and fair"
+        "--bulk-rows", type=int, default=1_000_000, help="model rows of each bulk batch of mixed, fair and shadow"
     )
     parser.add_argument(
         "--monitor-batches", type=int, default=10_000, help="batches in the monitor scenario's day of contributions"

@@ -92,6 +92,21 @@ FAIR_ROWS: tuple[Row, ...] = (
     ("fair_2_finish_s", "second batch: stored → finished", _s, "", None),
 )
 
+# `--scenario shadow` (issue 13): the same measurements without, then with, a shadow roll-out
+# of the pipeline's first model (a challenger of the champion's cost).
+SHADOW_ROWS: tuple[Row, ...] = (
+    ("shadow_off_idle_p50_ms", "one-input batch, idle, no roll-out", _ms, "", None),
+    ("shadow_on_idle_p50_ms", "one-input batch, idle, shadow roll-out active", _ms, "", None),
+    ("shadow_cost_idle_p50", "shadow on ÷ off: idle one-input p50", _x, "", None),
+    ("shadow_cost_idle_p99", "shadow on ÷ off: idle one-input p99", _x, "", None),
+    ("shadow_off_during_bulk_p99_ms", "one-input p99 during a bulk batch, no roll-out", _ms, "", None),
+    ("shadow_on_during_bulk_p99_ms", "one-input p99 during a bulk batch, shadow active", _ms, "", None),
+    ("shadow_cost_during_bulk_p50", "shadow on ÷ off: one-input p50 during bulk", _x, "", None),
+    ("shadow_cost_during_bulk_p99", "shadow on ÷ off: one-input p99 during bulk", _x, "", None),
+    ("shadow_cost_bulk_s", "shadow on ÷ off: the bulk batch's time", _x, "", None),
+    ("shadow_drained_after_bulk_s", "the bulk batch's shadow work done, after the batch", _s, "", None),
+)
+
 # `--scenario monitor` (bench/monitor.py, issue 14): medians.
 MONITOR_ROWS: tuple[Row, ...] = (
     ("small_batch_aggregation_ms", "small batch's aggregation (100 inputs)", _ms, "", None),
@@ -130,6 +145,8 @@ def print_table(figures: dict[str, Any]) -> None:
             f"mixed: bulk of {figures['mixed_bulk_rows']:,} rows, {figures['mixed_latency_samples']} one-input"
             " batches during it"
         )
+    if "shadow_model" in figures:
+        parts.append(f"shadow: roll-out of {figures['shadow_model']}")
     if "fair_bulk_rows" in figures:
         parts.append(f"fair: 2 bulk batches of {figures['fair_bulk_rows']:,} rows")
     parts.append(
@@ -138,7 +155,7 @@ def print_table(figures: dict[str, Any]) -> None:
     )
     if "monitor_batches" in figures:
         parts.append(f"monitor: a day of {figures['monitor_batches']:,} batches")
-    all_rows = ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + MONITOR_ROWS + CLI_ROWS
+    all_rows = ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + SHADOW_ROWS + MONITOR_ROWS + CLI_ROWS
     rows = [row for row in all_rows if row[0] in figures]
     _print("; ".join(parts), tuple(rows), figures)
 

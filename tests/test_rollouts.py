@@ -325,7 +325,7 @@ def test_a_gate_is_recomputed_after_a_batch_at_most_once_per_interval_and_the_sw
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
     _, settings, engine = own
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
     batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
     split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)
@@ -440,7 +440,7 @@ def test_stored_labels_map_to_the_rows_they_label_across_split_inputs(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
     _, settings, engine = own
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     assert DigitsPipeline().row_labels(OOD) is None
     strips = held_out_strips(30, max_digits=6, seed=11)
     for mode, percent in ((RolloutMode.shadow, None), (RolloutMode.canary, 40.0)):
@@ -612,7 +612,7 @@ def test_results_name_the_versions_that_scored_them_canary_inputs_the_challenger
 ) -> None:
     services, settings, engine = own
     v1, ood = model_registry.champion(engine, CLASSIFIER), model_registry.champion(engine, OOD)
-    v2 = _second_version(engine, settings, models_dir)
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
     percent = 40.0
     rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.canary, percent=percent, started_by="ana")
     strips = held_out_strips(60, max_digits=3, seed=3)
