@@ -296,7 +296,7 @@ def monitor(
         _console().print(f"{len(series)} windows of {every.spec} written to {html_path}")
         return
     if every_spec is not None:
-        raise click.UsageError("--every goes with --html (the time series)")
+        raise click.ClickException("--every goes with --html (the time series' windows)")
     window = parse_window(window_spec or "1h")
     client = _client()
     with client.engine.connect() as conn:
