@@ -81,8 +81,9 @@ def measure_monitor(engine: Engine, pipeline: Pipeline, models_dir: Path, batche
             ledger.record_contributions(conn, day[first : first + 3000])
         ledger.fold_contributions(conn, pipeline.name)
 
-    # Half the batches fold in their aggregate's transaction (before revision 0014), half
-    # only insert, and one fold after commit adds them all, as the evaluation does each minute.
+    # The first half of the batches fold in their aggregate's transaction (before revision
+    # 0014); the second half only insert, and one fold after commit adds them all, as the
+    # evaluation does once a minute.
     inline, inserts = [], []
     for number, batch_id in enumerate(ids[batches:]):
         rows = _contributions(pipeline, models_dir, [batch_id], now)
@@ -91,7 +92,7 @@ def measure_monitor(engine: Engine, pipeline: Pipeline, models_dir: Path, batche
             conn.execute(text("SELECT 1"))
             started = time.perf_counter()
             ledger.record_contributions(conn, rows)
-            if number % 2 == 0:
+            if number < UPDATES // 2:
                 ledger.fold_contributions(conn, pipeline.name)
                 inline.append(time.perf_counter() - started)
             else:

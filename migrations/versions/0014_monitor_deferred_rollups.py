@@ -5,6 +5,9 @@
   adds them to the rollups and marks them folded in one statement, so a crash in between
   loses nothing and folds nothing twice. Windows read the unfolded contributions
   themselves. Existing contributions are all in their rollups (folded);
+- `monitor_contributions.unfolded_bins`: the bin counts as `bigint[]` until folded (the
+  fold adds them; NULL once folded), since summing the int64 bytes of `bin_counts` in SQL
+  takes a function call per byte;
 - partial index `monitor_contributions_unfolded` (pipeline, finished_at) on the unfolded;
 - view `monitor_contribution_parts` gains `folded`;
 - the trigger that re-sums the rollups of deleted contributions' hours sums the folded
@@ -16,6 +19,7 @@ Revises: 0013
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision = "0014"
 down_revision = "0013"
@@ -61,6 +65,7 @@ def upgrade() -> None:
     # Existing rows are in their rollups; new ones are not until folded.
     op.add_column("monitor_contributions", sa.Column("folded", sa.Boolean, nullable=False, server_default=sa.true()))
     op.alter_column("monitor_contributions", "folded", server_default=sa.false())
+    op.add_column("monitor_contributions", sa.Column("unfolded_bins", postgresql.ARRAY(sa.BigInteger)))
     op.create_index(
         "monitor_contributions_unfolded",
         "monitor_contributions",
@@ -79,4 +84,5 @@ def downgrade() -> None:
     op.execute("DROP VIEW monitor_contribution_parts")
     op.execute(PARTS_VIEW.format(folded="").replace("CREATE OR REPLACE", "CREATE"))
     op.drop_index("monitor_contributions_unfolded", table_name="monitor_contributions")
+    op.drop_column("monitor_contributions", "unfolded_bins")
     op.drop_column("monitor_contributions", "folded")

@@ -55,6 +55,7 @@ def record_contributions(conn: Connection, contributions: Sequence[Contribution]
             "items": [c.items for c in ordered],
             "rows": [c.rows for c in ordered],
             "bin_counts": [c.bin_counts.astype("<i8").tobytes() for c in ordered],
+            "bin_arrays": ["{" + ",".join(map(str, c.bin_counts.tolist())) + "}" for c in ordered],
             "kpis": [json.dumps(c.kpis) for c in ordered],
             "latencies": [c.latency_s for c in ordered],
             "estimate_sums": [None if c.estimate_sums is None else json.dumps(c.estimate_sums) for c in ordered],

@@ -108,12 +108,16 @@ ORDER BY l.item
 -- Finished batches' contributions (a batch aggregated again adds nothing). Not yet in
 -- their hours' rollups: `fold_contributions` adds them later, off the aggregate's path.
 INSERT INTO monitor_contributions
-  (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, kpis, latency_s, estimate_sums)
-SELECT * FROM unnest(
+  (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, unfolded_bins, kpis, latency_s,
+   estimate_sums)
+SELECT batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, CAST(bin_array AS bigint[]),
+  kpis, latency_s, estimate_sums
+FROM unnest(
   CAST(:batch_ids AS uuid[]), CAST(:pipelines AS text[]), CAST(:models AS text[]), CAST(:versions AS text[]),
   CAST(:finished AS timestamptz[]), CAST(:items AS int[]), CAST(:rows AS int[]), CAST(:bin_counts AS bytea[]),
-  CAST(:kpis AS jsonb[]), CAST(:latencies AS float8[]), CAST(:estimate_sums AS jsonb[])
-)
+  CAST(:bin_arrays AS text[]), CAST(:kpis AS jsonb[]), CAST(:latencies AS float8[]), CAST(:estimate_sums AS jsonb[])
+) AS i (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, bin_array, kpis, latency_s,
+        estimate_sums)
 ON CONFLICT DO NOTHING
 
 -- name: fold_contributions
@@ -124,7 +128,7 @@ ON CONFLICT DO NOTHING
 -- locked rows, so a label stored just before is in them. Rollups are locked in (model,
 -- version, hour) order, so concurrent folds and label writers do not deadlock.
 WITH taken AS (
-  SELECT c.id, c.pipeline, c.model, c.model_version, c.finished_at, c.items, c.rows, c.bin_counts, c.kpis,
+  SELECT c.id, c.pipeline, c.model, c.model_version, c.finished_at, c.items, c.rows, c.unfolded_bins, c.kpis,
     c.label_counts, c.latency_s, c.estimate_sums
   FROM monitor_contributions c
   WHERE c.pipeline = :pipeline AND NOT c.folded
@@ -132,11 +136,11 @@ WITH taken AS (
   LIMIT :limit
   FOR UPDATE SKIP LOCKED
 ), marked AS (
-  UPDATE monitor_contributions c SET folded = true FROM taken t WHERE c.id = t.id RETURNING c.id
+  UPDATE monitor_contributions c SET folded = true, unfolded_bins = NULL FROM taken t WHERE c.id = t.id RETURNING c.id
 ), rolled AS (
 INSERT INTO monitor_rollups AS r
 SELECT t.pipeline, t.model, t.model_version, monitor_bucket(t.finished_at), count(*), sum(t.items), sum(t.rows),
-  min(t.finished_at), max(t.finished_at), monitor_counts_sum(monitor_counts(t.bin_counts)),
+  min(t.finished_at), max(t.finished_at), monitor_counts_sum(t.unfolded_bins),
   monitor_jsonb_sum(monitor_kpi_sums(t.kpis, t.items)), monitor_jsonb_sum(monitor_kpi_items(t.kpis, t.items)),
   monitor_jsonb_sum(t.label_counts), monitor_jsonb_sum(monitor_latency_histogram(t.latency_s)),
   monitor_jsonb_sum(t.estimate_sums)
