@@ -123,13 +123,14 @@ ON CONFLICT DO NOTHING
 -- name: fold_contributions
 -- Up to :limit unfolded contributions of :pipeline added to their hours' rollups
 -- element-wise and marked folded, in one statement: a crash folds all of them or none;
--- returns how many.
--- Rows being labelled are skipped (folded next time); the values added are those of the
--- locked rows, so a label stored just before is in them. Rollups are locked in (model,
--- version, hour) order, so concurrent folds and label writers do not deadlock.
+-- returns how many. Rows being labelled are skipped (folded next time); the values added
+-- are those of the locked rows, so a label stored just before is in them. Sums are
+-- set-based (unnest, jsonb_each, GROUP BY), not the per-row SQL aggregates, which cost a
+-- function call per contribution; rollups are locked in (model, version, hour) order, so
+-- concurrent folds and label writers do not deadlock.
 WITH taken AS (
-  SELECT c.id, c.pipeline, c.model, c.model_version, c.finished_at, c.items, c.rows, c.unfolded_bins, c.kpis,
-    c.label_counts, c.latency_s, c.estimate_sums
+  SELECT c.id, c.pipeline, c.model, c.model_version, monitor_bucket(c.finished_at) AS bucket_start, c.finished_at,
+    c.items, c.rows, c.unfolded_bins, c.kpis, c.label_counts, c.latency_s, c.estimate_sums
   FROM monitor_contributions c
   WHERE c.pipeline = :pipeline AND NOT c.folded
   ORDER BY c.finished_at, c.id
@@ -137,16 +138,47 @@ WITH taken AS (
   FOR UPDATE SKIP LOCKED
 ), marked AS (
   UPDATE monitor_contributions c SET folded = true, unfolded_bins = NULL FROM taken t WHERE c.id = t.id RETURNING c.id
+), grouped AS (
+  -- Each contribution's rollup as a number `g`: the sums below group on integers, not on text.
+  SELECT t.*, dense_rank() OVER (ORDER BY t.pipeline, t.model, t.model_version, t.bucket_start) AS g FROM taken t
+), totals AS (
+  SELECT g, pipeline, model, model_version, bucket_start, count(*) AS batches, sum(items) AS items,
+    sum(rows) AS rows, min(finished_at) AS first_finished, max(finished_at) AS last_finished
+  FROM grouped GROUP BY g, pipeline, model, model_version, bucket_start
+), bins AS (
+  SELECT b.g, array_agg(b.total ORDER BY b.i) AS bin_counts FROM (
+    SELECT t.g, u.i, sum(u.v)::bigint AS total
+    FROM grouped t CROSS JOIN LATERAL unnest(t.unfolded_bins) WITH ORDINALITY AS u (v, i)
+    GROUP BY t.g, u.i
+  ) AS b GROUP BY b.g
+), entries AS (
+  -- Each contribution's JSON sums as (field, key, value), in a rollup's terms.
+  SELECT t.g, f.field, f.key, f.value
+  FROM grouped t CROSS JOIN LATERAL (
+    SELECT 'kpi_sums', e.key, e.value::text::numeric * t.items FROM jsonb_each(t.kpis) AS e
+    WHERE jsonb_typeof(e.value) = 'number'
+    UNION ALL
+    SELECT 'kpi_items', e.key, t.items FROM jsonb_each(t.kpis) AS e WHERE jsonb_typeof(e.value) = 'number'
+    UNION ALL
+    SELECT 'label_counts', e.key, e.value::text::numeric FROM jsonb_each(t.label_counts) AS e
+    UNION ALL
+    SELECT 'latency_histogram', monitor_latency_bucket(t.latency_s)::text, 1 WHERE t.latency_s IS NOT NULL
+    UNION ALL
+    SELECT 'estimate_sums', e.key, e.value::text::numeric FROM jsonb_each(t.estimate_sums) AS e
+  ) AS f (field, key, value)
+), docs AS (
+  SELECT d.g, jsonb_object_agg(d.field, d.doc) AS docs FROM (
+    SELECT k.g, k.field, jsonb_object_agg(k.key, k.total) AS doc FROM (
+      SELECT g, field, key, sum(value) AS total FROM entries GROUP BY g, field, key
+    ) AS k GROUP BY k.g, k.field
+  ) AS d GROUP BY d.g
 ), rolled AS (
 INSERT INTO monitor_rollups AS r
-SELECT t.pipeline, t.model, t.model_version, monitor_bucket(t.finished_at), count(*), sum(t.items), sum(t.rows),
-  min(t.finished_at), max(t.finished_at), monitor_counts_sum(t.unfolded_bins),
-  monitor_jsonb_sum(monitor_kpi_sums(t.kpis, t.items)), monitor_jsonb_sum(monitor_kpi_items(t.kpis, t.items)),
-  monitor_jsonb_sum(t.label_counts), monitor_jsonb_sum(monitor_latency_histogram(t.latency_s)),
-  monitor_jsonb_sum(t.estimate_sums)
-FROM taken t
-GROUP BY 1, 2, 3, 4
-ORDER BY 1, 2, 3, 4
+SELECT t.pipeline, t.model, t.model_version, t.bucket_start, t.batches, t.items, t.rows, t.first_finished,
+  t.last_finished, b.bin_counts, coalesce(d.docs -> 'kpi_sums', '{}'), coalesce(d.docs -> 'kpi_items', '{}'),
+  d.docs -> 'label_counts', coalesce(d.docs -> 'latency_histogram', '{}'), d.docs -> 'estimate_sums'
+FROM totals t LEFT JOIN bins b USING (g) LEFT JOIN docs d USING (g)
+ORDER BY t.g
 ON CONFLICT (pipeline, model, model_version, bucket_start) DO UPDATE SET
   batches = r.batches + excluded.batches,
   items = r.items + excluded.items,
