@@ -281,9 +281,9 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         ledger.finish_batch(conn, batch_id, state, error, result, metrics)
         ledger.record_contributions(conn, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
+    settings = get_settings()
     # After commit: the batch's results never wait for the gate.
-    rollouts.evaluate_batch(engine, batch_id)
+    rollouts.evaluate_batch(engine, batch_id, min_age_s=settings.rollout_gate_interval_s)
     if contributions:
-        settings = get_settings()
         evaluate_if_due(engine, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)
     return state

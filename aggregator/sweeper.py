@@ -14,7 +14,7 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import broker, ledger
+from pipeline import broker, ledger, rollouts
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,9 @@ TRANSIENT_ERRORS = (SQLAlchemyError, kombu.exceptions.OperationalError, redis.Re
 
 
 def sweep_once(engine: Engine, app: Celery, settings: Settings) -> ledger.Sweep | None:
-    """Run one sweep and publish what it found; return the sweep (None when another process swept)."""
+    """Run one sweep and publish what it found, then recompute the gates of active roll-outs
+    whose evidence changed (`rollouts.refresh_gates`); return the sweep (None when another
+    process swept)."""
     found = ledger.sweep(engine, settings.lease_s)
     if found is None:
         return None
@@ -33,6 +35,7 @@ def sweep_once(engine: Engine, app: Celery, settings: Settings) -> ledger.Sweep 
     broker.publish_predictions(app, found.predict)
     for batch_id in found.aggregate:
         broker.publish_aggregate(app, str(batch_id))
+    rollouts.refresh_gates(engine, settings.rollout_gate_interval_s)
     if found.predict or found.split or found.aggregate or found.gave_up:
         log.warning(
             "sweeper: re-published %d sub-tasks, %d splits, %d aggregates; gave up on %d lost sub-tasks",

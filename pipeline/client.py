@@ -214,14 +214,19 @@ class BatchHandle:
         of the pipeline's `label_type`. All or nothing; the same label again changes nothing,
         another label for a labelled input replaces it (the old one is kept as history). The
         batch's realised KPIs (`metrics.realised`) are recomputed from its stored results:
-        no model runs. Returns what was added, changed and unchanged, and the realised figures.
+        no model runs; so is the gate of each active roll-out the batch follows. Returns what
+        was added, changed and unchanged, and the realised figures.
 
         Raises:
             BatchNotFoundError: the batch is not in the ledger.
             InvalidLabelError: the batch has not finished, its pipeline takes no labels, or
                 an index is out of range or a label of the wrong type; nothing was stored.
         """
-        return ledger.store_labels(self._client.engine, self._uuid, labels.items())
+        from pipeline.rollouts import evaluate_batch
+
+        stored = ledger.store_labels(self._client.engine, self._uuid, labels.items())
+        evaluate_batch(self._client.engine, self._uuid, "after labels for batch")
+        return stored
 
     def cancel(self) -> BatchStatus:
         """Cancel the batch if it is still pending or running; return its status.

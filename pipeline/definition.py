@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import types
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -18,6 +18,12 @@ import numpy as np
 from pydantic import BaseModel, Field, TypeAdapter
 
 from pipeline.profile import DriftConfig
+
+# How the roll-out gate reads a model's rows against stored labels (`Pipeline.row_labels`):
+# (each row's input index, each row's position among its input's rows, input index → label)
+# → each row's class as `pipeline.rollouts.decisions_of` numbers the model's decisions, or
+# `pipeline.gate.NO_LABEL` (-1) where its input has no label or the label says nothing of it.
+RowLabels = Callable[[np.ndarray, np.ndarray, Mapping[int, Any]], np.ndarray]
 
 
 def list_adapter(model: type[BaseModel]) -> TypeAdapter[list[BaseModel]]:
@@ -327,3 +333,10 @@ class Pipeline(ABC):
         """The KPIs realised on labelled inputs from (summed) `label_counts`, with
         `accuracy` among them (None where nothing was counted)."""
         raise NotImplementedError(f"pipeline {self.name!r} takes no labels")
+
+    def row_labels(self, model: str) -> RowLabels | None:
+        """How a roll-out's gate maps this pipeline's stored labels (of `label_type`, per
+        input) to `model`'s rows, for its KPI checks: a `RowLabels` function, or None when
+        the model's decisions have no ground truth in the labels. Default: None (the gate
+        judges the model without labels)."""
+        return None

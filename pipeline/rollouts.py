@@ -5,9 +5,10 @@ or abort it.
 - `start`: a shadow roll-out (the challenger scores a copy of every batch's rows for the
   model, kept only for the gate) or a canary (it serves `percent` % of the inputs, chosen
   by a stable hash of (batch id, input index): `pipeline.splitter.canary_inputs`);
-- `evaluate_batch`: after a batch of a roll-out is aggregated, the paired evidence is read
-  from its batches' sub-tasks, the gate recomputed and stored on the roll-out (an event
-  when its verdict changes), and the challenger aborted automatically when its sub-tasks
+- `evaluate_batch`: after a batch of a roll-out is aggregated or labelled, the evidence is
+  read from its batches' sub-tasks (with the labels stored for their inputs, mapped to rows
+  by the pipeline's `Pipeline.row_labels`), the gate recomputed and stored on the roll-out
+  (an event when its verdict changes), and the challenger aborted automatically when its sub-tasks
   violate the output guardrails or fail more than the champion's (`gate.AbortRule`);
 - `promote` / `abort`: end the roll-out; a promotion makes the version champion through
   the registry's guarded alias change.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,7 +30,7 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, Engine
 
 from pipeline import ledger, registry
-from pipeline.definition import ModelSpec
+from pipeline.definition import ModelSpec, RowLabels
 from pipeline.errors import InvalidArgumentError, NoChampionError, RolloutError
 from pipeline.gate import (
     INSUFFICIENT,
@@ -78,7 +80,8 @@ class GateError(BaseModel):
 
 class RolloutStatus(BaseModel):
     """A roll-out as `rollout status` shows it; `gate` is the latest `GateResult` (None before
-    any batch of it was judged) and `gate_error` why it could not be recomputed since."""
+    any batch of it was judged), `gate_at` when it was computed, and `gate_error` why it could
+    not be recomputed since."""
 
     id: int
     model: str
@@ -93,6 +96,7 @@ class RolloutStatus(BaseModel):
     reason: str | None
     batches: int
     gate: GateResult | None
+    gate_at: datetime | None = None
     gate_error: GateError | None = None
 
     @property
@@ -115,6 +119,7 @@ def _status(record: rollout_rows.RolloutRecord) -> RolloutStatus:
         reason=record.reason,
         batches=record.batches,
         gate=None if record.gate is None or "verdict" not in record.gate else GateResult.model_validate(record.gate),
+        gate_at=None if record.gate is None else record.gate.get("computed_at"),
         gate_error=None if record.gate is None or "error" not in record.gate else record.gate["error"],
     )
 
@@ -189,22 +194,28 @@ def start(
         return _latest(conn, model)
 
 
-def status(engine: Engine, model: str, refresh: bool = True) -> RolloutStatus:
-    """`model`'s active roll-out (else its last one), its gate first recomputed from the
-    evidence so far when `refresh` and it is active.
+def status(engine: Engine, model: str, refresh: bool = True, rollout_id: int | None = None) -> RolloutStatus:
+    """`model`'s active roll-out (else its last one; its roll-out `rollout_id` when given,
+    ended ones included), its gate first recomputed from the evidence so far when `refresh`
+    and it is active.
 
     Raises:
         UnknownPipelineError: no pipeline has `model`.
-        RolloutError: it never had a roll-out.
+        RolloutError: it never had a roll-out, or none of id `rollout_id`.
     """
     registry.get_model(model)
     if refresh:
         with engine.connect() as conn:
             active = rollout_rows.active_rollouts(conn, [model]).get(model)
-        if active is not None:
+        if active is not None and rollout_id in (None, active.id):
             _evaluate_recording_errors(engine, active, "on `rollout status`")
     with engine.connect() as conn:
-        return _latest(conn, model)
+        if rollout_id is None:
+            return _latest(conn, model)
+        record = rollout_rows.rollout_by_id(conn, model, rollout_id)
+    if record is None:
+        raise RolloutError(f"model {model!r} has no roll-out {rollout_id} (`pipeline rollout status {model}`)")
+    return _status(record)
 
 
 def promote(
@@ -308,16 +319,34 @@ def _split_counts(
     )
 
 
-class _Side:
-    """One version's evidence: scores and decisions per row, seconds per row per sub-task."""
+def row_offsets(items: np.ndarray, lead: int) -> np.ndarray:
+    """Each row's position among its input's rows, for a sub-task whose rows' inputs are
+    `items` (non-decreasing) and whose first input has `lead` rows in the sub-tasks before it."""
+    offsets = np.arange(len(items)) - np.searchsorted(items, items)
+    offsets[items == items[0]] += lead
+    return offsets
 
-    def __init__(self) -> None:
+
+class _Side:
+    """One version's evidence: scores, decisions and labels per row, seconds per row per sub-task."""
+
+    def __init__(self, row_labels: RowLabels | None) -> None:
         self.scores: list[np.ndarray] = []
         self.decisions: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
         self.seconds: list[float] = []
         self.classes = 2
+        self.row_labels = row_labels
 
-    def add(self, spec: ModelSpec, subtask: rollout_rows.EvidenceSubtask, rows: bool = True) -> None:
+    def add(
+        self,
+        spec: ModelSpec,
+        subtask: rollout_rows.EvidenceSubtask,
+        rows: bool = True,
+        labelled: rollout_rows.EvidenceSubtask | None = None,
+    ) -> None:
+        """Add `subtask`'s timing and, with `rows`, its rows, labelled by the items and labels
+        of `labelled` (default: its own; a shadow sub-task's are its serve twin's)."""
         if subtask.predict_cpu_s is not None:
             self.seconds.append(max(subtask.predict_cpu_s, 0.0) / subtask.rows)
         if rows and subtask.output is not None:
@@ -325,10 +354,20 @@ class _Side:
             decisions, self.classes = decisions_of(spec, output)
             self.scores.append(spec.output_score(output).astype(np.float64))
             self.decisions.append(decisions)
+            source = labelled or subtask
+            if self.row_labels is not None and source.items is not None:
+                items = np.asarray(source.items, dtype=np.int64)
+                self.labels.append(self.row_labels(items, row_offsets(items, source.lead), source.labels))
 
     def rows(self, key: str) -> np.ndarray:
         values = self.scores if key == "scores" else self.decisions
         return np.concatenate(values) if values else np.empty(0)
+
+    def row_labels_or_none(self) -> np.ndarray | None:
+        """The rows' labels (NO_LABEL where unknown); None when the model maps no labels."""
+        if self.row_labels is None:
+            return None
+        return np.concatenate(self.labels).astype(np.int64) if self.labels else np.empty(0, dtype=np.int64)
 
 
 def _evidence_limit(spec: ModelSpec) -> int:
@@ -338,11 +377,31 @@ def _evidence_limit(spec: ModelSpec) -> int:
     return 2 * max(math.ceil(paired / spec.chunk_size), timings)
 
 
-def judge(
-    spec: ModelSpec, rollout: rollout_rows.ActiveRollout, subtasks: list[rollout_rows.EvidenceSubtask]
-) -> GateResult:
-    """The gate of `rollout` from its batches' finished sub-tasks (in recorded order)."""
-    champion, challenger = _Side(), _Side()
+@dataclass(frozen=True)
+class Evidence:
+    """What the gate of a roll-out judges: the paired rows (shadow) or each version's rows
+    (canary), and each version's timings."""
+
+    timings: Timings
+    paired: PairedRows | None = None
+    champion: VersionRows | None = None
+    challenger: VersionRows | None = None
+
+
+def evidence(
+    spec: ModelSpec,
+    rollout: rollout_rows.ActiveRollout,
+    subtasks: list[rollout_rows.EvidenceSubtask],
+    row_labels: RowLabels | None = None,
+) -> Evidence:
+    """The gate's evidence of `rollout` from its batches' finished sub-tasks (in recorded
+    order), their rows labelled by `row_labels` (the pipeline's `Pipeline.row_labels` of the
+    model) from the items and labels read with them; None: no labels.
+
+    Raises:
+        ValueError: an output that is not whole rows, a NaN score (see `PairedRows`).
+    """
+    champion, challenger = _Side(row_labels), _Side(row_labels)
     succeeded = [s for s in subtasks if s.state == SubtaskState.succeeded]
     if rollout.mode == RolloutMode.shadow:
         shadows = {(s.batch_id, -1 - s.seq): s for s in succeeded if s.role == SubtaskRole.shadow}
@@ -351,7 +410,7 @@ def judge(
         for key, serve in serves.items():
             champion.add(spec, serve, rows=key in shadows)
             if key in shadows:
-                challenger.add(spec, shadows[key])
+                challenger.add(spec, shadows[key], labelled=serve)
         for key, shadow in shadows.items():
             if key not in serves:
                 challenger.add(spec, shadow, rows=False)
@@ -361,27 +420,59 @@ def judge(
             champion.rows("decisions").astype(np.int64),
             challenger.rows("decisions").astype(np.int64),
             classes=max(champion.classes, challenger.classes),
+            labels=champion.row_labels_or_none(),
         )
         timings = Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds))
-        return judge_shadow(paired, timings, GATE_CONFIG)
+        return Evidence(timings, paired=paired)
     for subtask in succeeded:
         (challenger if subtask.model_version == rollout.version else champion).add(spec, subtask)
     classes = max(champion.classes, challenger.classes)
-    return judge_canary(
-        VersionRows(champion.rows("decisions").astype(np.int64), classes=classes),
-        VersionRows(challenger.rows("decisions").astype(np.int64), classes=classes),
+    return Evidence(
         Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds)),
-        GATE_CONFIG,
+        champion=VersionRows(
+            champion.rows("decisions").astype(np.int64), classes=classes, labels=champion.row_labels_or_none()
+        ),
+        challenger=VersionRows(
+            challenger.rows("decisions").astype(np.int64), classes=classes, labels=challenger.row_labels_or_none()
+        ),
     )
 
 
-def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> GateResult | None:
-    """Abort `rollout` automatically when its challenger must stop (recorded with the
-    reason), else recompute its gate and store it. Returns the gate; None when aborted."""
+def judge(found: Evidence) -> GateResult:
+    """The gate's verdict on `found` (see `evidence`)."""
+    if found.paired is not None:
+        return judge_shadow(found.paired, found.timings, GATE_CONFIG)
+    assert found.champion is not None and found.challenger is not None  # a canary's evidence
+    return judge_canary(found.champion, found.challenger, found.timings, GATE_CONFIG)
+
+
+def read_evidence(
+    conn: Connection, rollout: rollout_rows.ActiveRollout
+) -> tuple[list[rollout_rows.EvidenceSubtask], Evidence]:
+    """The finished sub-tasks the gate of `rollout` reads (with their labels where its model
+    maps them) and the evidence built from them.
+
+    Raises:
+        ValueError: evidence the gate refuses (see `evidence`).
+    """
     spec = registry.get_model(rollout.model)
+    row_labels = registry.pipeline_of(rollout.model).row_labels(rollout.model)
+    limit = _evidence_limit(spec)
+    subtasks = rollout_rows.evidence_subtasks(conn, rollout.id, rollout.model, limit, labels=row_labels is not None)
+    return subtasks, evidence(spec, rollout, subtasks, row_labels)
+
+
+def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout, seen: int | None = None) -> GateResult | None:
+    """Abort `rollout` automatically when its challenger must stop (recorded with the
+    reason), else recompute its gate and store it. `seen`: the finished sub-tasks its stored
+    gate saw; when that is still their number, nothing new can change the gate and it is
+    kept. Returns the gate; None when aborted or kept."""
     with engine.connect() as conn:
-        champion, challenger = _split_counts(rollout, rollout_rows.version_counts(conn, rollout.id, rollout.model))
-        subtasks = rollout_rows.evidence_subtasks(conn, rollout.id, rollout.model, _evidence_limit(spec))
+        counts = rollout_rows.version_counts(conn, rollout.id, rollout.model)
+    finished = sum(count.finished for count in counts)
+    if seen is not None and finished == seen:
+        return None
+    champion, challenger = _split_counts(rollout, counts)
     why = abort_reason(champion, challenger, ABORT_RULE)
     if why is not None:
         with engine.begin() as conn:
@@ -396,20 +487,24 @@ def evaluate_rollout(engine: Engine, rollout: rollout_rows.ActiveRollout) -> Gat
         if ended:
             log.warning("roll-out %d of %s aborted: %s", rollout.id, rollout.model, why)
         return None
-    gate = judge(spec, rollout, subtasks)
+    with engine.connect() as conn:
+        _, found = read_evidence(conn, rollout)
+    gate = judge(found)
     summary = f"{gate.verdict}: " + "; ".join(gate.reasons) if gate.reasons else gate.verdict
     with engine.begin() as conn:
-        if rollout_rows.record_gate(conn, rollout.id, gate.model_dump(mode="json"), summary):
+        if rollout_rows.record_gate(conn, rollout.id, gate.model_dump(mode="json"), summary, finished):
             log.info("roll-out %d of %s: gate %s", rollout.id, rollout.model, gate.verdict)
     return gate
 
 
-def _evaluate_recording_errors(engine: Engine, rollout: rollout_rows.ActiveRollout, after: str) -> None:
+def _evaluate_recording_errors(
+    engine: Engine, rollout: rollout_rows.ActiveRollout, after: str, seen: int | None = None
+) -> None:
     """`evaluate_rollout`, where an error of the gate (`GATE_ERRORS`) is logged with its
     traceback and recorded on the roll-out (`gate.error`, until a later gate succeeds)
     instead of raised: a bad evidence row must not fail the caller's work."""
     try:
-        evaluate_rollout(engine, rollout)
+        evaluate_rollout(engine, rollout, seen)
     except GATE_ERRORS as error:
         log.exception("roll-out %d of %s: the gate could not be computed %s", rollout.id, rollout.model, after)
         recorded = GateError(at=datetime.now(UTC), after=after, error=f"{type(error).__name__}: {error}")
@@ -417,14 +512,29 @@ def _evaluate_recording_errors(engine: Engine, rollout: rollout_rows.ActiveRollo
             rollout_rows.record_gate_error(conn, rollout.id, recorded.model_dump(mode="json"))
 
 
-def evaluate_batch(engine: Engine, batch_id: uuid.UUID) -> None:
-    """After `batch_id` is aggregated (committed): judge each active roll-out its split followed
-    (one query when it followed none). An error of the gate is logged and recorded on the
-    roll-out, never raised: the batch is done whatever the gate makes of it."""
+def evaluate_batch(engine: Engine, batch_id: uuid.UUID, after: str = "after batch", min_age_s: float = 0.0) -> None:
+    """After `batch_id` is aggregated, or labels for it are stored (committed): judge each
+    active roll-out its split followed whose stored gate is at least `min_age_s` old (one
+    query when none is). The aggregate passes `PIPELINE_ROLLOUT_GATE_INTERVAL_S`: a stream
+    of small batches, aggregated in the workers, then recomputes a gate at most once per
+    interval, and `refresh_gates` catches up on what it skipped. An error of the gate is
+    logged and recorded on the roll-out (`after` names the moment), never raised: the batch
+    and its labels are done whatever the gate makes of them."""
     with engine.connect() as conn:
-        active = rollout_rows.active_rollouts_of_batch(conn, batch_id)
-    for rollout in active:
-        _evaluate_recording_errors(engine, rollout, f"after batch {batch_id}")
+        due = rollout_rows.due_rollouts_of_batch(conn, batch_id, min_age_s)
+    for rollout in due:
+        _evaluate_recording_errors(engine, rollout, f"{after} {batch_id}")
+
+
+def refresh_gates(engine: Engine, min_age_s: float) -> None:
+    """Recompute the gate of every active roll-out whose stored gate is at least `min_age_s`
+    old and whose sub-tasks finished since (the shadow sub-tasks of its last batches, which
+    finish after them, or batches whose gate `evaluate_batch` skipped). The aggregator's
+    sweeper runs it at each sweep. Errors of the gate are recorded, as `evaluate_batch` does."""
+    with engine.connect() as conn:
+        stale = rollout_rows.stale_rollouts(conn, min_age_s)
+    for rollout, seen in stale:
+        _evaluate_recording_errors(engine, rollout, "on the sweeper's refresh", seen)
 
 
 def as_json(status: RolloutStatus) -> dict[str, Any]:

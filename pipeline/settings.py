@@ -150,6 +150,14 @@ class Settings(BaseSettings):
             " pipeline (0: after every batch)."
         ),
     )
+    rollout_gate_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "An active roll-out's gate is recomputed after a batch at most once per this many"
+            " seconds; the aggregator's sweeper recomputes what changed since (0: after every batch)."
+        ),
+    )
     worker_concurrency: int = Field(default=1, ge=1, description="Processes per `pipeline worker`.")
     aggregator_concurrency: int = Field(default=2, ge=1, description="Processes per `pipeline aggregator`.")
     flower_user: str = Field(default="admin", description="Flower basic-auth user.")

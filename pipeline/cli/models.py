@@ -248,3 +248,33 @@ def rollout_abort(model: str, reason: str | None) -> None:
     from pipeline import rollouts
 
     _print_rollout(rollouts.abort(_client().engine, model, actor=_actor(), reason=reason))
+
+
+@rollout.command("report")
+@click.argument("model")
+@click.option("--id", "rollout_id", type=int, help="That roll-out of MODEL (ended ones too); default: its latest.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a self-contained HTML page with plots here.",
+)
+@JSON_OPTION
+def rollout_report(model: str, rollout_id: int | None, html_path: Path | None, as_json: bool) -> None:
+    """Champion vs challenger side by side: the verdict and its checks, agreement, the flip
+    matrix, score differences, predict CPU per row, KPI deltas."""
+    from pipeline.rollout_html import write_html
+    from pipeline.rollout_report import build, print_rollout_report
+
+    report = build(_client().engine, model, rollout_id)
+    if html_path is not None:
+        try:
+            write_html(html_path, report)
+        except OSError as error:
+            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
+    if as_json:
+        click.echo(report.model_dump_json())
+        return
+    print_rollout_report(_console(), report)
+    if html_path is not None:
+        _console().print(f"report written to {html_path}")

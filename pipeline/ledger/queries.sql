@@ -398,12 +398,16 @@ SELECT model, :event, version, :actor, :reason FROM ended
 RETURNING id
 
 -- name: record_gate
--- An active roll-out's latest gate; a `rollout_verdict` event only when the overall verdict
--- changed (every CTE reads the row as it was before the UPDATE).
+-- An active roll-out's latest gate, with when it was computed and the finished sub-tasks it
+-- saw (what decides whether it is due again); a `rollout_verdict` event only when the overall
+-- verdict changed (every CTE reads the row as it was before the UPDATE).
 WITH previous AS (
   SELECT gate ->> 'verdict' AS verdict FROM rollouts WHERE id = :id AND state = 'active'
 ), stored AS (
-  UPDATE rollouts SET gate = CAST(:gate AS jsonb) WHERE id = :id AND state = 'active'
+  UPDATE rollouts
+  SET gate = CAST(:gate AS jsonb)
+             || jsonb_build_object('computed_at', clock_timestamp(), 'finished_subtasks', CAST(:finished AS bigint))
+  WHERE id = :id AND state = 'active'
   RETURNING model, version
 )
 INSERT INTO model_events (model, event, version, actor, reason)
@@ -423,17 +427,46 @@ ON CONFLICT DO NOTHING
 
 -- name: rollout_evidence
 -- The first finished sub-tasks of a model in a roll-out's batches: batches in the order they
--- joined it, each read through the (batch_id, model, seq) index.
-SELECT s.batch_id, s.seq, s.role, s.model_version, s.state, s.rows, s.output, s.predict_cpu_s
-FROM rollout_batches rb
-CROSS JOIN LATERAL (
-  SELECT * FROM subtasks s
-  WHERE s.batch_id = rb.batch_id AND s.model = :model AND s.state IN ('succeeded', 'failed')
-  ORDER BY s.seq
-) AS s
-WHERE rb.rollout_id = :rollout_id
-ORDER BY rb.added_at, rb.batch_id, s.seq
-LIMIT :limit
+-- joined it, each read through the (batch_id, model, seq) index. With :labels, each succeeded
+-- serve sub-task also brings its rows' input items, the current labels of the inputs in its
+-- item range (one index range scan of `labels_current`), and `lead`: how many rows of its
+-- first input the sub-tasks before it hold. An input's rows run on in the preceding seqs of
+-- its version (chunks of one version are numbered in item order within a split step, and
+-- never span steps), and a sub-task it continues from holds nothing else, so the walk back
+-- goes on while the sub-task it reached started with that input.
+SELECT e.batch_id, e.seq, e.role, e.model_version, e.state, e.rows, e.output, e.predict_cpu_s,
+       CASE WHEN e.labelled THEN e.items END AS items, lead.rows AS lead,
+       l.items AS labelled_items, l.labels
+FROM (
+  SELECT s.batch_id, s.seq, s.role, s.model_version, s.state, s.rows, s.output, s.predict_cpu_s, s.items,
+         rb.added_at, CAST(:labels AS boolean) AND s.role = 'serve' AND s.state = 'succeeded' AS labelled
+  FROM rollout_batches rb
+  CROSS JOIN LATERAL (
+    SELECT * FROM subtasks s
+    WHERE s.batch_id = rb.batch_id AND s.model = :model AND s.state IN ('succeeded', 'failed')
+    ORDER BY s.seq
+  ) AS s
+  WHERE rb.rollout_id = :rollout_id
+  ORDER BY rb.added_at, rb.batch_id, s.seq
+  LIMIT :limit
+) AS e
+LEFT JOIN LATERAL (
+  WITH RECURSIVE back (seq, rows, first) AS (
+    SELECT e.seq, 0, e.items[1] WHERE e.labelled
+    UNION ALL
+    SELECT p.seq, cardinality(array_positions(p.items, e.items[1])), p.items[1]
+    FROM back b JOIN subtasks p ON p.batch_id = e.batch_id AND p.model = :model AND p.seq = b.seq - 1
+    WHERE b.first = e.items[1] AND p.role = 'serve' AND p.items[cardinality(p.items)] = e.items[1]
+  )
+  SELECT sum(back.rows) AS rows FROM back
+) AS lead ON true
+LEFT JOIN LATERAL (
+  SELECT array_agg(l.item ORDER BY l.item) AS items, jsonb_agg(l.label ORDER BY l.item) AS labels
+  FROM labels l
+  WHERE e.labelled AND l.batch_id = e.batch_id AND l.replaced_at IS NULL
+    AND l.item BETWEEN e.items[1] AND e.items[cardinality(e.items)]
+) AS l ON true
+ORDER BY e.added_at, e.batch_id, e.seq
 
 -- name: rollout_counts
 -- Per version and role, a model's finished, failed and guardrail-failed sub-tasks in a

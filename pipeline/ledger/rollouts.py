@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Text, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import BigInteger, Connection, Text, bindparam, func, literal, select
+from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
 
 from pipeline.ledger import queries
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES
@@ -56,7 +56,10 @@ class RolloutRecord:
 @dataclass(frozen=True)
 class EvidenceSubtask:
     """A finished sub-task of a roll-out's batch, for the gate: its output (None unless it
-    succeeded) and its compute seconds."""
+    succeeded) and its compute seconds. Read with labels, a succeeded serve sub-task also has
+    `items` (each row's input index), `lead` (rows of its first input in the sub-tasks before
+    it) and `labels` (input index → current label, of the inputs in its item range that have
+    one); the others have None, 0 and none."""
 
     batch_id: uuid.UUID
     seq: int
@@ -66,6 +69,9 @@ class EvidenceSubtask:
     rows: int
     output: bytes | None
     predict_cpu_s: float | None
+    items: list[int] | None = None
+    lead: int = 0
+    labels: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,21 @@ ACTIVE_OF_BATCH = (
     .where(Rollout.state == RolloutState.active, RolloutBatch.batch_id == bindparam("batch_id"))
     .order_by(Rollout.id)
 )
+# When the stored gate was computed; -infinity before any (or with only an error stored).
+_gate_at = func.coalesce(
+    Rollout.gate["computed_at"].astext.cast(TIMESTAMP(timezone=True)),
+    literal("-infinity").cast(TIMESTAMP(timezone=True)),
+)
+_gate_due = _gate_at <= func.clock_timestamp() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("min_age_s"))
+DUE_OF_BATCH = ACTIVE_OF_BATCH.where(_gate_due)
+STALE = select(
+    Rollout.id,
+    Rollout.model,
+    Rollout.version,
+    Rollout.mode,
+    Rollout.percent,
+    Rollout.gate["finished_subtasks"].astext.cast(BigInteger).label("seen"),
+).where(Rollout.state == RolloutState.active, _gate_due)
 _batches_of = select(func.count()).where(RolloutBatch.rollout_id == Rollout.id).scalar_subquery().label("batches")
 
 
@@ -122,10 +143,17 @@ def end_rollout(
     return ended is not None
 
 
-def record_gate(conn: Connection, rollout_id: int, gate: dict[str, Any], summary: str) -> bool:
-    """Store an active roll-out's latest gate; when its overall verdict changed, also a
-    `rollout_verdict` event with `summary` (one statement). True when it wrote an event."""
-    parameters = {"id": rollout_id, "gate": json.dumps(gate), "verdict": gate["verdict"], "summary": summary}
+def record_gate(conn: Connection, rollout_id: int, gate: dict[str, Any], summary: str, finished: int) -> bool:
+    """Store an active roll-out's latest gate, when it was computed and the `finished`
+    sub-tasks it saw; when its overall verdict changed, also a `rollout_verdict` event with
+    `summary` (one statement). True when it wrote an event."""
+    parameters = {
+        "id": rollout_id,
+        "gate": json.dumps(gate),
+        "verdict": gate["verdict"],
+        "summary": summary,
+        "finished": finished,
+    }
     event = conn.execute(queries.RECORD_GATE, parameters).first()
     return event is not None
 
@@ -146,14 +174,41 @@ def active_rollouts_of_batch(conn: Connection, batch_id: uuid.UUID) -> list[Acti
     return _active(conn.execute(ACTIVE_OF_BATCH, {"batch_id": batch_id}))
 
 
+def due_rollouts_of_batch(conn: Connection, batch_id: uuid.UUID, min_age_s: float) -> list[ActiveRollout]:
+    """The active roll-outs whose versions `batch_id`'s split pinned and whose stored gate
+    was computed at least `min_age_s` ago (or never)."""
+    return _active(conn.execute(DUE_OF_BATCH, {"batch_id": batch_id, "min_age_s": min_age_s}))
+
+
+def stale_rollouts(conn: Connection, min_age_s: float) -> list[tuple[ActiveRollout, int | None]]:
+    """Every active roll-out whose stored gate was computed at least `min_age_s` ago (or
+    never), with the finished sub-tasks that gate saw (None before any gate)."""
+    rows = conn.execute(STALE, {"min_age_s": min_age_s}).all()
+    return [(rollout, row.seen) for rollout, row in zip(_active(rows), rows)]
+
+
 def latest_rollout(conn: Connection, model: str) -> RolloutRecord | None:
     """`model`'s active roll-out, else its last one; None when it never had one."""
-    row = conn.execute(
-        select(Rollout.__table__, _batches_of)
-        .where(Rollout.model == model)
-        .order_by((Rollout.state == RolloutState.active).desc(), Rollout.id.desc())
-        .limit(1)
-    ).first()
+    return _record(
+        conn.execute(
+            select(Rollout.__table__, _batches_of)
+            .where(Rollout.model == model)
+            .order_by((Rollout.state == RolloutState.active).desc(), Rollout.id.desc())
+            .limit(1)
+        ).first()
+    )
+
+
+def rollout_by_id(conn: Connection, model: str, rollout_id: int) -> RolloutRecord | None:
+    """`model`'s roll-out `rollout_id` (active or ended); None when it has none of that id."""
+    return _record(
+        conn.execute(
+            select(Rollout.__table__, _batches_of).where(Rollout.model == model, Rollout.id == rollout_id)
+        ).first()
+    )
+
+
+def _record(row: Any) -> RolloutRecord | None:
     if row is None:
         return None
     return RolloutRecord(
@@ -173,13 +228,29 @@ def latest_rollout(conn: Connection, model: str) -> RolloutRecord | None:
     )
 
 
-def evidence_subtasks(conn: Connection, rollout_id: int, model: str, limit: int) -> list[EvidenceSubtask]:
+def evidence_subtasks(
+    conn: Connection, rollout_id: int, model: str, limit: int, labels: bool = False
+) -> list[EvidenceSubtask]:
     """The first `limit` finished sub-tasks of `model` in the roll-out's batches, in the order
-    the batches joined the roll-out, then by seq (append-only: a later batch comes after)."""
-    rows = conn.execute(queries.ROLLOUT_EVIDENCE, {"rollout_id": rollout_id, "model": model, "limit": limit})
+    the batches joined the roll-out, then by seq (append-only: a later batch comes after);
+    with `labels`, also the items, lead and current labels of the succeeded serve ones (one
+    query either way)."""
+    parameters = {"rollout_id": rollout_id, "model": model, "limit": limit, "labels": labels}
     return [
-        EvidenceSubtask(r.batch_id, r.seq, r.role, r.model_version, r.state, r.rows, r.output, r.predict_cpu_s)
-        for r in rows
+        EvidenceSubtask(
+            r.batch_id,
+            r.seq,
+            r.role,
+            r.model_version,
+            r.state,
+            r.rows,
+            r.output,
+            r.predict_cpu_s,
+            r.items,
+            int(r.lead or 0),
+            dict(zip(r.labelled_items or [], r.labels or [], strict=True)),
+        )
+        for r in conn.execute(queries.ROLLOUT_EVIDENCE, parameters)
     ]
 
 

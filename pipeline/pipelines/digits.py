@@ -8,7 +8,7 @@ queues; the aggregate is the number read, with its confidence.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -29,10 +29,12 @@ from pipeline.definition import (
     MonitoringConfig,
     PageOutputs,
     Pipeline,
+    RowLabels,
     TrainedModel,
 )
 from pipeline.estimation import top_class_calibration
 from pipeline.forests import isolation_decision
+from pipeline.gate import NO_LABEL
 
 TILE = 8
 MAX_DIGITS = 32
@@ -165,6 +167,17 @@ class DigitsKpis(Kpis):
         }
 
 
+def tile_labels(items: np.ndarray, offsets: np.ndarray, labels: Mapping[int, Any]) -> np.ndarray:
+    """`RowLabels` of the digit classifier: a strip's rows are its tiles left to right, so row
+    `offset` of a strip is labelled by the label's digit `offset` (its decision, the most
+    probable class, is the digit). NO_LABEL past the end of a label shorter than the strip."""
+    found = []
+    for item, offset in zip(items.tolist(), offsets.tolist()):
+        label = labels.get(item)
+        found.append(int(label[offset]) if label is not None and offset < len(label) else NO_LABEL)
+    return np.array(found, dtype=np.int64)
+
+
 class DigitsPipeline(Pipeline):
     name = "digits"
     input_model = DigitStrip
@@ -186,6 +199,10 @@ class DigitsPipeline(Pipeline):
             counts["digits_labelled"] += len(label)
             counts["digits_right"] += sum(read == given for read, given in zip(output["text"], label))
         return counts
+
+    def row_labels(self, model: str) -> RowLabels | None:
+        # The OOD guard's in / out of distribution has no ground truth in a strip's digits.
+        return tile_labels if model == CLASSIFIER else None
 
     def estimate_scores(
         self, page: InputPage, outputs: dict[str, PageOutputs], results: list[str | None]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Annotated, Any
@@ -37,10 +37,12 @@ from pipeline.definition import (
     MonitoringConfig,
     PageOutputs,
     Pipeline,
+    RowLabels,
     TrainedModel,
 )
 from pipeline.estimation import fit_calibration
 from pipeline.forests import forest_proba
+from pipeline.gate import NO_LABEL
 from pipeline.profile import outside_range, range_warnings
 from pipeline.settings import get_settings
 
@@ -353,6 +355,12 @@ def _votes(outputs: dict[str, PageOutputs], count: int) -> np.ndarray:
     return votes
 
 
+def record_labels(items: np.ndarray, offsets: np.ndarray, labels: Mapping[int, Any]) -> np.ndarray:
+    """`RowLabels` of every screening model: one row per record, whose decision (the most
+    probable of the columns malignant, benign) numbers its classes as the label does."""
+    return np.array([labels.get(item, NO_LABEL) for item in items.tolist()], dtype=np.int64)
+
+
 class ScreeningPipeline(Pipeline):
     name = "screening"
     input_model = PatientRecord
@@ -394,6 +402,9 @@ class ScreeningPipeline(Pipeline):
             "recall_malignant": share(counts["true_pos"], malignant),
             "false_positive_rate": share(counts["false_pos"], benign),
         }
+
+    def row_labels(self, model: str) -> RowLabels | None:
+        return record_labels
 
     def item_parts(self, item: BaseModel) -> tuple[list[float], dict[str, Any]]:
         assert isinstance(item, PatientRecord)
