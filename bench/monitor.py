@@ -1,9 +1,10 @@
 """The cost of monitoring over time (docs/monitoring.md, "Windows across batches"): a
-batch's window update (its contribution rows and their hourly rollups, one statement, and
-the throttled claim of an alert evaluation) and `pipeline monitor`'s pooling of a day of
-10,000 batches (one contribution per model, inserted set-based), and of one alert
-evaluation over it. `make bench` runs it as `--scenario monitor` (bench/run.py), next to a
-small batch's aggregation time.
+batch's window update (the insert of its contributions in the aggregate's transaction, and
+its share of the fold that adds a minute's contributions to their hourly rollups after
+commit; beside it, the same fold done inside the aggregate, per batch, as before revision
+0014) and `pipeline monitor`'s pooling of a day of 10,000 batches (one contribution per
+model, inserted set-based), and of one alert evaluation over it. `make bench` runs it as
+`--scenario monitor` (bench/run.py), next to a small batch's aggregation time.
 
     python -m bench.monitor [--pipeline screening] [--batches 10000] [--repeat 5]
 """
@@ -63,9 +64,10 @@ def _median_ms(seconds: list[float]) -> float:
 
 
 def measure_monitor(engine: Engine, pipeline: Pipeline, models_dir: Path, batches: int, repeat: int) -> dict[str, Any]:
-    """Store a day of `batches` batches' contributions, then time (medians, ms) a finished
-    batch's window update and `pipeline monitor`'s pooling of each of `WINDOWS`, and one
-    alert evaluation of the 1h and 24h windows."""
+    """Store a day of `batches` batches' contributions (folded), then time (medians, ms) a
+    finished batch's window update (insert, its share of a fold after commit; and the fold
+    inside the aggregate, as before) and `pipeline monitor`'s pooling of each of `WINDOWS`,
+    and one alert evaluation of the 1h and 24h windows."""
     now = datetime.now(UTC)
     ids = [uuid.uuid4() for _ in range(batches + UPDATES)]
     with engine.begin() as conn:
@@ -77,19 +79,36 @@ def measure_monitor(engine: Engine, pipeline: Pipeline, models_dir: Path, batche
     with engine.begin() as conn:
         for first in range(0, len(day), 3000):
             ledger.record_contributions(conn, day[first : first + 3000])
+        ledger.fold_contributions(conn, pipeline.name)
 
-    updates = []
-    for batch_id in ids[batches:]:
+    # The first half of the batches fold in their aggregate's transaction (before revision
+    # 0014); the second half only insert, and one fold after commit adds them all, as the
+    # evaluation does once a minute.
+    inline, inserts = [], []
+    for number, batch_id in enumerate(ids[batches:]):
         rows = _contributions(pipeline, models_dir, [batch_id], now)
-        started = time.perf_counter()
         with engine.begin() as conn:
+            # The aggregate's transaction is open already: its begin and commit are not the update's.
+            conn.execute(text("SELECT 1"))
+            started = time.perf_counter()
             ledger.record_contributions(conn, rows)
-            ledger.claim_evaluation(conn, pipeline.name, 3600)
-        updates.append(time.perf_counter() - started)
+            if number < UPDATES // 2:
+                ledger.fold_contributions(conn, pipeline.name)
+                inline.append(time.perf_counter() - started)
+            else:
+                inserts.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        folded = ledger.fold_contributions(conn, pipeline.name)
+    fold_s = time.perf_counter() - started
+    assert folded == len(inserts) * len(pipeline.models), folded
     figures: dict[str, Any] = {
         "monitor_batches": batches,
         "monitor_contributions": len(day),
-        "monitor_update_ms": _median_ms(updates),
+        "monitor_insert_ms": _median_ms(inserts),
+        "monitor_fold_per_batch_ms": fold_s * 1000 / len(inserts),
+        "monitor_update_ms": _median_ms(inserts) + fold_s * 1000 / len(inserts),
+        "monitor_update_inline_ms": _median_ms(inline),
     }
     for spec in WINDOWS:
         timings = []

@@ -343,7 +343,9 @@ def measure_monitoring(
         aggregation.append(seconds * 1000)
     figures = measure_monitor(engine, pipeline, models_dir, args.monitor_batches, repeat=5)
     figures["small_batch_aggregation_ms"] = statistics.median(aggregation)
-    figures["monitor_update_vs_aggregation"] = figures["monitor_update_ms"] / figures["small_batch_aggregation_ms"]
+    aggregation_ms = figures["small_batch_aggregation_ms"]
+    figures["monitor_update_vs_aggregation"] = figures["monitor_update_ms"] / aggregation_ms
+    figures["monitor_update_inline_vs_aggregation"] = figures["monitor_update_inline_ms"] / aggregation_ms
     return figures
 
 

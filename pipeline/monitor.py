@@ -6,7 +6,8 @@ latency), and the alerts that open while a condition holds and clear when it sto
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -47,10 +48,12 @@ def latency_p95(histogram: dict[str, float]) -> float | None:
     return LATENCY_FLOOR_S * LATENCY_GROWTH ** int(bucket)
 
 
-def _drift(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None) -> dict[str, Any]:
+def _drift(
+    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None, top: int | None
+) -> dict[str, Any]:
     """A model version's window drift: its pooled bin counts judged against the reference
     profile of that version (`manifest`, from the registry) with the calibrated test
-    (`judge_counts`), the top features by PSI; or why it was skipped."""
+    (`judge_counts`), the `top` features by PSI (None: all); or why it was skipped."""
     spec = next((spec for spec in pipeline.models if spec.name == pooled.model), None)
     if spec is None:
         return {"skipped": f"model {pooled.model!r} is no longer in pipeline {pipeline.name!r}"}
@@ -65,14 +68,14 @@ def _drift(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str,
     figures = judge_counts(
         pipeline.drift, [ModelCounts(pooled.model, pooled.rows, pooled.model_version, profile, counts)]
     )
-    top = sorted(figures["features"].items(), key=lambda entry: -entry[1]["psi"])[:TOP_FEATURES]
+    ranked = sorted(figures["features"].items(), key=lambda entry: -entry[1]["psi"])[:top]
     score = figures["models"][pooled.model]
     return {
         "rows": pooled.rows,
         "drifted": bool(figures["drifted_features"] or figures["drifted_scores"]),
         "drifted_features": figures["drifted_features"],
         "score": {key.removeprefix("score_"): value for key, value in score.items() if key.startswith("score_")},
-        "top_features": dict(top),
+        "top_features": dict(ranked),
     }
 
 
@@ -89,10 +92,10 @@ def _estimated(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[
 
 
 def version_figures(
-    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None
+    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None, top: int | None = TOP_FEATURES
 ) -> dict[str, Any]:
     """One model version's pooled window as JSON-able figures (`manifest`: the version's, from
-    the registry; None when it is not registered)."""
+    the registry; None when it is not registered; `top`: features kept by PSI, None: all)."""
     label_counts = {key: int(value) for key, value in pooled.sums.get("label_counts", {}).items()}
     realised = pipeline.realised_kpis(label_counts) if label_counts and pipeline.label_type is not None else {}
     kpi_sums, kpi_items = pooled.sums.get("kpi_sums", {}), pooled.sums.get("kpi_items", {})
@@ -105,7 +108,7 @@ def version_figures(
         "rows": pooled.rows,
         "first_finished": pooled.first_finished.isoformat(),
         "last_finished": pooled.last_finished.isoformat(),
-        "drift": _drift(pipeline, pooled, manifest),
+        "drift": _drift(pipeline, pooled, manifest, top),
         "kpis": {name: _number(total / kpi_items[name]) for name, total in kpi_sums.items() if kpi_items.get(name)},
         "labelled_items": label_counts.get("labelled", 0),
         "realised_kpis": {name: _number(value) for name, value in realised.items()},
@@ -114,25 +117,59 @@ def version_figures(
     }
 
 
-def judge_window(conn: Connection, pipeline_name: str | None, window: Window, now: datetime) -> list[dict[str, Any]]:
-    """Every model version's figures in `window` at `now`, of one pipeline or of every
-    registered one (contributions of others have nothing to judge them by).
+def _pipelines(pipeline_name: str | None) -> dict[str, Pipeline]:
+    """`pipeline_name`'s pipeline, or every registered one (contributions of others have
+    nothing to judge them by).
 
     Raises:
         UnknownPipelineError: `pipeline_name` is not registered.
     """
-    pipelines = (
-        {pipeline_name: registry.get_pipeline(pipeline_name)}
-        if pipeline_name is not None
-        else {pipeline.name: pipeline for pipeline in registry.all_pipelines()}
-    )
+    if pipeline_name is not None:
+        return {pipeline_name: registry.get_pipeline(pipeline_name)}
+    return {pipeline.name: pipeline for pipeline in registry.all_pipelines()}
+
+
+def _judged(
+    conn: Connection, pipelines: dict[str, Pipeline], windows: list[list[ledger.PooledVersion]], top: int | None
+) -> list[list[dict[str, Any]]]:
+    """Each window's pooled versions as figures, the manifests read once for all."""
+    keys = {(version.model, version.model_version) for pooled in windows for version in pooled}
+    manifests = ledger.manifests_of(conn, sorted(keys))
+    return [
+        [version_figures(pipelines[v.pipeline], v, manifests.get((v.model, v.model_version)), top) for v in pooled]
+        for pooled in windows
+    ]
+
+
+def judge_window(conn: Connection, pipeline_name: str | None, window: Window, now: datetime) -> list[dict[str, Any]]:
+    """Every model version's figures in `window` at `now`, of one pipeline or of every
+    registered one.
+
+    Raises:
+        UnknownPipelineError: `pipeline_name` is not registered.
+    """
+    pipelines = _pipelines(pipeline_name)
     since, until = window.bounds(now)
     pooled = ledger.window_versions(conn, list(pipelines), since, until, window.last_rows)
-    manifests = ledger.manifests_of(conn, [(version.model, version.model_version) for version in pooled])
-    return [
-        version_figures(pipelines[version.pipeline], version, manifests.get((version.model, version.model_version)))
-        for version in pooled
-    ]
+    return _judged(conn, pipelines, [pooled], TOP_FEATURES)[0]
+
+
+def judge_series(
+    conn: Connection, pipeline_name: str | None, span: timedelta, every: timedelta, now: datetime
+) -> list[tuple[datetime, datetime, list[dict[str, Any]]]]:
+    """Consecutive windows of `every` over the last `span` at `now`, oldest first: each
+    window's (since, until] and its model versions' figures, as `judge_window` gives them
+    for a window of `every` ending at `until`, but with every feature's PSI (`top_features`
+    holds them all). One window query for the whole series.
+
+    Raises:
+        UnknownPipelineError: `pipeline_name` is not registered.
+    """
+    pipelines = _pipelines(pipeline_name)
+    count = math.ceil(span / every)
+    bounds = [(now - (count - i) * every, now - (count - i - 1) * every) for i in range(count)]
+    pooled = ledger.window_series(conn, list(pipelines), bounds)
+    return [(since, until, figures) for (since, until), figures in zip(bounds, _judged(conn, pipelines, pooled, None))]
 
 
 def conditions(pipeline: Pipeline, window: Window, versions: list[dict[str, Any]]) -> list[ledger.Condition]:
@@ -200,13 +237,24 @@ def _headline(version: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# When this process last tried to claim each pipeline's evaluation (time.monotonic): it
+# tries again only `interval_s` later, so most finished batches cost no statement here.
+_LAST_CLAIM: dict[str, float] = {}
+
+
 def evaluate_if_due(engine: Engine, pipeline_name: str, windows: str, interval_s: float) -> None:
-    """After a batch of `pipeline_name` finished: judge its windows and update its alerts,
-    unless another process did in the last `interval_s` seconds (the windows then change by
-    a few batches at most; one transaction)."""
+    """After a batch of `pipeline_name` finished: fold the pipeline's new contributions into
+    their rollups, judge its windows and update its alerts, unless this process tried or
+    another process did in the last `interval_s` seconds (the windows then change by a few
+    batches at most; one transaction)."""
     from datetime import UTC
 
+    now = time.monotonic()
+    if now - _LAST_CLAIM.get(pipeline_name, -math.inf) < interval_s:
+        return
+    _LAST_CLAIM[pipeline_name] = now
     pipeline = registry.get_pipeline(pipeline_name)
     with engine.begin() as conn:
         if ledger.claim_evaluation(conn, pipeline_name, interval_s):
+            ledger.fold_contributions(conn, pipeline_name)
             evaluate_alerts(conn, pipeline, parse_windows(windows), datetime.now(UTC))

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Float,
     ForeignKey,
@@ -264,6 +265,7 @@ class MonitorContribution(Base):
             text("finished_at DESC"),
             text("id DESC"),
         ),
+        Index("monitor_contributions_unfolded", "pipeline", "finished_at", postgresql_where=text("NOT folded")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -286,6 +288,10 @@ class MonitorContribution(Base):
     latency_s: Mapped[float | None] = mapped_column(Float)
     # The CBPE sums of its rows (`pipeline.estimation`); None for a model without them.
     estimate_sums: Mapped[dict[str, float] | None] = mapped_column(JSONB)
+    # Whether it is in its hour's rollup (`fold_contributions`, after the aggregate's commit).
+    folded: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Its bin counts as an array until folded (what the fold adds); None once folded.
+    unfolded_bins: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
 
 
 class MonitorRollup(Base):

@@ -1,5 +1,7 @@
-"""Windows read from hourly rollups pool exactly as the contributions themselves do: with
-labels stored (and changed) after the batches, a batch aggregated again, and batches deleted."""
+"""Windows read from hourly rollups pool exactly as the contributions themselves do: before
+the contributions are folded into the rollups, partly folded, folded; with labels stored (and
+changed) after the batches, a batch aggregated again, and batches deleted; a series of
+windows read in one statement pools each window as a window alone does."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from pipeline import ledger
-from pipeline.ledger.queries import RAW
+from pipeline.ledger.queries import FOLD_CONTRIBUTIONS, RAW
 
 BINS = 12
 START = datetime(2032, 1, 1, 0, 17, tzinfo=UTC)
@@ -21,7 +23,7 @@ VERSIONS = [("screen-logreg", "a" * 64), ("screen-forest", "b" * 64)]
 ALL_RAW = text(
     """
 WITH parts AS (
-  SELECT c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at AS first_finished,
+  SELECT 1 AS point, c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at AS first_finished,
     c.finished_at AS last_finished, NULL::bigint[] AS bin_array, c.bin_counts AS bin_bytes, c.kpi_sums, c.kpi_items,
     c.label_counts, c.latency_histogram, c.estimate_sums
   FROM monitor_contribution_parts c
@@ -32,9 +34,12 @@ WITH parts AS (
 )
 
 
-def _contribute(engine: Engine, count: int, seed: int) -> list[ledger.Contribution]:
-    """`count` screening batches, one every 97 s from START, each contributing to both versions
-    with random bin counts, KPIs (numbers, and text a window ignores), latency and CBPE sums."""
+def _contribute_unfolded(
+    engine: Engine, count: int, seed: int, offset: timedelta = timedelta(0)
+) -> list[ledger.Contribution]:
+    """`count` screening batches, one every 97 s from START + `offset`, each contributing to
+    both versions with random bin counts, KPIs (numbers, and text a window ignores), latency
+    and CBPE sums; not folded into the rollups."""
     rng = np.random.default_rng(seed)
     ids = [uuid.uuid4() for _ in range(count)]
     with engine.begin() as conn:
@@ -54,7 +59,7 @@ def _contribute(engine: Engine, count: int, seed: int) -> list[ledger.Contributi
                     "screening",
                     model,
                     version,
-                    START + timedelta(seconds=97 * index),
+                    START + offset + timedelta(seconds=97 * index),
                     items,
                     items,
                     rng.poisson(5, BINS).astype(np.int64),
@@ -65,6 +70,20 @@ def _contribute(engine: Engine, count: int, seed: int) -> list[ledger.Contributi
             )
     with engine.begin() as conn:
         ledger.record_contributions(conn, made)
+    return made
+
+
+def _contribute(engine: Engine, count: int, seed: int) -> list[ledger.Contribution]:
+    """`_contribute_unfolded`'s batches, pooled alike unfolded, a third folded, and all folded."""
+    made = _contribute_unfolded(engine, count, seed)
+    _assert_pooled_alike(engine)
+    with engine.begin() as conn:
+        third = conn.execute(FOLD_CONTRIBUTIONS, {"pipeline": "screening", "limit": len(made) // 3}).scalar_one()
+    assert third == len(made) // 3
+    _assert_pooled_alike(engine)
+    with engine.begin() as conn:
+        assert ledger.fold_contributions(conn, "screening") == len(made) - third
+        assert ledger.fold_contributions(conn, "screening") == 0
     return made
 
 
@@ -86,7 +105,7 @@ def _comparable(pooled: ledger.PooledVersion) -> tuple[Any, ...]:
 def _raw(conn: Connection, since: datetime, until: datetime) -> list[tuple[Any, ...]]:
     rows = conn.execute(ALL_RAW, {"since": since, "until": until}).all()
     return [
-        _comparable(ledger.PooledVersion(*row[:8], row.bin_array, row.bin_bytes, row.sums or {}))  # fmt: skip
+        _comparable(ledger.PooledVersion(*row[1:9], row.bin_array, row.bin_bytes, row.sums or {}))  # fmt: skip
         for row in rows
     ]
 
@@ -103,10 +122,12 @@ WINDOWS = [
 
 def _assert_pooled_alike(engine: Engine) -> None:
     with engine.connect() as conn:
-        for since_offset, until_offset in WINDOWS:
-            since, until = START + since_offset, START + until_offset
+        bounds = [(START + since_offset, START + until_offset) for since_offset, until_offset in WINDOWS]
+        series = ledger.window_series(conn, ["screening"], bounds)
+        for (since, until), pooled in zip(bounds, series, strict=True):
             rolled = [_comparable(v) for v in ledger.window_versions(conn, ["screening"], since, until, None)]
-            assert rolled == _raw(conn, since, until), (since_offset, until_offset)
+            assert rolled == _raw(conn, since, until), (since, until)
+            assert [_comparable(v) for v in pooled] == rolled, (since, until)
 
 
 @pytest.fixture
@@ -155,3 +176,16 @@ def test_labels_and_reaggregation_and_deletion_keep_rollups_exact(
     with quiet_engine.connect() as conn:
         left = conn.execute(text("SELECT sum(batches) FROM monitor_rollups")).scalar()
     assert left == 2 * (160 - 55)
+
+    # Batches after the fold, labelled before theirs: the fold adds their labels once.
+    later = _contribute_unfolded(quiet_engine, 20, seed=4, offset=timedelta(hours=2, minutes=10))
+    with quiet_engine.begin() as conn:
+        for batch_id in dict.fromkeys(c.batch_id for c in later[::4]):
+            ledger.store_label_counts(conn, batch_id, {"labelled": 3, "true_pos": 1})
+    _assert_pooled_alike(quiet_engine)
+    with quiet_engine.begin() as conn:
+        assert ledger.fold_contributions(conn, "screening") == len(later)
+    _assert_pooled_alike(quiet_engine)
+    with quiet_engine.connect() as conn:
+        total = conn.execute(text("SELECT sum(batches) FROM monitor_rollups")).scalar()
+    assert total == 2 * (160 - 55 + 20)

@@ -74,10 +74,12 @@ if TYPE_CHECKING:
         PooledVersion,
         claim_evaluation,
         evaluation_figures,
+        fold_contributions,
         open_alerts,
         record_alerts,
         record_contributions,
         store_label_counts,
+        window_series,
         window_versions,
     )
     from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
@@ -126,6 +128,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "batch_status_rows",
         "cancel_batch",
         "first_subtask_started",
+        "fold_contributions",
         "insert_batch",
     ),
     "claims": (
@@ -161,10 +164,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "PooledVersion",
         "claim_evaluation",
         "evaluation_figures",
+        "fold_contributions",
         "open_alerts",
         "record_alerts",
         "record_contributions",
         "store_label_counts",
+        "window_series",
         "window_versions",
     ),
     "pages": (
@@ -239,6 +244,7 @@ __all__ = [
     "fail_subtask",
     "finish_batch",
     "first_subtask_started",
+    "fold_contributions",
     "forget_worker",
     "input_pages",
     "insert_batch",
@@ -269,6 +275,7 @@ __all__ = [
     "unfinished_before",
     "unserved_queues",
     "versions_of",
+    "window_series",
     "window_versions",
 ]
 

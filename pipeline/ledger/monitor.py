@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,9 +38,9 @@ class Contribution:
 
 
 def record_contributions(conn: Connection, contributions: Sequence[Contribution]) -> None:
-    """Store a batch's contributions and add them to their hours' rollups, in one statement
-    on the caller's transaction (the aggregate's, with the batch's metrics); a batch
-    aggregated again adds nothing."""
+    """Store a batch's contributions, in one insert on the caller's transaction (the
+    aggregate's, with the batch's metrics); a batch aggregated again adds nothing. They reach
+    their hours' rollups when folded (`fold_contributions`); windows read them until then."""
     if not contributions:
         return
     ordered = sorted(contributions, key=lambda c: (c.pipeline, c.model, c.model_version))
@@ -61,6 +61,22 @@ def record_contributions(conn: Connection, contributions: Sequence[Contribution]
             "estimate_sums": [None if c.estimate_sums is None else json.dumps(c.estimate_sums) for c in ordered],
         },
     )
+
+
+# Contributions one fold statement takes at most: bounds its transaction and its locks.
+FOLD_LIMIT = 5000
+
+
+def fold_contributions(conn: Connection, pipeline: str) -> int:
+    """Add the pipeline's unfolded contributions to their hours' rollups and mark them
+    folded, `FOLD_LIMIT` per statement, on the caller's transaction; return how many.
+    Idempotent: a contribution is folded once, whoever folds and however often."""
+    folded = 0
+    while taken := conn.execute(queries.FOLD_CONTRIBUTIONS, {"pipeline": pipeline, "limit": FOLD_LIMIT}).scalar_one():
+        folded += taken
+        if taken < FOLD_LIMIT:
+            break
+    return folded
 
 
 def store_label_counts(conn: Connection, batch_id: uuid.UUID, counts: dict[str, int]) -> None:
@@ -101,28 +117,46 @@ def window_versions(
 ) -> list[PooledVersion]:
     """Per pipeline (of `pipelines`), model and model version: its contributions finished in
     (`since`, `until`] pooled (hourly rollups for the hours inside, the contributions of the
-    edge hours), or its newest ones up to `last_rows` rows."""
+    edge hours and those not folded yet), or its newest ones up to `last_rows` rows."""
     if last_rows is None:
-        rows = conn.execute(queries.WINDOW_BY_TIME, {"pipelines": list(pipelines), "since": since, "until": until})
-    else:
-        parameters = {"pipelines": list(pipelines), "until": until, "last_rows": last_rows}
-        rows = conn.execute(queries.WINDOW_BY_ROWS, parameters)
-    return [
-        PooledVersion(
-            row.pipeline,
-            row.model,
-            row.model_version,
-            int(row.batches),
-            int(row.items),
-            int(row.rows),
-            row.first_finished,
-            row.last_finished,
-            row.bin_array,
-            row.bin_bytes,
-            row.sums or {},
+        return window_series(conn, pipelines, [(since, until)])[0]
+    parameters = {"pipelines": list(pipelines), "until": until, "last_rows": last_rows}
+    return _pooled(conn.execute(queries.WINDOW_BY_ROWS, parameters), 1)[0]
+
+
+def window_series(
+    conn: Connection, pipelines: Sequence[str], bounds: Sequence[tuple[datetime, datetime]]
+) -> list[list[PooledVersion]]:
+    """Per time window (`since`, `until`] of `bounds`, in order: each model version of
+    `pipelines` pooled as `window_versions` pools it; one statement for them all."""
+    parameters = {
+        "pipelines": list(pipelines),
+        "sinces": [since for since, _ in bounds],
+        "untils": [until for _, until in bounds],
+    }
+    return _pooled(conn.execute(queries.WINDOW_BY_TIME, parameters), len(bounds))
+
+
+def _pooled(rows: Iterable[Row[Any]], windows: int) -> list[list[PooledVersion]]:
+    """The pooled rows of `windows` windows (column `point`, from 1), one list per window."""
+    pooled: list[list[PooledVersion]] = [[] for _ in range(windows)]
+    for row in rows:
+        pooled[row.point - 1].append(
+            PooledVersion(
+                row.pipeline,
+                row.model,
+                row.model_version,
+                int(row.batches),
+                int(row.items),
+                int(row.rows),
+                row.first_finished,
+                row.last_finished,
+                row.bin_array,
+                row.bin_bytes,
+                row.sums or {},
+            )
         )
-        for row in rows
-    ]
+    return pooled
 
 
 @dataclass(frozen=True)

@@ -112,32 +112,80 @@ WHERE l.batch_id = :batch_id AND l.replaced_at IS NULL
 ORDER BY l.item
 
 -- name: record_contributions
--- Finished batches' contributions, and those stored (not those of a batch aggregated
--- again) added to their hours' rollups element-wise; in (model, version) order, so
--- concurrent batches lock the rollups in one order.
-WITH incoming AS (
-  SELECT * FROM unnest(
-    CAST(:batch_ids AS uuid[]), CAST(:pipelines AS text[]), CAST(:models AS text[]), CAST(:versions AS text[]),
-    CAST(:finished AS timestamptz[]), CAST(:items AS int[]), CAST(:rows AS int[]), CAST(:bin_counts AS bytea[]),
-    CAST(:bin_arrays AS text[]), CAST(:kpis AS jsonb[]), CAST(:latencies AS float8[]), CAST(:estimate_sums AS jsonb[])
-  ) AS i (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, bin_array, kpis,
-          latency_s, estimate_sums)
-), stored AS (
-  INSERT INTO monitor_contributions
-    (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, kpis, latency_s, estimate_sums)
-  SELECT batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, kpis, latency_s, estimate_sums
-  FROM incoming
-  ON CONFLICT DO NOTHING
-  RETURNING batch_id, model, model_version
-)
+-- Finished batches' contributions (a batch aggregated again adds nothing). Not yet in
+-- their hours' rollups: `fold_contributions` adds them later, off the aggregate's path.
+INSERT INTO monitor_contributions
+  (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, unfolded_bins, kpis, latency_s,
+   estimate_sums)
+SELECT batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, CAST(bin_array AS bigint[]),
+  kpis, latency_s, estimate_sums
+FROM unnest(
+  CAST(:batch_ids AS uuid[]), CAST(:pipelines AS text[]), CAST(:models AS text[]), CAST(:versions AS text[]),
+  CAST(:finished AS timestamptz[]), CAST(:items AS int[]), CAST(:rows AS int[]), CAST(:bin_counts AS bytea[]),
+  CAST(:bin_arrays AS text[]), CAST(:kpis AS jsonb[]), CAST(:latencies AS float8[]), CAST(:estimate_sums AS jsonb[])
+) AS i (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, bin_array, kpis, latency_s,
+        estimate_sums)
+ON CONFLICT DO NOTHING
+
+-- name: fold_contributions
+-- Up to :limit unfolded contributions of :pipeline added to their hours' rollups
+-- element-wise and marked folded, in one statement: a crash folds all of them or none;
+-- returns how many. Rows being labelled are skipped (folded next time); the values added
+-- are those of the locked rows, so a label stored just before is in them. Sums are
+-- set-based (unnest, jsonb_each, GROUP BY), not the per-row SQL aggregates, which cost a
+-- function call per contribution; rollups are locked in (model, version, hour) order, so
+-- concurrent folds and label writers do not deadlock.
+WITH taken AS (
+  SELECT c.id, c.pipeline, c.model, c.model_version, monitor_bucket(c.finished_at) AS bucket_start, c.finished_at,
+    c.items, c.rows, c.unfolded_bins, c.kpis, c.label_counts, c.latency_s, c.estimate_sums
+  FROM monitor_contributions c
+  WHERE c.pipeline = :pipeline AND NOT c.folded
+  ORDER BY c.finished_at, c.id
+  LIMIT :limit
+  FOR UPDATE SKIP LOCKED
+), marked AS (
+  UPDATE monitor_contributions c SET folded = true, unfolded_bins = NULL FROM taken t WHERE c.id = t.id RETURNING c.id
+), grouped AS (
+  -- Each contribution's rollup as a number `g`: the sums below group on integers, not on text.
+  SELECT t.*, dense_rank() OVER (ORDER BY t.pipeline, t.model, t.model_version, t.bucket_start) AS g FROM taken t
+), totals AS (
+  SELECT g, pipeline, model, model_version, bucket_start, count(*) AS batches, sum(items) AS items,
+    sum(rows) AS rows, min(finished_at) AS first_finished, max(finished_at) AS last_finished
+  FROM grouped GROUP BY g, pipeline, model, model_version, bucket_start
+), bins AS (
+  SELECT b.g, array_agg(b.total ORDER BY b.i) AS bin_counts FROM (
+    SELECT t.g, u.i, sum(u.v)::bigint AS total
+    FROM grouped t CROSS JOIN LATERAL unnest(t.unfolded_bins) WITH ORDINALITY AS u (v, i)
+    GROUP BY t.g, u.i
+  ) AS b GROUP BY b.g
+), entries AS (
+  -- Each contribution's JSON sums as (field, key, value), in a rollup's terms.
+  SELECT t.g, f.field, f.key, f.value
+  FROM grouped t CROSS JOIN LATERAL (
+    SELECT 'kpi_sums', e.key, e.value::text::numeric * t.items FROM jsonb_each(t.kpis) AS e
+    WHERE jsonb_typeof(e.value) = 'number'
+    UNION ALL
+    SELECT 'kpi_items', e.key, t.items FROM jsonb_each(t.kpis) AS e WHERE jsonb_typeof(e.value) = 'number'
+    UNION ALL
+    SELECT 'label_counts', e.key, e.value::text::numeric FROM jsonb_each(t.label_counts) AS e
+    UNION ALL
+    SELECT 'latency_histogram', monitor_latency_bucket(t.latency_s)::text, 1 WHERE t.latency_s IS NOT NULL
+    UNION ALL
+    SELECT 'estimate_sums', e.key, e.value::text::numeric FROM jsonb_each(t.estimate_sums) AS e
+  ) AS f (field, key, value)
+), docs AS (
+  SELECT d.g, jsonb_object_agg(d.field, d.doc) AS docs FROM (
+    SELECT k.g, k.field, jsonb_object_agg(k.key, k.total) AS doc FROM (
+      SELECT g, field, key, sum(value) AS total FROM entries GROUP BY g, field, key
+    ) AS k GROUP BY k.g, k.field
+  ) AS d GROUP BY d.g
+), rolled AS (
 INSERT INTO monitor_rollups AS r
-SELECT i.pipeline, i.model, i.model_version, monitor_bucket(i.finished_at), count(*), sum(i.items), sum(i.rows),
-  min(i.finished_at), max(i.finished_at), monitor_counts_sum(CAST(i.bin_array AS bigint[])),
-  monitor_jsonb_sum(monitor_kpi_sums(i.kpis, i.items)), monitor_jsonb_sum(monitor_kpi_items(i.kpis, i.items)), NULL,
-  monitor_jsonb_sum(monitor_latency_histogram(i.latency_s)), monitor_jsonb_sum(i.estimate_sums)
-FROM incoming i JOIN stored s USING (batch_id, model, model_version)
-GROUP BY 1, 2, 3, 4
-ORDER BY 1, 2, 3, 4
+SELECT t.pipeline, t.model, t.model_version, t.bucket_start, t.batches, t.items, t.rows, t.first_finished,
+  t.last_finished, b.bin_counts, coalesce(d.docs -> 'kpi_sums', '{}'), coalesce(d.docs -> 'kpi_items', '{}'),
+  d.docs -> 'label_counts', coalesce(d.docs -> 'latency_histogram', '{}'), d.docs -> 'estimate_sums'
+FROM totals t LEFT JOIN bins b USING (g) LEFT JOIN docs d USING (g)
+ORDER BY t.g
 ON CONFLICT (pipeline, model, model_version, bucket_start) DO UPDATE SET
   batches = r.batches + excluded.batches,
   items = r.items + excluded.items,
@@ -147,14 +195,18 @@ ON CONFLICT (pipeline, model, model_version, bucket_start) DO UPDATE SET
   bin_counts = monitor_counts_add(r.bin_counts, excluded.bin_counts),
   kpi_sums = monitor_jsonb_add(r.kpi_sums, excluded.kpi_sums),
   kpi_items = monitor_jsonb_add(r.kpi_items, excluded.kpi_items),
+  label_counts = monitor_jsonb_add(r.label_counts, excluded.label_counts),
   latency_histogram = monitor_jsonb_add(r.latency_histogram, excluded.latency_histogram),
   estimate_sums = monitor_jsonb_add(r.estimate_sums, excluded.estimate_sums)
+)
+SELECT count(*) FROM marked
 
 -- name: store_label_counts
--- A batch's label counts on its contributions, and the difference they make on their
--- hours' rollups (rows locked in (model, version) order, as the contributions' writer does).
+-- A batch's label counts on its contributions, and the difference they make on the
+-- rollups of those already folded (rows locked in (model, version) order, as the fold does).
 WITH previous AS (
-  SELECT c.id, c.pipeline, c.model, c.model_version, monitor_bucket(c.finished_at) AS bucket_start, c.label_counts
+  SELECT c.id, c.pipeline, c.model, c.model_version, monitor_bucket(c.finished_at) AS bucket_start, c.label_counts,
+    c.folded
   FROM monitor_contributions c WHERE c.batch_id = :batch_id
   ORDER BY c.model, c.model_version FOR UPDATE
 ), stored AS (
@@ -163,40 +215,54 @@ WITH previous AS (
 UPDATE monitor_rollups r
 SET label_counts = monitor_jsonb_combine(monitor_jsonb_add(r.label_counts, CAST(:counts AS jsonb)), p.label_counts, -1)
 FROM previous p
-WHERE r.pipeline = p.pipeline AND r.model = p.model AND r.model_version = p.model_version
+WHERE p.folded AND r.pipeline = p.pipeline AND r.model = p.model AND r.model_version = p.model_version
   AND r.bucket_start = p.bucket_start
 
 -- name: window_parts_by_time
--- A time window (:since, :until] of the pipelines in :pipelines: the hourly rollups whose
--- contributions all lie inside it (every hour but the first and the last), and the
--- contributions of the other hours that lie inside it (index range scans of two hours).
-WITH usable AS (
-  SELECT r.* FROM monitor_rollups r
-  WHERE r.pipeline = ANY(CAST(:pipelines AS text[]))
-    AND r.bucket_start >= monitor_bucket(:since) AND r.bucket_start <= :until
-    AND r.first_finished > :since AND r.last_finished <= :until
+-- Time windows (:sinces[i], :untils[i]], numbered `point` i from 1, of the pipelines in
+-- :pipelines: per window, the hourly rollups whose contributions all lie inside it (every
+-- hour but its first and last), the contributions of its other hours that lie inside it
+-- (index range scans of two hours), and its contributions not folded into a rollup yet.
+WITH windows AS (
+  SELECT * FROM unnest(CAST(:sinces AS timestamptz[]), CAST(:untils AS timestamptz[])) WITH ORDINALITY
+    AS w (since, until, point)
+), usable AS (
+  SELECT w.point, r.* FROM windows w JOIN monitor_rollups r
+    ON r.pipeline = ANY(CAST(:pipelines AS text[]))
+    AND r.bucket_start >= monitor_bucket(w.since) AND r.bucket_start <= w.until
+    AND r.first_finished > w.since AND r.last_finished <= w.until
+), edges AS (
+  SELECT w.point, c.id FROM windows w JOIN monitor_contribution_parts c
+    ON c.pipeline = ANY(CAST(:pipelines AS text[])) AND c.folded
+    AND c.finished_at > w.since AND c.finished_at <= w.until
+    AND (c.finished_at < monitor_bucket(w.since) + interval '1 hour' OR c.finished_at >= monitor_bucket(w.until))
+  WHERE NOT EXISTS (
+    SELECT FROM usable u WHERE u.point = w.point AND u.pipeline = c.pipeline AND u.model = c.model
+      AND u.model_version = c.model_version AND u.bucket_start = c.bucket_start)
+  UNION ALL
+  SELECT w.point, c.id FROM windows w JOIN monitor_contributions c
+    ON c.pipeline = ANY(CAST(:pipelines AS text[])) AND NOT c.folded
+    AND c.finished_at > w.since AND c.finished_at <= w.until
 ), parts AS (
-  SELECT pipeline, model, model_version, batches, items, rows, first_finished, last_finished,
+  SELECT point, pipeline, model, model_version, batches, items, rows, first_finished, last_finished,
     bin_counts AS bin_array, NULL::bytea AS bin_bytes, kpi_sums, kpi_items, label_counts, latency_histogram, estimate_sums
   FROM usable
   UNION ALL
-  SELECT c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at, c.finished_at,
+  SELECT e.point, c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at, c.finished_at,
     NULL, c.bin_counts, c.kpi_sums, c.kpi_items, c.label_counts, c.latency_histogram, c.estimate_sums
-  FROM monitor_contribution_parts c
-  WHERE c.pipeline = ANY(CAST(:pipelines AS text[]))
-    AND c.finished_at > :since AND c.finished_at <= :until
-    AND (c.finished_at < monitor_bucket(:since) + interval '1 hour' OR c.finished_at >= monitor_bucket(:until))
-    AND NOT EXISTS (
-      SELECT FROM usable u WHERE u.pipeline = c.pipeline AND u.model = c.model
-        AND u.model_version = c.model_version AND u.bucket_start = c.bucket_start)
+  FROM edges e JOIN monitor_contribution_parts c USING (id)
 )
 
 -- name: window_parts_by_rows
 -- Each model version's newest contributions up to :last_rows rows (finished by :until),
--- found newest first on the (pipeline, model, model_version, finished_at) index.
+-- found newest first on the (pipeline, model, model_version, finished_at) index; one
+-- window (`point` 1).
 WITH versions AS (
-  SELECT DISTINCT r.pipeline, r.model, r.model_version FROM monitor_rollups r
+  SELECT r.pipeline, r.model, r.model_version FROM monitor_rollups r
   WHERE r.pipeline = ANY(CAST(:pipelines AS text[])) AND r.bucket_start <= :until
+  UNION
+  SELECT c.pipeline, c.model, c.model_version FROM monitor_contributions c
+  WHERE c.pipeline = ANY(CAST(:pipelines AS text[])) AND NOT c.folded AND c.finished_at <= :until
 ), newest AS (
   SELECT n.id FROM versions v CROSS JOIN LATERAL (
     SELECT w.id FROM (
@@ -211,37 +277,38 @@ WITH versions AS (
     ) AS w WHERE w.newer_rows < :last_rows
   ) AS n
 ), parts AS (
-  SELECT c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows, c.finished_at AS first_finished,
-    c.finished_at AS last_finished, NULL::bigint[] AS bin_array, c.bin_counts AS bin_bytes, c.kpi_sums, c.kpi_items,
-    c.label_counts, c.latency_histogram, c.estimate_sums
+  SELECT 1 AS point, c.pipeline, c.model, c.model_version, c.batches, c.items, c.rows,
+    c.finished_at AS first_finished, c.finished_at AS last_finished, NULL::bigint[] AS bin_array,
+    c.bin_counts AS bin_bytes, c.kpi_sums, c.kpi_items, c.label_counts, c.latency_histogram, c.estimate_sums
   FROM monitor_contribution_parts c JOIN newest USING (id)
 )
 
 -- name: window_pooled
--- The parts of a window pooled per pipeline, model and model version: batches, inputs,
--- rows, first and last finish, the rollups' bin counts summed and the contributions' bin
--- counts end to end (added by the caller), and each JSON sum key by key (`sums`: field →
--- key → total; exact numeric sums, so any split of the window into parts gives the same).
+-- The parts of each window pooled per window (`point`), pipeline, model and model version:
+-- batches, inputs, rows, first and last finish, the rollups' bin counts summed and the
+-- contributions' bin counts end to end (added by the caller), and each JSON sum key by key
+-- (`sums`: field → key → total; exact numeric sums, so any split of the window into parts
+-- gives the same).
 SELECT g.*, s.sums FROM (
-  SELECT pipeline, model, model_version, sum(batches) AS batches, sum(items) AS items, sum(rows) AS rows,
+  SELECT point, pipeline, model, model_version, sum(batches) AS batches, sum(items) AS items, sum(rows) AS rows,
     min(first_finished) AS first_finished, max(last_finished) AS last_finished,
     monitor_counts_sum(bin_array) AS bin_array, string_agg(bin_bytes, ''::bytea) AS bin_bytes
-  FROM parts GROUP BY pipeline, model, model_version
+  FROM parts GROUP BY point, pipeline, model, model_version
 ) AS g
 LEFT JOIN (
-  SELECT t.pipeline, t.model, t.model_version, jsonb_object_agg(t.field, t.totals) AS sums FROM (
-    SELECT k.pipeline, k.model, k.model_version, k.field, jsonb_object_agg(k.key, k.total) AS totals FROM (
-      SELECT p.pipeline, p.model, p.model_version, f.field, e.key, sum(e.value::text::numeric) AS total
+  SELECT t.point, t.pipeline, t.model, t.model_version, jsonb_object_agg(t.field, t.totals) AS sums FROM (
+    SELECT k.point, k.pipeline, k.model, k.model_version, k.field, jsonb_object_agg(k.key, k.total) AS totals FROM (
+      SELECT p.point, p.pipeline, p.model, p.model_version, f.field, e.key, sum(e.value::text::numeric) AS total
       FROM parts p
       CROSS JOIN LATERAL (VALUES ('kpi_sums', p.kpi_sums), ('kpi_items', p.kpi_items),
         ('label_counts', p.label_counts), ('latency_histogram', p.latency_histogram),
         ('estimate_sums', p.estimate_sums)) AS f (field, doc)
       CROSS JOIN LATERAL jsonb_each(f.doc) AS e
-      GROUP BY p.pipeline, p.model, p.model_version, f.field, e.key
-    ) AS k GROUP BY k.pipeline, k.model, k.model_version, k.field
-  ) AS t GROUP BY t.pipeline, t.model, t.model_version
-) AS s ON s.pipeline = g.pipeline AND s.model = g.model AND s.model_version = g.model_version
-ORDER BY g.pipeline, g.model, g.model_version
+      GROUP BY p.point, p.pipeline, p.model, p.model_version, f.field, e.key
+    ) AS k GROUP BY k.point, k.pipeline, k.model, k.model_version, k.field
+  ) AS t GROUP BY t.point, t.pipeline, t.model, t.model_version
+) AS s ON s.point = g.point AND s.pipeline = g.pipeline AND s.model = g.model AND s.model_version = g.model_version
+ORDER BY g.point, g.pipeline, g.model, g.model_version
 
 -- name: claim_evaluation
 -- The pipeline's windows are due to be judged (none in the last :interval_s seconds): claim it.
