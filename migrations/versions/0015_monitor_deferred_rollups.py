@@ -13,16 +13,16 @@
 - the trigger that re-sums the rollups of deleted contributions' hours sums the folded
   contributions left only.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0015
+Revises: 0014
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0014"
-down_revision = "0013"
+revision = "0015"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 
@@ -77,7 +77,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Revision 0013 keeps every contribution in its rollup: sum them all again.
+    # Revision 0014 keeps every contribution in its rollup: sum them all again.
     op.execute("TRUNCATE monitor_rollups")
     op.execute(ROLLUPS_FROM_CONTRIBUTIONS.format(which=""))
     op.execute(_forget(""))

@@ -128,7 +128,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "batch_status_rows",
         "cancel_batch",
         "first_subtask_started",
-        "fold_contributions",
         "insert_batch",
     ),
     "claims": (
