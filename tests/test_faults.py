@@ -47,8 +47,8 @@ def test_worker_killed_mid_batch_a_second_worker_finishes(own: OwnStack) -> None
     batch = own.client.submit("poison", _points(5000, poison=set()))
     wait_for(lambda: own.succeeded_subtasks(batch.id) >= 300, 300, "the first worker to make progress")
     own.kill(first)
-    status = batch.status()
-    assert status.total == 5000 and not status.finished
+    # Not finished (its split may still be under way: steps ramp up from 2,000 inputs).
+    assert not batch.status().finished
     own.start("workers", "--concurrency", "2")
     status = batch.wait(timeout=600)
     assert status.state == "succeeded"
