@@ -12,14 +12,16 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+import kombu.exceptions
 import numpy as np
 from sqlalchemy import Connection, Engine, Row
 
 from aggregator.metrics import batch_metrics
 from aggregator.versions import UNSCORED, ResultVersions
-from pipeline import ledger, registry, rollouts
+from pipeline import broker, ledger, registry, rollouts, runtime
 from pipeline.definition import ModelSpec, PageOutputs
 from pipeline.estimation import ScoreCounts
+from pipeline.ledger import rollouts as rollout_rows
 from pipeline.monitor import evaluate_if_due
 from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import get_settings
@@ -208,6 +210,20 @@ def _due_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     return batch
 
 
+def publish_shadows(engine: Engine, batch_id: uuid.UUID) -> None:
+    """Publish the finished batch's shadow sub-tasks again: they become claimable only now
+    (`ledger.claims.BEST_DISPATCHED`). A broker that cannot take them is logged: they stay
+    `dispatched`, and the sweeper publishes them once their lease expires."""
+    with engine.connect() as conn:
+        shadows = rollout_rows.dispatched_shadows(conn, batch_id)
+    if not shadows:
+        return
+    try:
+        broker.publish_predictions(runtime.celery_app(), shadows)
+    except kombu.exceptions.OperationalError as error:
+        log.warning("batch %s: its %d shadow sub-tasks could not be published (%s)", batch_id, len(shadows), error)
+
+
 def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
     """Write one result per input and move a batch due for aggregation to its final
     state, in one transaction, a page of inputs at a time.
@@ -294,6 +310,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         ledger.record_contributions(conn, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     settings = get_settings()
+    publish_shadows(engine, batch_id)
     # After commit: the batch's results never wait for the gate.
     rollouts.evaluate_batch(engine, batch_id, min_age_s=settings.rollout_gate_interval_s)
     if contributions:

@@ -41,7 +41,8 @@ class FailurePolicy(enum.StrEnum):
 
 class Priority(enum.StrEnum):
     """Who waits on a batch's sub-tasks: a worker claims interactive ones first, then bulk
-    ones (round-robin over bulk batches), then shadow ones (a roll-out's extra scoring)."""
+    ones (round-robin over bulk batches), then shadow ones (a roll-out's extra scoring, once
+    its batch has finished)."""
 
     interactive = "interactive"
     bulk = "bulk"

@@ -321,6 +321,38 @@ def test_gate_passes_a_reseeded_forest_and_fails_one_fitted_on_shuffled_labels(
         assert model_registry.champion(engine, screening.FOREST) == reseeded
 
 
+def test_shadow_sub_tasks_are_claimable_only_once_their_batch_has_finished(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path
+) -> None:
+    _, settings, engine = own
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
+    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
+    batch_id, _ = store_batch(engine, held_out_strips(20, max_digits=1, seed=7))
+    split_batch(engine, batch_id, {CLASSIFIER: 8, OOD: 64}, step_items=20)
+    rows = [r for r in _subtasks(engine, str(batch_id)) if r.model == CLASSIFIER]
+    serve_seqs = {r.seq for r in rows if r.role == "serve"}
+    with engine.connect() as conn:
+        ids = dict(
+            conn.execute(
+                text("SELECT seq, id FROM subtasks WHERE batch_id = :b AND model = :m"),
+                {"b": batch_id, "m": CLASSIFIER},
+            ).all()
+        )
+    shadow_id = ids[-1]
+    # A shadow's own message claims the best serve sub-task while any is dispatched...
+    taken = [ledger.claim_subtask(engine, shadow_id, "test-worker", lease_s=300) for _ in serve_seqs]
+    assert all(claim is not None and claim.role == "serve" for claim in taken)
+    # ...and nothing while its batch runs, though its shadow sub-tasks are the only ones dispatched.
+    assert ledger.claim_subtask(engine, shadow_id, "test-worker", lease_s=300) is None
+    with engine.connect() as conn:
+        waiting = rollout_rows.dispatched_shadows(conn, batch_id)
+    assert sorted(d.subtask_id for d in waiting) == sorted(ids[-1 - seq] for seq in serve_seqs)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE batches SET finished_at = clock_timestamp() WHERE id = :b"), {"b": batch_id})
+    claim = ledger.claim_subtask(engine, shadow_id, "test-worker", lease_s=300)
+    assert claim is not None and claim.role == "shadow"
+
+
 def test_a_gate_is_recomputed_after_a_batch_at_most_once_per_interval_and_the_sweeper_catches_up(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:

@@ -151,12 +151,18 @@ OWN_RETRY = (
     .with_for_update(skip_locked=True)
     .scalar_subquery()
 )
+# A shadow sub-task waits for its batch to finish: shadow work never delays the batch it
+# copies (a bulk batch split in steps leaves gaps its own shadows would fill). Its message,
+# taken earlier, finds nothing and is dropped; the aggregate publishes the batch's shadow
+# sub-tasks again once it has committed (`dispatched_shadows`).
+_batch_finished = select(Batch.id).where(Batch.id == _best.batch_id, Batch.finished_at.is_not(None)).exists()
 BEST_DISPATCHED = (
     select(_best.id)
     .where(
         _best.model == select(_model.model).where(_model.id == bindparam("subtask_id")).scalar_subquery(),
         _best.state == SubtaskState.dispatched,
         _best.attempts < _best.max_attempts,
+        or_(_best.role == SubtaskRole.serve, _batch_finished),
     )
     .order_by(_best.priority, _best.seq, _best.id)
     .limit(1)

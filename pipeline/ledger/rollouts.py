@@ -19,7 +19,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
 
 from pipeline.ledger import queries
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES
-from pipeline.schema import ModelEvent, Rollout, RolloutBatch, RolloutState, Subtask, SubtaskRole
+from pipeline.ledger.split import Dispatch
+from pipeline.schema import ModelEvent, Rollout, RolloutBatch, RolloutState, Subtask, SubtaskRole, SubtaskState
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,19 @@ def version_counts(conn: Connection, rollout_id: int, model: str) -> list[Versio
     in the roll-out's batches (one query)."""
     rows = conn.execute(queries.ROLLOUT_COUNTS, {"rollout_id": rollout_id, "model": model})
     return [VersionCounts(r.model_version, r.role, r.finished, r.failed, r.guardrail_violations) for r in rows]
+
+
+def dispatched_shadows(conn: Connection, batch_id: uuid.UUID) -> list[Dispatch]:
+    """A batch's shadow sub-tasks still waiting to be claimed: published at the split, their
+    messages found them not claimable before the batch finished (see `claims.BEST_DISPATCHED`)."""
+    rows = conn.execute(
+        select(Subtask.id, Subtask.model, Subtask.priority).where(
+            Subtask.batch_id == batch_id,
+            Subtask.role == SubtaskRole.shadow,
+            Subtask.state == SubtaskState.dispatched,
+        )
+    )
+    return [Dispatch(r.id, r.model, r.priority) for r in rows]
 
 
 def unfinished_shadow_subtasks(conn: Connection, batch_id: uuid.UUID) -> int:
