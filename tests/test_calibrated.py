@@ -1,0 +1,29 @@
+"""`calibrated_proba` gives scikit-learn's calibrated probabilities (no services)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.svm import SVC
+
+from pipeline.calibrated import calibrated_proba
+
+
+@pytest.mark.parametrize("rows", [1, 3, 500])
+@pytest.mark.parametrize("ensemble", [True, False])
+def test_isotonic_multiclass_probabilities_are_scikit_learns(rows: int, ensemble: bool) -> None:
+    X, y = load_digits(return_X_y=True)
+    model = CalibratedClassifierCV(SVC(gamma=0.001), method="isotonic", ensemble=ensemble).fit(X[:1000], y[:1000])
+    # Rows outside the calibrators' range too: the clip.
+    unseen = np.vstack([X[1000:], X[1000:] * 3]).astype(np.float32)[:rows]
+    assert np.array_equal(calibrated_proba(model, unseen), model.predict_proba(unseen))
+
+
+@pytest.mark.parametrize("method", ["isotonic", "sigmoid"])
+def test_binary_and_other_calibrations_are_scikit_learns(method: str) -> None:
+    X, y = load_breast_cancer(return_X_y=True)
+    model = CalibratedClassifierCV(LogisticRegression(max_iter=5000), method=method).fit(X[:400], y[:400])
+    assert np.array_equal(calibrated_proba(model, X[400:]), model.predict_proba(X[400:]))
