@@ -25,9 +25,9 @@ from pipeline.scratch import ScratchServices
 from pipeline.settings import Settings
 from pipeline.states import RolloutMode, RolloutState
 from tests import test_rollouts
-from tests.helpers import assert_one_line_error, run_cli, split_batch, store_batch
+from tests.helpers import assert_one_line_error, run_cli, second_version, split_batch, store_batch
 from tests.test_report import Page, _not_blank
-from tests.test_rollouts import CLASSIFIER, OOD, _second_version
+from tests.test_rollouts import CLASSIFIER, OOD
 
 # The roll-out tests' fixture: a database of its own with the champions and a second classifier version.
 own = test_rollouts.own
@@ -53,7 +53,7 @@ def shadowed(own: tuple[ScratchServices, Settings, Engine], models_dir: Path) ->
     fourth row of a sub-task and as the champion elsewhere; the shadow twin of sub-task 0 is
     left unfinished. Returns the paired rows' (champion, challenger) decisions."""
     _, settings, engine = own
-    version = _second_version(engine, settings, models_dir)
+    version = second_version(engine, settings, models_dir, CLASSIFIER)
     rollouts.start(engine, CLASSIFIER, version=version, mode=RolloutMode.shadow, started_by="ana")
     batch_id, _ = store_batch(engine, held_out_strips(STRIPS, max_digits=1, seed=11))
     split_batch(engine, batch_id, {CLASSIFIER: CHUNK, OOD: 1000}, step_items=STRIPS)
@@ -167,7 +167,7 @@ def test_report_of_a_canary_has_no_paired_rows_and_times_each_version(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
     _, settings, engine = own
-    version = _second_version(engine, settings, models_dir)
+    version = second_version(engine, settings, models_dir, CLASSIFIER)
     rollouts.start(engine, CLASSIFIER, version=version, mode=RolloutMode.canary, percent=30, started_by="ana")
     batch_id, _ = store_batch(engine, held_out_strips(200, max_digits=1, seed=12))
     split_batch(engine, batch_id, {CLASSIFIER: CHUNK, OOD: 1000}, step_items=200)
