@@ -21,7 +21,7 @@ from pipeline.profile import DriftConfig
 
 # How the roll-out gate reads a model's rows against stored labels (`Pipeline.row_labels`):
 # (each row's input index, each row's position among its input's rows, input index → label)
-# → each row's class as `pipeline.rollouts.decisions_of` numbers the model's decisions, or
+# → each row's class as `pipeline.rollout_evidence.decisions_of` numbers the model's decisions, or
 # `pipeline.gate.NO_LABEL` (-1) where its input has no label or the label says nothing of it.
 RowLabels = Callable[[np.ndarray, np.ndarray, Mapping[int, Any]], np.ndarray]
 

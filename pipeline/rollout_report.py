@@ -1,5 +1,5 @@
 """A roll-out's page for people (`pipeline rollout report`): champion and challenger side by
-side, from the evidence the gate reads (`pipeline.rollouts.evidence`) and the gate stored
+side, from the evidence the gate reads (`pipeline.rollout_evidence.evidence`) and the gate stored
 on the roll-out. This module builds the data (`build`), the rows the terminal and the HTML
 share, and the terminal tables; the HTML page with plots is `pipeline.rollout_html`."""
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Engine
 
-from pipeline import registry, rollouts
+from pipeline import registry, rollout_evidence, rollouts
 from pipeline.definition import ModelSpec
 from pipeline.errors import RolloutError
 from pipeline.gate import GateCheck, Timings
@@ -73,7 +73,7 @@ class RolloutReport(BaseModel):
 
 
 def class_names(spec: ModelSpec, classes: int) -> list[str]:
-    """The name of each decision class of `spec`'s model, as `rollouts.decisions_of` numbers them."""
+    """The name of each decision class of `spec`'s model, as `rollout_evidence.decisions_of` numbers them."""
     if spec.label_columns:
         names = [f"{label:g}" for label in spec.labels]
     elif spec.probabilities and spec.n_outputs > 1:
@@ -136,7 +136,7 @@ def build(engine: Engine, model: str, rollout_id: int | None = None) -> RolloutR
     target = rollout_rows.ActiveRollout(status.id, model, status.version, status.mode.value, status.percent)
     try:
         with engine.connect() as conn:
-            subtasks, found = rollouts.read_evidence(conn, target)
+            subtasks, found = rollout_evidence.read_evidence(conn, target)
     except rollouts.GATE_ERRORS as error:
         raise RolloutError(f"roll-out {status.id} of {model!r}: its evidence cannot be read: {error}") from None
     champions = sorted({s.model_version for s in subtasks if s.model_version and s.model_version != status.version})

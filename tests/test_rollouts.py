@@ -21,7 +21,7 @@ import skops.io
 from sqlalchemy import Engine, text
 
 from aggregator.assemble import aggregate_batch
-from pipeline import heartbeat, ledger, model_registry, registry, rollouts
+from pipeline import heartbeat, ledger, model_registry, registry, rollout_evidence, rollouts
 from pipeline.client import Client
 from pipeline.errors import InvalidArgumentError, RolloutError, UnknownVersionError
 from pipeline.gate import FAIL, INSUFFICIENT, NO_LABEL, PASS
@@ -502,7 +502,7 @@ def test_stored_labels_map_to_the_rows_they_label_across_split_inputs(
         assert max(s.lead for s in serve) > 4  # a strip's third sub-task: the walk back went past one
         for subtask in serve:
             items = np.asarray(subtask.items)
-            mapped = tile_labels(items, rollouts.row_offsets(items, subtask.lead), subtask.labels)
+            mapped = tile_labels(items, rollout_evidence.row_offsets(items, subtask.lead), subtask.labels)
             assert mapped.tolist() == truth[subtask.seq], subtask.seq
 
         gate = rollouts.status(engine, CLASSIFIER).gate
@@ -530,7 +530,7 @@ def test_record_labels_are_the_screening_models_classes() -> None:
     ]
     # The forest decides the most probable of (malignant, benign): the label's number.
     output = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
-    decisions, classes = rollouts.decisions_of(registry.get_model(screening.FOREST), output)
+    decisions, classes = rollout_evidence.decisions_of(registry.get_model(screening.FOREST), output)
     assert decisions.tolist() == [screening.MALIGNANT, screening.BENIGN] and classes == 2
 
 
