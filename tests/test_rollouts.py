@@ -321,6 +321,16 @@ def test_gate_passes_a_reseeded_forest_and_fails_one_fitted_on_shuffled_labels(
         assert model_registry.champion(engine, screening.FOREST) == reseeded
 
 
+def _split_under_shadow(engine: Engine, settings: Settings, models_dir: Path) -> tuple[uuid.UUID, int]:
+    """A shadow roll-out of the classifier, and a batch of 40 one-digit strips split under it
+    in classifier sub-tasks of 16 rows; returns the batch and the classifier's outputs per row."""
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
+    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
+    batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
+    split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)
+    return batch_id, registry.get_model(CLASSIFIER).n_outputs
+
+
 def test_shadow_sub_tasks_are_claimable_only_once_their_batch_has_finished(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
@@ -357,11 +367,7 @@ def test_a_gate_is_recomputed_after_a_batch_at_most_once_per_interval_and_the_sw
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path
 ) -> None:
     _, settings, engine = own
-    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
-    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
-    batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
-    split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)
-    outputs = registry.get_model(CLASSIFIER).n_outputs
+    batch_id, outputs = _split_under_shadow(engine, settings, models_dir)
     finish = text(
         "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(), finished_at = clock_timestamp(),"
         " predict_cpu_s = 0.001, output = decode(repeat('3e000000', rows * :outputs), 'hex')"
@@ -404,11 +410,7 @@ def test_a_gate_error_after_a_batch_is_logged_and_recorded_on_the_rollout_not_ra
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, settings, engine = own
-    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
-    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.shadow, started_by="ana")
-    batch_id, _ = store_batch(engine, held_out_strips(40, max_digits=1, seed=5))
-    split_batch(engine, batch_id, {CLASSIFIER: 16, OOD: 64}, step_items=40)
-    outputs = registry.get_model(CLASSIFIER).n_outputs
+    batch_id, outputs = _split_under_shadow(engine, settings, models_dir)
     finish = text(
         "UPDATE subtasks SET state = 'succeeded', started_at = clock_timestamp(), finished_at = clock_timestamp(),"
         " output = CASE WHEN role = 'shadow' AND seq = -1 THEN :bad"

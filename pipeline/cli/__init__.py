@@ -39,6 +39,7 @@ from pipeline.cli.base import (
     _actor,
     _client,
     _console,
+    _writing,
     main,
 )
 from pipeline.cli.models import models, rollout
@@ -289,10 +290,8 @@ def monitor(
             series = judge_series(conn, pipeline_name, span.span, every.span, now)
         alerts = _open_alerts(client, pipeline_name)
         page = render_monitor_html(pipeline_name, span.spec, every.spec, now, series, alerts)
-        try:
+        with _writing(html_path):
             html_path.write_text(page, encoding="utf-8")
-        except OSError as error:
-            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
         _console().print(f"{len(series)} windows of {every.spec} written to {html_path}")
         return
     if every_spec is not None:
@@ -343,10 +342,8 @@ def report(batch_id: str, html_path: Path | None, as_json: bool) -> None:
         )
     if html_path is not None:
         histograms = latency_histograms(client.engine, status.id)
-        try:
+        with _writing(html_path):
             write_html(html_path, status, histograms)
-        except OSError as error:
-            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
     if as_json:
         click.echo(status.model_dump_json())
         return
@@ -356,10 +353,8 @@ def report(batch_id: str, html_path: Path | None, as_json: bool) -> None:
 
 
 def _open_for_writing(path: Path) -> TextIO:
-    try:
+    with _writing(path):
         return path.open("w", encoding="utf-8")
-    except OSError as error:
-        raise click.ClickException(f"cannot write {path}: {error.strerror}") from None
 
 
 # The fields of `results --out`'s lines: FILE.jsonl's, FILE.errors.jsonl's.

@@ -20,6 +20,7 @@ from pipeline.cli.base import (
     _actor,
     _client,
     _console,
+    _writing,
 )
 
 
@@ -268,10 +269,8 @@ def rollout_report(model: str, rollout_id: int | None, html_path: Path | None, a
 
     report = build(_client().engine, model, rollout_id)
     if html_path is not None:
-        try:
+        with _writing(html_path):
             write_html(html_path, report)
-        except OSError as error:
-            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
     if as_json:
         click.echo(report.model_dump_json())
         return
