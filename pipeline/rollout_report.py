@@ -141,24 +141,20 @@ def build(engine: Engine, model: str, rollout_id: int | None = None) -> RolloutR
         raise RolloutError(f"roll-out {status.id} of {model!r}: its evidence cannot be read: {error}") from None
     champions = sorted({s.model_version for s in subtasks if s.model_version and s.model_version != status.version})
     paired = found.paired
-    if paired is None:
-        return RolloutReport(
-            rollout=status,
-            champion_versions=champions,
-            paired_rows=None,
-            agreement=None,
-            flips=None,
-            score_differences=None,
-            cpu=_cpu(status, champions, found.timings),
-        )
-    rows = len(paired)
+    rows = None if paired is None else len(paired)
     return RolloutReport(
         rollout=status,
         champion_versions=champions,
         paired_rows=rows,
-        agreement=float(np.mean(paired.champion_decisions == paired.challenger_decisions)) if rows else None,
-        flips=flip_matrix(paired.champion_decisions, paired.challenger_decisions, class_names(spec, paired.classes)),
-        score_differences=score_differences(paired.champion_scores, paired.challenger_scores) if rows else None,
+        agreement=float(np.mean(paired.champion_decisions == paired.challenger_decisions))
+        if paired is not None and rows
+        else None,
+        flips=None
+        if paired is None
+        else flip_matrix(paired.champion_decisions, paired.challenger_decisions, class_names(spec, paired.classes)),
+        score_differences=score_differences(paired.champion_scores, paired.challenger_scores)
+        if paired is not None and rows
+        else None,
         cpu=_cpu(status, champions, found.timings),
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -65,6 +66,22 @@ def _insufficient(
     )
 
 
+def _behaviour(name: str, failed: bool, why: str, n: int, alpha: float, margin: float, **figures: Any) -> GateCheck:
+    """A shadow behaviour check on `n` paired rows: `fail` when `failed`, else `pass`;
+    `figures` are its statistic, p-value, estimate and interval."""
+    return GateCheck(
+        name=name,
+        kind="behaviour",
+        verdict=FAIL if failed else PASS,
+        why=why,
+        n_champion=n,
+        n_challenger=n,
+        alpha=alpha,
+        margin=margin,
+        **figures,
+    )
+
+
 def check_agreement(champion: np.ndarray, challenger: np.ndarray, alpha: float, config: GateConfig) -> GateCheck:
     """Shadow, on paired decisions: is the share of rows whose decision is unchanged at least
     `min_agreement`? Fails when it is significantly below (exact one-sided binomial test at
@@ -80,19 +97,17 @@ def check_agreement(champion: np.ndarray, challenger: np.ndarray, alpha: float, 
         f"{agreed} of {n} decisions unchanged ({agreed / n:.1%}), "
         f"{'significantly below' if failed else 'not significantly below'} the {config.min_agreement:.0%} floor"
     )
-    return GateCheck(
-        name="agreement",
-        kind="behaviour",
-        verdict=FAIL if failed else PASS,
-        why=why,
-        n_champion=n,
-        n_challenger=n,
-        alpha=alpha,
+    return _behaviour(
+        "agreement",
+        failed,
+        why,
+        n,
+        alpha,
+        config.min_agreement,
         statistic=agreed,
         p_value=test.pvalue,
         estimate=agreed / n,
         ci=(low, high),
-        margin=config.min_agreement,
     )
 
 
@@ -134,18 +149,8 @@ def check_flips(
         f"{int(flips.sum())} of {n} decisions changed; class {shifted}'s share moved {shift:+.1%} "
         f"(margin {config.max_class_shift:.0%}), {test} p = {p_value:.3g}"
     )
-    return GateCheck(
-        name="flips",
-        kind="behaviour",
-        verdict=FAIL if failed else PASS,
-        why=why,
-        n_champion=n,
-        n_challenger=n,
-        alpha=alpha,
-        statistic=statistic,
-        p_value=p_value,
-        estimate=shift,
-        margin=config.max_class_shift,
+    return _behaviour(
+        "flips", failed, why, n, alpha, config.max_class_shift, statistic=statistic, p_value=p_value, estimate=shift
     )
 
 
@@ -168,18 +173,16 @@ def check_scores(champion: np.ndarray, challenger: np.ndarray, alpha: float, con
         f"{changed} of {n} scores changed, by {mean_shift:+.4g} on average "
         f"(margin {config.max_score_shift:g}), Wilcoxon p = {p_value:.3g}"
     )
-    return GateCheck(
-        name="scores",
-        kind="behaviour",
-        verdict=FAIL if failed else PASS,
-        why=why,
-        n_champion=n,
-        n_challenger=n,
-        alpha=alpha,
+    return _behaviour(
+        "scores",
+        failed,
+        why,
+        n,
+        alpha,
+        config.max_score_shift,
         statistic=statistic,
         p_value=p_value,
         estimate=mean_shift,
-        margin=config.max_score_shift,
     )
 
 
