@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, bindparam, select
 
-from pipeline import ledger
+from pipeline import model_registry
 from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import ModelSpec, Pipeline
 from pipeline.profile import DriftConfig, ModelCounts, ReferenceProfile, judge_counts
@@ -49,11 +49,11 @@ def _scoring_versions(totals: dict[tuple[str, str], tuple[int, np.ndarray]]) -> 
     return {model: version for model, (_, version) in rows.items()}
 
 
-def _profile(spec: ModelSpec, manifest: dict[str, Any] | None, version: str) -> ReferenceProfile | str:
+def _profile(spec: ModelSpec, manifest: Manifest | None, version: str) -> ReferenceProfile | str:
     """The reference profile of registered `version`, or why there is none."""
     if manifest is None:
         return f"model {spec.name!r}: version {version[:12]} is not in the registry"
-    return reference_of(spec, Manifest.model_validate(manifest))
+    return reference_of(spec, manifest)
 
 
 def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> tuple[dict[str, Any], list[ModelCounts]]:
@@ -72,7 +72,7 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> tu
     judged: list[ModelCounts] = []
     totals = stored_counts(conn, batch_id)
     versions = _scoring_versions(totals)
-    manifests = ledger.manifests_of(conn, list(versions.items()))
+    manifests = model_registry.registered_manifests(conn, versions.items())
     for spec in pipeline.models:
         if spec.name not in versions:
             skipped[spec.name] = {"skipped": "no succeeded sub-task stored drift counts"}

@@ -10,7 +10,7 @@ from sqlalchemy import Connection, Row, bindparam, select
 
 from aggregator.drift import batch_drift
 from aggregator.latency import batch_latency
-from pipeline import ledger, registry
+from pipeline import ledger, model_registry, registry
 from pipeline.definition import Pipeline
 from pipeline.errors import EstimationError
 from pipeline.estimation import ScoreCounts, calibration_of, estimated_as
@@ -53,7 +53,7 @@ def batch_estimate(
     version = next((counts.version for counts in judged if counts.name == model), None)
     if version is None:
         raise EstimationError(f"model {model!r}: no registered version scored the batch with drift counts")
-    calibration = calibration_of(ledger.manifests_of(conn, [(model, version)]).get((model, version)))
+    calibration = calibration_of(model_registry.registered_manifests(conn, [(model, version)]).get((model, version)))
     if calibration is None:
         raise EstimationError(
             f"model {model!r} version {version[:12]} stores no CBPE calibration: its performance cannot be estimated"

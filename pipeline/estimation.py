@@ -14,12 +14,15 @@ the data served (what drift monitoring watches) and answers are independent.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import EstimationError
+
+if TYPE_CHECKING:
+    from pipeline.artifacts import Manifest
 
 # The band: estimate ± Z sd (95 % two-sided).
 Z = 1.959964
@@ -208,9 +211,9 @@ def estimated_kpis(sums: dict[str, float], calibration_rows: float) -> dict[str,
 CALIBRATION_KEYS = frozenset({"score", "probability", "rows"})
 
 
-def calibration_of(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The CBPE calibration a model version's manifest (as registered, JSON) stores; None without one."""
-    calibration = (manifest or {}).get("config", {}).get("cbpe_calibration")
+def calibration_of(manifest: Manifest | None) -> dict[str, Any] | None:
+    """The CBPE calibration a model version's manifest stores; None without one."""
+    calibration = None if manifest is None else manifest.config.get("cbpe_calibration")
     # A manifest trained before this format (other keys) has none usable: retrain the model.
     if not isinstance(calibration, dict) or not CALIBRATION_KEYS <= set(calibration):
         return None

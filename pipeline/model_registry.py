@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,34 @@ def store_artifact(store_dir: Path, digest: str, data: bytes) -> str:
     return relative
 
 
+# A registered version never changes (it is its artifact's SHA-256, registered once with its
+# manifest): each process parses a version's manifest once, so an aggregate reads and
+# validates none it has seen (with them, their reference profiles' derived arrays stay cached).
+MANIFESTS_KEPT = 256
+_manifests: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
+
+
+def registered_manifests(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Manifest]:
+    """The manifests of the (model, version) pairs `keys` that are registered: those this
+    process has not parsed yet in one query, the others from its cache."""
+    wanted = set(keys)
+    missing = sorted(wanted - _manifests.keys())
+    for key, manifest in ledger.manifests_of(conn, missing).items():
+        _manifests[key] = Manifest.model_validate(manifest)
+    found = {}
+    for key in wanted & _manifests.keys():
+        _manifests.move_to_end(key)
+        found[key] = _manifests[key]
+    while len(_manifests) > MANIFESTS_KEPT:
+        _manifests.popitem(last=False)
+    return found
+
+
 def _champion_manifest(conn: Connection, model: str) -> Manifest | None:
     champion = ledger.aliases_of(conn, [model]).get(model)
     if champion is None:
         return None
-    manifests = ledger.manifests_of(conn, [(model, champion)])
-    return Manifest.model_validate(manifests[(model, champion)])
+    return registered_manifests(conn, [(model, champion)])[(model, champion)]
 
 
 def register(

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from pipeline import ledger, registry
+from pipeline import ledger, model_registry, registry
 from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import Pipeline
 from pipeline.estimation import calibration_of, estimated_as
@@ -49,7 +49,7 @@ def latency_p95(histogram: dict[str, float]) -> float | None:
 
 
 def _drift(
-    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None, top: int | None
+    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: Manifest | None, top: int | None
 ) -> dict[str, Any]:
     """A model version's window drift: its pooled bin counts judged against the reference
     profile of that version (`manifest`, from the registry) with the calibrated test
@@ -59,7 +59,7 @@ def _drift(
         return {"skipped": f"model {pooled.model!r} is no longer in pipeline {pipeline.name!r}"}
     if manifest is None:
         return {"skipped": f"version {pooled.model_version[:12]} is not in the registry"}
-    profile = reference_of(spec, Manifest.model_validate(manifest))
+    profile = reference_of(spec, manifest)
     if isinstance(profile, str):
         return {"skipped": profile}
     counts = pooled.bin_counts(len(profile.layout.shares))
@@ -79,7 +79,7 @@ def _drift(
     }
 
 
-def _estimated(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None) -> dict[str, Any]:
+def _estimated(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: Manifest | None) -> dict[str, Any]:
     """A version's window CBPE: its pooled `estimate_sums` under the realised KPIs' names, each
     with its 95 % band (by the calibration rows of the version's manifest); empty for a model
     the pipeline does not estimate or a window without sums."""
@@ -92,7 +92,7 @@ def _estimated(pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[
 
 
 def version_figures(
-    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: dict[str, Any] | None, top: int | None = TOP_FEATURES
+    pipeline: Pipeline, pooled: ledger.PooledVersion, manifest: Manifest | None, top: int | None = TOP_FEATURES
 ) -> dict[str, Any]:
     """One model version's pooled window as JSON-able figures (`manifest`: the version's, from
     the registry; None when it is not registered; `top`: features kept by PSI, None: all)."""
@@ -134,7 +134,7 @@ def _judged(
 ) -> list[list[dict[str, Any]]]:
     """Each window's pooled versions as figures, the manifests read once for all."""
     keys = {(version.model, version.model_version) for pooled in windows for version in pooled}
-    manifests = ledger.manifests_of(conn, sorted(keys))
+    manifests = model_registry.registered_manifests(conn, keys)
     return [
         [version_figures(pipelines[v.pipeline], v, manifests.get((v.model, v.model_version)), top) for v in pooled]
         for pooled in windows

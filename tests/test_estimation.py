@@ -4,6 +4,8 @@ the scores themselves, and a model without calibration is refused with one clear
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -146,10 +148,20 @@ def test_a_pipeline_asking_cbpe_of_a_model_without_probabilities_is_refused() ->
 def test_a_manifest_with_a_calibration_of_another_format_has_none() -> None:
     """A model trained before the calibration's current format is not estimated (the batch
     says why) rather than failing its aggregate."""
+    from datetime import UTC, datetime
+
+    from pipeline.artifacts import Manifest
     from pipeline.estimation import calibration_of
 
-    old = {"config": {"cbpe_calibration": {"confidence": [0.1, 0.9], "right": [0.2, 0.8]}}}
-    assert calibration_of(old) is None
-    assert calibration_of({"config": {}}) is None
-    current = {"config": {"cbpe_calibration": {"score": [0.0, 1.0], "probability": [0.1, 0.9], "rows": 10}}}
-    assert calibration_of(current) == current["config"]["cbpe_calibration"]
+    def manifest(config: dict[str, Any]) -> Manifest:
+        return Manifest(
+            name="m", version="v", sha256="0" * 64, file="m.skops", trained_at=datetime.now(UTC),
+            metrics={}, trusted_types=[], config=config,
+        )  # fmt: skip
+
+    old = {"cbpe_calibration": {"confidence": [0.1, 0.9], "right": [0.2, 0.8]}}
+    assert calibration_of(manifest(old)) is None
+    assert calibration_of(manifest({})) is None
+    assert calibration_of(None) is None
+    current = {"cbpe_calibration": {"score": [0.0, 1.0], "probability": [0.1, 0.9], "rows": 10}}
+    assert calibration_of(manifest(current)) == current["cbpe_calibration"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import skops.io
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from pipeline import broker, heartbeat, ledger, model_registry
 from pipeline.client import Client
@@ -86,6 +86,24 @@ def test_train_registers_a_champion(own: tuple[ScratchServices, Settings, Engine
     assert f"{version['version'][:12]} (champion)" in run.stdout
     events = model_registry.events(engine, "poison-model")
     assert [(e["event"], e["alias"]) for e in events] == [("registered", None), ("alias_set", "champion")]
+
+
+def test_a_registered_manifest_is_read_once_per_process(own: tuple[ScratchServices, Settings, Engine]) -> None:
+    """The aggregate's drift and CBPE need each scoring version's manifest: a version never
+    changes, so the second aggregate of a version reads nothing from the ledger for it."""
+    services, settings, engine = own
+    assert run_cli(services, settings, "models", "train", "--only", "poison-model").returncode == 0
+    key = ("poison-model", model_registry.champion(engine, "poison-model"))
+    unknown = ("poison-model", "0" * 64)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    with engine.connect() as conn:
+        first = model_registry.registered_manifests(conn, [key, unknown])
+        read = len(statements)
+        again = model_registry.registered_manifests(conn, [key])
+    assert read == 1 and len(statements) == read + 0, statements
+    assert set(first) == {key} and again[key] is first[key]
+    assert first[key].sha256 == key[1]
 
 
 def test_register_refuses_what_cannot_serve_and_writes_nothing(
