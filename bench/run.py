@@ -25,7 +25,7 @@ import time
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import skops.io
@@ -115,10 +115,17 @@ def measure_status(client: Client, batch_id: str) -> float:
     return statistics.median(times) * 1000
 
 
-def measure_latency(client: Client, pipeline: str, samples: int, warm_up: int = LATENCY_WARM_UP) -> list[float]:
-    """ms from submit to the result readable, for one-input batches run one after another."""
+class Latency(NamedTuple):
+    """One-input batches' ms from submit to the result readable, and their ids."""
+
+    ms: list[float]
+    batch_ids: list[str]
+
+
+def measure_latency(client: Client, pipeline: str, samples: int, warm_up: int = LATENCY_WARM_UP) -> Latency:
+    """One-input batches run one after another, after `warm_up` untimed ones."""
     one = make_workload(registry.get_pipeline(pipeline), 1).inputs
-    times = []
+    measured = Latency([], [])
     for sample in range(warm_up + samples):
         start = time.perf_counter()
         batch = client.submit(pipeline, one)
@@ -128,8 +135,39 @@ def measure_latency(client: Client, pipeline: str, samples: int, warm_up: int = 
         if len(results) != 1 or results[0].output is None:
             raise RuntimeError(f"one-input batch {batch.id} has no result: {results}")
         if sample >= warm_up:
-            times.append(elapsed * 1000)
-    return times
+            measured.ms.append(elapsed * 1000)
+            measured.batch_ids.append(batch.id)
+    return measured
+
+
+# Where a one-input batch's time goes, from the ledger's clocks (one server, one clock):
+# submission (`created_at`, the start of the client's storing transaction) → a worker claims
+# its first sub-task (the transaction, its commit, the publish and the delivery) → its last
+# sub-task is finished (claims, predicts, completions) → the batch is finished (the
+# aggregate, in the worker that finished the last sub-task); the rest of the client's
+# measured time is its own (validation before storing, the wake-up, reading the result).
+LATENCY_PHASES = text(
+    "SELECT CAST(b.id AS text) AS id, extract(epoch FROM min(s.started_at) - b.created_at) * 1000 AS to_first_claim,"
+    " extract(epoch FROM max(s.finished_at) - min(s.started_at)) * 1000 AS subtasks,"
+    " extract(epoch FROM b.finished_at - max(s.finished_at)) * 1000 AS aggregate,"
+    " extract(epoch FROM b.finished_at - b.created_at) * 1000 AS ledger"
+    " FROM batches b JOIN subtasks s ON s.batch_id = b.id AND s.role = 'serve'"
+    " WHERE b.id = ANY(CAST(:ids AS uuid[])) GROUP BY b.id"
+)
+
+
+def latency_phases(client: Client, latency: Latency) -> dict[str, float]:
+    """Median ms of each phase of the one-input batches of `latency` (`LATENCY_PHASES`), and of
+    the client's own share (its measured time minus the ledger's, per batch)."""
+    with client.engine.connect() as conn:
+        rows = conn.execute(LATENCY_PHASES, {"ids": latency.batch_ids}).all()
+    ledger_ms = {row.id: float(row.ledger) for row in rows}
+    phases = {
+        name: statistics.median(float(getattr(row, name)) for row in rows)
+        for name in ("to_first_claim", "subtasks", "aggregate")
+    }
+    phases["client"] = statistics.median(ms - ledger_ms[id_] for ms, id_ in zip(latency.ms, latency.batch_ids))
+    return {f"latency_phase_{name}_ms": value for name, value in phases.items()}
 
 
 def run_client(processes: Processes, name: str, command: list[str]) -> dict[str, Any]:
@@ -183,7 +221,7 @@ def stream_during_bulk(
     stream = []
     while launched.poll() is None:
         started = time.time()
-        stream.append((started, measure_latency(client, pipeline, 1, warm_up=0)[0]))
+        stream.append((started, measure_latency(client, pipeline, 1, warm_up=0).ms[0]))
     figures = json.loads(processes.finish(name, launched, RUN_TIMEOUT_S))
     window = bulk_phases(client, figures["batch_id"])
     during = [
@@ -201,7 +239,7 @@ def measure_mixed(processes: Processes, client: Client, pipeline: str, args: arg
     one-input batches (this process's own client) submitted one after another while it runs."""
     bulk = client_command("pipeline", pipeline, args, rows=args.bulk_rows, warm_up=0)
     log(f"mixed: {args.latency_samples} one-input batches on the idle cluster")
-    idle = measure_latency(client, pipeline, args.latency_samples)
+    idle = measure_latency(client, pipeline, args.latency_samples).ms
     log(f"mixed: bulk batch of {args.bulk_rows} rows alone")
     alone = run_client(processes, "client-bulk-alone", bulk)
     log("mixed: the bulk batch again, with one-input batches while it runs")
@@ -271,7 +309,7 @@ def measure_shadow(
             version = equal_cost_challenger(client, models_dir, model)
             client.rollouts.start(model, version=version, mode="shadow", started_by="bench")
         log(f"shadow {phase}: {args.latency_samples} one-input batches on the idle cluster, then with a bulk batch")
-        idle = measure_latency(client, pipeline.name, args.latency_samples)
+        idle = measure_latency(client, pipeline.name, args.latency_samples).ms
         during, bulk_figures = stream_during_bulk(processes, client, pipeline.name, bulk, f"client-shadow-{phase}")
         figures.update(
             {
@@ -375,7 +413,8 @@ def measure_throughput(
     log("pipeline results --out")
     results_out_s, rss_results_out_mb = measure_results_out(processes, folder, measured["batch_id"], measured["items"])
     log(f"latency: {args.latency_samples} one-input batches")
-    latency = measure_latency(client, pipeline.name, args.latency_samples)
+    one_input = measure_latency(client, pipeline.name, args.latency_samples)
+    latency = one_input.ms
     log(f"naive peer: {naive_items} inputs")
     naive = run_client(processes, "client-naive", client_command("naive", pipeline.name, args, naive_items))
     log(f"chunked peer: {args.rows} rows")
@@ -397,6 +436,7 @@ def measure_throughput(
         "latency_p50_ms": float(np.percentile(latency, 50)),
         "latency_p95_ms": float(np.percentile(latency, 95)),
         "latency_p99_ms": float(np.percentile(latency, 99)),
+        **latency_phases(client, one_input),
         "overhead_ms_per_subtask": (measured["seconds"] - limit_s) / measured["subtasks"] * 1000,
         "status_ms": status_ms,
         "rss_client_mb": rss.peak_mb("client"),
