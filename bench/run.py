@@ -143,14 +143,16 @@ def measure_latency(client: Client, pipeline: str, samples: int, warm_up: int = 
 # Where a one-input batch's time goes, from the ledger's clocks (one server, one clock):
 # submission (`created_at`, the start of the client's storing transaction) → a worker claims
 # its first sub-task (the transaction, its commit, the publish and the delivery) → its last
-# sub-task is finished (claims, predicts, completions) → the batch is finished (the
+# sub-task is finished (claims, predicts, completions; `predict_cpu`: the models' own CPU
+# time in it, summed over the sub-tasks) → the batch is finished (the
 # aggregate, in the worker that finished the last sub-task); the rest of the client's
 # measured time is its own (validation before storing, the wake-up, reading the result).
 LATENCY_PHASES = text(
     "SELECT CAST(b.id AS text) AS id, extract(epoch FROM min(s.started_at) - b.created_at) * 1000 AS to_first_claim,"
     " extract(epoch FROM max(s.finished_at) - min(s.started_at)) * 1000 AS subtasks,"
     " extract(epoch FROM b.finished_at - max(s.finished_at)) * 1000 AS aggregate,"
-    " extract(epoch FROM b.finished_at - b.created_at) * 1000 AS ledger"
+    " extract(epoch FROM b.finished_at - b.created_at) * 1000 AS ledger,"
+    " sum(s.predict_cpu_s) * 1000 AS predict_cpu"
     " FROM batches b JOIN subtasks s ON s.batch_id = b.id AND s.role = 'serve'"
     " WHERE b.id = ANY(CAST(:ids AS uuid[])) GROUP BY b.id"
 )
@@ -164,7 +166,7 @@ def latency_phases(client: Client, latency: Latency) -> dict[str, float]:
     ledger_ms = {row.id: float(row.ledger) for row in rows}
     phases = {
         name: statistics.median(float(getattr(row, name)) for row in rows)
-        for name in ("to_first_claim", "subtasks", "aggregate")
+        for name in ("to_first_claim", "subtasks", "predict_cpu", "aggregate")
     }
     phases["client"] = statistics.median(ms - ledger_ms[id_] for ms, id_ in zip(latency.ms, latency.batch_ids))
     return {f"latency_phase_{name}_ms": value for name, value in phases.items()}
@@ -234,6 +236,15 @@ def stream_during_bulk(
     return during, figures
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every core of this machine has been busy since boot (/proc/stat: all but
+    idle and iowait), whoever used them: the worker, aggregator, PostgreSQL, Redis, clients."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(value) for value in fields]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_mixed(processes: Processes, client: Client, pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
     """One-input latency idle, the bulk batch alone, then the bulk batch again with a stream of
     one-input batches (this process's own client) submitted one after another while it runs."""
@@ -241,9 +252,13 @@ def measure_mixed(processes: Processes, client: Client, pipeline: str, args: arg
     log(f"mixed: {args.latency_samples} one-input batches on the idle cluster")
     idle = measure_latency(client, pipeline, args.latency_samples).ms
     log(f"mixed: bulk batch of {args.bulk_rows} rows alone")
+    busy_before = machine_busy_s()
     alone = run_client(processes, "client-bulk-alone", bulk)
+    busy_alone = machine_busy_s() - busy_before
     log("mixed: the bulk batch again, with one-input batches while it runs")
+    busy_before = machine_busy_s()
     during, mixed = stream_during_bulk(processes, client, pipeline, bulk, "client-bulk-mixed")
+    busy_mixed = machine_busy_s() - busy_before
     log(
         f"mixed: {len(during)} one-input batches during the bulk batch; bulk {alone['seconds']:.2f} s alone,"
         f" {mixed['seconds']:.2f} s with them"
@@ -260,6 +275,11 @@ def measure_mixed(processes: Processes, client: Client, pipeline: str, args: arg
         "mixed_bulk_alone_s": alone["seconds"],
         "mixed_bulk_with_stream_s": mixed["seconds"],
         "bulk_slowdown": mixed["seconds"] / alone["seconds"],
+        # The machine's cores busy (share of all) alone and with the stream, and the slowdown
+        # if the bulk batch could only use the CPU the stream left (busy with ÷ busy alone).
+        "mixed_cpu_busy_alone": busy_alone / (os.cpu_count() or 1) / alone["seconds"],
+        "mixed_cpu_busy_with_stream": busy_mixed / (os.cpu_count() or 1) / mixed["seconds"],
+        "bulk_slowdown_cpu_bound": busy_mixed / busy_alone,
     }
     figures["mixed_p99_vs_idle_p99"] = figures["mixed_latency_p99_ms"] / figures["idle_latency_p99_ms"]
     return figures

@@ -56,6 +56,7 @@ ROWS: tuple[Row, ...] = (
     ("latency_p99_ms", "", _ms, "≤ 60 ms", lambda v: v <= 60),
     ("latency_phase_to_first_claim_ms", "p50 phases: submission → first sub-task claimed", _ms, "", None),
     ("latency_phase_subtasks_ms", "→ last sub-task finished (claims, predicts)", _ms, "", None),
+    ("latency_phase_predict_cpu_ms", "   of which the models' predict calls (CPU)", _ms, "", None),
     ("latency_phase_aggregate_ms", "→ batch finished (the aggregate)", _ms, "", None),
     ("latency_phase_client_ms", "client: validation, wake-up, result read", _ms, "", None),
     ("overhead_ms_per_subtask", "(pipeline − limit) ÷ sub-tasks", _ms, "", None),
@@ -85,6 +86,9 @@ MIXED_ROWS: tuple[Row, ...] = (
     ("mixed_bulk_alone_s", "bulk batch alone", _s, "", None),
     ("mixed_bulk_with_stream_s", "bulk batch with the one-input stream", _s, "", None),
     ("bulk_slowdown", "bulk with stream ÷ alone", _x, "≤ 1.1 ×", lambda v: v <= 1.1),
+    ("mixed_cpu_busy_alone", "cores busy: bulk alone", _pct, "", None),
+    ("mixed_cpu_busy_with_stream", "cores busy: bulk with the stream", _pct, "", None),
+    ("bulk_slowdown_cpu_bound", "CPU used with stream ÷ alone (slowdown if CPU-bound)", _x, "", None),
 )
 
 # `--scenario fair`: two bulk batches submitted about a second apart.
