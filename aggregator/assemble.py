@@ -22,6 +22,7 @@ from pipeline import broker, ledger, registry, rollouts, runtime
 from pipeline.definition import ModelSpec, PageOutputs
 from pipeline.estimation import ScoreCounts
 from pipeline.ledger import rollouts as rollout_rows
+from pipeline.ledger.connection import autocommit
 from pipeline.monitor import evaluate_if_due
 from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import get_settings
@@ -214,7 +215,7 @@ def publish_shadows(engine: Engine, batch_id: uuid.UUID) -> None:
     """Publish the finished batch's shadow sub-tasks again: they become claimable only now
     (`ledger.claims.BEST_DISPATCHED`). A broker that cannot take them is logged: they stay
     `dispatched`, and the sweeper publishes them once their lease expires."""
-    with engine.connect() as conn:
+    with autocommit(engine) as conn:
         shadows = rollout_rows.dispatched_shadows(conn, batch_id)
     if not shadows:
         return

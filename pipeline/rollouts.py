@@ -39,6 +39,7 @@ from pipeline.gate import (
     judge_shadow,
 )
 from pipeline.ledger import rollouts as rollout_rows
+from pipeline.ledger.connection import autocommit
 from pipeline.model_registry import resolve_version
 from pipeline.rollout_evidence import GATE_CONFIG, Evidence, read_evidence
 from pipeline.schema import Alias, ModelEvent, RolloutMode, RolloutState, SubtaskRole
@@ -364,7 +365,8 @@ def evaluate_batch(engine: Engine, batch_id: uuid.UUID, after: str = "after batc
     interval, and `refresh_gates` catches up on what it skipped. An error of the gate is
     logged and recorded on the roll-out (`after` names the moment), never raised: the batch
     and its labels are done whatever the gate makes of them."""
-    with engine.connect() as conn:
+    # One statement on its own (no BEGIN and ROLLBACK around it): every aggregate runs it.
+    with autocommit(engine) as conn:
         due = rollout_rows.due_rollouts_of_batch(conn, batch_id, min_age_s)
     for rollout in due:
         _evaluate_recording_errors(engine, rollout, f"{after} {batch_id}")
