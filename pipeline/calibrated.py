@@ -1,21 +1,25 @@
 """`CalibratedClassifierCV` probabilities without scikit-learn's per-call overhead, the same
-numbers up to rounding.
+numbers bit for bit.
 
 An isotonic `CalibratedClassifierCV` with `ensemble=True` holds one calibrated copy of its
 estimator per fold; each `predict_proba` call re-fits a label encoder per copy and runs one
 `IsotonicRegression.predict` (input checks, a scipy `interp1d`) per class and copy: 50 calls
 for 10 classes and 5 folds. On a few rows (a one-input batch) that overhead is most of the
 call. Here each calibrator is the `np.interp` of its own thresholds, clipped to its range as
-`out_of_bounds="clip"` does.
+`out_of_bounds="clip"` does. A multi-class `SVC` copy's one-vs-rest decision comes from its
+one-vs-one decisions by a cumulative sum per class (`_ovr_of_ovo`) instead of scikit-learn's
+Python loop over the 45 class pairs of 10 classes, 0.6 ms per copy on one row.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.isotonic import IsotonicRegression
+from sklearn.svm import SVC
 
 # scikit-learn rounds a probability at most this far above 1 down to 1.
 _ABOVE_ONE = 1e-5
@@ -27,6 +31,40 @@ def _isotonic(calibrator: IsotonicRegression, values: np.ndarray) -> np.ndarray:
         return np.repeat(calibrator.y_thresholds_, len(values)).astype(np.float64)
     clipped = np.clip(values, calibrator.X_min_, calibrator.X_max_)
     return np.asarray(np.interp(clipped, calibrator.X_thresholds_, calibrator.y_thresholds_), dtype=np.float64)
+
+
+@cache
+def _pairs_of_classes(n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the one-vs-one columns (pairs (i, j), i < j, in scikit-learn's order) that
+    involve it, in column order, and whether it is the pair's first class."""
+    pairs = [(i, j) for i in range(n_classes) for j in range(i + 1, n_classes)]
+    columns = np.array([[k for k, pair in enumerate(pairs) if c in pair] for c in range(n_classes)])
+    first = np.array([[pairs[k][0] == c for k in row] for c, row in enumerate(columns)])
+    return columns, first
+
+
+def _ovr_of_ovo(decisions: np.ndarray, n_classes: int) -> np.ndarray:
+    """`sklearn.utils.multiclass._ovr_decision_function(decisions < 0, -decisions, n_classes)`,
+    bit for bit: each class's votes, and its confidences summed in the same order from 0 (a
+    cumulative sum adds left to right, as the loop's `-=` and `+=` do)."""
+    columns, first = _pairs_of_classes(n_classes)
+    confidences = -decisions
+    signed = np.where(first, -confidences[:, columns], confidences[:, columns])
+    zeros = np.zeros((len(decisions), n_classes, 1))
+    sums = np.cumsum(np.concatenate([zeros, signed], axis=2), axis=2)[:, :, -1]
+    negative = decisions < 0
+    votes = np.where(first, ~negative[:, columns], negative[:, columns]).sum(axis=2).astype(np.float64)
+    result: np.ndarray = votes + sums / (3 * (np.abs(sums) + 1))
+    return result
+
+
+def _decision(estimator: Any, X: np.ndarray) -> np.ndarray:
+    """`estimator.decision_function(X)` as float64, 2-D; an SVC's one-vs-rest from `_ovr_of_ovo`."""
+    if isinstance(estimator, SVC) and estimator.decision_function_shape == "ovr" and len(estimator.classes_) > 2:
+        decisions = _ovr_of_ovo(np.asarray(estimator._decision_function(X)), len(estimator.classes_))
+    else:
+        decisions = np.asarray(estimator.decision_function(X), dtype=np.float64)
+    return decisions.reshape(-1, 1) if decisions.ndim == 1 else decisions
 
 
 def _fast(model: CalibratedClassifierCV) -> bool:
@@ -51,9 +89,7 @@ def calibrated_proba(model: CalibratedClassifierCV, X: np.ndarray) -> Any:
     n_classes = len(model.classes_)
     mean = np.zeros((len(X), n_classes), dtype=np.float64)
     for calibrated in model.calibrated_classifiers_:
-        decisions = np.asarray(calibrated.estimator.decision_function(X), dtype=np.float64)
-        if decisions.ndim == 1:
-            decisions = decisions.reshape(-1, 1)
+        decisions = _decision(calibrated.estimator, X)
         proba = np.zeros((len(X), n_classes), dtype=np.float64)
         columns = np.searchsorted(model.classes_, calibrated.estimator.classes_)
         for column, values, calibrator in zip(columns, decisions.T, calibrated.calibrators, strict=False):

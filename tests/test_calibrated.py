@@ -22,6 +22,22 @@ def test_isotonic_multiclass_probabilities_are_scikit_learns(rows: int, ensemble
     assert np.array_equal(calibrated_proba(model, unseen), model.predict_proba(unseen))
 
 
+@pytest.mark.parametrize("n_classes", [3, 10])
+def test_one_vs_rest_of_an_svc_is_scikit_learns(n_classes: int) -> None:
+    """Ties, zeros and signs as scikit-learn's loop over class pairs makes them."""
+    from sklearn.utils.multiclass import _ovr_decision_function
+
+    from pipeline.calibrated import _ovr_of_ovo
+
+    rng = np.random.default_rng(7)
+    pairs = n_classes * (n_classes - 1) // 2
+    decisions = np.vstack([rng.normal(size=(200, pairs)), np.zeros((1, pairs)), np.full((1, pairs), -0.0)])
+    decisions[:50, : pairs // 2] = 0.0
+    expected = _ovr_decision_function(decisions < 0, -decisions, n_classes)
+    ours = _ovr_of_ovo(decisions, n_classes)
+    assert np.array_equal(ours, expected) and np.array_equal(np.signbit(ours), np.signbit(expected))
+
+
 @pytest.mark.parametrize("method", ["isotonic", "sigmoid"])
 def test_binary_and_other_calibrations_are_scikit_learns(method: str) -> None:
     X, y = load_breast_cancer(return_X_y=True)
