@@ -139,7 +139,7 @@ CLI_ROWS: tuple[Row, ...] = (
     ("cli_status_s", "pipeline status --limit 1", _s, "≤ 0.6 s", lambda v: v <= 0.6),
     ("cli_status_vs_python", "pipeline status ÷ python -c pass", _x, "", None),
     ("cli_status_cpu_s", "pipeline status --limit 1, CPU (user + system)", _s, "", None),
-    ("status_libraries_s", "importing what status must use (SQLAlchemy, psycopg, pydantic-settings)", _s, "", None),
+    ("status_libraries_s", "importing what status must use (click, psycopg, pydantic, rich)", _s, "", None),
     ("cli_status_vs_libraries", "pipeline status ÷ importing its libraries", _x, "", None),
 )
 

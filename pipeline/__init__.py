@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.client import BatchHandle, BatchStatus, Client, ItemResult
+    from pipeline.client import BatchHandle, Client, ItemResult
     from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
     from pipeline.errors import (
         ArtifactError,
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         UnknownPipelineError,
     )
     from pipeline.schema import BatchState, FailurePolicy
+    from pipeline.status import BatchStatus
 
 __all__ = [
     "ArtifactError",
@@ -60,7 +61,7 @@ __all__ = [
 _MODULES = {
     "Client": "pipeline.client",
     "BatchHandle": "pipeline.client",
-    "BatchStatus": "pipeline.client",
+    "BatchStatus": "pipeline.status",
     "ItemResult": "pipeline.client",
     "BatchState": "pipeline.schema",
     "FailurePolicy": "pipeline.schema",

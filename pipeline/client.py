@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -26,9 +25,12 @@ from pydantic import BaseModel, Field, ValidationError
 from pipeline import ledger
 from pipeline.embedded import ensure_services
 from pipeline.errors import BatchNotFoundError, InvalidArgumentError, UnknownPipelineError, validation_line
+from pipeline.ledger.connection import autocommit, driver_connection
 from pipeline.listener import BatchListener
 from pipeline.schema import BatchState, FailurePolicy, Priority
 from pipeline.settings import Settings, get_settings
+from pipeline.status import BatchStatus as BatchStatus
+from pipeline.status import newest_batches
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -37,10 +39,8 @@ if TYPE_CHECKING:
     from pipeline.rollouts import Rollouts
 
 # The broker (Celery), the splitter and the input encoder are imported by the methods that
-# publish or store: a command that only reads the ledger (`pipeline status`) loads none of them.
+# publish or store: a command that only reads the ledger (`pipeline status ID`) loads none of them.
 
-# Most batches `Client.batches` lists at once.
-MAX_LISTED_BATCHES = 10_000
 # How often a progress bar reads the batch's status.
 PROGRESS_REFRESH_S = 0.25
 # The longest deadline a batch may have: a year (a longer one is a mistake, and 1e13 s
@@ -57,41 +57,6 @@ class SubmitOptions(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)
     # None: by size (`Settings.is_small_batch`: interactive).
     priority: Literal["interactive", "bulk"] | None = None
-
-
-class BatchStatus(BaseModel):
-    """One row of the `batch_status` view, with the batch's result and metrics."""
-
-    id: uuid.UUID
-    pipeline: str
-    state: BatchState
-    priority: Priority
-    items: int
-    total: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    remaining: int
-    progress: float
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    wait_s: float | None
-    aggregation_s: float | None
-    elapsed_s: float | None
-    error: str | None
-    # Every input's result is readable: the batch is in a final state and its results are
-    # written (a cancelled batch is `cancelled` at once, its results come once its running
-    # sub-tasks have finished).
-    results_ready: bool
-    result: dict[str, Any] | None
-    metrics: dict[str, Any] | None
-
-    @property
-    def finished(self) -> bool:
-        """True once the batch is `succeeded`, `partial`, `failed` or `cancelled` and its
-        results are readable (`results_ready`)."""
-        return self.results_ready
 
 
 class ItemResult(BaseModel):
@@ -428,17 +393,13 @@ class Client:
 
     def batches(self, state: str | None = None, limit: int = 50) -> list[BatchStatus]:
         """Return the statuses of the newest `limit` batches (1 .. 10,000), newest first,
-        optionally only those in `state`.
+        optionally only those in `state` (`pipeline.status.newest_batches`).
 
         Raises:
             InvalidArgumentError: `state` is not a batch state, or `limit` is out of range.
         """
-        if state is not None and state not in BatchState.__members__:
-            known = ", ".join(BatchState.__members__)
-            raise InvalidArgumentError(f"state {state!r} is not a batch state; known: {known}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LISTED_BATCHES:
-            raise InvalidArgumentError(f"limit must be an integer from 1 to {MAX_LISTED_BATCHES}, got {limit!r}")
-        return [BatchStatus.model_validate(row) for row in ledger.batch_status_rows(self.engine, state, limit)]
+        with autocommit(self.engine) as conn:
+            return newest_batches(driver_connection(conn), state, limit)
 
     def __enter__(self) -> Client:
         return self

@@ -134,6 +134,13 @@ def start_redis(data_dir: Path) -> tuple[str, bool]:
     return f"redis://127.0.0.1:{port}/0", True
 
 
+def ensure_postgres(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under `data_dir` alone; return its URL
+    (`pipeline status` needs no broker)."""
+    with _lock(data_dir):
+        return start_postgres(data_dir)[0]
+
+
 def ensure_services(database_url: str | None, broker_url: str | None, data_dir: Path) -> ServiceUrls:
     """Return concrete service URLs, starting the embedded server for each one not given."""
     if database_url is not None and broker_url is not None:

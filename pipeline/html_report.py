@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, text
 
-from pipeline.client import BatchStatus
 from pipeline.report import (
     DRIFT_FEATURE_HEADER,
     DRIFT_MODEL_HEADER,
@@ -30,6 +29,7 @@ from pipeline.report import (
     fmt,
     latency_rows,
 )
+from pipeline.status import BatchStatus
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
+from pipeline.database import libpq_url
 from pipeline.ledger import NOTIFY_CHANNEL
-from pipeline.settings import libpq_url
 
 log = logging.getLogger(__name__)
 

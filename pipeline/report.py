@@ -11,8 +11,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.client import BatchStatus
 from pipeline.errors import UnknownPipelineError
+from pipeline.status import BatchStatus
 
 if TYPE_CHECKING:
     pass

@@ -18,8 +18,9 @@ import redis
 from sqlalchemy.engine import make_url
 
 from pipeline import ledger
+from pipeline.database import libpq_url
 from pipeline.embedded import ensure_services, stop_services
-from pipeline.settings import Settings, libpq_url
+from pipeline.settings import Settings
 
 
 @dataclass(frozen=True)

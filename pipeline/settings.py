@@ -6,22 +6,23 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pipeline.database import ENV_PREFIX, LedgerSettings, well_formed
 from pipeline.errors import SettingsError, validation_line
 
 REDIS_SCHEMES = ("redis://", "rediss://")
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, LedgerSettings):
     """Configuration of every role (client, worker, aggregator, CLI).
 
     With `database_url` / `broker_url` unset, the embedded PostgreSQL and Redis
-    under `data_dir` are started (or reused) on first use.
+    under `data_dir` are started (or reused) on first use. `database_url` and `data_dir`
+    are `LedgerSettings`' (`pipeline.database`), which `pipeline status` reads alone.
 
     Raises:
         SettingsError: a value is malformed or out of range (one line naming each; a URL's
@@ -29,12 +30,8 @@ class Settings(BaseSettings):
     """
 
     # An invalid value is not repeated in the error: a URL holds a password.
-    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", hide_input_in_errors=True)
 
-    database_url: str | None = Field(
-        default=None,
-        description="PostgreSQL URL, `postgresql://...` or `postgresql+psycopg://...`.",
-    )
     broker_url: str | None = Field(
         default=None,
         description="Celery broker: a Redis (`redis://`, `rediss://`) or RabbitMQ (`amqp://`, `amqps://`) URL.",
@@ -54,7 +51,6 @@ class Settings(BaseSettings):
             " whether a redelivered sub-task runs again."
         ),
     )
-    data_dir: Path = Field(default=Path(".pipeline"), description="Embedded services' data and default models folder.")
     models_dir: Path | None = Field(
         default=None, description="Model artifacts and manifests; default `<data_dir>/models`."
     )
@@ -195,19 +191,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"PIPELINE_CHUNK_SIZES is not JSON: {error}") from None
         return value
 
-    @field_validator("database_url")
-    @classmethod
-    def _postgres_only(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-            raise ValueError("PIPELINE_DATABASE_URL must start with postgresql:// or postgresql+psycopg://")
-        return _well_formed("PIPELINE_DATABASE_URL", url)
-
     @field_validator("broker_url")
     @classmethod
     def _redis_or_rabbitmq(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(REDIS_SCHEMES + AMQP_SCHEMES):
             raise ValueError("PIPELINE_BROKER_URL must start with redis://, rediss://, amqp:// or amqps://")
-        return _well_formed("PIPELINE_BROKER_URL", url)
+        return well_formed("PIPELINE_BROKER_URL", url)
 
     @field_validator("monitor_windows")
     @classmethod
@@ -240,33 +229,6 @@ class Settings(BaseSettings):
     def is_small_batch(self, items: int) -> bool:
         """Whether a batch of `items` inputs takes the small-batch path (`small_batch_items`)."""
         return items <= self.small_batch_items
-
-
-def _well_formed(variable: str, url: str | None) -> str | None:
-    """`url` when its host and port parse (a number in 0..65535, a closed IPv6 bracket).
-
-    Raises:
-        ValueError: naming `variable` and what is wrong, never the URL (it may hold a password).
-    """
-    if url is not None:
-        try:
-            urlsplit(url).port  # noqa: B018 (reading the port parses it: that is the check)
-        except ValueError as error:
-            raise ValueError(f"{variable} is not a valid URL: {error}") from None
-    return url
-
-
-def sqlalchemy_url(url: str) -> str:
-    """Return `url` in the `postgresql+psycopg://` form SQLAlchemy needs for psycopg 3."""
-    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    raise ValueError(f"not a PostgreSQL URL: {url!r}")
-
-
-def libpq_url(url: str) -> str:
-    """Return `url` in the plain `postgresql://` form libpq (psycopg.connect) accepts."""
-    return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://") :]
 
 
 @lru_cache(maxsize=1)

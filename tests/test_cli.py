@@ -5,11 +5,14 @@ loads (each imports what it needs when it runs)."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,18 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+from rich.console import Console
+from sqlalchemy import Engine, insert, text
 from sqlalchemy.engine import make_url
 
 from pipeline import health, ledger, registry
+from pipeline.cli import monitoring
+from pipeline.client import Client
+from pipeline.database import libpq_url, sqlalchemy_url
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import held_out_records
-from pipeline.settings import libpq_url, sqlalchemy_url
+from pipeline.report import batches_table
+from pipeline.schema import Alert
 from tests.helpers import RunServices, store_batch
 from tests.pipelines import BAD_OUTPUT
 
@@ -111,15 +119,25 @@ def test_unreachable_broker_stores_nothing(
         assert stored.scalar_one() == 0
 
 
-def test_database_without_migrations(services: RunServices, models_dir: Path) -> None:
-    """A fresh database: no schema, then an old migration, then `pipeline migrate` fixes both."""
+@contextmanager
+def _database_of_its_own(services: RunServices) -> Iterator[str]:
+    """A new empty database on the services' server (dropped at the end); its URL."""
     name = f"pipeline_cli_{uuid.uuid4().hex[:12]}"
     admin_url = libpq_url(make_url(services.database_url).set(database="postgres").render_as_string(False))
-    url = make_url(services.database_url).set(database=name).render_as_string(hide_password=False)
-    env = _env(services, models_dir, PIPELINE_DATABASE_URL=url)
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
+        yield make_url(services.database_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_database_without_migrations(services: RunServices, models_dir: Path) -> None:
+    """A fresh database: no schema, then an old migration, then `pipeline migrate` fixes both."""
+    with _database_of_its_own(services) as url:
+        name = make_url(url).database
+        env = _env(services, models_dir, PIPELINE_DATABASE_URL=url)
         _assert_one_line_error(_cli(env, "status"), f"/{name} has no ledger schema", "run `pipeline migrate`")
 
         migrations = str(files("migrations"))
@@ -134,9 +152,6 @@ def test_database_without_migrations(services: RunServices, models_dir: Path) ->
         run = _cli(env, "status", "--json")
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout) == []
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_migration_heads_read_without_alembic_are_alembics() -> None:
@@ -284,6 +299,52 @@ def test_status_json_and_tables(finished: str, services: RunServices, models_dir
     assert report["metrics"]["kpis"] == one["metrics"]["kpis"]
 
 
+def test_status_list_is_the_clients_view(
+    services: RunServices, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipeline status` lists the newest batches without the client (no SQLAlchemy, no
+    pydantic-settings): the rows, the table and the open alerts the client shows. On a ledger
+    of its own that nothing else changes, its batches finished (their figures are final)."""
+    with _database_of_its_own(services) as url:
+        ledger.migrate(url)
+        engine = ledger.make_engine(url)
+        try:
+            batch_ids = [store_batch(engine, held_out_strips(2 + n))[0] for n in range(3)]
+            with engine.begin() as conn:
+                for n, batch_id in enumerate(batch_ids):
+                    ledger.fail_pending_batch(conn, batch_id, f"the split failed: test {n}")
+                conn.execute(
+                    insert(Alert).values(
+                        kind="drift",
+                        pipeline="digits",
+                        model="digit-classifier",
+                        model_version="a" * 64,
+                        window="1h",
+                        evidence={"psi": 0.4},
+                    )
+                )
+        finally:
+            engine.dispose()
+        env = _env(services, models_dir, PIPELINE_DATABASE_URL=url)
+        shown = io.StringIO()
+        console = Console(file=shown, width=int(env["COLUMNS"]))
+        monkeypatch.setattr(monitoring, "_console", lambda: console)
+        with Client(services.settings(models_dir, database_url=url)) as client:
+            for state, limit in ((None, 20), ("failed", 2)):
+                expected = [
+                    row.model_dump(mode="json", exclude={"result", "metrics"}) for row in client.batches(state, limit)
+                ]
+                args = ("--limit", str(limit), *(("--state", state) if state else ()))
+                assert json.loads(_cli(env, "status", "--json", *args).stdout) == expected
+            console.print(batches_table(client.batches(limit=20)))
+            monitoring._print_open_alerts(monitoring._open_alerts(client, None))
+        run = _cli(env, "status")
+    assert [row["id"] for row in expected] == [str(batch_id) for batch_id in batch_ids[:0:-1]]
+    assert "alert drift digits digit-classifier@aaaaaaaaaaaa window 1h" in shown.getvalue()
+    assert run.returncode == 0 and run.stderr == ""
+    assert run.stdout == shown.getvalue()
+
+
 def test_report_on_a_batch_that_failed_before_scoring_says_so(
     engine: Engine, services: RunServices, models_dir: Path
 ) -> None:
@@ -400,6 +461,8 @@ def loaded_by_status(services: RunServices, models_dir: Path) -> set[str]:
 @pytest.mark.parametrize(
     "module",
     [
+        "sqlalchemy",
+        "pydantic_settings",
         "sklearn",
         "matplotlib",
         "redis",
@@ -408,6 +471,8 @@ def loaded_by_status(services: RunServices, models_dir: Path) -> set[str]:
     ],
 )
 def test_status_does_not_load(module: str, loaded_by_status: set[str]) -> None:
-    """`pipeline status` reads the ledger: no model library, no plotting, no Celery, no Alembic."""
-    assert "sqlalchemy" in loaded_by_status  # the command ran
+    """`pipeline status` (the newest batches) reads the ledger on a psycopg connection: no
+    SQLAlchemy, no pydantic-settings (most of the time it took, issue 11), no model library,
+    no plotting, no Celery, no Alembic."""
+    assert {"psycopg", "pydantic", "rich"} <= loaded_by_status  # the command ran
     assert module not in loaded_by_status

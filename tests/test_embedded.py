@@ -4,6 +4,7 @@ screening batches, stops them."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -58,6 +59,13 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
         assert (screening["state"], screening["items"], screening["progress"]) == ("succeeded", 171, 1)
         assert all(row["state"] == "succeeded" for row in rows)
         assert results == sum(row["items"] for row in rows)
+        # `pipeline status` lists the same ledger with no URL set: the embedded one's, reused
+        # (and read without the client).
+        run = subprocess.run(
+            [str(pipeline_cli), "status", "--json", "--limit", "1000"], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        assert [row["id"] for row in json.loads(run.stdout)] == [str(row["id"]) for row in reversed(rows)]
     finally:
         engine.dispose()
         stop_services(data_dir)

@@ -18,9 +18,9 @@ from alembic.config import Config
 from sqlalchemy import Engine, make_url, text
 
 from pipeline import ledger
+from pipeline.database import libpq_url, sqlalchemy_url
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import FEATURES, held_out_records
-from pipeline.settings import libpq_url, sqlalchemy_url
 from tests.helpers import RunServices, register_champions, split_batch
 
 

@@ -4,6 +4,7 @@ settings refuse, and reading a JSON-lines file. `make test-fast` runs these."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import text
 
 from aggregator.assemble import FailureCauses, ModelOutputStream, final_state
 from pipeline import ledger, registry
@@ -21,7 +23,7 @@ from pipeline.artifacts import read_manifest
 from pipeline.definition import InputPage, ModelRows, ModelSpec, TrainedModel
 from pipeline.errors import InputFileError, InvalidInputError, PipelineError, SettingsError, SplitError
 from pipeline.inputs import PAGE_ITEMS, JsonLinesFile, encode_inputs, iter_input_pages
-from pipeline.ledger import queries
+from pipeline.ledger import raw_sql
 from pipeline.pipelines.screening import FEATURES as SCREENING_FEATURES
 from pipeline.pipelines.screening import dataset_split as screening_split
 from pipeline.schema import BatchState, FailurePolicy
@@ -177,10 +179,21 @@ def test_a_failed_batch_names_the_cause_that_left_most_inputs_without_a_result()
 
 
 def test_every_named_query_is_loaded_and_none_is_empty() -> None:
-    names = set(queries.RAW)
+    names = set(raw_sql.RAW)
     assert {"batch_status", "batch_statuses", "new_subtask_ids", "subtask_outputs", "copy_subtasks"} <= names
-    assert all(sql.strip() and not sql.lstrip().startswith("--") for sql in queries.RAW.values())
-    assert all(sql.startswith("COPY ") for name, sql in queries.RAW.items() if name.startswith("copy_"))
+    assert all(sql.strip() and not sql.lstrip().startswith("--") for sql in raw_sql.RAW.values())
+    assert all(sql.startswith("COPY ") for name, sql in raw_sql.RAW.items() if name.startswith("copy_"))
+
+
+def test_every_named_query_binds_the_same_parameters_on_psycopg() -> None:
+    """`pipeline status` runs queries.sql on a plain psycopg connection: each statement's
+    `%(name)s` binds are the parameters SQLAlchemy's `text()` finds in it, and no `:name`
+    is left (a `::type` cast is kept)."""
+    for name, sql in raw_sql.RAW.items():
+        converted = raw_sql.for_psycopg(name)
+        assert set(re.findall(r"%\((\w+)\)s", converted)) == set(text(sql).compile().params), name
+        assert not re.search(r"(?<!:):\w", converted.replace("::", "")), name
+        assert converted.count("::") == sql.count("::"), name
 
 
 # --- inputs: what validation refuses before a batch exists -------------------------------

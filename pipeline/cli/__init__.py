@@ -6,7 +6,8 @@ file, a bad option) prints one line on stderr and exits 1, without a traceback.
 
 Each command imports what it needs when it runs: loading this module costs click
 alone, so `pipeline --help` answers at once and `pipeline status` loads neither
-Celery, nor Alembic, nor the models' libraries.
+Celery, nor Alembic, nor the models' libraries; its list of the newest batches not even
+SQLAlchemy nor pydantic-settings (it reads the ledger on a psycopg connection).
 """
 
 from __future__ import annotations

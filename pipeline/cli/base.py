@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    import psycopg
     from rich.console import Console
 
     from pipeline.client import Client
@@ -121,6 +122,17 @@ def _client(publishes: bool = False) -> Client:
     if publishes:
         health.check_broker(client.app)
     return client
+
+
+def _ledger_connection() -> psycopg.Connection[Any]:
+    """A psycopg connection on a reachable, migrated ledger, located as `Settings` locates it
+    (PIPELINE_DATABASE_URL, else the embedded PostgreSQL, started here): for a command that
+    only reads the ledger and loads neither SQLAlchemy nor pydantic-settings. Other settings
+    are not read."""
+    from pipeline import health
+    from pipeline.database import ledger_settings
+
+    return health.ledger_connection(ledger_settings().resolved_database_url())
 
 
 @contextmanager

@@ -15,14 +15,15 @@ from pipeline.cli.base import (
     PROGRESS_STEP,
     _client,
     _console,
+    _ledger_connection,
     _writing,
     main,
 )
-from pipeline.cli.monitoring import _print_open_alerts
+from pipeline.cli.monitoring import _alert_dicts, _print_open_alerts
 from pipeline.states import BatchState
 
 if TYPE_CHECKING:
-    from pipeline.client import BatchStatus
+    from pipeline.status import BatchStatus
 
 
 def _print_status(status: BatchStatus) -> None:
@@ -42,8 +43,8 @@ def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -
     --json prints one batch's status with its result and metrics, or a list of the
     newest batches' `batch_status` rows.
     """
-    client = _client()
     if batch_id:
+        client = _client()
         handle = client.batch(batch_id)
         one = handle.status()
         if as_json:
@@ -53,14 +54,21 @@ def status(batch_id: str | None, state: str | None, limit: int, as_json: bool) -
             for queue in handle.unserved_queues(one):
                 _console().print(f"[yellow]no worker is serving {queue}")
         return
-    rows = client.batches(state=state, limit=limit)
-    if as_json:
-        click.echo(json.dumps([row.model_dump(mode="json", exclude={"result", "metrics"}) for row in rows]))
-        return
+    # The list reads the ledger alone: on a psycopg connection, without the client (SQLAlchemy,
+    # pydantic-settings), so it answers in a fraction of the time.
+    from pipeline.ledger import listing
+    from pipeline.status import newest_batches
+
+    with _ledger_connection() as conn:
+        rows = newest_batches(conn, state, limit)
+        if as_json:
+            click.echo(json.dumps([row.model_dump(mode="json", exclude={"result", "metrics"}) for row in rows]))
+            return
+        alerts = _alert_dicts(listing.open_alerts(conn, None))
     from pipeline.report import batches_table
 
     _console().print(batches_table(rows))
-    _print_open_alerts(client, None)
+    _print_open_alerts(alerts)
 
 
 @main.command()

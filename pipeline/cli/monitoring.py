@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,16 +21,21 @@ if TYPE_CHECKING:
     from pipeline.client import Client
 
 
+def _alert_dicts(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Open alerts' rows (`ledger.open_alerts`, `listing.open_alerts`) as JSON-ready dicts."""
+    return [{**row, "opened_at": row["opened_at"].isoformat()} for row in rows]
+
+
 def _open_alerts(client: Client, pipeline: str | None) -> list[dict[str, Any]]:
     from pipeline import ledger
 
     with client.engine.connect() as conn:
-        return [{**row._asdict(), "opened_at": row.opened_at.isoformat()} for row in ledger.open_alerts(conn, pipeline)]
+        return _alert_dicts(row._asdict() for row in ledger.open_alerts(conn, pipeline))
 
 
-def _print_open_alerts(client: Client, pipeline: str | None) -> None:
+def _print_open_alerts(alerts: list[dict[str, Any]]) -> None:
     """One line per open alert (none: nothing printed)."""
-    for alert in _open_alerts(client, pipeline):
+    for alert in alerts:
         _console().print(
             f"[red]alert[/red] {alert['kind']} {alert['pipeline']} {alert['model']}@{alert['model_version'][:12]}"
             f" window {alert['window']} since {alert['opened_at'][:19]}: {json.dumps(alert['evidence'])}",
@@ -93,4 +99,4 @@ def monitor(
     from pipeline.report import monitor_table
 
     _console().print(monitor_table(window.spec, versions))
-    _print_open_alerts(client, pipeline_name)
+    _print_open_alerts(_open_alerts(client, pipeline_name))

@@ -5,7 +5,7 @@ state it expects; when it matches no row the caller lost a race or holds a dupli
 message, and does nothing more. Bulk writes use COPY. One module per noun:
 
 - `connection`: the engine, migrations, autocommit, COPY;
-- `batches`: a new batch and its inputs (with a keyed request's fingerprint), statuses, cancel;
+- `batches`: a new batch and its inputs (with a keyed request's fingerprint), a batch's status, cancel;
 - `counters`: counting finished sub-tasks, failure policies, aborts;
 - `split`: the split's writes (new sub-tasks, its steps);
 - `claims`: a worker's claim, completion and failure of a sub-task;
@@ -18,12 +18,17 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `monitor`: each finished batch's window contributions, windows pooled, alert episodes;
 - `registry`: model versions, their aliases (champion, challenger) and events;
 - `rollouts`: roll-outs, their batches and gate evidence (used as a module: `rollouts.start_rollout`);
-- `queries.sql`: the raw SQL, by name (the rest is SQLAlchemy Core, built once).
+- `listing`: what `pipeline status` lists, on a plain psycopg connection (used as a module:
+  `listing.batch_statuses`);
+- `queries.sql`: the raw SQL, by name (`raw_sql` reads it, `queries` builds its SQLAlchemy
+  statements; the rest is SQLAlchemy Core, built once).
 
 Who owns the transaction: a function whose first argument is an `Engine` is a whole
 transaction (or one autocommitted statement) and has committed when it returns; a
 function whose first argument is a `Connection` runs on the caller's transaction and
 never commits, so the caller can put several steps in one (`with engine.begin() as conn`).
+`listing`'s reads take a psycopg connection and run on it as it is (an engine's caller
+passes `connection.driver_connection(conn)`).
 
 Each name is imported from its module on first use (PEP 562): a command that reads batch
 statuses does not build the claim, split and sweep statements.
@@ -52,7 +57,6 @@ if TYPE_CHECKING:
         NOTIFY_CHANNEL,
         RequestFingerprint,
         batch_status_row,
-        batch_status_rows,
         cancel_batch,
         first_subtask_started,
         insert_batch,
@@ -125,7 +129,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "NOTIFY_CHANNEL",
         "RequestFingerprint",
         "batch_status_row",
-        "batch_status_rows",
         "cancel_batch",
         "first_subtask_started",
         "insert_batch",
@@ -229,7 +232,6 @@ __all__ = [
     "aliases_of",
     "batch_state",
     "batch_status_row",
-    "batch_status_rows",
     "cancel_batch",
     "claim_evaluation",
     "claim_next_of_batch",

@@ -185,13 +185,6 @@ def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | No
     return dict(row) if row is not None else None
 
 
-def batch_status_rows(engine: Engine, state: str | None, limit: int) -> list[dict[str, Any]]:
-    """The newest `limit` rows of the `batch_status` view, optionally of one state."""
-    with autocommit(engine) as conn:
-        rows = conn.execute(queries.BATCH_STATUSES, {"state": state, "limit": limit}).mappings().all()
-    return [dict(row) for row in rows]
-
-
 def first_subtask_started(engine: Engine, batch_id: uuid.UUID) -> datetime | None:
     """When a worker first started a sub-task of the batch; None before any did."""
     with autocommit(engine) as conn:

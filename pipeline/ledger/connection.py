@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, func
 
-from pipeline.settings import sqlalchemy_url
+from pipeline.database import sqlalchemy_url
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def make_engine(database_url: str) -> Engine:
@@ -41,6 +44,14 @@ def autocommit(engine: Engine) -> Connection:
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
+def driver_connection(conn: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under `conn`, on its transaction: for COPY, and for the reads
+    shared with code that loads no SQLAlchemy (`listing`)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None, "a checked-out connection has its driver connection"
+    return driver  # type: ignore[no-any-return]
+
+
 def copy_rows(
     conn: Connection, statement: str, rows: Iterable[Sequence[Any]], binary_types: Sequence[str] | None = None
 ) -> int:
@@ -52,9 +63,7 @@ def copy_rows(
     count = 0
     if binary_types is not None:
         statement += " (FORMAT BINARY)"
-    driver_connection = conn.connection.driver_connection
-    assert driver_connection is not None, "a checked-out connection has its driver connection"
-    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+    with driver_connection(conn).cursor() as cursor, cursor.copy(statement) as copy:
         if binary_types is not None:
             copy.set_types(list(binary_types))
         for row in rows:

@@ -10,9 +10,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator
 from sqlalchemy import Connection, Engine, create_engine, insert
 from sqlalchemy.pool import NullPool
 
+from pipeline.database import sqlalchemy_url
 from pipeline.ledger import queries
 from pipeline.schema import DeadLetter, RejectionReason
-from pipeline.settings import sqlalchemy_url
 
 # Most characters of a message's body kept in its row; the rest is cut off.
 BODY_CHARS = 4096

@@ -1,27 +1,10 @@
-"""The ledger's raw SQL, named: read once from `queries.sql` (procrastinate keeps its SQL
-the same way), so a reader finds every hand-written statement in one file."""
+"""The ledger's raw SQL (`raw_sql`, from `queries.sql`) as SQLAlchemy statements, built once."""
 
 from __future__ import annotations
 
-import re
-from importlib.resources import files
-
 from sqlalchemy import TextClause, text
 
-_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-
-
-def _parse(source: str) -> dict[str, str]:
-    """Split `source` into its `-- name:` blocks: name → SQL, without comment lines."""
-    parts = _NAME.split(source)
-    queries: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        lines = [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("--")]
-        queries[name] = "\n".join(lines)
-    return queries
-
-
-RAW: dict[str, str] = _parse(files("pipeline.ledger").joinpath("queries.sql").read_text())
+from pipeline.ledger.raw_sql import RAW
 
 
 def query(name: str) -> TextClause:
@@ -30,7 +13,6 @@ def query(name: str) -> TextClause:
 
 
 BATCH_STATUS = query("batch_status")
-BATCH_STATUSES = query("batch_statuses")
 NEW_SUBTASK_IDS = query("new_subtask_ids")
 SUBTASK_OUTPUTS = query("subtask_outputs")
 SERVING_VERSIONS = query("serving_versions")
