@@ -1,4 +1,5 @@
-"""Peak resident memory of process trees, sampled with psutil in a background thread."""
+"""Peak resident memory and CPU time of process trees, sampled with psutil in a background
+thread."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ INTERVAL_S = 0.05
 
 
 class PeakRss:
-    """Samples the RSS of each watched process and of its children (e.g. Celery's pool)
-    every `interval` s while in use as a context manager."""
+    """Samples the RSS and CPU time of each watched process and of its children (e.g. Celery's
+    pool, PostgreSQL's backends) every `interval` s while in use as a context manager."""
 
     def __init__(self, roots: dict[str, int], interval: float = INTERVAL_S) -> None:
         self.roots = roots
@@ -22,6 +23,9 @@ class PeakRss:
         self.process_peak: dict[str, dict[int, int]] = {role: {} for role in roots}
         # role -> peak bytes of the whole tree at one instant
         self.tree_peak: dict[str, int] = dict.fromkeys(roots, 0)
+        # role -> pid -> (CPU s at its first sample, at its last): a process that lives
+        # between two samples is missed, one that ends loses its last interval.
+        self.process_cpu: dict[str, dict[int, tuple[float, float]]] = {role: {} for role in roots}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
@@ -36,8 +40,12 @@ class PeakRss:
             for process in tree:
                 try:
                     rss = process.memory_info().rss
+                    times = process.cpu_times()
                 except psutil.NoSuchProcess:
                     continue
+                cpu = times.user + times.system
+                first, _ = self.process_cpu[role].get(process.pid, (cpu, cpu))
+                self.process_cpu[role][process.pid] = (first, cpu)
                 total += rss
                 peaks = self.process_peak[role]
                 peaks[process.pid] = max(peaks.get(process.pid, 0), rss)
@@ -63,6 +71,10 @@ class PeakRss:
     def peaks_mb(self, role: str) -> list[float]:
         """Every process of `role`'s tree, main process first."""
         return [rss / MB for rss in self.process_peak[role].values()]
+
+    def cpu_s(self, role: str) -> float:
+        """CPU seconds (user + system) `role`'s tree used while watched."""
+        return sum(last - first for first, last in self.process_cpu[role].values())
 
     def tree_mb(self, role: str) -> float:
         return self.tree_peak[role] / MB

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import psutil
 import skops.io
 from sqlalchemy import Engine, text
 
@@ -102,6 +103,23 @@ def client_command(
     argv = [sys.executable, "-m", "bench.client", mode, "--pipeline", pipeline, "--rows", str(rows or args.rows)]
     argv += ["--warm-up", str(args.warm_up if warm_up is None else warm_up)]
     return argv + (["--items", str(items)] if items is not None else [])
+
+
+def service_pids(client: Client) -> dict[str, int]:
+    """The PostgreSQL server's and (on Redis) the broker's process, when they run on this
+    machine: their trees' CPU time is measured beside the pipeline's processes."""
+    with client.engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    pids = {}
+    if psutil.pid_exists(backend):
+        pids["postgres"] = psutil.Process(backend).ppid()
+    if client.settings.broker_url.startswith("redis"):
+        import redis
+
+        server = int(redis.Redis.from_url(client.settings.broker_url).info("server")["process_id"])
+        if psutil.pid_exists(server):
+            pids["redis"] = server
+    return pids
 
 
 def measure_status(client: Client, batch_id: str) -> float:
@@ -421,7 +439,7 @@ def measure_throughput(
     and the chord peers."""
     log(f"pipeline: {args.rows} rows")
     launched = processes.launch("client-pipeline", client_command("pipeline", pipeline.name, args))
-    with PeakRss({"client": launched.pid, **roots}) as rss:
+    with PeakRss({"client": launched.pid, **roots, **service_pids(client)}) as rss:
         measured = json.loads(processes.finish("client-pipeline", launched, RUN_TIMEOUT_S))
     log(
         f"pipeline took {measured['seconds']:.2f} s, submit {measured['submit_s']:.2f} s;"
@@ -463,6 +481,9 @@ def measure_throughput(
         "rss_worker_mb": rss.peak_mb("worker"),
         "rss_aggregator_mb": rss.peak_mb("aggregator"),
         "rss_results_out_mb": rss_results_out_mb,
+        # Where the CPU went during the N-row batch, per process tree, beside the models' own
+        # (the limit, one process): what the pipeline adds is the rest.
+        **{f"cpu_s_{role}": rss.cpu_s(role) for role in rss.roots},
         # Extras.
         "items": measured["items"],
         "subtasks": measured["subtasks"],

@@ -67,6 +67,11 @@ ROWS: tuple[Row, ...] = (
     ("rss_aggregator_mb", "aggregator: largest process", _mb, "≤ 500 MB", lambda v: v <= 500),
     ("rss_aggregator_processes_mb", "aggregator: main / each pool child", _mbs, "", None),
     ("rss_results_out_mb", "pipeline results --out, all rows", _mb, "constant in N", None),
+    ("cpu_s_worker", "CPU during the N-row batch (limit_s: the models' own): worker", _s, "", None),
+    ("cpu_s_aggregator", "aggregator: split, following assembly, sweeper", _s, "", None),
+    ("cpu_s_client", "client: validation, storing", _s, "", None),
+    ("cpu_s_postgres", "PostgreSQL: every backend (the machine's server)", _s, "", None),
+    ("cpu_s_redis", "Redis", _s, "", None),
 )
 # The latency floor, measured in every run.
 FLOOR_ROWS: tuple[Row, ...] = (
