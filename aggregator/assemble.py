@@ -307,8 +307,7 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         state, error = final_state(batch, answered, unanswered, causes)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics, contributions = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC), scores)
-        ledger.finish_batch(conn, batch_id, state, error, result, metrics)
-        ledger.record_contributions(conn, contributions)
+        ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     settings = get_settings()
     publish_shadows(engine, batch_id)

@@ -1,10 +1,11 @@
 """The cost of monitoring over time (docs/monitoring.md, "Windows across batches"): a
-batch's window update (the insert of its contributions in the aggregate's transaction, and
-its share of the fold that adds a minute's contributions to their hourly rollups after
-commit; beside it, the same fold done inside the aggregate, per batch, as before revision
-0014) and `pipeline monitor`'s pooling of a day of 10,000 batches (one contribution per
-model, inserted set-based), and of one alert evaluation over it. `make bench` runs it as
-`--scenario monitor` (bench/run.py), next to a small batch's aggregation time.
+batch's window update (its contributions, carried by the statement that finishes the batch
+in its aggregate, and its share of the fold that adds a minute's contributions to their
+hourly rollups after commit; beside it, the same fold done inside the aggregate, per batch,
+as before revision 0014) and `pipeline monitor`'s pooling of a day of 10,000 batches (one
+contribution per model, inserted set-based), and of one alert evaluation over it. `make
+bench` runs it as `--scenario monitor` (bench/run.py), next to a small batch's aggregation
+time.
 
     python -m bench.monitor [--pipeline screening] [--batches 10000] [--repeat 5]
 """
@@ -28,12 +29,16 @@ from pipeline.artifacts import read_manifest
 from pipeline.definition import Pipeline
 from pipeline.monitor import evaluate_alerts, judge_window
 from pipeline.registry import get_pipeline
+from pipeline.schema import BatchState
 from pipeline.scratch import scratch_services
 from pipeline.training import train_models
 from pipeline.windows import parse_window
 
 DAY_S = 86_000
-UPDATES = 200
+UPDATES = 400
+# What the finish statement stores besides the contributions (a small batch's, in size).
+RESULT = {"items": 100, "answered": 100, "unanswered": 0}
+METRICS = {"kpis": {"review_rate": 0.1, "items": 100}, "latency": {"aggregation_s": 0.01, "end_to_end_s": 0.2}}
 WINDOWS = ("1h", "24h", "10000rows")
 
 
@@ -65,15 +70,20 @@ def _median_ms(seconds: list[float]) -> float:
 
 def measure_monitor(engine: Engine, pipeline: Pipeline, models_dir: Path, batches: int, repeat: int) -> dict[str, Any]:
     """Store a day of `batches` batches' contributions (folded), then time (medians, ms) a
-    finished batch's window update (insert, its share of a fold after commit; and the fold
-    inside the aggregate, as before) and `pipeline monitor`'s pooling of each of `WINDOWS`,
-    and one alert evaluation of the 1h and 24h windows."""
+    finished batch's window update (what its contributions add to the statement that
+    finishes it, and its share of a fold after commit; and the fold inside the aggregate, as
+    before) and `pipeline monitor`'s pooling of each of `WINDOWS`, and one alert evaluation
+    of the 1h and 24h windows."""
     now = datetime.now(UTC)
     ids = [uuid.uuid4() for _ in range(batches + UPDATES)]
     with engine.begin() as conn:
         conn.execute(
-            text("INSERT INTO batches (id, pipeline, items) SELECT unnest(CAST(:ids AS uuid[])), :pipeline, 100"),
-            {"ids": ids, "pipeline": pipeline.name},
+            text(
+                "INSERT INTO batches (id, pipeline, items, state)"
+                " SELECT i, :pipeline, 100, CASE WHEN n > :batches THEN 'aggregating' ELSE 'succeeded' END"
+                " FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS b (i, n)"
+            ),
+            {"ids": ids, "pipeline": pipeline.name, "batches": batches},
         )
     day = _contributions(pipeline, models_dir, ids[:batches], now)
     with engine.begin() as conn:
@@ -81,34 +91,43 @@ def measure_monitor(engine: Engine, pipeline: Pipeline, models_dir: Path, batche
             ledger.record_contributions(conn, day[first : first + 3000])
         ledger.fold_contributions(conn, pipeline.name)
 
-    # The first half of the batches fold in their aggregate's transaction (before revision
-    # 0014); the second half only insert, and one fold after commit adds them all, as the
-    # evaluation does once a minute.
-    inline, inserts = [], []
+    # Every other batch is finished without contributions: the finish statement alone, which
+    # the others' times are compared with. Of the rest, the first half fold in their
+    # aggregate's transaction (before revision 0014); the second half only finish with their
+    # contributions, and one fold after commit adds them all, as the evaluation does once a
+    # minute.
+    bare: list[float] = []
+    inline: list[float] = []
+    carried: list[float] = []
     for number, batch_id in enumerate(ids[batches:]):
-        rows = _contributions(pipeline, models_dir, [batch_id], now)
+        contributing = number % 2 == 1
+        rows = _contributions(pipeline, models_dir, [batch_id], now) if contributing else []
         with engine.begin() as conn:
             # The aggregate's transaction is open already: its begin and commit are not the update's.
             conn.execute(text("SELECT 1"))
             started = time.perf_counter()
-            ledger.record_contributions(conn, rows)
-            if number < UPDATES // 2:
+            ledger.finish_batch(conn, batch_id, BatchState.succeeded, None, RESULT, METRICS, rows)
+            if not contributing:
+                bare.append(time.perf_counter() - started)
+            elif number < UPDATES // 2:
                 ledger.fold_contributions(conn, pipeline.name)
                 inline.append(time.perf_counter() - started)
             else:
-                inserts.append(time.perf_counter() - started)
+                carried.append(time.perf_counter() - started)
     started = time.perf_counter()
     with engine.begin() as conn:
         folded = ledger.fold_contributions(conn, pipeline.name)
     fold_s = time.perf_counter() - started
-    assert folded == len(inserts) * len(pipeline.models), folded
+    assert folded == len(carried) * len(pipeline.models), folded
+    finish_ms = _median_ms(bare)
     figures: dict[str, Any] = {
         "monitor_batches": batches,
         "monitor_contributions": len(day),
-        "monitor_insert_ms": _median_ms(inserts),
-        "monitor_fold_per_batch_ms": fold_s * 1000 / len(inserts),
-        "monitor_update_ms": _median_ms(inserts) + fold_s * 1000 / len(inserts),
-        "monitor_update_inline_ms": _median_ms(inline),
+        "monitor_finish_ms": finish_ms,
+        "monitor_insert_ms": _median_ms(carried) - finish_ms,
+        "monitor_fold_per_batch_ms": fold_s * 1000 / len(carried),
+        "monitor_update_ms": _median_ms(carried) - finish_ms + fold_s * 1000 / len(carried),
+        "monitor_update_inline_ms": _median_ms(inline) - finish_ms,
     }
     for spec in WINDOWS:
         timings = []

@@ -122,11 +122,14 @@ SHADOW_ROWS: tuple[Row, ...] = (
 
 # `--scenario monitor` (bench/monitor.py, issue 14): medians.
 MONITOR_ROWS: tuple[Row, ...] = (
-    ("small_batch_aggregation_ms", "small batch's aggregation (100 inputs)", _ms, "", None),
-    ("monitor_insert_ms", "a finished batch's contributions inserted (in its aggregate)", _ms, "", None),
+    ("small_batch_aggregation_ms", "small batch's aggregation (100 inputs): last sub-task → finished", _ms, "", None),
+    ("small_batch_assembly_ms", "its assembly: last sub-task → results (metrics' aggregation_s)", _ms, "", None),
+    ("monitor_finish_ms", "the statement that finishes a batch, without contributions", _ms, "", None),
+    ("monitor_insert_ms", "what a batch's contributions add to that statement", _ms, "", None),
     ("monitor_fold_per_batch_ms", "its share of the fold into the rollups (after commit)", _ms, "", None),
     ("monitor_update_ms", "window update per finished batch (insert + fold share)", _ms, "", None),
     ("monitor_update_vs_aggregation", "window update ÷ small batch's aggregation", _pct, "< 5 %", lambda v: v < 0.05),
+    ("monitor_update_vs_assembly", "window update ÷ small batch's assembly", _pct, "", None),
     ("monitor_update_inline_ms", "the same, folded in the aggregate (before 0014)", _ms, "", None),
     ("monitor_update_inline_vs_aggregation", "that ÷ small batch's aggregation", _pct, "", None),
     ("monitor_24h_ms", "pipeline monitor, 24h window of a day's batches", _ms, "≤ 200 ms", lambda v: v <= 200),

@@ -290,8 +290,6 @@ class MonitorContribution(Base):
     estimate_sums: Mapped[dict[str, float] | None] = mapped_column(JSONB)
     # Whether it is in its hour's rollup (`fold_contributions`, after the aggregate's commit).
     folded: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
-    # Its bin counts as an array until folded (what the fold adds); None once folded.
-    unfolded_bins: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
 
 
 class MonitorRollup(Base):

@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from pipeline import ledger
-from pipeline.ledger.queries import FOLD_CONTRIBUTIONS, RAW
+from pipeline.ledger.queries import RAW
+from pipeline.schema import BatchState
 
 BINS = 12
 START = datetime(2032, 1, 1, 0, 17, tzinfo=UTC)
@@ -78,7 +79,7 @@ def _contribute(engine: Engine, count: int, seed: int) -> list[ledger.Contributi
     made = _contribute_unfolded(engine, count, seed)
     _assert_pooled_alike(engine)
     with engine.begin() as conn:
-        third = conn.execute(FOLD_CONTRIBUTIONS, {"pipeline": "screening", "limit": len(made) // 3}).scalar_one()
+        third = ledger.fold_contributions(conn, "screening", most=len(made) // 3)
     assert third == len(made) // 3
     _assert_pooled_alike(engine)
     with engine.begin() as conn:
@@ -189,3 +190,40 @@ def test_labels_and_reaggregation_and_deletion_keep_rollups_exact(
     with quiet_engine.connect() as conn:
         total = conn.execute(text("SELECT sum(batches) FROM monitor_rollups")).scalar()
     assert total == 2 * (160 - 55 + 20)
+
+
+def test_the_finishing_statement_stores_each_contribution_s_own_bin_counts(quiet_engine: Engine) -> None:
+    """A batch's contributions ride on the statement that finishes it, their bin counts sent
+    as one string that each slices at its offset (lengths differ by model); the fold sums
+    them per rollup. A batch finished again changes nothing."""
+    batch_id = uuid.uuid4()
+    with quiet_engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO batches (id, pipeline, items, state) VALUES (:id, 'screening', 30, 'aggregating')"),
+            {"id": batch_id},
+        )
+    lengths = {"screen-logreg": 5, "screen-forest": 3, "screen-boosting": 8}
+    made = [
+        ledger.Contribution(
+            batch_id, "screening", model, "c" * 64, START, 30, 30, np.arange(1, bins + 1) * 2**40 + bins, {"r": 1}, 0.2
+        )  # fmt: skip
+        for model, bins in lengths.items()
+    ]
+    finished = {"state": BatchState.succeeded, "error": None, "result": {"items": 30}, "metrics": {}}
+    with quiet_engine.begin() as conn:
+        ledger.finish_batch(conn, batch_id, contributions=made, **finished)
+        ledger.finish_batch(conn, batch_id, contributions=made[:1], **finished)
+    with quiet_engine.connect() as conn:
+        state = conn.execute(text("SELECT state FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one()
+        stored = conn.execute(
+            text("SELECT model, bin_counts FROM monitor_contributions WHERE batch_id = :id"), {"id": batch_id}
+        ).all()
+    assert state == "succeeded"
+    expected = {c.model: c.bin_counts.tolist() for c in made}
+    assert {row.model: np.frombuffer(row.bin_counts, "<i8").tolist() for row in stored} == expected
+    with quiet_engine.begin() as conn:
+        assert ledger.fold_contributions(conn, "screening") == len(made)
+        rolled = conn.execute(
+            text("SELECT model, bin_counts FROM monitor_rollups WHERE model_version = :v"), {"v": "c" * 64}
+        ).all()
+    assert {row.model: row.bin_counts for row in rolled} == expected

@@ -10,7 +10,7 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `split`: the split's writes (new sub-tasks, its steps);
 - `claims`: a worker's claim, completion and failure of a sub-task;
 - `pages`: reading input pages, reading and writing result pages;
-- `aggregation`: the aggregate's locks, reads and the batch's final state;
+- `aggregation`: the aggregate's locks, reads and the batch's final state (with its window contributions);
 - `sweeps`: the sweeper's reconciliation;
 - `dead_letters`: messages refused as malformed (used as a module: `dead_letters.record`);
 - `heartbeats`: which queues the live workers consume;

@@ -4,6 +4,7 @@ finished sub-tasks' outputs, result pages, and the batch's final state."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from pipeline.ledger import queries
 from pipeline.ledger.batches import NOTIFY_CHANNEL
 from pipeline.ledger.connection import now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, counters_complete
+from pipeline.ledger.monitor import Contribution, contribution_parameters
 from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
 
 
@@ -152,6 +154,9 @@ FINISH_BATCH = (
     )
     .returning(func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)))
 )
+# The same, inserting the batch's window contributions in a WITH clause: one statement, one
+# round trip, for the batch's end and what it adds to its windows.
+FINISH_CONTRIBUTING_BATCH = FINISH_BATCH.add_cte(queries.RECORD_CONTRIBUTIONS.columns().cte("contributed"))
 
 
 def finish_batch(
@@ -161,10 +166,13 @@ def finish_batch(
     error: str | None,
     result: dict[str, Any],
     metrics: dict[str, Any],
+    contributions: Sequence[Contribution] = (),
 ) -> None:
     """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
-    metrics, counted in `aggregate_runs`; NOTIFY waiting clients on commit."""
-    conn.execute(
-        FINISH_BATCH,
-        {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics},
-    )
+    metrics, counted in `aggregate_runs`, and its window `contributions` stored (as
+    `record_contributions` stores them), in one statement; NOTIFY waiting clients on commit."""
+    finished = {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics}
+    if contributions:
+        conn.execute(FINISH_CONTRIBUTING_BATCH, {**finished, **contribution_parameters(contributions)})
+    else:
+        conn.execute(FINISH_BATCH, finished)

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -37,44 +38,78 @@ class Contribution:
     estimate_sums: dict[str, float] | None = None
 
 
-def record_contributions(conn: Connection, contributions: Sequence[Contribution]) -> None:
-    """Store a batch's contributions, in one insert on the caller's transaction (the
-    aggregate's, with the batch's metrics); a batch aggregated again adds nothing. They reach
-    their hours' rollups when folded (`fold_contributions`); windows read them until then."""
-    if not contributions:
-        return
+def contribution_parameters(contributions: Sequence[Contribution]) -> dict[str, Any]:
+    """The bound parameters of `queries.RECORD_CONTRIBUTIONS` for `contributions`: one JSON
+    array of records (`contributions`) and every bin count in one int64 little-endian string
+    (`bins`), which each record slices at its offset. Two parameters, not one array per
+    column: dumping each array costs the aggregate more than the insert costs PostgreSQL."""
     ordered = sorted(contributions, key=lambda c: (c.pipeline, c.model, c.model_version))
-    conn.execute(
-        queries.RECORD_CONTRIBUTIONS,
+    sizes = [8 * c.bin_counts.size for c in ordered]
+    records = [
         {
-            "batch_ids": [c.batch_id for c in ordered],
-            "pipelines": [c.pipeline for c in ordered],
-            "models": [c.model for c in ordered],
-            "versions": [c.model_version for c in ordered],
-            "finished": [c.finished_at for c in ordered],
-            "items": [c.items for c in ordered],
-            "rows": [c.rows for c in ordered],
-            "bin_counts": [c.bin_counts.astype("<i8").tobytes() for c in ordered],
-            "bin_arrays": ["{" + ",".join(map(str, c.bin_counts.tolist())) + "}" for c in ordered],
-            "kpis": [json.dumps(c.kpis) for c in ordered],
-            "latencies": [c.latency_s for c in ordered],
-            "estimate_sums": [None if c.estimate_sums is None else json.dumps(c.estimate_sums) for c in ordered],
-        },
-    )
+            "batch_id": str(c.batch_id),
+            "pipeline": c.pipeline,
+            "model": c.model,
+            "model_version": c.model_version,
+            "finished_at": c.finished_at.isoformat(),
+            "items": c.items,
+            "rows": c.rows,
+            "bins_from": start,
+            "bins_bytes": size,
+            "kpis": c.kpis,
+            "latency_s": c.latency_s,
+            "estimate_sums": c.estimate_sums,
+        }
+        for c, start, size in zip(ordered, accumulate(sizes, initial=0), sizes)
+    ]
+    return {
+        "contributions": json.dumps(records),
+        "bins": b"".join(c.bin_counts.astype("<i8").tobytes() for c in ordered),
+    }
+
+
+def record_contributions(conn: Connection, contributions: Sequence[Contribution]) -> None:
+    """Store contributions, of any batches, in one insert on the caller's transaction; a batch
+    aggregated again adds nothing. (A batch's aggregate stores its own with the statement
+    that finishes it, `finish_batch`.) They reach their hours' rollups when folded
+    (`fold_contributions`); windows read them until then."""
+    if contributions:
+        conn.execute(queries.RECORD_CONTRIBUTIONS, contribution_parameters(contributions))
 
 
 # Contributions one fold statement takes at most: bounds its transaction and its locks.
 FOLD_LIMIT = 5000
 
 
-def fold_contributions(conn: Connection, pipeline: str) -> int:
-    """Add the pipeline's unfolded contributions to their hours' rollups and mark them
-    folded, `FOLD_LIMIT` per statement, on the caller's transaction; return how many.
-    Idempotent: a contribution is folded once, whoever folds and however often."""
+def fold_contributions(conn: Connection, pipeline: str, most: int | None = None) -> int:
+    """Add the pipeline's unfolded contributions (the oldest `most`, or all) to their hours'
+    rollups and mark them folded, `FOLD_LIMIT` per statement, on the caller's transaction;
+    return how many. Their bin counts are summed here, per rollup (numpy over the stored
+    int64 bytes), the rest in the statement. Idempotent: a contribution is folded once,
+    whoever folds and however often."""
     folded = 0
-    while taken := conn.execute(queries.FOLD_CONTRIBUTIONS, {"pipeline": pipeline, "limit": FOLD_LIMIT}).scalar_one():
-        folded += taken
-        if taken < FOLD_LIMIT:
+    while most is None or folded < most:
+        limit = FOLD_LIMIT if most is None else min(FOLD_LIMIT, most - folded)
+        taken = conn.execute(queries.UNFOLDED_CONTRIBUTIONS, {"pipeline": pipeline, "limit": limit}).all()
+        if not taken:
+            break
+        bins: dict[tuple[str, str, datetime], npt.NDArray[np.int64]] = {}
+        for row in taken:
+            if row.bin_counts is not None:
+                key = (row.model, row.model_version, row.bucket_start)
+                counts = np.frombuffer(row.bin_counts, dtype="<i8")
+                bins[key] = counts if key not in bins else bins[key] + counts
+        folded += conn.execute(
+            queries.FOLD_CONTRIBUTIONS,
+            {
+                "ids": [row.id for row in taken],
+                "models": [model for model, _, _ in bins],
+                "versions": [version for _, version, _ in bins],
+                "buckets": [bucket for _, _, bucket in bins],
+                "bins": ["{" + ",".join(map(str, counts.tolist())) + "}" for counts in bins.values()],
+            },
+        ).scalar_one()
+        if len(taken) < limit:
             break
     return folded
 

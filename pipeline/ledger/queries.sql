@@ -112,39 +112,46 @@ WHERE l.batch_id = :batch_id AND l.replaced_at IS NULL
 ORDER BY l.item
 
 -- name: record_contributions
--- Finished batches' contributions (a batch aggregated again adds nothing). Not yet in
--- their hours' rollups: `fold_contributions` adds them later, off the aggregate's path.
+-- Finished batches' contributions (a batch aggregated again adds nothing); the statement
+-- that finishes a batch carries its own. They come as one JSON array of records, and their
+-- bin counts as one int64 string that each record slices at its byte offset (two
+-- parameters, whatever the count). Not yet in their hours' rollups: `fold_contributions`
+-- adds them later, off the aggregate's path.
 INSERT INTO monitor_contributions
-  (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, unfolded_bins, kpis, latency_s,
-   estimate_sums)
-SELECT batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, CAST(bin_array AS bigint[]),
-  kpis, latency_s, estimate_sums
-FROM unnest(
-  CAST(:batch_ids AS uuid[]), CAST(:pipelines AS text[]), CAST(:models AS text[]), CAST(:versions AS text[]),
-  CAST(:finished AS timestamptz[]), CAST(:items AS int[]), CAST(:rows AS int[]), CAST(:bin_counts AS bytea[]),
-  CAST(:bin_arrays AS text[]), CAST(:kpis AS jsonb[]), CAST(:latencies AS float8[]), CAST(:estimate_sums AS jsonb[])
-) AS i (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, bin_array, kpis, latency_s,
-        estimate_sums)
+  (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, kpis, latency_s, estimate_sums)
+SELECT c.batch_id, c.pipeline, c.model, c.model_version, c.finished_at, c.items, c.rows,
+  substring(CAST(:bins AS bytea) FROM c.bins_from + 1 FOR c.bins_bytes), c.kpis, c.latency_s, c.estimate_sums
+FROM jsonb_to_recordset(CAST(:contributions AS jsonb)) AS c (
+  batch_id uuid, pipeline text, model text, model_version text, finished_at timestamptz, items int, rows int,
+  bins_from int, bins_bytes int, kpis jsonb, latency_s float8, estimate_sums jsonb)
 ON CONFLICT DO NOTHING
 
+-- name: unfolded_contributions
+-- Up to :limit unfolded contributions of :pipeline, oldest first, locked for the fold until
+-- commit; rows being labelled are skipped (folded next time). Each one's rollup (model,
+-- version, hour) and its bin counts, which the caller sums per rollup.
+SELECT c.id, c.model, c.model_version, monitor_bucket(c.finished_at) AS bucket_start, c.bin_counts
+FROM monitor_contributions c
+WHERE c.pipeline = :pipeline AND NOT c.folded
+ORDER BY c.finished_at, c.id
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+
 -- name: fold_contributions
--- Up to :limit unfolded contributions of :pipeline added to their hours' rollups
--- element-wise and marked folded, in one statement: a crash folds all of them or none;
--- returns how many. Rows being labelled are skipped (folded next time); the values added
--- are those of the locked rows, so a label stored just before is in them. Sums are
--- set-based (unnest, jsonb_each, GROUP BY), not the per-row SQL aggregates, which cost a
--- function call per contribution; rollups are locked in (model, version, hour) order, so
--- concurrent folds and label writers do not deadlock.
+-- The unfolded contributions :ids (locked by `unfolded_contributions`) added to their
+-- hours' rollups element-wise and marked folded, in one statement; returns how many. The
+-- bin counts come summed per rollup (:models, :versions, :buckets, :bins as bigint[]
+-- literals); the rest is summed here, from the locked rows, so a label stored just before is
+-- in them. Sums are set-based (jsonb_each, GROUP BY), not the per-row SQL aggregates, which
+-- cost a function call per contribution; rollups are locked in (model, version, hour)
+-- order, so concurrent folds and label writers do not deadlock.
 WITH taken AS (
   SELECT c.id, c.pipeline, c.model, c.model_version, monitor_bucket(c.finished_at) AS bucket_start, c.finished_at,
-    c.items, c.rows, c.unfolded_bins, c.kpis, c.label_counts, c.latency_s, c.estimate_sums
+    c.items, c.rows, c.kpis, c.label_counts, c.latency_s, c.estimate_sums
   FROM monitor_contributions c
-  WHERE c.pipeline = :pipeline AND NOT c.folded
-  ORDER BY c.finished_at, c.id
-  LIMIT :limit
-  FOR UPDATE SKIP LOCKED
+  WHERE c.id = ANY(CAST(:ids AS bigint[])) AND NOT c.folded
 ), marked AS (
-  UPDATE monitor_contributions c SET folded = true, unfolded_bins = NULL FROM taken t WHERE c.id = t.id RETURNING c.id
+  UPDATE monitor_contributions c SET folded = true FROM taken t WHERE c.id = t.id RETURNING c.id
 ), grouped AS (
   -- Each contribution's rollup as a number `g`: the sums below group on integers, not on text.
   SELECT t.*, dense_rank() OVER (ORDER BY t.pipeline, t.model, t.model_version, t.bucket_start) AS g FROM taken t
@@ -153,11 +160,9 @@ WITH taken AS (
     sum(rows) AS rows, min(finished_at) AS first_finished, max(finished_at) AS last_finished
   FROM grouped GROUP BY g, pipeline, model, model_version, bucket_start
 ), bins AS (
-  SELECT b.g, array_agg(b.total ORDER BY b.i) AS bin_counts FROM (
-    SELECT t.g, u.i, sum(u.v)::bigint AS total
-    FROM grouped t CROSS JOIN LATERAL unnest(t.unfolded_bins) WITH ORDINALITY AS u (v, i)
-    GROUP BY t.g, u.i
-  ) AS b GROUP BY b.g
+  SELECT b.model, b.model_version, b.bucket_start, CAST(b.bins AS bigint[]) AS bin_counts
+  FROM unnest(CAST(:models AS text[]), CAST(:versions AS text[]), CAST(:buckets AS timestamptz[]),
+    CAST(:bins AS text[])) AS b (model, model_version, bucket_start, bins)
 ), entries AS (
   -- Each contribution's JSON sums as (field, key, value), in a rollup's terms.
   SELECT t.g, f.field, f.key, f.value
@@ -184,7 +189,7 @@ INSERT INTO monitor_rollups AS r
 SELECT t.pipeline, t.model, t.model_version, t.bucket_start, t.batches, t.items, t.rows, t.first_finished,
   t.last_finished, b.bin_counts, coalesce(d.docs -> 'kpi_sums', '{}'), coalesce(d.docs -> 'kpi_items', '{}'),
   d.docs -> 'label_counts', coalesce(d.docs -> 'latency_histogram', '{}'), d.docs -> 'estimate_sums'
-FROM totals t LEFT JOIN bins b USING (g) LEFT JOIN docs d USING (g)
+FROM totals t LEFT JOIN bins b USING (model, model_version, bucket_start) LEFT JOIN docs d USING (g)
 ORDER BY t.g
 ON CONFLICT (pipeline, model, model_version, bucket_start) DO UPDATE SET
   batches = r.batches + excluded.batches,
