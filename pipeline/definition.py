@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, Field, TypeAdapter
 
+from pipeline.json_array import JsonArray
 from pipeline.profile import DriftConfig
 
 # How the roll-out gate reads a model's rows against stored labels (`Pipeline.row_labels`):
@@ -112,13 +113,14 @@ class InputPage:
     else None.
     `data`: per input, the whole item (JSON-able) or, for a feature-vector pipeline,
     its other fields (`extras_model`); None when a feature-vector pipeline's inputs
-    set no other field.
+    set no other field. A page as stored (and as the client stores it) keeps it as its
+    JSON text (`JsonArray`), validated from the text by `Pipeline.page_items`.
     """
 
     first: int
     count: int
     X: np.ndarray | None
-    data: list[Any] | None
+    data: list[Any] | JsonArray | None
 
     def cut(self, start: int, stop: int) -> InputPage:
         """Inputs `start` .. `stop - 1` of this page (the page itself when that is all of it)."""
@@ -130,10 +132,12 @@ class InputPage:
 
     @classmethod
     def from_stored(
-        cls, first: int, count: int, features: bytes | None, data: list[Any] | None, n_features: int
+        cls, first: int, count: int, features: bytes | None, data: str | None, n_features: int
     ) -> InputPage:
+        """The page of the stored columns: `features` (float32 little-endian, row-major),
+        `data` (the JSON array's text)."""
         X = None if features is None else np.frombuffer(features, dtype="<f4").reshape(count, n_features)
-        return cls(first, count, X, data)
+        return cls(first, count, X, None if data is None else JsonArray(data))
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,9 @@ class Pipeline(ABC):
     def page_items(self, page: InputPage) -> list[BaseModel]:
         """The page's inputs as input model objects (they were validated on submit)."""
         if page.X is None:
+            if isinstance(page.data, JsonArray):
+                # From the text: no Python object per value before validation.
+                return self.items_adapter.validate_json(page.data.text)
             return self.items_adapter.validate_python(page.data)
         extras = page.data if page.data is not None else [{}] * page.count
         return [self.make_item(row, extra) for row, extra in zip(page.X.tolist(), extras)]

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.definition import InputPage, Pipeline, list_adapter
 from pipeline.errors import InputFileError, InvalidInputError
+from pipeline.json_array import JsonArray
 
 # Inputs per stored page: big enough that per-row costs vanish, small enough to stream.
 PAGE_ITEMS = 10_000
@@ -195,14 +196,15 @@ class _Validator:
             self.problems += _finite_problems(self.pipeline, X, first)
             data = list(extras) if any(extras) else None
             return InputPage(first, len(items), X, data)
-        # One serializer call per page for the stored data; each item's size as its compact
-        # JSON, made by pydantic's serializer (no Python object per value).
-        data = self.pipeline.items_adapter.dump_python(items, mode="json")
-        for index, item in enumerate(items):
-            size = len(item.__pydantic_serializer__.to_json(item))
-            if size > self.max_item_bytes:
-                self.problems.append((first + index, f"{size} bytes of JSON; at most {self.max_item_bytes} allowed"))
-        return InputPage(first, len(items), None, data)
+        # The page as stored: each item's compact JSON made by pydantic's serializer (no
+        # Python object per value), which also gives its size; joined into one array.
+        serialized = [item.__pydantic_serializer__.to_json(item) for item in items]
+        for index, text in enumerate(serialized):
+            if len(text) > self.max_item_bytes:
+                self.problems.append(
+                    (first + index, f"{len(text)} bytes of JSON; at most {self.max_item_bytes} allowed")
+                )
+        return InputPage(first, len(items), None, JsonArray.of_values(serialized))
 
 
 def _refuse_non_collection(pipeline: Pipeline, inputs: Any) -> None:

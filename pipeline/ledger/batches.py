@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, Float, Interval, bindparam, func, sel
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from pipeline.errors import IdempotencyKeyError
+from pipeline.json_array import JsonArray
 from pipeline.ledger import queries
 from pipeline.ledger.connection import autocommit, copy_rows, now
 from pipeline.ledger.counters import Outcome, cancel_subtasks, counters_complete
@@ -79,7 +80,10 @@ class RequestFingerprint:
 def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
     """A page's columns as stored: its features packed as float32 little-endian, its data as JSON text."""
     features = None if page.X is None else page.X.astype("<f4", copy=False).tobytes()  # C order whatever its layout
-    data = None if page.data is None else json.dumps(page.data, separators=(",", ":"))
+    if page.data is None or isinstance(page.data, JsonArray):
+        data = None if page.data is None else page.data.as_str()
+    else:
+        data = json.dumps(page.data, separators=(",", ":"))
     return features, data
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select
+from sqlalchemy import Connection, Engine, Text, bindparam, cast, select
 
 from pipeline.definition import InputPage
 from pipeline.ledger import queries
@@ -18,7 +18,13 @@ from pipeline.schema import Batch, ResultPage, StoredInputPage
 
 # The stored input page holding input `position` or, past a gap, the next one.
 INPUT_PAGE = (
-    select(StoredInputPage.first_item, StoredInputPage.items, StoredInputPage.features, StoredInputPage.data)
+    select(
+        StoredInputPage.first_item,
+        StoredInputPage.items,
+        StoredInputPage.features,
+        # As its text: validated from it (`Pipeline.page_items`), never parsed twice.
+        cast(StoredInputPage.data, Text).label("data"),
+    )
     .where(
         StoredInputPage.batch_id == bindparam("batch_id"),
         StoredInputPage.first_item + StoredInputPage.items > bindparam("position"),
