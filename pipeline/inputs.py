@@ -127,10 +127,11 @@ def _finite_problems(pipeline: Pipeline, X: np.ndarray, offset: int) -> list[tup
 class _Validator:
     """Turns submitted inputs into pages, collecting every problem before raising."""
 
-    def __init__(self, pipeline: Pipeline, max_items: int, max_item_bytes: int) -> None:
+    def __init__(self, pipeline: Pipeline, max_items: int, max_item_bytes: int, page_items: int) -> None:
         self.pipeline = pipeline
         self.max_items = max_items
         self.max_item_bytes = max_item_bytes
+        self.page_items = page_items
         self.problems: list[tuple[int, str]] = []
         self._extras = list_adapter(pipeline.extras_model) if pipeline.extras_model is not None else None
 
@@ -144,14 +145,14 @@ class _Validator:
     def table_pages(self, table: Any) -> Iterator[InputPage]:
         X, extras = _table_columns(self.pipeline, table)
         self._check_count(len(X))
-        for first in range(0, len(X), PAGE_ITEMS):
-            rows = X[first : first + PAGE_ITEMS]
+        for first in range(0, len(X), self.page_items):
+            rows = X[first : first + self.page_items]
             self.problems += _finite_problems(self.pipeline, rows, first)
             data = None
             if extras and self._extras is not None:
                 records = [
                     dict(zip(extras, values))
-                    for values in zip(*(v[first : first + PAGE_ITEMS] for v in extras.values()))
+                    for values in zip(*(v[first : first + self.page_items] for v in extras.values()))
                 ]
                 try:
                     data = self._json_extras(self._extras.validate_python(records))
@@ -176,7 +177,7 @@ class _Validator:
                 if isinstance(raw, BaseModel) and not isinstance(raw, self.pipeline.input_model)
                 else raw
             )
-            if len(page) == PAGE_ITEMS:
+            if len(page) == self.page_items:
                 yield self._item_page(first, page)
                 first += len(page)
                 page = []
@@ -219,9 +220,11 @@ def _refuse_non_collection(pipeline: Pipeline, inputs: Any) -> None:
     raise InvalidInputError(pipeline.name, [(0, f"the inputs must be {expected}, not {type(inputs).__name__}")])
 
 
-def iter_input_pages(pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int) -> Iterator[InputPage]:
+def iter_input_pages(
+    pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int, page_items: int | None = None
+) -> Iterator[InputPage]:
     """Validate `inputs` (an iterable of items, or for a feature-vector pipeline a 2-D
-    array or a DataFrame) a page of `PAGE_ITEMS` at a time, yielding each page while
+    array or a DataFrame) a page of `page_items` (default `PAGE_ITEMS`) at a time, yielding each page while
     every input so far is valid: an iterable is read once, page by page, never whole.
 
     Raises:
@@ -229,7 +232,7 @@ def iter_input_pages(pipeline: Pipeline, inputs: Any, max_items: int, max_item_b
             why (no page is yielded after the first bad one); also for no inputs, for more
             than `max_items`, and for inputs that are not a collection of items (at once).
     """
-    validator = _Validator(pipeline, max_items, max_item_bytes)
+    validator = _Validator(pipeline, max_items, max_item_bytes, page_items or PAGE_ITEMS)
     if is_table(inputs):
         pages = validator.table_pages(inputs)
     else:
@@ -246,13 +249,15 @@ def iter_input_pages(pipeline: Pipeline, inputs: Any, max_items: int, max_item_b
         raise InvalidInputError(pipeline.name, [(0, "the batch has no inputs")])
 
 
-def encode_inputs(pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int) -> list[InputPage]:
+def encode_inputs(
+    pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int, page_items: int | None = None
+) -> list[InputPage]:
     """Every page of `iter_input_pages`, as a list.
 
     Raises:
         InvalidInputError: as `iter_input_pages`.
     """
-    return list(iter_input_pages(pipeline, inputs, max_items, max_item_bytes))
+    return list(iter_input_pages(pipeline, inputs, max_items, max_item_bytes, page_items))
 
 
 class JsonLinesFile:

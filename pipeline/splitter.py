@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 # else is a bug (in a pipeline or here): it propagates with its traceback, the batch stays
 # `pending`, and the sweeper splits it again once fixed code is deployed.
 SPLIT_ERRORS = (SplitError, UnknownPipelineError, NoChampionError)
-# The first step of a split covers at most this many inputs and each later one doubles what
-# is split so far, up to `split_step_items`: a big batch's first sub-tasks are published
-# after reading a few pages, not a whole step (its first results come sooner).
+# The first step of a split covers the stored pages holding this many inputs and each later
+# one doubles what is split so far, up to `split_step_items`: a big batch's first sub-tasks
+# are published after reading a page or a few, not a whole step (its first results come sooner).
 FIRST_STEP_ITEMS = 2_000
 
 
@@ -173,8 +173,9 @@ def batch_rollouts(conn: Connection, batch: Any, versions: dict[str, str]) -> di
 
 def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int) -> SplitStep | None:
     """Split the next inputs of a `pending` batch into `dispatched` sub-tasks, on `conn`'s
-    transaction: at most `step_items`, and at most `FIRST_STEP_ITEMS` or as many as are split
-    already (the steps ramp up); the last step moves the batch to `running`.
+    transaction: the stored pages that hold the next `step_items`, or the next
+    `FIRST_STEP_ITEMS` or as many as are split already when fewer (the steps ramp up); the
+    last step moves the batch to `running`.
 
     With a roll-out active for a model: in shadow, every serve sub-task of the model gets a
     shadow copy (its challenger version, role shadow, rank shadow, seq -1 - its seq); as a
@@ -221,6 +222,7 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
             canaries[spec.name] = (champion, challenger, rollout.percent)
     split_items = batch.split_items
     step = min(step_items, max(FIRST_STEP_ITEMS, split_items), batch.items - split_items)
+    # Whole stored pages: a step ends where a page does (cutting a page of JSON items parses it).
     for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
         parts = pipeline.split_page(pipeline.with_features(page))
         for spec in pipeline.models:

@@ -138,9 +138,12 @@ def store_batch(
     key: str | None = None,
     pipeline: str = "digits",
     priority: Priority = Priority.bulk,
+    page_items: int | None = None,
 ) -> tuple[uuid.UUID, bool]:
-    """Validate and store a `pending` batch as the client does, without queueing its split."""
-    pages = encode_inputs(registry.get_pipeline(pipeline), inputs, 10_000, 1_000_000)
+    """Validate and store a `pending` batch as the client does, without queueing its split;
+    in pages of `page_items` inputs (default: the client's; a step of a split takes whole
+    pages, so a split in several steps needs pages smaller than a step)."""
+    pages = encode_inputs(registry.get_pipeline(pipeline), inputs, 10_000, 1_000_000, page_items)
     with engine.begin() as conn:
         return ledger.insert_batch(conn, pipeline, pages, key, priority=priority)
 

@@ -260,12 +260,12 @@ def test_a_split_resumes_after_its_last_committed_step(engine: Engine) -> None:
     """Interrupted after its first step, a split goes on from `split_items` and makes the same
     sub-tasks as one that ran through."""
     inputs = held_out_strips(10, max_digits=4, seed=9)
-    interrupted, _ = store_batch(engine, inputs)
+    interrupted, _ = store_batch(engine, inputs, page_items=3)
     first_step = next(split_steps(engine, interrupted, CHUNKS, 3))
     assert not first_step.finished and _batch(engine, interrupted)["split_items"] == 3
     assert _batch(engine, interrupted)["state"] == "pending"
     split_batch(engine, interrupted, CHUNKS)
-    straight, _ = store_batch(engine, inputs)
+    straight, _ = store_batch(engine, inputs, page_items=3)
     split_batch(engine, straight, CHUNKS)
 
     def chunks(batch_id: uuid.UUID) -> list[tuple[str, int, list[int]]]:
@@ -292,7 +292,8 @@ def _dispatched(engine: Engine, batch_id: uuid.UUID, model: str) -> list[int]:
 
 
 def _split(engine: Engine, strips: int, priority: Priority, seed: int) -> uuid.UUID:
-    batch_id, _ = store_batch(engine, held_out_strips(strips, max_digits=4, seed=seed), priority=priority)
+    # Pages of 3: split in steps of 3 inputs (`split_batch`).
+    batch_id, _ = store_batch(engine, held_out_strips(strips, max_digits=4, seed=seed), priority=priority, page_items=3)
     assert split_batch(engine, batch_id, CHUNKS)
     return batch_id
 
@@ -361,13 +362,22 @@ def test_the_sweeper_republishes_a_pending_split_once_a_lease(engine: Engine) ->
 
 def test_split_steps_ramp_up_from_a_small_first_step(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first step covers `FIRST_STEP_ITEMS` inputs and each later one as many as are split
-    already, up to the step size: a big batch's first sub-tasks are published early."""
+    already, up to the step size, in whole stored pages: a big batch's first sub-tasks are
+    published early, and no page is cut (cutting a page of JSON items parses it)."""
     from pipeline import splitter
 
     monkeypatch.setattr(splitter, "FIRST_STEP_ITEMS", 2)
-    batch_id, _ = store_batch(engine, held_out_strips(11, max_digits=4, seed=5))
-    split_so_far = []
+    strips = held_out_strips(11, max_digits=4, seed=5)
+    # 2, then 2, 4 (doubling), then the rest (at most 6).
+    assert _split_ends(engine, store_batch(engine, strips, page_items=2)[0]) == [2, 4, 8, 11]
+    # Pages of 3: each step ends where a page does.
+    assert _split_ends(engine, store_batch(engine, strips, page_items=3)[0]) == [3, 6, 11]
+
+
+def _split_ends(engine: Engine, batch_id: uuid.UUID) -> list[int]:
+    """`split_items` after each step of splitting the batch, 6 inputs a step."""
+    ends = []
     for step in split_steps(engine, batch_id, CHUNKS, 6):
         assert step.published
-        split_so_far.append(_batch(engine, batch_id)["split_items"])
-    assert split_so_far == [2, 4, 8, 11]  # 2, then 2, 4 (doubling), then the rest (at most 6)
+        ends.append(_batch(engine, batch_id)["split_items"])
+    return ends

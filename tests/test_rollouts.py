@@ -682,7 +682,7 @@ def test_results_name_the_versions_that_scored_them_canary_inputs_the_challenger
     assert stored == [None]
 
     # A split that fails after its first step: no model scored any input.
-    batch_id, _ = store_batch(engine, strips)
+    batch_id, _ = store_batch(engine, strips, page_items=25)
     next(split_steps(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, 25))
     with engine.begin() as conn:
         ledger.fail_pending_batch(conn, batch_id, "split failed: boom")

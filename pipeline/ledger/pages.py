@@ -35,18 +35,20 @@ INPUT_PAGE = (
 
 
 def input_pages(
-    conn: Connection, batch_id: uuid.UUID, n_features: int, first_item: int = 0, limit_items: int | None = None
+    conn: Connection, batch_id: uuid.UUID, n_features: int, first_item: int = 0, min_items: int | None = None
 ) -> Iterator[InputPage]:
-    """Yield a batch's inputs from `first_item` on (at most `limit_items` of them) as pages,
-    in item order, one stored page per query; a page is cut where the range starts or ends."""
+    """Yield a batch's inputs from `first_item` on as stored pages, in item order, one page
+    per query: every page when `min_items` is None, else pages until at least `min_items`
+    inputs are yielded. Only a page holding inputs before `first_item` is cut (a step of a
+    split made before steps took whole pages): cutting a page of JSON items parses it."""
     position = first_item
-    end = None if limit_items is None else first_item + limit_items
+    end = None if min_items is None else first_item + min_items
     while end is None or position < end:
         row = conn.execute(INPUT_PAGE, {"batch_id": batch_id, "position": position}).first()
         if row is None:
             return
         page = InputPage.from_stored(row.first_item, row.items, row.features, row.data, n_features)
-        stop = page.first + page.count if end is None else min(end, page.first + page.count)
+        stop = page.first + page.count
         yield page.cut(max(position, page.first), stop)
         position = stop
 
