@@ -113,6 +113,14 @@ class Subtask(Base):
             "id",
             postgresql_where=text("state = 'dispatched'"),
         ),
+        # A model's cost per row, read by the split (`ledger.model_row_costs`): its newest
+        # succeeded sub-tasks of at least 1,000 rows (`split.COST_MIN_ROWS`).
+        Index(
+            "subtasks_model_cost",
+            "model",
+            "id",
+            postgresql_where=text("state = 'succeeded' AND predict_cpu_s IS NOT NULL AND rows >= 1000"),
+        ),
         CheckConstraint("role IN ('serve','shadow')", name="subtasks_role_known"),
     )
 

@@ -94,6 +94,16 @@ class Settings(BaseSettings, LedgerSettings):
             " sub-tasks finish."
         ),
     )
+    bulk_chunk_ms: float = Field(
+        default=40.0,
+        ge=0,
+        description=(
+            "A bulk batch's sub-tasks are cut so that each one's predict takes about this many"
+            " milliseconds of CPU at most (from what the model's recent sub-tasks took per row,"
+            " never below 1,000 rows): an interactive sub-task waits at most about this long for"
+            " a worker process busy with bulk work. 0: chunks of the models' chunk sizes only."
+        ),
+    )
     small_batch_items: int = Field(
         default=1000,
         ge=0,

@@ -18,6 +18,7 @@ from pipeline import broker, ledger, registry, runtime
 from pipeline.definition import ModelRows, ModelSpec, Pipeline
 from pipeline.errors import NoChampionError, SplitError, UnknownPipelineError
 from pipeline.ledger import rollouts as rollout_rows
+from pipeline.ledger.split import COST_MIN_ROWS
 from pipeline.schema import Priority, RolloutMode, SubtaskRole
 from pipeline.settings import Settings, get_settings
 
@@ -171,7 +172,24 @@ def batch_rollouts(conn: Connection, batch: Any, versions: dict[str, str]) -> di
     return {rollout.model: rollout for rollout in rollout_rows.active_rollouts_of_batch(conn, batch.id)}
 
 
-def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int) -> SplitStep | None:
+def bulk_chunk_sizes(sizes: dict[str, int], cpu_s_per_row: dict[str, float], bulk_chunk_ms: float) -> dict[str, int]:
+    """`sizes` (rows per sub-task, per model) cut to about `bulk_chunk_ms` of predict CPU at
+    each model's `cpu_s_per_row`, never below `ledger.split.COST_MIN_ROWS` rows (a model
+    without a measured cost keeps its size)."""
+    capped = dict(sizes)
+    for model, cost in cpu_s_per_row.items():
+        if model in capped and cost > 0:
+            capped[model] = min(capped[model], max(COST_MIN_ROWS, int(bulk_chunk_ms / 1000 / cost)))
+    return capped
+
+
+def split_step(
+    conn: Connection,
+    batch_id: uuid.UUID,
+    chunk_sizes: dict[str, int],
+    step_items: int,
+    bulk_chunk_ms: float = 0.0,
+) -> SplitStep | None:
     """Split the next inputs of a `pending` batch into `dispatched` sub-tasks, on `conn`'s
     transaction: the stored pages that hold the next `step_items`, or the next
     `FIRST_STEP_ITEMS` or as many as are split already when fewer (the steps ramp up); the
@@ -181,6 +199,10 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     shadow copy (its challenger version, role shadow, rank shadow, seq -1 - its seq); as a
     canary, the inputs `canary_inputs` chooses are scored by the challenger in serve
     sub-tasks of their own.
+
+    A bulk batch's chunks are also cut to about `bulk_chunk_ms` of predict CPU each
+    (`bulk_chunk_sizes`, from the models' recent sub-tasks; 0: not cut), so an interactive
+    sub-task waits at most about that long for a worker process busy with bulk work.
 
     Chunks do not span steps, so a step interrupted by a crash is redone from
     `batches.split_items` with the same sub-tasks. Returns None when the batch is not
@@ -203,8 +225,11 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
     chunkers: list[Chunker] = []
     champions: dict[str, Chunker] = {}
     canaries: dict[str, tuple[Chunker, Chunker, float]] = {}
+    sizes = {spec.name: chunk_sizes.get(spec.name, spec.chunk_size) for spec in pipeline.models}
+    if bulk_chunk_ms and rank == Priority.bulk.rank:
+        sizes = bulk_chunk_sizes(sizes, ledger.model_row_costs(conn, list(sizes)), bulk_chunk_ms)
     for spec in pipeline.models:
-        size = chunk_sizes.get(spec.name, spec.chunk_size)
+        size = sizes[spec.name]
         counter = SeqCounter(seqs.get(spec.name, 0))
         rollout = rollouts.get(spec.name)
         canary = rollout is not None and rollout.mode == RolloutMode.canary
@@ -262,7 +287,7 @@ def split_step(conn: Connection, batch_id: uuid.UUID, chunk_sizes: dict[str, int
 
 
 def split_steps(
-    engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int
+    engine: Engine, batch_id: uuid.UUID, chunk_sizes: dict[str, int], step_items: int, bulk_chunk_ms: float = 0.0
 ) -> Iterator[SplitStep]:
     """Yield each step of a `pending` batch's split once it is committed, until the split is
     finished; nothing when the batch is not `pending`.
@@ -273,7 +298,7 @@ def split_steps(
     """
     while True:
         with engine.begin() as conn:
-            step = split_step(conn, batch_id, chunk_sizes, step_items)
+            step = split_step(conn, batch_id, chunk_sizes, step_items, bulk_chunk_ms)
         if step is None:
             return
         yield step
@@ -292,7 +317,7 @@ def first_split_step(conn: Connection, settings: Settings, batch_id: uuid.UUID) 
     when the pipeline cannot split the inputs: the batch is then stored `failed` with the reason."""
     try:
         # No savepoint needed: split_step raises SPLIT_ERRORS before it writes anything.
-        return split_step(conn, batch_id, settings.chunk_sizes, settings.split_step_items)
+        return split_step(conn, batch_id, settings.chunk_sizes, settings.split_step_items, settings.bulk_chunk_ms)
     except SPLIT_ERRORS as error:
         _fail_split(conn, batch_id, error)
         return None
@@ -303,7 +328,7 @@ def _steps(engine: Engine, settings: Settings, batch_id: uuid.UUID, first: Split
         yield first
         if first.finished:
             return
-    yield from split_steps(engine, batch_id, settings.chunk_sizes, settings.split_step_items)
+    yield from split_steps(engine, batch_id, settings.chunk_sizes, settings.split_step_items, settings.bulk_chunk_ms)
 
 
 def run_split(

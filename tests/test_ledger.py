@@ -381,3 +381,35 @@ def _split_ends(engine: Engine, batch_id: uuid.UUID) -> list[int]:
         assert step.published
         ends.append(_batch(engine, batch_id)["split_items"])
     return ends
+
+
+def test_a_bulk_batch_s_chunks_are_cut_to_the_models_measured_predict_time(engine: Engine) -> None:
+    """Once a model's large sub-tasks have a measured predict time, a bulk batch's chunks of
+    it hold about `bulk_chunk_ms` of it; an interactive batch's, and an unmeasured model's,
+    keep their chunk size."""
+    whole = {"digit-classifier": 100_000, "digit-ood": 100_000}
+    strips = held_out_strips(600, max_digits=4, seed=11)
+    measured, _ = store_batch(engine, strips)
+    split_batch(engine, measured, whole, step_items=10_000)
+    with engine.begin() as conn:
+        tiles = conn.execute(
+            text(
+                "UPDATE subtasks SET state = 'succeeded', predict_cpu_s = rows * 1e-5"
+                " WHERE batch_id = :b AND model = 'digit-classifier' RETURNING rows"
+            ),
+            {"b": measured},
+        ).scalar_one()
+    assert tiles >= 1000  # large enough to measure the cost by
+
+    def largest_chunks(priority: Priority) -> dict[str, int]:
+        batch_id, _ = store_batch(engine, strips, priority=priority)
+        list(split_steps(engine, batch_id, whole, 10_000, bulk_chunk_ms=10.0))
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT model, max(rows) FROM subtasks WHERE batch_id = :b GROUP BY model"), {"b": batch_id}
+            ).all()
+        return {model: largest for model, largest in rows}
+
+    # 10 µs a row: 10 ms is 1,000 rows.
+    assert largest_chunks(Priority.bulk) == {"digit-classifier": 1000, "digit-ood": tiles}
+    assert largest_chunks(Priority.interactive) == {"digit-classifier": tiles, "digit-ood": tiles}

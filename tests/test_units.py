@@ -414,3 +414,19 @@ def test_every_ledger_name_is_its_modules_own_object() -> None:
         for name in names:
             value = getattr(ledger, name)
             assert value is getattr(defined, name) and not isinstance(value, types.ModuleType), name
+
+
+def test_bulk_chunks_are_cut_to_their_predict_time_but_not_below_the_cost_rows() -> None:
+    from pipeline.ledger.split import COST_MIN_ROWS
+    from pipeline.splitter import bulk_chunk_sizes
+
+    sizes = {"slow": 50_000, "fast": 10_000, "unmeasured": 7_000, "very-slow": 20_000}
+    costs = {"slow": 4e-6, "fast": 2e-7, "very-slow": 1e-3, "not-in-this-pipeline": 1e-6}
+    # 40 ms at 4 µs a row: 10,000 rows; the fast model keeps its own smaller size; the
+    # very slow one is held at the rows that measure a cost.
+    assert bulk_chunk_sizes(sizes, costs, 40.0) == {
+        "slow": 10_000,
+        "fast": 10_000,
+        "unmeasured": 7_000,
+        "very-slow": COST_MIN_ROWS,
+    }

@@ -105,6 +105,7 @@ if TYPE_CHECKING:
         copy_subtasks,
         fail_pending_batch,
         lock_pending_batch,
+        model_row_costs,
         next_seqs,
         record_split,
     )
@@ -198,6 +199,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "copy_subtasks",
         "fail_pending_batch",
         "lock_pending_batch",
+        "model_row_costs",
         "next_seqs",
         "record_split",
     ),
@@ -256,6 +258,7 @@ __all__ = [
     "make_engine",
     "manifests_of",
     "migrate",
+    "model_row_costs",
     "next_seqs",
     "open_alerts",
     "previous_champion",

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Connection, Row, Update, bindparam, case, func, select, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Connection, Row, Text, Update, bindparam, case, func, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from pipeline.ledger import queries
 from pipeline.ledger.batches import NOTIFY_CHANNEL
@@ -186,3 +186,33 @@ def fail_pending_batch(conn: Connection, batch_id: uuid.UUID, error: str) -> Non
         cancel_subtasks(conn, batch_id, UNFINISHED_SUBTASK_STATES)
         conn.execute(queries.FAILED_RESULT_PAGES, {"batch_id": batch_id, "error": error})
     conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(batch_id))))
+
+
+# Sub-tasks of at least this many rows measure a model's cost per row (smaller ones are
+# mostly the per-call overhead); the partial index `subtasks_model_cost` holds just them.
+COST_MIN_ROWS = 1000
+# A model's cost per row: over its newest succeeded sub-tasks of at least COST_MIN_ROWS rows
+# (the partial index read backwards: a few index pages whatever the table's size).
+MODEL_ROW_COSTS = text(
+    f"""
+    SELECT m.model, c.cpu_s_per_row
+    FROM unnest(:models) AS m(model)
+    CROSS JOIN LATERAL (
+        SELECT sum(recent.predict_cpu_s) / sum(recent.rows) AS cpu_s_per_row
+        FROM (
+            SELECT predict_cpu_s, rows FROM subtasks
+            WHERE model = m.model AND state = 'succeeded' AND predict_cpu_s IS NOT NULL
+              AND rows >= {COST_MIN_ROWS}
+            ORDER BY id DESC
+            LIMIT 20
+        ) AS recent
+    ) AS c
+    WHERE c.cpu_s_per_row IS NOT NULL
+    """
+).bindparams(bindparam("models", type_=ARRAY(Text)))
+
+
+def model_row_costs(conn: Connection, models: Sequence[str]) -> dict[str, float]:
+    """Per model of `models`, the predict CPU seconds per row its newest large sub-tasks
+    took (a model without any is left out)."""
+    return {row.model: float(row.cpu_s_per_row) for row in conn.execute(MODEL_ROW_COSTS, {"models": list(models)})}

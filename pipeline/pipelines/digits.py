@@ -61,7 +61,7 @@ class DigitStrip(BaseModel):
     def _shape(self) -> DigitStrip:
         if len(self.image) != TILE:
             raise ValueError(f"image must have {TILE} rows, got {len(self.image)}")
-        widths = {len(row) for row in self.image}
+        widths = set(map(len, self.image))
         if len(widths) != 1:
             raise ValueError(f"image rows must all have the same length, got lengths {sorted(widths)}")
         width = widths.pop()
