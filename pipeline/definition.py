@@ -285,7 +285,7 @@ class Pipeline(ABC):
         # Each input's rows as one slice per model: the bounds of every input in one search.
         bounds = {name: output.bounds(page.count).tolist() for name, output in outputs.items()}
         for index, item in enumerate(self.page_items(page)):
-            result = None
+            result = text = None
             if errors[index] is None:
                 rows = {}
                 for name, output in outputs.items():
@@ -294,10 +294,14 @@ class Pipeline(ABC):
                         rows[name] = output.rows[lo:hi]
                 try:
                     result = self.aggregate(item, rows)
+                    # Strict JSON (no NaN or infinity, which the ledger's json refuses): a result
+                    # that is not JSON is this input's error, not the page's.
+                    text = None if result is None else json.dumps(result, allow_nan=False)
                 except Exception as error:  # noqa: BLE001 - a pipeline bug on one input must not lose the others
                     errors[index] = f"aggregate failed: {type(error).__name__}: {error}"
+                    result = None
             kpis.add(item, result)
-            results.append(None if result is None else json.dumps(result))
+            results.append(text)
         return results
 
     def split(self, items: Sequence[BaseModel]) -> dict[str, ModelRows]:

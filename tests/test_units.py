@@ -430,3 +430,22 @@ def test_bulk_chunks_are_cut_to_their_predict_time_but_not_below_the_cost_rows()
         "unmeasured": 7_000,
         "very-slow": COST_MIN_ROWS,
     }
+
+
+def test_a_result_that_is_not_json_is_its_inputs_error_and_not_the_pages() -> None:
+    """An aggregate giving NaN (which the ledger's json refuses) or a numpy scalar fails that
+    input alone, with the reason; the page's other inputs keep their results."""
+    from pipeline.definition import PageOutputs
+    from pipeline.inputs import encode_inputs
+    from tests.pipelines import CountingKpis
+
+    pipeline = registry.get_pipeline("poison")
+    (page,) = encode_inputs(pipeline, [{"values": [0.5, 1.0, 2.0, 3.0]}] * 3, 10, 10_000)
+    rows = np.array([[0.9, 0.1], [np.nan, np.nan], [0.2, 0.8]], dtype=np.float32)
+    outputs = {"poison-model": PageOutputs(rows, np.arange(3))}
+    errors: list[str | None] = [None] * 3
+    kpis = CountingKpis()
+    results = pipeline.aggregate_page(page, outputs, errors, kpis)
+    assert results[0] is not None and results[2] is not None and results[1] is None
+    assert errors[1] is not None and "Out of range float values are not JSON compliant" in errors[1]
+    assert errors[0] is None and errors[2] is None and kpis.answered == 2
