@@ -29,6 +29,11 @@ from pipeline.json_array import JsonArray
 
 # Inputs per stored page: big enough that per-row costs vanish, small enough to stream.
 PAGE_ITEMS = 10_000
+# A page of items is also cut once its stored form reaches this many bytes.
+PAGE_BYTES = 8_000_000
+# Items are validated (and serialized) this many at a time: the client holds that many as
+# Python objects, and the rest of a page as its stored bytes.
+VALIDATE_ITEMS = 500
 # numpy dtype kinds taken as features: signed and unsigned integers, floats (not bool, complex, str, object).
 NUMERIC_KINDS = "iuf"
 
@@ -168,22 +173,32 @@ class _Validator:
     def item_pages(self, inputs: Iterable[Any]) -> Iterator[InputPage]:
         if isinstance(inputs, Sized):
             self._check_count(len(inputs))
-        page: list[Any] = []
-        first = 0
-        for raw in inputs:
+        raw: list[Any] = []
+        parts: list[InputPage] = []
+        # The first input of the page being gathered, and how many of it are validated.
+        first = count = 0
+        for item in inputs:
             # A pydantic object of another model is read by its fields.
-            page.append(
-                raw.model_dump()
-                if isinstance(raw, BaseModel) and not isinstance(raw, self.pipeline.input_model)
-                else raw
+            raw.append(
+                item.model_dump()
+                if isinstance(item, BaseModel) and not isinstance(item, self.pipeline.input_model)
+                else item
             )
-            if len(page) == self.page_items:
-                yield self._item_page(first, page)
-                first += len(page)
-                page = []
+            if len(raw) < VALIDATE_ITEMS and count + len(raw) < self.page_items:
+                continue
+            parts.append(self._item_page(first + count, raw))
+            count += len(raw)
+            raw = []
+            if count == self.page_items or sum(map(_stored_bytes, parts)) >= PAGE_BYTES:
+                yield _joined(first, parts)
+                first += count
+                count = 0
+                parts = []
                 self._check_count(first)
-        if page:
-            yield self._item_page(first, page)
+        if raw:
+            parts.append(self._item_page(first + count, raw))
+        if parts:
+            yield _joined(first, parts)
 
     def _item_page(self, first: int, raw: list[Any]) -> InputPage:
         try:
@@ -206,6 +221,28 @@ class _Validator:
                     (first + index, f"{len(text)} bytes of JSON; at most {self.max_item_bytes} allowed")
                 )
         return InputPage(first, len(items), None, JsonArray.of_values(serialized))
+
+
+def _stored_bytes(page: InputPage) -> int:
+    """About the bytes `page` takes stored."""
+    features = 0 if page.X is None else page.X.size * 4
+    return features + (len(page.data.text) if isinstance(page.data, JsonArray) else 0)
+
+
+def _joined(first: int, parts: list[InputPage]) -> InputPage:
+    """The consecutive pages `parts` (from input `first` on) as one; a part without
+    features or data (its inputs were refused) leaves the page without them: such a page
+    is never stored."""
+    count = sum(part.count for part in parts)
+    if len(parts) == 1:
+        return parts[0]
+    X = None if any(part.X is None for part in parts) else np.concatenate([part.X for part in parts])
+    data: list[Any] | JsonArray | None = None
+    if all(isinstance(part.data, JsonArray) for part in parts):
+        data = JsonArray.joined([part.data for part in parts if isinstance(part.data, JsonArray)])
+    elif any(part.data is not None for part in parts):
+        data = [extra for part in parts for extra in (part.data if part.data is not None else [{}] * part.count)]
+    return InputPage(first, count, X, data)
 
 
 def _refuse_non_collection(pipeline: Pipeline, inputs: Any) -> None:

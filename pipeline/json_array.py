@@ -29,6 +29,11 @@ class JsonArray(Sequence[Any]):
         """The array of the already serialized `values` (each one JSON value, as bytes)."""
         return cls(b"[" + b",".join(values) + b"]")
 
+    @classmethod
+    def joined(cls, arrays: Sequence[JsonArray]) -> JsonArray:
+        """One array of the values of `arrays` (each non-empty, its text as bytes), in order."""
+        return cls(b"[" + b",".join(array.as_bytes()[1:-1] for array in arrays) + b"]")
+
     @cached_property
     def values(self) -> list[Any]:
         """The array's values as Python objects (parsed once)."""
@@ -36,6 +41,10 @@ class JsonArray(Sequence[Any]):
         if not isinstance(values, list):
             raise ValueError(f"a JSON array was expected, not {type(values).__name__}")
         return values
+
+    def as_bytes(self) -> bytes:
+        """The array's text as UTF-8 bytes."""
+        return self.text if isinstance(self.text, bytes) else self.text.encode()
 
     def as_str(self) -> str:
         """The array's text as str (what a `text` or `json` column takes)."""

@@ -17,6 +17,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
+from pipeline import inputs
 from pipeline.client import Client
 from pipeline.errors import IdempotencyKeyError, InvalidArgumentError, InvalidInputError, SettingsError
 from pipeline.inputs import PAGE_ITEMS
@@ -134,10 +135,11 @@ def test_a_batch_the_client_cannot_split_has_an_error_row_per_input(isolated: tu
 
 
 def test_a_batch_whose_third_split_step_fails_has_an_error_row_per_input(
-    services: RunServices, models_dir: Path, engine: Engine
+    services: RunServices, models_dir: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Split by an aggregator (here in-process) a step of 10 inputs at a time: the sub-tasks
     of the two committed steps are cancelled, and all 30 inputs get the error."""
+    monkeypatch.setattr(inputs, "PAGE_ITEMS", 10)  # a step takes whole stored pages
     prefix = f"isolated-{uuid.uuid4().hex[:8]}:"
     settings = services.settings(models_dir, broker_prefix=prefix, small_batch_items=0, split_step_items=10)
     with Client(settings) as client:
