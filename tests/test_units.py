@@ -449,3 +449,17 @@ def test_a_result_that_is_not_json_is_its_inputs_error_and_not_the_pages() -> No
     assert results[0] is not None and results[2] is not None and results[1] is None
     assert errors[1] is not None and "Out of range float values are not JSON compliant" in errors[1]
     assert errors[0] is None and errors[2] is None and kpis.answered == 2
+
+
+def test_a_page_of_items_is_cut_at_its_stored_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items are validated a few at a time and a page is cut once its JSON reaches
+    PAGE_BYTES; the pages hold every item, in order, as one JSON array each."""
+    from pipeline import inputs
+
+    monkeypatch.setattr(inputs, "VALIDATE_ITEMS", 10)
+    monkeypatch.setattr(inputs, "PAGE_BYTES", 2000)
+    points = [{"values": [float(i), 1.0, 2.0, 3.0]} for i in range(100)]
+    pages = encode_inputs(registry.get_pipeline("poison"), points, 10**6, 10**6)
+    # About 30 bytes an item: cut after the part of 10 that reaches 2,000 bytes.
+    assert [(page.first, page.count) for page in pages] == [(0, 70), (70, 30)]
+    assert [item for page in pages for item in page.data or []] == points
