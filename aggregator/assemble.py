@@ -21,6 +21,7 @@ from aggregator.versions import UNSCORED, ResultVersions
 from pipeline import broker, ledger, registry, rollouts, runtime
 from pipeline.definition import ModelSpec, PageOutputs
 from pipeline.estimation import ScoreCounts
+from pipeline.garbage import collection_paused
 from pipeline.ledger import rollouts as rollout_rows
 from pipeline.ledger.connection import autocommit
 from pipeline.monitor import evaluate_if_due
@@ -280,7 +281,8 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
                 for index, reason in failures[stream.spec.name].items():
                     message = f"model {stream.spec.name!r}: {reason}"
                     errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
-            results = pipeline.aggregate_page(page, page_outputs, errors, kpis)
+            with collection_paused():
+                results = pipeline.aggregate_page(page, page_outputs, errors, kpis)
             if scores is not None:
                 scores.add(*pipeline.estimate_scores(page, page_outputs, results))
             for model, failed in failures.items():

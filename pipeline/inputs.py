@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.definition import InputPage, Pipeline, list_adapter
 from pipeline.errors import InputFileError, InvalidInputError
+from pipeline.garbage import collection_paused
 from pipeline.json_array import JsonArray
 
 # Inputs per stored page: big enough that per-row costs vanish, small enough to stream.
@@ -201,6 +202,10 @@ class _Validator:
             yield _joined(first, parts)
 
     def _item_page(self, first: int, raw: list[Any]) -> InputPage:
+        with collection_paused():
+            return self._validated_page(first, raw)
+
+    def _validated_page(self, first: int, raw: list[Any]) -> InputPage:
         try:
             items = self.pipeline.items_adapter.validate_python(raw)
         except ValidationError as error:

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine
 from pipeline import broker, ledger, registry, runtime
 from pipeline.definition import ModelRows, ModelSpec, Pipeline
 from pipeline.errors import NoChampionError, SplitError, UnknownPipelineError
+from pipeline.garbage import collection_paused
 from pipeline.ledger import rollouts as rollout_rows
 from pipeline.ledger.split import COST_MIN_ROWS
 from pipeline.schema import Priority, RolloutMode, SubtaskRole
@@ -249,7 +250,8 @@ def split_step(
     step = min(step_items, max(FIRST_STEP_ITEMS, split_items), batch.items - split_items)
     # Whole stored pages: a step ends where a page does (cutting a page of JSON items parses it).
     for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
-        parts = pipeline.split_page(pipeline.with_features(page))
+        with collection_paused():
+            parts = pipeline.split_page(pipeline.with_features(page))
         for spec in pipeline.models:
             rows = parts.get(spec.name)
             if rows is None or not len(rows.X):

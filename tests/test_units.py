@@ -4,6 +4,7 @@ settings refuse, and reading a JSON-lines file. `make test-fast` runs these."""
 
 from __future__ import annotations
 
+import gc
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from pipeline import ledger, registry
 from pipeline.artifacts import read_manifest
 from pipeline.definition import InputPage, ModelRows, ModelSpec, TrainedModel
 from pipeline.errors import InputFileError, InvalidInputError, PipelineError, SettingsError, SplitError
+from pipeline.garbage import collection_paused
 from pipeline.inputs import PAGE_ITEMS, JsonLinesFile, encode_inputs, iter_input_pages
 from pipeline.ledger import raw_sql
 from pipeline.pipelines.screening import FEATURES as SCREENING_FEATURES
@@ -312,6 +314,42 @@ def test_no_page_is_yielded_after_a_bad_item_and_every_bad_item_is_named() -> No
     with pytest.raises(InvalidInputError) as caught:
         next(pages)
     assert [index for index, _ in caught.value.problems] == [PAGE_ITEMS + 7, 2 * PAGE_ITEMS + 1]
+
+
+def test_the_collector_is_paused_in_a_block_and_resumed_by_the_outermost_only() -> None:
+    assert gc.isenabled()
+    with collection_paused():
+        assert not gc.isenabled()
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled(), "a collector its process turned off stays off"
+    finally:
+        gc.enable()
+
+
+def test_a_page_of_items_is_validated_with_the_collector_paused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validating nested items allocates objects the collector would walk again and again
+    (pipeline/garbage.py); it runs again between pages."""
+    pipeline = registry.get_pipeline("shipments")
+    adapter = pipeline.items_adapter
+    collector_on: list[bool] = []
+
+    def validate_python(raw: list[object]) -> list[object]:
+        collector_on.append(gc.isenabled())
+        return adapter.validate_python(raw)
+
+    monkeypatch.setattr(pipeline, "items_adapter", SimpleNamespace(validate_python=validate_python))
+    items = pipeline.example_inputs(PAGE_ITEMS + 1)
+    pages = list(iter_input_pages(pipeline, items, 10**6, 10**6))
+    assert sum(page.count for page in pages) == PAGE_ITEMS + 1
+    assert collector_on and not any(collector_on)
+    assert gc.isenabled()
 
 
 # --- a JSON-lines file: bounded reads, refused lines named by FILE:LINE --------------------

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Text, bindparam, cast, select
 
 from pipeline.definition import InputPage
+from pipeline.garbage import collection_paused
 from pipeline.ledger import queries
 from pipeline.ledger.connection import autocommit, copy_rows
 from pipeline.schema import Batch, ResultPage, StoredInputPage
@@ -102,7 +103,7 @@ def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
     """Yield a batch's results in item order, one page per query (no query after the last page)."""
     after = -1
     while True:
-        with autocommit(engine) as conn:
+        with autocommit(engine) as conn, collection_paused():
             page = conn.execute(RESULT_PAGE, {"batch_id": batch_id, "after": after}).first()
         if page is None:
             return
