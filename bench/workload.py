@@ -13,6 +13,7 @@ from typing import Any, overload
 import numpy as np
 
 from pipeline.definition import Pipeline
+from pipeline.garbage import collection_paused
 from pipeline.inputs import encode_inputs
 from pipeline.settings import get_settings
 
@@ -99,7 +100,10 @@ class ExampleInputs(Sequence[Any]):
             raise IndexError(index)
         block, offset = divmod(self._start + index, EXAMPLE_BLOCK)
         if self._block[0] != block:
-            self._block = (block, self._pipeline.example_inputs(EXAMPLE_BLOCK, self._seed * EXAMPLE_SEEDS + block))
+            # Made with the collector paused, as the library validates them (pipeline/garbage.py).
+            with collection_paused():
+                inputs = self._pipeline.example_inputs(EXAMPLE_BLOCK, self._seed * EXAMPLE_SEEDS + block)
+            self._block = (block, inputs)
         return self._block[1][offset]
 
 
