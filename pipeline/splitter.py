@@ -20,7 +20,7 @@ from pipeline.errors import NoChampionError, SplitError, UnknownPipelineError
 from pipeline.garbage import collection_paused
 from pipeline.ledger import rollouts as rollout_rows
 from pipeline.ledger.split import COST_MIN_ROWS
-from pipeline.schema import Priority, RolloutMode, SubtaskRole
+from pipeline.schema import BatchState, Priority, RolloutMode, SubtaskRole
 from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -206,15 +206,18 @@ def split_step(
     sub-task waits at most about that long for a worker process busy with bulk work.
 
     Chunks do not span steps, so a step interrupted by a crash is redone from
-    `batches.split_items` with the same sub-tasks. Returns None when the batch is not
-    `pending` (split already, cancelled or aborted).
+    `batches.split_items` with the same sub-tasks. The batch's row is not locked while the
+    step is made (workers count finished sub-tasks on it meanwhile); the step is counted
+    first, by a statement that refuses it when another split counted these inputs. Returns
+    None, having written nothing, when the batch is not `pending` (split already, cancelled
+    or aborted) or another split took the step.
 
     Raises:
         SplitError, UnknownPipelineError: the pipeline cannot split the inputs
             (raised before anything is written).
         NoChampionError: a model of the pipeline has no version to pin.
     """
-    batch = ledger.lock_pending_batch(conn, batch_id)
+    batch = ledger.pending_batch(conn, batch_id)
     if batch is None:
         return None
     pipeline = registry.get_pipeline(batch.pipeline)
@@ -280,12 +283,16 @@ def split_step(
         for subtask in serving
         if subtask.model in shadows
     ]
+    finished = split_items >= batch.items
+    # Counted before its sub-tasks are written: the statement refuses a step another split
+    # counted meanwhile, and from here to the commit (briefly) holds the batch's row.
+    state = ledger.record_split(conn, batch_id, batch.split_items, split_items, len(serving), finished, versions)
+    if state is None:
+        return None
     published = ledger.copy_subtasks(conn, batch_id, subtasks)
     if rollouts and batch.model_versions is None:
         rollout_rows.add_rollout_batch(conn, [r.id for r in rollouts.values()], batch_id)
-    finished = split_items >= batch.items
-    aggregate = ledger.record_split(conn, batch_id, split_items, len(serving), finished, versions)
-    return SplitStep(published, finished, aggregate)
+    return SplitStep(published, finished, state == BatchState.aggregating)
 
 
 def split_steps(

@@ -15,11 +15,12 @@ from aggregator.assemble import aggregate_batch
 from aggregator.sweeper import sweep_once
 from pipeline import ledger, registry
 from pipeline.client import Client
+from pipeline.definition import InputPage, ModelRows
 from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.schema import FailurePolicy, Priority
-from pipeline.splitter import split_steps
+from pipeline.splitter import SplitStep, split_step, split_steps
 from tests.helpers import split_batch, store_batch
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
@@ -278,6 +279,38 @@ def test_a_split_resumes_after_its_last_committed_step(engine: Engine) -> None:
     assert chunks(interrupted) == chunks(straight)
     assert _batch(engine, interrupted)["state"] == _batch(engine, straight)["state"] == "running"
     assert _batch(engine, interrupted)["total"] == len(chunks(straight))
+
+
+def test_a_step_leaves_the_batch_row_unlocked_while_it_is_made_and_a_raced_step_writes_nothing(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a split step splits its pages, a worker's count on the batch's row does not wait
+    for it; a step whose inputs another split counted meanwhile is refused and writes nothing."""
+    batch_id, _ = store_batch(engine, held_out_strips(10, max_digits=4, seed=11), page_items=3)
+    pipeline = registry.get_pipeline("digits")
+    split_page = pipeline.split_page
+    raced: list[SplitStep | None] = []
+
+    def split_while_racing(page: InputPage) -> dict[str, ModelRows]:
+        if not raced:
+            raced.append(None)  # the racing split's own pages are split as they are
+            with engine.connect() as conn:
+                conn.execute(text("SET lock_timeout = '2s'"))
+                # What a worker's completion does to the batch's row.
+                conn.execute(text("UPDATE batches SET succeeded = succeeded WHERE id = :b"), {"b": batch_id})
+                conn.commit()
+            raced[0] = next(split_steps(engine, batch_id, CHUNKS, 3))
+        return split_page(page)
+
+    monkeypatch.setattr(pipeline, "split_page", split_while_racing)
+    with engine.begin() as conn:
+        assert split_step(conn, batch_id, CHUNKS, 3) is None
+    batch = _batch(engine, batch_id)
+    assert raced[0] is not None
+    assert batch["split_items"] == 3 and batch["total"] == len(raced[0].published) > 0
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).scalar_one()
+    assert stored == batch["total"]
 
 
 def _dispatched(engine: Engine, batch_id: uuid.UUID, model: str) -> list[int]:

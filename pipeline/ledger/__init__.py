@@ -104,9 +104,9 @@ if TYPE_CHECKING:
         NewSubtask,
         copy_subtasks,
         fail_pending_batch,
-        lock_pending_batch,
         model_row_costs,
         next_seqs,
+        pending_batch,
         record_split,
     )
     from pipeline.ledger.sweeps import Sweep, sweep
@@ -198,7 +198,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "NewSubtask",
         "copy_subtasks",
         "fail_pending_batch",
-        "lock_pending_batch",
+        "pending_batch",
         "model_row_costs",
         "next_seqs",
         "record_split",
@@ -254,7 +254,7 @@ __all__ = [
     "insert_version",
     "iter_results",
     "lock_aggregating_batch",
-    "lock_pending_batch",
+    "pending_batch",
     "make_engine",
     "manifests_of",
     "migrate",

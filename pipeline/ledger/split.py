@@ -50,12 +50,11 @@ class NewSubtask:
         return len(self.items)
 
 
-# Every split step runs these (a small batch's in its client): built once.
-LOCK_PENDING_BATCH = (
-    select(Batch.__table__)
-    .where(Batch.id == bindparam("batch_id"), Batch.state == BatchState.pending)
-    .with_for_update()
-)
+# Every split step runs these (a small batch's in its client): built once. The batch is read
+# without a lock: a step's work (its pages, the pipeline's split, the chunks) runs while
+# workers count finished sub-tasks on the batch's row; `record_split` counts the step only
+# if no other split did meanwhile.
+PENDING_BATCH = select(Batch.__table__).where(Batch.id == bindparam("batch_id"), Batch.state == BatchState.pending)
 
 
 def _record_split_statement(finished: bool) -> Update:
@@ -74,7 +73,11 @@ def _record_split_statement(finished: bool) -> Update:
         }
     return (
         update(Batch)
-        .where(Batch.id == bindparam("batch_id"), Batch.state == BatchState.pending)
+        .where(
+            Batch.id == bindparam("batch_id"),
+            Batch.state == BatchState.pending,
+            Batch.split_items == bindparam("split_from"),
+        )
         .values(**values)
         .returning(Batch.state)
     )
@@ -83,9 +86,9 @@ def _record_split_statement(finished: bool) -> Update:
 RECORD_SPLIT = {finished: _record_split_statement(finished) for finished in (False, True)}
 
 
-def lock_pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
-    """Lock a `pending` batch's row for splitting; None when it is not pending (split, or cancelled)."""
-    return conn.execute(LOCK_PENDING_BATCH, {"batch_id": batch_id}).first()
+def pending_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
+    """A `pending` batch's row, not locked; None when it is not pending (split, or cancelled)."""
+    return conn.execute(PENDING_BATCH, {"batch_id": batch_id}).first()
 
 
 def next_seqs(conn: Connection, batch_id: uuid.UUID) -> dict[str, int]:
@@ -153,23 +156,32 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
 def record_split(
     conn: Connection,
     batch_id: uuid.UUID,
+    split_from: int,
     split_items: int,
     created: int,
     finished: bool,
     model_versions: dict[str, str],
-) -> bool:
-    """Count a committed split step on the locked `pending` batch: `split_items` inputs are
-    split, `created` more sub-tasks exist; the first step records the `model_versions` it
-    pinned (later steps keep them). With `finished`, the batch becomes `running`, or
-    `aggregating` when every sub-task is already counted (or there is none).
+) -> BatchState | None:
+    """Count a split step of a `pending` batch whose first `split_from` inputs were split:
+    now `split_items` are, and `created` more sub-tasks exist (the caller writes them next,
+    on the same transaction, holding the batch's row); the first step records the
+    `model_versions` it pinned (later steps keep them). With `finished`, the batch becomes
+    `running`, or `aggregating` when every sub-task is already counted (or there is none).
 
-    Returns True when the batch must now be aggregated.
+    Returns the batch's new state; None, writing nothing, when it is no longer `pending`
+    or another split counted inputs past `split_from` meanwhile.
     """
     state = conn.execute(
         RECORD_SPLIT[finished],
-        {"batch_id": batch_id, "split_items": split_items, "created": created, "model_versions": model_versions},
-    ).scalar_one()
-    return bool(state == BatchState.aggregating)
+        {
+            "batch_id": batch_id,
+            "split_from": split_from,
+            "split_items": split_items,
+            "created": created,
+            "model_versions": model_versions,
+        },
+    ).scalar_one_or_none()
+    return None if state is None else BatchState(state)
 
 
 def fail_pending_batch(conn: Connection, batch_id: uuid.UUID, error: str) -> None:
