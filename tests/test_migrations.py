@@ -108,3 +108,24 @@ def test_upgrade_keeps_inputs_and_results(database_at_0003: str, models_dir: Pat
         assert np.array_equal(np.frombuffer(claim.payload, "<f4").reshape(2, len(FEATURES)), expected)
     finally:
         engine.dispose()
+
+
+def test_json_pages_are_compressed_with_lz4_where_the_server_has_it(engine: Engine) -> None:
+    """Revision 0018: pglz's compression was most of a page's COPY."""
+    with engine.connect() as conn:
+        has_lz4 = conn.execute(
+            text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")
+        ).scalar_one()
+        methods = conn.execute(
+            text(
+                "SELECT attrelid::regclass::text || '.' || attname, attcompression FROM pg_attribute"
+                " WHERE (attrelid, attname) IN (('input_pages'::regclass, 'data'),"
+                " ('result_pages'::regclass, 'outputs'), ('result_pages'::regclass, 'errors'))"
+            )
+        ).all()
+    expected = "l" if has_lz4 else ""
+    assert sorted(methods) == [
+        ("input_pages.data", expected),
+        ("result_pages.errors", expected),
+        ("result_pages.outputs", expected),
+    ]
