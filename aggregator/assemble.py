@@ -238,9 +238,9 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
     nor followable (a duplicate message).
     """
     with transaction(bind) as conn:
-        if not ledger.try_lock_aggregation(conn, batch_id):
+        held, locked = ledger.lock_aggregation(conn, batch_id)
+        if not held:
             return None
-        locked = ledger.lock_aggregating_batch(conn, batch_id)
         following = locked is None
         batch = locked if locked is not None else ledger.running_batch(conn, batch_id)
         if batch is None:
