@@ -309,12 +309,14 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
         state, error = final_state(batch, answered, unanswered, causes)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics, contributions = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC), scores)
-        ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions)
+        followed_rollout = ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     settings = get_settings()
-    publish_shadows(bind, batch_id)
-    # After commit: the batch's results never wait for the gate.
-    rollouts.evaluate_batch(bind, batch_id, min_age_s=settings.rollout_gate_interval_s)
+    # A batch no roll-out followed has no shadow sub-task and no gate: nothing to read.
+    if followed_rollout:
+        publish_shadows(bind, batch_id)
+        # After commit: the batch's results never wait for the gate.
+        rollouts.evaluate_batch(bind, batch_id, min_age_s=settings.rollout_gate_interval_s)
     if contributions:
         evaluate_if_due(bind, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)
     return state

@@ -17,7 +17,7 @@ from pipeline.ledger.batches import NOTIFY_CHANNEL
 from pipeline.ledger.connection import now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, counters_complete
 from pipeline.ledger.monitor import Contribution, contribution_parameters
-from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
+from pipeline.schema import Batch, BatchState, RolloutBatch, Subtask, SubtaskRole, SubtaskState
 
 
 def aggregate_due() -> Any:
@@ -169,7 +169,11 @@ FINISH_BATCH = (
         finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=now()),
         aggregate_runs=Batch.aggregate_runs + 1,
     )
-    .returning(func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)))
+    .returning(
+        func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)),
+        # Only the batch of a roll-out has shadow sub-tasks to publish and gates to judge.
+        select(RolloutBatch.batch_id).where(RolloutBatch.batch_id == Batch.id).exists().label("followed_rollout"),
+    )
 )
 # The same, inserting the batch's window contributions in a WITH clause: one statement, one
 # round trip, for the batch's end and what it adds to its windows.
@@ -184,12 +188,15 @@ def finish_batch(
     result: dict[str, Any],
     metrics: dict[str, Any],
     contributions: Sequence[Contribution] = (),
-) -> None:
+) -> bool:
     """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
     metrics, counted in `aggregate_runs`, and its window `contributions` stored (as
-    `record_contributions` stores them), in one statement; NOTIFY waiting clients on commit."""
+    `record_contributions` stores them), in one statement; NOTIFY waiting clients on commit.
+    Returns True when the batch's split followed a roll-out (shadow or canary: it is one of
+    `rollout_batches`), False otherwise or when the batch was not due."""
     finished = {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics}
     if contributions:
-        conn.execute(FINISH_CONTRIBUTING_BATCH, {**finished, **contribution_parameters(contributions)})
+        row = conn.execute(FINISH_CONTRIBUTING_BATCH, {**finished, **contribution_parameters(contributions)}).first()
     else:
-        conn.execute(FINISH_BATCH, finished)
+        row = conn.execute(FINISH_BATCH, finished).first()
+    return row is not None and bool(row.followed_rollout)
