@@ -126,10 +126,19 @@ def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
     counting = False
 
     with quiet_engine.connect() as conn:
-        state, runs = conn.execute(
-            text("SELECT state, aggregate_runs FROM batches WHERE id = :b"), {"b": batch_id}
+        state, runs, metrics = conn.execute(
+            text("SELECT state, aggregate_runs, metrics FROM batches WHERE id = :b"), {"b": batch_id}
         ).one()
+        pinned = dict(
+            conn.execute(text("SELECT model, model_version FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).all()
+        )
     assert (state, runs) == ("succeeded", 1)
     # Both sub-tasks claimed and completed, the batch aggregated: one checkout for it all.
     assert seen["checkout"] == 1
-    assert seen["statement"] > 4
+    # 2 claims and 2 completions; the aggregate's lock, versions, input page, outputs, latency,
+    # scoring versions with drift counts, finish (no roll-out: no shadow or gate read), and
+    # its result page's COPY on the driver's cursor, not counted here.
+    assert seen["statement"] == 4 + 7
+    # Its scoring versions and drift, read in one statement.
+    assert metrics["model_versions"] == {model: [pinned[model]] for model in DIGIT_MODELS}
+    assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)
