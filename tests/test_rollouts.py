@@ -80,10 +80,9 @@ def _running(
     log_dir: Path,
     models: list[str],
     chunk_sizes: dict[str, int] | None = None,
-    worker_processes: int = 2,
 ) -> Iterator[Client]:
-    """A worker of `worker_processes` and an aggregator on a broker prefix of their own,
-    serving `models` (split with `chunk_sizes`, else the tests' sizes); yields a client of them."""
+    """A worker and an aggregator on a broker prefix of their own, serving `models` (split with
+    `chunk_sizes`, else the tests' sizes); yields a client of them."""
     chunks = chunk_sizes or TEST_CHUNK_SIZES
     prefix = f"rollouts-{uuid.uuid4().hex[:8]}:"
     client = Client(run_client_settings(services, models_dir, broker_prefix=prefix, chunk_sizes=chunks))
@@ -95,7 +94,7 @@ def _running(
         **{**TEST_SPLIT_ENV, "PIPELINE_CHUNK_SIZES": json.dumps(chunks)},
     )
     try:
-        processes.start("worker", ["-m", "workers", "--concurrency", str(worker_processes)], env)
+        processes.start("worker", ["-m", "workers", "--concurrency", "2"], env)
         processes.start("aggregator", ["-m", "aggregator", "--concurrency", "1"], env)
         queues = [f"model.{model}" for model in models]
         wait_for(lambda: not heartbeat.unserved_queues(client.engine, client.settings, queues), 120, "the worker")
@@ -300,13 +299,7 @@ def test_gate_passes_a_reseeded_forest_and_fails_one_fitted_on_shuffled_labels(
 ) -> None:
     services, settings, engine = own
     reseeded = _refit_forest(engine, settings, models_dir, seed=1, shuffled=False)
-    # One worker process: the champion's and the shadow's sub-tasks then run alike, one at a
-    # time (with two, a small batch's serve sub-tasks run one after another in one process's
-    # turn while its shadows run in both at once, and CPU time per row grows with what runs
-    # beside it: 20 vs 30 us per row, a false latency failure).
-    with _running(
-        services, settings, models_dir, tmp_path, list(screening.MODELS), SCREENING_CHUNKS, worker_processes=1
-    ) as client:
+    with _running(services, settings, models_dir, tmp_path, list(screening.MODELS), SCREENING_CHUNKS) as client:
         verdicts = _shadow_verdicts(client, engine, reseeded, seed=10)
         gate = rollouts.status(engine, screening.FOREST).gate
         assert gate is not None
@@ -570,13 +563,7 @@ def test_labels_stored_after_batches_decide_a_canary_pass_and_a_shadow_kpi_fail(
 ) -> None:
     services, settings, engine = own
     reseeded = _refit_forest(engine, settings, models_dir, seed=1, shuffled=False)
-    # One worker process: the champion's and the shadow's sub-tasks then run alike, one at a
-    # time (with two, a small batch's serve sub-tasks run one after another in one process's
-    # turn while its shadows run in both at once, and CPU time per row grows with what runs
-    # beside it: 20 vs 30 us per row, a false latency failure).
-    with _running(
-        services, settings, models_dir, tmp_path, list(screening.MODELS), SCREENING_CHUNKS, worker_processes=1
-    ) as client:
+    with _running(services, settings, models_dir, tmp_path, list(screening.MODELS), SCREENING_CHUNKS) as client:
         # Records both forests decide right: the accuracy difference is 0 on every resample, so the
         # first look (250 labelled rows of each version) passes. How many batches a canary needs
         # at real error rates is the simulation's to say (docs/rollouts.md); here a label mapped to
