@@ -33,6 +33,7 @@ from pipeline import broker, ledger, registry
 from pipeline.artifacts import Manifest, load_verified
 from pipeline.client import Client
 from pipeline.definition import PageOutputs, Pipeline
+from pipeline.garbage import collection_paused
 from pipeline.inputs import encode_inputs, is_table
 from pipeline.settings import Settings, get_settings
 from pipeline.splitter import Chunker
@@ -174,7 +175,9 @@ def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) ->
     ]
     chunks: list[ledger.NewSubtask] = []
     for page in pages:
-        parts = pipeline.split_page(page)
+        # The pipeline's own page calls as the pipeline makes them (pipeline/garbage.py).
+        with collection_paused():
+            parts = pipeline.split_page(page)
         for chunker in chunkers:
             rows = parts.get(chunker.spec.name)
             if rows is not None and len(rows.X):
@@ -192,7 +195,8 @@ def run_chunked(pipeline: Pipeline, inputs: Any, chunk_sizes: dict[str, int]) ->
     answered = 0
     for page in pages:
         page_outputs = {stream.spec.name: stream.take_page(page.first, page.count)[0] for stream in streams}
-        results = pipeline.aggregate_page(page, page_outputs, [None] * page.count, kpis)
+        with collection_paused():
+            results = pipeline.aggregate_page(page, page_outputs, [None] * page.count, kpis)
         answered += sum(result is not None for result in results)
     return answered, len(chunks)
 

@@ -6,10 +6,9 @@ model instances), and its runs of the older generations walk every live tracked 
 A page of nested JSON items allocates several such objects per item, all kept until the
 page is done: the collector then costs several times the work itself (10,000 items of
 the test suite's `shipments` pipeline, 8 model objects each: `validate_json` 0.52 s with
-the collector, 0.13 s paused). Those
-objects hold no reference cycles, so nothing waits for the collector; it resumes at the
-end of the page with its counts carried over, and frees any cycle a pipeline's own code
-made then.
+the collector, 0.13 s paused). Those objects hold no reference cycles, so nothing waits
+for the collector; it resumes at the end of the page with its counts carried over, and
+frees any cycle a pipeline's own code made then.
 """
 
 from __future__ import annotations
