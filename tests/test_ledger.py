@@ -5,6 +5,7 @@ and aggregate runs once."""
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.schema import FailurePolicy, Priority
 from pipeline.splitter import SplitStep, split_step, split_steps
-from tests.helpers import split_batch, store_batch
+from tests.helpers import split_batch, store_batch, wait_for
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
 
@@ -152,6 +153,40 @@ def test_cancel_skips_unstarted_subtasks(engine: Engine) -> None:
     with engine.connect() as conn:
         first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).scalar()
     assert ledger.claim_subtask(engine, first, "test-worker", lease_s=300) is None
+
+
+def test_a_cancel_chosen_as_a_deadlocks_victim_runs_again_and_cancels(engine: Engine) -> None:
+    """A cancel locks the batch's row, then its sub-tasks'; a transaction holding one of those
+    sub-tasks and then asking for the batch's row (the sweep, a worker) makes a deadlock, and
+    PostgreSQL rolls the cancel back (its wait began first). The cancel runs again and cancels."""
+    batch_id, _ = store_batch(engine, held_out_strips(4, seed=5))
+    split_batch(engine, batch_id, CHUNKS)
+    with engine.connect() as holder:
+        holder.execute(text("SET LOCAL deadlock_timeout = '60s'"))  # the cancel's side detects the cycle
+        first = "SELECT min(id) FROM subtasks WHERE batch_id = :b"
+        holder.execute(text(f"UPDATE subtasks SET seq = seq WHERE id = ({first})"), {"b": batch_id})
+        with ThreadPoolExecutor(1) as pool:
+            cancelled = pool.submit(ledger.cancel_batch, engine, batch_id)
+            wait_for(lambda: _lock_waits(engine) > 0, 30, "the cancel to wait for the held sub-task")
+            holder.execute(text("UPDATE batches SET succeeded = succeeded WHERE id = :b"), {"b": batch_id})
+            holder.commit()
+            outcome = cancelled.result(timeout=60)
+    assert outcome.recorded and outcome.aggregate
+    batch = _batch(engine, batch_id)
+    assert batch["state"] == "cancelled" and batch["cancelled"] == batch["total"] > 0
+
+
+def _lock_waits(engine: Engine) -> int:
+    """How many sessions of this database wait for a lock."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
 
 
 def test_idempotency_key_returns_the_same_batch_for_the_same_request(engine: Engine) -> None:

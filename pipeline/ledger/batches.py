@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from pipeline.errors import IdempotencyKeyError
 from pipeline.json_array import JsonArray
 from pipeline.ledger import queries
-from pipeline.ledger.connection import autocommit, copy_rows, now
+from pipeline.ledger.connection import autocommit, copy_rows, now, retrying_deadlocks
 from pipeline.ledger.counters import Outcome, cancel_subtasks, counters_complete
 from pipeline.schema import Batch, BatchState, FailurePolicy, Priority, Subtask, SubtaskState
 
@@ -203,17 +203,23 @@ def cancel_batch(engine: Engine, batch_id: uuid.UUID) -> Outcome:
 
     Running sub-tasks finish; the result assembly (aggregate) then writes what was
     produced. `recorded` is False when the batch was not cancellable; `aggregate`
-    is True when no sub-task is left running, so results can be assembled now.
+    is True when no sub-task is left running, so results can be assembled now. Run again
+    when it was a deadlock's victim (`retrying_deadlocks`): it locks the batch's row, then
+    its sub-tasks', the other way round from the sweep.
     """
-    with engine.begin() as conn:
-        cancelled = conn.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.state.in_((BatchState.pending, BatchState.running)))
-            .values(state=BatchState.cancelled, finished_at=now())
-            .returning(Batch.id)
-        ).first()
-        if cancelled is None:
-            return Outcome(recorded=False)
-        cancel_subtasks(conn, batch_id, (SubtaskState.pending, SubtaskState.dispatched))
-        complete = conn.execute(select(counters_complete()).where(Batch.id == batch_id)).scalar_one()
-    return Outcome(recorded=True, aggregate=bool(complete))
+
+    def cancel() -> Outcome:
+        with engine.begin() as conn:
+            cancelled = conn.execute(
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.state.in_((BatchState.pending, BatchState.running)))
+                .values(state=BatchState.cancelled, finished_at=now())
+                .returning(Batch.id)
+            ).first()
+            if cancelled is None:
+                return Outcome(recorded=False)
+            cancel_subtasks(conn, batch_id, (SubtaskState.pending, SubtaskState.dispatched))
+            complete = conn.execute(select(counters_complete()).where(Batch.id == batch_id)).scalar_one()
+        return Outcome(recorded=True, aggregate=bool(complete))
+
+    return retrying_deadlocks(cancel)

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from psycopg.errors import DeadlockDetected
 from pydantic_core import from_json
 from sqlalchemy import Connection, Engine, create_engine, func
+from sqlalchemy.exc import OperationalError
 
 from pipeline.database import sqlalchemy_url
 
 if TYPE_CHECKING:
     import psycopg
+
+T = TypeVar("T")
+# Runs of a transaction PostgreSQL chose as a deadlock's victim, and the longest pause (s)
+# before the next: random, so the two sides do not meet again in step.
+DEADLOCK_RUNS = 5
+DEADLOCK_PAUSE_S = 0.05
 
 
 def make_engine(database_url: str) -> Engine:
@@ -44,6 +54,27 @@ def autocommit(engine: Engine) -> Connection:
     """A connection on which each statement commits on its own: a transition or a read that
     is one statement costs one round trip, with no BEGIN and COMMIT (or ROLLBACK) around it."""
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def retrying_deadlocks(transaction: Callable[[], T]) -> T:
+    """Run `transaction` (a function that opens and commits its own transaction), again
+    when PostgreSQL rolled it back as a deadlock's victim: the rollback was whole, so a new
+    run is safe, and the other side has gone on. Transactions that lock a batch's row and
+    then its sub-tasks' (cancel, abort) meet ones that lock them the other way (a worker's
+    completion, the sweep), and no single order serves both.
+
+    Raises:
+        sqlalchemy.exc.OperationalError: a deadlock on the last of `DEADLOCK_RUNS` runs, or
+            any other operational error at once.
+    """
+    for run in range(1, DEADLOCK_RUNS):
+        try:
+            return transaction()
+        except OperationalError as error:
+            if not isinstance(error.orig, DeadlockDetected):
+                raise
+        time.sleep(random.uniform(0, DEADLOCK_PAUSE_S * run))
+    return transaction()
 
 
 def driver_connection(conn: Connection) -> psycopg.Connection[Any]:

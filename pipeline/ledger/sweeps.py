@@ -70,6 +70,23 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
         ).scalars()
         aggregate += [batch_id for batch_id in overdue.all() if abort_batch(conn, batch_id, DEADLINE_REASON)]
 
+        # Once a lease per batch, not every sweep: a split that is slow to start (a busy
+        # aggregator) is not republished at every sweep. Batch rows are locked here, before
+        # any sub-task's: a cancel locks a batch's row, then its sub-tasks', and this order
+        # meets it without a deadlock.
+        split = (
+            conn.execute(
+                update(Batch)
+                .where(
+                    Batch.state == BatchState.pending,
+                    func.coalesce(Batch.split_published_at, Batch.created_at) < stamp - lease,
+                )
+                .values(split_published_at=stamp)
+                .returning(Batch.id)
+            )
+            .scalars()
+            .all()
+        )
         awaiting_results = select(Batch.id).where(Batch.state == BatchState.cancelled, Batch.aggregate_runs == 0)
         orphaned = conn.execute(
             update(Subtask)
@@ -123,21 +140,6 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
             .returning(Subtask.id, Subtask.model, Subtask.priority)
         ).all()
 
-        # Once a lease per batch, not every sweep: a split that is slow to start (a busy
-        # aggregator) is not republished at every sweep.
-        split = (
-            conn.execute(
-                update(Batch)
-                .where(
-                    Batch.state == BatchState.pending,
-                    func.coalesce(Batch.split_published_at, Batch.created_at) < stamp - lease,
-                )
-                .values(split_published_at=stamp)
-                .returning(Batch.id)
-            )
-            .scalars()
-            .all()
-        )
         aggregate += (
             conn.execute(
                 select(Batch.id).where(
