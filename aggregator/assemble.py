@@ -14,7 +14,7 @@ from typing import Any
 
 import kombu.exceptions
 import numpy as np
-from sqlalchemy import Connection, Engine, Row
+from sqlalchemy import Connection, Row
 
 from aggregator.metrics import batch_metrics
 from aggregator.versions import UNSCORED, ResultVersions
@@ -23,7 +23,7 @@ from pipeline.definition import ModelSpec, PageOutputs
 from pipeline.estimation import ScoreCounts
 from pipeline.garbage import collection_paused
 from pipeline.ledger import rollouts as rollout_rows
-from pipeline.ledger.connection import autocommit
+from pipeline.ledger.connection import Bind, connected, transaction
 from pipeline.monitor import evaluate_if_due
 from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import get_settings
@@ -212,11 +212,11 @@ def _due_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     return batch
 
 
-def publish_shadows(engine: Engine, batch_id: uuid.UUID) -> None:
+def publish_shadows(bind: Bind, batch_id: uuid.UUID) -> None:
     """Publish the finished batch's shadow sub-tasks again: they become claimable only now
     (`ledger.claims.BEST_DISPATCHED`). A broker that cannot take them is logged: they stay
     `dispatched`, and the sweeper publishes them once their lease expires."""
-    with autocommit(engine) as conn:
+    with connected(bind) as conn:
         shadows = rollout_rows.dispatched_shadows(conn, batch_id)
     if not shadows:
         return
@@ -226,9 +226,11 @@ def publish_shadows(engine: Engine, batch_id: uuid.UUID) -> None:
         log.warning("batch %s: its %d shadow sub-tasks could not be published (%s)", batch_id, len(shadows), error)
 
 
-def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
+def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
     """Write one result per input and move a batch due for aggregation to its final
-    state, in one transaction, a page of inputs at a time.
+    state, in one transaction, a page of inputs at a time: on a connection of Engine
+    `bind`, or on autocommit Connection `bind` (a worker's turn), which then also runs
+    what follows the commit.
 
     A batch still `running` whose split is finished is followed instead: each page is
     assembled as soon as the sub-tasks holding its rows are finished, so assembly
@@ -236,10 +238,10 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
     final state; None when another aggregation holds the batch, or it is neither due
     nor followable (a duplicate message).
     """
-    with engine.begin() as conn:
-        if not ledger.try_lock_aggregation(conn, batch_id):
+    with transaction(bind) as conn:
+        held, locked = ledger.lock_aggregation(conn, batch_id)
+        if not held:
             return None
-        locked = ledger.lock_aggregating_batch(conn, batch_id)
         following = locked is None
         batch = locked if locked is not None else ledger.running_batch(conn, batch_id)
         if batch is None:
@@ -309,12 +311,14 @@ def aggregate_batch(engine: Engine, batch_id: uuid.UUID) -> BatchState | None:
         state, error = final_state(batch, answered, unanswered, causes)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics, contributions = batch_metrics(conn, batch, kpis.summary(), datetime.now(UTC), scores)
-        ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions)
+        followed_rollout = ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     settings = get_settings()
-    publish_shadows(engine, batch_id)
-    # After commit: the batch's results never wait for the gate.
-    rollouts.evaluate_batch(engine, batch_id, min_age_s=settings.rollout_gate_interval_s)
+    # A batch no roll-out followed has no shadow sub-task and no gate: nothing to read.
+    if followed_rollout:
+        publish_shadows(bind, batch_id)
+        # After commit: the batch's results never wait for the gate.
+        rollouts.evaluate_batch(bind, batch_id, min_age_s=settings.rollout_gate_interval_s)
     if contributions:
-        evaluate_if_due(engine, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)
+        evaluate_if_due(bind, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)
     return state

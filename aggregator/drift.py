@@ -7,6 +7,7 @@ sub-task's output (the aggregator only sums them)."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,25 +20,42 @@ from pipeline.profile import DriftConfig, ModelCounts, ReferenceProfile, judge_c
 from pipeline.schema import Subtask, SubtaskRole, SubtaskState
 
 # Built once: every aggregate runs it.
-STORED_COUNTS = select(Subtask.model, Subtask.model_version, Subtask.rows, Subtask.bin_counts).where(
+SCORED_SUBTASKS = select(Subtask.model, Subtask.model_version, Subtask.rows, Subtask.bin_counts).where(
     Subtask.batch_id == bindparam("batch_id"),
     Subtask.role == SubtaskRole.serve,
     Subtask.state == SubtaskState.succeeded,
-    Subtask.bin_counts.is_not(None),
 )
 
 
-def stored_counts(conn: Connection, batch_id: uuid.UUID) -> dict[tuple[str, str], tuple[int, np.ndarray]]:
-    """Per (model, model version): rows scored and the sum of the drift bin counts the
-    workers stored, over a batch's succeeded sub-tasks (one query)."""
+@dataclass(frozen=True)
+class Scored:
+    """What a batch's succeeded serve sub-tasks say of who scored it."""
+
+    # Per model (sorted), the versions whose outputs the results hold (sorted; None, a
+    # sub-task split before revision 0010, last).
+    versions: dict[str, list[str | None]]
+    # Per (model, version): rows scored and the sum of the drift bin counts the workers
+    # stored (sub-tasks without counts left out).
+    counts: dict[tuple[str, str], tuple[int, np.ndarray]]
+
+
+def scored_subtasks(conn: Connection, batch_id: uuid.UUID) -> Scored:
+    """The scoring versions and summed drift counts of a batch's succeeded serve sub-tasks,
+    from one query (an aggregate's metrics need both)."""
+    versions: set[tuple[str, str | None]] = set()
     totals: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
-    stored = conn.execute(STORED_COUNTS, {"batch_id": batch_id})
-    for row in stored:
+    for row in conn.execute(SCORED_SUBTASKS, {"batch_id": batch_id}):
+        versions.add((row.model, row.model_version))
+        if row.bin_counts is None:
+            continue
         key = (row.model, row.model_version)
         counts = np.frombuffer(row.bin_counts, dtype="<i8")
         rows, total = totals.get(key, (0, np.zeros_like(counts)))
         totals[key] = (rows + row.rows, total + counts)
-    return totals
+    by_model: dict[str, list[str | None]] = {}
+    for model, version in sorted(versions, key=lambda key: (key[0], key[1] is None, key[1] or "")):
+        by_model.setdefault(model, []).append(version)
+    return Scored(by_model, totals)
 
 
 def _scoring_versions(totals: dict[tuple[str, str], tuple[int, np.ndarray]]) -> dict[str, str]:
@@ -56,10 +74,12 @@ def _profile(spec: ModelSpec, manifest: Manifest | None, version: str) -> Refere
     return reference_of(spec, manifest)
 
 
-def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> tuple[dict[str, Any], list[ModelCounts]]:
+def batch_drift(
+    conn: Connection, totals: dict[tuple[str, str], tuple[int, np.ndarray]], pipeline: Pipeline
+) -> tuple[dict[str, Any], list[ModelCounts]]:
     """Return the drift section of a batch's metrics (docs/monitoring.md, "Drift, calibrated
-    to sample size"), and the counts of each judged model version (what the batch adds to
-    its windows).
+    to sample size") from its summed drift counts `totals` (`Scored.counts`), and the counts
+    of each judged model version (what the batch adds to its windows).
 
     Per model: rows scored, its reference's rows and version, and its output score's PSI,
     band, p-value, whether that is significant and whether it is drifted; or why it was
@@ -70,7 +90,6 @@ def batch_drift(conn: Connection, batch_id: uuid.UUID, pipeline: Pipeline) -> tu
     config: DriftConfig = pipeline.drift
     skipped: dict[str, dict[str, Any]] = {}
     judged: list[ModelCounts] = []
-    totals = stored_counts(conn, batch_id)
     versions = _scoring_versions(totals)
     manifests = model_registry.registered_manifests(conn, versions.items())
     for spec in pipeline.models:

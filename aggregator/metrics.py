@@ -6,35 +6,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, select
+from sqlalchemy import Connection, Row
 
-from aggregator.drift import batch_drift
+from aggregator.drift import batch_drift, scored_subtasks
 from aggregator.latency import batch_latency
 from pipeline import ledger, model_registry, registry
 from pipeline.definition import Pipeline
 from pipeline.errors import EstimationError
 from pipeline.estimation import ScoreCounts, calibration_of, estimated_as
 from pipeline.profile import ModelCounts
-from pipeline.schema import Subtask, SubtaskRole, SubtaskState
-
-SCORING_VERSIONS = (
-    select(Subtask.model, Subtask.model_version)
-    .where(
-        Subtask.batch_id == bindparam("batch_id"),
-        Subtask.role == SubtaskRole.serve,
-        Subtask.state == SubtaskState.succeeded,
-    )
-    .distinct()
-    .order_by(Subtask.model, Subtask.model_version)
-)
-
-
-def scoring_versions(conn: Connection, batch: Row[Any]) -> dict[str, list[str]]:
-    """Per model, the versions (artifact SHA-256) whose outputs the batch's results hold."""
-    versions: dict[str, list[str]] = {}
-    for row in conn.execute(SCORING_VERSIONS, {"batch_id": batch.id}):
-        versions.setdefault(row.model, []).append(row.model_version)
-    return versions
 
 
 def batch_estimate(
@@ -74,7 +54,8 @@ def batch_metrics(
     latency, CBPE sums), from the figures already computed (no second read of the sub-tasks)."""
     latency, models = batch_latency(conn, batch, now)
     pipeline = registry.get_pipeline(batch.pipeline)
-    drift, judged = batch_drift(conn, batch.id, pipeline)
+    scored = scored_subtasks(conn, batch.id)
+    drift, judged = batch_drift(conn, scored.counts, pipeline)
     estimate: dict[str, Any] = {}
     # The (model, version) whose contribution carries the CBPE sums.
     estimated: tuple[str, str] | None = None
@@ -104,7 +85,7 @@ def batch_metrics(
         "kpis": kpis,
         "latency": latency,
         "models": models,
-        "model_versions": scoring_versions(conn, batch),
+        "model_versions": scored.versions,
         "drift": drift,
         **estimate,
     }

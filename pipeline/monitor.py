@@ -10,12 +10,13 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 
 from pipeline import ledger, model_registry, registry
 from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import Pipeline
 from pipeline.estimation import calibration_of, estimated_as
+from pipeline.ledger.connection import Bind, transaction
 from pipeline.profile import ModelCounts, judge_counts
 from pipeline.windows import Window, parse_windows
 
@@ -242,11 +243,12 @@ def _headline(version: dict[str, Any]) -> dict[str, Any]:
 _LAST_CLAIM: dict[str, float] = {}
 
 
-def evaluate_if_due(engine: Engine, pipeline_name: str, windows: str, interval_s: float) -> None:
+def evaluate_if_due(bind: Bind, pipeline_name: str, windows: str, interval_s: float) -> None:
     """After a batch of `pipeline_name` finished: fold the pipeline's new contributions into
     their rollups, judge its windows and update its alerts, unless this process tried or
     another process did in the last `interval_s` seconds (the windows then change by a few
-    batches at most; one transaction)."""
+    batches at most; one transaction, on a connection of Engine `bind` or on autocommit
+    Connection `bind`)."""
     from datetime import UTC
 
     now = time.monotonic()
@@ -254,7 +256,7 @@ def evaluate_if_due(engine: Engine, pipeline_name: str, windows: str, interval_s
         return
     _LAST_CLAIM[pipeline_name] = now
     pipeline = registry.get_pipeline(pipeline_name)
-    with engine.begin() as conn:
+    with transaction(bind) as conn:
         if ledger.claim_evaluation(conn, pipeline_name, interval_s):
             ledger.fold_contributions(conn, pipeline_name)
             evaluate_alerts(conn, pipeline, parse_windows(windows), datetime.now(UTC))

@@ -141,6 +141,11 @@ class ReferenceProfile(BaseModel):
         """
         layout, m = self.layout, self.rows
         totals = self.totals(counts)
+        # Two merged bins each need a reference share of MIN_EXPECTED / min(n, m), and a
+        # histogram's shares sum to 1: below 2 MIN_EXPECTED rows every histogram keeps one
+        # bin. A small batch (a one-input one) then skips the merging and the test.
+        if (np.minimum(totals, m) < 2 * MIN_EXPECTED).all():
+            return np.full(totals.shape, np.nan)
         histograms = len(layout.sizes)
         flat = counts.reshape(-1, len(layout.shares))
         begins = self.merged_bins(totals).reshape(flat.shape)

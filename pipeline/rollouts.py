@@ -39,7 +39,7 @@ from pipeline.gate import (
     judge_shadow,
 )
 from pipeline.ledger import rollouts as rollout_rows
-from pipeline.ledger.connection import autocommit
+from pipeline.ledger.connection import Bind, connected
 from pipeline.model_registry import resolve_version
 from pipeline.rollout_evidence import GATE_CONFIG, Evidence, read_evidence
 from pipeline.schema import Alias, ModelEvent, RolloutMode, RolloutState, SubtaskRole
@@ -357,17 +357,19 @@ def _evaluate_recording_errors(
             rollout_rows.record_gate_error(conn, rollout.id, recorded.model_dump(mode="json"))
 
 
-def evaluate_batch(engine: Engine, batch_id: uuid.UUID, after: str = "after batch", min_age_s: float = 0.0) -> None:
+def evaluate_batch(bind: Bind, batch_id: uuid.UUID, after: str = "after batch", min_age_s: float = 0.0) -> None:
     """After `batch_id` is aggregated, or labels for it are stored (committed): judge each
     active roll-out its split followed whose stored gate is at least `min_age_s` old (one
     query when none is). The aggregate passes `PIPELINE_ROLLOUT_GATE_INTERVAL_S`: a stream
     of small batches, aggregated in the workers, then recomputes a gate at most once per
     interval, and `refresh_gates` catches up on what it skipped. An error of the gate is
     logged and recorded on the roll-out (`after` names the moment), never raised: the batch
-    and its labels are done whatever the gate makes of them."""
+    and its labels are done whatever the gate makes of them. `bind`: an Engine, or an
+    autocommit Connection (a worker's turn) for that query."""
     # One statement on its own (no BEGIN and ROLLBACK around it): every aggregate runs it.
-    with autocommit(engine) as conn:
+    with connected(bind) as conn:
         due = rollout_rows.due_rollouts_of_batch(conn, batch_id, min_age_s)
+    engine = bind.engine if isinstance(bind, Connection) else bind
     for rollout in due:
         _evaluate_recording_errors(engine, rollout, f"{after} {batch_id}")
 

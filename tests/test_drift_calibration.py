@@ -22,7 +22,7 @@ from pipeline.drift_simulation import (
     reference_profile,
     shifted_columns,
 )
-from pipeline.profile import MIN_EXPECTED, Band, DriftConfig, benjamini_hochberg, build_profile
+from pipeline.profile import MIN_EXPECTED, Band, DriftConfig, ReferenceProfile, benjamini_hochberg, build_profile
 
 # 400 batches per n: a true rate of 5 % would exceed 5 % in about half the runs, so passing
 # says the rate is below it (the simulated ones are about 2.5 %: docs/monitoring.md).
@@ -112,6 +112,32 @@ def test_p_values_are_scipys_chi_square_test_on_the_merged_bins() -> None:
     stacked = np.stack([counts, counts * 50])
     assert profile.p_values(stacked)[0] == pytest.approx(p_values, nan_ok=True)
     assert (profile.p_values(stacked)[1][:2] < p_values[:2]).all()
+
+
+def test_a_batch_too_small_for_two_merged_bins_skips_the_merging_with_the_same_p_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(1)
+    profile = build_profile(["a", "b"], rng.standard_normal((400, 2)), rng.standard_normal(400))
+    merged = ReferenceProfile.merged_bins
+    merges: list[int] = []
+    monkeypatch.setattr(ReferenceProfile, "merged_bins", lambda self, totals: merges.append(1) or merged(self, totals))
+    for rows in range(1, 16):
+        counts = profile.bin_counts(rng.standard_normal((rows, 2)), rng.standard_normal(rows))
+        merges.clear()
+        p_values = profile.p_values(counts)
+        skipped = not merges
+        # What the merging gives: a histogram left with one merged bin has no test (NaN).
+        begins = merged(profile, profile.totals(counts))
+        tested = np.add.reduceat(begins.astype(int), profile.layout.starts) > 1
+        assert (np.isnan(p_values) == ~tested).all(), rows
+        assert skipped == (rows < 2 * MIN_EXPECTED), rows
+        assert tested.any() == (rows >= 2 * MIN_EXPECTED), rows
+    # Stacked with a batch that can be tested, a small one is merged (and NaN) as on its own.
+    small, large = (profile.bin_counts(rng.standard_normal((n, 2)), rng.standard_normal(n)) for n in (4, 60))
+    stacked = profile.p_values(np.stack([small, large]))
+    assert np.isnan(stacked[0]).all()
+    assert stacked[1] == pytest.approx(profile.p_values(large), nan_ok=True)
 
 
 def test_benjamini_hochberg_decides_as_scipy_does_on_each_rows_tests() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import kombu.exceptions
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import Connection, Engine, text
 
 from pipeline import broker, rollouts
 from pipeline.embedded import start_redis, stop_services
@@ -23,6 +23,7 @@ from pipeline.settings import Settings
 from pipeline.states import RolloutMode
 from tests.helpers import OwnStack, assert_finished_and_consistent, assert_shadow_twins, second_version, wait_for
 from tests.malformed import Malformed, publish
+from workers.inference import TurnConnection
 
 ONE_TILE_CHUNKS = '{"digit-classifier": 1, "digit-ood": 1}'
 SMALL_CHUNKS = '{"digit-classifier": 4, "digit-ood": 4}'
@@ -156,6 +157,26 @@ def test_batch_survives_a_service_disruption_mid_batch(own: OwnStack, disrupt: C
     assert status.state == "succeeded"
     assert_finished_and_consistent(own.engine, batch.id)
     assert _results(own, batch.id) == (400, 0)
+
+
+def test_a_turn_retries_a_ledger_write_on_a_fresh_connection_after_its_connection_died(
+    quiet_engine: Engine,
+) -> None:
+    """A worker turn keeps one connection; once PostgreSQL dropped it, the retried write must
+    run on another (the dead one would refuse every statement)."""
+    settings = Settings(db_retry_s=10)
+
+    def backend(conn: Connection) -> int:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    with TurnConnection(quiet_engine) as turn:
+        lost = turn.run(settings, backend)
+        with quiet_engine.connect() as admin:
+            # Waits (up to 5 s) until the backend is gone.
+            assert admin.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": lost}).scalar_one()
+        assert turn.run(settings, backend) != lost
+        # The fresh connection is the turn's from then on.
+        assert turn.run(settings, backend) == turn.run(settings, backend)
 
 
 def test_predictions_published_to_a_stopped_redis_raise_the_transient_error(tmp_path: Path) -> None:

@@ -268,6 +268,22 @@ def test_a_cancelled_batch_is_finished_once_its_results_are_written(engine: Engi
     assert status is not None and status["results_ready"]
 
 
+def test_an_aggregation_lock_held_elsewhere_refuses_at_once_without_waiting_on_the_row(engine: Engine) -> None:
+    batch_id, claims = _split_batch(engine)
+    for claim in claims:
+        ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+    with engine.begin() as holder, engine.begin() as duplicate:
+        held, batch = ledger.lock_aggregation(holder, batch_id)
+        assert held and batch is not None and batch.id == batch_id and batch.state == "aggregating"
+        # Waiting on the row lock the holder took would hit this timeout.
+        duplicate.execute(text("SET LOCAL lock_timeout = '2s'"))
+        assert ledger.lock_aggregation(duplicate, batch_id) == (False, None)
+    assert aggregate_batch(engine, batch_id) == "succeeded"
+    # Not due any more: the lock is taken, no row is.
+    with engine.begin() as conn:
+        assert ledger.lock_aggregation(conn, batch_id) == (True, None)
+
+
 def test_sweeper_cancels_what_a_cancelled_batch_still_runs_past_its_lease(engine: Engine, client: Client) -> None:
     """A worker died running a sub-task of a cancelled batch: past its lease the sweeper
     cancels it instead of publishing it again, and the batch is due for its results."""

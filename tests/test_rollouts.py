@@ -641,6 +641,40 @@ def _versions_read(
     return by_view, by_client, by_cli, stored
 
 
+def test_only_the_aggregate_of_a_roll_out_s_batch_reads_its_shadows_and_gates(
+    own: tuple[ScratchServices, Settings, Engine], models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement that finishes a batch says whether a roll-out followed its split: only
+    then does the aggregate look for shadow sub-tasks to publish and gates to judge."""
+    _, settings, engine = own
+    reads: list[tuple[str, uuid.UUID]] = []
+
+    def recording(kind: str, read: Any) -> Any:
+        def recorded(conn: Any, batch_id: uuid.UUID, *rest: Any) -> Any:
+            reads.append((kind, batch_id))
+            return read(conn, batch_id, *rest)
+
+        return recorded
+
+    monkeypatch.setattr(rollout_rows, "dispatched_shadows", recording("shadows", rollout_rows.dispatched_shadows))
+    monkeypatch.setattr(rollout_rows, "due_rollouts_of_batch", recording("gates", rollout_rows.due_rollouts_of_batch))
+    strips = held_out_strips(4, max_digits=3, seed=5)
+    alone, _ = store_batch(engine, strips)
+    split_batch(engine, alone, {CLASSIFIER: 4, OOD: 64})
+    _score_in_process(engine, alone)
+    assert aggregate_batch(engine, alone) == "succeeded"
+    assert reads == []
+
+    # A canary: no shadow sub-task, but the aggregate still asks (a roll-out followed the split).
+    v2 = second_version(engine, settings, models_dir, CLASSIFIER)
+    rollouts.start(engine, CLASSIFIER, version=v2, mode=RolloutMode.canary, percent=50.0, started_by="ana")
+    followed, _ = store_batch(engine, strips)
+    split_batch(engine, followed, {CLASSIFIER: 4, OOD: 64})
+    _score_in_process(engine, followed)
+    assert aggregate_batch(engine, followed) == "succeeded"
+    assert reads == [("shadows", followed), ("gates", followed)]
+
+
 def test_results_name_the_versions_that_scored_them_canary_inputs_the_challenger(
     own: tuple[ScratchServices, Settings, Engine], models_dir: Path, tmp_path: Path
 ) -> None:

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from pipeline import broker
 from pipeline.client import Client
+from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import FOREST, LOGREG, MODELS, held_out_records
-from tests.helpers import RunServices, run_client_settings, wait_for
+from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
 from tests.pipelines import UNSPLITTABLE
+from workers.inference import run_subtask
+
+DIGIT_MODELS = ("digit-classifier", "digit-ood")
 
 
 def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
@@ -93,3 +99,46 @@ def test_a_batch_its_pipeline_cannot_split_fails_with_the_reason(
     with engine.connect() as conn:
         subtasks = conn.execute(text("SELECT count(*) FROM subtasks WHERE batch_id = :b"), {"b": status.id}).scalar()
     assert subtasks == 0
+
+
+def _one_input_batch(engine: Engine, seed: int) -> tuple[uuid.UUID, int]:
+    """A one-input digits batch split in-process (nothing published): its id and first sub-task."""
+    batch_id, _ = store_batch(engine, held_out_strips(1, max_digits=6, seed=seed))
+    split_batch(engine, batch_id, {})
+    with engine.connect() as conn:
+        first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).scalar_one()
+    return batch_id, first
+
+
+def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
+    quiet_engine: Engine, quiet_services: RunServices, models_dir: Path
+) -> None:
+    settings = quiet_services.settings(models_dir)
+    # The first turn of this process loads the models and their manifests (their own reads).
+    run_subtask(quiet_engine, settings, _one_input_batch(quiet_engine, seed=1)[1], "test-worker", DIGIT_MODELS)
+    batch_id, first = _one_input_batch(quiet_engine, seed=2)
+    seen: Counter[str] = Counter()
+    counting = True
+    event.listen(quiet_engine, "checkout", lambda *_: counting and seen.update(["checkout"]))
+    event.listen(quiet_engine, "before_cursor_execute", lambda *_: counting and seen.update(["statement"]))
+
+    run_subtask(quiet_engine, settings, first, "test-worker", DIGIT_MODELS)
+    counting = False
+
+    with quiet_engine.connect() as conn:
+        state, runs, metrics = conn.execute(
+            text("SELECT state, aggregate_runs, metrics FROM batches WHERE id = :b"), {"b": batch_id}
+        ).one()
+        pinned = dict(
+            conn.execute(text("SELECT model, model_version FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).all()
+        )
+    assert (state, runs) == ("succeeded", 1)
+    # Both sub-tasks claimed and completed, the batch aggregated: one checkout for it all.
+    assert seen["checkout"] == 1
+    # 2 claims and 2 completions; the aggregate's lock, versions, input page, outputs, latency,
+    # scoring versions with drift counts, finish (no roll-out: no shadow or gate read), and
+    # its result page's COPY on the driver's cursor, not counted here.
+    assert seen["statement"] == 4 + 7
+    # Its scoring versions and drift, read in one statement.
+    assert metrics["model_versions"] == {model: [pinned[model]] for model in DIGIT_MODELS}
+    assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)

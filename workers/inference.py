@@ -1,4 +1,5 @@
-"""Runs one sub-task: claim it in the ledger, predict, record output and counter."""
+"""Runs a worker's turn: claim a sub-task in the ledger, predict, record output and counter,
+on one ledger connection for the whole turn."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import TypeVar
 
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from aggregator.assemble import aggregate_batch
 from pipeline import broker, ledger, model_registry, registry, runtime
 from pipeline.errors import ArtifactError, GuardrailViolation, InvalidArtifactError, UnknownPipelineError
 from pipeline.guardrails import check_output
+from pipeline.ledger.connection import autocommit, transaction
 from pipeline.settings import Settings
 from workers.models import loaded_version
 
@@ -44,8 +47,9 @@ def retry_delay(settings: Settings, attempt: int) -> float:
     return random.uniform(0, min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1)))
 
 
-def with_ledger_retry(settings: Settings, write: Callable[[], T]) -> T:
-    """Run a ledger transaction, retrying with backoff while PostgreSQL is unreachable.
+def with_ledger_retry(settings: Settings, write: Callable[[], T], after_error: Callable[[], None] | None = None) -> T:
+    """Run a ledger transaction, retrying with backoff while PostgreSQL is unreachable;
+    `after_error` runs after each OperationalError (to drop a connection it left dead).
 
     The task does not return, so its message is not acknowledged, until the write
     went through. A transaction whose commit was lost with the connection is retried
@@ -60,11 +64,56 @@ def with_ledger_retry(settings: Settings, write: Callable[[], T]) -> T:
         try:
             return write()
         except OperationalError as error:
+            if after_error is not None:
+                after_error()
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("ledger unreachable (%s); retrying in %.1f s", error.orig or error, delay)
             time.sleep(delay)
             delay = min(delay * 2, LEDGER_RETRY_MAX_S)
+
+
+class TurnConnection:
+    """The ledger connection of one worker turn, in autocommit: checked out on first use and
+    kept for the turn's claims, completions, failures and small-batch aggregate, instead of
+    a checkout (and its pre-ping round trip) per ledger call. A context manager: returned to
+    the pool on exit."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+
+    def get(self) -> Connection:
+        """The turn's connection, checked out now if it has none."""
+        if self._conn is None:
+            self._conn = autocommit(self.engine)
+        return self._conn
+
+    def discard(self) -> None:
+        """Drop the connection after an OperationalError: it may be dead, so it is invalidated
+        (never handed out again) and the next `get` checks out a fresh one."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.invalidate()
+            conn.close()
+
+    def run(self, settings: Settings, write: Callable[[Connection], T]) -> T:
+        """`write` on the turn's connection with `with_ledger_retry`, each retry on a fresh one.
+
+        Raises:
+            OperationalError: still unreachable after `settings.db_retry_s`.
+        """
+        return with_ledger_retry(settings, lambda: write(self.get()), self.discard)
+
+    def __enter__(self) -> TurnConnection:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
 
 
 def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()) -> None:
@@ -73,25 +122,35 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
     it. When that belongs to a small batch (at most `small_batch_items` inputs), go on with
     the batch's other `dispatched` sub-tasks for the `served` models, claimed from the
     ledger: a one-input batch then waits for no message delivery of a model this process
-    serves (their messages find them claimed).
+    serves (their messages find them claimed). The whole turn runs on one `TurnConnection`.
     """
-    claim = with_ledger_retry(settings, lambda: ledger.claim_subtask(engine, subtask_id, worker, settings.lease_s))
-    if claim is None:
-        log.info("message of sub-task %d: nothing of its model is claimable; dropping it", subtask_id)
-        return
-    if run_claimed(engine, settings, claim) or not settings.is_small_batch(claim.batch_items) or not served:
-        return
-    while (
-        taken := with_ledger_retry(
-            settings,
-            lambda: ledger.claim_next_of_batch(engine, claim.batch_id, served, worker, settings.lease_s),
-        )
-    ) is not None:
-        if run_claimed(engine, settings, taken):
+    with TurnConnection(engine) as turn:
+        claim = turn.run(settings, lambda conn: ledger.claim_subtask(conn, subtask_id, worker, settings.lease_s))
+        if claim is None:
+            log.info("message of sub-task %d: nothing of its model is claimable; dropping it", subtask_id)
             return
+        if run_claimed(turn, settings, claim) or not settings.is_small_batch(claim.batch_items) or not served:
+            return
+        while (
+            taken := turn.run(
+                settings,
+                lambda conn: ledger.claim_next_of_batch(conn, claim.batch_id, served, worker, settings.lease_s),
+            )
+        ) is not None:
+            if run_claimed(turn, settings, taken):
+                return
 
 
-def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool:
+def fail_in_transaction(
+    conn: Connection, claim: ledger.Claim, error: str, retry: bool, lease_s: float
+) -> ledger.Outcome:
+    """`ledger.fail_subtask` on autocommit connection `conn`, in a transaction of its own (its
+    statements commit together)."""
+    with transaction(conn):
+        return ledger.fail_subtask(conn, claim, error, retry=retry, lease_s=lease_s)
+
+
+def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> bool:
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
     it was the last. A failure to retry is published again with its backoff as countdown (the
     message that claimed it may have been another sub-task's). Returns True when it
@@ -99,8 +158,8 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
     try:
         spec = registry.get_model(claim.model)
         # The version the split pinned; the champion for a sub-task split before the registry.
-        version = claim.model_version or model_registry.champion(engine, spec.name)
-        estimator, manifest = loaded_version(engine, settings, spec.name, version)
+        version = claim.model_version or model_registry.champion(turn.engine, spec.name)
+        estimator, manifest = loaded_version(turn.engine, settings, spec.name, version)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
         # CPU time, not wall time: the roll-out gate compares versions whose sub-tasks run at
         # different moments (shadow work after its batch's), beside different neighbours.
@@ -116,18 +175,18 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
     except PERMANENT_ERRORS as error:
         message = f"{type(error).__name__}: {error}"
         log.error("sub-task %d failed for good: %s", claim.subtask_id, message, exc_info=error)
-        outcome = with_ledger_retry(
+        outcome = turn.run(
             settings,
-            lambda: ledger.fail_subtask(engine, claim, public_error(message), retry=False, lease_s=settings.lease_s),
+            lambda conn: fail_in_transaction(conn, claim, public_error(message), retry=False, lease_s=settings.lease_s),
         )
     # A model may raise anything; the error is recorded in the ledger and the sub-task retried.
     except Exception as error:  # noqa: BLE001
         retry = claim.attempt < claim.max_attempts
         message = f"{type(error).__name__}: {error} (attempt {claim.attempt} of {claim.max_attempts})"
         log.warning("sub-task %d failed: %s", claim.subtask_id, message, exc_info=error)
-        outcome = with_ledger_retry(
+        outcome = turn.run(
             settings,
-            lambda: ledger.fail_subtask(engine, claim, public_error(message), retry=retry, lease_s=settings.lease_s),
+            lambda conn: fail_in_transaction(conn, claim, public_error(message), retry=retry, lease_s=settings.lease_s),
         )
         if retry and outcome.recorded:
             broker.publish_predictions(
@@ -136,24 +195,24 @@ def run_claimed(engine: Engine, settings: Settings, claim: ledger.Claim) -> bool
                 countdown=retry_delay(settings, claim.attempt),
             )
     else:
-        outcome = with_ledger_retry(
+        outcome = turn.run(
             settings,
-            lambda: ledger.complete_subtask(
-                engine, claim, output.tobytes(), version, bin_counts, predict_cpu_s=predict_cpu_s
+            lambda conn: ledger.complete_subtask(
+                conn, claim, output.tobytes(), version, bin_counts, predict_cpu_s=predict_cpu_s
             ),
         )
     if outcome.aggregate:
-        aggregate_or_hand_over(engine, settings, claim)
+        aggregate_or_hand_over(turn, settings, claim)
     return outcome.aggregate
 
 
-def aggregate_or_hand_over(engine: Engine, settings: Settings, claim: ledger.Claim) -> None:
-    """Aggregate the batch whose last sub-task `claim` finished: here when it has at most
-    `small_batch_items` inputs (one message hop less for its latency), else, or when that
-    fails, through the aggregator's `aggregate` queue."""
+def aggregate_or_hand_over(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> None:
+    """Aggregate the batch whose last sub-task `claim` finished: here, on the turn's
+    connection, when it has at most `small_batch_items` inputs (one message hop less for its
+    latency), else, or when that fails, through the aggregator's `aggregate` queue."""
     if settings.is_small_batch(claim.batch_items):
         try:
-            aggregate_batch(engine, claim.batch_id)
+            aggregate_batch(turn.get(), claim.batch_id)
             return
         # Whatever failed (a manifest missing on this host, a pipeline's aggregate raising),
         # the aggregator's path owns the outcome: it retries, and its sweeper re-aggregates.

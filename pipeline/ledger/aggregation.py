@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Row, Text, and_, bindparam, case, cast, func, or_, select, update
+from sqlalchemy import Connection, Row, Text, and_, bindparam, case, cast, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from pipeline.ledger import queries
@@ -17,7 +17,7 @@ from pipeline.ledger.batches import NOTIFY_CHANNEL
 from pipeline.ledger.connection import now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, counters_complete
 from pipeline.ledger.monitor import Contribution, contribution_parameters
-from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
+from pipeline.schema import Batch, BatchState, RolloutBatch, Subtask, SubtaskRole, SubtaskState
 
 
 def aggregate_due() -> Any:
@@ -34,8 +34,22 @@ LOCK_AGGREGATING_BATCH = (
 )
 # pg_try_advisory_xact_lock class of the per-batch aggregation lock (the key is the batch id's hash).
 AGGREGATE_LOCK_CLASS = 7_240_114
-TRY_LOCK_AGGREGATION = select(
-    func.pg_try_advisory_xact_lock(AGGREGATE_LOCK_CLASS, func.hashtext(bindparam("batch_text", type_=Text)))
+# The aggregation lock, then the row lock only once it is held (a duplicate never waits on
+# the row of a batch being aggregated): one statement. The volatile lock function keeps its
+# subquery from being flattened, so it is evaluated once, before the lateral row lock.
+_aggregation_lock = select(
+    func.pg_try_advisory_xact_lock(AGGREGATE_LOCK_CLASS, func.hashtext(bindparam("batch_text", type_=Text))).label(
+        "aggregation_locked"
+    )
+).subquery("aggregation_lock")
+_due_locked = (
+    select(Batch.__table__)
+    .where(Batch.id == bindparam("batch_id"), aggregate_due(), _aggregation_lock.c.aggregation_locked)
+    .with_for_update()
+    .lateral("due")
+)
+LOCK_AGGREGATION = select(_aggregation_lock.c.aggregation_locked, _due_locked).select_from(
+    _aggregation_lock.outerjoin(_due_locked, true())
 )
 
 
@@ -45,10 +59,13 @@ def lock_aggregating_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | 
     return conn.execute(LOCK_AGGREGATING_BATCH, {"batch_id": batch_id}).first()
 
 
-def try_lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> bool:
-    """Take the batch's aggregation lock for this transaction; False when another
-    aggregation of the batch holds it (a duplicate message, or one started early)."""
-    return bool(conn.execute(TRY_LOCK_AGGREGATION, {"batch_text": str(batch_id)}).scalar_one())
+def lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> tuple[bool, Row[Any] | None]:
+    """Take the batch's aggregation lock for this transaction and then, in the same
+    statement, lock its row when it is due for aggregation (as `lock_aggregating_batch`).
+    Returns (False, None) when another aggregation of the batch holds the lock (a duplicate
+    message, or one started early); else (True, the locked row, or None when it is not due)."""
+    row = conn.execute(LOCK_AGGREGATION, {"batch_text": str(batch_id), "batch_id": batch_id}).one()
+    return bool(row.aggregation_locked), row if row.id is not None else None
 
 
 def batch_state(conn: Connection, batch_id: uuid.UUID) -> BatchState | None:
@@ -152,7 +169,11 @@ FINISH_BATCH = (
         finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=now()),
         aggregate_runs=Batch.aggregate_runs + 1,
     )
-    .returning(func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)))
+    .returning(
+        func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)),
+        # Only the batch of a roll-out has shadow sub-tasks to publish and gates to judge.
+        select(RolloutBatch.batch_id).where(RolloutBatch.batch_id == Batch.id).exists().label("followed_rollout"),
+    )
 )
 # The same, inserting the batch's window contributions in a WITH clause: one statement, one
 # round trip, for the batch's end and what it adds to its windows.
@@ -167,12 +188,15 @@ def finish_batch(
     result: dict[str, Any],
     metrics: dict[str, Any],
     contributions: Sequence[Contribution] = (),
-) -> None:
+) -> bool:
     """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
     metrics, counted in `aggregate_runs`, and its window `contributions` stored (as
-    `record_contributions` stores them), in one statement; NOTIFY waiting clients on commit."""
+    `record_contributions` stores them), in one statement; NOTIFY waiting clients on commit.
+    Returns True when the batch's split followed a roll-out (shadow or canary: it is one of
+    `rollout_batches`), False otherwise or when the batch was not due."""
     finished = {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics}
     if contributions:
-        conn.execute(FINISH_CONTRIBUTING_BATCH, {**finished, **contribution_parameters(contributions)})
+        row = conn.execute(FINISH_CONTRIBUTING_BATCH, {**finished, **contribution_parameters(contributions)}).first()
     else:
-        conn.execute(FINISH_BATCH, finished)
+        row = conn.execute(FINISH_BATCH, finished).first()
+    return row is not None and bool(row.followed_rollout)

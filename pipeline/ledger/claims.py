@@ -1,6 +1,9 @@
 """A worker's transitions of one sub-task: claim it (with the rows to score), then
 complete it with its output or fail it (to retry, or for good). Each is one guarded
-statement; completion and failure count the batch in the same statement or transaction."""
+statement; completion and failure count the batch in the same statement or transaction.
+
+Each takes an Engine (it checks out a connection for itself) or a Connection: a worker's turn
+holds one autocommit connection for its claims and completions (`workers.inference.TurnConnection`)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
-    Engine,
     Float,
     Integer,
     Interval,
@@ -32,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.orm import aliased
 
-from pipeline.ledger.connection import autocommit, now
+from pipeline.ledger.connection import Bind, connected, joined, now
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
 from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
 
@@ -199,7 +201,7 @@ CLAIM_NEXT_OF_BATCH = _claim_statement(
 )
 
 
-def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
+def claim_subtask(bind: Bind, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
     """Claim the sub-task a predict message for `subtask_id` should run (see `CLAIM`): its own
     when it waits for a retry (`pending`) or its worker was lost (`running` past its lease),
     else the best `dispatched` sub-task of its model, maybe its own. `running`,
@@ -210,23 +212,23 @@ def claim_subtask(engine: Engine, subtask_id: int, worker: str, lease_s: float) 
     Returns None when there is nothing to claim (its own is finished, cancelled or leased,
     and no other sub-task of its model is dispatched).
     """
-    return _claim(engine, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
+    return _claim(bind, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
 
 
 def claim_next_of_batch(
-    engine: Engine, batch_id: uuid.UUID, models: Sequence[str], worker: str, lease_s: float
+    bind: Bind, batch_id: uuid.UUID, models: Sequence[str], worker: str, lease_s: float
 ) -> Claim | None:
     """Claim the batch's first `dispatched` sub-task for one of `models`, like `claim_subtask`
     (its message, when it comes, finds it claimed and is dropped); None when there is none."""
     return _claim(
-        engine,
+        bind,
         CLAIM_NEXT_OF_BATCH,
         {"of_batch": batch_id, "models": list(models), "worker": worker, "lease": timedelta(seconds=lease_s)},
     )
 
 
-def _claim(engine: Engine, statement: Select[Any], parameters: dict[str, Any]) -> Claim | None:
-    with autocommit(engine) as conn:
+def _claim(bind: Bind, statement: Select[Any], parameters: dict[str, Any]) -> Claim | None:
+    with connected(bind) as conn:
         row = conn.execute(statement, parameters).first()
     if row is None:
         return None
@@ -276,7 +278,7 @@ COMPLETE = _complete_statement()
 
 
 def complete_subtask(
-    engine: Engine,
+    bind: Bind,
     claim: Claim,
     output: bytes,
     model_version: str,
@@ -285,8 +287,8 @@ def complete_subtask(
     predict_cpu_s: float | None = None,
 ) -> Outcome:
     """`running` → `succeeded` with its output, drift bin counts and the CPU seconds of its
-    predict call, only for the claim `claim` holds, and the batch counter: one statement,
-    committed on its own."""
+    predict call, only for the claim `claim` holds, and the batch counter: one statement
+    (committed on its own on an Engine or an autocommit Connection)."""
     parameters = {
         "subtask_id": claim.subtask_id,
         "attempt": claim.attempt,
@@ -295,16 +297,17 @@ def complete_subtask(
         "model_version": model_version,
         "predict_cpu_s": predict_cpu_s,
     }
-    with autocommit(engine) as conn:
+    with connected(bind) as conn:
         counted = conn.execute(COMPLETE, parameters).first()
     if counted is None:
         return Outcome(recorded=False)
     return Outcome(recorded=True, aggregate=counted.role == SubtaskRole.serve and must_aggregate(counted))
 
 
-def fail_subtask(engine: Engine, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
-    """`running` → `pending` (when `retry`, to run again) or → `failed` with the batch counter."""
-    with engine.begin() as conn:
+def fail_subtask(bind: Bind, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
+    """`running` → `pending` (when `retry`, to run again) or → `failed` with the batch counter
+    (several statements: on a Connection, the caller's transaction must hold them)."""
+    with joined(bind) as conn:
         guard = and_(
             Subtask.id == claim.subtask_id,
             Subtask.state == SubtaskState.running,

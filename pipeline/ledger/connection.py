@@ -1,10 +1,12 @@
-"""Connections to the ledger: the engine, migrations, autocommit reads and COPY."""
+"""Connections to the ledger: the engine, migrations, autocommit reads, transactions on
+either an engine or an autocommit connection, and COPY."""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -75,6 +77,45 @@ def retrying_deadlocks(transaction: Callable[[], T]) -> T:
                 raise
         time.sleep(random.uniform(0, DEADLOCK_PAUSE_S * run))
     return transaction()
+
+
+# What a ledger function that is one statement or one transaction runs on: an Engine (it
+# checks out a connection of its own) or a caller's Connection (a worker's turn holds one).
+Bind = Engine | Connection
+
+
+def connected(bind: Bind) -> AbstractContextManager[Connection]:
+    """The connection a statement of `bind` runs on: Connection `bind` as it is (the caller's
+    transaction, or autocommit), else an `autocommit` connection of Engine `bind`, closed on exit."""
+    return nullcontext(bind) if isinstance(bind, Connection) else autocommit(bind)
+
+
+def joined(bind: Bind) -> AbstractContextManager[Connection]:
+    """The transaction several statements of `bind` run in: Connection `bind`'s, the caller's
+    (which commits it), else one of Engine `bind` (`engine.begin()`)."""
+    return nullcontext(bind) if isinstance(bind, Connection) else bind.begin()
+
+
+@contextmanager
+def transaction(bind: Bind) -> Iterator[Connection]:
+    """One transaction, committed when the block ends and rolled back when it raises: on a
+    connection of Engine `bind` (`engine.begin()`), or on `autocommit` Connection `bind`
+    itself, so a caller holding one checks out no other; that connection is in autocommit
+    again afterwards (unless it was invalidated: it is then useless anyway)."""
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            yield conn
+        return
+    # Each statement has committed already: this only ends SQLAlchemy's autobegun
+    # transaction (nothing is sent), which must end before the isolation level changes.
+    bind.commit()
+    bind.execution_options(isolation_level=bind.default_isolation_level)
+    try:
+        with bind.begin():
+            yield bind
+    finally:
+        if not bind.invalidated:
+            bind.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def driver_connection(conn: Connection) -> psycopg.Connection[Any]:
