@@ -61,11 +61,13 @@ class _Side:
         subtask: rollout_rows.EvidenceSubtask,
         rows: bool = True,
         labelled: rollout_rows.EvidenceSubtask | None = None,
+        timed: bool = True,
     ) -> None:
-        """Add `subtask`'s timing and, with `rows`, its rows, labelled by the items and labels
-        of `labelled` (default: its own; a shadow sub-task's are its serve twin's)."""
-        if subtask.predict_cpu_s is not None:
-            self.seconds.append(max(subtask.predict_cpu_s, 0.0) / subtask.rows)
+        """Add `subtask`'s timing (with `timed`) and, with `rows`, its rows, labelled by the
+        items and labels of `labelled` (default: its own; a shadow sub-task's are its serve
+        twin's)."""
+        if timed:
+            self.add_seconds(subtask.predict_cpu_s, subtask.rows)
         if rows and subtask.output is not None:
             output = np.frombuffer(subtask.output, "<f4").reshape(-1, spec.n_outputs)
             decisions, self.classes = decisions_of(spec, output)
@@ -75,6 +77,11 @@ class _Side:
             if self.row_labels is not None and source.items is not None:
                 items = np.asarray(source.items, dtype=np.int64)
                 self.labels.append(self.row_labels(items, row_offsets(items, source.lead), source.labels))
+
+    def add_seconds(self, cpu_s: float | None, rows: int) -> None:
+        """Add a timing of `cpu_s` CPU seconds over `rows` rows (none when None)."""
+        if cpu_s is not None:
+            self.seconds.append(max(cpu_s, 0.0) / rows)
 
     def rows(self, key: str) -> np.ndarray:
         values = self.scores if key == "scores" else self.decisions
@@ -123,14 +130,19 @@ def evidence(
     if rollout.mode == RolloutMode.shadow:
         shadows = {(s.batch_id, -1 - s.seq): s for s in succeeded if s.role == SubtaskRole.shadow}
         serves = {(s.batch_id, s.seq): s for s in succeeded if s.role == SubtaskRole.serve}
-        # Rows only where both versions scored them, in the serve sub-tasks' order; timings of all.
+        # Rows only where both versions scored them, in the serve sub-tasks' order.
         for key, serve in serves.items():
-            champion.add(spec, serve, rows=key in shadows)
+            champion.add(spec, serve, rows=key in shadows, timed=False)
             if key in shadows:
-                challenger.add(spec, shadows[key], labelled=serve)
-        for key, shadow in shadows.items():
-            if key not in serves:
-                challenger.add(spec, shadow, rows=False)
+                challenger.add(spec, shadows[key], labelled=serve, timed=False)
+        # Timings only in pairs, from the shadow sub-tasks: each times both versions on the
+        # same rows in the same turn. A serve sub-task's own timing is not comparable: it ran
+        # at another moment, in other company (a small batch's back to back in one turn, the
+        # model in cache; an identical forest's shadows measured 1.4-1.7x slower that way).
+        for shadow in shadows.values():
+            if shadow.predict_cpu_s is not None and shadow.champion_cpu_s is not None:
+                champion.add_seconds(shadow.champion_cpu_s, shadow.rows)
+                challenger.add_seconds(shadow.predict_cpu_s, shadow.rows)
         paired = PairedRows(
             champion.rows("scores"),
             challenger.rows("scores"),

@@ -152,6 +152,9 @@ class Subtask(Base):
     # CPU seconds of the worker process in the model's predict call (revision 0013): what the
     # roll-out gate compares, as wall time depends on what else ran at that moment.
     predict_cpu_s: Mapped[float | None] = mapped_column(Float)
+    # A shadow sub-task's paired timing (revision 0019): the champion's predict CPU seconds
+    # on the same rows, in the same worker turn; what the gate compares `predict_cpu_s` with.
+    champion_cpu_s: Mapped[float | None] = mapped_column(Float)
     queued_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)

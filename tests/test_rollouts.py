@@ -305,6 +305,11 @@ def test_gate_passes_a_reseeded_forest_and_fails_one_fitted_on_shuffled_labels(
         assert gate is not None
         print(f"\nreseeded forest: {verdicts} after {len(verdicts)} batches; {gate.reasons}")
         assert verdicts[-1] == PASS, gate.reasons
+        unpaired = (
+            "SELECT count(*) FROM subtasks WHERE role = 'shadow' AND state = 'succeeded' AND champion_cpu_s IS NULL"
+        )
+        with engine.connect() as conn:
+            assert conn.execute(text(unpaired)).scalar_one() == 0  # every shadow timed its champion too
         promoted = rollouts.promote(engine, screening.FOREST, approved_by="lead")
         assert promoted.state == RolloutState.promoted
         assert model_registry.champion(engine, screening.FOREST) == reseeded

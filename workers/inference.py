@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import Connection, Engine
@@ -17,9 +17,11 @@ from sqlalchemy.exc import OperationalError
 
 from aggregator.assemble import aggregate_batch
 from pipeline import broker, ledger, model_registry, registry, runtime
+from pipeline.definition import ModelSpec
 from pipeline.errors import ArtifactError, GuardrailViolation, InvalidArtifactError, UnknownPipelineError
 from pipeline.guardrails import check_output
 from pipeline.ledger.connection import autocommit, transaction
+from pipeline.schema import SubtaskRole
 from pipeline.settings import Settings
 from workers.models import loaded_version
 
@@ -161,11 +163,15 @@ def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -
         version = claim.model_version or model_registry.champion(turn.engine, spec.name)
         estimator, manifest = loaded_version(turn.engine, settings, spec.name, version)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
-        # CPU time, not wall time: the roll-out gate compares versions whose sub-tasks run at
-        # different moments (shadow work after its batch's), beside different neighbours.
-        cpu_before = time.process_time()
-        predicted = spec.predict(estimator, X)
-        predict_cpu_s = time.process_time() - cpu_before
+        # A shadow sub-task also times its champion on the same rows, now: the gate compares
+        # the two versions in pairs measured alike. Which runs first alternates (by id), so
+        # neither always finds the other's data in the cache.
+        champion = shadow_champion(turn, settings, claim)
+        champion_first = champion is not None and claim.subtask_id % 2 == 0
+        champion_cpu_s = timed_predict(spec, champion, X)[1] if champion_first else None
+        predicted, predict_cpu_s = timed_predict(spec, estimator, X)
+        if champion is not None and not champion_first:
+            champion_cpu_s = timed_predict(spec, champion, X)[1]
         output = check_output(spec, predicted, claim.rows)
         # Drift counts are made here, in parallel workers, where the rows already are.
         reference = manifest.reference
@@ -198,12 +204,41 @@ def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -
         outcome = turn.run(
             settings,
             lambda conn: ledger.complete_subtask(
-                conn, claim, output.tobytes(), version, bin_counts, predict_cpu_s=predict_cpu_s
+                conn,
+                claim,
+                output.tobytes(),
+                version,
+                bin_counts,
+                predict_cpu_s=predict_cpu_s,
+                champion_cpu_s=champion_cpu_s,
             ),
         )
     if outcome.aggregate:
         aggregate_or_hand_over(turn, settings, claim)
     return outcome.aggregate
+
+
+def timed_predict(spec: ModelSpec, estimator: Any, X: np.ndarray) -> tuple[np.ndarray, float]:
+    """`spec.predict(estimator, X)` and the CPU seconds of this process it took. CPU time, not
+    wall time: what else runs on the machine at that moment does not count."""
+    before = time.process_time()
+    predicted = spec.predict(estimator, X)
+    return predicted, time.process_time() - before
+
+
+def shadow_champion(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> Any | None:
+    """The champion's estimator of a shadow sub-task's model, to time on the same rows; None
+    for a serve sub-task, or when the model has no champion other than the shadow's version.
+
+    Raises:
+        ArtifactError, InvalidArtifactError, OSError: as `loaded_version`.
+    """
+    if claim.role != SubtaskRole.shadow:
+        return None
+    version = turn.run(settings, lambda conn: ledger.aliases_of(conn, [claim.model]).get(claim.model))
+    if version is None or version == claim.model_version:
+        return None
+    return loaded_version(turn.engine, settings, claim.model, version)[0]
 
 
 def aggregate_or_hand_over(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> None:

@@ -262,6 +262,7 @@ def _complete_statement() -> Update:
             error=None,
             model_version=bindparam("model_version"),
             predict_cpu_s=bindparam("predict_cpu_s", type_=Float),
+            champion_cpu_s=bindparam("champion_cpu_s", type_=Float),
             finished_at=now(),
             lease_until=None,
         )
@@ -285,10 +286,12 @@ def complete_subtask(
     bin_counts: bytes | None,
     *,
     predict_cpu_s: float | None = None,
+    champion_cpu_s: float | None = None,
 ) -> Outcome:
     """`running` → `succeeded` with its output, drift bin counts and the CPU seconds of its
-    predict call, only for the claim `claim` holds, and the batch counter: one statement
-    (committed on its own on an Engine or an autocommit Connection)."""
+    predict call (and, for a shadow sub-task, of the champion's on the same rows), only for
+    the claim `claim` holds, and the batch counter: one statement (committed on its own on
+    an Engine or an autocommit Connection)."""
     parameters = {
         "subtask_id": claim.subtask_id,
         "attempt": claim.attempt,
@@ -296,6 +299,7 @@ def complete_subtask(
         "bin_counts": bin_counts,
         "model_version": model_version,
         "predict_cpu_s": predict_cpu_s,
+        "champion_cpu_s": champion_cpu_s,
     }
     with connected(bind) as conn:
         counted = conn.execute(COMPLETE, parameters).first()

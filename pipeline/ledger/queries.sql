@@ -446,11 +446,12 @@ ON CONFLICT DO NOTHING
 -- its version (chunks of one version are numbered in item order within a split step, and
 -- never span steps), and a sub-task it continues from holds nothing else, so the walk back
 -- goes on while the sub-task it reached started with that input.
-SELECT e.batch_id, e.seq, e.role, e.model_version, e.state, e.rows, e.output, e.predict_cpu_s,
+SELECT e.batch_id, e.seq, e.role, e.model_version, e.state, e.rows, e.output, e.predict_cpu_s, e.champion_cpu_s,
        CASE WHEN e.labelled THEN e.items END AS items, lead.rows AS lead,
        l.items AS labelled_items, l.labels
 FROM (
-  SELECT s.batch_id, s.seq, s.role, s.model_version, s.state, s.rows, s.output, s.predict_cpu_s, s.items,
+  SELECT s.batch_id, s.seq, s.role, s.model_version, s.state, s.rows, s.output, s.predict_cpu_s, s.champion_cpu_s,
+         s.items,
          rb.added_at, CAST(:labels AS boolean) AND s.role = 'serve' AND s.state = 'succeeded' AS labelled
   FROM rollout_batches rb
   CROSS JOIN LATERAL (

@@ -70,6 +70,8 @@ class EvidenceSubtask:
     rows: int
     output: bytes | None
     predict_cpu_s: float | None
+    # A shadow sub-task's paired timing: the champion's CPU seconds on its rows, same turn.
+    champion_cpu_s: float | None
     items: list[int] | None = None
     lead: int = 0
     labels: dict[int, Any] = field(default_factory=dict)
@@ -247,6 +249,7 @@ def evidence_subtasks(
             r.rows,
             r.output,
             r.predict_cpu_s,
+            r.champion_cpu_s,
             r.items,
             int(r.lead or 0),
             dict(zip(r.labelled_items or [], r.labels or [], strict=True)),
