@@ -129,25 +129,21 @@ def floor(key: str) -> None:
         conn.execute(text("SELECT pg_notify(:channel, :key)"), {"channel": ledger.NOTIFY_CHANNEL, "key": key})
 
 
-def measure_floor(client: Client, samples: int, warm_up: int) -> list[float]:
-    """ms of `samples` no-op round trips, one after another: `apply_async` → a peers worker
-    → one ledger write and NOTIFY → the client's listener wakes → the row read back."""
+def floor_round_trip(client: Client) -> float:
+    """ms of one no-op round trip: `apply_async` → a peers worker → one ledger write and
+    NOTIFY → the client's listener wakes → the row read back."""
     with client.engine.begin() as conn:
         conn.execute(text(f"CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (key text PRIMARY KEY, done_at timestamptz)"))
-    times = []
-    for sample in range(warm_up + samples):
-        key = str(uuid.uuid4())
-        start = time.perf_counter()
-        with client.listener.subscription(key) as woken:
-            woken.clear()
-            floor.apply_async((key,), queue=QUEUE)
-            if not woken.wait(TIMEOUT_S):
-                raise RuntimeError(f"no-op task {key} never notified")
-        with client.engine.connect() as conn:
-            conn.execute(text(f"SELECT done_at FROM {FLOOR_TABLE} WHERE key = :key"), {"key": key}).one()  # noqa: S608
-        if sample >= warm_up:
-            times.append((time.perf_counter() - start) * 1000)
-    return times
+    key = str(uuid.uuid4())
+    start = time.perf_counter()
+    with client.listener.subscription(key) as woken:
+        woken.clear()
+        floor.apply_async((key,), queue=QUEUE)
+        if not woken.wait(TIMEOUT_S):
+            raise RuntimeError(f"no-op task {key} never notified")
+    with client.engine.connect() as conn:
+        conn.execute(text(f"SELECT done_at FROM {FLOOR_TABLE} WHERE key = :key"), {"key": key}).one()  # noqa: S608
+    return (time.perf_counter() - start) * 1000
 
 
 def naive_items(pipeline: Pipeline, inputs: Any) -> list[dict[str, Any]]:

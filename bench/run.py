@@ -140,11 +140,20 @@ class Latency(NamedTuple):
     batch_ids: list[str]
 
 
-def measure_latency(client: Client, pipeline: str, samples: int, warm_up: int = LATENCY_WARM_UP) -> Latency:
-    """One-input batches run one after another, after `warm_up` untimed ones."""
+def measure_latency(
+    client: Client, pipeline: str, samples: int, warm_up: int = LATENCY_WARM_UP, floor: list[float] | None = None
+) -> Latency:
+    """One-input batches run one after another, after `warm_up` untimed ones. With `floor`,
+    each is preceded by a no-op round trip (`peers.floor_round_trip`) whose ms are appended
+    to it: the floor is then measured on the same machine, in the same seconds, as the
+    latency it is compared with (this machine's speed drifts by 1.5x within minutes)."""
     one = make_workload(registry.get_pipeline(pipeline), 1).inputs
     measured = Latency([], [])
     for sample in range(warm_up + samples):
+        if floor is not None:
+            floor_ms = peers.floor_round_trip(client)
+            if sample >= warm_up:
+                floor.append(floor_ms)
         start = time.perf_counter()
         batch = client.submit(pipeline, one)
         batch.wait(timeout=60)
@@ -263,12 +272,15 @@ def machine_busy_s() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_mixed(processes: Processes, client: Client, pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One-input latency idle, the bulk batch alone, then the bulk batch again with a stream of
-    one-input batches (this process's own client) submitted one after another while it runs."""
+def measure_mixed(
+    processes: Processes, client: Client, pipeline: str, args: argparse.Namespace, floor: list[float]
+) -> dict[str, Any]:
+    """One-input latency idle (interleaved with `floor` samples), the bulk batch alone, then
+    the bulk batch again with a stream of one-input batches (this process's own client)
+    submitted one after another while it runs."""
     bulk = client_command("pipeline", pipeline, args, rows=args.bulk_rows, warm_up=0)
-    log(f"mixed: {args.latency_samples} one-input batches on the idle cluster")
-    idle = measure_latency(client, pipeline, args.latency_samples).ms
+    log(f"mixed: {args.latency_samples} one-input batches on the idle cluster, each after a no-op round trip")
+    idle = measure_latency(client, pipeline, args.latency_samples, floor=floor).ms
     log(f"mixed: bulk batch of {args.bulk_rows} rows alone")
     busy_before = machine_busy_s()
     alone = run_client(processes, "client-bulk-alone", bulk)
@@ -389,10 +401,8 @@ def measure_fair(processes: Processes, client: Client, pipeline: str, args: argp
     return figures
 
 
-def measure_floor(client: Client, samples: int) -> dict[str, Any]:
-    """The no-op round trip (`bench.peers.measure_floor`)."""
-    log(f"floor: {samples} no-op Celery tasks, each writing the ledger and notifying")
-    floor = peers.measure_floor(client, samples, LATENCY_WARM_UP)
+def floor_figures(floor: list[float]) -> dict[str, Any]:
+    """The no-op round trips' percentiles (`bench.peers.floor_round_trip`)."""
     return {
         "floor_p50_ms": float(np.percentile(floor, 50)),
         "floor_p99_ms": float(np.percentile(floor, 99)),
@@ -447,9 +457,10 @@ def measure_throughput(
     limit: dict[str, float],
     naive_items: int,
     roots: dict[str, int],
+    floor: list[float],
 ) -> dict[str, Any]:
-    """The N-row batch with peak RSS, `batch.status()`, `results --out`, one-input latency,
-    and the chord peers."""
+    """The N-row batch with peak RSS, `batch.status()`, `results --out`, one-input latency
+    (interleaved with `floor` samples), and the chord peers."""
     log(f"pipeline: {args.rows} rows")
     launched = processes.launch("client-pipeline", client_command("pipeline", pipeline.name, args))
     with PeakRss({"client": launched.pid, **roots, **service_pids(client)}) as rss:
@@ -463,8 +474,8 @@ def measure_throughput(
     status_ms = measure_status(client, measured["batch_id"])
     log("pipeline results --out")
     results_out_s, rss_results_out_mb = measure_results_out(processes, folder, measured["batch_id"], measured["items"])
-    log(f"latency: {args.latency_samples} one-input batches")
-    one_input = measure_latency(client, pipeline.name, args.latency_samples)
+    log(f"latency: {args.latency_samples} one-input batches, each after a no-op round trip (the floor)")
+    one_input = measure_latency(client, pipeline.name, args.latency_samples, floor=floor)
     latency = one_input.ms
     log(f"naive peer: {naive_items} inputs")
     naive = run_client(processes, "client-naive", client_command("naive", pipeline.name, args, naive_items))
@@ -562,13 +573,20 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             peers.configure(services.settings(models_dir))
             log("warm-up: every worker process loads its models")
             run_client(processes, "client-warm-up", client_command("pipeline", pipeline.name, args, rows=args.warm_up))
-            figures.update(measure_floor(client, args.latency_samples))
+            # No-op round trips, one before each idle one-input batch of throughput and mixed.
+            floor: list[float] = []
             if THROUGHPUT in args.scenario:
                 roots = {"worker": worker.pid, "aggregator": aggregator.pid}
-                figures.update(measure_throughput(processes, client, pipeline, args, folder, limit, naive_items, roots))
+                figures.update(
+                    measure_throughput(processes, client, pipeline, args, folder, limit, naive_items, roots, floor)
+                )
+            if MIXED in args.scenario:
+                figures.update(measure_mixed(processes, client, pipeline.name, args, floor))
+            if floor:
+                figures.update(floor_figures(floor))
+            if THROUGHPUT in args.scenario:
                 figures["latency_p50_vs_floor"] = figures["latency_p50_ms"] / figures["floor_p50_ms"]
             if MIXED in args.scenario:
-                figures.update(measure_mixed(processes, client, pipeline.name, args))
                 figures["idle_latency_p50_vs_floor"] = figures["idle_latency_p50_ms"] / figures["floor_p50_ms"]
             if FAIR in args.scenario:
                 figures.update(measure_fair(processes, client, pipeline.name, args))

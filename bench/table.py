@@ -73,7 +73,7 @@ ROWS: tuple[Row, ...] = (
     ("cpu_s_postgres", "PostgreSQL: every backend (the machine's server)", _s, "", None),
     ("cpu_s_redis", "Redis", _s, "", None),
 )
-# The latency floor, measured in every run.
+# The latency floor, sampled between the idle one-input batches of throughput and mixed.
 FLOOR_ROWS: tuple[Row, ...] = (
     ("floor_p50_ms", "floor: no-op task → ledger write → client woken", _ms, "", None),
     ("floor_p99_ms", "", _ms, "", None),
@@ -169,10 +169,10 @@ def print_table(figures: dict[str, Any]) -> None:
         parts.append(f"shadow: roll-out of {figures['shadow_model']}")
     if "fair_bulk_rows" in figures:
         parts.append(f"fair: 2 bulk batches of {figures['fair_bulk_rows']:,} rows")
-    parts.append(
-        f"floor over {figures['floor_samples']} tasks; {figures['cpus']} CPUs, load {figures['load_average_1m']:.2f}"
-        f" at start, {figures['services']} services"
-    )
+    if "floor_samples" in figures:
+        parts.append(f"floor over {figures['floor_samples']} tasks, one before each idle one-input batch")
+    load = figures["load_average_1m"]
+    parts.append(f"{figures['cpus']} CPUs, load {load:.2f} at start, {figures['services']} services")
     if "monitor_batches" in figures:
         parts.append(f"monitor: a day of {figures['monitor_batches']:,} batches")
     all_rows = ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + SHADOW_ROWS + MONITOR_ROWS + CLI_ROWS
