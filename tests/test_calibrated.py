@@ -43,3 +43,18 @@ def test_binary_and_other_calibrations_are_scikit_learns(method: str) -> None:
     X, y = load_breast_cancer(return_X_y=True)
     model = CalibratedClassifierCV(LogisticRegression(max_iter=5000), method=method).fit(X[:400], y[:400])
     assert np.array_equal(calibrated_proba(model, X[400:]), model.predict_proba(X[400:]))
+
+
+@pytest.mark.parametrize("kernel", ["linear", "poly", "sigmoid"])
+def test_libsvm_decisions_are_scikit_learns_for_each_kernel(kernel: str) -> None:
+    X, y = load_digits(return_X_y=True)
+    model = CalibratedClassifierCV(SVC(kernel=kernel, gamma=0.001), method="isotonic").fit(X[:600], y[:600])
+    unseen = X[1000:1100].astype(np.float32)
+    assert np.array_equal(calibrated_proba(model, unseen), model.predict_proba(unseen))
+
+
+def test_rows_of_another_feature_count_are_refused() -> None:
+    X, y = load_digits(return_X_y=True)
+    model = CalibratedClassifierCV(SVC(gamma=0.001), method="isotonic").fit(X[:600], y[:600])
+    with pytest.raises(ValueError, match="X has 63 features, but the SVC was fitted on 64"):
+        calibrated_proba(model, X[:2, :63])
