@@ -50,8 +50,9 @@ def retry_delay(settings: Settings, attempt: int) -> float:
 
 
 def with_ledger_retry(settings: Settings, write: Callable[[], T], after_error: Callable[[], None] | None = None) -> T:
-    """Run a ledger transaction, retrying with backoff while PostgreSQL is unreachable;
-    `after_error` runs after each OperationalError (to drop a connection it left dead).
+    """Run a ledger transaction, retrying with backoff while PostgreSQL is unreachable (or
+    rolled it back as a deadlock's victim); `after_error` runs after each OperationalError
+    (to drop a connection it left dead).
 
     The task does not return, so its message is not acknowledged, until the write
     went through. A transaction whose commit was lost with the connection is retried
@@ -70,7 +71,7 @@ def with_ledger_retry(settings: Settings, write: Callable[[], T], after_error: C
                 after_error()
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("ledger unreachable (%s); retrying in %.1f s", error.orig or error, delay)
+            log.warning("ledger write failed (%s); retrying in %.1f s", error.orig or error, delay)
             time.sleep(delay)
             delay = min(delay * 2, LEDGER_RETRY_MAX_S)
 
