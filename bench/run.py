@@ -575,6 +575,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             run_client(processes, "client-warm-up", client_command("pipeline", pipeline.name, args, rows=args.warm_up))
             # No-op round trips, one before each idle one-input batch of throughput and mixed.
             floor: list[float] = []
+            peers.create_floor_table(client)
             if THROUGHPUT in args.scenario:
                 roots = {"worker": worker.pid, "aggregator": aggregator.pid}
                 figures.update(

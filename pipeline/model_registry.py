@@ -38,7 +38,7 @@ from pipeline.errors import (
     UnknownVersionError,
 )
 from pipeline.guardrails import check_output
-from pipeline.ledger.connection import autocommit
+from pipeline.ledger.connection import Bind, autocommit, connected
 from pipeline.profile import ReferenceProfile
 from pipeline.settings import Settings
 from pipeline.states import Alias, ModelEvent, VersionSource
@@ -266,15 +266,16 @@ def events(engine: Engine, model: str) -> list[dict[str, Any]]:
         return ledger.events_of(conn, model)
 
 
-def champion(engine: Engine, model: str) -> str:
-    """The version new batches of `model` are pinned to.
+def champion(bind: Bind, model: str) -> str:
+    """The version new batches of `model` are pinned to (one read, on Engine `bind`'s own
+    connection or on Connection `bind`).
 
     Raises:
         UnknownPipelineError: no pipeline has `model`.
         NoChampionError: it has no version yet.
     """
     registry.get_model(model)
-    with engine.connect() as conn:
+    with connected(bind) as conn:
         version = ledger.aliases_of(conn, [model]).get(model)
     if version is None:
         raise NoChampionError(model)

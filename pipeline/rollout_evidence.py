@@ -59,16 +59,11 @@ class _Side:
         self,
         spec: ModelSpec,
         subtask: rollout_rows.EvidenceSubtask,
-        rows: bool = True,
         labelled: rollout_rows.EvidenceSubtask | None = None,
-        timed: bool = True,
     ) -> None:
-        """Add `subtask`'s timing (with `timed`) and, with `rows`, its rows, labelled by the
-        items and labels of `labelled` (default: its own; a shadow sub-task's are its serve
-        twin's)."""
-        if timed:
-            self.add_seconds(subtask.predict_cpu_s, subtask.rows)
-        if rows and subtask.output is not None:
+        """Add `subtask`'s rows, labelled by the items and labels of `labelled` (default: its
+        own; a shadow sub-task's are its serve twin's). Timings are added apart (`add_seconds`)."""
+        if subtask.output is not None:
             output = np.frombuffer(subtask.output, "<f4").reshape(-1, spec.n_outputs)
             decisions, self.classes = decisions_of(spec, output)
             self.scores.append(spec.output_score(output).astype(np.float64))
@@ -132,9 +127,9 @@ def evidence(
         serves = {(s.batch_id, s.seq): s for s in succeeded if s.role == SubtaskRole.serve}
         # Rows only where both versions scored them, in the serve sub-tasks' order.
         for key, serve in serves.items():
-            champion.add(spec, serve, rows=key in shadows, timed=False)
             if key in shadows:
-                challenger.add(spec, shadows[key], labelled=serve, timed=False)
+                champion.add(spec, serve)
+                challenger.add(spec, shadows[key], labelled=serve)
         # Timings only in pairs, from the shadow sub-tasks: each times both versions on the
         # same rows in the same turn. A serve sub-task's own timing is not comparable: it ran
         # at another moment, in other company (a small batch's back to back in one turn, the
@@ -154,7 +149,9 @@ def evidence(
         timings = Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds))
         return Evidence(timings, paired=paired)
     for subtask in succeeded:
-        (challenger if subtask.model_version == rollout.version else champion).add(spec, subtask)
+        side = challenger if subtask.model_version == rollout.version else champion
+        side.add(spec, subtask)
+        side.add_seconds(subtask.predict_cpu_s, subtask.rows)
     classes = max(champion.classes, challenger.classes)
     return Evidence(
         Timings(np.asarray(champion.seconds), np.asarray(challenger.seconds)),

@@ -20,7 +20,7 @@ from pipeline import broker, ledger, model_registry, registry, runtime
 from pipeline.definition import ModelSpec
 from pipeline.errors import ArtifactError, GuardrailViolation, InvalidArtifactError, UnknownPipelineError
 from pipeline.guardrails import check_output
-from pipeline.ledger.connection import autocommit, transaction
+from pipeline.ledger.connection import autocommit
 from pipeline.schema import SubtaskRole
 from pipeline.settings import Settings
 from workers.models import loaded_version
@@ -144,15 +144,6 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
                 return
 
 
-def fail_in_transaction(
-    conn: Connection, claim: ledger.Claim, error: str, retry: bool, lease_s: float
-) -> ledger.Outcome:
-    """`ledger.fail_subtask` on autocommit connection `conn`, in a transaction of its own (its
-    statements commit together)."""
-    with transaction(conn):
-        return ledger.fail_subtask(conn, claim, error, retry=retry, lease_s=lease_s)
-
-
 def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> bool:
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
     it was the last. A failure to retry is published again with its backoff as countdown (the
@@ -161,7 +152,7 @@ def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -
     try:
         spec = registry.get_model(claim.model)
         # The version the split pinned; the champion for a sub-task split before the registry.
-        version = claim.model_version or model_registry.champion(turn.engine, spec.name)
+        version = claim.model_version or turn.run(settings, lambda conn: model_registry.champion(conn, spec.name))
         estimator, manifest = loaded_version(turn.engine, settings, spec.name, version)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
         # A shadow sub-task also times its champion on the same rows, now: the gate compares
@@ -184,7 +175,7 @@ def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -
         log.error("sub-task %d failed for good: %s", claim.subtask_id, message, exc_info=error)
         outcome = turn.run(
             settings,
-            lambda conn: fail_in_transaction(conn, claim, public_error(message), retry=False, lease_s=settings.lease_s),
+            lambda conn: ledger.fail_subtask(conn, claim, public_error(message), retry=False, lease_s=settings.lease_s),
         )
     # A model may raise anything; the error is recorded in the ledger and the sub-task retried.
     except Exception as error:  # noqa: BLE001
@@ -193,7 +184,7 @@ def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -
         log.warning("sub-task %d failed: %s", claim.subtask_id, message, exc_info=error)
         outcome = turn.run(
             settings,
-            lambda conn: fail_in_transaction(conn, claim, public_error(message), retry=retry, lease_s=settings.lease_s),
+            lambda conn: ledger.fail_subtask(conn, claim, public_error(message), retry=retry, lease_s=settings.lease_s),
         )
         if retry and outcome.recorded:
             broker.publish_predictions(
@@ -229,15 +220,16 @@ def timed_predict(spec: ModelSpec, estimator: Any, X: np.ndarray) -> tuple[np.nd
 
 def shadow_champion(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> Any | None:
     """The champion's estimator of a shadow sub-task's model, to time on the same rows; None
-    for a serve sub-task, or when the model has no champion other than the shadow's version.
+    for a serve sub-task, or when the shadow's version is the champion.
 
     Raises:
+        NoChampionError: the model has no champion (a roll-out needs one).
         ArtifactError, InvalidArtifactError, OSError: as `loaded_version`.
     """
     if claim.role != SubtaskRole.shadow:
         return None
-    version = turn.run(settings, lambda conn: ledger.aliases_of(conn, [claim.model]).get(claim.model))
-    if version is None or version == claim.model_version:
+    version = turn.run(settings, lambda conn: model_registry.champion(conn, claim.model))
+    if version == claim.model_version:
         return None
     return loaded_version(turn.engine, settings, claim.model, version)[0]
 

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.orm import aliased
 
-from pipeline.ledger.connection import Bind, connected, joined, now
+from pipeline.ledger.connection import Bind, connected, now, transaction
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
 from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
 
@@ -309,9 +309,9 @@ def complete_subtask(
 
 
 def fail_subtask(bind: Bind, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
-    """`running` → `pending` (when `retry`, to run again) or → `failed` with the batch counter
-    (several statements: on a Connection, the caller's transaction must hold them)."""
-    with joined(bind) as conn:
+    """`running` → `pending` (when `retry`, to run again) or → `failed` with the batch counter,
+    in one transaction (`transaction`: of Engine `bind`, or on autocommit Connection `bind`)."""
+    with transaction(bind) as conn:
         guard = and_(
             Subtask.id == claim.subtask_id,
             Subtask.state == SubtaskState.running,

@@ -90,12 +90,6 @@ def connected(bind: Bind) -> AbstractContextManager[Connection]:
     return nullcontext(bind) if isinstance(bind, Connection) else autocommit(bind)
 
 
-def joined(bind: Bind) -> AbstractContextManager[Connection]:
-    """The transaction several statements of `bind` run in: Connection `bind`'s, the caller's
-    (which commits it), else one of Engine `bind` (`engine.begin()`)."""
-    return nullcontext(bind) if isinstance(bind, Connection) else bind.begin()
-
-
 @contextmanager
 def transaction(bind: Bind) -> Iterator[Connection]:
     """One transaction, committed when the block ends and rolled back when it raises: on a
