@@ -1,15 +1,28 @@
-"""Peak resident memory and CPU time of process trees, sampled with psutil in a background
-thread."""
+"""Peak resident memory and CPU time of process trees, and how busy the machine's cores
+were, sampled with psutil and /proc/stat in a background thread."""
 
 from __future__ import annotations
 
+import bisect
+import os
 import threading
+import time
+from pathlib import Path
 from types import TracebackType
 
 import psutil
 
 MB = 1024 * 1024
 INTERVAL_S = 0.05
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of this machine has been busy since boot (/proc/stat: all but
+    idle and iowait), whoever used them: the worker, aggregator, PostgreSQL, Redis, clients."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(value) for value in fields]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class PeakRss:
@@ -26,10 +39,13 @@ class PeakRss:
         # role -> pid -> (CPU s at its first sample, at its last): a process that lives
         # between two samples is missed, one that ends loses its last interval.
         self.process_cpu: dict[str, dict[int, tuple[float, float]]] = {role: {} for role in roots}
+        # (time.perf_counter(), machine_busy_s()) at each sample.
+        self.busy: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
     def _sample(self) -> None:
+        self.busy.append((time.perf_counter(), machine_busy_s()))
         for role, pid in self.roots.items():
             try:
                 root = psutil.Process(pid)
@@ -75,6 +91,16 @@ class PeakRss:
     def cpu_s(self, role: str) -> float:
         """CPU seconds (user + system) `role`'s tree used while watched."""
         return sum(last - first for first, last in self.process_cpu[role].values())
+
+    def cores_busy(self, start: float, end: float) -> float | None:
+        """The share of the machine's cores busy from `start` to `end` (`time.perf_counter()`
+        values), from the samples nearest inside; None with fewer than two there."""
+        times = [t for t, _ in self.busy]
+        first, last = bisect.bisect_left(times, start), bisect.bisect_right(times, end) - 1
+        if last <= first:
+            return None
+        (t0, busy0), (t1, busy1) = self.busy[first], self.busy[last]
+        return (busy1 - busy0) / (os.cpu_count() or 1) / (t1 - t0)
 
     def tree_mb(self, role: str) -> float:
         return self.tree_peak[role] / MB

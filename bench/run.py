@@ -34,7 +34,7 @@ from sqlalchemy import Engine, text
 
 from bench import peers
 from bench.cli import measure_cli
-from bench.memory import PeakRss
+from bench.memory import PeakRss, machine_busy_s
 from bench.monitor import measure_monitor
 from bench.processes import Processes
 from bench.table import print_table
@@ -263,15 +263,6 @@ def stream_during_bulk(
     return during, figures
 
 
-def machine_busy_s() -> float:
-    """CPU seconds every core of this machine has been busy since boot (/proc/stat: all but
-    idle and iowait), whoever used them: the worker, aggregator, PostgreSQL, Redis, clients."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(value) for value in fields]
-    idle = ticks[3] + ticks[4]
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def measure_mixed(
     processes: Processes, client: Client, pipeline: str, args: argparse.Namespace, floor: list[float]
 ) -> dict[str, Any]:
@@ -465,6 +456,9 @@ def measure_throughput(
     launched = processes.launch("client-pipeline", client_command("pipeline", pipeline.name, args))
     with PeakRss({"client": launched.pid, **roots, **service_pids(client)}) as rss:
         measured = json.loads(processes.finish("client-pipeline", launched, RUN_TIMEOUT_S))
+        # The batch's window, from its client's own clock: it printed its figures as it ended.
+        ended = time.perf_counter()
+        submitted = ended - measured["seconds"] + measured["submit_s"]
     log(
         f"pipeline took {measured['seconds']:.2f} s, submit {measured['submit_s']:.2f} s;"
         " from the ledger, s after submission:"
@@ -508,6 +502,9 @@ def measure_throughput(
         # Where the CPU went during the N-row batch, per process tree, beside the models' own
         # (the limit, one process): what the pipeline adds is the rest.
         **{f"cpu_s_{role}": rss.cpu_s(role) for role in rss.roots},
+        # Below 100 %, the cores had idle time another stage could have used.
+        "cores_busy_submit": rss.cores_busy(ended - measured["seconds"], submitted),
+        "cores_busy_after_submit": rss.cores_busy(submitted, ended),
         # Extras.
         "items": measured["items"],
         "subtasks": measured["subtasks"],

@@ -72,6 +72,8 @@ ROWS: tuple[Row, ...] = (
     ("cpu_s_client", "client: validation, storing", _s, "", None),
     ("cpu_s_postgres", "PostgreSQL: every backend (the machine's server)", _s, "", None),
     ("cpu_s_redis", "Redis", _s, "", None),
+    ("cores_busy_submit", "the machine's cores busy: while the client stores the batch", _pct, "", None),
+    ("cores_busy_after_submit", "from then to the batch's end", _pct, "", None),
 )
 # The latency floor, sampled between the idle one-input batches of throughput and mixed.
 FLOOR_ROWS: tuple[Row, ...] = (
@@ -176,7 +178,8 @@ def print_table(figures: dict[str, Any]) -> None:
     if "monitor_batches" in figures:
         parts.append(f"monitor: a day of {figures['monitor_batches']:,} batches")
     all_rows = ROWS + FLOOR_ROWS + MIXED_ROWS + FAIR_ROWS + SHADOW_ROWS + MONITOR_ROWS + CLI_ROWS
-    rows = [row for row in all_rows if row[0] in figures]
+    # A figure the run could not measure (None) is left out of the table, kept in results.json.
+    rows = [row for row in all_rows if figures.get(row[0]) is not None]
     _print("; ".join(parts), tuple(rows), figures)
 
 
