@@ -369,9 +369,9 @@ def evaluate_batch(bind: Bind, batch_id: uuid.UUID, after: str = "after batch", 
     # One statement on its own (no BEGIN and ROLLBACK around it): every aggregate runs it.
     with connected(bind) as conn:
         due = rollout_rows.due_rollouts_of_batch(conn, batch_id, min_age_s)
-    engine = bind.engine if isinstance(bind, Connection) else bind
     for rollout in due:
-        _evaluate_recording_errors(engine, rollout, f"{after} {batch_id}")
+        # Each gate on a connection of its own (an Engine's `engine` is itself).
+        _evaluate_recording_errors(bind.engine, rollout, f"{after} {batch_id}")
 
 
 def refresh_gates(engine: Engine, min_age_s: float) -> None:

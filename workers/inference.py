@@ -95,9 +95,13 @@ class TurnConnection:
     def discard(self) -> None:
         """Drop the connection after an OperationalError: it may be dead, so it is invalidated
         (never handed out again) and the next `get` checks out a fresh one."""
+        self._release(invalidate=True)
+
+    def _release(self, invalidate: bool) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            conn.invalidate()
+            if invalidate:
+                conn.invalidate()
             conn.close()
 
     def run(self, settings: Settings, write: Callable[[Connection], T]) -> T:
@@ -114,9 +118,7 @@ class TurnConnection:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
+        self._release(invalidate=False)
 
 
 def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()) -> None:
