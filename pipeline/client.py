@@ -148,9 +148,9 @@ class BatchHandle:
         consumes, by their heartbeats in the ledger: e.g. `["model.digit-ood"]`. Empty once
         the batch is finished. `status`: the batch's status when just read (else read here).
 
-        A `pending` batch waits on its models' queues, and on `split` unless the client
-        splits it (a small batch); a `running` one on its models' queues; an `aggregating`
-        or cancelled one on `aggregate`.
+        A `pending` batch waits on `split` and its models' queues (the client splits a small
+        batch and a batch of JSON items as it stores them: committed, they are `running`); a
+        `running` one on its models' queues; an `aggregating` or cancelled one on `aggregate`.
 
         Raises:
             BatchNotFoundError: the batch is not in the ledger.
@@ -166,7 +166,7 @@ class BatchHandle:
         except UnknownPipelineError:
             models = []  # a pipeline this client does not know: its models' queues are unknown too
         queues = {
-            BatchState.pending: models if settings.is_small_batch(status.items) else [broker.SPLIT_QUEUE, *models],
+            BatchState.pending: [broker.SPLIT_QUEUE, *models],
             BatchState.running: models,
         }.get(status.state, [broker.AGGREGATE_QUEUE])
         return heartbeat.unserved_queues(self._client.engine, settings, queues)
@@ -326,7 +326,7 @@ class Client:
         """
         from pipeline import broker, registry
         from pipeline.inputs import iter_input_pages
-        from pipeline.splitter import first_split_step, run_split
+        from pipeline.splitter import ClientSplit
 
         try:
             options = SubmitOptions(
@@ -343,6 +343,12 @@ class Client:
         pages = iter_input_pages(definition, inputs, self.settings.max_batch_items, self.settings.max_item_bytes)
         head, small = self._head_pages(pages)
         priority_of_batch = Priority(options.priority or ("interactive" if small else "bulk"))
+        # Split here, as the pages are stored, in the transaction that stores them: a small
+        # batch (no split message, no second commit before its sub-tasks are published),
+        # and any batch of JSON items, split from the objects just validated (the
+        # aggregator's split would validate every item again). A big batch of packed
+        # features is split by the aggregator, in steps its workers start on at once.
+        split = ClientSplit(self.settings) if small or not definition.feature_names else None
         # The rest of the pages are validated as they are stored: a bad one raises and the
         # transaction stores nothing.
         with self.engine.begin() as conn:
@@ -355,16 +361,19 @@ class Client:
                 options.max_failed_fraction,
                 options.deadline_s,
                 priority_of_batch,
+                stored=None if split is None else split.page_stored,
             )
-            # A small batch is split here, in the transaction that stores it: no split
-            # message and no second commit before its sub-tasks are published.
-            first_step = first_split_step(conn, self.settings, batch_id) if created and small else None
+            step = split.finish(conn, batch_id) if created and split is not None else None
         if created:
             with self.publishing() as app:
-                if small:
-                    run_split(self.engine, self.settings, batch_id, app, first_step)
-                else:
+                if step is None:
                     broker.publish_split(app, str(batch_id))
+                    return BatchHandle(self, batch_id)
+                broker.publish_predictions(app, step.published)
+                # A big batch is followed by an aggregator, which assembles its results as its
+                # sub-tasks finish; a small one is aggregated by the worker finishing it.
+                if step.aggregate or (step.published and not small):
+                    broker.publish_aggregate(app, str(batch_id))
         return BatchHandle(self, batch_id)
 
     def _head_pages(self, pages: Iterator[InputPage]) -> tuple[list[InputPage], bool]:

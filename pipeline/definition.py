@@ -10,7 +10,7 @@ import json
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -115,20 +115,36 @@ class InputPage:
     its other fields (`extras_model`); None when a feature-vector pipeline's inputs
     set no other field. A page as stored (and as the client stores it) keeps it as its
     JSON text (`JsonArray`), validated from the text by `Pipeline.page_items`.
+    `items`: the inputs as the client validated them, on a page it is storing (it splits
+    them as it stores them: `Pipeline.page_items` gives them without validating again);
+    None on a page read back from the ledger.
     """
 
     first: int
     count: int
     X: np.ndarray | None
     data: list[Any] | JsonArray | None
+    items: list[BaseModel] | None = None
 
     def cut(self, start: int, stop: int) -> InputPage:
         """Inputs `start` .. `stop - 1` of this page (the page itself when that is all of it)."""
         if start == self.first and stop == self.first + self.count:
             return self
         lo, hi = start - self.first, stop - self.first
-        X = None if self.X is None else self.X[lo:hi]
-        return InputPage(start, stop - start, X, None if self.data is None else self.data[lo:hi])
+        return InputPage(
+            start,
+            stop - start,
+            None if self.X is None else self.X[lo:hi],
+            None if self.data is None else self.data[lo:hi],
+            None if self.items is None else self.items[lo:hi],
+        )
+
+    def packed(self) -> InputPage:
+        """This page with its features as stored: float32 little-endian, row-major (the split
+        of the client's own pages then sees what a split of the stored ones would)."""
+        if self.X is None:
+            return self
+        return replace(self, X=np.ascontiguousarray(self.X, dtype="<f4"))
 
     @classmethod
     def from_stored(
@@ -250,6 +266,8 @@ class Pipeline(ABC):
 
     def page_items(self, page: InputPage) -> list[BaseModel]:
         """The page's inputs as input model objects (they were validated on submit)."""
+        if page.items is not None:
+            return page.items
         if page.X is None:
             if isinstance(page.data, JsonArray):
                 # From the text: no Python object per value before validation.
@@ -264,7 +282,9 @@ class Pipeline(ABC):
         if not self.feature_names or page.X is not None:
             return page
         rows, extras = zip(*(self.item_parts(item) for item in self.page_items(page)))
-        return InputPage(page.first, page.count, np.asarray(rows, dtype="<f4"), list(extras) if any(extras) else None)
+        return InputPage(
+            page.first, page.count, np.asarray(rows, dtype="<f4"), list(extras) if any(extras) else None, page.items
+        )
 
     def split_page(self, page: InputPage) -> dict[str, ModelRows]:
         """For each model name, the rows it must score for the page's inputs (`items`

@@ -216,7 +216,7 @@ class _Validator:
             X = np.asarray(rows, dtype=np.float64)
             self.problems += _finite_problems(self.pipeline, X, first)
             data = list(extras) if any(extras) else None
-            return InputPage(first, len(items), X, data)
+            return InputPage(first, len(items), X, data, items)
         # The page as stored: each item's compact JSON made by pydantic's serializer (no
         # Python object per value), which also gives its size; joined into one array.
         serialized = [item.__pydantic_serializer__.to_json(item) for item in items]
@@ -225,7 +225,7 @@ class _Validator:
                 self.problems.append(
                     (first + index, f"{len(text)} bytes of JSON; at most {self.max_item_bytes} allowed")
                 )
-        return InputPage(first, len(items), None, JsonArray.of_values(serialized))
+        return InputPage(first, len(items), None, JsonArray.of_values(serialized), items)
 
 
 def _stored_bytes(page: InputPage) -> int:
@@ -247,7 +247,8 @@ def _joined(first: int, parts: list[InputPage]) -> InputPage:
         data = JsonArray.joined([part.data for part in parts if isinstance(part.data, JsonArray)])
     elif any(part.data is not None for part in parts):
         data = [extra for part in parts for extra in (part.data if part.data is not None else [{}] * part.count)]
-    return InputPage(first, count, X, data)
+    items = None if any(part.items is None for part in parts) else [item for part in parts for item in part.items or ()]
+    return InputPage(first, count, X, data, items)
 
 
 def _refuse_non_collection(pipeline: Pipeline, inputs: Any) -> None:

@@ -15,7 +15,7 @@ from celery import Celery
 from sqlalchemy import Connection, Engine
 
 from pipeline import broker, ledger, registry, runtime
-from pipeline.definition import ModelRows, ModelSpec, Pipeline
+from pipeline.definition import InputPage, ModelRows, ModelSpec, Pipeline
 from pipeline.errors import NoChampionError, SplitError, UnknownPipelineError
 from pipeline.garbage import collection_paused
 from pipeline.ledger import rollouts as rollout_rows
@@ -184,6 +184,104 @@ def bulk_chunk_sizes(sizes: dict[str, int], cpu_s_per_row: dict[str, float], bul
     return capped
 
 
+class BatchSplitter:
+    """Turns a `pending` batch's input pages, taken in item order from input
+    `batch.split_items` on, into its sub-tasks: one `Chunker` per model (two for a canary's
+    model: champion and challenger), and a shadow copy of each serve sub-task of a model in
+    shadow. Reads what the batch's split pins (champions, roll-outs, bulk chunk sizes) once.
+
+    Raises:
+        NoChampionError: a model of the pipeline has no version to pin.
+    """
+
+    def __init__(
+        self, conn: Connection, batch: Any, pipeline: Pipeline, chunk_sizes: dict[str, int], bulk_chunk_ms: float
+    ) -> None:
+        self.batch_id: uuid.UUID = batch.id
+        self.pipeline = pipeline
+        # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
+        seqs = ledger.next_seqs(conn, batch.id) if batch.split_items else {}
+        rank = Priority(batch.priority).rank
+        self.versions: dict[str, str] = batch.model_versions or pin_champions(conn, pipeline)
+        self.rollouts = batch_rollouts(conn, batch, self.versions)
+        # The roll-outs this split is the first to follow (recorded by `record_rollouts`).
+        self._new_rollouts = batch.model_versions is None
+        self._chunkers: list[Chunker] = []
+        self._champions: dict[str, Chunker] = {}
+        self._canaries: dict[str, tuple[Chunker, Chunker, float]] = {}
+        sizes = {spec.name: chunk_sizes.get(spec.name, spec.chunk_size) for spec in pipeline.models}
+        if bulk_chunk_ms and rank == Priority.bulk.rank:
+            sizes = bulk_chunk_sizes(sizes, ledger.model_row_costs(conn, list(sizes)), bulk_chunk_ms)
+        for spec in pipeline.models:
+            size = sizes[spec.name]
+            counter = SeqCounter(seqs.get(spec.name, 0))
+            rollout = self.rollouts.get(spec.name)
+            canary = rollout is not None and rollout.mode == RolloutMode.canary
+            champion = Chunker(
+                spec, size, copy_inputs=canary, priority=rank, model_version=self.versions.get(spec.name), seqs=counter
+            )
+            self._chunkers.append(champion)
+            self._champions[spec.name] = champion
+            if canary:
+                assert rollout is not None and rollout.percent is not None, "rollouts_percent_of_canary"
+                challenger = Chunker(
+                    spec, size, copy_inputs=True, priority=rank, model_version=rollout.version, seqs=counter
+                )
+                self._chunkers.append(challenger)
+                self._canaries[spec.name] = (champion, challenger, rollout.percent)
+        self._shadows = {model: r.version for model, r in self.rollouts.items() if r.mode == RolloutMode.shadow}
+        # Inputs split so far, and serve sub-tasks taken so far.
+        self.split_items: int = batch.split_items
+        self.serving = 0
+
+    def add(self, page: InputPage) -> None:
+        """Split the next `page` of inputs into the chunkers.
+
+        Raises:
+            SplitError: the pipeline's split gave rows the models cannot take.
+        """
+        pipeline = self.pipeline
+        with collection_paused():
+            parts = pipeline.split_page(pipeline.with_features(page))
+        for spec in pipeline.models:
+            rows = parts.get(spec.name)
+            if rows is None or not len(rows.X):
+                continue
+            # A worker can read the inputs' rows only where their features are stored.
+            rows = rows if page.X is not None else replace(rows, of_inputs=False)
+            if spec.name in self._canaries:
+                champion, challenger, percent = self._canaries[spec.name]
+                chosen = canary_inputs(self.batch_id, np.asarray(rows.items) + page.first, percent)
+                for chunker, part in ((champion, _subset(rows, ~chosen)), (challenger, _subset(rows, chosen))):
+                    if len(part.X):
+                        chunker.add(part, page.first)
+            else:
+                self._champions[spec.name].add(rows, page.first)
+        self.split_items = page.first + page.count
+
+    def take(self, final: bool = False) -> list[ledger.NewSubtask]:
+        """The full chunks of every model (with `final`, the remainders too), each serve
+        sub-task followed by its shadow copies."""
+        serving = [subtask for chunker in self._chunkers for subtask in chunker.take(final)]
+        self.serving += len(serving)
+        return serving + [
+            replace(
+                subtask,
+                seq=-1 - subtask.seq,
+                priority=Priority.shadow.rank,
+                model_version=self._shadows[subtask.model],
+                role=SubtaskRole.shadow,
+            )
+            for subtask in serving
+            if subtask.model in self._shadows
+        ]
+
+    def record_rollouts(self, conn: Connection) -> None:
+        """Record that the batch follows its roll-outs, on the first split step's transaction."""
+        if self.rollouts and self._new_rollouts:
+            rollout_rows.add_rollout_batch(conn, [r.id for r in self.rollouts.values()], self.batch_id)
+
+
 def split_step(
     conn: Connection,
     batch_id: uuid.UUID,
@@ -221,77 +319,23 @@ def split_step(
     if batch is None:
         return None
     pipeline = registry.get_pipeline(batch.pipeline)
-    # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
-    seqs = ledger.next_seqs(conn, batch_id) if batch.split_items else {}
-    rank = Priority(batch.priority).rank
-    versions = batch.model_versions or pin_champions(conn, pipeline)
-    rollouts = batch_rollouts(conn, batch, versions)
-    chunkers: list[Chunker] = []
-    champions: dict[str, Chunker] = {}
-    canaries: dict[str, tuple[Chunker, Chunker, float]] = {}
-    sizes = {spec.name: chunk_sizes.get(spec.name, spec.chunk_size) for spec in pipeline.models}
-    if bulk_chunk_ms and rank == Priority.bulk.rank:
-        sizes = bulk_chunk_sizes(sizes, ledger.model_row_costs(conn, list(sizes)), bulk_chunk_ms)
-    for spec in pipeline.models:
-        size = sizes[spec.name]
-        counter = SeqCounter(seqs.get(spec.name, 0))
-        rollout = rollouts.get(spec.name)
-        canary = rollout is not None and rollout.mode == RolloutMode.canary
-        champion = Chunker(
-            spec, size, copy_inputs=canary, priority=rank, model_version=versions.get(spec.name), seqs=counter
-        )
-        chunkers.append(champion)
-        champions[spec.name] = champion
-        if canary:
-            assert rollout is not None and rollout.percent is not None, "rollouts_percent_of_canary"
-            challenger = Chunker(
-                spec, size, copy_inputs=True, priority=rank, model_version=rollout.version, seqs=counter
-            )
-            chunkers.append(challenger)
-            canaries[spec.name] = (champion, challenger, rollout.percent)
-    split_items = batch.split_items
-    step = min(step_items, max(FIRST_STEP_ITEMS, split_items), batch.items - split_items)
+    splitter = BatchSplitter(conn, batch, pipeline, chunk_sizes, bulk_chunk_ms)
+    split_from = batch.split_items
+    step = min(step_items, max(FIRST_STEP_ITEMS, split_from), batch.items - split_from)
     # Whole stored pages: a step ends where a page does (cutting a page of JSON items parses it).
-    for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_items, step):
-        with collection_paused():
-            parts = pipeline.split_page(pipeline.with_features(page))
-        for spec in pipeline.models:
-            rows = parts.get(spec.name)
-            if rows is None or not len(rows.X):
-                continue
-            # A worker can read the inputs' rows only where their features are stored.
-            rows = rows if page.X is not None else replace(rows, of_inputs=False)
-            if spec.name in canaries:
-                champion, challenger, percent = canaries[spec.name]
-                chosen = canary_inputs(batch_id, np.asarray(rows.items) + page.first, percent)
-                for chunker, part in ((champion, _subset(rows, ~chosen)), (challenger, _subset(rows, chosen))):
-                    if len(part.X):
-                        chunker.add(part, page.first)
-            else:
-                champions[spec.name].add(rows, page.first)
-        split_items = page.first + page.count
-    serving = [subtask for chunker in chunkers for subtask in chunker.take(final=True)]
-    shadows = {model: r.version for model, r in rollouts.items() if r.mode == RolloutMode.shadow}
-    subtasks = serving + [
-        replace(
-            subtask,
-            seq=-1 - subtask.seq,
-            priority=Priority.shadow.rank,
-            model_version=shadows[subtask.model],
-            role=SubtaskRole.shadow,
-        )
-        for subtask in serving
-        if subtask.model in shadows
-    ]
-    finished = split_items >= batch.items
+    for page in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), split_from, step):
+        splitter.add(page)
+    subtasks = splitter.take(final=True)
+    finished = splitter.split_items >= batch.items
     # Counted before its sub-tasks are written: the statement refuses a step another split
     # counted meanwhile, and from here to the commit (briefly) holds the batch's row.
-    state = ledger.record_split(conn, batch_id, batch.split_items, split_items, len(serving), finished, versions)
+    state = ledger.record_split(
+        conn, batch_id, split_from, splitter.split_items, splitter.serving, finished, splitter.versions
+    )
     if state is None:
         return None
     published = ledger.copy_subtasks(conn, batch_id, subtasks)
-    if rollouts and batch.model_versions is None:
-        rollout_rows.add_rollout_batch(conn, [r.id for r in rollouts.values()], batch_id)
+    splitter.record_rollouts(conn)
     return SplitStep(published, finished, state == BatchState.aggregating)
 
 
@@ -320,38 +364,68 @@ def _fail_split(conn: Connection, batch_id: uuid.UUID, error: Exception) -> None
     ledger.fail_pending_batch(conn, batch_id, f"split failed: {error}")
 
 
-def first_split_step(conn: Connection, settings: Settings, batch_id: uuid.UUID) -> SplitStep | None:
-    """The first step of a new batch's split, on the transaction that stores the batch (a
-    client splits a small batch itself: one commit and one message hop fewer). Returns None
-    when the pipeline cannot split the inputs: the batch is then stored `failed` with the reason."""
-    try:
-        # No savepoint needed: split_step raises SPLIT_ERRORS before it writes anything.
-        return split_step(conn, batch_id, settings.chunk_sizes, settings.split_step_items, settings.bulk_chunk_ms)
-    except SPLIT_ERRORS as error:
-        _fail_split(conn, batch_id, error)
-        return None
+class ClientSplit:
+    """The split a client makes of a new batch as it stores it, on the storing transaction
+    (`ledger.insert_batch`'s `stored`): each page is split once written, from the objects
+    the client validated (reading it back would validate every input again), and its full
+    chunks are written at once; `finish` writes the rest and counts the split, so the batch
+    is committed `running` with every sub-task, and its messages go once it is committed.
+    """
 
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._splitter: BatchSplitter | None = None
+        self._published: list[ledger.Dispatch] = []
+        self._error: Exception | None = None
 
-def _steps(engine: Engine, settings: Settings, batch_id: uuid.UUID, first: SplitStep | None) -> Iterator[SplitStep]:
-    if first is not None:
-        yield first
-        if first.finished:
+    def page_stored(self, conn: Connection, batch_id: uuid.UUID, page: InputPage) -> None:
+        """A `ledger.PageStored`: split the page just written and write its full chunks. Once
+        the pipeline cannot split a page, the rest are only stored (the batch fails at `finish`)."""
+        if self._error is not None:
             return
-    yield from split_steps(engine, batch_id, settings.chunk_sizes, settings.split_step_items, settings.bulk_chunk_ms)
+        try:
+            if self._splitter is None:
+                batch = ledger.pending_batch(conn, batch_id)
+                assert batch is not None, "a batch being stored is pending"
+                pipeline = registry.get_pipeline(batch.pipeline)
+                settings = self._settings
+                self._splitter = BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms)
+            self._splitter.add(page)
+        except SPLIT_ERRORS as error:
+            self._error = error
+            return
+        self._published += ledger.copy_subtasks(conn, batch_id, self._splitter.take())
+
+    def finish(self, conn: Connection, batch_id: uuid.UUID) -> SplitStep:
+        """Write the last chunks and count the split: the batch becomes `running`, or
+        `aggregating` when it has no sub-task. When the pipeline could not split the inputs,
+        the batch becomes `failed` with the reason (the sub-tasks written for its first pages
+        counted, then cancelled), and nothing is to be published."""
+        splitter = self._splitter
+        assert splitter is not None, "a new batch has a page"
+        if self._error is not None:
+            ledger.record_split(conn, batch_id, 0, splitter.split_items, splitter.serving, False, splitter.versions)
+            _fail_split(conn, batch_id, self._error)
+            return SplitStep([], finished=True, aggregate=False)
+        subtasks = splitter.take(final=True)
+        state = ledger.record_split(conn, batch_id, 0, splitter.split_items, splitter.serving, True, splitter.versions)
+        assert state is not None, "a batch being stored is pending, and its client alone sees it"
+        published = self._published + ledger.copy_subtasks(conn, batch_id, subtasks)
+        splitter.record_rollouts(conn)
+        return SplitStep(published, True, state == BatchState.aggregating)
 
 
-def run_split(
-    engine: Engine, settings: Settings, batch_id: uuid.UUID, app: Celery, first: SplitStep | None = None
-) -> None:
+def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID, app: Celery) -> None:
     """Split a batch step by step, publishing each step's sub-tasks with `app` once it is
-    committed, so workers start on the first chunks while the rest is split. `first`: a
-    step already committed (`first_split_step`), published first.
+    committed, so workers start on the first chunks while the rest is split.
 
     A batch whose inputs the pipeline cannot split is marked `failed` with the reason.
     """
     created = steps = 0
     try:
-        for step in _steps(engine, settings, batch_id, first):
+        for step in split_steps(
+            engine, batch_id, settings.chunk_sizes, settings.split_step_items, settings.bulk_chunk_ms
+        ):
             created += broker.publish_predictions(app, step.published)
             steps += 1
             # A batch of several steps is followed by an aggregator from now on, which

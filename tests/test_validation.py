@@ -17,10 +17,10 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
-from pipeline import inputs
+from pipeline import inputs, ledger
 from pipeline.client import Client
 from pipeline.errors import IdempotencyKeyError, InvalidArgumentError, InvalidInputError, SettingsError
-from pipeline.inputs import PAGE_ITEMS
+from pipeline.inputs import PAGE_ITEMS, encode_inputs
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import FEATURES, held_out_records
 from pipeline.pipelines.screening import dataset_split as screening_split
@@ -28,7 +28,7 @@ from pipeline.registry import UnknownPipelineError
 from pipeline.scratch import delete_keys
 from pipeline.splitter import run_split
 from tests.helpers import RunServices
-from tests.pipelines import UNSPLITTABLE
+from tests.pipelines import UNSPLITTABLE, PoisonPipeline
 from tests.test_cli import _assert_one_line_error as assert_one_line_error
 from tests.test_cli import _cli as run_cli
 from tests.test_cli import _env as cli_env
@@ -134,20 +134,30 @@ def test_a_batch_the_client_cannot_split_has_an_error_row_per_input(isolated: tu
     _assert_every_input_has_the_split_error(client, batch.id, 12)
 
 
-def test_a_batch_whose_third_split_step_fails_has_an_error_row_per_input(
-    services: RunServices, models_dir: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("splitter", ["client", "aggregator"])
+def test_a_batch_whose_third_page_fails_to_split_has_an_error_row_per_input(
+    services: RunServices, models_dir: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch, splitter: str
 ) -> None:
-    """Split by an aggregator (here in-process) a step of 10 inputs at a time: the sub-tasks
-    of the two committed steps are cancelled, and all 30 inputs get the error."""
+    """Pages of 10 inputs, split by the client as it stores them, or by an aggregator (here
+    in-process) a step of 10 inputs at a time: the sub-tasks of the first two pages are
+    counted and cancelled, and all 30 inputs get the error."""
     monkeypatch.setattr(inputs, "PAGE_ITEMS", 10)  # a step takes whole stored pages
     prefix = f"isolated-{uuid.uuid4().hex[:8]}:"
     settings = services.settings(models_dir, broker_prefix=prefix, small_batch_items=0, split_step_items=10)
     with Client(settings) as client:
         try:
-            batch = client.submit("poison", _unsplittable_points(30, bad=25))
-            run_split(client.engine, settings, uuid.UUID(batch.id), client.publisher())
-            _assert_every_input_has_the_split_error(client, batch.id, 30)
-            status = batch.status()
+            points = _unsplittable_points(30, bad=25)
+            if splitter == "client":
+                batch_id = client.submit("poison", points).id
+            else:
+                with engine.begin() as conn:
+                    stored, _ = ledger.insert_batch(
+                        conn, "poison", encode_inputs(PoisonPipeline(), points, 100, 10_000), None
+                    )
+                run_split(client.engine, settings, stored, client.publisher())
+                batch_id = str(stored)
+            _assert_every_input_has_the_split_error(client, batch_id, 30)
+            status = client.batch(batch_id).status()
             assert status.total == 20 and status.cancelled == 20
         finally:
             delete_keys(services.broker_url, prefix)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,9 @@ from pipeline.schema import Batch, BatchState, FailurePolicy, Priority, Subtask,
 
 if TYPE_CHECKING:
     from pipeline.definition import InputPage
+
+# Called after each input page of a new batch is written: (connection, batch id, page).
+PageStored = Callable[[Connection, uuid.UUID, "InputPage"], None]
 
 # The channel a batch's finish is announced on (payload: its id).
 NOTIFY_CHANNEL = "batch_finished"
@@ -79,7 +82,8 @@ class RequestFingerprint:
 
 def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
     """A page's columns as stored: its features packed as float32 little-endian, its data as JSON text."""
-    features = None if page.X is None else page.X.astype("<f4", copy=False).tobytes()  # C order whatever its layout
+    X = page.packed().X
+    features = None if X is None else X.tobytes()
     if page.data is None or isinstance(page.data, JsonArray):
         data = None if page.data is None else page.data.as_str()
     else:
@@ -96,11 +100,14 @@ def insert_batch(
     max_failed_fraction: float | None = None,
     deadline_s: float | None = None,
     priority: Priority = Priority.bulk,
+    stored: PageStored | None = None,
 ) -> tuple[uuid.UUID, bool]:
     """Insert a `pending` batch and its input pages on `conn`'s transaction; with an
     `idempotency_key`, store the request's fingerprint (`RequestFingerprint`) with it.
     `pages` are read once, as they are stored (a generator validating them as they come
-    may raise: the caller's transaction then stores nothing).
+    may raise: the caller's transaction then stores nothing). `stored(conn, batch id, page)`
+    is called after each page of a new batch is written, with its features packed as stored
+    (the client splits the page there, on the same transaction).
 
     Returns (batch id, created). With an `idempotency_key` already used by the same
     request (same fingerprint), returns the existing batch and writes nothing. A batch
@@ -136,18 +143,22 @@ def insert_batch(
         return _same_request(conn, idempotency_key, pipeline, pages, fingerprint), False
 
     items = 0
-
-    def rows() -> Iterator[tuple[Any, ...]]:
-        nonlocal items
-        for page in pages:
-            features, data = _stored_page(page)
-            if fingerprint is not None:
-                fingerprint.add_page(page.first, page.count, features, data)
-            items += page.count
-            yield batch_id, page.first, page.count, features, data
-
-    # `data` goes as JSON text: json's binary COPY form is its text.
-    copy_rows(conn, queries.COPY_INPUT_PAGES, rows(), binary_types=("uuid", "int4", "int4", "bytea", "text"))
+    for page in pages:
+        page = page.packed()
+        features, data = _stored_page(page)
+        if fingerprint is not None:
+            fingerprint.add_page(page.first, page.count, features, data)
+        items += page.count
+        # One COPY per page: `stored` may write between two pages. `data` goes as JSON text:
+        # json's binary COPY form is its text.
+        copy_rows(
+            conn,
+            queries.COPY_INPUT_PAGES,
+            [(batch_id, page.first, page.count, features, data)],
+            binary_types=("uuid", "int4", "int4", "bytea", "text"),
+        )
+        if stored is not None:
+            stored(conn, batch_id, page)
     sha256 = None if fingerprint is None else fingerprint.hexdigest()
     conn.execute(update(Batch).where(Batch.id == batch_id).values(items=items, request_sha256=sha256))
     return batch_id, True
