@@ -340,7 +340,11 @@ class Client:
             raise InvalidArgumentError(validation_line(error)) from None
         definition = registry.get_pipeline(pipeline)
         registry.check_chunk_sizes(self.settings.chunk_sizes)
-        pages = iter_input_pages(definition, inputs, self.settings.max_batch_items, self.settings.max_item_bytes)
+        # JSON items are split as they are validated (see `split` below).
+        json_items = not definition.feature_names
+        pages = iter_input_pages(
+            definition, inputs, self.settings.max_batch_items, self.settings.max_item_bytes, split=json_items
+        )
         head, small = self._head_pages(pages)
         priority_of_batch = Priority(options.priority or ("interactive" if small else "bulk"))
         # Split here, as the pages are stored, in the transaction that stores them: a small
@@ -348,7 +352,7 @@ class Client:
         # and any batch of JSON items, split from the objects just validated (the
         # aggregator's split would validate every item again). A big batch of packed
         # features is split by the aggregator, in steps its workers start on at once.
-        split = ClientSplit(self.settings) if small or not definition.feature_names else None
+        split = ClientSplit(self.settings) if small or json_items else None
         # The rest of the pages are validated as they are stored: a bad one raises and the
         # transaction stores nothing.
         with self.engine.begin() as conn:

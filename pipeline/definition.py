@@ -105,6 +105,22 @@ class ModelRows:
     of_inputs: bool = False
 
 
+def joined_rows(parts: Sequence[tuple[int, dict[str, ModelRows]]]) -> dict[str, ModelRows]:
+    """One split of consecutive groups of inputs from the splits of each: `parts` are
+    (the group's first input within the whole, its split), in input order."""
+    joined = {}
+    for name in dict.fromkeys(name for _, split in parts for name in split):
+        pieces = [(offset, split[name]) for offset, split in parts if name in split and len(split[name].X)]
+        if not pieces:
+            continue
+        joined[name] = ModelRows(
+            np.concatenate([rows.X for _, rows in pieces]),
+            np.concatenate([np.asarray(rows.items) + offset for offset, rows in pieces]),
+            of_inputs=all(rows.of_inputs for _, rows in pieces),
+        )
+    return joined
+
+
 @dataclass(frozen=True)
 class InputPage:
     """Inputs `first` .. `first + count - 1` of a batch, as stored.
@@ -115,9 +131,11 @@ class InputPage:
     its other fields (`extras_model`); None when a feature-vector pipeline's inputs
     set no other field. A page as stored (and as the client stores it) keeps it as its
     JSON text (`JsonArray`), validated from the text by `Pipeline.page_items`.
-    `items`: the inputs as the client validated them, on a page it is storing (it splits
-    them as it stores them: `Pipeline.page_items` gives them without validating again);
-    None on a page read back from the ledger.
+    `items`: the inputs as objects, while the client validates them (`Pipeline.page_items`
+    then gives them as they are); None on a page it stores or reads back.
+    `split`: the pipeline's `split_page` of the page, made by the client while it had the
+    objects (the split of the stored page would validate every input again); None when
+    not made.
     """
 
     first: int
@@ -125,19 +143,16 @@ class InputPage:
     X: np.ndarray | None
     data: list[Any] | JsonArray | None
     items: list[BaseModel] | None = None
+    split: dict[str, ModelRows] | None = None
 
     def cut(self, start: int, stop: int) -> InputPage:
-        """Inputs `start` .. `stop - 1` of this page (the page itself when that is all of it)."""
+        """Inputs `start` .. `stop - 1` of this page (the page itself when that is all of it),
+        without its `items` and `split`."""
         if start == self.first and stop == self.first + self.count:
             return self
         lo, hi = start - self.first, stop - self.first
-        return InputPage(
-            start,
-            stop - start,
-            None if self.X is None else self.X[lo:hi],
-            None if self.data is None else self.data[lo:hi],
-            None if self.items is None else self.items[lo:hi],
-        )
+        X = None if self.X is None else self.X[lo:hi]
+        return InputPage(start, stop - start, X, None if self.data is None else self.data[lo:hi])
 
     def packed(self) -> InputPage:
         """This page with its features as stored: float32 little-endian, row-major (the split
@@ -282,9 +297,7 @@ class Pipeline(ABC):
         if not self.feature_names or page.X is not None:
             return page
         rows, extras = zip(*(self.item_parts(item) for item in self.page_items(page)))
-        return InputPage(
-            page.first, page.count, np.asarray(rows, dtype="<f4"), list(extras) if any(extras) else None, page.items
-        )
+        return InputPage(page.first, page.count, np.asarray(rows, dtype="<f4"), list(extras) if any(extras) else None)
 
     def split_page(self, page: InputPage) -> dict[str, ModelRows]:
         """For each model name, the rows it must score for the page's inputs (`items`

@@ -16,6 +16,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence, Sized
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,8 +24,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from pipeline.definition import InputPage, Pipeline, list_adapter
-from pipeline.errors import InputFileError, InvalidInputError
+from pipeline.definition import InputPage, ModelRows, Pipeline, joined_rows, list_adapter
+from pipeline.errors import InputFileError, InvalidInputError, SplitError
 from pipeline.garbage import collection_paused
 from pipeline.json_array import JsonArray
 
@@ -133,8 +134,9 @@ def _finite_problems(pipeline: Pipeline, X: np.ndarray, offset: int) -> list[tup
 class _Validator:
     """Turns submitted inputs into pages, collecting every problem before raising."""
 
-    def __init__(self, pipeline: Pipeline, max_items: int, max_item_bytes: int, page_items: int) -> None:
+    def __init__(self, pipeline: Pipeline, max_items: int, max_item_bytes: int, page_items: int, split: bool) -> None:
         self.pipeline = pipeline
+        self.split = split
         self.max_items = max_items
         self.max_item_bytes = max_item_bytes
         self.page_items = page_items
@@ -216,7 +218,7 @@ class _Validator:
             X = np.asarray(rows, dtype=np.float64)
             self.problems += _finite_problems(self.pipeline, X, first)
             data = list(extras) if any(extras) else None
-            return InputPage(first, len(items), X, data, items)
+            return InputPage(first, len(items), X, data)
         # The page as stored: each item's compact JSON made by pydantic's serializer (no
         # Python object per value), which also gives its size; joined into one array.
         serialized = [item.__pydantic_serializer__.to_json(item) for item in items]
@@ -225,7 +227,18 @@ class _Validator:
                 self.problems.append(
                     (first + index, f"{len(text)} bytes of JSON; at most {self.max_item_bytes} allowed")
                 )
-        return InputPage(first, len(items), None, JsonArray.of_values(serialized), items)
+        page = InputPage(first, len(items), None, JsonArray.of_values(serialized))
+        if not self.split or self.problems:
+            return page
+        return replace(page, split=self._split_of(replace(page, items=items)))
+
+    def _split_of(self, page: InputPage) -> dict[str, ModelRows] | None:
+        """The pipeline's split of `page` (holding its `items`); None when the pipeline cannot
+        split it: the split of the stored page then fails the batch with the reason."""
+        try:
+            return self.pipeline.split_page(page)
+        except SplitError:
+            return None
 
 
 def _stored_bytes(page: InputPage) -> int:
@@ -247,8 +260,10 @@ def _joined(first: int, parts: list[InputPage]) -> InputPage:
         data = JsonArray.joined([part.data for part in parts if isinstance(part.data, JsonArray)])
     elif any(part.data is not None for part in parts):
         data = [extra for part in parts for extra in (part.data if part.data is not None else [{}] * part.count)]
-    items = None if any(part.items is None for part in parts) else [item for part in parts for item in part.items or ()]
-    return InputPage(first, count, X, data, items)
+    split = None
+    if all(part.split is not None for part in parts):
+        split = joined_rows([(part.first - first, part.split) for part in parts if part.split is not None])
+    return InputPage(first, count, X, data, split=split)
 
 
 def _refuse_non_collection(pipeline: Pipeline, inputs: Any) -> None:
@@ -264,18 +279,25 @@ def _refuse_non_collection(pipeline: Pipeline, inputs: Any) -> None:
 
 
 def iter_input_pages(
-    pipeline: Pipeline, inputs: Any, max_items: int, max_item_bytes: int, page_items: int | None = None
+    pipeline: Pipeline,
+    inputs: Any,
+    max_items: int,
+    max_item_bytes: int,
+    page_items: int | None = None,
+    split: bool = False,
 ) -> Iterator[InputPage]:
     """Validate `inputs` (an iterable of items, or for a feature-vector pipeline a 2-D
     array or a DataFrame) a page of `page_items` (default `PAGE_ITEMS`) at a time, yielding each page while
     every input so far is valid: an iterable is read once, page by page, never whole.
+    With `split`, a page of JSON items carries its `split` too, made from each few hundred
+    objects as they are validated (the objects are then dropped).
 
     Raises:
         InvalidInputError: once every input is read, naming every bad item by index and
             why (no page is yielded after the first bad one); also for no inputs, for more
             than `max_items`, and for inputs that are not a collection of items (at once).
     """
-    validator = _Validator(pipeline, max_items, max_item_bytes, page_items or PAGE_ITEMS)
+    validator = _Validator(pipeline, max_items, max_item_bytes, page_items or PAGE_ITEMS, split)
     if is_table(inputs):
         pages = validator.table_pages(inputs)
     else:

@@ -241,8 +241,11 @@ class BatchSplitter:
             SplitError: the pipeline's split gave rows the models cannot take.
         """
         pipeline = self.pipeline
-        with collection_paused():
-            parts = pipeline.split_page(pipeline.with_features(page))
+        if page.split is not None:
+            parts = page.split
+        else:
+            with collection_paused():
+                parts = pipeline.split_page(pipeline.with_features(page))
         for spec in pipeline.models:
             rows = parts.get(spec.name)
             if rows is None or not len(rows.X):
