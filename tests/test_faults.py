@@ -5,6 +5,7 @@ sub-task rows, aggregate ran once, no sub-task is left running."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import kombu.exceptions
+import numpy as np
 import pytest
 import redis
 from sqlalchemy import Connection, Engine, text
@@ -19,6 +21,7 @@ from sqlalchemy import Connection, Engine, text
 from pipeline import broker, rollouts
 from pipeline.embedded import start_redis, stop_services
 from pipeline.pipelines.digits import held_out_strips
+from pipeline.pipelines.screening import ScreeningPipeline, held_out_records
 from pipeline.settings import Settings
 from pipeline.states import RolloutMode
 from tests.helpers import OwnStack, assert_finished_and_consistent, assert_shadow_twins, second_version, wait_for
@@ -27,6 +30,8 @@ from workers.inference import TurnConnection
 
 ONE_TILE_CHUNKS = '{"digit-classifier": 1, "digit-ood": 1}'
 SMALL_CHUNKS = '{"digit-classifier": 4, "digit-ood": 4}'
+# Rows per sub-task of every screening model in the killed-aggregator test: 1,500 sub-tasks for 5,000 inputs.
+SCREENING_CHUNK = 10
 
 
 @pytest.fixture
@@ -108,14 +113,17 @@ def test_worker_killed_running_shadow_sub_tasks_a_second_worker_finishes_them(ow
 
 
 def test_aggregator_killed_while_splitting_or_following_a_batch(tmp_path: Path, models_dir: Path) -> None:
-    """The split commits in steps of 500 inputs, then the aggregator follows the batch; killed
-    in either phase, a new aggregator resumes the split where it stopped (the sweeper
+    """A big batch of packed features (the aggregator splits it; the client splits JSON items
+    itself): the split commits in steps of 500 inputs, then the aggregator follows the batch;
+    killed in either phase, a new aggregator resumes the split where it stopped (the sweeper
     re-publishes it) and assembles every result once."""
-    own = OwnStack(tmp_path, models_dir, split_step_items=500)
+    chunks = json.dumps({spec.name: SCREENING_CHUNK for spec in ScreeningPipeline.models})
+    own = OwnStack(tmp_path, models_dir, chunk_sizes=chunks, split_step_items=500)
     try:
         own.start("workers", "--concurrency", "2")
         first = own.start("aggregator", "--concurrency", "2")
-        batch = own.client.submit("poison", _points(5000, poison=set()))
+        records = held_out_records(5000, seed=4)
+        batch = own.client.submit("screening", np.asarray([list(r["features"].values()) for r in records]))
         wait_for(
             lambda: own.count("SELECT split_items FROM batches WHERE id = :b", b=batch.id) > 0, 120, "a split step"
         )
@@ -126,8 +134,8 @@ def test_aggregator_killed_while_splitting_or_following_a_batch(tmp_path: Path, 
         assert status.state == "succeeded", status.error
         assert_finished_and_consistent(own.engine, batch.id)
         assert _results(own, batch.id) == (5000, 0)
-        # Each input is in exactly one sub-task (chunk size 1): nothing split twice.
-        assert status.total == 5000
+        # Each input is in exactly one sub-task per model (steps of whole chunks): nothing split twice.
+        assert status.total == 5000 // SCREENING_CHUNK * len(ScreeningPipeline.models)
         assert 0 < split_when_killed <= 5000
     finally:
         own.close()

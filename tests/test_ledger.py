@@ -14,14 +14,15 @@ from sqlalchemy import Engine, text
 
 from aggregator.assemble import aggregate_batch
 from aggregator.sweeper import sweep_once
-from pipeline import ledger, registry
+from pipeline import inputs, ledger, registry
 from pipeline.client import Client
 from pipeline.definition import InputPage, ModelRows
 from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.schema import FailurePolicy, Priority
-from pipeline.splitter import SplitStep, split_step, split_steps
+from pipeline.settings import Settings
+from pipeline.splitter import ClientSplit, SplitStep, split_step, split_steps
 from tests.helpers import split_batch, store_batch, wait_for
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
@@ -497,3 +498,44 @@ def test_a_bulk_batch_s_chunks_are_cut_to_the_models_measured_predict_time(engin
     # 10 µs a row: 10 ms is 1,000 rows.
     assert largest_chunks(Priority.bulk) == {"digit-classifier": 1000, "digit-ood": tiles}
     assert largest_chunks(Priority.interactive) == {"digit-classifier": tiles, "digit-ood": tiles}
+
+
+def _subtask_rows(engine: Engine, batch_id: uuid.UUID) -> list[Any]:
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT model, seq, rows, items, payload, state, priority, model_version, role"
+                " FROM subtasks WHERE batch_id = :b ORDER BY model, seq"
+            ),
+            {"b": batch_id},
+        ).all()
+
+
+def test_the_client_splits_json_items_as_an_aggregator_splits_their_stored_pages(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validated 3 items at a time into pages of 8 (so each page joins the splits of its parts,
+    and chunks of 5 and 7 rows span pages), a batch of JSON items split by its client as it is
+    stored gets the very sub-tasks a one-step split of its stored pages gets, and is
+    committed `running` with all of them."""
+    monkeypatch.setattr(inputs, "VALIDATE_ITEMS", 3)
+    monkeypatch.setattr(inputs, "PAGE_ITEMS", 8)
+    strips = held_out_strips(30, max_digits=4, seed=9)
+    pages = inputs.iter_input_pages(registry.get_pipeline("digits"), strips, 100, 1_000_000, split=True)
+    split = ClientSplit(Settings(chunk_sizes=CHUNKS))
+    with engine.begin() as conn:
+        by_client, _ = ledger.insert_batch(conn, "digits", pages, None, stored=split.page_stored)
+        step = split.finish(conn, by_client)
+    by_aggregator, _ = store_batch(engine, strips, page_items=8)
+    assert split_batch(engine, by_aggregator, CHUNKS, step_items=1_000)
+    rows = _subtask_rows(engine, by_client)
+    assert rows and rows == _subtask_rows(engine, by_aggregator)
+    assert sorted(d.subtask_id for d in step.published) == sorted(_subtask_ids(engine, by_client))
+    batch = _batch(engine, by_client)
+    assert (batch["state"], batch["split_items"], batch["total"]) == ("running", 30, len(rows))
+    assert batch["model_versions"] == _batch(engine, by_aggregator)["model_versions"]
+
+
+def _subtask_ids(engine: Engine, batch_id: uuid.UUID) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT id FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).scalars())
