@@ -89,9 +89,9 @@ class Settings(BaseSettings, LedgerSettings):
         default=50_000,
         ge=1,
         description=(
-            "Inputs per committed step of the split: workers start on a big batch once its first"
-            " step is published, and a batch of several steps has its results assembled as its"
-            " sub-tasks finish."
+            "Inputs per committed step of an aggregator's split (a big batch of packed features;"
+            " the client splits a batch of JSON items as it stores it): workers start on the batch"
+            " once its first step is published."
         ),
     )
     bulk_chunk_ms: float = Field(

@@ -397,7 +397,9 @@ class ClientSplit:
         except SPLIT_ERRORS as error:
             self._error = error
             return
-        self._published += ledger.copy_subtasks(conn, batch_id, self._splitter.take())
+        full = self._splitter.take()
+        if full:  # most pages of a small batch fill no chunk: no COPY round trip for nothing
+            self._published += ledger.copy_subtasks(conn, batch_id, full)
 
     def finish(self, conn: Connection, batch_id: uuid.UUID) -> SplitStep:
         """Write the last chunks and count the split: the batch becomes `running`, or
