@@ -1,6 +1,7 @@
-"""The `split` task: turns a pending batch's inputs into sub-tasks, one chunk of
-up to `chunk_size` rows per model, written with COPY and published per model queue,
-one committed step of inputs at a time."""
+"""The split: turns a batch's inputs into sub-tasks, one chunk of up to `chunk_size`
+rows per model, written with COPY and published per model queue. The client splits a
+small batch and a batch of JSON items as it stores it (`ClientSplit`); the `split` task
+splits a stored `pending` batch one committed step of inputs at a time (`split_steps`)."""
 
 from __future__ import annotations
 
@@ -238,7 +239,7 @@ class BatchSplitter:
         """Split the next `page` of inputs into the chunkers.
 
         Raises:
-            SplitError: the pipeline's split gave rows the models cannot take.
+            SplitError: the pipeline cannot split the page, or gave rows the models cannot take.
         """
         pipeline = self.pipeline
         if page.split is not None:
