@@ -325,7 +325,7 @@ class Client:
                 the same `idempotency_key` stores it once and returns it.
         """
         from pipeline import broker, registry
-        from pipeline.inputs import iter_input_pages
+        from pipeline.inputs import iter_input_pages, read_ahead
         from pipeline.splitter import ClientSplit
 
         try:
@@ -359,7 +359,8 @@ class Client:
             batch_id, created = ledger.insert_batch(
                 conn,
                 pipeline,
-                itertools.chain(head, pages),
+                # A big batch's next page is validated while PostgreSQL writes the current one.
+                itertools.chain(head, pages if small else read_ahead(pages)),
                 options.idempotency_key,
                 options.failure_policy,
                 options.max_failed_fraction,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import replace
@@ -323,6 +325,56 @@ def encode_inputs(
         InvalidInputError: as `iter_input_pages`.
     """
     return list(iter_input_pages(pipeline, inputs, max_items, max_item_bytes, page_items))
+
+
+# How often a read-ahead thread waiting to hand over a page looks whether it was stopped.
+READ_AHEAD_POLL_S = 0.1
+
+
+def read_ahead(pages: Iterator[InputPage]) -> Iterator[InputPage]:
+    """Yield `pages`, each next one made by a thread while the caller stores the current one:
+    PostgreSQL writes page k (the COPY's wait releases the GIL) while page k + 1 is validated
+    and split. One page is held ahead, so memory stays bounded. An exception of `pages` is
+    raised here after the pages before it; once the caller stops iterating, the thread stops
+    after the page it is making.
+
+    Raises:
+        what `pages` raises (e.g. InvalidInputError).
+    """
+    handed: queue.Queue[tuple[InputPage | None, BaseException | None]] = queue.Queue(maxsize=1)
+    stopped = threading.Event()
+
+    def hand(page: InputPage | None, error: BaseException | None = None) -> bool:
+        while not stopped.is_set():
+            try:
+                handed.put((page, error), timeout=READ_AHEAD_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def make() -> None:
+        try:
+            for page in pages:
+                if not hand(page):
+                    return
+            hand(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            hand(None, error)
+
+    maker = threading.Thread(target=make, name="read-ahead", daemon=True)
+    maker.start()
+    try:
+        while True:
+            page, error = handed.get()
+            if error is not None:
+                raise error
+            if page is None:
+                return
+            yield page
+    finally:
+        stopped.set()
+        maker.join()
 
 
 class JsonLinesFile:

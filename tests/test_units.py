@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from pipeline.artifacts import read_manifest
 from pipeline.definition import InputPage, ModelRows, ModelSpec, TrainedModel
 from pipeline.errors import InputFileError, InvalidInputError, PipelineError, SettingsError, SplitError
 from pipeline.garbage import collection_paused
-from pipeline.inputs import PAGE_ITEMS, JsonLinesFile, encode_inputs, iter_input_pages
+from pipeline.inputs import PAGE_ITEMS, JsonLinesFile, encode_inputs, iter_input_pages, read_ahead
 from pipeline.ledger import raw_sql
 from pipeline.pipelines.screening import FEATURES as SCREENING_FEATURES
 from pipeline.pipelines.screening import dataset_split as screening_split
@@ -501,3 +502,31 @@ def test_a_page_of_items_is_cut_at_its_stored_bytes(monkeypatch: pytest.MonkeyPa
     # About 30 bytes an item: cut after the part of 10 that reaches 2,000 bytes.
     assert [(page.first, page.count) for page in pages] == [(0, 70), (70, 30)]
     assert [item for page in pages for item in page.data or []] == points
+
+
+def _pages_then(count: int, error: Exception | None, made: list[int]) -> Iterator[InputPage]:
+    for first in range(count):
+        made.append(first)
+        yield InputPage(first, 1, None, [{"n": first}])
+    if error is not None:
+        raise error
+
+
+def test_read_ahead_yields_every_page_in_order_then_raises_what_the_pages_raise() -> None:
+    made: list[int] = []
+    pages = read_ahead(_pages_then(5, InvalidInputError("p", [(5, "bad")]), made))
+    seen = []
+    with pytest.raises(InvalidInputError, match="bad"):
+        for page in pages:
+            seen.append(page.first)
+    assert seen == made == [0, 1, 2, 3, 4]
+
+
+def test_read_ahead_stops_its_thread_once_the_caller_stops() -> None:
+    made: list[int] = []
+    pages = read_ahead(_pages_then(1000, None, made))
+    assert next(pages).first == 0
+    pages.close()
+    # The thread has ended: at most the pages it held or was making were made past the first.
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+    assert len(made) <= 3
