@@ -335,8 +335,9 @@ def read_ahead(pages: Iterator[InputPage]) -> Iterator[InputPage]:
     """Yield `pages`, each next one made by a thread while the caller stores the current one:
     PostgreSQL writes page k (the COPY's wait releases the GIL) while page k + 1 is validated
     and split. One page is held ahead, so memory stays bounded. An exception of `pages` is
-    raised here after the pages before it; once the caller stops iterating, the thread stops
-    after the page it is making.
+    raised here after the pages before it; once the caller stops iterating, the thread ends
+    after the page it is making (not waited for: an iterable that blocks must not hold up
+    the caller's error).
 
     Raises:
         what `pages` raises (e.g. InvalidInputError).
@@ -374,7 +375,6 @@ def read_ahead(pages: Iterator[InputPage]) -> Iterator[InputPage]:
             yield page
     finally:
         stopped.set()
-        maker.join()
 
 
 class JsonLinesFile:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -527,6 +528,9 @@ def test_read_ahead_stops_its_thread_once_the_caller_stops() -> None:
     pages = read_ahead(_pages_then(1000, None, made))
     assert next(pages).first == 0
     pages.close()
-    # The thread has ended: at most the pages it held or was making were made past the first.
-    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+    deadline = time.monotonic() + 10
+    while any(t.name == "read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The thread has ended: past the first, only the pages it held or was making were made.
+    assert not any(t.name == "read-ahead" for t in threading.enumerate())
     assert len(made) <= 3
