@@ -326,7 +326,7 @@ class Client:
         """
         from pipeline import broker, registry
         from pipeline.inputs import iter_input_pages, read_ahead
-        from pipeline.splitter import ClientSplit
+        from pipeline.splitter import ClientSplit, publish_step
 
         try:
             options = SubmitOptions(
@@ -371,14 +371,12 @@ class Client:
             step = split.finish(conn, batch_id) if created and split is not None else None
         if created:
             with self.publishing() as app:
-                if step is None:
+                if split is None:
                     broker.publish_split(app, str(batch_id))
-                    return BatchHandle(self, batch_id)
-                broker.publish_predictions(app, step.published)
-                # A big batch is followed by an aggregator, which assembles its results as its
-                # sub-tasks finish; a small one is aggregated by the worker finishing it.
-                if step.aggregate or (step.published and not small):
-                    broker.publish_aggregate(app, str(batch_id))
+                elif step is not None:
+                    # A big batch is followed by an aggregator; a small one is aggregated by
+                    # the worker finishing it.
+                    publish_step(app, batch_id, step, follow=not small)
         return BatchHandle(self, batch_id)
 
     def _head_pages(self, pages: Iterator[InputPage]) -> tuple[list[InputPage], bool]:

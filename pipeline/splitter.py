@@ -402,23 +402,33 @@ class ClientSplit:
         if full:  # most pages of a small batch fill no chunk: no COPY round trip for nothing
             self._published += ledger.copy_subtasks(conn, batch_id, full)
 
-    def finish(self, conn: Connection, batch_id: uuid.UUID) -> SplitStep:
+    def finish(self, conn: Connection, batch_id: uuid.UUID) -> SplitStep | None:
         """Write the last chunks and count the split: the batch becomes `running`, or
-        `aggregating` when it has no sub-task. When the pipeline could not split the inputs,
-        the batch becomes `failed` with the reason (the sub-tasks written for its first pages
-        counted, then cancelled), and nothing is to be published."""
+        `aggregating` when it has no sub-task. Returns None when the pipeline could not split
+        the inputs: the batch is then `failed` with the reason (the sub-tasks written for its
+        first pages counted, then cancelled), and nothing is to be published."""
         splitter = self._splitter
         assert splitter is not None, "a new batch has a page"
-        if self._error is not None:
-            ledger.record_split(conn, batch_id, 0, splitter.split_items, splitter.serving, False, splitter.versions)
-            _fail_split(conn, batch_id, self._error)
-            return SplitStep([], finished=True, aggregate=False)
-        subtasks = splitter.take(final=True)
-        state = ledger.record_split(conn, batch_id, 0, splitter.split_items, splitter.serving, True, splitter.versions)
+        split = self._error is None
+        last = splitter.take(final=True) if split else []
+        state = ledger.record_split(conn, batch_id, 0, splitter.split_items, splitter.serving, split, splitter.versions)
         assert state is not None, "a batch being stored is pending, and its client alone sees it"
-        published = self._published + ledger.copy_subtasks(conn, batch_id, subtasks)
+        if self._error is not None:
+            _fail_split(conn, batch_id, self._error)
+            return None
+        published = self._published + ledger.copy_subtasks(conn, batch_id, last)
         splitter.record_rollouts(conn)
         return SplitStep(published, True, state == BatchState.aggregating)
+
+
+def publish_step(app: Celery, batch_id: uuid.UUID, step: SplitStep, follow: bool) -> int:
+    """Publish a committed split step's sub-tasks, then the batch's aggregate when it is due,
+    or when its split is finished and an aggregator is to `follow` it (assembling its results
+    as its sub-tasks finish); return how many sub-tasks were published."""
+    created = broker.publish_predictions(app, step.published)
+    if step.aggregate or (step.finished and follow):
+        broker.publish_aggregate(app, str(batch_id))
+    return created
 
 
 def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID, app: Celery) -> None:
@@ -432,12 +442,9 @@ def run_split(engine: Engine, settings: Settings, batch_id: uuid.UUID, app: Cele
         for step in split_steps(
             engine, batch_id, settings.chunk_sizes, settings.split_step_items, settings.bulk_chunk_ms
         ):
-            created += broker.publish_predictions(app, step.published)
             steps += 1
-            # A batch of several steps is followed by an aggregator from now on, which
-            # assembles its results as its sub-tasks finish.
-            if step.aggregate or (step.finished and steps > 1):
-                broker.publish_aggregate(app, str(batch_id))
+            # A batch of several steps is followed (a one-step one is aggregated once due).
+            created += publish_step(app, batch_id, step, follow=steps > 1)
     except SPLIT_ERRORS as error:
         with engine.begin() as conn:
             _fail_split(conn, batch_id, error)

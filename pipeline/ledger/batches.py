@@ -81,9 +81,8 @@ class RequestFingerprint:
 
 
 def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
-    """A page's columns as stored: its features packed as float32 little-endian, its data as JSON text."""
-    X = page.packed().X
-    features = None if X is None else X.tobytes()
+    """A `packed` page's columns as stored: its features as bytes, its data as JSON text."""
+    features = None if page.X is None else page.X.tobytes()
     if page.data is None or isinstance(page.data, JsonArray):
         data = None if page.data is None else page.data.as_str()
     else:
@@ -184,7 +183,7 @@ def _same_request(
     if existing.request_sha256 is None:
         return batch_id  # stored before fingerprints (revision 0006): accepted as before
     for page in pages:
-        fingerprint.add_page(page.first, page.count, *_stored_page(page))
+        fingerprint.add_page(page.first, page.count, *_stored_page(page.packed()))
     if fingerprint.hexdigest() != existing.request_sha256:
         raise IdempotencyKeyError(
             f"idempotency_key {idempotency_key!r} already names batch {batch_id}, submitted with other"
