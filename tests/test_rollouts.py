@@ -506,7 +506,10 @@ def test_stored_labels_map_to_the_rows_they_label_across_split_inputs(
         serve = [s for s in evidence if s.batch_id == batch_id and s.role == "serve"]
         assert sorted(s.seq for s in serve) == sorted(truth)
         assert all(s.items is None for s in evidence if s.role == "shadow")  # paired with their serve twins
-        assert max(s.lead for s in serve) > 4  # a strip's third sub-task: the walk back went past one
+        if mode == RolloutMode.shadow:
+            # A strip's third sub-task: the walk back went past one. Only in shadow, where every
+            # strip is in the serve stream: a canary's share of strips depends on the random batch id.
+            assert max(s.lead for s in serve) > 4
         for subtask in serve:
             items = np.asarray(subtask.items)
             mapped = tile_labels(items, rollout_evidence.row_offsets(items, subtask.lead), subtask.labels)
