@@ -249,7 +249,7 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
         if following:
             log.info("batch %s: assembling its results as its sub-tasks finish", batch_id)
         pipeline = registry.get_pipeline(batch.pipeline)
-        pinned = ledger.serving_versions(conn, batch_id)
+        pinned = ledger.serving_versions(batch)
         keys = {spec.name: [(spec.name, v) for v in pinned.get(spec.name, [None])] for spec in pipeline.models}
         outputs = BatchOutputs(conn, batch_id, [key for model_keys in keys.values() for key in model_keys])
         streams = [

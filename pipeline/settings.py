@@ -114,6 +114,16 @@ class Settings(BaseSettings, LedgerSettings):
             " goes through the aggregator's queues."
         ),
     )
+    interactive_slice_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "A worker process predicts a bulk sub-task in slices of about this many"
+            " milliseconds of CPU and, between two slices, runs the interactive sub-tasks of its"
+            " models submitted meanwhile (announced by a NOTIFY): an interactive sub-task waits"
+            " for about one slice, not a whole bulk sub-task. 0: predicts run whole."
+        ),
+    )
     retry_base_s: float = Field(
         default=1.0, ge=0, description="First retry's backoff; doubles per attempt, with full jitter."
     )

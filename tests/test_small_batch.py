@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -18,8 +19,10 @@ from pipeline import broker
 from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import FOREST, LOGREG, MODELS, held_out_records
+from pipeline.states import Priority
 from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
 from tests.pipelines import UNSPLITTABLE
+from workers import interactive as interactive_module
 from workers.inference import run_subtask
 
 DIGIT_MODELS = ("digit-classifier", "digit-ood")
@@ -135,10 +138,53 @@ def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
     assert (state, runs) == ("succeeded", 1)
     # Both sub-tasks claimed and completed, the batch aggregated: one checkout for it all.
     assert seen["checkout"] == 1
-    # 2 claims and 2 completions; the aggregate's lock, versions, input page, outputs, latency,
-    # scoring versions with drift counts, finish (no roll-out: no shadow or gate read), and
-    # its result page's COPY on the driver's cursor, not counted here.
-    assert seen["statement"] == 4 + 7
+    # 2 claims and 2 completions; the aggregate's lock (with the serving versions), input
+    # page, outputs, latency, scoring versions with drift counts, finish (no roll-out: no
+    # shadow or gate read), and its result page's COPY on the driver's cursor, not counted here.
+    assert seen["statement"] == 4 + 6
     # Its scoring versions and drift, read in one statement.
     assert metrics["model_versions"] == {model: [pinned[model]] for model in DIGIT_MODELS}
     assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)
+
+
+def test_a_bulk_predict_runs_an_interactive_batch_submitted_meanwhile_between_two_slices(
+    quiet_engine: Engine, quiet_services: RunServices, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = quiet_services.settings(models_dir, interactive_slice_ms=0.05)
+    bulk_id, _ = store_batch(quiet_engine, held_out_strips(300, max_digits=6, seed=3), priority=Priority.bulk)
+    split_batch(quiet_engine, bulk_id, {model: 100_000 for model in DIGIT_MODELS}, step_items=100_000)
+    with quiet_engine.connect() as conn:
+        bulk_first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": bulk_id}).scalar_one()
+    # An interactive batch is committed (and announced) once the bulk predict has started.
+    interactive: list[uuid.UUID] = []
+    sliced = interactive_module.sliced_predict
+
+    def submitted_meanwhile(*args: Any) -> Any:
+        if not interactive:
+            batch_id, _ = store_batch(
+                quiet_engine, held_out_strips(1, max_digits=6, seed=4), priority=Priority.interactive
+            )
+            split_batch(quiet_engine, batch_id, {})
+            interactive.append(batch_id)
+        return sliced(*args)
+
+    monkeypatch.setattr(interactive_module, "sliced_predict", submitted_meanwhile)
+
+    run_subtask(quiet_engine, settings, bulk_first, "test-worker", DIGIT_MODELS)
+
+    with quiet_engine.connect() as conn:
+        (bulk_done,) = conn.execute(
+            text("SELECT finished_at FROM subtasks WHERE id = :s AND state = 'succeeded'"), {"s": bulk_first}
+        ).one()
+        state, finished_at = conn.execute(
+            text("SELECT state, finished_at FROM batches WHERE id = :b"), {"b": interactive[0]}
+        ).one()
+        workers = (
+            conn.execute(text("SELECT DISTINCT worker FROM subtasks WHERE batch_id = :b"), {"b": interactive[0]})
+            .scalars()
+            .all()
+        )
+    # Nothing else runs on this database: the bulk sub-task's process ran the interactive batch,
+    # and finished it (aggregated) before its own predict was done.
+    assert state == "succeeded" and workers == ["test-worker"]
+    assert finished_at < bulk_done

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,7 @@ from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import Settings
 from pipeline.splitter import Chunker
 from pipeline.training import train_models
+from workers.interactive import FIRST_SLICE_SHARE, sliced_predict
 
 
 def _spec(n_features: int = 2, n_outputs: int = 1) -> ModelSpec:
@@ -534,3 +536,16 @@ def test_read_ahead_stops_its_thread_once_the_caller_stops() -> None:
     # The thread has ended: past the first, only the pages it held or was making were made.
     assert not any(t.name == "read-ahead" for t in threading.enumerate())
     assert len(made) <= 3
+
+
+def test_a_sliced_predict_gives_the_whole_predict_and_runs_between_its_slices() -> None:
+    X = np.arange(1000, dtype=np.float32).reshape(250, 4)
+    spec = cast(ModelSpec, SimpleNamespace(predict=lambda estimator, rows: rows.sum(axis=1) * estimator))
+    pauses: list[int] = []
+    outputs, cpu_s = sliced_predict(spec, 2.0, X, 1e-9, lambda: pauses.append(1))
+    np.testing.assert_array_equal(outputs, X.sum(axis=1) * 2.0)
+    # The first slice holds 1/8 of the rows; a tiny budget cuts the rest to one row each.
+    assert len(pauses) == 250 - 250 // FIRST_SLICE_SHARE
+    assert cpu_s >= 0
+    one, _ = sliced_predict(spec, 1.0, X[:1], 1e-9, lambda: pauses.append(1))
+    assert one.shape == (1,) and len(pauses) == 250 - 250 // FIRST_SLICE_SHARE

@@ -8,6 +8,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -23,6 +24,8 @@ from pipeline.guardrails import check_output
 from pipeline.ledger.connection import autocommit
 from pipeline.schema import SubtaskRole
 from pipeline.settings import Settings
+from pipeline.states import Priority
+from workers.interactive import interactive_signal, predict_yielding
 from workers.models import loaded_version
 
 log = logging.getLogger(__name__)
@@ -124,33 +127,64 @@ class TurnConnection:
 def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()) -> None:
     """Take a turn for a predict message of sub-task `subtask_id`: claim what it should run
     (`ledger.claim_subtask`: its own retry, or its model's best dispatched sub-task) and run
-    it. When that belongs to a small batch (at most `small_batch_items` inputs), go on with
-    the batch's other `dispatched` sub-tasks for the `served` models, claimed from the
-    ledger: a one-input batch then waits for no message delivery of a model this process
-    serves (their messages find them claimed). The whole turn runs on one `TurnConnection`.
-    """
+    it (`run_turn`). The whole turn runs on one `TurnConnection`."""
     with TurnConnection(engine) as turn:
         claim = turn.run(settings, lambda conn: ledger.claim_subtask(conn, subtask_id, worker, settings.lease_s))
         if claim is None:
             log.info("message of sub-task %d: nothing of its model is claimable; dropping it", subtask_id)
             return
-        if run_claimed(turn, settings, claim) or not settings.is_small_batch(claim.batch_items) or not served:
+        run_turn(turn, settings, claim, worker, served)
+
+
+def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, worker: str, served: Sequence[str]) -> None:
+    """Run claimed sub-task `claim`. When it belongs to a small batch (at most
+    `small_batch_items` inputs), go on with the batch's other `dispatched` sub-tasks for the
+    `served` models, claimed from the ledger: a one-input batch then waits for no message
+    delivery of a model this process serves (their messages find them claimed). A bulk
+    sub-task is predicted in slices, with the interactive sub-tasks of the `served` models
+    announced meanwhile run between two (`run_interactive`). A shadow sub-task is not: the
+    gate compares its predict's CPU time with its champion's, timed whole on the same rows."""
+    between = None
+    if served and settings.interactive_slice_ms > 0 and claim.priority == Priority.bulk.rank:
+        between = partial(run_interactive, turn.engine, settings, worker, served)
+    if run_claimed(turn, settings, claim, between) or not settings.is_small_batch(claim.batch_items) or not served:
+        return
+    while (
+        taken := turn.run(
+            settings,
+            lambda conn: ledger.claim_next_of_batch(conn, claim.batch_id, served, worker, settings.lease_s),
+        )
+    ) is not None:
+        if run_claimed(turn, settings, taken):
             return
-        while (
-            taken := turn.run(
-                settings,
-                lambda conn: ledger.claim_next_of_batch(conn, claim.batch_id, served, worker, settings.lease_s),
-            )
-        ) is not None:
-            if run_claimed(turn, settings, taken):
-                return
 
 
-def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> bool:
+def run_interactive(engine: Engine, settings: Settings, worker: str, served: Sequence[str]) -> None:
+    """Between two slices of a bulk predict, once interactive sub-tasks were announced: run
+    them (each with its small batch's other sub-tasks, `run_turn`) on a connection of their
+    own, until none of the `served` models is left. A ledger that cannot be reached leaves
+    them to their messages: the bulk sub-task goes on."""
+    try:
+        with TurnConnection(engine) as turn:
+            while (
+                claim := turn.run(
+                    settings, lambda conn: ledger.claim_interactive(conn, served, worker, settings.lease_s)
+                )
+            ) is not None:
+                run_turn(turn, settings, claim, worker, served)
+    except OperationalError as error:
+        log.warning("interactive sub-tasks left to their messages: the ledger is unreachable (%s)", error)
+
+
+def run_claimed(
+    turn: TurnConnection, settings: Settings, claim: ledger.Claim, between: Callable[[], None] | None = None
+) -> bool:
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
-    it was the last. A failure to retry is published again with its backoff as countdown (the
-    message that claimed it may have been another sub-task's). Returns True when it
-    completed its batch's counters (nothing of the batch is left to run)."""
+    it was the last. With `between`, the predict runs in slices and `between()` runs after
+    a slice once interactive sub-tasks were announced (`workers.interactive`). A failure to
+    retry is published again with its backoff as countdown (the message that claimed it may
+    have been another sub-task's). Returns True when it completed its batch's counters
+    (nothing of the batch is left to run)."""
     try:
         spec = registry.get_model(claim.model)
         # The version the split pinned; the champion for a sub-task split before the registry.
@@ -163,7 +197,12 @@ def run_claimed(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -
         champion = shadow_champion(turn, settings, claim)
         champion_first = champion is not None and claim.subtask_id % 2 == 0
         champion_cpu_s = timed_predict(spec, champion, X)[1] if champion_first else None
-        predicted, predict_cpu_s = timed_predict(spec, estimator, X)
+        if between is None:
+            predicted, predict_cpu_s = timed_predict(spec, estimator, X)
+        else:
+            predicted, predict_cpu_s = predict_yielding(
+                interactive_signal(turn.engine), spec, estimator, X, settings.interactive_slice_ms / 1000, between
+            )
         if champion is not None and not champion_first:
             champion_cpu_s = timed_predict(spec, champion, X)[1]
         output = check_output(spec, predicted, claim.rows)

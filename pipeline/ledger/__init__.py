@@ -61,7 +61,14 @@ if TYPE_CHECKING:
         first_subtask_started,
         insert_batch,
     )
-    from pipeline.ledger.claims import Claim, claim_next_of_batch, claim_subtask, complete_subtask, fail_subtask
+    from pipeline.ledger.claims import (
+        Claim,
+        claim_interactive,
+        claim_next_of_batch,
+        claim_subtask,
+        complete_subtask,
+        fail_subtask,
+    )
     from pipeline.ledger.connection import make_engine, migrate
     from pipeline.ledger.counters import (
         DEADLINE_REASON,
@@ -100,6 +107,7 @@ if TYPE_CHECKING:
         versions_of,
     )
     from pipeline.ledger.split import (
+        INTERACTIVE_CHANNEL,
         Dispatch,
         NewSubtask,
         copy_subtasks,
@@ -136,6 +144,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "claims": (
         "Claim",
+        "claim_interactive",
         "claim_next_of_batch",
         "claim_subtask",
         "complete_subtask",
@@ -194,6 +203,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "versions_of",
     ),
     "split": (
+        "INTERACTIVE_CHANNEL",
         "Dispatch",
         "NewSubtask",
         "copy_subtasks",
@@ -218,6 +228,7 @@ __all__ = [
     "DEADLINE_REASON",
     "Dispatch",
     "FAIL_FAST_REASON",
+    "INTERACTIVE_CHANNEL",
     "NOTIFY_CHANNEL",
     "NewSubtask",
     "Outcome",
@@ -236,6 +247,7 @@ __all__ = [
     "batch_status_row",
     "cancel_batch",
     "claim_evaluation",
+    "claim_interactive",
     "claim_next_of_batch",
     "claim_subtask",
     "complete_subtask",

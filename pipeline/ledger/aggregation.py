@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, Row, Text, and_, bindparam, case, cast, func, or_, select, true, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 
 from pipeline.ledger import queries
 from pipeline.ledger.batches import NOTIFY_CHANNEL
@@ -34,6 +34,26 @@ LOCK_AGGREGATING_BATCH = (
 )
 # pg_try_advisory_xact_lock class of the per-batch aggregation lock (the key is the batch id's hash).
 AGGREGATE_LOCK_CLASS = 7_240_114
+# Per model, the versions pinned on the batch's serve sub-tasks (two for a canary's model), as
+# [[model, version], ...]: read with the batch's row, in the same round trip.
+_pins = (
+    select(Subtask.model, Subtask.model_version)
+    .where(Subtask.batch_id == bindparam("batch_id"), Subtask.role == SubtaskRole.serve)
+    .distinct()
+    .subquery("pins")
+)
+_SERVING = (
+    select(
+        func.jsonb_agg(
+            aggregate_order_by(
+                func.jsonb_build_array(_pins.c.model, _pins.c.model_version), _pins.c.model, _pins.c.model_version
+            ),
+            type_=JSONB,
+        )
+    )
+    .scalar_subquery()
+    .label("serving")
+)
 # The aggregation lock, then the row lock only once it is held (a duplicate never waits on
 # the row of a batch being aggregated): one statement. The volatile lock function keeps its
 # subquery from being flattened, so it is evaluated once, before the lateral row lock.
@@ -43,13 +63,16 @@ _aggregation_lock = select(
     )
 ).subquery("aggregation_lock")
 _due_locked = (
-    select(Batch.__table__)
+    select(Batch.__table__, _SERVING)
     .where(Batch.id == bindparam("batch_id"), aggregate_due(), _aggregation_lock.c.aggregation_locked)
-    .with_for_update()
+    .with_for_update(of=Batch.__table__)
     .lateral("due")
 )
 LOCK_AGGREGATION = select(_aggregation_lock.c.aggregation_locked, _due_locked).select_from(
     _aggregation_lock.outerjoin(_due_locked, true())
+)
+RUNNING_BATCH = select(Batch.__table__, _SERVING).where(
+    Batch.id == bindparam("batch_id"), Batch.state == BatchState.running, Batch.split_items == Batch.items
 )
 
 
@@ -63,7 +86,8 @@ def lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> tuple[bool, Row[A
     """Take the batch's aggregation lock for this transaction and then, in the same
     statement, lock its row when it is due for aggregation (as `lock_aggregating_batch`).
     Returns (False, None) when another aggregation of the batch holds the lock (a duplicate
-    message, or one started early); else (True, the locked row, or None when it is not due)."""
+    message, or one started early); else (True, the locked row with its `serving_versions`
+    in column `serving`, or None when it is not due)."""
     row = conn.execute(LOCK_AGGREGATION, {"batch_text": str(batch_id), "batch_id": batch_id}).one()
     return bool(row.aggregation_locked), row if row.id is not None else None
 
@@ -76,12 +100,8 @@ def batch_state(conn: Connection, batch_id: uuid.UUID) -> BatchState | None:
 
 def running_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     """A `running` batch whose split is finished (its results may be assembled as its
-    sub-tasks finish), unlocked; None otherwise."""
-    return conn.execute(
-        select(Batch.__table__).where(
-            Batch.id == batch_id, Batch.state == BatchState.running, Batch.split_items == Batch.items
-        )
-    ).first()
+    sub-tasks finish), unlocked, with its `serving_versions` in column `serving`; None otherwise."""
+    return conn.execute(RUNNING_BATCH, {"batch_id": batch_id}).first()
 
 
 def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
@@ -122,11 +142,12 @@ class SubtaskOutput:
 StreamKey = tuple[str, str | None]
 
 
-def serving_versions(conn: Connection, batch_id: uuid.UUID) -> dict[str, list[str | None]]:
-    """Per model, the versions pinned on the batch's serve sub-tasks: one, or a canary's two."""
+def serving_versions(batch: Row[Any]) -> dict[str, list[str | None]]:
+    """Per model, the versions pinned on the serve sub-tasks of `batch` (a row of
+    `lock_aggregation` or `running_batch`): one, or a canary's two."""
     versions: dict[str, list[str | None]] = {}
-    for row in conn.execute(queries.SERVING_VERSIONS, {"batch_id": batch_id}):
-        versions.setdefault(row.model, []).append(row.model_version)
+    for model, version in batch.serving or ():
+        versions.setdefault(model, []).append(version)
     return versions
 
 

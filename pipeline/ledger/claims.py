@@ -37,6 +37,7 @@ from sqlalchemy.orm import aliased
 from pipeline.ledger.connection import Bind, connected, now, transaction
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
 from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
+from pipeline.states import Priority
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,27 @@ CLAIM_NEXT_OF_BATCH = _claim_statement(
     Subtask.state == SubtaskState.dispatched,
 )
 
+# Interactive work a worker process takes between two slices of a bulk sub-task's predict
+# (`workers.interactive`): the first dispatched interactive serve sub-task of its models.
+_interactive = aliased(Subtask)
+CLAIM_INTERACTIVE = _claim_statement(
+    Subtask.id
+    == select(_interactive.id)
+    .where(
+        _interactive.model == func.any(bindparam("models", type_=ARRAY(Text))),
+        _interactive.state == SubtaskState.dispatched,
+        _interactive.priority == Priority.interactive.rank,
+        _interactive.role == SubtaskRole.serve,
+        _interactive.attempts < _interactive.max_attempts,
+    )
+    .order_by(_interactive.seq, _interactive.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+    .scalar_subquery(),
+    # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
+    Subtask.state == SubtaskState.dispatched,
+)
+
 
 def claim_subtask(bind: Bind, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
     """Claim the sub-task a predict message for `subtask_id` should run (see `CLAIM`): its own
@@ -224,6 +246,15 @@ def claim_next_of_batch(
         bind,
         CLAIM_NEXT_OF_BATCH,
         {"of_batch": batch_id, "models": list(models), "worker": worker, "lease": timedelta(seconds=lease_s)},
+    )
+
+
+def claim_interactive(bind: Bind, models: Sequence[str], worker: str, lease_s: float) -> Claim | None:
+    """Claim the first `dispatched` interactive serve sub-task of one of `models`, like
+    `claim_subtask` (its message, when it comes, claims something else or nothing); None
+    when there is none."""
+    return _claim(
+        bind, CLAIM_INTERACTIVE, {"models": list(models), "worker": worker, "lease": timedelta(seconds=lease_s)}
     )
 
 

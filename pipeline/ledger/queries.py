@@ -15,7 +15,6 @@ def query(name: str) -> TextClause:
 BATCH_STATUS = query("batch_status")
 NEW_SUBTASK_IDS = query("new_subtask_ids")
 SUBTASK_OUTPUTS = query("subtask_outputs")
-SERVING_VERSIONS = query("serving_versions")
 RECORD_HEARTBEAT = query("record_heartbeat")
 UNSERVED_QUEUES = query("unserved_queues")
 REPLACE_CHANGED_LABELS = query("replace_changed_labels")

@@ -35,11 +35,6 @@ CROSS JOIN LATERAL (
 ) AS c
 ORDER BY m.n, c.seq
 
--- name: serving_versions
--- Per model, the versions pinned on a batch's serve sub-tasks (two for a canary's model).
-SELECT DISTINCT model, model_version FROM subtasks WHERE batch_id = :batch_id AND role = 'serve'
-ORDER BY model, model_version
-
 -- name: rejected_messages
 -- The dead letters by queue and reason (the counter pipeline_rejected_messages_total).
 SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2

@@ -18,6 +18,7 @@ from pipeline.ledger.batches import NOTIFY_CHANNEL
 from pipeline.ledger.connection import copy_rows, now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, cancel_subtasks
 from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
+from pipeline.states import Priority
 
 
 class Dispatch(NamedTuple):
@@ -100,6 +101,9 @@ def next_seqs(conn: Connection, batch_id: uuid.UUID) -> dict[str, int]:
 
 
 INT4_OID = 23
+# Announces, on commit, interactive sub-tasks just written: a worker process busy with a bulk
+# sub-task takes them between two slices of its predict (`workers.interactive`).
+INTERACTIVE_CHANNEL = "interactive_subtasks"
 
 
 def _int4_array(values: np.ndarray) -> bytes:
@@ -113,7 +117,8 @@ def _int4_array(values: np.ndarray) -> bytes:
 
 
 def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask]) -> list[Dispatch]:
-    """Insert sub-tasks as `dispatched` with one COPY; return them to publish.
+    """Insert sub-tasks as `dispatched` with one COPY; return them to publish. Interactive
+    ones are also announced on `INTERACTIVE_CHANNEL` when the transaction commits.
 
     Their lease runs from `queued_at`: if the messages are never published (a crash
     after commit), the sweeper publishes them once it expires.
@@ -146,6 +151,8 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
             first_seqs[subtask.model] = min(subtask.seq, first_seqs.get(subtask.model, subtask.seq))
     if not first_seqs:
         return []
+    if any(s.priority == Priority.interactive.rank for s in subtasks):
+        conn.execute(select(func.pg_notify(INTERACTIVE_CHANNEL, "")))
     rows = conn.execute(
         queries.NEW_SUBTASK_IDS,
         {"batch_id": batch_id, "models": list(first_seqs), "first_seqs": list(first_seqs.values())},

@@ -1,0 +1,136 @@
+"""Interactive work ahead of a running bulk sub-task: while a worker process predicts a bulk
+sub-task, it listens on `ledger.INTERACTIVE_CHANNEL` and checks between slices
+of the predict whether interactive sub-tasks were committed; if so it runs them (and
+aggregates their small batches) before the next slice. An interactive sub-task then waits
+for about one slice (`Settings.interactive_slice_ms`), not for a whole bulk sub-task: a
+predict cannot be interrupted, but it can be cut, as chunks already cut a batch's rows.
+
+The check costs no round trip: notifications arrive on the listening connection's socket
+and are read without blocking. The process listens only while it predicts bulk rows, so
+no notification piles up on a connection nobody reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import psycopg
+from sqlalchemy import Engine
+
+from pipeline.database import libpq_url
+from pipeline.definition import ModelSpec
+from pipeline.ledger import INTERACTIVE_CHANNEL
+
+log = logging.getLogger(__name__)
+
+# How the connection shows in pg_stat_activity.
+APPLICATION_NAME = "pipeline-worker-interactive"
+# Rows of a bulk sub-task's first slice, as a share of its rows: its CPU time per row sizes
+# the next slices.
+FIRST_SLICE_SHARE = 8
+
+
+class InteractiveSignal:
+    """A worker process's LISTEN connection for `INTERACTIVE_CHANNEL`, opened on first use.
+    A connection that fails is dropped, and opened again on the next `listening`: the signal
+    only ever shortens a wait, so losing it loses nothing but that."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = libpq_url(database_url)
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @contextmanager
+    def listening(self) -> Iterator[Callable[[], bool]]:
+        """Within the block, the returned function tells (without blocking) whether an
+        interactive sub-task was announced since it was last asked."""
+        try:
+            if self._conn is None:
+                self._conn = psycopg.connect(self._url, autocommit=True, application_name=APPLICATION_NAME)
+            self._conn.execute(f"LISTEN {INTERACTIVE_CHANNEL}")
+        except psycopg.Error as error:
+            self._drop(error)
+            yield lambda: False
+            return
+        try:
+            yield self._announced
+        finally:
+            if self._conn is not None:
+                try:
+                    self._conn.execute(f"UNLISTEN {INTERACTIVE_CHANNEL}")
+                    # Announced after the last check: read now, or the next block would see them.
+                    self._announced()
+                except psycopg.Error as error:
+                    self._drop(error)
+
+    def _announced(self) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            # Every notification so far (one per storing transaction), without waiting.
+            return sum(1 for _ in self._conn.notifies(timeout=0)) > 0
+        except psycopg.Error as error:
+            self._drop(error)
+            return False
+
+    def _drop(self, error: psycopg.Error) -> None:
+        log.warning("interactive signal: connection lost (%s); bulk predicts run whole until it is back", error)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+@lru_cache(maxsize=1)
+def interactive_signal(engine: Engine) -> InteractiveSignal:
+    """The process's signal on `engine`'s database, made on first use (in a forked worker
+    child, never in its parent)."""
+    return InteractiveSignal(engine.url.render_as_string(hide_password=False))
+
+
+def predict_yielding(
+    signal: InteractiveSignal,
+    spec: ModelSpec,
+    estimator: Any,
+    X: np.ndarray,
+    slice_s: float,
+    run_announced: Callable[[], None],
+) -> tuple[np.ndarray, float]:
+    """`sliced_predict`, listening on `signal`: `run_announced()` runs between two slices
+    once interactive sub-tasks were announced. Returns the outputs and their CPU seconds."""
+    with signal.listening() as announced:
+
+        def between() -> None:
+            if announced():
+                run_announced()
+
+        return sliced_predict(spec, estimator, X, slice_s, between)
+
+
+def sliced_predict(
+    spec: ModelSpec, estimator: Any, X: np.ndarray, slice_s: float, between: Callable[[], None]
+) -> tuple[np.ndarray, float]:
+    """`spec.predict(estimator, X)` in slices of about `slice_s` CPU seconds, calling
+    `between()` after each slice but the last; returns the outputs and the CPU seconds of the
+    slices (not of `between`). The first slice holds 1/`FIRST_SLICE_SHARE` of the rows; its
+    time per row sizes the rest. Models predict each row on its own, as chunking assumes."""
+    rows = len(X)
+    size = max(1, rows // FIRST_SLICE_SHARE)
+    outputs: list[np.ndarray] = []
+    cpu_s = 0.0
+    start = 0
+    while start < rows:
+        before = time.process_time()
+        outputs.append(np.asarray(spec.predict(estimator, X[start : start + size])))
+        spent = time.process_time() - before
+        cpu_s += spent
+        done = min(size, rows - start)
+        start += done
+        if start < rows:
+            between()
+            size = max(1, int(slice_s * done / spent)) if spent > 0 else rows
+    return (outputs[0] if len(outputs) == 1 else np.concatenate(outputs)), cpu_s
