@@ -185,18 +185,28 @@ LATENCY_PHASES = text(
 )
 
 
-def latency_phases(client: Client, latency: Latency) -> dict[str, float]:
+LATENCY_PHASE_NAMES = ("to_first_claim", "subtasks", "predict_cpu", "aggregate")
+
+
+def latency_phases(
+    client: Client, latency: Latency, prefix: str = "latency_phase", tail: bool = False
+) -> dict[str, float]:
     """Median ms of each phase of the one-input batches of `latency` (`LATENCY_PHASES`), and of
-    the client's own share (its measured time minus the ledger's, per batch)."""
+    the client's own share (its measured time minus the ledger's, per batch), as
+    `<prefix>_<phase>_ms`; with `tail`, also the mean of each phase over the slowest 1 % of
+    the batches (at least one), as `<prefix>_<phase>_tail_ms`: where the p99 goes."""
     with client.engine.connect() as conn:
-        rows = conn.execute(LATENCY_PHASES, {"ids": latency.batch_ids}).all()
-    ledger_ms = {row.id: float(row.ledger) for row in rows}
-    phases = {
-        name: statistics.median(float(getattr(row, name)) for row in rows)
-        for name in ("to_first_claim", "subtasks", "predict_cpu", "aggregate")
-    }
-    phases["client"] = statistics.median(ms - ledger_ms[id_] for ms, id_ in zip(latency.ms, latency.batch_ids))
-    return {f"latency_phase_{name}_ms": value for name, value in phases.items()}
+        rows = {row.id: row for row in conn.execute(LATENCY_PHASES, {"ids": latency.batch_ids})}
+    measured = [(ms, rows[id_]) for ms, id_ in zip(latency.ms, latency.batch_ids)]
+    phases = {name: [float(getattr(row, name)) for _, row in measured] for name in LATENCY_PHASE_NAMES}
+    phases["client"] = [ms - float(row.ledger) for ms, row in measured]
+    figures = {f"{prefix}_{name}_ms": statistics.median(values) for name, values in phases.items()}
+    if tail:
+        slowest = np.argsort(latency.ms)[-max(1, len(measured) // 100) :]
+        figures |= {
+            f"{prefix}_{name}_tail_ms": float(np.mean(np.asarray(values)[slowest])) for name, values in phases.items()
+        }
+    return figures
 
 
 def run_client(processes: Processes, name: str, command: list[str]) -> dict[str, Any]:
@@ -238,10 +248,10 @@ def bulk_phases(client: Client, batch_id: str) -> dict[str, float]:
 
 def stream_during_bulk(
     processes: Processes, client: Client, pipeline: str, bulk: list[str], name: str
-) -> tuple[list[float], dict[str, Any]]:
+) -> tuple[Latency, dict[str, Any]]:
     """Run the bulk client `bulk` as process `name` while this process's own client submits
-    one-input batches one after another. Returns the ms of those submitted and answered
-    while the bulk batch was in the ledger, and the bulk client's figures.
+    one-input batches one after another. Returns the ms and ids of those submitted and
+    answered while the bulk batch was in the ledger, and the bulk client's figures.
 
     Raises:
         RuntimeError: no one-input batch ran while the bulk batch did.
@@ -250,15 +260,16 @@ def stream_during_bulk(
     stream = []
     while launched.poll() is None:
         started = time.time()
-        stream.append((started, measure_latency(client, pipeline, 1, warm_up=0).ms[0]))
+        one = measure_latency(client, pipeline, 1, warm_up=0)
+        stream.append((started, one.ms[0], one.batch_ids[0]))
     figures = json.loads(processes.finish(name, launched, RUN_TIMEOUT_S))
     window = bulk_phases(client, figures["batch_id"])
-    during = [
-        ms
-        for started, ms in stream
-        if started >= window["created_epoch"] and started + ms / 1000 <= window["finished_epoch"]
-    ]
-    if not during:
+    during = Latency([], [])
+    for started, ms, batch_id in stream:
+        if started >= window["created_epoch"] and started + ms / 1000 <= window["finished_epoch"]:
+            during.ms.append(ms)
+            during.batch_ids.append(batch_id)
+    if not during.ms:
         raise RuntimeError("no one-input batch ran while the bulk batch did: raise --bulk-rows")
     return during, figures
 
@@ -278,8 +289,9 @@ def measure_mixed(
     busy_alone = machine_busy_s() - busy_before
     log("mixed: the bulk batch again, with one-input batches while it runs")
     busy_before = machine_busy_s()
-    during, mixed = stream_during_bulk(processes, client, pipeline, bulk, "client-bulk-mixed")
+    stream, mixed = stream_during_bulk(processes, client, pipeline, bulk, "client-bulk-mixed")
     busy_mixed = machine_busy_s() - busy_before
+    during = stream.ms
     log(
         f"mixed: {len(during)} one-input batches during the bulk batch; bulk {alone['seconds']:.2f} s alone,"
         f" {mixed['seconds']:.2f} s with them"
@@ -296,6 +308,11 @@ def measure_mixed(
         "mixed_bulk_alone_s": alone["seconds"],
         "mixed_bulk_with_stream_s": mixed["seconds"],
         "bulk_slowdown": mixed["seconds"] / alone["seconds"],
+        # The stream is closed-loop (the next batch once the last is answered): the faster it
+        # is served, the more of it runs beside the bulk batch. Its cost per batch compares runs.
+        "mixed_stream_per_s": len(during) / mixed["seconds"],
+        "bulk_ms_per_stream_batch": (mixed["seconds"] - alone["seconds"]) * 1000 / len(during),
+        **latency_phases(client, stream, prefix="mixed_phase", tail=True),
         # The machine's cores busy (share of all) alone and with the stream, and the slowdown
         # if the bulk batch could only use the CPU the stream left (busy with ÷ busy alone).
         "mixed_cpu_busy_alone": busy_alone / (os.cpu_count() or 1) / alone["seconds"],

@@ -20,6 +20,10 @@ def _rate(value: float) -> str:
     return f"{value:,.0f} rows/s"
 
 
+def _per_s(value: float) -> str:
+    return f"{value:.1f} /s"
+
+
 def _x(value: float) -> str:
     return f"{value:.2f} ×"
 
@@ -90,9 +94,19 @@ MIXED_ROWS: tuple[Row, ...] = (
     ("mixed_latency_p99_ms", "", _ms, "", None),
     ("mixed_latency_max_ms", "", _ms, "", None),
     ("mixed_p99_vs_idle_p99", "mixed p99 ÷ idle p99", _x, "≤ 3 ×", lambda v: v <= 3),
+    ("mixed_phase_to_first_claim_ms", "phases while bulk runs, p50: → first claim", _ms, "", None),
+    ("mixed_phase_subtasks_ms", "→ last sub-task finished", _ms, "", None),
+    ("mixed_phase_aggregate_ms", "→ batch finished (the aggregate)", _ms, "", None),
+    ("mixed_phase_client_ms", "client: validation, wake-up, result read", _ms, "", None),
+    ("mixed_phase_to_first_claim_tail_ms", "the slowest 1 %, mean: → first claim", _ms, "", None),
+    ("mixed_phase_subtasks_tail_ms", "→ last sub-task finished", _ms, "", None),
+    ("mixed_phase_aggregate_tail_ms", "→ batch finished (the aggregate)", _ms, "", None),
+    ("mixed_phase_client_tail_ms", "client: validation, wake-up, result read", _ms, "", None),
     ("mixed_bulk_alone_s", "bulk batch alone", _s, "", None),
     ("mixed_bulk_with_stream_s", "bulk batch with the one-input stream", _s, "", None),
     ("bulk_slowdown", "bulk with stream ÷ alone", _x, "≤ 1.1 ×", lambda v: v <= 1.1),
+    ("mixed_stream_per_s", "one-input batches answered per second beside it", _per_s, "", None),
+    ("bulk_ms_per_stream_batch", "bulk time added per one-input batch", _ms, "", None),
     ("mixed_cpu_busy_alone", "cores busy: bulk alone", _pct, "", None),
     ("mixed_cpu_busy_with_stream", "cores busy: bulk with the stream", _pct, "", None),
     ("bulk_slowdown_cpu_bound", "CPU used with stream ÷ alone (slowdown if CPU-bound)", _x, "", None),
