@@ -22,7 +22,7 @@ from pipeline.pipelines.screening import FOREST, LOGREG, MODELS, held_out_record
 from pipeline.states import Priority
 from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
 from tests.pipelines import UNSPLITTABLE
-from workers import interactive as interactive_module
+from workers import inference
 from workers.inference import run_subtask
 
 DIGIT_MODELS = ("digit-classifier", "digit-ood")
@@ -157,7 +157,7 @@ def test_a_bulk_predict_runs_an_interactive_batch_submitted_meanwhile_between_tw
         bulk_first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": bulk_id}).scalar_one()
     # An interactive batch is committed (and announced) once the bulk predict has started.
     interactive: list[uuid.UUID] = []
-    sliced = interactive_module.sliced_predict
+    sliced = inference.sliced_predict
 
     def submitted_meanwhile(*args: Any) -> Any:
         if not interactive:
@@ -168,7 +168,7 @@ def test_a_bulk_predict_runs_an_interactive_batch_submitted_meanwhile_between_tw
             interactive.append(batch_id)
         return sliced(*args)
 
-    monkeypatch.setattr(interactive_module, "sliced_predict", submitted_meanwhile)
+    monkeypatch.setattr(inference, "sliced_predict", submitted_meanwhile)
 
     run_subtask(quiet_engine, settings, bulk_first, "test-worker", DIGIT_MODELS)
 

@@ -25,7 +25,7 @@ from pipeline.ledger.connection import autocommit
 from pipeline.schema import SubtaskRole
 from pipeline.settings import Settings
 from pipeline.states import Priority
-from workers.interactive import interactive_signal, predict_yielding
+from workers.interactive import interactive_signal, sliced_predict
 from workers.models import loaded_version
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,15 @@ def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, work
     `served` models, claimed from the ledger: a one-input batch then waits for no message
     delivery of a model this process serves (their messages find them claimed). A bulk
     sub-task is predicted in slices, with the interactive sub-tasks of the `served` models
-    announced meanwhile run between two (`run_interactive`). A shadow sub-task is not: the
+    announced meanwhile run between two (`run_announced`). A shadow sub-task is not: the
     gate compares its predict's CPU time with its champion's, timed whole on the same rows."""
-    between = None
     if served and settings.interactive_slice_ms > 0 and claim.priority == Priority.bulk.rank:
-        between = partial(run_interactive, turn.engine, settings, worker, served)
-    if run_claimed(turn, settings, claim, between) or not settings.is_small_batch(claim.batch_items) or not served:
+        with interactive_signal(turn.engine).listening() as announced:
+            between = partial(run_announced, announced, turn.engine, settings, worker, served)
+            done = run_claimed(turn, settings, claim, between)
+    else:
+        done = run_claimed(turn, settings, claim)
+    if done or not settings.is_small_batch(claim.batch_items) or not served:
         return
     while (
         taken := turn.run(
@@ -159,11 +162,16 @@ def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, work
             return
 
 
-def run_interactive(engine: Engine, settings: Settings, worker: str, served: Sequence[str]) -> None:
-    """Between two slices of a bulk predict, once interactive sub-tasks were announced: run
-    them (each with its small batch's other sub-tasks, `run_turn`) on a connection of their
-    own, until none of the `served` models is left. A ledger that cannot be reached leaves
+def run_announced(
+    announced: Callable[[], bool], engine: Engine, settings: Settings, worker: str, served: Sequence[str]
+) -> None:
+    """Within a bulk sub-task's turn (between two slices of its predict, after the predict,
+    after its outcome is recorded): once `announced()`, run the interactive sub-tasks of
+    the `served` models (each with its small batch's other sub-tasks, `run_turn`) on a
+    connection of their own, until none is left. A ledger that cannot be reached leaves
     them to their messages: the bulk sub-task goes on."""
+    if not announced():
+        return
     try:
         with TurnConnection(engine) as turn:
             while (
@@ -180,8 +188,9 @@ def run_claimed(
     turn: TurnConnection, settings: Settings, claim: ledger.Claim, between: Callable[[], None] | None = None
 ) -> bool:
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
-    it was the last. With `between`, the predict runs in slices and `between()` runs after
-    a slice once interactive sub-tasks were announced (`workers.interactive`). A failure to
+    it was the last. With `between` (a bulk sub-task's), the predict runs in slices, and
+    `between()` runs after each slice, after the predict and after the outcome is recorded
+    (`run_announced`: the interactive sub-tasks announced meanwhile). A failure to
     retry is published again with its backoff as countdown (the message that claimed it may
     have been another sub-task's). Returns True when it completed its batch's counters
     (nothing of the batch is left to run)."""
@@ -200,9 +209,8 @@ def run_claimed(
         if between is None:
             predicted, predict_cpu_s = timed_predict(spec, estimator, X)
         else:
-            predicted, predict_cpu_s = predict_yielding(
-                interactive_signal(turn.engine), spec, estimator, X, settings.interactive_slice_ms / 1000, between
-            )
+            predicted, predict_cpu_s = sliced_predict(spec, estimator, X, settings.interactive_slice_ms / 1000, between)
+            between()
         if champion is not None and not champion_first:
             champion_cpu_s = timed_predict(spec, champion, X)[1]
         output = check_output(spec, predicted, claim.rows)
@@ -246,6 +254,8 @@ def run_claimed(
                 champion_cpu_s=champion_cpu_s,
             ),
         )
+    if between is not None:
+        between()
     if outcome.aggregate:
         aggregate_or_hand_over(turn, settings, claim)
     return outcome.aggregate

@@ -1,12 +1,13 @@
-"""Interactive work ahead of a running bulk sub-task: while a worker process predicts a bulk
-sub-task, it listens on `ledger.INTERACTIVE_CHANNEL` and checks between slices
-of the predict whether interactive sub-tasks were committed; if so it runs them (and
-aggregates their small batches) before the next slice. An interactive sub-task then waits
-for about one slice (`Settings.interactive_slice_ms`), not for a whole bulk sub-task: a
-predict cannot be interrupted, but it can be cut, as chunks already cut a batch's rows.
+"""Interactive work ahead of a running bulk sub-task: while a worker process runs a bulk
+sub-task, it listens on `ledger.INTERACTIVE_CHANNEL` and checks between slices of the
+predict (and after the predict, and after recording its outcome) whether interactive
+sub-tasks were committed; if so it runs them (and aggregates their small batches) first.
+An interactive sub-task then waits for about one slice (`Settings.interactive_slice_ms`) or
+one of the bulk turn's ledger statements, not for a whole bulk sub-task: a predict cannot
+be interrupted, but it can be cut, as chunks already cut a batch's rows.
 
 The check costs no round trip: notifications arrive on the listening connection's socket
-and are read without blocking. The process listens only while it predicts bulk rows, so
+and are read without blocking. The process listens only while it runs a bulk sub-task, so
 no notification piles up on a connection nobody reads.
 """
 
@@ -90,25 +91,6 @@ def interactive_signal(engine: Engine) -> InteractiveSignal:
     """The process's signal on `engine`'s database, made on first use (in a forked worker
     child, never in its parent)."""
     return InteractiveSignal(engine.url.render_as_string(hide_password=False))
-
-
-def predict_yielding(
-    signal: InteractiveSignal,
-    spec: ModelSpec,
-    estimator: Any,
-    X: np.ndarray,
-    slice_s: float,
-    run_announced: Callable[[], None],
-) -> tuple[np.ndarray, float]:
-    """`sliced_predict`, listening on `signal`: `run_announced()` runs between two slices
-    once interactive sub-tasks were announced. Returns the outputs and their CPU seconds."""
-    with signal.listening() as announced:
-
-        def between() -> None:
-            if announced():
-                run_announced()
-
-        return sliced_predict(spec, estimator, X, slice_s, between)
 
 
 def sliced_predict(
