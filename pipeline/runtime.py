@@ -29,5 +29,12 @@ def engine() -> Engine:
 
 
 @lru_cache(maxsize=1)
+def turn_engine() -> Engine:
+    """The engine of a worker's turns: commits that do not wait for the WAL flush
+    (`ledger.make_engine`'s `durable_commits`)."""
+    return ledger.make_engine(service_urls().database_url, durable_commits=False)
+
+
+@lru_cache(maxsize=1)
 def celery_app() -> Celery:
     return broker.configure(broker.app, service_urls().broker_url, get_settings())

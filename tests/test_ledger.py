@@ -23,7 +23,7 @@ from pipeline.pipelines.digits import held_out_strips
 from pipeline.schema import FailurePolicy, Priority
 from pipeline.settings import Settings
 from pipeline.splitter import ClientSplit, SplitStep, split_step, split_steps
-from tests.helpers import split_batch, store_batch, wait_for
+from tests.helpers import RunServices, split_batch, store_batch, wait_for
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}
 
@@ -283,6 +283,27 @@ def test_an_aggregation_lock_held_elsewhere_refuses_at_once_without_waiting_on_t
     # Not due any more: the lock is taken, no row is.
     with engine.begin() as conn:
         assert ledger.lock_aggregation(conn, batch_id) == (True, None)
+
+
+def test_a_turn_engine_commits_without_waiting_for_the_flush_but_an_aggregate_waits(
+    engine: Engine, services: RunServices
+) -> None:
+    """A worker's turns commit claims and completions asynchronously (a crash redoes them
+    like a lost worker's); the aggregate's transaction, on the same session, is durable."""
+    turns = ledger.make_engine(services.database_url, durable_commits=False)
+    try:
+        with turns.connect() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+            conn.commit()
+            batch_id, _ = _split_batch(engine)
+            with conn.begin():
+                ledger.lock_aggregation(conn, batch_id)
+                assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+    finally:
+        turns.dispose()
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
 
 
 def test_sweeper_cancels_what_a_cancelled_batch_still_runs_past_its_lease(engine: Engine, client: Client) -> None:

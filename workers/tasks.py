@@ -13,4 +13,4 @@ from workers.models import served
 @broker.app.task(name=broker.PREDICT_TASK, bind=True)
 def predict(self: Task[..., None], subtask_id: int, priority: str | None = None) -> None:
     message = broker.PredictMessage.model_validate({"subtask_id": subtask_id, "priority": priority})
-    run_subtask(runtime.engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown", served())
+    run_subtask(runtime.turn_engine(), get_settings(), message.subtask_id, self.request.hostname or "unknown", served())

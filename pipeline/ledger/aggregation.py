@@ -60,7 +60,11 @@ _SERVING = (
 _aggregation_lock = select(
     func.pg_try_advisory_xact_lock(AGGREGATE_LOCK_CLASS, func.hashtext(bindparam("batch_text", type_=Text))).label(
         "aggregation_locked"
-    )
+    ),
+    # The aggregate's commit is durable whatever its session's setting (a worker's turn
+    # commits its claims and completions without waiting for the WAL flush: `make_engine`):
+    # SET LOCAL, in the statement the transaction starts with.
+    func.set_config("synchronous_commit", "on", True).label("durable_commit"),
 ).subquery("aggregation_lock")
 _due_locked = (
     select(Batch.__table__, _SERVING)
@@ -68,9 +72,9 @@ _due_locked = (
     .with_for_update(of=Batch.__table__)
     .lateral("due")
 )
-LOCK_AGGREGATION = select(_aggregation_lock.c.aggregation_locked, _due_locked).select_from(
-    _aggregation_lock.outerjoin(_due_locked, true())
-)
+LOCK_AGGREGATION = select(
+    _aggregation_lock.c.aggregation_locked, _aggregation_lock.c.durable_commit, _due_locked
+).select_from(_aggregation_lock.outerjoin(_due_locked, true()))
 RUNNING_BATCH = select(Batch.__table__, _SERVING).where(
     Batch.id == bindparam("batch_id"), Batch.state == BatchState.running, Batch.split_items == Batch.items
 )
@@ -87,7 +91,8 @@ def lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> tuple[bool, Row[A
     statement, lock its row when it is due for aggregation (as `lock_aggregating_batch`).
     Returns (False, None) when another aggregation of the batch holds the lock (a duplicate
     message, or one started early); else (True, the locked row with its `serving_versions`
-    in column `serving`, or None when it is not due)."""
+    in column `serving`, or None when it is not due). The transaction's commit is durable
+    (`synchronous_commit` on), whatever the session's setting."""
     row = conn.execute(LOCK_AGGREGATION, {"batch_text": str(batch_id), "batch_id": batch_id}).one()
     return bool(row.aggregation_locked), row if row.id is not None else None
 

@@ -27,11 +27,19 @@ DEADLOCK_RUNS = 5
 DEADLOCK_PAUSE_S = 0.05
 
 
-def make_engine(database_url: str) -> Engine:
+def make_engine(database_url: str, durable_commits: bool = True) -> Engine:
     """An engine on the ledger at `database_url`; a pooled connection is checked before use,
     so the first statement after a PostgreSQL restart does not fail. JSON columns are parsed
-    by pydantic-core (result pages, manifests: several times faster than `json.loads`)."""
-    return create_engine(sqlalchemy_url(database_url), pool_pre_ping=True, json_deserializer=from_json)
+    by pydantic-core (result pages, manifests: several times faster than `json.loads`).
+
+    Without `durable_commits`, its sessions commit without waiting for the WAL flush
+    (`synchronous_commit = off`): for a worker's turns only, whose claims and completions a
+    PostgreSQL crash may undo (never half: each is one statement), to be redone like a lost
+    worker's, once its sub-task's lease expires. The commits a client is told about (a
+    stored batch, a finished one) stay durable: the aggregate sets it back in its lock
+    statement (`ledger.lock_aggregation`), and a durable commit flushes every earlier one."""
+    options = {} if durable_commits else {"connect_args": {"options": "-c synchronous_commit=off"}}
+    return create_engine(sqlalchemy_url(database_url), pool_pre_ping=True, json_deserializer=from_json, **options)
 
 
 def migrate(database_url: str) -> None:
