@@ -147,44 +147,67 @@ def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
     assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)
 
 
-def test_a_bulk_predict_runs_an_interactive_batch_submitted_meanwhile_between_two_slices(
+def test_interactive_batches_submitted_during_bulk_predicts_run_before_the_bulk_sub_tasks_end(
     quiet_engine: Engine, quiet_services: RunServices, models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = quiet_services.settings(models_dir, interactive_slice_ms=0.05)
+    """A process running a bulk sub-task takes an interactive batch announced meanwhile after
+    its predict, and, once it has seen interactive work, between two slices of the next."""
+    # Not a small batch: each bulk sub-task is a turn of its own.
+    settings = quiet_services.settings(models_dir, interactive_slice_ms=0.05, small_batch_items=100)
     bulk_id, _ = store_batch(quiet_engine, held_out_strips(300, max_digits=6, seed=3), priority=Priority.bulk)
     split_batch(quiet_engine, bulk_id, {model: 100_000 for model in DIGIT_MODELS}, step_items=100_000)
     with quiet_engine.connect() as conn:
-        bulk_first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": bulk_id}).scalar_one()
-    # An interactive batch is committed (and announced) once the bulk predict has started.
+        bulk = conn.execute(text("SELECT id FROM subtasks WHERE batch_id = :b ORDER BY id"), {"b": bulk_id}).scalars()
+        first, second = bulk.all()
     interactive: list[uuid.UUID] = []
-    sliced = inference.sliced_predict
 
-    def submitted_meanwhile(*args: Any) -> Any:
-        if not interactive:
-            batch_id, _ = store_batch(
-                quiet_engine, held_out_strips(1, max_digits=6, seed=4), priority=Priority.interactive
-            )
-            split_batch(quiet_engine, batch_id, {})
-            interactive.append(batch_id)
-        return sliced(*args)
-
-    monkeypatch.setattr(inference, "sliced_predict", submitted_meanwhile)
-
-    run_subtask(quiet_engine, settings, bulk_first, "test-worker", DIGIT_MODELS)
-
-    with quiet_engine.connect() as conn:
-        (bulk_done,) = conn.execute(
-            text("SELECT finished_at FROM subtasks WHERE id = :s AND state = 'succeeded'"), {"s": bulk_first}
-        ).one()
-        state, finished_at = conn.execute(
-            text("SELECT state, finished_at FROM batches WHERE id = :b"), {"b": interactive[0]}
-        ).one()
-        workers = (
-            conn.execute(text("SELECT DISTINCT worker FROM subtasks WHERE batch_id = :b"), {"b": interactive[0]})
-            .scalars()
-            .all()
+    def submit_interactive() -> None:
+        batch_id, _ = store_batch(
+            quiet_engine, held_out_strips(1, max_digits=6, seed=len(interactive)), priority=Priority.interactive
         )
-    # Nothing else runs on this database: the bulk sub-task's process ran the interactive batch,
-    # and finished it (aggregated) before its own predict was done.
-    assert state == "succeeded" and workers == ["test-worker"]
-    assert finished_at < bulk_done
+        split_batch(quiet_engine, batch_id, {})
+        interactive.append(batch_id)
+
+    def state_of(batch_id: uuid.UUID) -> str:
+        with quiet_engine.connect() as conn:
+            return str(conn.execute(text("SELECT state FROM batches WHERE id = :b"), {"b": batch_id}).scalar_one())
+
+    # No interactive work seen yet: the first bulk predict runs whole; one is committed meanwhile.
+    whole = inference.timed_predict
+
+    def predicted_while_one_is_submitted(*args: Any) -> Any:
+        if not interactive:
+            submit_interactive()
+        return whole(*args)
+
+    monkeypatch.setattr(inference, "timed_predict", predicted_while_one_is_submitted)
+    run_subtask(quiet_engine, settings, first, "test-worker", DIGIT_MODELS)
+    # Now seen: the second bulk predict is sliced, and one committed as it starts runs between slices.
+    sliced = inference.sliced_predict
+    after_slices: list[str] = []
+
+    def sliced_while_one_is_submitted(*args: Any) -> Any:
+        submit_interactive()
+        predicted = sliced(*args)
+        after_slices.append(state_of(interactive[-1]))
+        return predicted
+
+    monkeypatch.setattr(inference, "sliced_predict", sliced_while_one_is_submitted)
+    run_subtask(quiet_engine, settings, second, "test-worker", DIGIT_MODELS)
+
+    assert len(interactive) == 2 and after_slices == ["succeeded"]
+    with quiet_engine.connect() as conn:
+        for batch_id, subtask in zip(interactive, (first, second)):
+            state, finished_at, workers = conn.execute(
+                text(
+                    "SELECT b.state, b.finished_at, array_agg(DISTINCT s.worker) FROM batches b"
+                    " JOIN subtasks s ON s.batch_id = b.id WHERE b.id = :b GROUP BY b.id"
+                ),
+                {"b": batch_id},
+            ).one()
+            bulk_done = conn.execute(
+                text("SELECT finished_at FROM subtasks WHERE id = :s AND state = 'succeeded'"), {"s": subtask}
+            ).scalar_one()
+            # Nothing else runs on this database: the bulk sub-task's process ran and aggregated it.
+            assert state == "succeeded" and workers == ["test-worker"]
+            assert finished_at < bulk_done

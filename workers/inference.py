@@ -12,6 +12,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
+import kombu.exceptions
 import numpy as np
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
@@ -141,13 +142,16 @@ def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, work
     `small_batch_items` inputs), go on with the batch's other `dispatched` sub-tasks for the
     `served` models, claimed from the ledger: a one-input batch then waits for no message
     delivery of a model this process serves (their messages find them claimed). A bulk
-    sub-task is predicted in slices, with the interactive sub-tasks of the `served` models
-    announced meanwhile run between two (`run_announced`). A shadow sub-task is not: the
+    sub-task is predicted in slices while interactive work comes (`workers.interactive`),
+    with the interactive sub-tasks of the `served` models announced meanwhile run between
+    two, after the predict and after its outcome (`run_announced`). A shadow sub-task is not: the
     gate compares its predict's CPU time with its champion's, timed whole on the same rows."""
     if served and settings.interactive_slice_ms > 0 and claim.priority == Priority.bulk.rank:
-        with interactive_signal(turn.engine).listening() as announced:
+        signal = interactive_signal(turn.engine)
+        with signal.listening() as announced:
             between = partial(run_announced, announced, turn.engine, settings, worker, served)
-            done = run_claimed(turn, settings, claim, between)
+            slice_s = settings.interactive_slice_ms / 1000 if signal.recently_announced() else 0.0
+            done = run_claimed(turn, settings, claim, between, slice_s)
     else:
         done = run_claimed(turn, settings, claim)
     if done or not settings.is_small_batch(claim.batch_items) or not served:
@@ -180,17 +184,23 @@ def run_announced(
                 )
             ) is not None:
                 run_turn(turn, settings, claim, worker, served)
-    except OperationalError as error:
-        log.warning("interactive sub-tasks left to their messages: the ledger is unreachable (%s)", error)
+    # Unreachable ledger or broker (a retry's message): the interactive sub-tasks are left
+    # to their messages and the sweeper, and the bulk sub-task is not charged with it.
+    except (OperationalError, kombu.exceptions.OperationalError) as error:
+        log.warning("interactive sub-tasks left to their messages: %s", error)
 
 
 def run_claimed(
-    turn: TurnConnection, settings: Settings, claim: ledger.Claim, between: Callable[[], None] | None = None
+    turn: TurnConnection,
+    settings: Settings,
+    claim: ledger.Claim,
+    between: Callable[[], None] | None = None,
+    slice_s: float = 0.0,
 ) -> bool:
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
-    it was the last. With `between` (a bulk sub-task's), the predict runs in slices, and
-    `between()` runs after each slice, after the predict and after the outcome is recorded
-    (`run_announced`: the interactive sub-tasks announced meanwhile). A failure to
+    it was the last. With `between` (a bulk sub-task's), `between()` runs after the predict
+    and after the outcome is recorded (`run_announced`: the interactive sub-tasks announced
+    meanwhile), and with `slice_s` also between slices of about that many CPU seconds. A failure to
     retry is published again with its backoff as countdown (the message that claimed it may
     have been another sub-task's). Returns True when it completed its batch's counters
     (nothing of the batch is left to run)."""
@@ -206,10 +216,11 @@ def run_claimed(
         champion = shadow_champion(turn, settings, claim)
         champion_first = champion is not None and claim.subtask_id % 2 == 0
         champion_cpu_s = timed_predict(spec, champion, X)[1] if champion_first else None
-        if between is None:
-            predicted, predict_cpu_s = timed_predict(spec, estimator, X)
+        if between is not None and slice_s > 0:
+            predicted, predict_cpu_s = sliced_predict(spec, estimator, X, slice_s, between)
         else:
-            predicted, predict_cpu_s = sliced_predict(spec, estimator, X, settings.interactive_slice_ms / 1000, between)
+            predicted, predict_cpu_s = timed_predict(spec, estimator, X)
+        if between is not None:
             between()
         if champion is not None and not champion_first:
             champion_cpu_s = timed_predict(spec, champion, X)[1]

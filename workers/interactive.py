@@ -2,6 +2,8 @@
 sub-task, it listens on `ledger.INTERACTIVE_CHANNEL` and checks between slices of the
 predict (and after the predict, and after recording its outcome) whether interactive
 sub-tasks were committed; if so it runs them (and aggregates their small batches) first.
+It slices its predicts only while interactive work comes (`RECENT_S` after it last saw
+some): a bulk batch alone pays nothing.
 An interactive sub-task then waits for about one slice (`Settings.interactive_slice_ms`) or
 one of the bulk turn's ledger statements, not for a whole bulk sub-task: a predict cannot
 be interrupted, but it can be cut, as chunks already cut a batch's rows.
@@ -14,6 +16,7 @@ no notification piles up on a connection nobody reads.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +38,10 @@ APPLICATION_NAME = "pipeline-worker-interactive"
 # Rows of a bulk sub-task's first slice, as a share of its rows: its CPU time per row sizes
 # the next slices.
 FIRST_SLICE_SHARE = 8
+# A process slices its bulk predicts for this long after it last saw interactive sub-tasks
+# announced: slicing costs a few % of predict CPU (a forest pays its per-tree dispatch per
+# call), which a bulk batch with no interactive work beside it does not pay.
+RECENT_S = 10.0
 
 
 class InteractiveSignal:
@@ -45,6 +52,11 @@ class InteractiveSignal:
     def __init__(self, database_url: str) -> None:
         self._url = libpq_url(database_url)
         self._conn: psycopg.Connection[Any] | None = None
+        self._announced_at = -math.inf
+
+    def recently_announced(self) -> bool:
+        """Whether this process saw interactive sub-tasks announced in the last `RECENT_S`."""
+        return time.monotonic() - self._announced_at < RECENT_S
 
     @contextmanager
     def listening(self) -> Iterator[Callable[[], bool]]:
@@ -74,10 +86,13 @@ class InteractiveSignal:
             return False
         try:
             # Every notification so far (one per storing transaction), without waiting.
-            return sum(1 for _ in self._conn.notifies(timeout=0)) > 0
+            announced = sum(1 for _ in self._conn.notifies(timeout=0)) > 0
         except psycopg.Error as error:
             self._drop(error)
             return False
+        if announced:
+            self._announced_at = time.monotonic()
+        return announced
 
     def _drop(self, error: psycopg.Error) -> None:
         log.warning("interactive signal: connection lost (%s); bulk predicts run whole until it is back", error)
@@ -96,12 +111,16 @@ def interactive_signal(engine: Engine) -> InteractiveSignal:
 def sliced_predict(
     spec: ModelSpec, estimator: Any, X: np.ndarray, slice_s: float, between: Callable[[], None]
 ) -> tuple[np.ndarray, float]:
-    """`spec.predict(estimator, X)` in slices of about `slice_s` CPU seconds, calling
-    `between()` after each slice but the last; returns the outputs and the CPU seconds of the
-    slices (not of `between`). The first slice holds 1/`FIRST_SLICE_SHARE` of the rows; its
-    time per row sizes the rest. Models predict each row on its own, as chunking assumes."""
+    """`spec.predict(estimator, X)` in slices of about `slice_s` CPU seconds, or longer for a
+    model whose every call costs more than `MAX_CALL_SHARE` of that (`call_overhead_s`),
+    calling `between()` after each slice but the last; returns the outputs and the CPU seconds
+    of the slices (not of `between`). The first slice holds 1/`FIRST_SLICE_SHARE` of the
+    rows; its time per row sizes the rest. Models predict each row on its own, as chunking
+    assumes."""
     rows = len(X)
     size = max(1, rows // FIRST_SLICE_SHARE)
+    if size < rows:
+        slice_s = max(slice_s, call_overhead_s(spec, estimator, X) / MAX_CALL_SHARE)
     outputs: list[np.ndarray] = []
     cpu_s = 0.0
     start = 0
@@ -116,3 +135,25 @@ def sliced_predict(
             between()
             size = max(1, int(slice_s * done / spent)) if spent > 0 else rows
     return (outputs[0] if len(outputs) == 1 else np.concatenate(outputs)), cpu_s
+
+
+# A slice is at least this many times a model's cost per call: slicing adds at most 5 %.
+MAX_CALL_SHARE = 0.05
+# By `id` of the loaded estimator (an estimator may be any object, not always weak-referable):
+# a version loaded again may be timed again, nothing worse.
+_call_overheads: dict[int, float] = {}
+
+
+def call_overhead_s(spec: ModelSpec, estimator: Any, X: np.ndarray) -> float:
+    """CPU seconds of a one-row predict of `estimator` (the least of three), measured once
+    per loaded estimator: what a model pays per call whatever its rows (a forest's per-tree
+    dispatch, input validation)."""
+    overhead = _call_overheads.get(id(estimator))
+    if overhead is None:
+        times = []
+        for _ in range(3):
+            before = time.process_time()
+            spec.predict(estimator, X[:1])
+            times.append(time.process_time() - before)
+        overhead = _call_overheads[id(estimator)] = min(times)
+    return overhead
