@@ -118,10 +118,12 @@ class Settings(BaseSettings, LedgerSettings):
         default=5.0,
         ge=0,
         description=(
-            "A worker process predicts a bulk sub-task in slices of about this many"
-            " milliseconds of CPU and, between two slices, runs the interactive sub-tasks of its"
-            " models submitted meanwhile (announced by a NOTIFY): an interactive sub-task waits"
-            " for about one slice, not a whole bulk sub-task. 0: predicts run whole."
+            "While interactive work comes (10 s after a worker process last saw some), it"
+            " predicts a bulk sub-task in slices of about this many milliseconds of CPU (longer"
+            " for a model whose per-call cost would add over 5 %) and, between two slices, runs"
+            " the interactive sub-tasks of its models submitted meanwhile (announced by a"
+            " NOTIFY): an interactive sub-task waits for about one slice, not a whole bulk"
+            " sub-task. 0: predicts run whole (those announced during one run right after it)."
         ),
     )
     retry_base_s: float = Field(
