@@ -413,7 +413,8 @@ class ClientSplit:
         last = splitter.take(final=True) if split else []
         state = ledger.record_split(conn, batch_id, 0, splitter.split_items, splitter.serving, split, splitter.versions)
         assert state is not None, "a batch being stored is pending, and its client alone sees it"
-        if self._error is not None:
+        if not split:
+            assert self._error is not None
             _fail_split(conn, batch_id, self._error)
             return None
         published = self._published + ledger.copy_subtasks(conn, batch_id, last)

@@ -141,11 +141,11 @@ def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, work
     """Run claimed sub-task `claim`. When it belongs to a small batch (at most
     `small_batch_items` inputs), go on with the batch's other `dispatched` sub-tasks for the
     `served` models, claimed from the ledger: a one-input batch then waits for no message
-    delivery of a model this process serves (their messages find them claimed). A bulk
-    sub-task is predicted in slices while interactive work comes (`workers.interactive`),
-    with the interactive sub-tasks of the `served` models announced meanwhile run between
-    two, after the predict and after its outcome (`run_announced`). A shadow sub-task is not: the
-    gate compares its predict's CPU time with its champion's, timed whole on the same rows."""
+    delivery of a model this process serves (their messages find them claimed). During a
+    bulk sub-task, the interactive sub-tasks of the `served` models announced meanwhile run
+    after its predict, after its outcome and, while interactive work comes, between slices
+    of its predict (`run_announced`, `workers.interactive`). A shadow sub-task is never
+    sliced: the gate compares its predict's CPU time with its champion's, timed whole."""
     if served and settings.interactive_slice_ms > 0 and claim.priority == Priority.bulk.rank:
         signal = interactive_signal(turn.engine)
         with signal.listening() as announced:
@@ -200,10 +200,10 @@ def run_claimed(
     """Predict a claimed sub-task and record its output or failure; aggregate its batch when
     it was the last. With `between` (a bulk sub-task's), `between()` runs after the predict
     and after the outcome is recorded (`run_announced`: the interactive sub-tasks announced
-    meanwhile), and with `slice_s` also between slices of about that many CPU seconds. A failure to
-    retry is published again with its backoff as countdown (the message that claimed it may
-    have been another sub-task's). Returns True when it completed its batch's counters
-    (nothing of the batch is left to run)."""
+    meanwhile), and with `slice_s` also between slices of about that many CPU seconds. A
+    failure to retry is published again with its backoff as countdown (the message that
+    claimed it may have been another sub-task's). Returns True when it completed its
+    batch's counters (nothing of the batch is left to run)."""
     try:
         spec = registry.get_model(claim.model)
         # The version the split pinned; the champion for a sub-task split before the registry.

@@ -1,12 +1,11 @@
 """Interactive work ahead of a running bulk sub-task: while a worker process runs a bulk
-sub-task, it listens on `ledger.INTERACTIVE_CHANNEL` and checks between slices of the
-predict (and after the predict, and after recording its outcome) whether interactive
-sub-tasks were committed; if so it runs them (and aggregates their small batches) first.
-It slices its predicts only while interactive work comes (`RECENT_S` after it last saw
-some): a bulk batch alone pays nothing.
-An interactive sub-task then waits for about one slice (`Settings.interactive_slice_ms`) or
-one of the bulk turn's ledger statements, not for a whole bulk sub-task: a predict cannot
-be interrupted, but it can be cut, as chunks already cut a batch's rows.
+sub-task, it listens on `ledger.INTERACTIVE_CHANNEL` and checks, after the predict, after
+recording the outcome and, while interactive work comes (`RECENT_S` after it last saw
+some), between slices of the predict, whether interactive sub-tasks were committed; if so
+it runs them (and aggregates their small batches) first. An interactive sub-task then
+waits for about one slice (`Settings.interactive_slice_ms`) or one of the bulk turn's
+ledger statements, not for a whole bulk sub-task: a predict cannot be interrupted, but it
+can be cut, as chunks already cut a batch's rows. A bulk batch alone is not sliced.
 
 The check costs no round trip: notifications arrive on the listening connection's socket
 and are read without blocking. The process listens only while it runs a bulk sub-task, so

@@ -72,6 +72,8 @@ _due_locked = (
     .with_for_update(of=Batch.__table__)
     .lateral("due")
 )
+# `durable_commit` is selected though nothing reads it: PostgreSQL may drop a subquery's
+# unused outputs, and this one must run.
 LOCK_AGGREGATION = select(
     _aggregation_lock.c.aggregation_locked, _aggregation_lock.c.durable_commit, _due_locked
 ).select_from(_aggregation_lock.outerjoin(_due_locked, true()))
