@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, text
+from psycopg import pq
+from sqlalchemy import Engine, event, text
 
 from aggregator.assemble import aggregate_batch
 from aggregator.sweeper import sweep_once
@@ -304,6 +305,36 @@ def test_a_turn_engine_commits_without_waiting_for_the_flush_but_an_aggregate_wa
         turns.dispose()
     with engine.connect() as conn:
         assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+
+
+def test_the_bytea_reads_of_claims_and_the_aggregate_come_back_in_binary_format(engine: Engine) -> None:
+    """A claim's rows to score, an input page's features and the sub-tasks' outputs are
+    `bytea`: read in binary format (as their bytes, not hex-escaped); a statement without
+    the `BINARY_RESULTS` option still reads text."""
+    formats: list[tuple[str, int]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if cursor.pgresult is not None and cursor.pgresult.nfields:
+            formats.append((statement, cursor.pgresult.fformat(0)))
+
+    event.listen(engine, "after_cursor_execute", record)
+    try:
+        batch_id, claims = _split_batch(engine)
+        for claim in claims:
+            assert claim.payload and len(claim.payload) == claim.rows * 4 * registry.get_model(claim.model).n_features
+            ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+        assert aggregate_batch(engine, batch_id) == "succeeded"
+        ledger.batch_status_row(engine, batch_id)
+    finally:
+        event.remove(engine, "after_cursor_execute", record)
+
+    def format_of(start: str) -> set[int]:
+        return {fmt for statement, fmt in formats if statement.lstrip().startswith(start)}
+
+    assert format_of("WITH claimed AS") == {pq.Format.BINARY}
+    assert format_of("SELECT input_pages.first_item") == {pq.Format.BINARY}
+    assert format_of("SELECT m.n, c.seq") == {pq.Format.BINARY}
+    assert format_of("SELECT s.*") == {pq.Format.TEXT}
 
 
 def test_sweeper_cancels_what_a_cancelled_batch_still_runs_past_its_lease(engine: Engine, client: Client) -> None:

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.orm import aliased
 
-from pipeline.ledger.connection import Bind, connected, now, transaction
+from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, now, transaction
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
 from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
 from pipeline.states import Priority
@@ -63,7 +63,7 @@ class Claim:
 
 def _claim_statement(*claimable: Any) -> Select[Any]:
     """The claim of the sub-task matching `claimable` (conditions on `Subtask`), returning
-    what `Claim` holds."""
+    what `Claim` holds (in binary format: the rows to score are a `bytea`)."""
     stamp = now()
     claimed = (
         update(Subtask)
@@ -123,7 +123,7 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
         claimed.c.priority,
         claimed.c.model_version,
         claimed.c.role,
-    )
+    ).execution_options(**BINARY_RESULTS)
 
 
 # The workers' hot path: statements built once, executed with bound parameters (building

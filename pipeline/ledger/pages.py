@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Engine, Text, bindparam, cast, select
 from pipeline.definition import InputPage
 from pipeline.garbage import collection_paused
 from pipeline.ledger import queries
-from pipeline.ledger.connection import autocommit, copy_rows
+from pipeline.ledger.connection import BINARY_RESULTS, autocommit, copy_rows
 from pipeline.schema import Batch, ResultPage, StoredInputPage
 
 # The stored input page holding input `position` or, past a gap, the next one: found by
@@ -39,6 +39,8 @@ INPUT_PAGE = select(
     # As its text: validated from it (`Pipeline.page_items`), never parsed twice.
     cast(StoredInputPage.data, Text).label("data"),
 ).where(StoredInputPage.batch_id == bindparam("batch_id"), StoredInputPage.first_item == INPUT_PAGE_START)
+# The features are a `bytea`: read in binary format.
+INPUT_PAGE = INPUT_PAGE.execution_options(**BINARY_RESULTS)
 
 
 def input_pages(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import TextClause, text
 
+from pipeline.ledger.connection import BINARY_RESULTS
 from pipeline.ledger.raw_sql import RAW
 
 
@@ -14,7 +15,8 @@ def query(name: str) -> TextClause:
 
 BATCH_STATUS = query("batch_status")
 NEW_SUBTASK_IDS = query("new_subtask_ids")
-SUBTASK_OUTPUTS = query("subtask_outputs")
+# Outputs are `bytea`: read in binary format.
+SUBTASK_OUTPUTS = query("subtask_outputs").execution_options(**BINARY_RESULTS)
 RECORD_HEARTBEAT = query("record_heartbeat")
 UNSERVED_QUEUES = query("unserved_queues")
 REPLACE_CHANGED_LABELS = query("replace_changed_labels")

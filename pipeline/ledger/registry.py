@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from pipeline.ledger import queries
+from pipeline.ledger.connection import BINARY_RESULTS
 from pipeline.schema import Alias, ModelAlias, ModelEvent, ModelEventRow, ModelVersion
 
 
@@ -50,8 +51,11 @@ class StoredArtifact:
 ALIASES_OF = select(ModelAlias.model, ModelAlias.version).where(
     ModelAlias.alias == bindparam("alias"), ModelAlias.model == func.any(bindparam("models", type_=ARRAY(Text)))
 )
-ARTIFACT_OF = select(ModelVersion.manifest, ModelVersion.artifact, ModelVersion.artifact_path).where(
-    ModelVersion.model == bindparam("model"), ModelVersion.version == bindparam("version")
+# The artifact is a `bytea` of up to several MB: read in binary format.
+ARTIFACT_OF = (
+    select(ModelVersion.manifest, ModelVersion.artifact, ModelVersion.artifact_path)
+    .where(ModelVersion.model == bindparam("model"), ModelVersion.version == bindparam("version"))
+    .execution_options(**BINARY_RESULTS)
 )
 _alias_names = (
     select(func.array_agg(ModelAlias.alias))
