@@ -53,6 +53,15 @@ class BinLayout(NamedTuple):
     used: np.ndarray  # where `padded` holds a bin (H x the most bins)
 
 
+class FeatureEdges(NamedTuple):
+    """A profile's feature bin edges as arrays (F features, at most E edges each)."""
+
+    edges: np.ndarray  # float64 (F x E), each feature's edges padded with inf
+    edges32: np.ndarray  # the same rounded down to float32, for float32 values
+    widths: np.ndarray  # edges of each feature (F)
+    starts: np.ndarray  # index of each feature's first bin in `bin_counts` (F)
+
+
 class ReferenceProfile(BaseModel):
     """A model's reference: one histogram per input feature (in column order) and one of
     its output score, all over the same `rows` reference rows."""
@@ -89,13 +98,42 @@ class ReferenceProfile(BaseModel):
             columns.append(np.interp(points, np.linspace(0.0, 1.0, len(values)), values))
         return np.column_stack(columns).astype("<f4")
 
+    @cached_property
+    def feature_edges(self) -> FeatureEdges:
+        """The features' bin edges as arrays, for `bin_counts`."""
+        widths = np.array([len(h.edges) for h in self.features], dtype=np.intp)
+        edges = np.full((len(self.features), int(widths.max(initial=0))), np.inf)
+        for column, histogram in enumerate(self.features):
+            edges[column, : len(histogram.edges)] = histogram.edges
+        # For float32 values: each edge rounded down to a float32, so that `x > edge` is
+        # the same test in float32 as in float64 (x is a float32, so x <= edge exactly
+        # when x <= the largest float32 not above edge).
+        edges32 = edges.astype(np.float32)
+        above = edges32.astype(np.float64) > edges
+        edges32[above] = np.nextafter(edges32[above], np.float32(-np.inf))
+        return FeatureEdges(edges, edges32, widths, self.layout.starts[: len(self.features)])
+
     def bin_counts(self, X: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """The bin counts of rows `X` (n x features) and their `scores`: every feature's
-        histogram, then the score's, concatenated (int64). Sums of these vectors over
-        sub-tasks are a batch's counts (`psis` and `p_values` read them)."""
-        return np.concatenate(
-            [h.counts(X[:, column]) for column, h in enumerate(self.features)] + [self.score.counts(scores)]
-        )
+        """The bin counts of rows `X` (n x features, or more columns: the first ones) and
+        their `scores`: every feature's histogram, then the score's, concatenated (int64).
+        Sums of these vectors over sub-tasks are a batch's counts (`psis` and `p_values`
+        read them).
+
+        Every feature at once: a value's bin is how many of its feature's edges it is
+        not at most (`Histogram.counts`, NaN in the last bin), one pass over the rows per
+        edge, then one `bincount` (2.8 x faster than a `searchsorted` per feature: 10,000
+        rows of 30 features 6.5 → 2.3 ms, of 64 13.8 → 4.8 ms)."""
+        edges = self.feature_edges
+        values = X[:, : len(self.features)]
+        bounds = edges.edges32 if values.dtype == np.float32 else edges.edges
+        bins = np.zeros(values.shape, dtype=np.min_scalar_type(bounds.shape[1]))
+        for edge in bounds.T:
+            bins += ~(values <= edge)
+        # Padding edges (inf) counted a NaN past its feature's last bin.
+        index = np.minimum(bins, edges.widths).astype(np.intp)
+        index += edges.starts
+        features = np.bincount(index.ravel(), minlength=int(edges.starts[-1] + edges.widths[-1] + 1))
+        return np.concatenate([features, self.score.counts(scores)])
 
     def totals(self, counts: np.ndarray) -> np.ndarray:
         """The rows each histogram of `counts` (..., bins, made by `bin_counts`) holds (..., histograms).

@@ -22,7 +22,15 @@ from pipeline.drift_simulation import (
     reference_profile,
     shifted_columns,
 )
-from pipeline.profile import MIN_EXPECTED, Band, DriftConfig, ReferenceProfile, benjamini_hochberg, build_profile
+from pipeline.profile import (
+    MIN_EXPECTED,
+    Band,
+    DriftConfig,
+    Histogram,
+    ReferenceProfile,
+    benjamini_hochberg,
+    build_profile,
+)
 
 # 400 batches per n: a true rate of 5 % would exceed 5 % in about half the runs, so passing
 # says the rate is below it (the simulated ones are about 2.5 %: docs/monitoring.md).
@@ -77,6 +85,39 @@ def test_discrete_features_with_ties_are_not_flagged_more_often() -> None:
         seed=15,
     )
     assert [rate for rate in no_drift if rate.rate > TARGET_FALSE_ALARMS] == []
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<f8"])
+def test_bin_counts_of_every_feature_at_once_equal_a_searchsorted_per_feature(dtype: str) -> None:
+    """`bin_counts` bins every feature in one pass per edge; it must give what
+    `Histogram.counts` (numpy's `searchsorted`) gives per feature: for float32 and float64
+    rows, values on and one float32 step beside each edge, NaN, infinities, and features
+    with fewer edges than others (or none)."""
+    rng = np.random.default_rng(3)
+    widths = [9, 4, 1, 0, 9, 9]
+    features = []
+    for width in widths:
+        edges = np.sort(rng.normal(size=width)).tolist()
+        features.append(Histogram(name="f", edges=edges, expected=[1 / (width + 1)] * (width + 1), low=-9, high=9))
+    profile = ReferenceProfile(
+        rows=100, features=features, score=Histogram(name="s", edges=[0.5], expected=[0.5, 0.5], low=0, high=1)
+    )
+    rows = [rng.normal(size=len(widths)) for _ in range(200)]
+    for column, histogram in enumerate(features):
+        for edge in histogram.edges:
+            on = np.float32(edge)
+            for value in (on, np.nextafter(on, np.float32(np.inf)), np.nextafter(on, np.float32(-np.inf)), edge):
+                row = rng.normal(size=len(widths))
+                row[column] = value
+                rows.append(row)
+    rows += [np.full(len(widths), value) for value in (np.nan, np.inf, -np.inf)]
+    # One column more than the profile has features: ignored.
+    X = np.column_stack([np.array(rows), rng.normal(size=len(rows))]).astype(dtype)
+    scores = rng.random(len(rows))
+    expected = np.concatenate(
+        [histogram.counts(X[:, column]) for column, histogram in enumerate(features)] + [profile.score.counts(scores)]
+    )
+    assert np.array_equal(profile.bin_counts(X, scores), expected)
 
 
 def test_p_values_are_scipys_chi_square_test_on_the_merged_bins() -> None:
