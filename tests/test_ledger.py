@@ -88,6 +88,62 @@ def test_duplicate_completion_counts_once_and_last_one_flips_once(engine: Engine
     assert (batch["state"], batch["succeeded"], batch["failed"]) == ("aggregating", len(claims), 0)
 
 
+def test_more_of_a_batch_is_claimed_and_completed_in_one_statement_each(engine: Engine) -> None:
+    """A worker process claims several dispatched serve sub-tasks of a batch for its models at
+    once (the first by `seq`, at most as many as asked), and records several outputs in one
+    statement: each only for the claim it holds, the counter once per recorded one, and the
+    statement that completes the batch flips it."""
+    batch_id, _ = store_batch(engine, held_out_strips(6, max_digits=4, seed=7))
+    assert split_batch(engine, batch_id, CHUNKS)
+    first = ledger.claim_subtask(engine, _subtask_ids(engine, batch_id)[0], "test-worker", lease_s=300)
+    assert first is not None and first.model == "digit-classifier"
+    rest = ledger.claim_more_of_batch(engine, batch_id, ["digit-classifier"], 100, "test-worker", lease_s=300)
+    classifier = [i for i, model in _subtask_models(engine, batch_id) if model == "digit-classifier"]
+    assert [claim.subtask_id for claim in [first, *rest]] == classifier
+    assert all(claim.payload and claim.batch_id == batch_id for claim in rest)
+    assert ledger.claim_more_of_batch(engine, batch_id, ["digit-classifier"], 100, "other-worker", lease_s=300) == []
+    both = ["digit-ood", "digit-classifier"]
+    ood = ledger.claim_more_of_batch(engine, batch_id, both, 2, "test-worker", lease_s=300)
+    ood_ids = [i for i, model in _subtask_models(engine, batch_id) if model == "digit-ood"]
+    assert [claim.subtask_id for claim in ood] == ood_ids[:2]
+    ood += ledger.claim_more_of_batch(engine, batch_id, both, 100, "test-worker", lease_s=300)
+    assert [claim.subtask_id for claim in ood] == ood_ids
+
+    # A stale claim among them: its lease ran out and another worker took it.
+    stale = ood[0]
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE subtasks SET lease_until = clock_timestamp() - interval '1 s' WHERE id = :i"),
+            {"i": stale.subtask_id},
+        )
+    retaken = ledger.claim_subtask(engine, stale.subtask_id, "other-worker", lease_s=300)
+    assert retaken is not None
+
+    def done(claims: list[ledger.Claim]) -> list[ledger.Completion]:
+        return [ledger.Completion(claim, _output(claim), "v1", None, predict_cpu_s=0.01) for claim in claims]
+
+    outcome = ledger.complete_subtasks(engine, done([first, *rest, *ood]))
+    assert outcome.recorded and not outcome.aggregate
+    batch = _batch(engine, batch_id)
+    assert (batch["state"], batch["succeeded"]) == ("running", batch["total"] - 1)
+    assert not ledger.complete_subtasks(engine, done([first, stale])).recorded
+    last = ledger.complete_subtasks(engine, done([retaken]))
+    assert last.recorded and last.aggregate
+    batch = _batch(engine, batch_id)
+    assert (batch["state"], batch["succeeded"], batch["failed"]) == ("aggregating", batch["total"], 0)
+    assert aggregate_batch(engine, batch_id) == "succeeded"
+
+
+def _subtask_ids(engine: Engine, batch_id: uuid.UUID) -> list[int]:
+    return [subtask_id for subtask_id, _ in _subtask_models(engine, batch_id)]
+
+
+def _subtask_models(engine: Engine, batch_id: uuid.UUID) -> list[tuple[int, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, model FROM subtasks WHERE batch_id = :b ORDER BY id"), {"b": batch_id})
+        return [(row.id, row.model) for row in rows]
+
+
 def test_stale_claim_cannot_finish(engine: Engine) -> None:
     batch_id, claims = _split_batch(engine)
     claim = claims[0]

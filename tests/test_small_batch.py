@@ -138,10 +138,11 @@ def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
     assert (state, runs) == ("succeeded", 1)
     # Both sub-tasks claimed and completed, the batch aggregated: one checkout for it all.
     assert seen["checkout"] == 1
-    # 2 claims and 2 completions; the aggregate's lock (with the serving versions), input
-    # page, outputs, latency, scoring versions with drift counts, finish (no roll-out: no
-    # shadow or gate read), and its result page's COPY on the driver's cursor, not counted here.
-    assert seen["statement"] == 4 + 6
+    # The message's claim, the claim of the rest of the batch, one completion of both; the
+    # aggregate's lock (with the serving versions), input page, outputs, latency, scoring
+    # versions with drift counts, finish (no roll-out: no shadow or gate read), and its
+    # result page's COPY on the driver's cursor, not counted here.
+    assert seen["statement"] == 3 + 6
     # Its scoring versions and drift, read in one statement.
     assert metrics["model_versions"] == {model: [pinned[model]] for model in DIGIT_MODELS}
     assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)

@@ -8,6 +8,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
@@ -138,32 +139,45 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
 
 
 def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, worker: str, served: Sequence[str]) -> None:
-    """Run claimed sub-task `claim`. When it belongs to a small batch (at most
-    `small_batch_items` inputs), go on with the batch's other `dispatched` sub-tasks for the
-    `served` models, claimed from the ledger: a one-input batch then waits for no message
-    delivery of a model this process serves (their messages find them claimed). During a
-    bulk sub-task, the interactive sub-tasks of the `served` models announced meanwhile run
-    after its predict, after its outcome and, while interactive work comes, between slices
-    of its predict (`run_announced`, `workers.interactive`). A shadow sub-task is never
-    sliced: the gate compares its predict's CPU time with its champion's, timed whole."""
-    if served and settings.interactive_slice_ms > 0 and claim.priority == Priority.bulk.rank:
+    """Run claimed sub-task `claim`. When it is a serve sub-task of a small batch (at most
+    `small_batch_items` inputs), run it with more of the batch's `dispatched` sub-tasks for
+    the `served` models, then go on with the rest, in rounds of at most one sub-task per
+    served model, each round claimed in one statement and completed in one
+    (`ledger.claim_more_of_batch`, `run_claims`): a one-input batch then waits for no
+    message delivery of a model this process serves (their messages find them claimed) and
+    pays one claim and one completion for them all, while a small batch of many chunks
+    still shows its progress and is shared with the processes its messages reach."""
+    rounds = bool(served) and claim.role == SubtaskRole.serve and settings.is_small_batch(claim.batch_items)
+
+    def more(most: int) -> list[ledger.Claim]:
+        return turn.run(
+            settings,
+            lambda conn: ledger.claim_more_of_batch(conn, claim.batch_id, served, most, worker, settings.lease_s),
+        )
+
+    claims = [claim, *more(len(served) - 1)] if rounds and len(served) > 1 else [claim]
+    while claims:
+        if run_claims(turn, settings, claims, worker, served) or not rounds:
+            return
+        claims = more(len(served))
+
+
+def run_claims(
+    turn: TurnConnection, settings: Settings, claims: Sequence[ledger.Claim], worker: str, served: Sequence[str]
+) -> bool:
+    """`run_claimed`. During a bulk sub-task, the interactive sub-tasks of the `served`
+    models announced meanwhile run after its predict, after its outcome and, while
+    interactive work comes, between slices of its predict (`run_announced`,
+    `workers.interactive`). A shadow sub-task is never sliced: the gate compares its
+    predict's CPU time with its champion's, timed whole. Returns True when the claims
+    completed their batch's counters."""
+    if served and settings.interactive_slice_ms > 0 and claims[0].priority == Priority.bulk.rank:
         signal = interactive_signal(turn.engine)
         with signal.listening() as announced:
             between = partial(run_announced, announced, turn.engine, settings, worker, served)
             slice_s = settings.interactive_slice_ms / 1000 if signal.recently_announced() else 0.0
-            done = run_claimed(turn, settings, claim, between, slice_s)
-    else:
-        done = run_claimed(turn, settings, claim)
-    if done or not settings.is_small_batch(claim.batch_items) or not served:
-        return
-    while (
-        taken := turn.run(
-            settings,
-            lambda conn: ledger.claim_next_of_batch(conn, claim.batch_id, served, worker, settings.lease_s),
-        )
-    ) is not None:
-        if run_claimed(turn, settings, taken):
-            return
+            return run_claimed(turn, settings, claims, between, slice_s)
+    return run_claimed(turn, settings, claims)
 
 
 def run_announced(
@@ -190,20 +204,71 @@ def run_announced(
         log.warning("interactive sub-tasks left to their messages: %s", error)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a claimed sub-task's predict failed (as users may read it), and whether to retry it."""
+
+    claim: ledger.Claim
+    error: str
+    retry: bool
+
+
 def run_claimed(
+    turn: TurnConnection,
+    settings: Settings,
+    claims: Sequence[ledger.Claim],
+    between: Callable[[], None] | None = None,
+    slice_s: float = 0.0,
+) -> bool:
+    """Predict claimed sub-tasks (of one batch); record their outputs together in one
+    statement, then each failure (so a failure that aborts the batch never cancels an
+    output already made); aggregate the batch when that completed it. With `between` (a
+    bulk sub-task's), `between()` runs after each predict and after the outcomes are
+    recorded (`run_announced`: the interactive sub-tasks announced meanwhile), and with
+    `slice_s` also between slices of about that many CPU seconds. Returns True when they
+    completed their batch's counters (nothing of the batch is left to run)."""
+    results = [predicted(turn, settings, claim, between, slice_s) for claim in claims]
+    completions = [result for result in results if isinstance(result, ledger.Completion)]
+    aggregate = (
+        bool(completions) and turn.run(settings, lambda conn: ledger.complete_subtasks(conn, completions)).aggregate
+    )
+    for failure in (result for result in results if isinstance(result, Failure)):
+        aggregate = record_failure(turn, settings, failure).aggregate or aggregate
+    if between is not None:
+        between()
+    if aggregate:
+        aggregate_or_hand_over(turn, settings, claims[0])
+    return aggregate
+
+
+def record_failure(turn: TurnConnection, settings: Settings, failure: Failure) -> ledger.Outcome:
+    """Record a failed predict (`ledger.fail_subtask`); a failure to retry is published again
+    with its backoff as countdown (the message that claimed it may have been another
+    sub-task's)."""
+    claim = failure.claim
+    outcome = turn.run(
+        settings,
+        lambda conn: ledger.fail_subtask(conn, claim, failure.error, retry=failure.retry, lease_s=settings.lease_s),
+    )
+    if failure.retry and outcome.recorded:
+        broker.publish_predictions(
+            runtime.celery_app(),
+            [(claim.subtask_id, claim.model, claim.priority)],
+            countdown=retry_delay(settings, claim.attempt),
+        )
+    return outcome
+
+
+def predicted(
     turn: TurnConnection,
     settings: Settings,
     claim: ledger.Claim,
     between: Callable[[], None] | None = None,
     slice_s: float = 0.0,
-) -> bool:
-    """Predict a claimed sub-task and record its output or failure; aggregate its batch when
-    it was the last. With `between` (a bulk sub-task's), `between()` runs after the predict
-    and after the outcome is recorded (`run_announced`: the interactive sub-tasks announced
-    meanwhile), and with `slice_s` also between slices of about that many CPU seconds. A
-    failure to retry is published again with its backoff as countdown (the message that
-    claimed it may have been another sub-task's). Returns True when it completed its
-    batch's counters (nothing of the batch is left to run)."""
+) -> ledger.Completion | Failure:
+    """Predict a claimed sub-task: its `Completion` to record, or its `Failure`: for good
+    (`PERMANENT_ERRORS`), else to retry while it has attempts left. `between` and `slice_s`
+    as `run_claimed`."""
     try:
         spec = registry.get_model(claim.model)
         # The version the split pinned; the champion for a sub-task split before the registry.
@@ -217,14 +282,14 @@ def run_claimed(
         champion_first = champion is not None and claim.subtask_id % 2 == 0
         champion_cpu_s = timed_predict(spec, champion, X)[1] if champion_first else None
         if between is not None and slice_s > 0:
-            predicted, predict_cpu_s = sliced_predict(spec, estimator, X, slice_s, between)
+            output, predict_cpu_s = sliced_predict(spec, estimator, X, slice_s, between)
         else:
-            predicted, predict_cpu_s = timed_predict(spec, estimator, X)
+            output, predict_cpu_s = timed_predict(spec, estimator, X)
         if between is not None:
             between()
         if champion is not None and not champion_first:
             champion_cpu_s = timed_predict(spec, champion, X)[1]
-        output = check_output(spec, predicted, claim.rows)
+        output = check_output(spec, output, claim.rows)
         # Drift counts are made here, in parallel workers, where the rows already are.
         reference = manifest.reference
         bin_counts = (
@@ -233,43 +298,15 @@ def run_claimed(
     except PERMANENT_ERRORS as error:
         message = f"{type(error).__name__}: {error}"
         log.error("sub-task %d failed for good: %s", claim.subtask_id, message, exc_info=error)
-        outcome = turn.run(
-            settings,
-            lambda conn: ledger.fail_subtask(conn, claim, public_error(message), retry=False, lease_s=settings.lease_s),
-        )
+        return Failure(claim, public_error(message), retry=False)
     # A model may raise anything; the error is recorded in the ledger and the sub-task retried.
     except Exception as error:  # noqa: BLE001
-        retry = claim.attempt < claim.max_attempts
         message = f"{type(error).__name__}: {error} (attempt {claim.attempt} of {claim.max_attempts})"
         log.warning("sub-task %d failed: %s", claim.subtask_id, message, exc_info=error)
-        outcome = turn.run(
-            settings,
-            lambda conn: ledger.fail_subtask(conn, claim, public_error(message), retry=retry, lease_s=settings.lease_s),
-        )
-        if retry and outcome.recorded:
-            broker.publish_predictions(
-                runtime.celery_app(),
-                [(claim.subtask_id, claim.model, claim.priority)],
-                countdown=retry_delay(settings, claim.attempt),
-            )
-    else:
-        outcome = turn.run(
-            settings,
-            lambda conn: ledger.complete_subtask(
-                conn,
-                claim,
-                output.tobytes(),
-                version,
-                bin_counts,
-                predict_cpu_s=predict_cpu_s,
-                champion_cpu_s=champion_cpu_s,
-            ),
-        )
-    if between is not None:
-        between()
-    if outcome.aggregate:
-        aggregate_or_hand_over(turn, settings, claim)
-    return outcome.aggregate
+        return Failure(claim, public_error(message), retry=claim.attempt < claim.max_attempts)
+    return ledger.Completion(
+        claim, output.tobytes(), version, bin_counts, predict_cpu_s=predict_cpu_s, champion_cpu_s=champion_cpu_s
+    )
 
 
 def timed_predict(spec: ModelSpec, estimator: Any, X: np.ndarray) -> tuple[np.ndarray, float]:

@@ -63,10 +63,12 @@ if TYPE_CHECKING:
     )
     from pipeline.ledger.claims import (
         Claim,
+        Completion,
         claim_interactive,
-        claim_next_of_batch,
+        claim_more_of_batch,
         claim_subtask,
         complete_subtask,
+        complete_subtasks,
         fail_subtask,
     )
     from pipeline.ledger.connection import make_engine, migrate
@@ -144,10 +146,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "claims": (
         "Claim",
+        "Completion",
         "claim_interactive",
-        "claim_next_of_batch",
+        "claim_more_of_batch",
         "claim_subtask",
         "complete_subtask",
+        "complete_subtasks",
         "fail_subtask",
     ),
     "connection": (
@@ -223,6 +227,7 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = [
     "CANCELLED_ERROR",
     "Claim",
+    "Completion",
     "Condition",
     "Contribution",
     "DEADLINE_REASON",
@@ -248,9 +253,10 @@ __all__ = [
     "cancel_batch",
     "claim_evaluation",
     "claim_interactive",
-    "claim_next_of_batch",
+    "claim_more_of_batch",
     "claim_subtask",
     "complete_subtask",
+    "complete_subtasks",
     "copy_result_page",
     "copy_subtasks",
     "evaluation_figures",

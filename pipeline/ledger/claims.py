@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Float,
     Integer,
     Interval,
@@ -23,8 +24,8 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
-    case,
     cast,
+    column,
     func,
     literal,
     or_,
@@ -181,10 +182,14 @@ CLAIM = _claim_statement(
         and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now()),
     ),
 )
+# More of a small batch, claimed at once by the worker process that took one of its
+# sub-tasks: the first `dispatched` serve sub-tasks of the batch for the process's models
+# (in `seq` order: the models' chunks of the same inputs together), at most `most`.
+# Picked in a MATERIALIZED CTE: as an `IN (subquery)`, PostgreSQL may run the subquery
+# again per row and its LIMIT then no longer bounds the claims (seen: 3 claimed for 2).
 _waiting = aliased(Subtask)
-CLAIM_NEXT_OF_BATCH = _claim_statement(
-    Subtask.id
-    == select(_waiting.id)
+_picked = (
+    select(_waiting.id)
     .where(
         _waiting.batch_id == bindparam("of_batch"),
         _waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
@@ -193,11 +198,15 @@ CLAIM_NEXT_OF_BATCH = _claim_statement(
         _waiting.role == SubtaskRole.serve,
         _waiting.attempts < _waiting.max_attempts,
     )
-    .order_by(_waiting.seq)
-    .limit(1)
+    .order_by(_waiting.seq, _waiting.id)
+    .limit(bindparam("most"))
     .with_for_update(skip_locked=True)
-    .scalar_subquery(),
-    # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
+    .cte("picked")
+    .prefix_with("MATERIALIZED")
+)
+CLAIM_MORE_OF_BATCH = _claim_statement(
+    Subtask.id.in_(select(_picked.c.id)),
+    # Checked again on the rows the UPDATE locks: they may have been claimed meanwhile.
     Subtask.state == SubtaskState.dispatched,
 )
 
@@ -237,16 +246,22 @@ def claim_subtask(bind: Bind, subtask_id: int, worker: str, lease_s: float) -> C
     return _claim(bind, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
 
 
-def claim_next_of_batch(
-    bind: Bind, batch_id: uuid.UUID, models: Sequence[str], worker: str, lease_s: float
-) -> Claim | None:
-    """Claim the batch's first `dispatched` sub-task for one of `models`, like `claim_subtask`
-    (its message, when it comes, finds it claimed and is dropped); None when there is none."""
-    return _claim(
-        bind,
-        CLAIM_NEXT_OF_BATCH,
-        {"of_batch": batch_id, "models": list(models), "worker": worker, "lease": timedelta(seconds=lease_s)},
-    )
+def claim_more_of_batch(
+    bind: Bind, batch_id: uuid.UUID, models: Sequence[str], most: int, worker: str, lease_s: float
+) -> list[Claim]:
+    """Claim the batch's first `dispatched` serve sub-tasks for `models` (by `seq`), at most
+    `most`, like `claim_subtask`, in one statement (their messages, when they come, claim
+    something else or nothing); in id order, empty when there is none."""
+    parameters = {
+        "of_batch": batch_id,
+        "models": list(models),
+        "most": most,
+        "worker": worker,
+        "lease": timedelta(seconds=lease_s),
+    }
+    with connected(bind) as conn:
+        rows = conn.execute(CLAIM_MORE_OF_BATCH, parameters).all()
+    return sorted((_claim_of(row) for row in rows), key=lambda claim: claim.subtask_id)
 
 
 def claim_interactive(bind: Bind, models: Sequence[str], worker: str, lease_s: float) -> Claim | None:
@@ -261,8 +276,10 @@ def claim_interactive(bind: Bind, models: Sequence[str], worker: str, lease_s: f
 def _claim(bind: Bind, statement: Select[Any], parameters: dict[str, Any]) -> Claim | None:
     with connected(bind) as conn:
         row = conn.execute(statement, parameters).first()
-    if row is None:
-        return None
+    return None if row is None else _claim_of(row)
+
+
+def _claim_of(row: Any) -> Claim:
     return Claim(
         row.id,
         row.batch_id,
@@ -278,22 +295,57 @@ def _claim(bind: Bind, statement: Select[Any], parameters: dict[str, Any]) -> Cl
     )
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A claimed sub-task's result: its output rows, the version that scored them, their
+    drift bin counts, and the CPU seconds of its predict call (and, for a shadow sub-task,
+    of the champion's on the same rows)."""
+
+    claim: Claim
+    output: bytes
+    model_version: str
+    bin_counts: bytes | None
+    predict_cpu_s: float | None = None
+    champion_cpu_s: float | None = None
+
+
 def _complete_statement() -> Update:
+    done_rows = (
+        func.unnest(
+            bindparam("done_ids", type_=ARRAY(BigInteger)),
+            bindparam("done_attempts", type_=ARRAY(Integer)),
+            bindparam("done_outputs", type_=ARRAY(LargeBinary)),
+            bindparam("done_bin_counts", type_=ARRAY(LargeBinary)),
+            bindparam("done_versions", type_=ARRAY(Text)),
+            bindparam("done_predict_cpu_s", type_=ARRAY(Float)),
+            bindparam("done_champion_cpu_s", type_=ARRAY(Float)),
+        )
+        .table_valued(
+            column("subtask_id", BigInteger),
+            column("attempt", Integer),
+            column("output", LargeBinary),
+            column("bin_counts", LargeBinary),
+            column("model_version", Text),
+            column("predict_cpu_s", Float),
+            column("champion_cpu_s", Float),
+        )
+        .render_derived(name="done_rows")
+    )
     done = (
         update(Subtask)
         .where(
-            Subtask.id == bindparam("subtask_id"),
+            Subtask.id == done_rows.c.subtask_id,
             Subtask.state == SubtaskState.running,
-            Subtask.attempts == bindparam("attempt"),
+            Subtask.attempts == done_rows.c.attempt,
         )
         .values(
             state=SubtaskState.succeeded,
-            output=bindparam("output", type_=LargeBinary),
-            bin_counts=bindparam("bin_counts", type_=LargeBinary),
+            output=done_rows.c.output,
+            bin_counts=done_rows.c.bin_counts,
             error=None,
-            model_version=bindparam("model_version"),
-            predict_cpu_s=bindparam("predict_cpu_s", type_=Float),
-            champion_cpu_s=bindparam("champion_cpu_s", type_=Float),
+            model_version=done_rows.c.model_version,
+            predict_cpu_s=done_rows.c.predict_cpu_s,
+            champion_cpu_s=done_rows.c.champion_cpu_s,
             finished_at=now(),
             lease_until=None,
         )
@@ -302,11 +354,37 @@ def _complete_statement() -> Update:
     )
     # A shadow sub-task only stores its output: it adds 0 (the batch row is still returned,
     # so a shadow finishing after its batch is recorded as well).
-    serves = case((done.c.role == SubtaskRole.serve, 1), else_=0)
-    return counting(succeeded=serves, failed=0).where(Batch.id == done.c.batch_id).returning(done.c.role)
+    counted = (
+        select(done.c.batch_id, func.count().filter(done.c.role == SubtaskRole.serve).label("serves"))
+        .group_by(done.c.batch_id)
+        .cte("counted")
+    )
+    return (
+        counting(succeeded=counted.c.serves, failed=0).where(Batch.id == counted.c.batch_id).returning(counted.c.serves)
+    )
 
 
 COMPLETE = _complete_statement()
+
+
+def complete_subtasks(bind: Bind, completions: Sequence[Completion]) -> Outcome:
+    """`running` → `succeeded` for each of `completions` (sub-tasks of one batch), only for
+    the claim it holds, and the batch counter for those recorded: one statement (committed
+    on its own on an Engine or an autocommit Connection). `recorded` when any was."""
+    parameters = {
+        "done_ids": [done.claim.subtask_id for done in completions],
+        "done_attempts": [done.claim.attempt for done in completions],
+        "done_outputs": [done.output for done in completions],
+        "done_bin_counts": [done.bin_counts for done in completions],
+        "done_versions": [done.model_version for done in completions],
+        "done_predict_cpu_s": [done.predict_cpu_s for done in completions],
+        "done_champion_cpu_s": [done.champion_cpu_s for done in completions],
+    }
+    with connected(bind) as conn:
+        counted = conn.execute(COMPLETE, parameters).first()
+    if counted is None:
+        return Outcome(recorded=False)
+    return Outcome(recorded=True, aggregate=counted.serves > 0 and must_aggregate(counted))
 
 
 def complete_subtask(
@@ -319,24 +397,10 @@ def complete_subtask(
     predict_cpu_s: float | None = None,
     champion_cpu_s: float | None = None,
 ) -> Outcome:
-    """`running` → `succeeded` with its output, drift bin counts and the CPU seconds of its
-    predict call (and, for a shadow sub-task, of the champion's on the same rows), only for
-    the claim `claim` holds, and the batch counter: one statement (committed on its own on
-    an Engine or an autocommit Connection)."""
-    parameters = {
-        "subtask_id": claim.subtask_id,
-        "attempt": claim.attempt,
-        "output": output,
-        "bin_counts": bin_counts,
-        "model_version": model_version,
-        "predict_cpu_s": predict_cpu_s,
-        "champion_cpu_s": champion_cpu_s,
-    }
-    with connected(bind) as conn:
-        counted = conn.execute(COMPLETE, parameters).first()
-    if counted is None:
-        return Outcome(recorded=False)
-    return Outcome(recorded=True, aggregate=counted.role == SubtaskRole.serve and must_aggregate(counted))
+    """`complete_subtasks` of one sub-task."""
+    return complete_subtasks(
+        bind, [Completion(claim, output, model_version, bin_counts, predict_cpu_s, champion_cpu_s)]
+    )
 
 
 def fail_subtask(bind: Bind, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
