@@ -194,9 +194,14 @@ def test_interactive_batches_submitted_during_bulk_predicts_run_before_the_bulk_
         return predicted
 
     monkeypatch.setattr(inference, "sliced_predict", sliced_while_one_is_submitted)
+    # The bulk batch, not small, is handed to the aggregator's queue once its last sub-task is
+    # done: caught here (the process-wide broker app has no prefix of this run).
+    handed: list[str] = []
+    monkeypatch.setattr(inference.broker, "publish_aggregate", lambda app, batch_id: handed.append(batch_id))
     run_subtask(quiet_engine, settings, second, "test-worker", DIGIT_MODELS)
 
     assert len(interactive) == 2 and after_slices == ["succeeded"]
+    assert handed == [str(bulk_id)]
     with quiet_engine.connect() as conn:
         for batch_id, subtask in zip(interactive, (first, second)):
             state, finished_at, workers = conn.execute(
