@@ -56,7 +56,14 @@ STATUS_CALLS = 50
 WARM_UP_ROWS = 50
 LATENCY_WARM_UP = 5
 RUN_TIMEOUT_S = 3 * 3600
-THROUGHPUT, MIXED, FAIR, MONITOR, SHADOW = SCENARIOS = ("throughput", "mixed", "fair", "monitor", "shadow")
+THROUGHPUT, LATENCY, MIXED, FAIR, MONITOR, SHADOW = SCENARIOS = (
+    "throughput",
+    "latency",
+    "mixed",
+    "fair",
+    "monitor",
+    "shadow",
+)
 # Small batches whose aggregation time the monitor scenario's window update is held to.
 SMALL_BATCHES, SMALL_BATCH_ITEMS = 20, 100
 # Between the submissions of the fair scenario's two bulk batches.
@@ -456,6 +463,20 @@ def measure_monitoring(
     return figures
 
 
+def measure_one_input(client: Client, pipeline: str, samples: int, floor: list[float]) -> dict[str, Any]:
+    """One-input latency on the idle cluster, each batch after a no-op round trip appended to
+    `floor`: its percentiles and the median of each phase (`latency_phases`)."""
+    log(f"latency: {samples} one-input batches, each after a no-op round trip (the floor)")
+    one_input = measure_latency(client, pipeline, samples, floor=floor)
+    return {
+        "latency_p50_ms": float(np.percentile(one_input.ms, 50)),
+        "latency_p95_ms": float(np.percentile(one_input.ms, 95)),
+        "latency_p99_ms": float(np.percentile(one_input.ms, 99)),
+        **latency_phases(client, one_input),
+        "latency_samples": len(one_input.ms),
+    }
+
+
 def measure_throughput(
     processes: Processes,
     client: Client,
@@ -485,9 +506,7 @@ def measure_throughput(
     status_ms = measure_status(client, measured["batch_id"])
     log("pipeline results --out")
     results_out_s, rss_results_out_mb = measure_results_out(processes, folder, measured["batch_id"], measured["items"])
-    log(f"latency: {args.latency_samples} one-input batches, each after a no-op round trip (the floor)")
-    one_input = measure_latency(client, pipeline.name, args.latency_samples, floor=floor)
-    latency = one_input.ms
+    one_input = measure_one_input(client, pipeline.name, args.latency_samples, floor)
     log(f"naive peer: {naive_items} inputs")
     naive = run_client(processes, "client-naive", client_command("naive", pipeline.name, args, naive_items))
     log(f"chunked peer: {args.rows} rows")
@@ -506,10 +525,7 @@ def measure_throughput(
         "pipeline_rows_per_s": pipeline_rows_per_s,
         "naive_rows_per_s": naive_rows_per_s,
         "chunked_rows_per_s": chunked_rows_per_s,
-        "latency_p50_ms": float(np.percentile(latency, 50)),
-        "latency_p95_ms": float(np.percentile(latency, 95)),
-        "latency_p99_ms": float(np.percentile(latency, 99)),
-        **latency_phases(client, one_input),
+        **one_input,
         "overhead_ms_per_subtask": (measured["seconds"] - limit_s) / measured["subtasks"] * 1000,
         "status_ms": status_ms,
         "rss_client_mb": rss.peak_mb("client"),
@@ -538,7 +554,6 @@ def measure_throughput(
         "naive_s": naive["seconds"],
         "chunked_s": chunked["seconds"],
         "chunked_tasks": chunked["tasks"],
-        "latency_samples": len(latency),
         "results_out_s": results_out_s,
         "rss_worker_processes_mb": rss.peaks_mb("worker"),
         "rss_worker_total_mb": rss.tree_mb("worker"),
@@ -595,11 +610,14 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 figures.update(
                     measure_throughput(processes, client, pipeline, args, folder, limit, naive_items, roots, floor)
                 )
+            # Only the one-input part of `throughput`: an A/B of latency without the N-row batch.
+            if LATENCY in args.scenario and THROUGHPUT not in args.scenario:
+                figures.update(measure_one_input(client, pipeline.name, args.latency_samples, floor))
             if MIXED in args.scenario:
                 figures.update(measure_mixed(processes, client, pipeline.name, args, floor))
             if floor:
                 figures.update(floor_figures(floor))
-            if THROUGHPUT in args.scenario:
+            if "latency_p50_ms" in figures:
                 figures["latency_p50_vs_floor"] = figures["latency_p50_ms"] / figures["floor_p50_ms"]
             if MIXED in args.scenario:
                 figures["idle_latency_p50_vs_floor"] = figures["idle_latency_p50_ms"] / figures["floor_p50_ms"]
@@ -642,7 +660,8 @@ def main() -> None:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="throughput (default), mixed (one-input latency under a bulk batch), fair (two bulk batches),"
+        help="throughput (default), latency (throughput's one-input latency and its phases alone),"
+        " mixed (one-input latency under a bulk batch), fair (two bulk batches),"
         " monitor (window update per batch, pipeline monitor over a day of batches), shadow (one-input latency"
         " and a bulk batch without and with a shadow roll-out); repeatable",
     )
