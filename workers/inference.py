@@ -145,7 +145,7 @@ def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, work
     served model, each round claimed in one statement and completed in one
     (`ledger.claim_more_of_batch`, `run_claims`): a one-input batch then waits for no
     message delivery of a model this process serves (their messages find them claimed) and
-    pays one claim and one completion for them all, while a small batch of many chunks
+    pays two claims (its message's, and one for the others) and one completion, while a small batch of many chunks
     still shows its progress and is shared with the processes its messages reach."""
     rounds = bool(served) and claim.role == SubtaskRole.serve and settings.is_small_batch(claim.batch_items)
 

@@ -32,15 +32,18 @@ INPUT_PAGE_START = (
     .limit(1)
     .scalar_subquery()
 )
-INPUT_PAGE = select(
-    StoredInputPage.first_item,
-    StoredInputPage.items,
-    StoredInputPage.features,
-    # As its text: validated from it (`Pipeline.page_items`), never parsed twice.
-    cast(StoredInputPage.data, Text).label("data"),
-).where(StoredInputPage.batch_id == bindparam("batch_id"), StoredInputPage.first_item == INPUT_PAGE_START)
-# The features are a `bytea`: read in binary format.
-INPUT_PAGE = INPUT_PAGE.execution_options(**BINARY_RESULTS)
+INPUT_PAGE = (
+    select(
+        StoredInputPage.first_item,
+        StoredInputPage.items,
+        StoredInputPage.features,
+        # As its text: validated from it (`Pipeline.page_items`), never parsed twice.
+        cast(StoredInputPage.data, Text).label("data"),
+    )
+    .where(StoredInputPage.batch_id == bindparam("batch_id"), StoredInputPage.first_item == INPUT_PAGE_START)
+    # The features are a `bytea`: read in binary format.
+    .execution_options(**BINARY_RESULTS)
+)
 
 
 def input_pages(
