@@ -352,15 +352,16 @@ class Client:
         # and any batch of JSON items, split from the objects just validated (the
         # aggregator's split would validate every item again). A big batch of packed
         # features is split by the aggregator, in steps its workers start on at once.
-        split = ClientSplit(self.settings) if small or json_items else None
+        split = ClientSplit(self.settings, pipeline, priority_of_batch) if small or json_items else None
         # The rest of the pages are validated as they are stored: a bad one raises and the
         # transaction stores nothing.
         with self.engine.begin() as conn:
             batch_id, created = ledger.insert_batch(
                 conn,
                 pipeline,
-                # A big batch's next page is validated while PostgreSQL writes the current one.
-                itertools.chain(head, pages if small else read_ahead(pages)),
+                # A small batch's pages are all in hand (a list: its row is inserted whole); a
+                # big batch's next page is validated while PostgreSQL writes the current one.
+                head if small else itertools.chain(head, read_ahead(pages)),
                 options.idempotency_key,
                 options.failure_policy,
                 options.max_failed_fraction,

@@ -131,19 +131,23 @@ class SplitStep:
     aggregate: bool
 
 
-def pin_champions(conn: Connection, pipeline: Pipeline) -> dict[str, str]:
-    """Each of the pipeline's models' champion version: one registry query for a batch's
-    whole split (its first step; the later ones keep what it pinned).
+def pin_champions(conn: Connection, pipeline: Pipeline) -> tuple[dict[str, str], dict[str, rollout_rows.ActiveRollout]]:
+    """Each of the pipeline's models' champion version, and per model its active roll-out of
+    another version: one query for a batch's whole split (its first step; the later ones keep
+    what it pinned and follow the roll-outs it recorded).
 
     Raises:
         NoChampionError: a model has no version yet.
     """
     names = [spec.name for spec in pipeline.models]
-    versions = ledger.aliases_of(conn, names)
+    serving = rollout_rows.serving_of(conn, names)
     for name in names:
-        if name not in versions:
+        if name not in serving.champions:
             raise NoChampionError(name)
-    return versions
+    rollouts = {
+        model: rollout for model, rollout in serving.rollouts.items() if rollout.version != serving.champions[model]
+    }
+    return serving.champions, rollouts
 
 
 def canary_inputs(batch_id: uuid.UUID, items: np.ndarray, percent: float) -> np.ndarray:
@@ -162,16 +166,6 @@ def canary_inputs(batch_id: uuid.UUID, items: np.ndarray, percent: float) -> np.
 def _subset(rows: ModelRows, chosen: np.ndarray) -> ModelRows:
     """The rows of `rows` where `chosen`; always copied (a subset is not the inputs' own rows)."""
     return ModelRows(rows.X[chosen], rows.items[chosen], of_inputs=False)
-
-
-def batch_rollouts(conn: Connection, batch: Any, versions: dict[str, str]) -> dict[str, rollout_rows.ActiveRollout]:
-    """Per model, the active roll-out this batch's split follows: the first step takes those
-    active now (of a version other than the pinned champion), later steps those the first
-    recorded (`rollout_batches`) that are still active."""
-    if batch.model_versions is None:
-        active = rollout_rows.active_rollouts(conn, list(versions))
-        return {model: rollout for model, rollout in active.items() if rollout.version != versions[model]}
-    return {rollout.model: rollout for rollout in rollout_rows.active_rollouts_of_batch(conn, batch.id)}
 
 
 def bulk_chunk_sizes(sizes: dict[str, int], cpu_s_per_row: dict[str, float], bulk_chunk_ms: float) -> dict[str, int]:
@@ -203,8 +197,11 @@ class BatchSplitter:
         # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
         seqs = ledger.next_seqs(conn, batch.id) if batch.split_items else {}
         rank = Priority(batch.priority).rank
-        self.versions: dict[str, str] = batch.model_versions or pin_champions(conn, pipeline)
-        self.rollouts = batch_rollouts(conn, batch, self.versions)
+        if batch.model_versions is None:
+            self.versions, self.rollouts = pin_champions(conn, pipeline)
+        else:
+            self.versions = batch.model_versions
+            self.rollouts = {r.model: r for r in rollout_rows.active_rollouts_of_batch(conn, batch.id)}
         # The roll-outs this split is the first to follow (recorded by `record_rollouts`).
         self._new_rollouts = batch.model_versions is None
         self._chunkers: list[Chunker] = []
@@ -368,6 +365,18 @@ def _fail_split(conn: Connection, batch_id: uuid.UUID, error: Exception) -> None
     ledger.fail_pending_batch(conn, batch_id, f"split failed: {error}")
 
 
+@dataclass(frozen=True)
+class NewBatch:
+    """What `BatchSplitter` reads of a batch its client is storing: known to the client, so
+    its row is not read back (a `pending` batch's row has the same fields)."""
+
+    id: uuid.UUID
+    pipeline: str
+    priority: Priority
+    split_items: int = 0
+    model_versions: dict[str, str] | None = None
+
+
 class ClientSplit:
     """The split a client makes of a new batch as it stores it, on the storing transaction
     (`ledger.insert_batch`'s `stored`): each page is split once written, from the objects
@@ -376,8 +385,10 @@ class ClientSplit:
     is committed `running` with every sub-task, and its messages go once it is committed.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, pipeline: str, priority: Priority) -> None:
         self._settings = settings
+        self._pipeline = pipeline
+        self._priority = priority
         self._splitter: BatchSplitter | None = None
         self._published: list[ledger.Dispatch] = []
         self._error: Exception | None = None
@@ -389,9 +400,8 @@ class ClientSplit:
             return
         try:
             if self._splitter is None:
-                batch = ledger.pending_batch(conn, batch_id)
-                assert batch is not None, "a batch being stored is pending"
-                pipeline = registry.get_pipeline(batch.pipeline)
+                batch = NewBatch(batch_id, self._pipeline, self._priority)
+                pipeline = registry.get_pipeline(self._pipeline)
                 settings = self._settings
                 self._splitter = BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms)
             self._splitter.add(page)

@@ -263,6 +263,29 @@ def test_idempotency_key_returns_the_same_batch_for_the_same_request(engine: Eng
     assert stored == 3 and len(fingerprint) == 64
 
 
+@pytest.mark.parametrize("first_as", [list, iter], ids=["first in hand", "first streamed"])
+def test_pages_in_hand_and_streamed_pages_store_the_same_batch_row(engine: Engine, first_as: Any) -> None:
+    """A list of pages (a small batch's) is counted and fingerprinted before its row is
+    inserted; an iterator as it is stored: the same request gets the same row either way,
+    and is recognised by its key from the other."""
+    key = f"run-{uuid.uuid4()}"
+    pages = encode_inputs(registry.get_pipeline("digits"), held_out_strips(25, seed=7), 100, 1_000_000, 10)
+    second_as = iter if first_as is list else list
+    with engine.begin() as conn:
+        first, created = ledger.insert_batch(conn, "digits", first_as(pages), key)
+    with engine.begin() as conn:
+        again, created_again = ledger.insert_batch(conn, "digits", second_as(pages), key)
+        keyless, _ = ledger.insert_batch(conn, "digits", second_as(pages), None)
+    assert created and not created_again and again == first
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT id, items, request_sha256 FROM batches WHERE id IN (:a, :b)"), {"a": first, "b": keyless}
+        ).all()
+    by_id = {row.id: row for row in rows}
+    assert by_id[first].items == by_id[keyless].items == 25
+    assert len(by_id[first].request_sha256) == 64 and by_id[keyless].request_sha256 is None
+
+
 def _insert(engine: Engine, key: str, inputs: list[dict], **options: object) -> uuid.UUID:
     pages = encode_inputs(registry.get_pipeline("digits"), inputs, 10, 1_000_000)
     with engine.begin() as conn:
@@ -630,7 +653,7 @@ def test_the_client_splits_json_items_as_an_aggregator_splits_their_stored_pages
     monkeypatch.setattr(inputs, "PAGE_ITEMS", 8)
     strips = held_out_strips(30, max_digits=4, seed=9)
     pages = inputs.iter_input_pages(registry.get_pipeline("digits"), strips, 100, 1_000_000, split=True)
-    split = ClientSplit(Settings(chunk_sizes=CHUNKS))
+    split = ClientSplit(Settings(chunk_sizes=CHUNKS), "digits", Priority.bulk)
     with engine.begin() as conn:
         by_client, _ = ledger.insert_batch(conn, "digits", pages, None, stored=split.page_stored)
         step = split.finish(conn, by_client)

@@ -75,6 +75,30 @@ def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
     assert FOREST in status.metrics["models"]  # type: ignore[index]
 
 
+def test_a_client_stores_and_splits_a_one_input_batch_in_four_statements(
+    isolated: tuple[Client, str], engine: Engine
+) -> None:
+    client, _ = isolated
+    statements: list[str] = []
+    event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+    batch = client.submit("screening", held_out_records(1), idempotency_key=f"four-{uuid.uuid4()}")
+    # The batch's row inserted whole (its count and fingerprint known before), the champions
+    # and roll-outs in one read, the split counted, the new sub-tasks' ids read (and their
+    # NOTIFY sent) in one; the input page's and sub-tasks' COPYs run on the driver's cursor.
+    assert [sql.split()[0] for sql in statements] == ["INSERT", "SELECT", "UPDATE", "SELECT"], statements
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT state, items, split_items, total, request_sha256, model_versions FROM batches WHERE id = :b"),
+            {"b": batch.id},
+        ).one()
+        subtasks = conn.execute(
+            text("SELECT count(*) FROM subtasks WHERE batch_id = :b AND state = 'dispatched' AND priority = :rank"),
+            {"b": batch.id, "rank": Priority.interactive.rank},
+        ).scalar_one()
+    assert (row.state, row.items, row.split_items, row.total, subtasks) == ("running", 1, 1, len(MODELS), len(MODELS))
+    assert row.request_sha256 is not None and set(row.model_versions) == set(MODELS)
+
+
 def test_a_client_with_small_batches_off_leaves_the_split_to_the_aggregator(
     services: RunServices, models_dir: Path, stack: object
 ) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import struct
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ INSERT_BATCH = (
         id=bindparam("id"),
         pipeline=bindparam("pipeline"),
         items=bindparam("items"),
+        request_sha256=bindparam("request_sha256"),
         idempotency_key=bindparam("idempotency_key"),
         failure_policy=bindparam("failure_policy"),
         priority=bindparam("priority"),
@@ -90,6 +91,18 @@ def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
     return features, data
 
 
+def _stored_pages(
+    pages: Iterable[InputPage], fingerprint: RequestFingerprint | None
+) -> Iterator[tuple[InputPage, bytes | None, str | None]]:
+    """Each page packed, with its columns as stored (`_stored_page`), fed to `fingerprint`."""
+    for page in pages:
+        page = page.packed()
+        features, data = _stored_page(page)
+        if fingerprint is not None:
+            fingerprint.add_page(page.first, page.count, features, data)
+        yield page, features, data
+
+
 def insert_batch(
     conn: Connection,
     pipeline: str,
@@ -104,7 +117,9 @@ def insert_batch(
     """Insert a `pending` batch and its input pages on `conn`'s transaction; with an
     `idempotency_key`, store the request's fingerprint (`RequestFingerprint`) with it.
     `pages` are read once, as they are stored (a generator validating them as they come
-    may raise: the caller's transaction then stores nothing). `stored(conn, batch id, page)`
+    may raise: the caller's transaction then stores nothing); pages given as a list (a
+    small batch's, all in hand) are counted and fingerprinted first, so the batch's row is
+    inserted whole rather than updated after its pages. `stored(conn, batch id, page)`
     is called after each page of a new batch is written, with its features packed as stored
     (the client splits the page there, on the same transaction).
 
@@ -122,14 +137,16 @@ def insert_batch(
         if idempotency_key is None
         else RequestFingerprint(pipeline, failure_policy, max_failed_fraction, deadline_s)
     )
+    in_hand = list(_stored_pages(pages, fingerprint)) if isinstance(pages, list) else None
     batch_id = uuid.uuid4()
     inserted = conn.execute(
         INSERT_BATCH,
         {
             "id": batch_id,
             "pipeline": pipeline,
-            # Counted as the pages are stored, then set with the fingerprint.
-            "items": 0,
+            # Pages not in hand are counted as they are stored, then set with the fingerprint.
+            "items": 0 if in_hand is None else sum(page.count for page, _, _ in in_hand),
+            "request_sha256": None if in_hand is None or fingerprint is None else fingerprint.hexdigest(),
             "idempotency_key": idempotency_key,
             "failure_policy": failure_policy.value,
             "priority": priority.value,
@@ -139,14 +156,11 @@ def insert_batch(
     ).scalar_one_or_none()
     if inserted is None:
         assert idempotency_key is not None and fingerprint is not None, "only a key conflicts with a new uuid"
-        return _same_request(conn, idempotency_key, pipeline, pages, fingerprint), False
+        # Pages in hand are fingerprinted already.
+        return _same_request(conn, idempotency_key, pipeline, pages if in_hand is None else [], fingerprint), False
 
     items = 0
-    for page in pages:
-        page = page.packed()
-        features, data = _stored_page(page)
-        if fingerprint is not None:
-            fingerprint.add_page(page.first, page.count, features, data)
+    for page, features, data in _stored_pages(pages, fingerprint) if in_hand is None else in_hand:
         items += page.count
         # One COPY per page: `stored` may write between two pages. `data` goes as JSON text:
         # json's binary COPY form is its text.
@@ -158,8 +172,9 @@ def insert_batch(
         )
         if stored is not None:
             stored(conn, batch_id, page)
-    sha256 = None if fingerprint is None else fingerprint.hexdigest()
-    conn.execute(update(Batch).where(Batch.id == batch_id).values(items=items, request_sha256=sha256))
+    if in_hand is None:
+        sha256 = None if fingerprint is None else fingerprint.hexdigest()
+        conn.execute(update(Batch).where(Batch.id == batch_id).values(items=items, request_sha256=sha256))
     return batch_id, True
 
 
@@ -182,8 +197,8 @@ def _same_request(
         )
     if existing.request_sha256 is None:
         return batch_id  # stored before fingerprints (revision 0006): accepted as before
-    for page in pages:
-        fingerprint.add_page(page.first, page.count, *_stored_page(page.packed()))
+    for _ in _stored_pages(pages, fingerprint):
+        pass  # each page is fed to the fingerprint
     if fingerprint.hexdigest() != existing.request_sha256:
         raise IdempotencyKeyError(
             f"idempotency_key {idempotency_key!r} already names batch {batch_id}, submitted with other"

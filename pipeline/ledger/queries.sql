@@ -14,11 +14,23 @@ ORDER BY s.created_at DESC LIMIT :limit
 
 -- name: new_subtask_ids
 -- The sub-tasks a split step just copied: per model, those from its first new seq, and their
--- shadows (a shadow's seq is -1 - its serve sub-task's); shadows last.
+-- shadows (a shadow's seq is -1 - its serve sub-task's); shadows last. With :announce, the
+-- same statement also NOTIFYs :channel (sent on commit): no round trip of its own. The
+-- sub-select is a one-time filter, run once whatever the rows.
 SELECT s.id, s.model, s.priority FROM subtasks s
 JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)
   ON s.model = f.model AND CASE WHEN s.role = 'shadow' THEN -1 - s.seq ELSE s.seq END >= f.first_seq
-WHERE s.batch_id = :batch_id ORDER BY s.role, s.seq, s.model
+WHERE s.batch_id = :batch_id
+  AND (NOT CAST(:announce AS boolean) OR (SELECT pg_notify(:channel, '')) IS NOT NULL)
+ORDER BY s.role, s.seq, s.model
+
+-- name: serving_of
+-- What a batch's first split pins, per model: its champion version (NULL: none yet) and its
+-- active roll-out (NULL id: none), one query for both.
+SELECT m.model, a.version AS champion, r.id, r.version, r.mode, r.percent
+FROM unnest(CAST(:models AS text[])) AS m (model)
+LEFT JOIN model_aliases a ON a.model = m.model AND a.alias = 'champion'
+LEFT JOIN rollouts r ON r.model = m.model AND r.state = 'active'
 
 -- name: subtask_outputs
 -- Per model and pinned version (after a seq of its own), the serve sub-tasks of a batch that

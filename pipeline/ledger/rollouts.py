@@ -36,6 +36,14 @@ class ActiveRollout:
 
 
 @dataclass(frozen=True)
+class Serving:
+    """What a batch's first split pins: per model, its champion version and its active roll-out."""
+
+    champions: dict[str, str]
+    rollouts: dict[str, ActiveRollout]
+
+
+@dataclass(frozen=True)
 class RolloutRecord:
     """A roll-out as `rollout status` shows it."""
 
@@ -122,6 +130,16 @@ def _active(rows: Any) -> list[ActiveRollout]:
 def active_rollouts(conn: Connection, models: Sequence[str]) -> dict[str, ActiveRollout]:
     """Per model of `models` with an active roll-out, that roll-out (one query)."""
     return {rollout.model: rollout for rollout in _active(conn.execute(ACTIVE_OF, {"models": list(models)}))}
+
+
+def serving_of(conn: Connection, models: Sequence[str]) -> Serving:
+    """Per model of `models`, its champion (when it has one) and its active roll-out (when it
+    has one): one query."""
+    rows = conn.execute(queries.SERVING_OF, {"models": list(models)}).all()
+    return Serving(
+        {row.model: row.champion for row in rows if row.champion is not None},
+        {rollout.model: rollout for rollout in _active(row for row in rows if row.id is not None)},
+    )
 
 
 def start_rollout(

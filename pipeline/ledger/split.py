@@ -151,11 +151,15 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
             first_seqs[subtask.model] = min(subtask.seq, first_seqs.get(subtask.model, subtask.seq))
     if not first_seqs:
         return []
-    if any(s.priority == Priority.interactive.rank for s in subtasks):
-        conn.execute(select(func.pg_notify(INTERACTIVE_CHANNEL, "")))
     rows = conn.execute(
         queries.NEW_SUBTASK_IDS,
-        {"batch_id": batch_id, "models": list(first_seqs), "first_seqs": list(first_seqs.values())},
+        {
+            "batch_id": batch_id,
+            "models": list(first_seqs),
+            "first_seqs": list(first_seqs.values()),
+            "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
+            "channel": INTERACTIVE_CHANNEL,
+        },
     ).all()
     return [Dispatch(row.id, row.model, row.priority) for row in rows]
 
