@@ -143,9 +143,10 @@ PRIORITY_NAMES: dict[int, Literal["interactive", "bulk", "shadow"]] = {0: "inter
 
 def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str, int]], countdown: float | None = None) -> int:
     """Publish one predict message per (sub-task id, model, priority rank) — a
-    `ledger.Dispatch` — over one producer, in batches (on Redis one pipelined round trip per
-    batch, with kombu's `Producer.batch`), each to run no sooner than `countdown` seconds
-    from now; return the count.
+    `ledger.Dispatch` — over one producer, each to run no sooner than `countdown` seconds
+    from now; return the count. The first goes out at once, so a worker starts on it while
+    the rest are built; the rest in batches (on Redis one pipelined round trip per batch,
+    with kombu's `Producer.batch`).
 
     Raises:
         kombu.exceptions.OperationalError: the broker is unreachable (after kombu's retries);
@@ -155,10 +156,14 @@ def publish_predictions(app: Celery, subtasks: Iterable[tuple[int, str, int]], c
         (PredictMessage(subtask_id=subtask_id, priority=PRIORITY_NAMES.get(rank)), model_queue(model))
         for subtask_id, model, rank in subtasks
     ]
+    if not messages:
+        return 0
     try:
-        with app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
-            for message, queue in messages:
-                _send_prediction(app, message, queue, countdown, producer)
+        with app.producer_or_acquire() as producer:
+            _send_prediction(app, *messages[0], countdown, producer)
+            with producer.batch(PUBLISH_BATCH):
+                for message, queue in messages[1:]:
+                    _send_prediction(app, message, queue, countdown, producer)
     # A batch is flushed without kombu's reconnecting retry, and a failed flush leaves unknown
     # which of its messages went out: publish each again with the retry (a duplicate is
     # dropped by the ledger). A broker still unreachable then raises OperationalError, the

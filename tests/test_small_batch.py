@@ -99,6 +99,30 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_four_statements(
     assert row.request_sha256 is not None and set(row.model_versions) == set(MODELS)
 
 
+def test_the_first_predict_message_goes_out_before_the_rest_are_built(
+    isolated: tuple[Client, str], services: RunServices, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker starts on a batch's first message while its client builds the others (a
+    one-input batch waits for one message only): it is on the queue even when building a
+    later one fails, whose batch of messages is then discarded unsent."""
+    client, prefix = isolated
+    send = broker._send_prediction
+    sent: list[int] = []
+
+    def failing_after_the_first(*args: Any) -> None:
+        if sent:
+            raise RuntimeError("building the second message failed")
+        sent.append(1)
+        send(*args)
+
+    monkeypatch.setattr(broker, "_send_prediction", failing_after_the_first)
+    with pytest.raises(RuntimeError, match="second message"):
+        broker.publish_predictions(client.app, [(1, LOGREG, 0), (2, FOREST, 0), (3, LOGREG, 0)])
+    queues = redis.Redis.from_url(services.broker_url)
+    assert queues.llen(prefix + broker.model_queue(LOGREG)) == 1
+    assert queues.llen(prefix + broker.model_queue(FOREST)) == 0
+
+
 def test_a_client_with_small_batches_off_leaves_the_split_to_the_aggregator(
     services: RunServices, models_dir: Path, stack: object
 ) -> None:
