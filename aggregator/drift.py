@@ -6,25 +6,16 @@ sub-task's output (the aggregator only sums them)."""
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection
 
 from pipeline import model_registry
 from pipeline.artifacts import Manifest, reference_of
 from pipeline.definition import ModelSpec, Pipeline
 from pipeline.profile import DriftConfig, ModelCounts, ReferenceProfile, judge_counts
-from pipeline.schema import Subtask, SubtaskRole, SubtaskState
-
-# Built once: every aggregate runs it.
-SCORED_SUBTASKS = select(Subtask.model, Subtask.model_version, Subtask.rows, Subtask.bin_counts).where(
-    Subtask.batch_id == bindparam("batch_id"),
-    Subtask.role == SubtaskRole.serve,
-    Subtask.state == SubtaskState.succeeded,
-)
 
 
 @dataclass(frozen=True)
@@ -39,23 +30,30 @@ class Scored:
     counts: dict[tuple[str, str], tuple[int, np.ndarray]]
 
 
-def scored_subtasks(conn: Connection, batch_id: uuid.UUID) -> Scored:
-    """The scoring versions and summed drift counts of a batch's succeeded serve sub-tasks,
-    from one query (an aggregate's metrics need both)."""
-    versions: set[tuple[str, str | None]] = set()
-    totals: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
-    for row in conn.execute(SCORED_SUBTASKS, {"batch_id": batch_id}):
-        versions.add((row.model, row.model_version))
-        if row.bin_counts is None:
-            continue
-        key = (row.model, row.model_version)
-        counts = np.frombuffer(row.bin_counts, dtype="<i8")
-        rows, total = totals.get(key, (0, np.zeros_like(counts)))
-        totals[key] = (rows + row.rows, total + counts)
-    by_model: dict[str, list[str | None]] = {}
-    for model, version in sorted(versions, key=lambda key: (key[0], key[1] is None, key[1] or "")):
-        by_model.setdefault(model, []).append(version)
-    return Scored(by_model, totals)
+class ScoredCounts:
+    """`Scored`, summed as the aggregate reads each serve sub-task's output (once each): no
+    second read of the sub-tasks for the metrics."""
+
+    def __init__(self) -> None:
+        self._versions: set[tuple[str, str | None]] = set()
+        self._totals: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
+
+    def add(self, model: str, version: str | None, rows: int, bin_counts: bytes | None) -> None:
+        """Count a succeeded sub-task of `model` scored by `version`: `rows` rows, its drift
+        `bin_counts` (`<i8`; None: it stored none, or predates recorded versions)."""
+        self._versions.add((model, version))
+        if bin_counts is None or version is None:
+            return
+        counts = np.frombuffer(bin_counts, dtype="<i8")
+        rows_so_far, total = self._totals.get((model, version), (0, np.zeros_like(counts)))
+        self._totals[(model, version)] = (rows_so_far + rows, total + counts)
+
+    def scored(self) -> Scored:
+        """What the sub-tasks counted so far say."""
+        by_model: dict[str, list[str | None]] = {}
+        for model, version in sorted(self._versions, key=lambda key: (key[0], key[1] is None, key[1] or "")):
+            by_model.setdefault(model, []).append(version)
+        return Scored(by_model, dict(self._totals))
 
 
 def _scoring_versions(totals: dict[tuple[str, str], tuple[int, np.ndarray]]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row
 
-from aggregator.drift import batch_drift, scored_subtasks
+from aggregator.drift import Scored, batch_drift
 from aggregator.latency import batch_latency
 from pipeline import ledger, model_registry, registry
 from pipeline.definition import Pipeline
@@ -43,18 +43,23 @@ def batch_estimate(
 
 
 def batch_metrics(
-    conn: Connection, batch: Row[Any], kpis: dict[str, Any], now: datetime, scores: ScoreCounts | None = None
+    conn: Connection,
+    batch: Row[Any],
+    kpis: dict[str, Any],
+    now: datetime,
+    scored: Scored,
+    scores: ScoreCounts | None = None,
 ) -> tuple[dict[str, Any], list[ledger.Contribution]]:
     """Return the JSON-able metrics of `batch`, aggregated at `now`: `kpis`, `latency`
     (the whole batch), `models` (per-model latency), `model_versions` (per model, the
-    versions that scored it), `drift` (against the reference profile of the version
-    that scored the rows) and, from the CBPE `scores` of a pipeline with an estimation,
-    `estimated` (KPI: value, low, high; or `estimation_skipped`: why not); and its window
+    versions that scored it) and `drift` (against the reference profile of the version
+    that scored the rows), both from the succeeded sub-tasks the assembly read
+    (`scored`), and, from the CBPE `scores` of a pipeline with an estimation, `estimated`
+    (KPI: value, low, high; or `estimation_skipped`: why not); and its window
     contribution per judged model version (rows, summed bin counts, KPIs, end-to-end
     latency, CBPE sums), from the figures already computed (no second read of the sub-tasks)."""
     latency, models = batch_latency(conn, batch, now)
     pipeline = registry.get_pipeline(batch.pipeline)
-    scored = scored_subtasks(conn, batch.id)
     drift, judged = batch_drift(conn, scored.counts, pipeline)
     estimate: dict[str, Any] = {}
     # The (model, version) whose contribution carries the CBPE sums.

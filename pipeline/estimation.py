@@ -169,11 +169,14 @@ class ScoreCounts:
         Raises:
             EstimationError: no calibration.
         """
-        probability = calibrated(BIN_SCORES, calibration)
+        # The bins holding inputs only (a bin without any adds nothing to a sum): a small
+        # batch calibrates its few scores, not all 2 x (SCORE_BINS + 1) bins.
+        decided, bins = np.nonzero(self.counts)
+        probability = calibrated(BIN_SCORES[bins], calibration)
+        weights = self.counts[decided, bins]
         if not self.binary:
-            return accuracy_sums(probability, self.counts.sum(axis=0))
-        decided = np.repeat([False, True], SCORE_BINS + 1)
-        return binary_sums(np.tile(probability, 2), decided, self.counts.ravel())
+            return accuracy_sums(probability, weights)
+        return binary_sums(probability, decided.astype(bool), weights)
 
 
 def _band(value: float, variance: float) -> dict[str, float]:

@@ -142,6 +142,8 @@ class SubtaskOutput:
     items: np.ndarray
     output: bytes | None
     error: str | None
+    # A succeeded sub-task's drift bin counts (`<i8`), when its version has a reference profile.
+    bin_counts: bytes | None = None
 
 
 # One output stream of a batch: a model and the version pinned on its sub-tasks (None only
@@ -163,7 +165,7 @@ def subtask_outputs(
 ) -> dict[StreamKey, list[SubtaskOutput]]:
     """Per stream (model, version) of `after_seqs`, up to `limit` of its serve sub-tasks of a
     batch after its `seq` there, in `seq` (hence item) order, that start before input
-    `before_item`: their outputs, or why they have none."""
+    `before_item`: their outputs (with their drift bin counts), or why they have none."""
     keys = list(after_seqs)
     rows = conn.execute(
         queries.SUBTASK_OUTPUTS,
@@ -181,7 +183,13 @@ def subtask_outputs(
         succeeded = row.state == SubtaskState.succeeded
         error = CANCELLED_ERROR if row.state == SubtaskState.cancelled else None if succeeded else row.error
         outputs[keys[row.n - 1]].append(
-            SubtaskOutput(row.seq, np.asarray(row.items), row.output if succeeded else None, error)
+            SubtaskOutput(
+                row.seq,
+                np.asarray(row.items),
+                row.output if succeeded else None,
+                error,
+                row.bin_counts if succeeded else None,
+            )
         )
     return outputs
 
