@@ -138,6 +138,35 @@ def _subtask_ids(engine: Engine, batch_id: uuid.UUID) -> list[int]:
     return [subtask_id for subtask_id, _ in _subtask_models(engine, batch_id)]
 
 
+def test_a_message_s_turn_claims_the_first_round_of_its_small_batch_in_one_statement(engine: Engine) -> None:
+    """`claim_turn`: the message's claim first, then (a serve sub-task of a small batch) more
+    of its batch for the served models, at most one fewer than they are, never the one just
+    claimed twice; a batch over the small size, or a single served model, gets the message's
+    claim alone; nothing claimable gives nothing."""
+    both = ["digit-classifier", "digit-ood"]
+
+    def one_input_batch(seed: int) -> list[tuple[int, str]]:
+        batch_id, _ = store_batch(engine, held_out_strips(1, max_digits=4, seed=seed), priority=Priority.interactive)
+        assert split_batch(engine, batch_id, CHUNKS)
+        return _subtask_models(engine, batch_id)
+
+    (ood, _), (classifier, _) = sorted(one_input_batch(21), key=lambda row: row[1] != "digit-ood")
+    turn = ledger.claim_turn(engine, ood, "w", 300, both, small_items=10)
+    assert [(c.subtask_id, c.model, c.attempt) for c in turn] == [
+        (ood, "digit-ood", 1),
+        (classifier, "digit-classifier", 1),
+    ]
+    assert all(c.payload for c in turn)
+    # Both claimed: the other message finds nothing of its model.
+    assert ledger.claim_turn(engine, classifier, "w", 300, both, small_items=10) == []
+
+    for small_items, served in ((0, both), (10, both[:1])):
+        ids = dict((model, i) for i, model in one_input_batch(22 + small_items))
+        turn = ledger.claim_turn(engine, ids["digit-classifier"], "w", 300, served, small_items=small_items)
+        assert [c.subtask_id for c in turn] == [ids["digit-classifier"]]
+        assert ledger.claim_subtask(engine, ids["digit-ood"], "w", lease_s=300) is not None
+
+
 def _subtask_models(engine: Engine, batch_id: uuid.UUID) -> list[tuple[int, str]]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT id, model FROM subtasks WHERE batch_id = :b ORDER BY id"), {"b": batch_id})

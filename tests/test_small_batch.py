@@ -186,12 +186,12 @@ def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
     assert (state, runs) == ("succeeded", 1)
     # Both sub-tasks claimed and completed, the batch aggregated: one checkout for it all.
     assert seen["checkout"] == 1
-    # The message's claim, the claim of the rest of the batch, one completion of both; the
-    # aggregate's lock (with the serving versions), input page, outputs (with their drift
+    # The message's claim with the rest of the batch (`claim_turn`), one completion of
+    # both; the aggregate's lock (with the serving versions), input page, outputs (with their drift
     # counts: no second read of the sub-tasks for the metrics), latency, finish (no
     # roll-out: no shadow or gate read), and its result page's COPY on the driver's cursor,
     # not counted here.
-    assert seen["statement"] == 3 + 5
+    assert seen["statement"] == 2 + 5
     # Its scoring versions and drift, from the outputs read.
     assert metrics["model_versions"] == {model: [pinned[model]] for model in DIGIT_MODELS}
     assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)

@@ -128,25 +128,40 @@ class TurnConnection:
 
 def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()) -> None:
     """Take a turn for a predict message of sub-task `subtask_id`: claim what it should run
-    (`ledger.claim_subtask`: its own retry, or its model's best dispatched sub-task) and run
-    it (`run_turn`). The whole turn runs on one `TurnConnection`."""
+    (`ledger.claim_turn`: its own retry, or its model's best dispatched sub-task, with the
+    first round of its small batch) and run it (`run_turn`). The whole turn runs on one
+    `TurnConnection`."""
     with TurnConnection(engine) as turn:
-        claim = turn.run(settings, lambda conn: ledger.claim_subtask(conn, subtask_id, worker, settings.lease_s))
-        if claim is None:
+        claims = turn.run(
+            settings,
+            lambda conn: ledger.claim_turn(
+                conn, subtask_id, worker, settings.lease_s, served, settings.small_batch_items
+            ),
+        )
+        if not claims:
             log.info("message of sub-task %d: nothing of its model is claimable; dropping it", subtask_id)
             return
-        run_turn(turn, settings, claim, worker, served)
+        run_turn(turn, settings, claims, worker, served, first_round_claimed=True)
 
 
-def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, worker: str, served: Sequence[str]) -> None:
-    """Run claimed sub-task `claim`. When it is a serve sub-task of a small batch (at most
-    `small_batch_items` inputs), run it with more of the batch's `dispatched` sub-tasks for
-    the `served` models, then go on with the rest, in rounds of at most one sub-task per
-    served model, each round claimed in one statement and completed in one
-    (`ledger.claim_more_of_batch`, `run_claims`): a one-input batch then waits for no
-    message delivery of a model this process serves (their messages find them claimed) and
-    pays two claims (its message's, and one for the others) and one completion, while a small batch of many chunks
-    still shows its progress and is shared with the processes its messages reach."""
+def run_turn(
+    turn: TurnConnection,
+    settings: Settings,
+    claims: Sequence[ledger.Claim],
+    worker: str,
+    served: Sequence[str],
+    first_round_claimed: bool = False,
+) -> None:
+    """Run claimed sub-tasks `claims`, of one batch. When the first is a serve sub-task of a
+    small batch (at most `small_batch_items` inputs), run it with more of the batch's
+    `dispatched` sub-tasks for the `served` models, then go on with the rest, in rounds of at
+    most one sub-task per served model, each round claimed in one statement and completed in
+    one (`ledger.claim_more_of_batch`, `run_claims`); the first round's others come with
+    `claims` when `first_round_claimed` (`ledger.claim_turn`). A one-input batch then waits
+    for no message delivery of a model this process serves (their messages find them
+    claimed) and pays one claim and one completion, while a small batch of many chunks still
+    shows its progress and is shared with the processes its messages reach."""
+    claim = claims[0]
     rounds = bool(served) and claim.role == SubtaskRole.serve and settings.is_small_batch(claim.batch_items)
 
     def more(most: int) -> list[ledger.Claim]:
@@ -155,7 +170,8 @@ def run_turn(turn: TurnConnection, settings: Settings, claim: ledger.Claim, work
             lambda conn: ledger.claim_more_of_batch(conn, claim.batch_id, served, most, worker, settings.lease_s),
         )
 
-    claims = [claim, *more(len(served) - 1)] if rounds and len(served) > 1 else [claim]
+    if rounds and not first_round_claimed and len(served) > 1:
+        claims = [*claims, *more(len(served) - len(claims))]
     while claims:
         if run_claims(turn, settings, claims, worker, served) or not rounds:
             return
@@ -197,7 +213,7 @@ def run_announced(
                     settings, lambda conn: ledger.claim_interactive(conn, served, worker, settings.lease_s)
                 )
             ) is not None:
-                run_turn(turn, settings, claim, worker, served)
+                run_turn(turn, settings, [claim], worker, served)
     # Unreachable ledger or broker (a retry's message): the interactive sub-tasks are left
     # to their messages and the sweeper, and the bulk sub-task is not charged with it.
     except (OperationalError, kombu.exceptions.OperationalError) as error:

@@ -30,10 +30,12 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.selectable import CTE
 
 from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, now, transaction
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
@@ -62,11 +64,11 @@ class Claim:
     role: str = SubtaskRole.serve.value
 
 
-def _claim_statement(*claimable: Any) -> Select[Any]:
-    """The claim of the sub-task matching `claimable` (conditions on `Subtask`), returning
-    what `Claim` holds (in binary format: the rows to score are a `bytea`)."""
+def _claimed(name: str, *claimable: Any) -> CTE:
+    """The claim of the sub-tasks matching `claimable` (conditions on `Subtask`), as a CTE
+    named `name` returning what `Claim` holds of them (and the first input they name)."""
     stamp = now()
-    claimed = (
+    return (
         update(Subtask)
         .where(*claimable)
         .values(
@@ -89,8 +91,14 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
             Subtask.role,
             Subtask.items[1].label("first_item"),
         )
-        .cte("claimed")
+        .cte(name)
     )
+
+
+def _claim_rows(claimed: CTE, turn_order: int = 0) -> Select[Any]:
+    """What `Claim` holds of the sub-tasks `claimed` (`_claimed`): the rows to score are the
+    payload, or the slice of the batch's stored input features the sub-task names; with
+    `turn_order`, which claim of a turn they are (`claim_turn`)."""
     # Inputs first_item .. first_item + rows - 1, cut from the input pages that hold them.
     page = StoredInputPage
     # Bytes per input: an exact division (SQLAlchemy's `/` on integers is true division).
@@ -124,7 +132,14 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
         claimed.c.priority,
         claimed.c.model_version,
         claimed.c.role,
-    ).execution_options(**BINARY_RESULTS)
+        literal(turn_order).label("turn_order"),
+    )
+
+
+def _claim_statement(*claimable: Any) -> Select[Any]:
+    """The claim of the sub-task matching `claimable` (conditions on `Subtask`), returning
+    what `Claim` holds (in binary format: the rows to score are a `bytea`)."""
+    return _claim_rows(_claimed("claimed", *claimable)).execution_options(**BINARY_RESULTS)
 
 
 # The workers' hot path: statements built once, executed with bound parameters (building
@@ -173,7 +188,7 @@ BEST_DISPATCHED = (
     .with_for_update(skip_locked=True)
     .scalar_subquery()
 )
-CLAIM = _claim_statement(
+_MESSAGE_CLAIMABLE = (
     Subtask.id == func.coalesce(OWN_RETRY, BEST_DISPATCHED),
     # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
     Subtask.attempts < Subtask.max_attempts,
@@ -182,6 +197,7 @@ CLAIM = _claim_statement(
         and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now()),
     ),
 )
+CLAIM = _claim_statement(*_MESSAGE_CLAIMABLE)
 # More of a small batch, claimed at once by the worker process that took one of its
 # sub-tasks: the first `dispatched` serve sub-tasks of the batch for the process's models
 # (in `seq` order: the models' chunks of the same inputs together), at most `most`.
@@ -209,6 +225,42 @@ CLAIM_MORE_OF_BATCH = _claim_statement(
     # Checked again on the rows the UPDATE locks: they may have been claimed meanwhile.
     Subtask.state == SubtaskState.dispatched,
 )
+# A message's turn: its claim (`CLAIM`) and, when that is a serve sub-task of a small batch
+# (at most `small_items` inputs), more of the batch as `CLAIM_MORE_OF_BATCH` picks them, the
+# sub-task just claimed left out (this statement's snapshot still sees it `dispatched`): one
+# statement for the first round of a one-input batch, not two.
+_turn_first = _claimed("claimed", *_MESSAGE_CLAIMABLE)
+_turn_waiting = aliased(Subtask)
+_turn_picked = (
+    select(_turn_waiting.id)
+    .where(
+        _turn_first.c.role == SubtaskRole.serve,
+        select(Batch.items).where(Batch.id == _turn_first.c.batch_id).scalar_subquery() <= bindparam("small_items"),
+        _turn_waiting.batch_id == _turn_first.c.batch_id,
+        _turn_waiting.id != _turn_first.c.id,
+        _turn_waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
+        _turn_waiting.state == SubtaskState.dispatched,
+        _turn_waiting.role == SubtaskRole.serve,
+        _turn_waiting.attempts < _turn_waiting.max_attempts,
+    )
+    .order_by(_turn_waiting.seq, _turn_waiting.id)
+    .limit(bindparam("most"))
+    .with_for_update(of=_turn_waiting, skip_locked=True)
+    .cte("picked")
+    .prefix_with("MATERIALIZED")
+)
+CLAIM_TURN = union_all(
+    _claim_rows(_turn_first),
+    _claim_rows(
+        _claimed(
+            "more",
+            Subtask.id.in_(select(_turn_picked.c.id)),
+            # Checked again on the rows the UPDATE locks: they may have been claimed meanwhile.
+            Subtask.state == SubtaskState.dispatched,
+        ),
+        turn_order=1,
+    ),
+).execution_options(**BINARY_RESULTS)
 
 # Interactive work a worker process takes between two slices of a bulk sub-task's predict
 # (`workers.interactive`): the first dispatched interactive serve sub-task of its models.
@@ -244,6 +296,27 @@ def claim_subtask(bind: Bind, subtask_id: int, worker: str, lease_s: float) -> C
     and no other sub-task of its model is dispatched).
     """
     return _claim(bind, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
+
+
+def claim_turn(
+    bind: Bind, subtask_id: int, worker: str, lease_s: float, served: Sequence[str], small_items: int
+) -> list[Claim]:
+    """`claim_subtask` for a predict message of `subtask_id` and, when what it claims is a
+    serve sub-task of a batch of at most `small_items` inputs, up to `len(served) - 1` more of
+    that batch as `claim_more_of_batch` claims them for the `served` models, in one statement.
+    Returns the message's claim first, then the others in id order; empty when there is
+    nothing to claim."""
+    parameters = {
+        "subtask_id": subtask_id,
+        "models": list(served),
+        "most": max(len(served) - 1, 0),
+        "small_items": small_items,
+        "worker": worker,
+        "lease": timedelta(seconds=lease_s),
+    }
+    with connected(bind) as conn:
+        rows = conn.execute(CLAIM_TURN, parameters).all()
+    return [_claim_of(row) for row in sorted(rows, key=lambda row: (row.turn_order, row.id))]
 
 
 def claim_more_of_batch(
