@@ -167,6 +167,23 @@ def test_a_message_s_turn_claims_the_first_round_of_its_small_batch_in_one_state
         assert ledger.claim_subtask(engine, ids["digit-ood"], "w", lease_s=300) is not None
 
 
+def test_claims_settle_on_a_generic_plan_with_a_backlog_of_dispatched_sub_tasks(engine: Engine) -> None:
+    """With hundreds of dispatched sub-tasks, a claim's prepared statement is planned once
+    and reused (its generic plan reads the partial index of dispatched sub-tasks), not
+    planned again at every claim: `ledger.connection.inline` writes the state into its SQL."""
+    batch_id, _ = store_batch(engine, held_out_strips(300, max_digits=4, seed=31))
+    assert split_batch(engine, batch_id, {"digit-classifier": 1, "digit-ood": 1})
+    ids = _subtask_ids(engine, batch_id)
+    with ledger.connection.autocommit(engine) as conn:
+        for subtask_id in ids[:20]:
+            assert ledger.claim_subtask(conn, subtask_id, "w", lease_s=300) is not None
+        generic, custom = conn.execute(
+            text("SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE :claims"),
+            {"claims": "WITH claimed AS%"},
+        ).one()
+    assert generic > 0 and custom <= 5, (generic, custom)
+
+
 def _subtask_models(engine: Engine, batch_id: uuid.UUID) -> list[tuple[int, str]]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT id, model FROM subtasks WHERE batch_id = :b ORDER BY id"), {"b": batch_id})

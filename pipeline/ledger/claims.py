@@ -37,7 +37,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.selectable import CTE
 
-from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, now, transaction
+from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, inline, now, transaction
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
 from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
 from pipeline.states import Priority
@@ -179,7 +179,8 @@ BEST_DISPATCHED = (
     select(_best.id)
     .where(
         _best.model == select(_model.model).where(_model.id == bindparam("subtask_id")).scalar_subquery(),
-        _best.state == SubtaskState.dispatched,
+        # Inlined: the partial index `subtasks_dispatched_by_priority` serves the generic plan.
+        _best.state == inline(SubtaskState.dispatched),
         _best.attempts < _best.max_attempts,
         or_(_best.role == SubtaskRole.serve, _batch_finished),
     )
@@ -270,7 +271,7 @@ CLAIM_INTERACTIVE = _claim_statement(
     == select(_interactive.id)
     .where(
         _interactive.model == func.any(bindparam("models", type_=ARRAY(Text))),
-        _interactive.state == SubtaskState.dispatched,
+        _interactive.state == inline(SubtaskState.dispatched),
         _interactive.priority == Priority.interactive.rank,
         _interactive.role == SubtaskRole.serve,
         _interactive.attempts < _interactive.max_attempts,
