@@ -199,65 +199,66 @@ _MESSAGE_CLAIMABLE = (
     ),
 )
 CLAIM = _claim_statement(*_MESSAGE_CLAIMABLE)
-# More of a small batch, claimed at once by the worker process that took one of its
-# sub-tasks: the first `dispatched` serve sub-tasks of the batch for the process's models
-# (in `seq` order: the models' chunks of the same inputs together), at most `most`.
-# Picked in a MATERIALIZED CTE: as an `IN (subquery)`, PostgreSQL may run the subquery
-# again per row and its LIMIT then no longer bounds the claims (seen: 3 claimed for 2).
-_waiting = aliased(Subtask)
-_picked = (
-    select(_waiting.id)
-    .where(
-        _waiting.batch_id == bindparam("of_batch"),
-        _waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
-        _waiting.state == SubtaskState.dispatched,
-        # Shadow work waits for its rank; it never keeps a small batch's worker.
-        _waiting.role == SubtaskRole.serve,
-        _waiting.attempts < _waiting.max_attempts,
+
+
+def _picked_of_batch(batch_id: Any, *conditions: Any) -> CTE:
+    """The first `dispatched` serve sub-tasks of batch `batch_id` for the `models`, in `seq`
+    order, at most `most`, locked (skipping those another claim holds), where `conditions`
+    (on the returned alias) also hold. A MATERIALIZED CTE: as an `IN (subquery)`, PostgreSQL
+    may run the subquery again per row and its LIMIT then no longer bounds the claims (seen:
+    3 claimed for 2)."""
+    waiting = aliased(Subtask)
+    return (
+        select(waiting.id)
+        .where(
+            waiting.batch_id == batch_id,
+            waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
+            waiting.state == SubtaskState.dispatched,
+            # Shadow work waits for its rank; it never keeps a small batch's worker.
+            waiting.role == SubtaskRole.serve,
+            waiting.attempts < waiting.max_attempts,
+            *(condition(waiting) for condition in conditions),
+        )
+        .order_by(waiting.seq, waiting.id)
+        .limit(bindparam("most"))
+        .with_for_update(of=waiting, skip_locked=True)
+        .cte("picked")
+        .prefix_with("MATERIALIZED")
     )
-    .order_by(_waiting.seq, _waiting.id)
-    .limit(bindparam("most"))
-    .with_for_update(skip_locked=True)
-    .cte("picked")
-    .prefix_with("MATERIALIZED")
-)
-CLAIM_MORE_OF_BATCH = _claim_statement(
-    Subtask.id.in_(select(_picked.c.id)),
-    # Checked again on the rows the UPDATE locks: they may have been claimed meanwhile.
-    Subtask.state == SubtaskState.dispatched,
-)
+
+
+def _claimed_picked(name: str, picked: CTE) -> CTE:
+    """The claim of the sub-tasks `picked` (`_picked_of_batch`), as `_claimed` named `name`."""
+    return _claimed(
+        name,
+        Subtask.id.in_(select(picked.c.id)),
+        # Checked again on the rows the UPDATE locks: they may have been claimed meanwhile.
+        Subtask.state == SubtaskState.dispatched,
+    )
+
+
+# More of a small batch, claimed at once by the worker process that took one of its
+# sub-tasks (in `seq` order: the models' chunks of the same inputs together).
+CLAIM_MORE_OF_BATCH = _claim_rows(
+    _claimed_picked("claimed", _picked_of_batch(bindparam("of_batch")))
+).execution_options(**BINARY_RESULTS)
 # A message's turn: its claim (`CLAIM`) and, when that is a serve sub-task of a small batch
 # (at most `small_items` inputs), more of the batch as `CLAIM_MORE_OF_BATCH` picks them, the
 # sub-task just claimed left out (this statement's snapshot still sees it `dispatched`): one
 # statement for the first round of a one-input batch, not two.
 _turn_first = _claimed("claimed", *_MESSAGE_CLAIMABLE)
-_turn_waiting = aliased(Subtask)
-_turn_picked = (
-    select(_turn_waiting.id)
-    .where(
-        _turn_first.c.role == SubtaskRole.serve,
-        select(Batch.items).where(Batch.id == _turn_first.c.batch_id).scalar_subquery() <= bindparam("small_items"),
-        _turn_waiting.batch_id == _turn_first.c.batch_id,
-        _turn_waiting.id != _turn_first.c.id,
-        _turn_waiting.model == func.any(bindparam("models", type_=ARRAY(Text))),
-        _turn_waiting.state == SubtaskState.dispatched,
-        _turn_waiting.role == SubtaskRole.serve,
-        _turn_waiting.attempts < _turn_waiting.max_attempts,
-    )
-    .order_by(_turn_waiting.seq, _turn_waiting.id)
-    .limit(bindparam("most"))
-    .with_for_update(of=_turn_waiting, skip_locked=True)
-    .cte("picked")
-    .prefix_with("MATERIALIZED")
-)
+_turn_batch_items = select(Batch.items).where(Batch.id == _turn_first.c.batch_id).scalar_subquery()
 CLAIM_TURN = union_all(
     _claim_rows(_turn_first),
     _claim_rows(
-        _claimed(
+        _claimed_picked(
             "more",
-            Subtask.id.in_(select(_turn_picked.c.id)),
-            # Checked again on the rows the UPDATE locks: they may have been claimed meanwhile.
-            Subtask.state == SubtaskState.dispatched,
+            _picked_of_batch(
+                _turn_first.c.batch_id,
+                lambda _: _turn_first.c.role == SubtaskRole.serve,
+                lambda _: _turn_batch_items <= bindparam("small_items"),
+                lambda waiting: waiting.id != _turn_first.c.id,
+            ),
         ),
         turn_order=1,
     ),
