@@ -8,7 +8,8 @@ message, and does nothing more. Bulk writes use COPY. One module per noun:
 - `batches`: a new batch and its inputs (with a keyed request's fingerprint), a batch's status, cancel;
 - `counters`: counting finished sub-tasks, failure policies, aborts;
 - `split`: the split's writes (new sub-tasks, its steps);
-- `claims`: a worker's claim, completion and failure of a sub-task;
+- `claims`: a worker's claims of sub-tasks (with the rows to score);
+- `outcomes`: a claimed sub-task's completion or failure, counted in its batch;
 - `pages`: reading input pages, reading and writing result pages;
 - `aggregation`: the aggregate's locks, reads and the batch's final state (with its window contributions);
 - `sweeps`: the sweeper's reconciliation;
@@ -63,14 +64,10 @@ if TYPE_CHECKING:
     )
     from pipeline.ledger.claims import (
         Claim,
-        Completion,
         claim_interactive,
         claim_more_of_batch,
         claim_subtask,
         claim_turn,
-        complete_subtask,
-        complete_subtasks,
-        fail_subtask,
     )
     from pipeline.ledger.connection import make_engine, migrate
     from pipeline.ledger.counters import (
@@ -95,6 +92,12 @@ if TYPE_CHECKING:
         store_label_counts,
         window_series,
         window_versions,
+    )
+    from pipeline.ledger.outcomes import (
+        Completion,
+        complete_subtask,
+        complete_subtasks,
+        fail_subtask,
     )
     from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
     from pipeline.ledger.registry import (
@@ -147,14 +150,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "claims": (
         "Claim",
-        "Completion",
         "claim_interactive",
         "claim_more_of_batch",
         "claim_subtask",
         "claim_turn",
-        "complete_subtask",
-        "complete_subtasks",
-        "fail_subtask",
     ),
     "connection": (
         "make_engine",
@@ -175,6 +174,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "labels": (
         "StoredLabels",
         "store_labels",
+    ),
+    "outcomes": (
+        "Completion",
+        "complete_subtask",
+        "complete_subtasks",
+        "fail_subtask",
     ),
     "monitor": (
         "Condition",

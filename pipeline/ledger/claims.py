@@ -1,6 +1,6 @@
-"""A worker's transitions of one sub-task: claim it (with the rows to score), then
-complete it with its output or fail it (to retry, or for good). Each is one guarded
-statement; completion and failure count the batch in the same statement or transaction.
+"""A worker's claims: `dispatched` (or a retry's `pending`, or a lost worker's expired
+`running`) → `running`, each one guarded statement that also returns the rows to score. Their
+outcomes (completion, failure) are `pipeline.ledger.outcomes`.
 
 Each takes an Engine (it checks out a connection for itself) or a Connection: a worker's turn
 holds one autocommit connection for its claims and completions (`workers.inference.TurnConnection`)."""
@@ -14,18 +14,14 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Float,
     Integer,
     Interval,
     LargeBinary,
     Select,
     Text,
-    Update,
     and_,
     bindparam,
     cast,
-    column,
     func,
     literal,
     or_,
@@ -37,8 +33,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.selectable import CTE
 
-from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, inline, now, transaction
-from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
+from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, inline, now
 from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
 from pipeline.states import Priority
 
@@ -368,141 +363,3 @@ def _claim_of(row: Any) -> Claim:
         row.model_version,
         row.role,
     )
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A claimed sub-task's result: its output rows, the version that scored them, their
-    drift bin counts, and the CPU seconds of its predict call (and, for a shadow sub-task,
-    of the champion's on the same rows)."""
-
-    claim: Claim
-    output: bytes
-    model_version: str
-    bin_counts: bytes | None
-    predict_cpu_s: float | None = None
-    champion_cpu_s: float | None = None
-
-
-def _complete_statement() -> Update:
-    done_rows = (
-        func.unnest(
-            bindparam("done_ids", type_=ARRAY(BigInteger)),
-            bindparam("done_attempts", type_=ARRAY(Integer)),
-            bindparam("done_outputs", type_=ARRAY(LargeBinary)),
-            bindparam("done_bin_counts", type_=ARRAY(LargeBinary)),
-            bindparam("done_versions", type_=ARRAY(Text)),
-            bindparam("done_predict_cpu_s", type_=ARRAY(Float)),
-            bindparam("done_champion_cpu_s", type_=ARRAY(Float)),
-        )
-        .table_valued(
-            column("subtask_id", BigInteger),
-            column("attempt", Integer),
-            column("output", LargeBinary),
-            column("bin_counts", LargeBinary),
-            column("model_version", Text),
-            column("predict_cpu_s", Float),
-            column("champion_cpu_s", Float),
-        )
-        .render_derived(name="done_rows")
-    )
-    done = (
-        update(Subtask)
-        .where(
-            Subtask.id == done_rows.c.subtask_id,
-            Subtask.state == SubtaskState.running,
-            Subtask.attempts == done_rows.c.attempt,
-        )
-        .values(
-            state=SubtaskState.succeeded,
-            output=done_rows.c.output,
-            bin_counts=done_rows.c.bin_counts,
-            error=None,
-            model_version=done_rows.c.model_version,
-            predict_cpu_s=done_rows.c.predict_cpu_s,
-            champion_cpu_s=done_rows.c.champion_cpu_s,
-            finished_at=now(),
-            lease_until=None,
-        )
-        .returning(Subtask.batch_id, Subtask.role)
-        .cte("done")
-    )
-    # A shadow sub-task only stores its output: it adds 0 (the batch row is still returned,
-    # so a shadow finishing after its batch is recorded as well).
-    counted = (
-        select(done.c.batch_id, func.count().filter(done.c.role == SubtaskRole.serve).label("serves"))
-        .group_by(done.c.batch_id)
-        .cte("counted")
-    )
-    return (
-        counting(succeeded=counted.c.serves, failed=0).where(Batch.id == counted.c.batch_id).returning(counted.c.serves)
-    )
-
-
-COMPLETE = _complete_statement()
-
-
-def complete_subtasks(bind: Bind, completions: Sequence[Completion]) -> Outcome:
-    """`running` → `succeeded` for each of `completions` (sub-tasks of one batch), only for
-    the claim it holds, and the batch counter for those recorded: one statement (committed
-    on its own on an Engine or an autocommit Connection). `recorded` when any was."""
-    parameters = {
-        "done_ids": [done.claim.subtask_id for done in completions],
-        "done_attempts": [done.claim.attempt for done in completions],
-        "done_outputs": [done.output for done in completions],
-        "done_bin_counts": [done.bin_counts for done in completions],
-        "done_versions": [done.model_version for done in completions],
-        "done_predict_cpu_s": [done.predict_cpu_s for done in completions],
-        "done_champion_cpu_s": [done.champion_cpu_s for done in completions],
-    }
-    with connected(bind) as conn:
-        counted = conn.execute(COMPLETE, parameters).first()
-    if counted is None:
-        return Outcome(recorded=False)
-    return Outcome(recorded=True, aggregate=counted.serves > 0 and must_aggregate(counted))
-
-
-def complete_subtask(
-    bind: Bind,
-    claim: Claim,
-    output: bytes,
-    model_version: str,
-    bin_counts: bytes | None,
-    *,
-    predict_cpu_s: float | None = None,
-    champion_cpu_s: float | None = None,
-) -> Outcome:
-    """`complete_subtasks` of one sub-task."""
-    return complete_subtasks(
-        bind, [Completion(claim, output, model_version, bin_counts, predict_cpu_s, champion_cpu_s)]
-    )
-
-
-def fail_subtask(bind: Bind, claim: Claim, error: str, retry: bool, lease_s: float) -> Outcome:
-    """`running` → `pending` (when `retry`, to run again) or → `failed` with the batch counter,
-    in one transaction (`transaction`: of Engine `bind`, or on autocommit Connection `bind`)."""
-    with transaction(bind) as conn:
-        guard = and_(
-            Subtask.id == claim.subtask_id,
-            Subtask.state == SubtaskState.running,
-            Subtask.attempts == claim.attempt,
-        )
-        if retry:
-            again = conn.execute(
-                update(Subtask)
-                .where(guard)
-                .values(state=SubtaskState.pending, error=error, lease_until=now() + timedelta(seconds=lease_s))
-                .returning(Subtask.id)
-            ).first()
-            return Outcome(recorded=again is not None)
-        failed = conn.execute(
-            update(Subtask)
-            .where(guard)
-            .values(state=SubtaskState.failed, error=error, finished_at=now(), lease_until=None)
-            .returning(Subtask.id)
-        ).first()
-        if failed is None:
-            return Outcome(recorded=False)
-        if claim.role == SubtaskRole.shadow:
-            return Outcome(recorded=True)
-        return Outcome(recorded=True, aggregate=count_finished(conn, claim.batch_id, succeeded=0, failed=1))
