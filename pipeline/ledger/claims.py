@@ -193,7 +193,6 @@ _MESSAGE_CLAIMABLE = (
         and_(Subtask.state == SubtaskState.running, Subtask.lease_until < now()),
     ),
 )
-CLAIM = _claim_statement(*_MESSAGE_CLAIMABLE)
 
 
 def _picked_of_batch(batch_id: Any, *conditions: Any) -> CTE:
@@ -237,7 +236,7 @@ def _claimed_picked(name: str, picked: CTE) -> CTE:
 CLAIM_MORE_OF_BATCH = _claim_rows(
     _claimed_picked("claimed", _picked_of_batch(bindparam("of_batch")))
 ).execution_options(**BINARY_RESULTS)
-# A message's turn: its claim (`CLAIM`) and, when that is a serve sub-task of a small batch
+# A message's turn: its claim (`_MESSAGE_CLAIMABLE`) and, when that is a serve sub-task of a small batch
 # (at most `small_items` inputs), more of the batch as `CLAIM_MORE_OF_BATCH` picks them, the
 # sub-task just claimed left out (this statement's snapshot still sees it `dispatched`): one
 # statement for the first round of a one-input batch, not two.
@@ -282,23 +281,24 @@ CLAIM_INTERACTIVE = _claim_statement(
 
 
 def claim_subtask(bind: Bind, subtask_id: int, worker: str, lease_s: float) -> Claim | None:
-    """Claim the sub-task a predict message for `subtask_id` should run (see `CLAIM`): its own
-    when it waits for a retry (`pending`) or its worker was lost (`running` past its lease),
-    else the best `dispatched` sub-task of its model, maybe its own. `running`,
-    attempts + 1, in one statement that also returns the rows to score: the sub-task's
-    payload, or the slice of its batch's stored input features that it names
+    """Claim the sub-task a predict message for `subtask_id` should run (`claim_turn`'s first
+    claim alone): its own when it waits for a retry (`pending`) or its worker was lost
+    (`running` past its lease), else the best `dispatched` sub-task of its model, maybe its
+    own. `running`, attempts + 1, in one statement that also returns the rows to score: the
+    sub-task's payload, or the slice of its batch's stored input features that it names
     (`ModelRows.of_inputs`).
 
     Returns None when there is nothing to claim (its own is finished, cancelled or leased,
     and no other sub-task of its model is dispatched).
     """
-    return _claim(bind, CLAIM, {"subtask_id": subtask_id, "worker": worker, "lease": timedelta(seconds=lease_s)})
+    claims = claim_turn(bind, subtask_id, worker, lease_s, served=(), small_items=0)
+    return claims[0] if claims else None
 
 
 def claim_turn(
     bind: Bind, subtask_id: int, worker: str, lease_s: float, served: Sequence[str], small_items: int
 ) -> list[Claim]:
-    """`claim_subtask` for a predict message of `subtask_id` and, when what it claims is a
+    """The claim a predict message of `subtask_id` makes (`claim_subtask`) and, when it is a
     serve sub-task of a batch of at most `small_items` inputs, up to `len(served) - 1` more of
     that batch as `claim_more_of_batch` claims them for the `served` models, in one statement.
     Returns the message's claim first, then the others in id order; empty when there is
