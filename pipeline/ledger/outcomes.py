@@ -1,9 +1,7 @@
 """A claimed sub-task's outcome: complete it with its output (several of one batch in one
 statement) or fail it (to retry, or for good). Each is guarded by the claim it holds (its
-`attempt`), and counts the batch in the same statement or transaction.
-
-Each takes an Engine (it checks out a connection for itself) or a Connection: a worker's turn
-holds one autocommit connection for its claims and completions (`workers.inference.TurnConnection`)."""
+`attempt`), and counts the batch in the same statement or transaction; each takes an Engine
+or a worker turn's Connection, as the claims do (`pipeline.ledger.claims`)."""
 
 from __future__ import annotations
 
