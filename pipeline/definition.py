@@ -11,7 +11,7 @@ import types
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,8 +27,10 @@ from pipeline.profile import DriftConfig
 RowLabels = Callable[[np.ndarray, np.ndarray, Mapping[int, Any]], np.ndarray]
 
 
+@cache
 def list_adapter(model: type[BaseModel]) -> TypeAdapter[list[BaseModel]]:
-    """A validator of a list of `model` objects (a type known only at run time)."""
+    """A validator of a list of `model` objects (a type known only at run time); built once
+    per model, as building one costs more than validating a one-input batch."""
     # A type built at run time: pydantic takes it, mypy cannot see a variable as a type form.
     item_list: Any = types.GenericAlias(list, (model,))
     return TypeAdapter(item_list)

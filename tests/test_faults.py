@@ -11,14 +11,16 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import kombu.exceptions
 import numpy as np
+import psycopg
 import pytest
 import redis
 from sqlalchemy import Connection, Engine, text
 
-from pipeline import broker, rollouts
+from pipeline import broker, ledger, rollouts
 from pipeline.embedded import start_redis, stop_services
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import ScreeningPipeline, held_out_records
@@ -165,6 +167,35 @@ def test_batch_survives_a_service_disruption_mid_batch(own: OwnStack, disrupt: C
     assert status.state == "succeeded"
     assert_finished_and_consistent(own.engine, batch.id)
     assert _results(own, batch.id) == (400, 0)
+
+
+def test_a_pooled_connection_is_pinged_only_once_its_backend_has_gone(
+    quiet_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A healthy pooled connection is handed out with no round trip; one whose backend
+    PostgreSQL terminated meanwhile is pinged, found dead and replaced, so the caller's
+    first statement runs."""
+    pings: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == ";":  # SQLAlchemy's pre-ping and ours
+            pings.append(query)
+        return execute(cursor, query, *args, **kwargs)
+
+    def backend() -> int:
+        with quiet_engine.connect() as conn:
+            return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    lost = backend()
+    monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+    assert backend() == lost
+    assert pings == []
+    with ledger.make_engine(quiet_engine.url.render_as_string(hide_password=False)).connect() as admin:
+        # Waits (up to 5 s) until the backend is gone.
+        assert admin.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": lost}).scalar_one()
+    assert backend() != lost
+    assert pings == [";"]
 
 
 def test_a_turn_retries_a_ledger_write_on_a_fresh_connection_after_its_connection_died(
