@@ -84,7 +84,7 @@ def with_ledger_retry(settings: Settings, write: Callable[[], T], after_error: C
 class TurnConnection:
     """The ledger connection of one worker turn, in autocommit: checked out on first use and
     kept for the turn's claims, completions, failures and small-batch aggregate, instead of
-    a checkout (and its pre-ping round trip) per ledger call. A context manager: returned to
+    a checkout per ledger call. A context manager: returned to
     the pool on exit."""
 
     def __init__(self, engine: Engine) -> None:
