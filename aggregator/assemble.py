@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import Connection, Row
 
 from aggregator.drift import ScoredCounts
+from aggregator.latency import SubtaskTimes
 from aggregator.metrics import batch_metrics
 from aggregator.versions import UNSCORED, ResultVersions
 from pipeline import broker, ledger, registry, rollouts, runtime
@@ -49,8 +50,10 @@ class BatchOutputs:
     out, and a stream known to have no more before an input is not asked again."""
 
     def __init__(self, conn: Connection, batch_id: uuid.UUID, models: Sequence[ledger.StreamKey]) -> None:
-        # The succeeded sub-tasks' scoring versions and drift counts, counted as they are read.
+        # The succeeded sub-tasks' scoring versions and drift counts, and the timings of
+        # those that ran to an outcome, counted as they are read.
         self.scored = ScoredCounts()
+        self.times = SubtaskTimes()
         self._conn = conn
         self._batch_id = batch_id
         self._read: dict[ledger.StreamKey, list[ledger.SubtaskOutput]] = {model: [] for model in models}
@@ -72,6 +75,7 @@ class BatchOutputs:
                 for chunk in chunks:
                     if chunk.output is not None:
                         self.scored.add(*m, len(chunk.items), chunk.bin_counts)
+                    self.times.add(m[0], chunk.timing)
                 self._read[m] = chunks
                 if chunks:
                     self._after_seq[m] = chunks[-1].seq
@@ -317,7 +321,7 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
         state, error = final_state(batch, answered, unanswered, causes)
         result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
         metrics, contributions = batch_metrics(
-            conn, batch, kpis.summary(), datetime.now(UTC), outputs.scored.scored(), scores
+            conn, batch, kpis.summary(), datetime.now(UTC), outputs.scored.scored(), outputs.times, scores
         )
         followed_rollout = ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, Row
 
 from aggregator.drift import Scored, batch_drift
-from aggregator.latency import batch_latency
+from aggregator.latency import SubtaskTimes, batch_latency
 from pipeline import ledger, model_registry, registry
 from pipeline.definition import Pipeline
 from pipeline.errors import EstimationError
@@ -48,17 +48,19 @@ def batch_metrics(
     kpis: dict[str, Any],
     now: datetime,
     scored: Scored,
+    times: SubtaskTimes,
     scores: ScoreCounts | None = None,
 ) -> tuple[dict[str, Any], list[ledger.Contribution]]:
     """Return the JSON-able metrics of `batch`, aggregated at `now`: `kpis`, `latency`
-    (the whole batch), `models` (per-model latency), `model_versions` (per model, the
+    (the whole batch) and `models` (per-model latency), from the sub-tasks' `times`,
+    `model_versions` (per model, the
     versions that scored it) and `drift` (against the reference profile of the version
     that scored the rows), both from the succeeded sub-tasks the assembly read
     (`scored`), and, from the CBPE `scores` of a pipeline with an estimation, `estimated`
     (KPI: value, low, high; or `estimation_skipped`: why not); and its window
     contribution per judged model version (rows, summed bin counts, KPIs, end-to-end
     latency, CBPE sums), from the figures already computed (no second read of the sub-tasks)."""
-    latency, models = batch_latency(conn, batch, now)
+    latency, models = batch_latency(batch, now, times)
     pipeline = registry.get_pipeline(batch.pipeline)
     drift, judged = batch_drift(conn, scored.counts, pipeline)
     estimate: dict[str, Any] = {}

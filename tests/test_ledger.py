@@ -236,6 +236,45 @@ def test_aggregate_twice_runs_once_and_failed_subtask_becomes_item_errors(engine
     assert batch["result"] == {"items": 6, "answered": 6 - len(set(failed_items)), "unanswered": len(set(failed_items))}
 
 
+def test_a_batch_s_latency_counts_its_sub_tasks_that_ran_to_an_outcome_as_postgresql_would(engine: Engine) -> None:
+    """The latency figures come from the outputs' read (no statement of their own): they
+    count the succeeded and failed serve sub-tasks, not the cancelled ones, with
+    PostgreSQL's `percentile_cont`."""
+    batch_id, _ = store_batch(engine, held_out_strips(6, max_digits=4, seed=7))
+    split_batch(engine, batch_id, CHUNKS)
+    ids = _subtask_ids(engine, batch_id)
+    assert len(ids) > 4
+    claims = [ledger.claim_subtask(engine, i, "test-worker", lease_s=300) for i in ids[:-2]]
+    assert all(claims)
+    ledger.fail_subtask(engine, claims[0], "RuntimeError: boom", retry=False, lease_s=300)  # type: ignore[arg-type]
+    for claim in claims[1:]:
+        assert claim is not None
+        ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+    assert ledger.cancel_batch(engine, batch_id).aggregate  # the last two never ran
+    assert aggregate_batch(engine, batch_id) == "cancelled"
+    metrics = _batch(engine, batch_id)["metrics"]
+    with engine.connect() as conn:
+        expected = conn.execute(
+            text(
+                "WITH t AS (SELECT model, rows, extract(epoch FROM started_at - queued_at)::float8 AS wait,"
+                " extract(epoch FROM finished_at - started_at)::float8 AS compute FROM subtasks"
+                " WHERE batch_id = :b AND role = 'serve' AND state IN ('succeeded', 'failed'))"
+                " SELECT model, count(*) AS subtasks, sum(rows) AS rows,"
+                " percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY wait) || max(wait) AS wait,"
+                " percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY compute) || max(compute) AS compute,"
+                " sum(compute) AS compute_total FROM t GROUP BY ROLLUP (model)"
+            ),
+            {"b": batch_id},
+        ).all()
+    assert sum(row.subtasks for row in expected if row.model is not None) == len(claims)
+    for row in expected:
+        figures = metrics["latency"]["subtasks"] if row.model is None else metrics["models"][row.model]
+        assert (figures["subtasks"], figures["rows"]) == (row.subtasks, row.rows)
+        for key, values in (("queue_wait_s", row.wait), ("compute_s", row.compute)):
+            assert [figures[key][k] for k in ("p50", "p95", "p99", "max")] == pytest.approx(values, abs=1e-6)
+        assert figures["compute_total_s"] == pytest.approx(row.compute_total, abs=1e-6)
+
+
 def test_retry_returns_subtask_to_pending(engine: Engine) -> None:
     batch_id, claims = _split_batch(engine)
     claim = claims[0]

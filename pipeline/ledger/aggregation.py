@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -132,11 +133,25 @@ def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
 
 # The error of the rows of a cancelled sub-task.
 CANCELLED_ERROR = "cancelled"
+# The states of a sub-task that ran to an outcome: the ones a batch's latency counts.
+OUTCOME_STATES = (SubtaskState.succeeded, SubtaskState.failed)
+
+
+@dataclass(frozen=True)
+class SubtaskTiming:
+    """When a sub-task that ran to an outcome was queued, started (its last attempt) and
+    finished, and the model rows it scored."""
+
+    rows: int
+    queued_at: datetime
+    started_at: datetime
+    finished_at: datetime
 
 
 @dataclass(frozen=True)
 class SubtaskOutput:
-    """A finished sub-task's rows for the aggregate: its output, or why it has none."""
+    """A finished sub-task's rows for the aggregate: its output, or why it has none; and,
+    for one that ran to an outcome (succeeded or failed), its timing."""
 
     seq: int
     items: np.ndarray
@@ -144,6 +159,7 @@ class SubtaskOutput:
     error: str | None
     # A succeeded sub-task's drift bin counts (`<i8`), when its version has a reference profile.
     bin_counts: bytes | None = None
+    timing: SubtaskTiming | None = None
 
 
 # One output stream of a batch: a model and the version pinned on its sub-tasks (None only
@@ -182,6 +198,7 @@ def subtask_outputs(
     for row in rows:
         succeeded = row.state == SubtaskState.succeeded
         error = CANCELLED_ERROR if row.state == SubtaskState.cancelled else None if succeeded else row.error
+        ran = row.state in OUTCOME_STATES and row.started_at is not None and row.finished_at is not None
         outputs[keys[row.n - 1]].append(
             SubtaskOutput(
                 row.seq,
@@ -189,6 +206,7 @@ def subtask_outputs(
                 row.output if succeeded else None,
                 error,
                 row.bin_counts if succeeded else None,
+                SubtaskTiming(row.rows, row.queued_at, row.started_at, row.finished_at) if ran else None,
             )
         )
     return outputs

@@ -36,12 +36,13 @@ LEFT JOIN rollouts r ON r.model = m.model AND r.state = 'active'
 -- Per model and pinned version (after a seq of its own), the serve sub-tasks of a batch that
 -- start before an input: one query for every stream, each read in seq order through the
 -- (batch_id, model, seq) index. A canary's model has two streams, one per version. With
--- their drift bin counts: the aggregate's metrics sum them as they are read.
-SELECT m.n, c.seq, c.items, c.output, c.error, c.state, c.bin_counts
+-- their drift bin counts and timestamps: the aggregate's metrics sum them as they are read.
+SELECT m.n, c.seq, c.items, c.output, c.error, c.state, c.bin_counts, c.rows, c.queued_at, c.started_at, c.finished_at
 FROM unnest(CAST(:models AS text[]), CAST(:versions AS text[]), CAST(:after_seqs AS int[]))
   WITH ORDINALITY AS m (model, version, after_seq, n)
 CROSS JOIN LATERAL (
-  SELECT s.seq, s.items, s.output, s.error, s.state, s.bin_counts FROM subtasks s
+  SELECT s.seq, s.items, s.output, s.error, s.state, s.bin_counts, s.rows, s.queued_at, s.started_at, s.finished_at
+  FROM subtasks s
   WHERE s.batch_id = :batch_id AND s.model = m.model AND s.role = 'serve' AND s.seq > m.after_seq
     AND s.model_version IS NOT DISTINCT FROM m.version AND s.items[1] < :before_item
   ORDER BY s.seq LIMIT :limit
