@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Text, bindparam, func, literal, select
-from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
+from sqlalchemy import BigInteger, Connection, bindparam, func, literal, select
+from sqlalchemy.dialects.postgresql import TIMESTAMP
 
 from pipeline.ledger import queries
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES
@@ -96,9 +96,6 @@ class VersionCounts:
     guardrail_violations: int
 
 
-ACTIVE_OF = select(Rollout.id, Rollout.model, Rollout.version, Rollout.mode, Rollout.percent).where(
-    Rollout.state == RolloutState.active, Rollout.model == func.any(bindparam("models", type_=ARRAY(Text)))
-)
 ACTIVE_OF_BATCH = (
     select(Rollout.id, Rollout.model, Rollout.version, Rollout.mode, Rollout.percent)
     .join(RolloutBatch, RolloutBatch.rollout_id == Rollout.id)
@@ -128,8 +125,8 @@ def _active(rows: Any) -> list[ActiveRollout]:
 
 
 def active_rollouts(conn: Connection, models: Sequence[str]) -> dict[str, ActiveRollout]:
-    """Per model of `models` with an active roll-out, that roll-out (one query)."""
-    return {rollout.model: rollout for rollout in _active(conn.execute(ACTIVE_OF, {"models": list(models)}))}
+    """Per model of `models` with an active roll-out, that roll-out (`serving_of`'s query)."""
+    return serving_of(conn, models).rollouts
 
 
 def serving_of(conn: Connection, models: Sequence[str]) -> Serving:
