@@ -181,7 +181,8 @@ def subtask_outputs(
 ) -> dict[StreamKey, list[SubtaskOutput]]:
     """Per stream (model, version) of `after_seqs`, up to `limit` of its serve sub-tasks of a
     batch after its `seq` there, in `seq` (hence item) order, that start before input
-    `before_item`: their outputs (with their drift bin counts), or why they have none."""
+    `before_item`: their outputs (with their drift bin counts), or why they have none, and
+    the timing of those that ran to an outcome."""
     keys = list(after_seqs)
     rows = conn.execute(
         queries.SUBTASK_OUTPUTS,
