@@ -7,7 +7,12 @@ result backend, on the same broker, models and JSON serialisation as the pipelin
   chunk outputs with the aggregator's own code, but nothing is written to a ledger;
 * floor: a task that does nothing but write one ledger row and notify, waited for
   through the client's own `batch_finished` listener: the least a one-input batch
-  can take on this broker and database.
+  can take on this broker and database;
+* lean: a one-input batch kept as one ledger row: the client validates the input and
+  inserts the row, one task claims it, answers with the pipeline's own code (the naive
+  peer's) and finishes it with a durable commit and a notify, the client reads the answer.
+  No sub-task per model, no pinned versions, no metrics: the least a ledger-tracked
+  one-input batch could take, beside the floor.
 
 The chord body returns the header's results, so the client reads them all from the
 result backend. `python -m bench.peers` runs the peers' worker.
@@ -16,6 +21,7 @@ result backend. `python -m bench.peers` runs the peers' worker.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sys
 import time
@@ -51,6 +57,8 @@ CHUNK_TASK = "bench.predict_chunk"
 COLLECT_TASK = "bench.collect"
 FLOOR_TASK = "bench.floor"
 FLOOR_TABLE = "bench_floor"
+LEAN_TASK = "bench.lean"
+LEAN_TABLE = "bench_lean"
 # How long a client waits for a chord's results.
 TIMEOUT_S = 3600
 
@@ -82,7 +90,7 @@ def _decode(text: str) -> bytes:
 
 
 @app.task(name=NAIVE_TASK)
-def naive_item(pipeline_name: str, item: dict[str, Any]) -> str | None:
+def naive_item(pipeline_name: str, item: dict[str, Any]) -> Any:
     """Validate, split, predict with every model and aggregate one input, with the pipeline's own code."""
     pipeline = registry.get_pipeline(pipeline_name)
     (page,) = encode_inputs(pipeline, [item], 1, get_settings().max_item_bytes)
@@ -112,10 +120,10 @@ def collect(results: list[Any]) -> list[Any]:
 
 
 @cache
-def _ledger() -> Engine:
+def _ledger(durable_commits: bool = True) -> Engine:
     settings = get_settings()
     assert settings.database_url is not None
-    return ledger.make_engine(settings.database_url)
+    return ledger.make_engine(settings.database_url, durable_commits=durable_commits)
 
 
 @app.task(name=FLOOR_TASK, ignore_result=True)
@@ -129,25 +137,75 @@ def floor(key: str) -> None:
         conn.execute(text("SELECT pg_notify(:channel, :key)"), {"channel": ledger.NOTIFY_CHANNEL, "key": key})
 
 
-def create_floor_table(client: Client) -> None:
-    """The table the no-op task writes (`floor_round_trip`), once before its first run."""
+@app.task(name=LEAN_TASK, ignore_result=True)
+def lean(key: str, pipeline_name: str) -> None:
+    """Claim a lean batch's row, answer its input, finish the row and notify, as a worker's
+    turn does: the claim without waiting for its WAL flush, the finish durable."""
+    with _ledger(durable_commits=False).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        item = conn.execute(
+            text(f"UPDATE {LEAN_TABLE} SET state = 'running' WHERE key = :key AND state = 'queued' RETURNING item"),  # noqa: S608
+            {"key": key},
+        ).scalar_one()
+    answer = naive_item(pipeline_name, item)
+    with _ledger().begin() as conn:
+        conn.execute(
+            text(
+                f"UPDATE {LEAN_TABLE} SET state = 'done', answer = CAST(:answer AS jsonb)"  # noqa: S608
+                " WHERE key = :key AND state = 'running'"
+            ),
+            {"key": key, "answer": json.dumps(answer)},
+        )
+        conn.execute(text("SELECT pg_notify(:channel, :key)"), {"channel": ledger.NOTIFY_CHANNEL, "key": key})
+
+
+def create_round_trip_tables(client: Client) -> None:
+    """The tables the no-op and lean tasks write (`floor_round_trip`, `lean_round_trip`),
+    once before their first run."""
     with client.engine.begin() as conn:
         conn.execute(text(f"CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (key text PRIMARY KEY, done_at timestamptz)"))
+        conn.execute(
+            text(
+                f"CREATE TABLE IF NOT EXISTS {LEAN_TABLE} (key text PRIMARY KEY, item jsonb, state text, answer jsonb)"
+            )
+        )
 
 
 def floor_round_trip(client: Client) -> float:
     """ms of one no-op round trip: `apply_async` → a peers worker → one ledger write and
-    NOTIFY → the client's listener wakes → the row read back (`create_floor_table` first)."""
+    NOTIFY → the client's listener wakes → the row read back (`create_round_trip_tables` first)."""
     key = str(uuid.uuid4())
     start = time.perf_counter()
-    with client.listener.subscription(key) as woken:
-        woken.clear()
-        floor.apply_async((key,), queue=QUEUE)
-        if not woken.wait(TIMEOUT_S):
-            raise RuntimeError(f"no-op task {key} never notified")
+    _sent_and_woken(client, key, floor, (key,))
     with client.engine.connect() as conn:
         conn.execute(text(f"SELECT done_at FROM {FLOOR_TABLE} WHERE key = :key"), {"key": key}).one()  # noqa: S608
     return (time.perf_counter() - start) * 1000
+
+
+def lean_round_trip(client: Client, pipeline: Pipeline, item: dict[str, Any]) -> float:
+    """ms of one lean one-input batch (`lean`): the input validated as `submit` does, its row
+    inserted (a durable commit), the task sent, the client's listener woken, the answer read
+    back (`create_round_trip_tables` first)."""
+    key = str(uuid.uuid4())
+    start = time.perf_counter()
+    encode_inputs(pipeline, [item], 1, client.settings.max_item_bytes)
+    with client.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(
+            text(f"INSERT INTO {LEAN_TABLE} (key, item, state) VALUES (:key, CAST(:item AS jsonb), 'queued')"),  # noqa: S608
+            {"key": key, "item": json.dumps(item)},
+        )
+    _sent_and_woken(client, key, lean, (key, pipeline.name))
+    with client.engine.connect() as conn:
+        conn.execute(text(f"SELECT answer FROM {LEAN_TABLE} WHERE key = :key"), {"key": key}).one()  # noqa: S608
+    return (time.perf_counter() - start) * 1000
+
+
+def _sent_and_woken(client: Client, key: str, task: Any, args: tuple[str, ...]) -> None:
+    """Send `task` with `args` and wait until the client's listener is woken by `key`."""
+    with client.listener.subscription(key) as woken:
+        woken.clear()
+        task.apply_async(args, queue=QUEUE)
+        if not woken.wait(TIMEOUT_S):
+            raise RuntimeError(f"task {task.name} {key} never notified")
 
 
 def naive_items(pipeline: Pipeline, inputs: Any) -> list[dict[str, Any]]:

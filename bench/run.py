@@ -23,7 +23,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -148,19 +150,35 @@ class Latency(NamedTuple):
 
 
 def measure_latency(
-    client: Client, pipeline: str, samples: int, warm_up: int = LATENCY_WARM_UP, floor: list[float] | None = None
+    client: Client,
+    pipeline: str,
+    samples: int,
+    warm_up: int = LATENCY_WARM_UP,
+    floor: list[float] | None = None,
+    lean: list[float] | None = None,
 ) -> Latency:
     """One-input batches run one after another, after `warm_up` untimed ones. With `floor`,
     each is preceded by a no-op round trip (`peers.floor_round_trip`) whose ms are appended
     to it: the floor is then measured on the same machine, in the same seconds, as the
-    latency it is compared with (this machine's speed drifts by 1.5x within minutes)."""
-    one = make_workload(registry.get_pipeline(pipeline), 1).inputs
+    latency it is compared with (this machine's speed drifts by 1.5x within minutes). With
+    `lean`, likewise by a lean one-input batch of the same input (`peers.lean_round_trip`)."""
+    definition = registry.get_pipeline(pipeline)
+    one = make_workload(definition, 1).inputs
+    (item,) = peers.naive_items(definition, one)
+    round_trips: list[tuple[list[float], Callable[[Client], float]]] = [
+        (peer_ms, round_trip)
+        for peer_ms, round_trip in (
+            (floor, peers.floor_round_trip),
+            (lean, partial(peers.lean_round_trip, pipeline=definition, item=item)),
+        )
+        if peer_ms is not None
+    ]
     measured = Latency([], [])
     for sample in range(warm_up + samples):
-        if floor is not None:
-            floor_ms = peers.floor_round_trip(client)
+        for peer_ms, round_trip in round_trips:
+            ms = round_trip(client)
             if sample >= warm_up:
-                floor.append(floor_ms)
+                peer_ms.append(ms)
         start = time.perf_counter()
         batch = client.submit(pipeline, one)
         batch.wait(timeout=60)
@@ -465,15 +483,21 @@ def measure_monitoring(
 
 def measure_one_input(client: Client, pipeline: str, samples: int, floor: list[float]) -> dict[str, Any]:
     """One-input latency on the idle cluster, each batch after a no-op round trip appended to
-    `floor`: its percentiles and the median of each phase (`latency_phases`)."""
-    log(f"latency: {samples} one-input batches, each after a no-op round trip (the floor)")
-    one_input = measure_latency(client, pipeline, samples, floor=floor)
+    `floor` and a lean one-input batch: its percentiles, the median of each phase
+    (`latency_phases`) and the lean batches' p50."""
+    log(f"latency: {samples} one-input batches, each after a no-op round trip (the floor) and a lean batch")
+    lean: list[float] = []
+    one_input = measure_latency(client, pipeline, samples, floor=floor, lean=lean)
+    p50 = float(np.percentile(one_input.ms, 50))
+    lean_p50 = float(np.percentile(lean, 50))
     return {
-        "latency_p50_ms": float(np.percentile(one_input.ms, 50)),
+        "latency_p50_ms": p50,
         "latency_p95_ms": float(np.percentile(one_input.ms, 95)),
         "latency_p99_ms": float(np.percentile(one_input.ms, 99)),
         **latency_phases(client, one_input),
         "latency_samples": len(one_input.ms),
+        "lean_p50_ms": lean_p50,
+        "latency_p50_vs_lean": p50 / lean_p50,
     }
 
 
@@ -604,7 +628,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             run_client(processes, "client-warm-up", client_command("pipeline", pipeline.name, args, rows=args.warm_up))
             # No-op round trips, one before each idle one-input batch of throughput and mixed.
             floor: list[float] = []
-            peers.create_floor_table(client)
+            peers.create_round_trip_tables(client)
             if THROUGHPUT in args.scenario:
                 roots = {"worker": worker.pid, "aggregator": aggregator.pid}
                 figures.update(
@@ -619,6 +643,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 figures.update(floor_figures(floor))
             if "latency_p50_ms" in figures:
                 figures["latency_p50_vs_floor"] = figures["latency_p50_ms"] / figures["floor_p50_ms"]
+                figures["lean_vs_floor"] = figures["lean_p50_ms"] / figures["floor_p50_ms"]
             if MIXED in args.scenario:
                 figures["idle_latency_p50_vs_floor"] = figures["idle_latency_p50_ms"] / figures["floor_p50_ms"]
             if FAIR in args.scenario:

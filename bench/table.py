@@ -56,6 +56,7 @@ ROWS: tuple[Row, ...] = (
     ("pipeline_vs_naive", "pipeline ÷ naive peer (rows/s)", _x, "≥ 20 ×", lambda v: v >= 20),
     ("latency_p50_ms", "one-input batch, submit → result read", _ms, "", None),
     ("latency_p50_vs_floor", "one-input p50 ÷ no-op task p50 (floor)", _x, "≤ 3 ×", lambda v: v <= 3),
+    ("latency_p50_vs_lean", "one-input p50 ÷ lean batch p50 (one ledger row)", _x, "", None),
     ("latency_p95_ms", "", _ms, "", None),
     ("latency_p99_ms", "", _ms, "", None),
     ("latency_phase_to_first_claim_ms", "p50 phases: submission → first sub-task claimed", _ms, "", None),
@@ -83,6 +84,8 @@ ROWS: tuple[Row, ...] = (
 FLOOR_ROWS: tuple[Row, ...] = (
     ("floor_p50_ms", "floor: no-op task → ledger write → client woken", _ms, "", None),
     ("floor_p99_ms", "", _ms, "", None),
+    ("lean_p50_ms", "lean batch: one row stored, claimed, answered, finished", _ms, "", None),
+    ("lean_vs_floor", "lean batch p50 ÷ floor p50", _x, "", None),
 )
 
 # `--scenario mixed`: one-input batches on the idle cluster, then while a bulk batch runs.
