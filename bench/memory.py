@@ -25,6 +25,25 @@ def machine_busy_s() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def trees_cpu_s(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each role's process tree has used so far, summed over its
+    live processes: between two calls, what a long-lived tree (a worker, PostgreSQL) used."""
+    used = dict.fromkeys(roots, 0.0)
+    for role, pid in roots.items():
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in tree:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            used[role] += times.user + times.system
+    return used
+
+
 class PeakRss:
     """Samples the RSS and CPU time of each watched process and of its children (e.g. Celery's
     pool, PostgreSQL's backends) every `interval` s while in use as a context manager."""

@@ -36,7 +36,7 @@ from sqlalchemy import Engine, text
 
 from bench import peers
 from bench.cli import measure_cli
-from bench.memory import PeakRss, machine_busy_s
+from bench.memory import PeakRss, machine_busy_s, trees_cpu_s
 from bench.monitor import measure_monitor
 from bench.processes import Processes
 from bench.table import print_table
@@ -481,15 +481,23 @@ def measure_monitoring(
     return figures
 
 
-def measure_one_input(client: Client, pipeline: str, samples: int, floor: list[float]) -> dict[str, Any]:
+def measure_one_input(
+    client: Client, pipeline: str, samples: int, floor: list[float], roots: dict[str, int]
+) -> dict[str, Any]:
     """One-input latency on the idle cluster, each batch after a no-op round trip appended to
     `floor` and a lean one-input batch: its percentiles, the median of each phase
-    (`latency_phases`) and the lean batches' p50."""
+    (`latency_phases`) and the lean batches' p50. Then `samples` of each again, one kind after
+    the other, for the CPU ms this client and each process tree of `roots` and the servers
+    used per batch (`one_input_cpu_ms_<role>`: [pipeline, lean], `batches_cpu_ms`)."""
     log(f"latency: {samples} one-input batches, each after a no-op round trip (the floor) and a lean batch")
     lean: list[float] = []
     one_input = measure_latency(client, pipeline, samples, floor=floor, lean=lean)
     p50 = float(np.percentile(one_input.ms, 50))
     lean_p50 = float(np.percentile(lean, 50))
+    log(f"latency: CPU per batch, {samples} one-input batches, then {samples} lean ones")
+    roots = {**roots, **service_pids(client)}
+    pipeline_cpu = batches_cpu_ms(roots, lambda: measure_latency(client, pipeline, samples, warm_up=0), samples)
+    lean_cpu = batches_cpu_ms(roots, lambda: measure_lean(client, pipeline, samples), samples)
     return {
         "latency_p50_ms": p50,
         "latency_p95_ms": float(np.percentile(one_input.ms, 95)),
@@ -498,6 +506,27 @@ def measure_one_input(client: Client, pipeline: str, samples: int, floor: list[f
         "latency_samples": len(one_input.ms),
         "lean_p50_ms": lean_p50,
         "latency_p50_vs_lean": p50 / lean_p50,
+        **{f"one_input_cpu_ms_{role}": [pipeline_cpu[role], lean_cpu[role]] for role in pipeline_cpu},
+    }
+
+
+def measure_lean(client: Client, pipeline: str, samples: int) -> None:
+    """`samples` lean one-input batches (`peers.lean_round_trip`) one after another."""
+    definition = registry.get_pipeline(pipeline)
+    (item,) = peers.naive_items(definition, make_workload(definition, 1).inputs)
+    for _ in range(samples):
+        peers.lean_round_trip(client, definition, item)
+
+
+def batches_cpu_ms(roots: dict[str, int], run: Callable[[], object], batches: int) -> dict[str, float]:
+    """CPU ms per batch this process (`client`, every thread, not its children) and each
+    process tree of `roots` used while `run()` ran `batches` batches."""
+    before, client_before = trees_cpu_s(roots), time.process_time()
+    run()
+    after, client_after = trees_cpu_s(roots), time.process_time()
+    return {
+        "client": (client_after - client_before) * 1000 / batches,
+        **{role: (after[role] - before[role]) * 1000 / batches for role in roots},
     }
 
 
@@ -510,10 +539,12 @@ def measure_throughput(
     limit: dict[str, float],
     naive_items: int,
     roots: dict[str, int],
+    one_input_roots: dict[str, int],
     floor: list[float],
 ) -> dict[str, Any]:
-    """The N-row batch with peak RSS, `batch.status()`, `results --out`, one-input latency
-    (interleaved with `floor` samples), and the chord peers."""
+    """The N-row batch with peak RSS and CPU of `roots`' process trees, `batch.status()`,
+    `results --out`, one-input latency (interleaved with `floor` samples; CPU per batch of
+    `one_input_roots`' trees), and the chord peers."""
     log(f"pipeline: {args.rows} rows")
     launched = processes.launch("client-pipeline", client_command("pipeline", pipeline.name, args))
     with PeakRss({"client": launched.pid, **roots, **service_pids(client)}) as rss:
@@ -530,7 +561,7 @@ def measure_throughput(
     status_ms = measure_status(client, measured["batch_id"])
     log("pipeline results --out")
     results_out_s, rss_results_out_mb = measure_results_out(processes, folder, measured["batch_id"], measured["items"])
-    one_input = measure_one_input(client, pipeline.name, args.latency_samples, floor)
+    one_input = measure_one_input(client, pipeline.name, args.latency_samples, floor, one_input_roots)
     log(f"naive peer: {naive_items} inputs")
     naive = run_client(processes, "client-naive", client_command("naive", pipeline.name, args, naive_items))
     log(f"chunked peer: {args.rows} rows")
@@ -622,7 +653,10 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             models = ",".join(spec.name for spec in pipeline.models)
             worker = processes.start("worker", "workers", "--models", models, "--concurrency", str(WORKER_PROCESSES))
             aggregator = processes.start("aggregator", "aggregator")
-            processes.start("peers", "bench.peers", str(WORKER_PROCESSES))
+            peers_worker = processes.start("peers", "bench.peers", str(WORKER_PROCESSES))
+            roots = {"worker": worker.pid, "aggregator": aggregator.pid}
+            # Whose CPU a one-input batch and a lean one use (beside the client and the servers).
+            one_input_roots = {**roots, "peers": peers_worker.pid}
             peers.configure(services.settings(models_dir))
             log("warm-up: every worker process loads its models")
             run_client(processes, "client-warm-up", client_command("pipeline", pipeline.name, args, rows=args.warm_up))
@@ -630,13 +664,14 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             floor: list[float] = []
             peers.create_round_trip_tables(client)
             if THROUGHPUT in args.scenario:
-                roots = {"worker": worker.pid, "aggregator": aggregator.pid}
                 figures.update(
-                    measure_throughput(processes, client, pipeline, args, folder, limit, naive_items, roots, floor)
+                    measure_throughput(
+                        processes, client, pipeline, args, folder, limit, naive_items, roots, one_input_roots, floor
+                    )
                 )
             # Only the one-input part of `throughput`: an A/B of latency without the N-row batch.
             if LATENCY in args.scenario and THROUGHPUT not in args.scenario:
-                figures.update(measure_one_input(client, pipeline.name, args.latency_samples, floor))
+                figures.update(measure_one_input(client, pipeline.name, args.latency_samples, floor, one_input_roots))
             if MIXED in args.scenario:
                 figures.update(measure_mixed(processes, client, pipeline.name, args, floor))
             if floor:

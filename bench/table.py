@@ -32,6 +32,10 @@ def _ms(value: float) -> str:
     return f"{value:.1f} ms"
 
 
+def _ms_pair(values: list[float]) -> str:
+    return " / ".join(f"{value:.2f}" for value in values) + " ms"
+
+
 def _pct(value: float) -> str:
     return f"{value * 100:.1f} %"
 
@@ -86,6 +90,12 @@ FLOOR_ROWS: tuple[Row, ...] = (
     ("floor_p99_ms", "", _ms, "", None),
     ("lean_p50_ms", "lean batch: one row stored, claimed, answered, finished", _ms, "", None),
     ("lean_vs_floor", "lean batch p50 ÷ floor p50", _x, "", None),
+    ("one_input_cpu_ms_client", "CPU per batch, one-input / lean: client", _ms_pair, "", None),
+    ("one_input_cpu_ms_worker", "the pipeline's worker (main, pool)", _ms_pair, "", None),
+    ("one_input_cpu_ms_aggregator", "the aggregator", _ms_pair, "", None),
+    ("one_input_cpu_ms_peers", "the peers' worker (the lean task's)", _ms_pair, "", None),
+    ("one_input_cpu_ms_postgres", "PostgreSQL: every backend", _ms_pair, "", None),
+    ("one_input_cpu_ms_redis", "Redis", _ms_pair, "", None),
 )
 
 # `--scenario mixed`: one-input batches on the idle cluster, then while a bulk batch runs.
