@@ -352,7 +352,7 @@ class Client:
         # and any batch of JSON items, split from the objects just validated (the
         # aggregator's split would validate every item again). A big batch of packed
         # features is split by the aggregator, in steps its workers start on at once.
-        split = ClientSplit(self.settings, pipeline, priority_of_batch) if small or json_items else None
+        split = ClientSplit(self.settings, pipeline, priority_of_batch, small) if small or json_items else None
         # The rest of the pages are validated as they are stored: a bad one raises and the
         # transaction stores nothing.
         with self.engine.begin() as conn:

@@ -33,10 +33,15 @@ def queue_key(settings: Settings, queue: str) -> str:
     return settings.broker_prefix + queue
 
 
+def max_beat_age_s(settings: Settings) -> float:
+    """How old a consumer's last heartbeat may be for it to count as live."""
+    return MISSED_BEATS * settings.heartbeat_s
+
+
 def unserved_queues(engine: Engine, settings: Settings, queues: Sequence[str]) -> list[str]:
     """The `queues`, in order, that no live worker or aggregator consumes."""
     keys = {queue_key(settings, queue): queue for queue in queues}
-    return [keys[key] for key in ledger.unserved_queues(engine, list(keys), MISSED_BEATS * settings.heartbeat_s)]
+    return [keys[key] for key in ledger.unserved_queues(engine, list(keys), max_beat_age_s(settings))]
 
 
 class Heartbeat(threading.Thread):

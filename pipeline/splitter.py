@@ -15,7 +15,7 @@ import numpy as np
 from celery import Celery
 from sqlalchemy import Connection, Engine
 
-from pipeline import broker, ledger, registry, runtime
+from pipeline import broker, heartbeat, ledger, registry, runtime
 from pipeline.definition import InputPage, ModelRows, ModelSpec, Pipeline
 from pipeline.errors import NoChampionError, SplitError, UnknownPipelineError
 from pipeline.garbage import collection_paused
@@ -385,10 +385,13 @@ class ClientSplit:
     is committed `running` with every sub-task, and its messages go once it is committed.
     """
 
-    def __init__(self, settings: Settings, pipeline: str, priority: Priority) -> None:
+    def __init__(self, settings: Settings, pipeline: str, priority: Priority, small: bool) -> None:
         self._settings = settings
         self._pipeline = pipeline
         self._priority = priority
+        # A small batch's sub-tasks ride on each other's messages (`ledger.copy_subtasks`).
+        self._small = small
+        self._riding: ledger.Riding | None = None
         self._splitter: BatchSplitter | None = None
         self._published: list[ledger.Dispatch] = []
         self._error: Exception | None = None
@@ -404,13 +407,15 @@ class ClientSplit:
                 pipeline = registry.get_pipeline(self._pipeline)
                 settings = self._settings
                 self._splitter = BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms)
+                if self._small:
+                    self._riding = riding(settings, pipeline)
             self._splitter.add(page)
         except SPLIT_ERRORS as error:
             self._error = error
             return
         full = self._splitter.take()
         if full:  # most pages of a small batch fill no chunk: no COPY round trip for nothing
-            self._published += ledger.copy_subtasks(conn, batch_id, full)
+            self._published += ledger.copy_subtasks(conn, batch_id, full, self._riding)
 
     def finish(self, conn: Connection, batch_id: uuid.UUID) -> SplitStep | None:
         """Write the last chunks and count the split: the batch becomes `running`, or
@@ -427,9 +432,16 @@ class ClientSplit:
             assert self._error is not None
             _fail_split(conn, batch_id, self._error)
             return None
-        published = self._published + ledger.copy_subtasks(conn, batch_id, last)
+        published = self._published + ledger.copy_subtasks(conn, batch_id, last, self._riding)
         splitter.record_rollouts(conn)
         return SplitStep(published, True, state == BatchState.aggregating)
+
+
+def riding(settings: Settings, pipeline: Pipeline) -> ledger.Riding:
+    """How a small batch of `pipeline` rides (`ledger.Riding`): its models' queues as the
+    broker names them, and the age up to which a heartbeat says who consumes them."""
+    queues = {spec.name: heartbeat.queue_key(settings, broker.model_queue(spec.name)) for spec in pipeline.models}
+    return ledger.Riding(queues, heartbeat.max_beat_age_s(settings))
 
 
 def publish_step(app: Celery, batch_id: uuid.UUID, step: SplitStep, follow: bool) -> int:

@@ -738,7 +738,7 @@ def test_the_client_splits_json_items_as_an_aggregator_splits_their_stored_pages
     monkeypatch.setattr(inputs, "PAGE_ITEMS", 8)
     strips = held_out_strips(30, max_digits=4, seed=9)
     pages = inputs.iter_input_pages(registry.get_pipeline("digits"), strips, 100, 1_000_000, split=True)
-    split = ClientSplit(Settings(chunk_sizes=CHUNKS), "digits", Priority.bulk)
+    split = ClientSplit(Settings(chunk_sizes=CHUNKS), "digits", Priority.bulk, small=False)
     with engine.begin() as conn:
         by_client, _ = ledger.insert_batch(conn, "digits", pages, None, stored=split.page_stored)
         step = split.finish(conn, by_client)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import pytest
 import redis
 from sqlalchemy import Engine, event, text
 
-from pipeline import broker
+from pipeline import broker, heartbeat, ledger
 from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
-from pipeline.pipelines.screening import FOREST, LOGREG, MODELS, held_out_records
+from pipeline.pipelines.screening import BOOSTING, FOREST, LOGREG, MODELS, held_out_records
+from pipeline.scratch import delete_keys
 from pipeline.states import Priority
 from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
 from tests.pipelines import UNSPLITTABLE
@@ -83,9 +85,10 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_four_statements(
     event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
     batch = client.submit("screening", held_out_records(1), idempotency_key=f"four-{uuid.uuid4()}")
     # The batch's row inserted whole (its count and fingerprint known before), the champions
-    # and roll-outs in one read, the split counted, the new sub-tasks' ids read (and their
-    # NOTIFY sent) in one; the input page's and sub-tasks' COPYs run on the driver's cursor.
-    assert [sql.split()[0] for sql in statements] == ["INSERT", "SELECT", "UPDATE", "SELECT"], statements
+    # and roll-outs in one read, the split counted, the new sub-tasks to publish read (their
+    # NOTIFY sent, the riders leased) in one; the input page's and sub-tasks' COPYs run on the
+    # driver's cursor.
+    assert [sql.split()[0] for sql in statements] == ["INSERT", "SELECT", "UPDATE", "WITH"], statements
     with engine.connect() as conn:
         row = conn.execute(
             text("SELECT state, items, split_items, total, request_sha256, model_versions FROM batches WHERE id = :b"),
@@ -97,6 +100,94 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_four_statements(
         ).scalar_one()
     assert (row.state, row.items, row.split_items, row.total, subtasks) == ("running", 1, 1, len(MODELS), len(MODELS))
     assert row.request_sha256 is not None and set(row.model_versions) == set(MODELS)
+
+
+@pytest.fixture
+def quiet_client(quiet_services: RunServices, models_dir: Path) -> Iterator[tuple[Client, str]]:
+    """A client on the quiet database (no worker or sweeper of the run reads it), publishing
+    under a broker prefix no process consumes; heartbeats it records are removed after."""
+    prefix = f"riding-{uuid.uuid4().hex[:8]}:"
+    client = Client(run_client_settings(quiet_services, models_dir, broker_prefix=prefix, heartbeat_s=1.0))
+    yield client, prefix
+    with client.engine.begin() as conn:
+        conn.execute(text("DELETE FROM worker_heartbeats WHERE worker LIKE :w"), {"w": f"{prefix}%"})
+    client.close()
+    delete_keys(quiet_services.broker_url, prefix)
+
+
+# Who consumes which models' queues (by the workers' heartbeats) → the models a one-input
+# `screening` batch publishes a message for; the others' sub-tasks ride on them.
+TOPOLOGIES = {
+    "one worker of every model": ({"a": MODELS}, [BOOSTING]),
+    "two alike": ({"a": MODELS, "b": MODELS}, [BOOSTING]),
+    "a worker of two models, one of the third": ({"a": (LOGREG, FOREST), "b": (BOOSTING,)}, [BOOSTING, FOREST]),
+    "two of the same model set, one of another": (
+        {"a": (LOGREG, FOREST), "b": (LOGREG, FOREST, BOOSTING)},
+        [BOOSTING, FOREST],
+    ),
+    "a worker per model": ({"a": (LOGREG,), "b": (FOREST,), "c": (BOOSTING,)}, sorted(MODELS)),
+    "no worker": ({}, sorted(MODELS)),
+}
+
+
+@pytest.mark.parametrize(("consumers", "messaged"), TOPOLOGIES.values(), ids=TOPOLOGIES.keys())
+def test_a_small_batch_publishes_one_message_per_set_of_models_the_same_workers_serve(
+    quiet_client: tuple[Client, str],
+    services: RunServices,
+    quiet_engine: Engine,
+    consumers: dict[str, tuple[str, ...]],
+    messaged: list[str],
+) -> None:
+    """A worker whose turn claims one of a small batch's sub-tasks claims its sub-tasks of
+    every model it serves (`claim_turn`): of the models the same live workers consume, one
+    message is enough. The others' sub-tasks ride on it, leased only as long as the
+    heartbeats they were chosen by count (the sweeper publishes them after that)."""
+    client, prefix = quiet_client
+    for worker, models in consumers.items():
+        queues = [prefix + broker.model_queue(model) for model in models]
+        ledger.record_heartbeat(quiet_engine, f"{prefix}{worker}@host", queues)
+    batch = client.submit("screening", held_out_records(1))
+    queues = redis.Redis.from_url(services.broker_url)
+    published = sorted(model for model in MODELS if queues.llen(prefix + broker.model_queue(model)))
+    assert published == messaged
+    assert all(queues.llen(prefix + broker.model_queue(model)) <= 1 for model in MODELS)
+    with quiet_engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT model, state, extract(epoch FROM lease_until - queued_at) AS lease_s"
+                " FROM subtasks WHERE batch_id = :b"
+            ),
+            {"b": batch.id},
+        ).all()
+    assert all(row.state == "dispatched" for row in rows)
+    riders = {row.model: row.lease_s for row in rows if row.lease_s is not None}
+    assert sorted(riders) == sorted(set(MODELS) - set(messaged))
+    max_age_s = heartbeat.max_beat_age_s(client.settings)
+    assert all(0 < lease_s <= max_age_s + 1 for lease_s in riders.values())
+
+
+def test_a_rider_no_turn_took_is_published_by_the_sweeper_once_its_lease_is_over(
+    quiet_client: tuple[Client, str], quiet_engine: Engine
+) -> None:
+    """The heartbeats said one worker serves every model, but the worker the message reached
+    did not claim the riders (it serves fewer models now): they are not lost, the sweeper
+    publishes them as soon as their short lease is over."""
+    client, prefix = quiet_client
+    ledger.record_heartbeat(quiet_engine, f"{prefix}a@host", [prefix + broker.model_queue(m) for m in MODELS])
+    batch = client.submit("screening", held_out_records(1))
+    with quiet_engine.connect() as conn:
+        riders = set(
+            conn.execute(
+                text("SELECT id FROM subtasks WHERE batch_id = :b AND lease_until IS NOT NULL"), {"b": batch.id}
+            ).scalars()
+        )
+    assert len(riders) == len(MODELS) - 1
+
+    def swept() -> bool:
+        sweep = ledger.sweep(quiet_engine, lease_s=3600)
+        return sweep is not None and riders <= {dispatch.subtask_id for dispatch in sweep.predict}
+
+    wait_for(swept, heartbeat.max_beat_age_s(client.settings) + 30, "the sweeper to publish the riders")
 
 
 def test_the_first_predict_message_goes_out_before_the_rest_are_built(

@@ -116,12 +116,27 @@ def _int4_array(values: np.ndarray) -> bytes:
     return header + elements.tobytes()
 
 
-def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask]) -> list[Dispatch]:
-    """Insert sub-tasks as `dispatched` with one COPY; return them to publish. Interactive
+class Riding(NamedTuple):
+    """How a small batch's sub-tasks ride on each other's messages (`copy_subtasks`): each
+    model's queue as the broker names it, and how old a worker's heartbeat may be to count,
+    which is also a rider's lease."""
+
+    queues: dict[str, str]
+    max_age_s: float
+
+
+def copy_subtasks(
+    conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask], riding: Riding | None = None
+) -> list[Dispatch]:
+    """Insert sub-tasks as `dispatched` with one COPY; return those to publish. Interactive
     ones are also announced on `INTERACTIVE_CHANNEL` when the transaction commits.
 
     Their lease runs from `queued_at`: if the messages are never published (a crash
-    after commit), the sweeper publishes them once it expires.
+    after commit), the sweeper publishes them once it expires. With `riding` (a small
+    batch), a model's first sub-task whose queue the same live workers consume as an
+    earlier model's (by name) is not returned: the worker whose turn claims that model's
+    sub-task claims it too (`claim_turn`); it is leased for `riding.max_age_s` only, after
+    which the sweeper publishes it if no turn took it (the heartbeats were stale).
     """
     copy_rows(
         conn,
@@ -159,6 +174,9 @@ def copy_subtasks(conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewS
             "first_seqs": list(first_seqs.values()),
             "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
             "channel": INTERACTIVE_CHANNEL,
+            "ride": riding is not None,
+            "queues": [riding.queues[model] for model in first_seqs] if riding is not None else [],
+            "max_age_s": riding.max_age_s if riding is not None else 0.0,
         },
     ).all()
     return [Dispatch(row.id, row.model, row.priority) for row in rows]
