@@ -131,23 +131,23 @@ class SplitStep:
     aggregate: bool
 
 
-def pin_champions(conn: Connection, pipeline: Pipeline) -> tuple[dict[str, str], dict[str, rollout_rows.ActiveRollout]]:
+def pin_champions(conn: Connection, pipeline: Pipeline, ride: ledger.RideQuery | None = None) -> rollout_rows.Serving:
     """Each of the pipeline's models' champion version, and per model its active roll-out of
-    another version: one query for a batch's whole split (its first step; the later ones keep
-    what it pinned and follow the roll-outs it recorded).
+    another version (with `ride`, who consumes its queue): one query for a batch's whole split
+    (its first step; the later ones keep what it pinned and follow the roll-outs it recorded).
 
     Raises:
         NoChampionError: a model has no version yet.
     """
     names = [spec.name for spec in pipeline.models]
-    serving = rollout_rows.serving_of(conn, names)
+    serving = rollout_rows.serving_of(conn, names, ride)
     for name in names:
         if name not in serving.champions:
             raise NoChampionError(name)
     rollouts = {
         model: rollout for model, rollout in serving.rollouts.items() if rollout.version != serving.champions[model]
     }
-    return serving.champions, rollouts
+    return replace(serving, rollouts=rollouts)
 
 
 def canary_inputs(batch_id: uuid.UUID, items: np.ndarray, percent: float) -> np.ndarray:
@@ -190,15 +190,24 @@ class BatchSplitter:
     """
 
     def __init__(
-        self, conn: Connection, batch: Any, pipeline: Pipeline, chunk_sizes: dict[str, int], bulk_chunk_ms: float
+        self,
+        conn: Connection,
+        batch: Any,
+        pipeline: Pipeline,
+        chunk_sizes: dict[str, int],
+        bulk_chunk_ms: float,
+        ride: ledger.RideQuery | None = None,
     ) -> None:
         self.batch_id: uuid.UUID = batch.id
         self.pipeline = pipeline
         # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
         seqs = ledger.next_seqs(conn, batch.id) if batch.split_items else {}
         rank = Priority(batch.priority).rank
+        # With `ride` (a small batch's first split), whose sub-tasks may ride (`ledger.riders`).
+        self.riding: ledger.Riding | None = None
         if batch.model_versions is None:
-            self.versions, self.rollouts = pin_champions(conn, pipeline)
+            serving = pin_champions(conn, pipeline, ride)
+            self.versions, self.rollouts, self.riding = serving.champions, serving.rollouts, serving.riding
         else:
             self.versions = batch.model_versions
             self.rollouts = {r.model: r for r in rollout_rows.active_rollouts_of_batch(conn, batch.id)}
@@ -391,7 +400,6 @@ class ClientSplit:
         self._priority = priority
         # A small batch's sub-tasks ride on each other's messages (`ledger.copy_subtasks`).
         self._small = small
-        self._riding: ledger.Riding | None = None
         self._splitter: BatchSplitter | None = None
         self._published: list[ledger.Dispatch] = []
         self._error: Exception | None = None
@@ -406,16 +414,17 @@ class ClientSplit:
                 batch = NewBatch(batch_id, self._pipeline, self._priority)
                 pipeline = registry.get_pipeline(self._pipeline)
                 settings = self._settings
-                self._splitter = BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms)
-                if self._small:
-                    self._riding = riding(settings, pipeline)
+                ride = ride_query(settings, pipeline) if self._small else None
+                self._splitter = BatchSplitter(
+                    conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms, ride
+                )
             self._splitter.add(page)
         except SPLIT_ERRORS as error:
             self._error = error
             return
         full = self._splitter.take()
         if full:  # most pages of a small batch fill no chunk: no COPY round trip for nothing
-            self._published += ledger.copy_subtasks(conn, batch_id, full, self._riding)
+            self._published += ledger.copy_subtasks(conn, batch_id, full, self._splitter.riding)
 
     def finish(self, conn: Connection, batch_id: uuid.UUID) -> SplitStep | None:
         """Write the last chunks and count the split: the batch becomes `running`, or
@@ -432,16 +441,16 @@ class ClientSplit:
             assert self._error is not None
             _fail_split(conn, batch_id, self._error)
             return None
-        published = self._published + ledger.copy_subtasks(conn, batch_id, last, self._riding)
+        published = self._published + ledger.copy_subtasks(conn, batch_id, last, splitter.riding)
         splitter.record_rollouts(conn)
         return SplitStep(published, True, state == BatchState.aggregating)
 
 
-def riding(settings: Settings, pipeline: Pipeline) -> ledger.Riding:
-    """How a small batch of `pipeline` rides (`ledger.Riding`): its models' queues as the
-    broker names them, and the age up to which a heartbeat says who consumes them."""
+def ride_query(settings: Settings, pipeline: Pipeline) -> ledger.RideQuery:
+    """What a small batch of `pipeline` asks the ledger to ride (`ledger.RideQuery`): its
+    models' queues as the broker names them, and the age up to which a heartbeat counts."""
     queues = {spec.name: heartbeat.queue_key(settings, broker.model_queue(spec.name)) for spec in pipeline.models}
-    return ledger.Riding(queues, heartbeat.max_beat_age_s(settings))
+    return ledger.RideQuery(queues, heartbeat.max_beat_age_s(settings))
 
 
 def publish_step(app: Celery, batch_id: uuid.UUID, step: SplitStep, follow: bool) -> int:

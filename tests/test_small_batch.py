@@ -84,11 +84,11 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_four_statements(
     statements: list[str] = []
     event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
     batch = client.submit("screening", held_out_records(1), idempotency_key=f"four-{uuid.uuid4()}")
-    # The batch's row inserted whole (its count and fingerprint known before), the champions
-    # and roll-outs in one read, the split counted, the new sub-tasks to publish read (their
-    # NOTIFY sent, the riders leased) in one; the input page's and sub-tasks' COPYs run on the
+    # The batch's row inserted whole (its count and fingerprint known before), the champions,
+    # roll-outs and their queues' consumers in one read, the split counted, the new sub-tasks'
+    # ids read (and their NOTIFY sent) in one; the input page's and sub-tasks' COPYs run on the
     # driver's cursor.
-    assert [sql.split()[0] for sql in statements] == ["INSERT", "SELECT", "UPDATE", "WITH"], statements
+    assert [sql.split()[0] for sql in statements] == ["INSERT", "SELECT", "UPDATE", "SELECT"], statements
     with engine.connect() as conn:
         row = conn.execute(
             text("SELECT state, items, split_items, total, request_sha256, model_versions FROM batches WHERE id = :b"),

@@ -13,51 +13,32 @@ WHERE CAST(:state AS text) IS NULL OR s.state = :state
 ORDER BY s.created_at DESC LIMIT :limit
 
 -- name: new_subtask_ids
--- The sub-tasks a split step just copied that need a message: per model, those from its first
--- new seq, and their shadows (a shadow's seq is -1 - its serve sub-task's); shadows last. With
--- :announce, the same statement also NOTIFYs :channel (sent on commit): no round trip of its
--- own. The sub-select is a one-time filter, run once whatever the rows.
--- With :ride (a small batch), each model's first new serve sub-task rides on another model's
--- message when the same live workers consume both models' :queues (heartbeats of the last
--- :max_age_s): of each such set of models, the first by name is messaged, and a worker whose
--- turn claims it claims the others' with it (`claim_turn`). A rider is left out, and leased
--- for :max_age_s only: should the heartbeats have been stale, the sweeper messages it then.
-WITH new AS (
-  SELECT s.id, s.model, s.priority, s.role, s.seq, s.seq = f.first_seq AND s.role = 'serve' AS first
-  FROM subtasks s
-  JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)
-    ON s.model = f.model AND CASE WHEN s.role = 'shadow' THEN -1 - s.seq ELSE s.seq END >= f.first_seq
-  WHERE s.batch_id = :batch_id
-    AND (NOT CAST(:announce AS boolean) OR (SELECT pg_notify(:channel, '')) IS NOT NULL)
-), consumers AS (
-  SELECT q.model, ARRAY(
-    SELECT h.worker FROM worker_heartbeats h
-    WHERE q.queue = ANY (h.queues) AND h.beat_at > clock_timestamp() - make_interval(secs => CAST(:max_age_s AS float8))
-    ORDER BY h.worker
-  ) AS workers
-  FROM unnest(CAST(:models AS text[]), CAST(:queues AS text[])) AS q (model, queue)
-  WHERE CAST(:ride AS boolean)
-), riding AS (
-  UPDATE subtasks s SET lease_until = clock_timestamp() + make_interval(secs => CAST(:max_age_s AS float8))
-  FROM new n
-  WHERE s.id = n.id AND n.first AND n.model IN (
-    SELECT ranked.model FROM (
-      SELECT c.model, row_number() OVER (PARTITION BY c.workers ORDER BY c.model) AS n FROM consumers c
-      WHERE cardinality(c.workers) > 0
-    ) AS ranked
-    WHERE ranked.n > 1
-  )
-  RETURNING s.id
-)
-SELECT n.id, n.model, n.priority FROM new n
-WHERE n.id NOT IN (SELECT id FROM riding)
-ORDER BY n.role, n.seq, n.model
+-- The sub-tasks a split step just copied: per model, those from its first new seq, and their
+-- shadows (a shadow's seq is -1 - its serve sub-task's); shadows last. With :announce, the
+-- same statement also NOTIFYs :channel (sent on commit): no round trip of its own. The
+-- sub-select is a one-time filter, run once whatever the rows.
+SELECT s.id, s.model, s.priority, s.seq, s.role FROM subtasks s
+JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)
+  ON s.model = f.model AND CASE WHEN s.role = 'shadow' THEN -1 - s.seq ELSE s.seq END >= f.first_seq
+WHERE s.batch_id = :batch_id
+  AND (NOT CAST(:announce AS boolean) OR (SELECT pg_notify(:channel, '')) IS NOT NULL)
+ORDER BY s.role, s.seq, s.model
 
 -- name: serving_of
 -- What a batch's first split pins, per model: its champion version (NULL: none yet) and its
--- active roll-out (NULL id: none), one query for both.
-SELECT m.model, a.version AS champion, r.id, r.version, r.mode, r.percent
-FROM unnest(CAST(:models AS text[])) AS m (model)
+-- active roll-out (NULL id: none), one query for both. Given the model's queue as the broker
+-- names it (:queues, in the order of :models; else NULL), also the live workers that consume
+-- it (a heartbeat within :max_age_s), and when this read them by the server's clock: whose
+-- sub-tasks a small batch's message may carry (`ledger.Riding`).
+SELECT m.model, a.version AS champion, r.id, r.version, r.mode, r.percent,
+  ARRAY(
+    SELECT h.worker FROM worker_heartbeats h
+    WHERE m.queue = ANY (h.queues)
+      AND h.beat_at > clock_timestamp() - make_interval(secs => CAST(:max_age_s AS float8))
+    ORDER BY h.worker
+  ) AS consumers,
+  clock_timestamp() AS read_at
+FROM unnest(CAST(:models AS text[]), CAST(:queues AS text[])) AS m (model, queue)
 LEFT JOIN model_aliases a ON a.model = m.model AND a.alias = 'champion'
 LEFT JOIN rollouts r ON r.model = m.model AND r.state = 'active'
 
@@ -86,7 +67,7 @@ SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 
 -- name: copy_subtasks
-COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version, role) FROM STDIN
+COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version, role, lease_until) FROM STDIN
 
 -- name: copy_result_page
 COPY result_pages (batch_id, first_item, items, outputs, errors, versions) FROM STDIN

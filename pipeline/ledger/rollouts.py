@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, Connection, bindparam, func, literal, select
@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import TIMESTAMP
 
 from pipeline.ledger import queries
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES
-from pipeline.ledger.split import Dispatch
+from pipeline.ledger.split import Dispatch, RideQuery, Riding
 from pipeline.schema import ModelEvent, Rollout, RolloutBatch, RolloutState, Subtask, SubtaskRole, SubtaskState
 
 
@@ -37,10 +37,12 @@ class ActiveRollout:
 
 @dataclass(frozen=True)
 class Serving:
-    """What a batch's first split pins: per model, its champion version and its active roll-out."""
+    """What a batch's first split pins: per model, its champion version and its active
+    roll-out; and, when asked (a small batch's split), who consumes its queue (`Riding`)."""
 
     champions: dict[str, str]
     rollouts: dict[str, ActiveRollout]
+    riding: Riding | None = None
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,24 @@ def active_rollouts(conn: Connection, models: Sequence[str]) -> dict[str, Active
     return serving_of(conn, models).rollouts
 
 
-def serving_of(conn: Connection, models: Sequence[str]) -> Serving:
+def serving_of(conn: Connection, models: Sequence[str], ride: RideQuery | None = None) -> Serving:
     """Per model of `models`, its champion (when it has one) and its active roll-out (when it
-    has one): one query."""
-    rows = conn.execute(queries.SERVING_OF, {"models": list(models)}).all()
+    has one); with `ride`, who consumes its queue, and a rider's lease from now by the
+    server's clock: one query."""
+    parameters = {
+        "models": list(models),
+        "queues": [] if ride is None else [ride.queues[model] for model in models],
+        "max_age_s": 0.0 if ride is None else ride.max_age_s,
+    }
+    rows = conn.execute(queries.SERVING_OF, parameters).all()
+    riding = None
+    if ride is not None and rows:
+        lease_until = rows[0].read_at + timedelta(seconds=ride.max_age_s)
+        riding = Riding({row.model: tuple(row.consumers) for row in rows if row.consumers}, lease_until)
     return Serving(
         {row.model: row.champion for row in rows if row.champion is not None},
         {rollout.model: rollout for rollout in _active(row for row in rows if row.id is not None)},
+        riding,
     )
 
 

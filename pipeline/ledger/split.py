@@ -7,6 +7,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -116,13 +117,42 @@ def _int4_array(values: np.ndarray) -> bytes:
     return header + elements.tobytes()
 
 
-class Riding(NamedTuple):
-    """How a small batch's sub-tasks ride on each other's messages (`copy_subtasks`): each
-    model's queue as the broker names it, and how old a worker's heartbeat may be to count,
-    which is also a rider's lease."""
+class RideQuery(NamedTuple):
+    """What a small batch's split asks the ledger for its sub-tasks to ride on each other's
+    messages (`rollouts.serving_of`): each model's queue as the broker names it, and how old a
+    worker's heartbeat may be to count, which is also a rider's lease."""
 
     queues: dict[str, str]
     max_age_s: float
+
+
+class Riding(NamedTuple):
+    """Who consumed each model's queue when the split read it (live workers by their
+    heartbeats; a model none consumes is left out), and until when a rider is leased."""
+
+    consumers: dict[str, tuple[str, ...]]
+    lease_until: datetime
+
+
+def riders(subtasks: Sequence[NewSubtask], consumers: dict[str, tuple[str, ...]]) -> set[tuple[str, int]]:
+    """(model, seq) of the `subtasks` that ride on another one's message. A worker whose turn
+    claims a small batch's sub-task claims the batch's first `dispatched` one of every model it
+    serves with it (`claim_turn`): of the models the same live workers consume (`consumers`),
+    the first by name gets a message, and the others' first serve sub-tasks ride on it."""
+    first: dict[str, int] = {}
+    for subtask in subtasks:
+        if subtask.role == SubtaskRole.serve:
+            first[subtask.model] = min(subtask.seq, first.get(subtask.model, subtask.seq))
+    messaged: set[tuple[str, ...]] = set()
+    riding: set[tuple[str, int]] = set()
+    for model in sorted(first):
+        workers = consumers.get(model)
+        if not workers:
+            continue
+        if workers in messaged:
+            riding.add((model, first[model]))
+        messaged.add(workers)
+    return riding
 
 
 def copy_subtasks(
@@ -133,11 +163,12 @@ def copy_subtasks(
 
     Their lease runs from `queued_at`: if the messages are never published (a crash
     after commit), the sweeper publishes them once it expires. With `riding` (a small
-    batch), a model's first sub-task whose queue the same live workers consume as an
-    earlier model's (by name) is not returned: the worker whose turn claims that model's
-    sub-task claims it too (`claim_turn`); it is leased for `riding.max_age_s` only, after
-    which the sweeper publishes it if no turn took it (the heartbeats were stale).
+    batch's), the `riders` are not returned and are leased until `riding.lease_until` only:
+    had the heartbeats been stale and no turn claimed one with another's, the sweeper
+    publishes it then.
     """
+    riding_keys = set() if riding is None else riders(subtasks, riding.consumers)
+    lease_until = None if riding is None else riding.lease_until
     copy_rows(
         conn,
         queries.COPY_SUBTASKS,
@@ -154,12 +185,15 @@ def copy_subtasks(
                 SubtaskState.dispatched.value,
                 s.model_version,
                 s.role.value,
+                lease_until if (s.model, s.seq) in riding_keys and s.role == SubtaskRole.serve else None,
             )
             for s in subtasks
         ),
         # `items` goes as bytes already in int4[]'s binary form (see _int4_array).
-        binary_types=("uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text", "text", "text"),
-    )
+        binary_types=(
+            "uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text", "text", "text", "timestamptz"
+        ),
+    )  # fmt: skip
     first_seqs: dict[str, int] = {}
     for subtask in subtasks:
         if subtask.role == SubtaskRole.serve:
@@ -174,12 +208,13 @@ def copy_subtasks(
             "first_seqs": list(first_seqs.values()),
             "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
             "channel": INTERACTIVE_CHANNEL,
-            "ride": riding is not None,
-            "queues": [riding.queues[model] for model in first_seqs] if riding is not None else [],
-            "max_age_s": riding.max_age_s if riding is not None else 0.0,
         },
     ).all()
-    return [Dispatch(row.id, row.model, row.priority) for row in rows]
+    return [
+        Dispatch(row.id, row.model, row.priority)
+        for row in rows
+        if row.role != SubtaskRole.serve or (row.model, row.seq) not in riding_keys
+    ]
 
 
 def record_split(
