@@ -162,6 +162,9 @@ class Subtask(Base):
     # `serve`, or `shadow`: a roll-out's challenger scoring a copy of the rows of the serve
     # sub-task numbered `-1 - seq`; never counted in the batch's counters (revision 0011).
     role: Mapped[str] = mapped_column(Text, server_default=SubtaskRole.serve.value)
+    # A small batch's sub-task published on another one's message (revision 0020): only its
+    # batch's turn claims it, not a message of its model (`ledger.riders`).
+    rides: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class StoredInputPage(Base):

@@ -190,6 +190,33 @@ def test_a_rider_no_turn_took_is_published_by_the_sweeper_once_its_lease_is_over
     wait_for(swept, heartbeat.max_beat_age_s(client.settings) + 30, "the sweeper to publish the riders")
 
 
+def test_a_message_of_another_batch_never_claims_a_rider(
+    quiet_client: tuple[Client, str], quiet_engine: Engine
+) -> None:
+    """A message claims its model's best dispatched sub-task, whichever batch's: were that an
+    interactive batch's rider (it outranks bulk work), the bulk sub-task the message was
+    published for would be left without one. The rider goes with its batch's turn."""
+    client, prefix = quiet_client
+    ledger.record_heartbeat(quiet_engine, f"{prefix}a@host", [prefix + broker.model_queue(m) for m in MODELS])
+    interactive = client.submit("screening", held_out_records(1))
+    bulk_id, _ = store_batch(quiet_engine, held_out_records(2), pipeline="screening")
+    split_batch(quiet_engine, bulk_id, {})
+    with quiet_engine.connect() as conn:
+        ids = {
+            (row.batch_id, row.model): row.id
+            for row in conn.execute(
+                text("SELECT id, batch_id, model FROM subtasks WHERE model = ANY (:m)"), {"m": list(MODELS)}
+            )
+        }
+    # The bulk batch's logistic regression message: its own sub-task, not the rider.
+    (claim,) = ledger.claim_turn(quiet_engine, ids[bulk_id, LOGREG], "w", 60, served=[LOGREG], small_items=1000)
+    assert claim.subtask_id == ids[bulk_id, LOGREG]
+    # The interactive batch's one message: its sub-task, and the riders with it.
+    leader = ids[uuid.UUID(interactive.id), BOOSTING]
+    claims = ledger.claim_turn(quiet_engine, leader, "w", 60, served=MODELS, small_items=1000)
+    assert {c.subtask_id for c in claims} == {ids[uuid.UUID(interactive.id), model] for model in MODELS}
+
+
 def test_the_first_predict_message_goes_out_before_the_rest_are_built(
     isolated: tuple[Client, str], services: RunServices, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -72,6 +72,7 @@ def _claimed(name: str, *claimable: Any) -> CTE:
             worker=bindparam("worker"),
             started_at=stamp,
             lease_until=stamp + bindparam("lease", type_=Interval),
+            rides=False,
         )
         .returning(
             Subtask.id,
@@ -146,7 +147,9 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
 # interleaves the batches of one rank), its own included. Each dispatched sub-task was
 # published once, and a message claims something whenever anything is dispatched, so every
 # sub-task is claimed by some message; an interactive sub-task queued behind a thousand
-# bulk messages is taken by the next one a worker reads. A sub-task waiting out a retry's
+# bulk messages is taken by the next one a worker reads. A rider (`rides`) was not
+# published: no message claims it, or one that was would be left without; the turn that
+# claims a sub-task of its batch claims it too (`claim_turn`, `claim_more_of_batch`). A sub-task waiting out a retry's
 # backoff (`pending`) or a lost worker's expired lease (`running`) is claimed only by its
 # own message, so the backoff holds.
 _named = aliased(Subtask)
@@ -177,6 +180,7 @@ BEST_DISPATCHED = (
         # Inlined: the partial index `subtasks_dispatched_by_priority` serves the generic plan.
         _best.state == inline(SubtaskState.dispatched),
         _best.attempts < _best.max_attempts,
+        _best.rides.is_(False),
         or_(_best.role == SubtaskRole.serve, _batch_finished),
     )
     .order_by(_best.priority, _best.seq, _best.id)

@@ -17,7 +17,7 @@ ORDER BY s.created_at DESC LIMIT :limit
 -- shadows (a shadow's seq is -1 - its serve sub-task's); shadows last. With :announce, the
 -- same statement also NOTIFYs :channel (sent on commit): no round trip of its own. The
 -- sub-select is a one-time filter, run once whatever the rows.
-SELECT s.id, s.model, s.priority, s.seq, s.role FROM subtasks s
+SELECT s.id, s.model, s.priority, s.seq FROM subtasks s
 JOIN unnest(CAST(:models AS text[]), CAST(:first_seqs AS int[])) AS f (model, first_seq)
   ON s.model = f.model AND CASE WHEN s.role = 'shadow' THEN -1 - s.seq ELSE s.seq END >= f.first_seq
 WHERE s.batch_id = :batch_id
@@ -67,7 +67,7 @@ SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 
 -- name: copy_subtasks
-COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version, role, lease_until) FROM STDIN
+COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version, role, rides, lease_until) FROM STDIN
 
 -- name: copy_result_page
 COPY result_pages (batch_id, first_item, items, outputs, errors, versions) FROM STDIN

@@ -163,12 +163,12 @@ def copy_subtasks(
 
     Their lease runs from `queued_at`: if the messages are never published (a crash
     after commit), the sweeper publishes them once it expires. With `riding` (a small
-    batch's), the `riders` are not returned and are leased until `riding.lease_until` only:
-    had the heartbeats been stale and no turn claimed one with another's, the sweeper
-    publishes it then.
+    batch's), the `riders` are not returned: marked `rides` (no message claims them, only
+    their batch's turn), and leased until `riding.lease_until` only: had the heartbeats been
+    stale and no turn claimed one with another's, the sweeper publishes it then.
     """
-    riding_keys = set() if riding is None else riders(subtasks, riding.consumers)
-    lease_until = None if riding is None else riding.lease_until
+    # (model, seq) of each rider → its lease (a shadow's seq is negative: never one of them).
+    leases = {} if riding is None else dict.fromkeys(riders(subtasks, riding.consumers), riding.lease_until)
     copy_rows(
         conn,
         queries.COPY_SUBTASKS,
@@ -185,13 +185,15 @@ def copy_subtasks(
                 SubtaskState.dispatched.value,
                 s.model_version,
                 s.role.value,
-                lease_until if (s.model, s.seq) in riding_keys and s.role == SubtaskRole.serve else None,
+                (s.model, s.seq) in leases,
+                leases.get((s.model, s.seq)),
             )
             for s in subtasks
         ),
         # `items` goes as bytes already in int4[]'s binary form (see _int4_array).
         binary_types=(
-            "uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text", "text", "text", "timestamptz"
+            "uuid", "text", "int4", "int4", "int2", "int4", "bytea", "bytea", "text", "text", "text", "bool",
+            "timestamptz",
         ),
     )  # fmt: skip
     first_seqs: dict[str, int] = {}
@@ -210,11 +212,7 @@ def copy_subtasks(
             "channel": INTERACTIVE_CHANNEL,
         },
     ).all()
-    return [
-        Dispatch(row.id, row.model, row.priority)
-        for row in rows
-        if row.role != SubtaskRole.serve or (row.model, row.seq) not in riding_keys
-    ]
+    return [Dispatch(row.id, row.model, row.priority) for row in rows if (row.model, row.seq) not in leases]
 
 
 def record_split(

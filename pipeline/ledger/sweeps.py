@@ -136,7 +136,8 @@ def sweep(engine: Engine, lease_s: float, limit: int = 20_000) -> Sweep | None:
         predict = conn.execute(
             update(Subtask)
             .where(Subtask.id.in_(expired.scalar_subquery()))
-            .values(state=SubtaskState.dispatched, lease_until=stamp + lease)
+            # A rider no turn took gets a message of its own now, like any other.
+            .values(state=SubtaskState.dispatched, lease_until=stamp + lease, rides=False)
             .returning(Subtask.id, Subtask.model, Subtask.priority)
         ).all()
 
