@@ -28,6 +28,7 @@ from workers import inference
 from workers.inference import run_subtask
 
 DIGIT_MODELS = ("digit-classifier", "digit-ood")
+OOD = "digit-ood"
 
 
 def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
@@ -190,31 +191,39 @@ def test_a_rider_no_turn_took_is_published_by_the_sweeper_once_its_lease_is_over
     wait_for(swept, heartbeat.max_beat_age_s(client.settings) + 30, "the sweeper to publish the riders")
 
 
-def test_a_message_of_another_batch_never_claims_a_rider(
-    quiet_client: tuple[Client, str], quiet_engine: Engine
+def test_a_message_that_claims_another_batch_s_rider_is_published_again(
+    quiet_client: tuple[Client, str],
+    quiet_engine: Engine,
+    quiet_services: RunServices,
+    models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A message claims its model's best dispatched sub-task, whichever batch's: were that an
-    interactive batch's rider (it outranks bulk work), the bulk sub-task the message was
-    published for would be left without one. The rider goes with its batch's turn."""
+    """A message claims its model's best dispatched sub-task, whichever batch's: a bulk
+    batch's message takes an interactive batch's rider first (and the rest of that batch with
+    it). The rider had no message of its own, so the bulk sub-task the message was published
+    for would be left without one: the turn publishes that message again."""
     client, prefix = quiet_client
-    ledger.record_heartbeat(quiet_engine, f"{prefix}a@host", [prefix + broker.model_queue(m) for m in MODELS])
-    interactive = client.submit("screening", held_out_records(1))
-    bulk_id, _ = store_batch(quiet_engine, held_out_records(2), pipeline="screening")
+    queues = [prefix + broker.model_queue(m) for m in DIGIT_MODELS]
+    ledger.record_heartbeat(quiet_engine, f"{prefix}a@host", queues)
+    interactive = client.submit("digits", held_out_strips(1, max_digits=6, seed=3))
+    bulk_id, _ = store_batch(quiet_engine, held_out_strips(2, max_digits=6, seed=4))
     split_batch(quiet_engine, bulk_id, {})
     with quiet_engine.connect() as conn:
-        ids = {
-            (row.batch_id, row.model): row.id
-            for row in conn.execute(
-                text("SELECT id, batch_id, model FROM subtasks WHERE model = ANY (:m)"), {"m": list(MODELS)}
-            )
-        }
-    # The bulk batch's logistic regression message: its own sub-task, not the rider.
-    (claim,) = ledger.claim_turn(quiet_engine, ids[bulk_id, LOGREG], "w", 60, served=[LOGREG], small_items=1000)
-    assert claim.subtask_id == ids[bulk_id, LOGREG]
-    # The interactive batch's one message: its sub-task, and the riders with it.
-    leader = ids[uuid.UUID(interactive.id), BOOSTING]
-    claims = ledger.claim_turn(quiet_engine, leader, "w", 60, served=MODELS, small_items=1000)
-    assert {c.subtask_id for c in claims} == {ids[uuid.UUID(interactive.id), model] for model in MODELS}
+        rows = conn.execute(text("SELECT id, batch_id, model, state FROM subtasks WHERE batch_id = :b"), {"b": bulk_id})
+        bulk = {row.model: row.id for row in rows}
+    published: list[tuple[int, str, int]] = []
+    monkeypatch.setattr(
+        broker, "publish_predictions", lambda _app, dispatches, countdown=None: published.extend(dispatches)
+    )
+
+    # digit-ood rides on digit-classifier's message; the bulk batch's digit-ood message takes it.
+    run_subtask(quiet_engine, quiet_services.settings(models_dir), bulk[OOD], "w", DIGIT_MODELS, Priority.bulk)
+
+    assert interactive.status().state == "succeeded"
+    assert published == [(bulk[OOD], OOD, Priority.bulk.rank)]
+    with quiet_engine.connect() as conn:
+        states = set(conn.execute(text("SELECT state FROM subtasks WHERE batch_id = :b"), {"b": bulk_id}).scalars())
+    assert states == {"dispatched"}
 
 
 def test_the_first_predict_message_goes_out_before_the_rest_are_built(

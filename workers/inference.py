@@ -126,11 +126,20 @@ class TurnConnection:
         self._release(invalidate=False)
 
 
-def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str, served: Sequence[str] = ()) -> None:
-    """Take a turn for a predict message of sub-task `subtask_id`: claim what it should run
-    (`ledger.claim_turn`: its own retry, or its model's best dispatched sub-task, with the
-    first round of its small batch) and run it (`run_turn`). The whole turn runs on one
-    `TurnConnection`."""
+def run_subtask(
+    engine: Engine,
+    settings: Settings,
+    subtask_id: int,
+    worker: str,
+    served: Sequence[str] = (),
+    priority: Priority = Priority.bulk,
+) -> None:
+    """Take a turn for a predict message of sub-task `subtask_id` (of `priority`): claim what
+    it should run (`ledger.claim_turn`: its own retry, or its model's best dispatched
+    sub-task, with the first round of its small batch) and run it (`run_turn`). The whole
+    turn runs on one `TurnConnection`. A message that claimed a rider (published on another
+    sub-task's message, `ledger.riders`) is published again first: the sub-task it was
+    published for has none left."""
     with TurnConnection(engine) as turn:
         claims = turn.run(
             settings,
@@ -141,7 +150,18 @@ def run_subtask(engine: Engine, settings: Settings, subtask_id: int, worker: str
         if not claims:
             log.info("message of sub-task %d: nothing of its model is claimable; dropping it", subtask_id)
             return
+        if claims[0].rides and claims[0].subtask_id != subtask_id:
+            publish_again(subtask_id, claims[0].model, priority)
         run_turn(turn, settings, claims, worker, served, first_round_claimed=True)
+
+
+def publish_again(subtask_id: int, model: str, priority: Priority) -> None:
+    """Publish the predict message of `subtask_id` again: its first delivery claimed a rider.
+    An unreachable broker leaves the sub-task to the sweeper, once its lease is over."""
+    try:
+        broker.publish_predictions(runtime.celery_app(), [(subtask_id, model, priority.rank)])
+    except kombu.exceptions.OperationalError as error:
+        log.warning("message of sub-task %d not published again (it claimed a rider): %s", subtask_id, error)
 
 
 def run_turn(

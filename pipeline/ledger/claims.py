@@ -57,6 +57,8 @@ class Claim:
     model_version: str | None
     # `serve`, or `shadow`: a roll-out's copy, never counted in its batch's counters.
     role: str = SubtaskRole.serve.value
+    # Published on another sub-task's message (`ledger.riders`), not on its own.
+    rides: bool = False
 
 
 def _claimed(name: str, *claimable: Any) -> CTE:
@@ -72,7 +74,6 @@ def _claimed(name: str, *claimable: Any) -> CTE:
             worker=bindparam("worker"),
             started_at=stamp,
             lease_until=stamp + bindparam("lease", type_=Interval),
-            rides=False,
         )
         .returning(
             Subtask.id,
@@ -85,6 +86,7 @@ def _claimed(name: str, *claimable: Any) -> CTE:
             Subtask.priority,
             Subtask.model_version,
             Subtask.role,
+            Subtask.rides,
             Subtask.items[1].label("first_item"),
         )
         .cte(name)
@@ -128,6 +130,7 @@ def _claim_rows(claimed: CTE, turn_order: int = 0) -> Select[Any]:
         claimed.c.priority,
         claimed.c.model_version,
         claimed.c.role,
+        claimed.c.rides,
         literal(turn_order).label("turn_order"),
     )
 
@@ -148,8 +151,9 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
 # published once, and a message claims something whenever anything is dispatched, so every
 # sub-task is claimed by some message; an interactive sub-task queued behind a thousand
 # bulk messages is taken by the next one a worker reads. A rider (`rides`) was not
-# published: no message claims it, or one that was would be left without; the turn that
-# claims a sub-task of its batch claims it too (`claim_turn`, `claim_more_of_batch`). A sub-task waiting out a retry's
+# published: a message that claims one is published again (`workers.inference.run_subtask`),
+# as the sub-task it was published for has none left (riders of a small batch are mostly
+# claimed without a message, by the turn that claims its first: `claim_turn`). A sub-task waiting out a retry's
 # backoff (`pending`) or a lost worker's expired lease (`running`) is claimed only by its
 # own message, so the backoff holds.
 _named = aliased(Subtask)
@@ -180,7 +184,6 @@ BEST_DISPATCHED = (
         # Inlined: the partial index `subtasks_dispatched_by_priority` serves the generic plan.
         _best.state == inline(SubtaskState.dispatched),
         _best.attempts < _best.max_attempts,
-        _best.rides.is_(False),
         or_(_best.role == SubtaskRole.serve, _batch_finished),
     )
     .order_by(_best.priority, _best.seq, _best.id)
@@ -366,4 +369,5 @@ def _claim_of(row: Any) -> Claim:
         row.priority,
         row.model_version,
         row.role,
+        row.rides,
     )
