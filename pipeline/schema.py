@@ -162,8 +162,8 @@ class Subtask(Base):
     # `serve`, or `shadow`: a roll-out's challenger scoring a copy of the rows of the serve
     # sub-task numbered `-1 - seq`; never counted in the batch's counters (revision 0011).
     role: Mapped[str] = mapped_column(Text, server_default=SubtaskRole.serve.value)
-    # A small batch's sub-task published on another one's message (revision 0020): only its
-    # batch's turn claims it, not a message of its model (`ledger.riders`).
+    # A small batch's sub-task published on another one's message (revision 0020,
+    # `ledger.riders`); cleared when the sweeper publishes it.
     rides: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 

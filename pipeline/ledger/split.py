@@ -163,9 +163,10 @@ def copy_subtasks(
 
     Their lease runs from `queued_at`: if the messages are never published (a crash
     after commit), the sweeper publishes them once it expires. With `riding` (a small
-    batch's), the `riders` are not returned: marked `rides` (no message claims them, only
-    their batch's turn), and leased until `riding.lease_until` only: had the heartbeats been
-    stale and no turn claimed one with another's, the sweeper publishes it then.
+    batch's), the `riders` are not returned: marked `rides` (a message that claims one is
+    published again, `workers.inference.run_subtask`), and leased until `riding.lease_until`
+    only: had the heartbeats been stale and no turn claimed one with another's, the sweeper
+    publishes it then.
     """
     # (model, seq) of each rider → its lease (a shadow's seq is negative: never one of them).
     leases = {} if riding is None else dict.fromkeys(riders(subtasks, riding.consumers), riding.lease_until)
