@@ -25,17 +25,21 @@ def machine_busy_s() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree(pid: int) -> list[psutil.Process]:
+    """Process `pid` and its descendants; empty once it has ended."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def trees_cpu_s(roots: dict[str, int]) -> dict[str, float]:
     """CPU seconds (user + system) each role's process tree has used so far, summed over its
     live processes: between two calls, what a long-lived tree (a worker, PostgreSQL) used."""
     used = dict.fromkeys(roots, 0.0)
     for role, pid in roots.items():
-        try:
-            root = psutil.Process(pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for process in tree:
+        for process in _tree(pid):
             try:
                 times = process.cpu_times()
             except psutil.NoSuchProcess:
@@ -66,13 +70,8 @@ class PeakRss:
     def _sample(self) -> None:
         self.busy.append((time.perf_counter(), machine_busy_s()))
         for role, pid in self.roots.items():
-            try:
-                root = psutil.Process(pid)
-                tree = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
             total = 0
-            for process in tree:
+            for process in _tree(pid):
                 try:
                     rss = process.memory_info().rss
                     times = process.cpu_times()

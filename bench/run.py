@@ -163,8 +163,7 @@ def measure_latency(
     latency it is compared with (this machine's speed drifts by 1.5x within minutes). With
     `lean`, likewise by a lean one-input batch of the same input (`peers.lean_round_trip`)."""
     definition = registry.get_pipeline(pipeline)
-    one = make_workload(definition, 1).inputs
-    (item,) = peers.naive_items(definition, one)
+    one, item = one_input(definition)
     round_trips: list[tuple[list[float], Callable[[Client], float]]] = [
         (peer_ms, round_trip)
         for peer_ms, round_trip in (
@@ -510,10 +509,17 @@ def measure_one_input(
     }
 
 
+def one_input(pipeline: Pipeline) -> tuple[Any, dict[str, Any]]:
+    """The workload's first input, as `submit` takes it and as a lean batch's JSON item."""
+    inputs = make_workload(pipeline, 1).inputs
+    (item,) = peers.naive_items(pipeline, inputs)
+    return inputs, item
+
+
 def measure_lean(client: Client, pipeline: str, samples: int) -> None:
     """`samples` lean one-input batches (`peers.lean_round_trip`) one after another."""
     definition = registry.get_pipeline(pipeline)
-    (item,) = peers.naive_items(definition, make_workload(definition, 1).inputs)
+    _, item = one_input(definition)
     for _ in range(samples):
         peers.lean_round_trip(client, definition, item)
 

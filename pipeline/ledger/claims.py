@@ -152,10 +152,10 @@ def _claim_statement(*claimable: Any) -> Select[Any]:
 # sub-task is claimed by some message; an interactive sub-task queued behind a thousand
 # bulk messages is taken by the next one a worker reads. A rider (`rides`) was not
 # published: a message that claims one is published again (`workers.inference.run_subtask`),
-# as the sub-task it was published for has none left (riders of a small batch are mostly
-# claimed without a message, by the turn that claims its first: `claim_turn`). A sub-task waiting out a retry's
-# backoff (`pending`) or a lost worker's expired lease (`running`) is claimed only by its
-# own message, so the backoff holds.
+# as the sub-task it was published for has none left (a small batch's riders are mostly
+# claimed without a message, by the turn that claims its first: `claim_turn`). A sub-task
+# waiting out a retry's backoff (`pending`) or a lost worker's expired lease (`running`) is
+# claimed only by its own message, so the backoff holds.
 _named = aliased(Subtask)
 _best = aliased(Subtask)
 _model = aliased(Subtask)

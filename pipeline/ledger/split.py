@@ -134,15 +134,21 @@ class Riding(NamedTuple):
     lease_until: datetime
 
 
-def riders(subtasks: Sequence[NewSubtask], consumers: dict[str, tuple[str, ...]]) -> set[tuple[str, int]]:
-    """(model, seq) of the `subtasks` that ride on another one's message. A worker whose turn
-    claims a small batch's sub-task claims the batch's first `dispatched` one of every model it
-    serves with it (`claim_turn`): of the models the same live workers consume (`consumers`),
-    the first by name gets a message, and the others' first serve sub-tasks ride on it."""
+def first_seqs(subtasks: Sequence[NewSubtask]) -> dict[str, int]:
+    """Per model, the lowest seq of its serve sub-tasks among `subtasks`."""
     first: dict[str, int] = {}
     for subtask in subtasks:
         if subtask.role == SubtaskRole.serve:
             first[subtask.model] = min(subtask.seq, first.get(subtask.model, subtask.seq))
+    return first
+
+
+def riders(first: dict[str, int], consumers: dict[str, tuple[str, ...]]) -> set[tuple[str, int]]:
+    """(model, seq) of the sub-tasks that ride on another one's message, of new sub-tasks
+    whose first serve seq per model is `first` (`first_seqs`). A worker whose turn claims a
+    small batch's sub-task claims the batch's first `dispatched` one of every model it serves
+    with it (`claim_turn`): of the models the same live workers consume (`consumers`), the
+    first by name gets a message, and the others' first serve sub-tasks ride on it."""
     messaged: set[tuple[str, ...]] = set()
     riding: set[tuple[str, int]] = set()
     for model in sorted(first):
@@ -168,8 +174,9 @@ def copy_subtasks(
     only: had the heartbeats been stale and no turn claimed one with another's, the sweeper
     publishes it then.
     """
+    first = first_seqs(subtasks)
     # (model, seq) of each rider → its lease (a shadow's seq is negative: never one of them).
-    leases = {} if riding is None else dict.fromkeys(riders(subtasks, riding.consumers), riding.lease_until)
+    leases = {} if riding is None else dict.fromkeys(riders(first, riding.consumers), riding.lease_until)
     copy_rows(
         conn,
         queries.COPY_SUBTASKS,
@@ -197,18 +204,14 @@ def copy_subtasks(
             "timestamptz",
         ),
     )  # fmt: skip
-    first_seqs: dict[str, int] = {}
-    for subtask in subtasks:
-        if subtask.role == SubtaskRole.serve:
-            first_seqs[subtask.model] = min(subtask.seq, first_seqs.get(subtask.model, subtask.seq))
-    if not first_seqs:
+    if not first:
         return []
     rows = conn.execute(
         queries.NEW_SUBTASK_IDS,
         {
             "batch_id": batch_id,
-            "models": list(first_seqs),
-            "first_seqs": list(first_seqs.values()),
+            "models": list(first),
+            "first_seqs": list(first.values()),
             "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
             "channel": INTERACTIVE_CHANNEL,
         },
