@@ -17,7 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -326,7 +327,7 @@ class Client:
         """
         from pipeline import broker, registry
         from pipeline.inputs import iter_input_pages, read_ahead
-        from pipeline.splitter import ClientSplit, publish_step
+        from pipeline.splitter import SPLIT_ERRORS, ClientSplit, SplitStep, publish_step
 
         try:
             options = SubmitOptions(
@@ -353,23 +354,38 @@ class Client:
         # aggregator's split would validate every item again). A big batch of packed
         # features is split by the aggregator, in steps its workers start on at once.
         split = ClientSplit(self.settings, pipeline, priority_of_batch, small) if small or json_items else None
-        # The rest of the pages are validated as they are stored: a bad one raises and the
-        # transaction stores nothing.
-        with self.engine.begin() as conn:
-            batch_id, created = ledger.insert_batch(
-                conn,
-                pipeline,
-                # A small batch's pages are all in hand (a list: its row is inserted whole); a
-                # big batch's next page is validated while PostgreSQL writes the current one.
-                head if small else itertools.chain(head, read_ahead(pages)),
-                options.idempotency_key,
-                options.failure_policy,
-                options.max_failed_fraction,
-                options.deadline_s,
-                priority_of_batch,
-                stored=None if split is None else split.page_stored,
-            )
-            step = split.finish(conn, batch_id) if created and split is not None else None
+        request = (
+            options.idempotency_key,
+            options.failure_policy,
+            options.max_failed_fraction,
+            options.deadline_s,
+            priority_of_batch,
+        )
+        step: SplitStep | None = None
+        stored = None
+        if small:
+            assert split is not None, "a small batch is split by its client"
+            # Split first, then stored in one statement. Inputs the pipeline cannot split are
+            # stored below, and the batch fails with the reason.
+            with suppress(*SPLIT_ERRORS), autocommit(self.engine) as conn:
+                stored = ledger.store_split_batch(conn, pipeline, head, *request, split=partial(split.whole, conn))
+        if stored is not None:
+            batch_id, created = stored.batch_id, stored.created
+            step = SplitStep(stored.published, True, stored.aggregate)
+        else:
+            # The rest of the pages are validated as they are stored: a bad one raises and the
+            # transaction stores nothing.
+            with self.engine.begin() as conn:
+                batch_id, created = ledger.insert_batch(
+                    conn,
+                    pipeline,
+                    # A small batch's pages are all in hand (a list: its row is inserted whole); a
+                    # big batch's next page is validated while PostgreSQL writes the current one.
+                    head if small else itertools.chain(head, read_ahead(pages)),
+                    *request,
+                    stored=None if split is None else split.page_stored,
+                )
+                step = split.finish(conn, batch_id) if created and split is not None else None
         if created:
             with self.publishing() as app:
                 if split is None:

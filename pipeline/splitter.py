@@ -286,10 +286,15 @@ class BatchSplitter:
             if subtask.model in self._shadows
         ]
 
+    @property
+    def followed(self) -> list[int]:
+        """The roll-outs this split is the first to follow: the batch's first split step's."""
+        return [r.id for r in self.rollouts.values()] if self._new_rollouts else []
+
     def record_rollouts(self, conn: Connection) -> None:
         """Record that the batch follows its roll-outs, on the first split step's transaction."""
-        if self.rollouts and self._new_rollouts:
-            rollout_rows.add_rollout_batch(conn, [r.id for r in self.rollouts.values()], self.batch_id)
+        if self.followed:
+            rollout_rows.add_rollout_batch(conn, self.followed, self.batch_id)
 
 
 def split_step(
@@ -404,6 +409,26 @@ class ClientSplit:
         self._published: list[ledger.Dispatch] = []
         self._error: Exception | None = None
 
+    def _new_splitter(self, conn: Connection, batch_id: uuid.UUID) -> BatchSplitter:
+        pipeline = registry.get_pipeline(self._pipeline)
+        settings = self._settings
+        ride = ride_query(settings, pipeline) if self._small else None
+        batch = NewBatch(batch_id, self._pipeline, self._priority)
+        return BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms, ride)
+
+    def whole(self, conn: Connection, batch_id: uuid.UUID, pages: list[InputPage]) -> ledger.WholeSplit:
+        """The whole split of a small batch's `pages`, read on `conn` before anything is
+        stored (`ledger.store_split_batch`).
+
+        Raises:
+            SplitError, NoChampionError: the pipeline cannot split the inputs.
+        """
+        splitter = self._new_splitter(conn, batch_id)
+        for page in pages:
+            splitter.add(page)
+        subtasks = splitter.take(final=True)
+        return ledger.WholeSplit(subtasks, splitter.serving, splitter.versions, splitter.riding, splitter.followed)
+
     def page_stored(self, conn: Connection, batch_id: uuid.UUID, page: InputPage) -> None:
         """A `ledger.PageStored`: split the page just written and write its full chunks. Once
         the pipeline cannot split a page, the rest are only stored (the batch fails at `finish`)."""
@@ -411,13 +436,7 @@ class ClientSplit:
             return
         try:
             if self._splitter is None:
-                batch = NewBatch(batch_id, self._pipeline, self._priority)
-                pipeline = registry.get_pipeline(self._pipeline)
-                settings = self._settings
-                ride = ride_query(settings, pipeline) if self._small else None
-                self._splitter = BatchSplitter(
-                    conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms, ride
-                )
+                self._splitter = self._new_splitter(conn, batch_id)
             self._splitter.add(page)
         except SPLIT_ERRORS as error:
             self._error = error

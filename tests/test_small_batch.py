@@ -78,21 +78,27 @@ def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
     assert FOREST in status.metrics["models"]  # type: ignore[index]
 
 
-def test_a_client_stores_and_splits_a_one_input_batch_in_four_statements(
+def test_a_client_stores_and_splits_a_one_input_batch_in_two_statements(
     isolated: tuple[Client, str], engine: Engine
 ) -> None:
     client, _ = isolated
     statements: list[str] = []
     event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
-    batch = client.submit("screening", held_out_records(1), idempotency_key=f"four-{uuid.uuid4()}")
-    # The batch's row inserted whole (its count and fingerprint known before), the champions,
-    # roll-outs and their queues' consumers in one read, the split counted, the new sub-tasks'
-    # ids read (and their NOTIFY sent) in one; the input page's and sub-tasks' COPYs run on the
-    # driver's cursor.
-    assert [sql.split()[0] for sql in statements] == ["INSERT", "SELECT", "UPDATE", "SELECT"], statements
+    key = f"two-{uuid.uuid4()}"
+    batch = client.submit("screening", held_out_records(1), idempotency_key=key)
+    # The champions, roll-outs and their queues' consumers in one read; then the batch's row
+    # (counted, fingerprinted, split), its input page and sub-tasks, and their NOTIFY in one
+    # statement that commits alone: no BEGIN, COPY or COMMIT.
+    assert [sql.split()[0] for sql in statements] == ["SELECT", "WITH"], statements
+    # The same request again: the same batch, nothing written.
+    assert client.submit("screening", held_out_records(1), idempotency_key=key).id == batch.id
     with engine.connect() as conn:
         row = conn.execute(
-            text("SELECT state, items, split_items, total, request_sha256, model_versions FROM batches WHERE id = :b"),
+            text(
+                "SELECT state, items, split_items, total, request_sha256, model_versions,"
+                " started_at IS NOT NULL AND aggregating_at IS NULL AS started,"
+                " (SELECT count(*) FROM input_pages WHERE batch_id = :b) AS pages FROM batches WHERE id = :b"
+            ),
             {"b": batch.id},
         ).one()
         subtasks = conn.execute(
@@ -101,6 +107,7 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_four_statements(
         ).scalar_one()
     assert (row.state, row.items, row.split_items, row.total, subtasks) == ("running", 1, 1, len(MODELS), len(MODELS))
     assert row.request_sha256 is not None and set(row.model_versions) == set(MODELS)
+    assert row.started and row.pages == 1
 
 
 @pytest.fixture

@@ -91,7 +91,33 @@ def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
     return features, data
 
 
-def _stored_pages(
+def batch_row(
+    batch_id: uuid.UUID,
+    pipeline: str,
+    items: int,
+    fingerprint: RequestFingerprint | None,
+    idempotency_key: str | None,
+    failure_policy: FailurePolicy,
+    max_failed_fraction: float | None,
+    deadline_s: float | None,
+    priority: Priority,
+) -> dict[str, Any]:
+    """The parameters of a new batch's row (`INSERT_BATCH`, `store_split_batch`): with the
+    `fingerprint` of its request once every page was fed to it."""
+    return {
+        "id": batch_id,
+        "pipeline": pipeline,
+        "items": items,
+        "request_sha256": None if fingerprint is None else fingerprint.hexdigest(),
+        "idempotency_key": idempotency_key,
+        "failure_policy": failure_policy.value,
+        "priority": priority.value,
+        "max_failed_fraction": max_failed_fraction,
+        "deadline": None if deadline_s is None else timedelta(seconds=deadline_s),
+    }
+
+
+def stored_pages(
     pages: Iterable[InputPage], fingerprint: RequestFingerprint | None
 ) -> Iterator[tuple[InputPage, bytes | None, str | None]]:
     """Each page packed, with its columns as stored (`_stored_page`), fed to `fingerprint`."""
@@ -137,30 +163,30 @@ def insert_batch(
         if idempotency_key is None
         else RequestFingerprint(pipeline, failure_policy, max_failed_fraction, deadline_s)
     )
-    in_hand = list(_stored_pages(pages, fingerprint)) if isinstance(pages, list) else None
+    in_hand = list(stored_pages(pages, fingerprint)) if isinstance(pages, list) else None
     batch_id = uuid.uuid4()
     inserted = conn.execute(
         INSERT_BATCH,
-        {
-            "id": batch_id,
-            "pipeline": pipeline,
+        batch_row(
+            batch_id,
+            pipeline,
             # Pages not in hand are counted as they are stored, then set with the fingerprint.
-            "items": 0 if in_hand is None else sum(page.count for page, _, _ in in_hand),
-            "request_sha256": None if in_hand is None or fingerprint is None else fingerprint.hexdigest(),
-            "idempotency_key": idempotency_key,
-            "failure_policy": failure_policy.value,
-            "priority": priority.value,
-            "max_failed_fraction": max_failed_fraction,
-            "deadline": None if deadline_s is None else timedelta(seconds=deadline_s),
-        },
+            0 if in_hand is None else sum(page.count for page, _, _ in in_hand),
+            None if in_hand is None else fingerprint,
+            idempotency_key,
+            failure_policy,
+            max_failed_fraction,
+            deadline_s,
+            priority,
+        ),
     ).scalar_one_or_none()
     if inserted is None:
         assert idempotency_key is not None and fingerprint is not None, "only a key conflicts with a new uuid"
         # Pages in hand are fingerprinted already.
-        return _same_request(conn, idempotency_key, pipeline, pages if in_hand is None else [], fingerprint), False
+        return same_request(conn, idempotency_key, pipeline, pages if in_hand is None else [], fingerprint), False
 
     items = 0
-    for page, features, data in _stored_pages(pages, fingerprint) if in_hand is None else in_hand:
+    for page, features, data in stored_pages(pages, fingerprint) if in_hand is None else in_hand:
         items += page.count
         # One COPY per page: `stored` may write between two pages. `data` goes as JSON text:
         # json's binary COPY form is its text.
@@ -178,7 +204,7 @@ def insert_batch(
     return batch_id, True
 
 
-def _same_request(
+def same_request(
     conn: Connection, idempotency_key: str, pipeline: str, pages: Iterable[InputPage], fingerprint: RequestFingerprint
 ) -> uuid.UUID:
     """The batch `idempotency_key` names, when it was submitted by the same request.
@@ -197,7 +223,7 @@ def _same_request(
         )
     if existing.request_sha256 is None:
         return batch_id  # stored before fingerprints (revision 0006): accepted as before
-    for _ in _stored_pages(pages, fingerprint):
+    for _ in stored_pages(pages, fingerprint):
         pass  # each page is fed to the fingerprint
     if fingerprint.hexdigest() != existing.request_sha256:
         raise IdempotencyKeyError(

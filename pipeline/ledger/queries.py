@@ -15,6 +15,7 @@ def query(name: str) -> TextClause:
 
 BATCH_STATUS = query("batch_status")
 NEW_SUBTASK_IDS = query("new_subtask_ids")
+STORE_SPLIT_BATCH = query("store_split_batch")
 SERVING_OF = query("serving_of")
 # Outputs are `bytea`: read in binary format.
 SUBTASK_OUTPUTS = query("subtask_outputs").execution_options(**BINARY_RESULTS)

@@ -63,6 +63,54 @@ ORDER BY m.n, c.seq
 -- The dead letters by queue and reason (the counter pipeline_rejected_messages_total).
 SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 
+-- name: store_split_batch
+-- A small batch stored with the split its client made, in one statement: the submission
+-- commits once, with no BEGIN, no COPY and no second write of the batch's row. The row is
+-- inserted as `insert_batch` and a finished `record_split` leave it: `running` with its
+-- counters (`aggregating` when it has no sub-task). Then its input pages, its sub-tasks
+-- `dispatched` with riders marked and leased as `copy_subtasks` writes them (each one's
+-- items are :subtask_items[:items_from + 1 : :items_to]), and the roll-outs it follows. With
+-- :announce, NOTIFY :channel on commit, as `new_subtask_ids` does. When :idempotency_key
+-- names a batch already, writes nothing and returns no row. Else one row per sub-task to
+-- publish (riders left out, shadows last), or one with a NULL id when none is, each with
+-- the batch's state.
+WITH batch AS (
+  INSERT INTO batches (id, pipeline, items, request_sha256, idempotency_key, failure_policy, priority,
+    max_failed_fraction, deadline_at, state, split_items, total, model_versions, started_at, aggregating_at)
+  SELECT CAST(:id AS uuid), :pipeline, CAST(:items AS int), :request_sha256, :idempotency_key, :failure_policy,
+    :priority, CAST(:max_failed_fraction AS float8), clock_timestamp() + CAST(:deadline AS interval),
+    CASE WHEN CAST(:total AS int) = 0 THEN 'aggregating' ELSE 'running' END, CAST(:items AS int),
+    CAST(:total AS int), CAST(:model_versions AS jsonb), clock_timestamp(),
+    CASE WHEN CAST(:total AS int) = 0 THEN clock_timestamp() END
+  ON CONFLICT (idempotency_key) DO NOTHING
+  RETURNING id, state
+), pages AS (
+  INSERT INTO input_pages (batch_id, first_item, items, features, data)
+  SELECT b.id, p.first_item, p.items, p.features, CAST(p.data AS json)
+  FROM batch b, unnest(CAST(:page_firsts AS int[]), CAST(:page_counts AS int[]), CAST(:page_features AS bytea[]),
+    CAST(:page_data AS text[])) AS p (first_item, items, features, data)
+), new_subtasks AS (
+  INSERT INTO subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version,
+    role, rides, lease_until)
+  SELECT b.id, s.model, s.seq, s.max_attempts, s.priority, s.items_to - s.items_from,
+    (CAST(:subtask_items AS int[]))[s.items_from + 1 : s.items_to], s.payload, 'dispatched', s.model_version, s.role,
+    s.rides, s.lease_until
+  FROM batch b, unnest(CAST(:models AS text[]), CAST(:seqs AS int[]), CAST(:max_attempts AS int[]),
+    CAST(:priorities AS int2[]), CAST(:items_from AS int[]), CAST(:items_to AS int[]),
+    CAST(:payloads AS bytea[]), CAST(:versions AS text[]), CAST(:roles AS text[]), CAST(:rides AS boolean[]),
+    CAST(:leases AS timestamptz[]))
+    AS s (model, seq, max_attempts, priority, items_from, items_to, payload, model_version, role, rides, lease_until)
+  RETURNING id, model, priority, seq, role, rides
+), followed AS (
+  INSERT INTO rollout_batches (rollout_id, batch_id)
+  SELECT r, b.id FROM batch b, unnest(CAST(:rollout_ids AS bigint[])) AS r
+)
+SELECT b.state, s.id, s.model, s.priority
+FROM batch b
+LEFT JOIN new_subtasks s ON NOT s.rides
+WHERE NOT CAST(:announce AS boolean) OR (SELECT pg_notify(:channel, '') FROM batch) IS NOT NULL
+ORDER BY s.role, s.seq, s.model
+
 -- name: copy_input_pages
 COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 

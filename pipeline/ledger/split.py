@@ -3,23 +3,27 @@ committed step, and failing a batch that cannot be split."""
 
 from __future__ import annotations
 
+import json
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Connection, Row, Text, Update, bindparam, case, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from pipeline.ledger import queries
-from pipeline.ledger.batches import NOTIFY_CHANNEL
+from pipeline.ledger.batches import NOTIFY_CHANNEL, RequestFingerprint, batch_row, same_request, stored_pages
 from pipeline.ledger.connection import copy_rows, now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, cancel_subtasks
-from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
+from pipeline.schema import Batch, BatchState, FailurePolicy, Subtask, SubtaskRole, SubtaskState
 from pipeline.states import Priority
+
+if TYPE_CHECKING:
+    from pipeline.definition import InputPage
 
 
 class Dispatch(NamedTuple):
@@ -217,6 +221,110 @@ def copy_subtasks(
         },
     ).all()
     return [Dispatch(row.id, row.model, row.priority) for row in rows if (row.model, row.seq) not in leases]
+
+
+class WholeSplit(NamedTuple):
+    """A small batch's whole split, made by its client before anything is stored
+    (`store_split_batch`): its sub-tasks, how many serve, the versions they pin, who
+    consumes each model's queue (`riders`), and the roll-outs the batch follows."""
+
+    subtasks: list[NewSubtask]
+    serving: int
+    model_versions: dict[str, str]
+    riding: Riding | None
+    rollout_ids: list[int]
+
+
+class StoredBatch(NamedTuple):
+    """A submission stored: its batch, whether this call created it, its sub-tasks to publish
+    and whether it is due for aggregation (it has none)."""
+
+    batch_id: uuid.UUID
+    created: bool
+    published: list[Dispatch]
+    aggregate: bool
+
+
+def store_split_batch(
+    conn: Connection,
+    pipeline: str,
+    pages: list[InputPage],
+    idempotency_key: str | None,
+    failure_policy: FailurePolicy,
+    max_failed_fraction: float | None,
+    deadline_s: float | None,
+    priority: Priority,
+    split: Callable[[uuid.UUID, list[InputPage]], WholeSplit],
+) -> StoredBatch:
+    """Store a small batch (every page in hand) with its whole split, `split(batch id,
+    pages)` (its reads run on `conn` before the write), in one statement that commits on its
+    own (`STORE_SPLIT_BATCH`, on an autocommit `conn`): what `insert_batch`, `copy_subtasks`
+    and a finished `record_split` write on a batch's storing transaction, in one round trip
+    instead of eight. With an `idempotency_key` already used by the same request, returns
+    that batch and writes nothing.
+
+    Raises:
+        IdempotencyKeyError: as `insert_batch`.
+        SplitError, NoChampionError: from `split`; nothing was written.
+    """
+    fingerprint = (
+        None
+        if idempotency_key is None
+        else RequestFingerprint(pipeline, failure_policy, max_failed_fraction, deadline_s)
+    )
+    in_hand = list(stored_pages(pages, fingerprint))
+    batch_id = uuid.uuid4()
+    whole = split(batch_id, [page for page, _, _ in in_hand])
+    subtasks = whole.subtasks
+    first = first_seqs(subtasks)
+    leases = (
+        {} if whole.riding is None else dict.fromkeys(riders(first, whole.riding.consumers), whole.riding.lease_until)
+    )
+    bounds = np.cumsum([0, *(s.rows for s in subtasks)])
+    items = sum(page.count for page, _, _ in in_hand)
+    row = batch_row(
+        batch_id,
+        pipeline,
+        items,
+        fingerprint,
+        idempotency_key,
+        failure_policy,
+        max_failed_fraction,
+        deadline_s,
+        priority,
+    )
+    rows = conn.execute(
+        queries.STORE_SPLIT_BATCH,
+        row
+        | {
+            "total": whole.serving,
+            "model_versions": json.dumps(whole.model_versions),
+            "page_firsts": [page.first for page, _, _ in in_hand],
+            "page_counts": [page.count for page, _, _ in in_hand],
+            "page_features": [features for _, features, _ in in_hand],
+            "page_data": [data for _, _, data in in_hand],
+            "subtask_items": np.concatenate([s.items for s in subtasks]).tolist() if subtasks else [],
+            "models": [s.model for s in subtasks],
+            "seqs": [s.seq for s in subtasks],
+            "max_attempts": [s.max_attempts for s in subtasks],
+            "priorities": [s.priority for s in subtasks],
+            "items_from": bounds[:-1].tolist(),
+            "items_to": bounds[1:].tolist(),
+            "payloads": [s.payload for s in subtasks],
+            "versions": [s.model_version for s in subtasks],
+            "roles": [s.role.value for s in subtasks],
+            "rides": [(s.model, s.seq) in leases for s in subtasks],
+            "leases": [leases.get((s.model, s.seq)) for s in subtasks],
+            "rollout_ids": whole.rollout_ids,
+            "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
+            "channel": INTERACTIVE_CHANNEL,
+        },
+    ).all()
+    if not rows:
+        assert idempotency_key is not None and fingerprint is not None, "only a key conflicts with a new uuid"
+        return StoredBatch(same_request(conn, idempotency_key, pipeline, [], fingerprint), False, [], False)
+    published = [Dispatch(row.id, row.model, row.priority) for row in rows if row.id is not None]
+    return StoredBatch(batch_id, True, published, BatchState(rows[0].state) == BatchState.aggregating)
 
 
 def record_split(
