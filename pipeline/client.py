@@ -79,6 +79,9 @@ class BatchHandle:
     def __init__(self, client: Client, batch_id: uuid.UUID) -> None:
         self._client = client
         self._uuid = batch_id
+        # The first result page, read by the `wait` that saw the batch finished (results
+        # never change once they are ready).
+        self._results_ahead: ledger.ResultsPage | None = None
 
     @property
     def id(self) -> str:
@@ -98,6 +101,19 @@ class BatchHandle:
         row = ledger.batch_status_row(self._client.engine, self._uuid)
         if row is None:
             raise BatchNotFoundError(f"no batch {self.id}")
+        return BatchStatus.model_validate(row)
+
+    def _status_reading_ahead(self) -> BatchStatus:
+        """`status()`; once the batch is finished, a small one's (at most
+        `PIPELINE_SMALL_BATCH_ITEMS` inputs) first result page comes in the same read, for
+        `results()`."""
+        row, ahead = ledger.batch_status_read_ahead(
+            self._client.engine, self._uuid, self._client.settings.small_batch_items
+        )
+        if row is None:
+            raise BatchNotFoundError(f"no batch {self.id}")
+        if ahead is not None:
+            self._results_ahead = ahead
         return BatchStatus.model_validate(row)
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> BatchStatus:
@@ -128,7 +144,7 @@ class BatchHandle:
             with self._client.listener.subscription(self.id) as woken:
                 while True:
                     woken.clear()
-                    status = self.status()
+                    status = self._status_reading_ahead()
                     if bar is not None:
                         bar.update(status)
                     if status.finished:
@@ -176,7 +192,7 @@ class BatchHandle:
         """Yield one `ItemResult` per input, in input order, streamed page by page
         (constant memory). Yields nothing before the batch has finished: results are
         written when it is aggregated."""
-        for row in ledger.iter_results(self._client.engine, self._uuid):
+        for row in ledger.iter_results(self._client.engine, self._uuid, self._results_ahead):
             yield ItemResult(item=row.item, output=row.output, error=row.error, model_versions=row.model_versions)
 
     def add_labels(self, labels: Mapping[int, Any]) -> ledger.StoredLabels:

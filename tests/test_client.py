@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from aggregator.assemble import aggregate_batch
 from pipeline.client import BatchStatus, Client
@@ -174,3 +174,24 @@ def test_closing_a_client_closes_its_listening_connection(unserved: Client, engi
     assert len(opened) == 1
     unserved.close()
     wait_for(lambda: not opened & _listener_pids(engine), 30, "the listening connection to close")
+
+
+def test_the_wait_that_sees_a_small_batch_finished_reads_its_results_with_its_status(
+    client: Client, stack: object
+) -> None:
+    batch = client.submit("screening", held_out_records(3))
+    statements: list[str] = []
+    event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+    status = batch.wait(timeout=60)
+    assert status.state == "succeeded"
+    read_by_wait = len(statements)
+    ahead = list(batch.results())
+    # The first result page came with the finished status: no read of its own.
+    assert len(statements) == read_by_wait
+    # A handle that did not wait reads the same results from the ledger.
+    handle = client.batch(batch.id)
+    before = len(statements)
+    fresh = list(handle.results())
+    assert len(statements) == before + 1
+    assert ahead == fresh and [result.item for result in ahead] == [0, 1, 2]
+    assert all(result.output is not None and result.model_versions for result in ahead)

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from pipeline.ledger.batches import (
         NOTIFY_CHANNEL,
         RequestFingerprint,
+        batch_status_read_ahead,
         batch_status_row,
         cancel_batch,
         first_subtask_started,
@@ -100,7 +101,7 @@ if TYPE_CHECKING:
         complete_subtasks,
         fail_subtask,
     )
-    from pipeline.ledger.pages import StoredResult, copy_result_page, input_pages, iter_results
+    from pipeline.ledger.pages import ResultsPage, StoredResult, copy_result_page, input_pages, iter_results
     from pipeline.ledger.registry import (
         StoredArtifact,
         VersionRecord,
@@ -150,6 +151,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "batches": (
         "NOTIFY_CHANNEL",
         "RequestFingerprint",
+        "batch_status_read_ahead",
         "batch_status_row",
         "cancel_batch",
         "first_subtask_started",
@@ -203,6 +205,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "window_versions",
     ),
     "pages": (
+        "ResultsPage",
         "StoredResult",
         "copy_result_page",
         "input_pages",
@@ -258,6 +261,7 @@ __all__ = [
     "Outcome",
     "PooledVersion",
     "RequestFingerprint",
+    "ResultsPage",
     "RideQuery",
     "Riding",
     "StoredArtifact",
@@ -273,6 +277,7 @@ __all__ = [
     "WholeSplit",
     "aliases_of",
     "batch_state",
+    "batch_status_read_ahead",
     "batch_status_row",
     "cancel_batch",
     "claim_evaluation",

@@ -14,10 +14,12 @@ from sqlalchemy import Connection, Engine, Float, Interval, bindparam, func, sel
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from pipeline.errors import IdempotencyKeyError
+from pipeline.garbage import collection_paused
 from pipeline.json_array import JsonArray
 from pipeline.ledger import queries
 from pipeline.ledger.connection import autocommit, copy_rows, now, retrying_deadlocks
 from pipeline.ledger.counters import Outcome, cancel_subtasks, counters_complete
+from pipeline.ledger.pages import ResultsPage, results_page
 from pipeline.schema import Batch, BatchState, FailurePolicy, Priority, Subtask, SubtaskState
 
 if TYPE_CHECKING:
@@ -238,6 +240,33 @@ def batch_status_row(engine: Engine, batch_id: uuid.UUID) -> dict[str, Any] | No
     with autocommit(engine) as conn:
         row = conn.execute(queries.BATCH_STATUS, {"id": batch_id}).mappings().first()
     return dict(row) if row is not None else None
+
+
+def batch_status_read_ahead(
+    engine: Engine, batch_id: uuid.UUID, read_ahead_items: int
+) -> tuple[dict[str, Any] | None, ResultsPage | None]:
+    """As `batch_status_row`, with the batch's first result page once its results are ready,
+    when it has at most `read_ahead_items` inputs (else None): one round trip for both."""
+    with autocommit(engine) as conn, collection_paused():
+        row = (
+            conn.execute(queries.BATCH_STATUS_READ_AHEAD, {"id": batch_id, "read_ahead_items": read_ahead_items})
+            .mappings()
+            .first()
+        )
+    if row is None:
+        return None, None
+    status = {key: value for key, value in row.items() if not key.startswith("page_")}
+    if row["page_first_item"] is None:
+        return status, None
+    page = results_page(
+        row["page_first_item"],
+        row["page_outputs"],
+        row["page_errors"],
+        row["page_versions"],
+        row["page_pinned"],
+        row["page_last"],
+    )
+    return status, page
 
 
 def first_subtask_started(engine: Engine, batch_id: uuid.UUID) -> datetime | None:

@@ -115,19 +115,48 @@ def input_versions(
     ]
 
 
-def iter_results(engine: Engine, batch_id: uuid.UUID) -> Iterator[StoredResult]:
-    """Yield a batch's results in item order, one page per query (no query after the last page)."""
-    after = -1
+@dataclass(frozen=True)
+class ResultsPage:
+    """A result page as read, with whether it holds the batch's last input."""
+
+    first_item: int
+    results: list[StoredResult]
+    last: bool
+
+
+def results_page(
+    first_item: int,
+    outputs: list[Any],
+    errors: list[str | None] | None,
+    versions: list[dict[str, str | None] | None] | None,
+    pinned: Mapping[str, str] | None,
+    last: bool,
+) -> ResultsPage:
+    """The results of a stored result page: its columns as `RESULT_PAGE` reads them."""
+    count = len(outputs)
+    used = input_versions(pinned or {}, versions, count)
+    results = [
+        StoredResult(first_item + index, output, error, scored)
+        for index, (output, error, scored) in enumerate(zip(outputs, errors or [None] * count, used, strict=True))
+    ]
+    return ResultsPage(first_item, results, last)
+
+
+def iter_results(engine: Engine, batch_id: uuid.UUID, ahead: ResultsPage | None = None) -> Iterator[StoredResult]:
+    """Yield a batch's results in item order, one page per query (no query after the last
+    page); from `ahead`, its first page already read (`batch_status_read_ahead`), on."""
+    if ahead is not None:
+        yield from ahead.results
+        if ahead.last:
+            return
+    after = -1 if ahead is None else ahead.first_item
     while True:
         with autocommit(engine) as conn, collection_paused():
-            page = conn.execute(RESULT_PAGE, {"batch_id": batch_id, "after": after}).first()
-        if page is None:
+            row = conn.execute(RESULT_PAGE, {"batch_id": batch_id, "after": after}).first()
+        if row is None:
             return
-        count = len(page.outputs)
-        errors = page.errors or [None] * count
-        versions = input_versions(page.pinned or {}, page.versions, count)
-        for index, (output, error, used) in enumerate(zip(page.outputs, errors, versions, strict=True)):
-            yield StoredResult(page.first_item + index, output, error, used)
+        page = results_page(row.first_item, row.outputs, row.errors, row.versions, row.pinned, row.last)
+        yield from page.results
         if page.last:
             return
         after = page.first_item

@@ -14,6 +14,7 @@ def query(name: str) -> TextClause:
 
 
 BATCH_STATUS = query("batch_status")
+BATCH_STATUS_READ_AHEAD = query("batch_status_read_ahead")
 NEW_SUBTASK_IDS = query("new_subtask_ids")
 STORE_SPLIT_BATCH = query("store_split_batch")
 SERVING_OF = query("serving_of")
