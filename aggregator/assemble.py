@@ -305,7 +305,7 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
             page_answered = page.count - results.count(None)
             answered += page_answered
             unanswered += page.count - page_answered
-            ledger.copy_result_page(
+            ledger.insert_result_page(
                 conn,
                 batch_id,
                 page.first,

@@ -101,7 +101,7 @@ if TYPE_CHECKING:
         complete_subtasks,
         fail_subtask,
     )
-    from pipeline.ledger.pages import ResultsPage, StoredResult, copy_result_page, input_pages, iter_results
+    from pipeline.ledger.pages import ResultsPage, StoredResult, input_pages, insert_result_page, iter_results
     from pipeline.ledger.registry import (
         StoredArtifact,
         VersionRecord,
@@ -207,8 +207,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "pages": (
         "ResultsPage",
         "StoredResult",
-        "copy_result_page",
         "input_pages",
+        "insert_result_page",
         "iter_results",
     ),
     "registry": (
@@ -287,7 +287,6 @@ __all__ = [
     "claim_turn",
     "complete_subtask",
     "complete_subtasks",
-    "copy_result_page",
     "copy_subtasks",
     "evaluation_figures",
     "events_of",
@@ -298,6 +297,7 @@ __all__ = [
     "fold_contributions",
     "forget_worker",
     "input_pages",
+    "insert_result_page",
     "insert_batch",
     "insert_version",
     "iter_results",

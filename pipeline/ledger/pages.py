@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Engine, Text, bindparam, cast, select
 from pipeline.definition import InputPage
 from pipeline.garbage import collection_paused
 from pipeline.ledger import queries
-from pipeline.ledger.connection import BINARY_RESULTS, autocommit, copy_rows
+from pipeline.ledger.connection import BINARY_RESULTS, autocommit
 from pipeline.schema import Batch, ResultPage, StoredInputPage
 
 # The stored input page holding input `position` or, past a gap, the next one: found by
@@ -162,7 +162,7 @@ def iter_results(engine: Engine, batch_id: uuid.UUID, ahead: ResultsPage | None 
         after = page.first_item
 
 
-def copy_result_page(
+def insert_result_page(
     conn: Connection,
     batch_id: uuid.UUID,
     first: int,
@@ -175,4 +175,14 @@ def copy_result_page(
     `result_pages.versions` as JSON text (None: every input has the batch's pinned versions)."""
     outputs_json = "[" + ",".join("null" if output is None else output for output in outputs) + "]"
     errors_json = json.dumps(list(errors)) if any(error is not None for error in errors) else None
-    copy_rows(conn, queries.COPY_RESULT_PAGE, [(batch_id, first, len(outputs), outputs_json, errors_json, versions)])
+    conn.execute(
+        queries.INSERT_RESULT_PAGE,
+        {
+            "batch_id": batch_id,
+            "first_item": first,
+            "items": len(outputs),
+            "outputs": outputs_json,
+            "errors": errors_json,
+            "versions": versions,
+        },
+    )

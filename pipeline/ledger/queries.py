@@ -47,7 +47,7 @@ RECORD_GATE_ERROR = query("record_gate_error")
 ADD_ROLLOUT_BATCH = query("add_rollout_batch")
 ROLLOUT_EVIDENCE = query("rollout_evidence")
 ROLLOUT_COUNTS = query("rollout_counts")
+INSERT_RESULT_PAGE = query("insert_result_page")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]
-COPY_RESULT_PAGE = RAW["copy_result_page"]

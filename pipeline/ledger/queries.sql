@@ -133,8 +133,11 @@ COPY input_pages (batch_id, first_item, items, features, data) FROM STDIN
 -- name: copy_subtasks
 COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version, role, rides, lease_until) FROM STDIN
 
--- name: copy_result_page
-COPY result_pages (batch_id, first_item, items, outputs, errors, versions) FROM STDIN
+-- name: insert_result_page
+-- One result page: a row, so one INSERT (one round trip; a COPY takes two). Its JSON columns
+-- come as their text.
+INSERT INTO result_pages (batch_id, first_item, items, outputs, errors, versions)
+VALUES (:batch_id, :first_item, :items, CAST(:outputs AS json), CAST(:errors AS json), CAST(:versions AS json))
 
 -- name: failed_result_pages
 -- A batch whose split failed: every input gets the error as its result, one result page per
