@@ -276,6 +276,7 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
         unsplit_error = batch.error or "batch cancelled before it was split"
         answered = unanswered = 0
         causes = FailureCauses()
+        last_page: dict[str, Any] | None = None
         for stored in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), 0, batch.items):
             page = pipeline.with_features(stored)
             end = page.first + page.count
@@ -305,8 +306,11 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
             page_answered = page.count - results.count(None)
             answered += page_answered
             unanswered += page.count - page_answered
-            ledger.insert_result_page(
-                conn,
+            # Each page is stored once the next is assembled: the last one goes with the
+            # statement finishing the batch (one round trip fewer for a one-page batch).
+            if last_page is not None:
+                ledger.insert_result_page(conn, last_page)
+            last_page = ledger.result_page_row(
                 batch_id,
                 page.first,
                 results,
@@ -316,6 +320,8 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
         if following:
             due = _due_batch(conn, batch_id)
             if due is None:
+                if last_page is not None:
+                    ledger.insert_result_page(conn, last_page)
                 return None
             batch = due
         state, error = final_state(batch, answered, unanswered, causes)
@@ -323,7 +329,7 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
         metrics, contributions = batch_metrics(
             conn, batch, kpis.summary(), datetime.now(UTC), outputs.scored.scored(), outputs.times, scores
         )
-        followed_rollout = ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions)
+        followed_rollout = ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions, last_page)
     log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
     settings = get_settings()
     # A batch no roll-out followed has no shadow sub-task and no gate: nothing to read.

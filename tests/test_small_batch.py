@@ -322,9 +322,9 @@ def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
     assert seen["checkout"] == 1
     # The message's claim with the rest of the batch (`claim_turn`), one completion of
     # both; the aggregate's lock (with the serving versions), input page, outputs (with their drift
-    # counts and timestamps: no second read of the sub-tasks for the metrics), result page
-    # and finish (no roll-out: no shadow or gate read).
-    assert seen["statement"] == 2 + 5
+    # counts and timestamps: no second read of the sub-tasks for the metrics), and finish
+    # with its result page (no roll-out: no shadow or gate read).
+    assert seen["statement"] == 2 + 4
     # Its scoring versions, drift and latency, from the outputs read.
     assert metrics["model_versions"] == {model: [pinned[model]] for model in DIGIT_MODELS}
     assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)

@@ -101,7 +101,14 @@ if TYPE_CHECKING:
         complete_subtasks,
         fail_subtask,
     )
-    from pipeline.ledger.pages import ResultsPage, StoredResult, input_pages, insert_result_page, iter_results
+    from pipeline.ledger.pages import (
+        ResultsPage,
+        StoredResult,
+        input_pages,
+        insert_result_page,
+        iter_results,
+        result_page_row,
+    )
     from pipeline.ledger.registry import (
         StoredArtifact,
         VersionRecord,
@@ -210,6 +217,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "input_pages",
         "insert_result_page",
         "iter_results",
+        "result_page_row",
     ),
     "registry": (
         "StoredArtifact",
@@ -315,6 +323,7 @@ __all__ = [
     "record_contributions",
     "record_heartbeat",
     "record_split",
+    "result_page_row",
     "running_batch",
     "serving_versions",
     "set_alias",

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Row, Text, and_, bindparam, case, cast, func, or_, select, true, update
+from sqlalchemy import Connection, Row, Text, Update, and_, bindparam, case, cast, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 
 from pipeline.ledger import queries
@@ -230,9 +230,21 @@ FINISH_BATCH = (
         select(RolloutBatch.batch_id).where(RolloutBatch.batch_id == Batch.id).exists().label("followed_rollout"),
     )
 )
-# The same, inserting the batch's window contributions in a WITH clause: one statement, one
-# round trip, for the batch's end and what it adds to its windows.
-FINISH_CONTRIBUTING_BATCH = FINISH_BATCH.add_cte(queries.RECORD_CONTRIBUTIONS.columns().cte("contributed"))
+
+
+def _finish_statement(contributing: bool, last_page: bool) -> Update:
+    """`FINISH_BATCH`, inserting in WITH clauses the batch's window contributions
+    (`contributing`) and its last result page (`last_page`): one statement, one round trip,
+    for the batch's end, what it adds to its windows and its last results."""
+    statement = FINISH_BATCH
+    if contributing:
+        statement = statement.add_cte(queries.RECORD_CONTRIBUTIONS.columns().cte("contributed"))
+    if last_page:
+        statement = statement.add_cte(queries.INSERT_RESULT_PAGE.columns().cte("last_page"))
+    return statement
+
+
+FINISH = {(c, p): _finish_statement(c, p) for c in (False, True) for p in (False, True)}
 
 
 def finish_batch(
@@ -243,15 +255,19 @@ def finish_batch(
     result: dict[str, Any],
     metrics: dict[str, Any],
     contributions: Sequence[Contribution] = (),
+    last_page: dict[str, Any] | None = None,
 ) -> bool:
     """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
-    metrics, counted in `aggregate_runs`, and its window `contributions` stored (as
-    `record_contributions` stores them), in one statement; NOTIFY waiting clients on commit.
+    metrics, counted in `aggregate_runs`, its window `contributions` stored (as
+    `record_contributions` stores them) and its `last_page` of results (`result_page_row`,
+    as `insert_result_page` stores it), in one statement; NOTIFY waiting clients on commit.
     Returns True when the batch's split followed a roll-out (shadow or canary: it is one of
     `rollout_batches`), False otherwise or when the batch was not due."""
-    finished = {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics}
+    parameters = {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics}
     if contributions:
-        row = conn.execute(FINISH_CONTRIBUTING_BATCH, {**finished, **contribution_parameters(contributions)}).first()
-    else:
-        row = conn.execute(FINISH_BATCH, finished).first()
+        parameters |= contribution_parameters(contributions)
+    if last_page is not None:
+        assert last_page["batch_id"] == batch_id, "a batch's own results"
+        parameters |= last_page
+    row = conn.execute(FINISH[(bool(contributions), last_page is not None)], parameters).first()
     return row is not None and bool(row.followed_rollout)

@@ -162,27 +162,28 @@ def iter_results(engine: Engine, batch_id: uuid.UUID, ahead: ResultsPage | None 
         after = page.first_item
 
 
-def insert_result_page(
-    conn: Connection,
+def result_page_row(
     batch_id: uuid.UUID,
     first: int,
     outputs: Sequence[str | None],
     errors: Sequence[str | None],
     versions: str | None,
-) -> None:
-    """Store the results of inputs `first` .. `first + len(outputs) - 1`: per input its
-    output as JSON text, or None and in `errors` why it has none; `versions`: the page's
-    `result_pages.versions` as JSON text (None: every input has the batch's pinned versions)."""
-    outputs_json = "[" + ",".join("null" if output is None else output for output in outputs) + "]"
-    errors_json = json.dumps(list(errors)) if any(error is not None for error in errors) else None
-    conn.execute(
-        queries.INSERT_RESULT_PAGE,
-        {
-            "batch_id": batch_id,
-            "first_item": first,
-            "items": len(outputs),
-            "outputs": outputs_json,
-            "errors": errors_json,
-            "versions": versions,
-        },
-    )
+) -> dict[str, Any]:
+    """The parameters of the row storing the results of inputs `first` .. `first +
+    len(outputs) - 1` (`insert_result_page`, or the statement finishing the batch): per
+    input its output as JSON text, or None and in `errors` why it has none; `versions`: the
+    page's `result_pages.versions` as JSON text (None: every input has the batch's pinned
+    versions)."""
+    return {
+        "batch_id": batch_id,
+        "page_first": first,
+        "page_items": len(outputs),
+        "page_outputs": "[" + ",".join("null" if output is None else output for output in outputs) + "]",
+        "page_errors": json.dumps(list(errors)) if any(error is not None for error in errors) else None,
+        "page_versions": versions,
+    }
+
+
+def insert_result_page(conn: Connection, page: dict[str, Any]) -> None:
+    """Store a result page (`result_page_row`): a row, so one INSERT."""
+    conn.execute(queries.INSERT_RESULT_PAGE, page)

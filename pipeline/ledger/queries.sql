@@ -135,9 +135,11 @@ COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payloa
 
 -- name: insert_result_page
 -- One result page: a row, so one INSERT (one round trip; a COPY takes two). Its JSON columns
--- come as their text.
+-- come as their text. Its parameters are named apart from `batches`' columns: the statement
+-- finishing a batch inserts its last page in a WITH clause.
 INSERT INTO result_pages (batch_id, first_item, items, outputs, errors, versions)
-VALUES (:batch_id, :first_item, :items, CAST(:outputs AS json), CAST(:errors AS json), CAST(:versions AS json))
+VALUES (:batch_id, :page_first, :page_items, CAST(:page_outputs AS json), CAST(:page_errors AS json),
+  CAST(:page_versions AS json))
 
 -- name: failed_result_pages
 -- A batch whose split failed: every input gets the error as its result, one result page per
