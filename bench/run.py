@@ -192,12 +192,13 @@ def measure_latency(
 
 
 # Where a one-input batch's time goes, from the ledger's clocks (one server, one clock):
-# submission (`created_at`, the start of the client's storing transaction) → a worker claims
-# its first sub-task (the transaction, its commit, the publish and the delivery) → its last
+# stored (`created_at`, stamped by the one statement that stores a small batch) → a worker
+# claims its first sub-task (the statement's commit, the publish and the delivery) → its last
 # sub-task is finished (claims, predicts, completions; `predict_cpu`: the models' own CPU
 # time in it, summed over the sub-tasks) → the batch is finished (the
 # aggregate, in the worker that finished the last sub-task); the rest of the client's
-# measured time is its own (validation before storing, the wake-up, reading the result).
+# measured time is its own (validation, the champions' read and the split before storing,
+# the wake-up, reading the result).
 LATENCY_PHASES = text(
     "SELECT CAST(b.id AS text) AS id, extract(epoch FROM min(s.started_at) - b.created_at) * 1000 AS to_first_claim,"
     " extract(epoch FROM max(s.finished_at) - min(s.started_at)) * 1000 AS subtasks,"

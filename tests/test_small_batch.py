@@ -96,8 +96,9 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_two_statements(
         row = conn.execute(
             text(
                 "SELECT state, items, split_items, total, request_sha256, model_versions,"
-                " started_at IS NOT NULL AND aggregating_at IS NULL AS started,"
-                " (SELECT count(*) FROM input_pages WHERE batch_id = :b) AS pages FROM batches WHERE id = :b"
+                " started_at = created_at AND aggregating_at IS NULL AS started,"
+                " (SELECT bool_and(queued_at = b.created_at) FROM subtasks WHERE batch_id = :b) AS queued,"
+                " (SELECT count(*) FROM input_pages WHERE batch_id = :b) AS pages FROM batches b WHERE id = :b"
             ),
             {"b": batch.id},
         ).one()
@@ -107,7 +108,8 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_two_statements(
         ).scalar_one()
     assert (row.state, row.items, row.split_items, row.total, subtasks) == ("running", 1, 1, len(MODELS), len(MODELS))
     assert row.request_sha256 is not None and set(row.model_versions) == set(MODELS)
-    assert row.started and row.pages == 1
+    # Stored and split at once: one clock reading for its row and its sub-tasks.
+    assert row.started and row.queued and row.pages == 1
 
 
 @pytest.fixture

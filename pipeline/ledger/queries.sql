@@ -89,17 +89,22 @@ SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 -- :announce, NOTIFY :channel on commit, as `new_subtask_ids` does. When :idempotency_key
 -- names a batch already, writes nothing and returns no row. Else one row per sub-task to
 -- publish (riders left out, shadows last), or one with a NULL id when none is, each with
--- the batch's state.
-WITH batch AS (
+-- the batch's state. Created, split and its sub-tasks queued at one clock reading: a column
+-- default would be read after the SELECT's own `clock_timestamp()` calls, so `created_at`
+-- could come after `started_at`.
+WITH stamp AS (
+  SELECT clock_timestamp() AS at
+), batch AS (
   INSERT INTO batches (id, pipeline, items, request_sha256, idempotency_key, failure_policy, priority,
-    max_failed_fraction, deadline_at, state, split_items, total, model_versions, started_at, aggregating_at)
+    max_failed_fraction, created_at, deadline_at, state, split_items, total, model_versions, started_at,
+    aggregating_at)
   SELECT CAST(:id AS uuid), :pipeline, CAST(:items AS int), :request_sha256, :idempotency_key, :failure_policy,
-    :priority, CAST(:max_failed_fraction AS float8), clock_timestamp() + CAST(:deadline AS interval),
+    :priority, CAST(:max_failed_fraction AS float8), t.at, t.at + CAST(:deadline AS interval),
     CASE WHEN CAST(:total AS int) = 0 THEN 'aggregating' ELSE 'running' END, CAST(:items AS int),
-    CAST(:total AS int), CAST(:model_versions AS jsonb), clock_timestamp(),
-    CASE WHEN CAST(:total AS int) = 0 THEN clock_timestamp() END
+    CAST(:total AS int), CAST(:model_versions AS jsonb), t.at, CASE WHEN CAST(:total AS int) = 0 THEN t.at END
+  FROM stamp t
   ON CONFLICT (idempotency_key) DO NOTHING
-  RETURNING id, state
+  RETURNING id, state, created_at
 ), pages AS (
   INSERT INTO input_pages (batch_id, first_item, items, features, data)
   SELECT b.id, p.first_item, p.items, p.features, CAST(p.data AS json)
@@ -107,10 +112,10 @@ WITH batch AS (
     CAST(:page_data AS text[])) AS p (first_item, items, features, data)
 ), new_subtasks AS (
   INSERT INTO subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payload, state, model_version,
-    role, rides, lease_until)
+    role, rides, queued_at, lease_until)
   SELECT b.id, s.model, s.seq, s.max_attempts, s.priority, s.items_to - s.items_from,
     (CAST(:subtask_items AS int[]))[s.items_from + 1 : s.items_to], s.payload, 'dispatched', s.model_version, s.role,
-    s.rides, s.lease_until
+    s.rides, b.created_at, s.lease_until
   FROM batch b, unnest(CAST(:models AS text[]), CAST(:seqs AS int[]), CAST(:max_attempts AS int[]),
     CAST(:priorities AS int2[]), CAST(:items_from AS int[]), CAST(:items_to AS int[]),
     CAST(:payloads AS bytea[]), CAST(:versions AS text[]), CAST(:roles AS text[]), CAST(:rides AS boolean[]),
