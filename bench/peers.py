@@ -37,12 +37,12 @@ from sqlalchemy import Engine, text
 from aggregator.assemble import ModelOutputStream
 from pipeline import broker, ledger, registry
 from pipeline.artifacts import Manifest, load_verified
+from pipeline.chunker import Chunker
 from pipeline.client import Client
 from pipeline.definition import PageOutputs, Pipeline
 from pipeline.garbage import collection_paused
 from pipeline.inputs import encode_inputs, is_table
 from pipeline.settings import Settings, get_settings
-from pipeline.splitter import Chunker
 
 
 @cache

@@ -342,8 +342,9 @@ class Client:
                 the same `idempotency_key` stores it once and returns it.
         """
         from pipeline import broker, registry
+        from pipeline.client_split import ClientSplit
         from pipeline.inputs import iter_input_pages, read_ahead
-        from pipeline.splitter import SPLIT_ERRORS, ClientSplit, SplitStep, publish_step
+        from pipeline.splitter import SPLIT_ERRORS, SplitStep, publish_step
 
         try:
             options = SubmitOptions(

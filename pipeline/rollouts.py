@@ -4,7 +4,7 @@ or abort it.
 
 - `start`: a shadow roll-out (the challenger scores a copy of every batch's rows for the
   model, kept only for the gate) or a canary (it serves `percent` % of the inputs, chosen
-  by a stable hash of (batch id, input index): `pipeline.splitter.canary_inputs`);
+  by a stable hash of (batch id, input index): `pipeline.chunker.canary_inputs`);
 - `evaluate_batch`: after a batch of a roll-out is aggregated or labelled, the evidence is
   read from its batches' sub-tasks (`pipeline.rollout_evidence`), the gate recomputed and stored on the roll-out
   (an event when its verdict changes), and the challenger aborted automatically when its sub-tasks

@@ -17,13 +17,14 @@ from aggregator.assemble import aggregate_batch
 from aggregator.sweeper import sweep_once
 from pipeline import inputs, ledger, registry
 from pipeline.client import Client
+from pipeline.client_split import ClientSplit
 from pipeline.definition import InputPage, ModelRows
 from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.schema import FailurePolicy, Priority
 from pipeline.settings import Settings
-from pipeline.splitter import ClientSplit, SplitStep, split_step, split_steps
+from pipeline.splitter import SplitStep, split_step, split_steps
 from tests.helpers import RunServices, split_batch, store_batch, wait_for
 
 CHUNKS = {"digit-classifier": 5, "digit-ood": 7}

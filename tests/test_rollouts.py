@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 
 from aggregator.assemble import aggregate_batch
 from pipeline import heartbeat, ledger, model_registry, registry, rollout_evidence, rollouts
+from pipeline.chunker import canary_inputs
 from pipeline.client import Client
 from pipeline.errors import InvalidArgumentError, RolloutError, UnknownVersionError
 from pipeline.gate import FAIL, INSUFFICIENT, NO_LABEL, PASS
@@ -30,7 +31,7 @@ from pipeline.pipelines import screening
 from pipeline.pipelines.digits import DigitsPipeline, held_out_strips, tile_labels
 from pipeline.scratch import ScratchServices, delete_keys, scratch_services
 from pipeline.settings import Settings
-from pipeline.splitter import canary_inputs, split_steps
+from pipeline.splitter import split_steps
 from pipeline.states import Alias, RolloutMode, RolloutState
 from tests.helpers import (
     TEST_CHUNK_SIZES,

@@ -46,10 +46,10 @@ import sqlalchemy.exc
 from sqlalchemy import text
 
 from pipeline import broker, model_registry, rollouts
+from pipeline.chunker import canary_inputs
 from pipeline.client import Client
 from pipeline.database import libpq_url
 from pipeline.pipelines.digits import CLASSIFIER, OOD_GUARD, held_out_strips
-from pipeline.splitter import canary_inputs
 from pipeline.states import RolloutMode, RolloutState
 from tests.helpers import OwnStack, assert_finished_and_consistent, assert_shadow_twins, rows_per_input, second_version
 from tests.malformed import QUEUE_KINDS, Malformed, malformed_messages, publish

@@ -24,6 +24,7 @@ from sqlalchemy import text
 from aggregator.assemble import FailureCauses, ModelOutputStream, final_state
 from pipeline import ledger, registry
 from pipeline.artifacts import read_manifest
+from pipeline.chunker import Chunker
 from pipeline.definition import InputPage, ModelRows, ModelSpec, TrainedModel
 from pipeline.errors import InputFileError, InvalidInputError, PipelineError, SettingsError, SplitError
 from pipeline.garbage import collection_paused
@@ -33,7 +34,6 @@ from pipeline.pipelines.screening import FEATURES as SCREENING_FEATURES
 from pipeline.pipelines.screening import dataset_split as screening_split
 from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import Settings
-from pipeline.splitter import Chunker
 from pipeline.training import train_models
 from workers.interactive import sliced_predict
 
@@ -459,8 +459,8 @@ def test_every_ledger_name_is_its_modules_own_object() -> None:
 
 
 def test_bulk_chunks_are_cut_to_their_predict_time_but_not_below_the_cost_rows() -> None:
+    from pipeline.chunker import bulk_chunk_sizes
     from pipeline.ledger.split import COST_MIN_ROWS
-    from pipeline.splitter import bulk_chunk_sizes
 
     sizes = {"slow": 50_000, "fast": 10_000, "unmeasured": 7_000, "very-slow": 20_000}
     costs = {"slow": 4e-6, "fast": 2e-7, "very-slow": 1e-3, "not-in-this-pipeline": 1e-6}
