@@ -83,6 +83,19 @@ class RequestFingerprint:
         return self._sha256.hexdigest()
 
 
+def request_fingerprint(
+    idempotency_key: str | None,
+    pipeline: str,
+    failure_policy: FailurePolicy,
+    max_failed_fraction: float | None,
+    deadline_s: float | None,
+) -> RequestFingerprint | None:
+    """The fingerprint a keyed submission stores, its pages still to feed; None without a key."""
+    if idempotency_key is None:
+        return None
+    return RequestFingerprint(pipeline, failure_policy, max_failed_fraction, deadline_s)
+
+
 def _stored_page(page: InputPage) -> tuple[bytes | None, str | None]:
     """A `packed` page's columns as stored: its features as bytes, its data as JSON text."""
     features = None if page.X is None else page.X.tobytes()
@@ -160,11 +173,7 @@ def insert_batch(
         IdempotencyKeyError: the key names a batch of another pipeline, or one submitted
             with other inputs or options.
     """
-    fingerprint = (
-        None
-        if idempotency_key is None
-        else RequestFingerprint(pipeline, failure_policy, max_failed_fraction, deadline_s)
-    )
+    fingerprint = request_fingerprint(idempotency_key, pipeline, failure_policy, max_failed_fraction, deadline_s)
     in_hand = list(stored_pages(pages, fingerprint)) if isinstance(pages, list) else None
     batch_id = uuid.uuid4()
     inserted = conn.execute(

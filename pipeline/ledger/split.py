@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Row, Text, Update, bindparam, case, func, sel
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from pipeline.ledger import queries
-from pipeline.ledger.batches import NOTIFY_CHANNEL, RequestFingerprint, batch_row, same_request, stored_pages
+from pipeline.ledger.batches import NOTIFY_CHANNEL, batch_row, request_fingerprint, same_request, stored_pages
 from pipeline.ledger.connection import copy_rows, now
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, cancel_subtasks
 from pipeline.schema import Batch, BatchState, FailurePolicy, Subtask, SubtaskRole, SubtaskState
@@ -165,6 +165,21 @@ def riders(first: dict[str, int], consumers: dict[str, tuple[str, ...]]) -> set[
     return riding
 
 
+def _rider_leases(first: dict[str, int], riding: Riding | None) -> dict[tuple[str, int], datetime]:
+    """(model, seq) of each rider among new sub-tasks whose first serve seq per model is
+    `first` → its lease (`riding.lease_until`); none without `riding` (a shadow's seq is
+    negative: never one of them)."""
+    return {} if riding is None else dict.fromkeys(riders(first, riding.consumers), riding.lease_until)
+
+
+def _announcement(subtasks: Sequence[NewSubtask]) -> dict[str, Any]:
+    """The parameters of the NOTIFY announcing interactive sub-tasks among `subtasks`."""
+    return {
+        "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
+        "channel": INTERACTIVE_CHANNEL,
+    }
+
+
 def copy_subtasks(
     conn: Connection, batch_id: uuid.UUID, subtasks: Sequence[NewSubtask], riding: Riding | None = None
 ) -> list[Dispatch]:
@@ -179,8 +194,7 @@ def copy_subtasks(
     publishes it then.
     """
     first = first_seqs(subtasks)
-    # (model, seq) of each rider → its lease (a shadow's seq is negative: never one of them).
-    leases = {} if riding is None else dict.fromkeys(riders(first, riding.consumers), riding.lease_until)
+    leases = _rider_leases(first, riding)
     copy_rows(
         conn,
         queries.COPY_SUBTASKS,
@@ -216,8 +230,7 @@ def copy_subtasks(
             "batch_id": batch_id,
             "models": list(first),
             "first_seqs": list(first.values()),
-            "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
-            "channel": INTERACTIVE_CHANNEL,
+            **_announcement(subtasks),
         },
     ).all()
     return [Dispatch(row.id, row.model, row.priority) for row in rows if (row.model, row.seq) not in leases]
@@ -267,19 +280,12 @@ def store_split_batch(
         IdempotencyKeyError: as `insert_batch`.
         SplitError, NoChampionError: from `split`; nothing was written.
     """
-    fingerprint = (
-        None
-        if idempotency_key is None
-        else RequestFingerprint(pipeline, failure_policy, max_failed_fraction, deadline_s)
-    )
+    fingerprint = request_fingerprint(idempotency_key, pipeline, failure_policy, max_failed_fraction, deadline_s)
     in_hand = list(stored_pages(pages, fingerprint))
     batch_id = uuid.uuid4()
     whole = split(batch_id, [page for page, _, _ in in_hand])
     subtasks = whole.subtasks
-    first = first_seqs(subtasks)
-    leases = (
-        {} if whole.riding is None else dict.fromkeys(riders(first, whole.riding.consumers), whole.riding.lease_until)
-    )
+    leases = _rider_leases(first_seqs(subtasks), whole.riding)
     bounds = np.cumsum([0, *(s.rows for s in subtasks)])
     items = sum(page.count for page, _, _ in in_hand)
     row = batch_row(
@@ -316,8 +322,7 @@ def store_split_batch(
             "rides": [(s.model, s.seq) in leases for s in subtasks],
             "leases": [leases.get((s.model, s.seq)) for s in subtasks],
             "rollout_ids": whole.rollout_ids,
-            "announce": any(s.priority == Priority.interactive.rank for s in subtasks),
-            "channel": INTERACTIVE_CHANNEL,
+            **_announcement(subtasks),
         },
     ).all()
     if not rows:
