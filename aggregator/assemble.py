@@ -4,10 +4,12 @@ sub-task outputs, streamed page by page; then the batch's final state."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -21,7 +23,7 @@ from aggregator.latency import SubtaskTimes
 from aggregator.metrics import batch_metrics
 from aggregator.versions import UNSCORED, ResultVersions
 from pipeline import broker, ledger, registry, rollouts, runtime
-from pipeline.definition import ModelSpec, PageOutputs
+from pipeline.definition import InputPage, ModelSpec, PageOutputs
 from pipeline.estimation import ScoreCounts
 from pipeline.garbage import collection_paused
 from pipeline.ledger import rollouts as rollout_rows
@@ -47,9 +49,16 @@ FETCH_LIMIT = 64
 class BatchOutputs:
     """A batch's serve sub-task outputs for every stream (model, pinned version) of its
     pipeline, in `seq` order: one query reads the next ones of every stream that has run
-    out, and a stream known to have no more before an input is not asked again."""
+    out, and a stream known to have no more before an input is not asked again. Given
+    `read`, every stream's outputs read already, it asks nothing."""
 
-    def __init__(self, conn: Connection, batch_id: uuid.UUID, models: Sequence[ledger.StreamKey]) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        batch_id: uuid.UUID,
+        models: Sequence[ledger.StreamKey],
+        read: dict[ledger.StreamKey, list[ledger.SubtaskOutput]] | None = None,
+    ) -> None:
         # The succeeded sub-tasks' scoring versions and drift counts, and the timings of
         # those that ran to an outcome, counted as they are read.
         self.scored = ScoredCounts()
@@ -60,6 +69,20 @@ class BatchOutputs:
         self._after_seq = dict.fromkeys(models, -1)
         # Every sub-task of the stream starting before this input has been read.
         self._complete_before = dict.fromkeys(models, -1)
+        if read is not None:
+            self._complete_before = dict.fromkeys(models, sys.maxsize)
+            for model in models:
+                self._add(model, read.get(model, []))
+
+    def _add(self, model: ledger.StreamKey, chunks: list[ledger.SubtaskOutput]) -> None:
+        """Hold stream `model`'s next sub-tasks `chunks`, counted as read."""
+        for chunk in chunks:
+            if chunk.output is not None:
+                self.scored.add(*model, len(chunk.items), chunk.bin_counts)
+            self.times.add(model[0], chunk.timing)
+        self._read[model] = chunks
+        if chunks:
+            self._after_seq[model] = chunks[-1].seq
 
     def fetch(self, model: ledger.StreamKey, before_item: int) -> list[ledger.SubtaskOutput]:
         """The next sub-tasks of stream `model` starting before input `before_item` (a `FetchOutputs`)."""
@@ -72,13 +95,7 @@ class BatchOutputs:
             for m, chunks in ledger.subtask_outputs(
                 self._conn, self._batch_id, wanted, before_item, FETCH_LIMIT
             ).items():
-                for chunk in chunks:
-                    if chunk.output is not None:
-                        self.scored.add(*m, len(chunk.items), chunk.bin_counts)
-                    self.times.add(m[0], chunk.timing)
-                self._read[m] = chunks
-                if chunks:
-                    self._after_seq[m] = chunks[-1].seq
+                self._add(m, chunks)
                 if len(chunks) < FETCH_LIMIT:
                     self._complete_before[m] = before_item
         chunks, self._read[model] = self._read[model], []
@@ -236,18 +253,135 @@ def publish_shadows(bind: Bind, batch_id: uuid.UUID) -> None:
         log.warning("batch %s: its %d shadow sub-tasks could not be published (%s)", batch_id, len(shadows), error)
 
 
-def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
-    """Write one result per input and move a batch due for aggregation to its final
-    state, in one transaction, a page of inputs at a time: on a connection of Engine
-    `bind`, or on autocommit Connection `bind` (a worker's turn), which then also runs
-    what follows the commit.
+class Assembly:
+    """A batch's results assembled a page of inputs at a time on `conn`, from its serve
+    sub-tasks' outputs (read as the pages need them, or all read already: `read`); each
+    page is stored once the next is assembled, the last one by the statement finishing the
+    batch (`finish`: one round trip fewer for a one-page batch)."""
 
-    A batch still `running` whose split is finished is followed instead: each page is
-    assembled as soon as the sub-tasks holding its rows are finished, so assembly
-    overlaps the workers' compute, and the batch is finished once it is due. Returns the
-    final state; None when another aggregation holds the batch, or it is neither due
-    nor followable (a duplicate message).
-    """
+    def __init__(
+        self, conn: Connection, batch: Row[Any], read: dict[ledger.StreamKey, list[ledger.SubtaskOutput]] | None = None
+    ) -> None:
+        self.pipeline = registry.get_pipeline(batch.pipeline)
+        pinned = ledger.serving_versions(batch)
+        keys = {spec.name: [(spec.name, v) for v in pinned.get(spec.name, [None])] for spec in self.pipeline.models}
+        self.outputs = BatchOutputs(conn, batch.id, [key for model_keys in keys.values() for key in model_keys], read)
+        self._streams = [
+            ModelOutputs(spec, [ModelOutputStream(spec, partial(self.outputs.fetch, key)) for key in keys[spec.name]])
+            for spec in self.pipeline.models
+        ]
+        self._versions = ResultVersions(
+            batch.model_versions or {}, {name: [version for _, version in key] for name, key in keys.items()}
+        )
+        self._conn = conn
+        self._batch_id = batch.id
+        self._split_items = batch.split_items
+        # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
+        self._unsplit_error = batch.error or "batch cancelled before it was split"
+        self._kpis = self.pipeline.kpis()
+        # CBPE: the pages' scores, calibrated once the scoring version is known (batch_metrics).
+        self._scores = ScoreCounts() if self.pipeline.estimation is not None else None
+        self._causes = FailureCauses()
+        self.answered = self.unanswered = 0
+        self._last_page: dict[str, Any] | None = None
+
+    def add(self, stored: InputPage) -> None:
+        """Assemble the results of a stored page of inputs; every sub-task holding rows of its
+        inputs must be finished."""
+        pipeline = self.pipeline
+        page = pipeline.with_features(stored)
+        errors: list[str | None] = [None] * page.count
+        for index in range(max(0, self._split_items - page.first), page.count):
+            errors[index] = self._unsplit_error
+        page_outputs = {}
+        failures: dict[str, dict[int, str]] = {}
+        served: dict[str, np.ndarray] = {}
+        for stream in self._streams:
+            name = stream.spec.name
+            page_outputs[name], failures[name], served[name] = stream.take_page(page.first, page.count)
+            for index, reason in failures[name].items():
+                message = f"model {name!r}: {reason}"
+                errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
+        with collection_paused():
+            results = pipeline.aggregate_page(page, page_outputs, errors, self._kpis)
+        if self._scores is not None:
+            self._scores.add(*pipeline.estimate_scores(page, page_outputs, results))
+        for model, failed in failures.items():
+            unanswered_by = Counter(reason for index, reason in failed.items() if results[index] is None)
+            for reason, inputs in unanswered_by.items():
+                if reason != ledger.CANCELLED_ERROR:
+                    self._causes.add(f"model {model!r}: {reason}", inputs)
+        page_answered = page.count - results.count(None)
+        self.answered += page_answered
+        self.unanswered += page.count - page_answered
+        self.store_last()
+        self._last_page = ledger.result_page_row(
+            self._batch_id,
+            page.first,
+            results,
+            [None if r is not None else e or "the pipeline gave no result" for r, e in zip(results, errors)],
+            self._versions.page_json(served),
+        )
+
+    def store_last(self) -> None:
+        """Store the page assembled last, if not stored yet."""
+        if self._last_page is not None:
+            ledger.insert_result_page(self._conn, self._last_page)
+            self._last_page = None
+
+    def finish(self, batch: Row[Any]) -> Finished | None:
+        """Move `batch` (its row as read due) to its final state with its metrics, window
+        contributions and last page (`ledger.finish_batch`); None when it did not move."""
+        state, error = final_state(batch, self.answered, self.unanswered, self._causes)
+        result = {"items": batch.items, "answered": self.answered, "unanswered": self.unanswered}
+        metrics, contributions = batch_metrics(
+            self._conn,
+            batch,
+            self._kpis.summary(),
+            datetime.now(UTC),
+            self.outputs.scored.scored(),
+            self.outputs.times,
+            self._scores,
+        )
+        followed_rollout = ledger.finish_batch(
+            self._conn, batch, state, error, result, metrics, contributions, self._last_page
+        )
+        if followed_rollout is None:
+            return None
+        log.info(
+            "batch %s aggregated: %s (%d answered, %d without result)",
+            batch.id,
+            state.value,
+            self.answered,
+            self.unanswered,
+        )
+        return Finished(batch.pipeline, state, followed_rollout, bool(contributions))
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A batch its aggregate moved to its final state: what follows the commit needs."""
+
+    pipeline: str
+    state: BatchState
+    followed_rollout: bool
+    contributed: bool
+
+
+def _finish_one_page(conn: Connection, read: ledger.OnePageBatch) -> Finished | None:
+    """Aggregate a due batch of one input page read whole (`ledger.one_page_batch_due`) with
+    no transaction: its one page assembled, then one checked statement finishing it. None
+    when it did not move (another aggregation finished or holds it meanwhile)."""
+    assembly = Assembly(conn, read.batch, read.outputs)
+    assembly.add(read.input_page(len(assembly.pipeline.feature_names)))
+    return assembly.finish(read.batch)
+
+
+def _aggregate_locked(bind: Bind, batch_id: uuid.UUID) -> Finished | None:
+    """Aggregate a batch in one transaction under its aggregation lock, a page of inputs at a
+    time; follow a `running` one whose split is finished. None when another aggregation
+    holds the batch, it is neither due nor followable, or it ended another way while
+    followed."""
     with transaction(bind) as conn:
         held, locked = ledger.lock_aggregation(conn, batch_id)
         if not held:
@@ -258,85 +392,49 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
             return None
         if following:
             log.info("batch %s: assembling its results as its sub-tasks finish", batch_id)
-        pipeline = registry.get_pipeline(batch.pipeline)
-        pinned = ledger.serving_versions(batch)
-        keys = {spec.name: [(spec.name, v) for v in pinned.get(spec.name, [None])] for spec in pipeline.models}
-        outputs = BatchOutputs(conn, batch_id, [key for model_keys in keys.values() for key in model_keys])
-        streams = [
-            ModelOutputs(spec, [ModelOutputStream(spec, partial(outputs.fetch, key)) for key in keys[spec.name]])
-            for spec in pipeline.models
-        ]
-        versions = ResultVersions(
-            batch.model_versions or {}, {name: [version for _, version in key] for name, key in keys.items()}
-        )
-        kpis = pipeline.kpis()
-        # CBPE: the pages' scores, calibrated once the scoring version is known (batch_metrics).
-        scores = ScoreCounts() if pipeline.estimation is not None else None
-        # Inputs past `split_items` were never split: the batch was cancelled or aborted first.
-        unsplit_error = batch.error or "batch cancelled before it was split"
-        answered = unanswered = 0
-        causes = FailureCauses()
-        last_page: dict[str, Any] | None = None
-        for stored in ledger.input_pages(conn, batch_id, len(pipeline.feature_names), 0, batch.items):
-            page = pipeline.with_features(stored)
-            end = page.first + page.count
+        assembly = Assembly(conn, batch)
+        n_features = len(assembly.pipeline.feature_names)
+        for stored in ledger.input_pages(conn, batch_id, n_features, 0, batch.items):
+            end = stored.first + stored.count
             if following:
                 _wait_for(lambda: not ledger.unfinished_before(conn, batch_id, end))  # noqa: B023
-            errors: list[str | None] = [None] * page.count
-            for index in range(max(0, batch.split_items - page.first), page.count):
-                errors[index] = unsplit_error
-            page_outputs = {}
-            failures: dict[str, dict[int, str]] = {}
-            served: dict[str, np.ndarray] = {}
-            for stream in streams:
-                name = stream.spec.name
-                page_outputs[name], failures[name], served[name] = stream.take_page(page.first, page.count)
-                for index, reason in failures[stream.spec.name].items():
-                    message = f"model {stream.spec.name!r}: {reason}"
-                    errors[index] = message if errors[index] is None else f"{errors[index]}; {message}"
-            with collection_paused():
-                results = pipeline.aggregate_page(page, page_outputs, errors, kpis)
-            if scores is not None:
-                scores.add(*pipeline.estimate_scores(page, page_outputs, results))
-            for model, failed in failures.items():
-                unanswered_by = Counter(reason for index, reason in failed.items() if results[index] is None)
-                for reason, inputs in unanswered_by.items():
-                    if reason != ledger.CANCELLED_ERROR:
-                        causes.add(f"model {model!r}: {reason}", inputs)
-            page_answered = page.count - results.count(None)
-            answered += page_answered
-            unanswered += page.count - page_answered
-            # Each page is stored once the next is assembled: the last one goes with the
-            # statement finishing the batch (one round trip fewer for a one-page batch).
-            if last_page is not None:
-                ledger.insert_result_page(conn, last_page)
-            last_page = ledger.result_page_row(
-                batch_id,
-                page.first,
-                results,
-                [None if r is not None else e or "the pipeline gave no result" for r, e in zip(results, errors)],
-                versions.page_json(served),
-            )
+            assembly.add(stored)
         if following:
             due = _due_batch(conn, batch_id)
             if due is None:
-                if last_page is not None:
-                    ledger.insert_result_page(conn, last_page)
+                assembly.store_last()
                 return None
             batch = due
-        state, error = final_state(batch, answered, unanswered, causes)
-        result = {"items": batch.items, "answered": answered, "unanswered": unanswered}
-        metrics, contributions = batch_metrics(
-            conn, batch, kpis.summary(), datetime.now(UTC), outputs.scored.scored(), outputs.times, scores
-        )
-        followed_rollout = ledger.finish_batch(conn, batch_id, state, error, result, metrics, contributions, last_page)
-    log.info("batch %s aggregated: %s (%d answered, %d without result)", batch_id, state.value, answered, unanswered)
+        return assembly.finish(batch)
+
+
+def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
+    """Write one result per input and move a batch due for aggregation to its final
+    state: on a connection of Engine `bind`, or on autocommit Connection `bind` (a worker's
+    turn), which then also runs what follows the commit.
+
+    A batch of one input page is read whole in one statement and finished by one checked
+    statement, with no transaction (`_finish_one_page`). Any other is aggregated in one
+    transaction under its aggregation lock, a page of inputs at a time; one still `running`
+    whose split is finished is followed instead: each page is assembled as soon as the
+    sub-tasks holding its rows are finished, so assembly overlaps the workers' compute, and
+    the batch is finished once it is due. Returns the final state; None when another
+    aggregation holds or finished the batch, or it is neither due nor followable (a
+    duplicate message).
+    """
+    with connected(bind) as conn:
+        read = ledger.one_page_batch_due(conn, batch_id)
+        finished = None if read is None else _finish_one_page(conn, read)
+    if read is None:
+        finished = _aggregate_locked(bind, batch_id)
+    if finished is None:
+        return None
     settings = get_settings()
     # A batch no roll-out followed has no shadow sub-task and no gate: nothing to read.
-    if followed_rollout:
+    if finished.followed_rollout:
         publish_shadows(bind, batch_id)
         # After commit: the batch's results never wait for the gate.
         rollouts.evaluate_batch(bind, batch_id, min_age_s=settings.rollout_gate_interval_s)
-    if contributions:
-        evaluate_if_due(bind, batch.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)
-    return state
+    if finished.contributed:
+        evaluate_if_due(bind, finished.pipeline, settings.monitor_windows, settings.monitor_evaluate_s)
+    return finished.state

@@ -103,10 +103,12 @@ def measure_monitor(engine: Engine, pipeline: Pipeline, models_dir: Path, batche
         contributing = number % 2 == 1
         rows = _contributions(pipeline, models_dir, [batch_id], now) if contributing else []
         with engine.begin() as conn:
-            # The aggregate's transaction is open already: its begin and commit are not the update's.
-            conn.execute(text("SELECT 1"))
+            # The aggregate's transaction is open, its row read: its begin, commit and reads are
+            # not the update's.
+            due = ledger.lock_aggregating_batch(conn, batch_id)
+            assert due is not None, batch_id
             started = time.perf_counter()
-            ledger.finish_batch(conn, batch_id, BatchState.succeeded, None, RESULT, METRICS, rows)
+            ledger.finish_batch(conn, due, BatchState.succeeded, None, RESULT, METRICS, rows)
             if not contributing:
                 bare.append(time.perf_counter() - started)
             elif number < UPDATES // 2:

@@ -21,8 +21,9 @@ from pipeline.client_split import ClientSplit
 from pipeline.definition import InputPage, ModelRows
 from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
+from pipeline.ledger.aggregation import AGGREGATE_LOCK_CLASS
 from pipeline.pipelines.digits import held_out_strips
-from pipeline.schema import FailurePolicy, Priority
+from pipeline.schema import BatchState, FailurePolicy, Priority
 from pipeline.settings import Settings
 from pipeline.splitter import SplitStep, split_step, split_steps
 from tests.helpers import RunServices, split_batch, store_batch, wait_for
@@ -37,10 +38,13 @@ def engine(quiet_engine: Engine) -> Engine:
     return quiet_engine
 
 
-def _split_batch(engine: Engine, strips: int = 6) -> tuple[uuid.UUID, list[ledger.Claim]]:
-    """A batch split in-process (nothing published); returns its id and every sub-task claimed."""
+def _split_batch(
+    engine: Engine, strips: int = 6, page_items: int | None = None
+) -> tuple[uuid.UUID, list[ledger.Claim]]:
+    """A batch split in-process (nothing published), stored in pages of `page_items` inputs
+    (default: the client's); returns its id and every sub-task claimed."""
     inputs = held_out_strips(strips, max_digits=4, seed=7)
-    batch_id, created = store_batch(engine, inputs)
+    batch_id, created = store_batch(engine, inputs, page_items=page_items)
     assert created
     assert split_batch(engine, batch_id, CHUNKS)
     with engine.connect() as conn:
@@ -474,8 +478,9 @@ def test_a_turn_engine_commits_without_waiting_for_the_flush_but_an_aggregate_wa
 
 def test_the_bytea_reads_of_claims_and_the_aggregate_come_back_in_binary_format(engine: Engine) -> None:
     """A claim's rows to score, an input page's features and the sub-tasks' outputs are
-    `bytea`: read in binary format (as their bytes, not hex-escaped); a statement without
-    the `BINARY_RESULTS` option still reads text."""
+    `bytea`: read in binary format (as their bytes, not hex-escaped), by the aggregate of a
+    one-page batch (one read) and of a batch of more pages (a read per page and for the
+    outputs); a statement without the `BINARY_RESULTS` option still reads text."""
     formats: list[tuple[str, int]] = []
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
@@ -484,12 +489,14 @@ def test_the_bytea_reads_of_claims_and_the_aggregate_come_back_in_binary_format(
 
     event.listen(engine, "after_cursor_execute", record)
     try:
-        batch_id, claims = _split_batch(engine)
-        for claim in claims:
-            assert claim.payload and len(claim.payload) == claim.rows * 4 * registry.get_model(claim.model).n_features
-            ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
-        assert aggregate_batch(engine, batch_id) == "succeeded"
-        ledger.batch_status_row(engine, batch_id)
+        for page_items in (None, 4):
+            batch_id, claims = _split_batch(engine, page_items=page_items)
+            for claim in claims:
+                n_features = registry.get_model(claim.model).n_features
+                assert claim.payload and len(claim.payload) == claim.rows * 4 * n_features
+                ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+            assert aggregate_batch(engine, batch_id) == "succeeded"
+            ledger.batch_status_row(engine, batch_id)
     finally:
         event.remove(engine, "after_cursor_execute", record)
 
@@ -497,6 +504,7 @@ def test_the_bytea_reads_of_claims_and_the_aggregate_come_back_in_binary_format(
         return {fmt for statement, fmt in formats if statement.lstrip().startswith(start)}
 
     assert format_of("WITH claimed AS") == {pq.Format.BINARY}
+    assert {fmt for statement, fmt in formats if "AS page_features" in statement} == {pq.Format.BINARY}
     assert format_of("SELECT input_pages.first_item") == {pq.Format.BINARY}
     assert format_of("SELECT m.n, c.seq") == {pq.Format.BINARY}
     assert format_of("SELECT s.*") == {pq.Format.TEXT}
@@ -756,3 +764,42 @@ def test_the_client_splits_json_items_as_an_aggregator_splits_their_stored_pages
 def _subtask_ids(engine: Engine, batch_id: uuid.UUID) -> list[int]:
     with engine.connect() as conn:
         return list(conn.execute(text("SELECT id FROM subtasks WHERE batch_id = :b"), {"b": batch_id}).scalars())
+
+
+def test_a_one_page_batch_is_finished_once_by_a_checked_statement(engine: Engine) -> None:
+    """A batch of one input page is read whole and finished with no transaction: the
+    finishing statement moves the row only as it was read and only while no other
+    aggregation holds the batch's lock, and writes its result page and contributions only
+    when it moved it. A second aggregate that read the batch due at the same time writes
+    nothing (its result page would collide with the first's)."""
+    batch_id, claims = _split_batch(engine)
+    for claim in claims:
+        ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+    finished = {"state": BatchState.succeeded, "error": None, "result": {"items": 6}, "metrics": {}}
+    page = ledger.result_page_row(batch_id, 0, ["{}"] * 6, [None] * 6, None)
+    lock = text("SELECT pg_try_advisory_xact_lock(:c, hashtext(:b))")
+    with engine.connect() as conn:
+        first, second = ledger.one_page_batch_due(conn, batch_id), ledger.one_page_batch_due(conn, batch_id)
+        conn.commit()
+        assert first is not None and second is not None
+        assert first.input_page(len(registry.get_pipeline("digits").feature_names)).count == 6
+        assert sum(len(outputs) for outputs in first.outputs.values()) == len(claims)
+        # Another aggregation holds the lock (say one following the batch): neither the read
+        # nor the finish takes the batch.
+        with engine.begin() as holder:
+            assert holder.execute(lock, {"c": AGGREGATE_LOCK_CLASS, "b": str(batch_id)}).scalar_one()
+            assert ledger.one_page_batch_due(conn, batch_id) is None
+            assert ledger.finish_batch(conn, first.batch, last_page=page, **finished) is None
+            conn.commit()
+        assert ledger.finish_batch(conn, first.batch, last_page=page, **finished) is False
+        assert ledger.finish_batch(conn, second.batch, last_page=page, **finished) is None
+        conn.commit()
+        runs, pages = conn.execute(
+            text(
+                "SELECT aggregate_runs, (SELECT count(*) FROM result_pages WHERE batch_id = :b)"
+                " FROM batches WHERE id = :b"
+            ),
+            {"b": batch_id},
+        ).one()
+        assert ledger.one_page_batch_due(conn, batch_id) is None
+    assert (runs, pages) == (1, 1)

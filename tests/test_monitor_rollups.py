@@ -211,8 +211,10 @@ def test_the_finishing_statement_stores_each_contribution_s_own_bin_counts(quiet
     ]
     finished = {"state": BatchState.succeeded, "error": None, "result": {"items": 30}, "metrics": {}}
     with quiet_engine.begin() as conn:
-        ledger.finish_batch(conn, batch_id, contributions=made, **finished)
-        ledger.finish_batch(conn, batch_id, contributions=made[:1], **finished)
+        due = ledger.lock_aggregating_batch(conn, batch_id)
+        assert due is not None
+        assert ledger.finish_batch(conn, due, contributions=made, **finished) is False
+        assert ledger.finish_batch(conn, due, contributions=made[:1], **finished) is None
     with quiet_engine.connect() as conn:
         state = conn.execute(text("SELECT state FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one()
         stored = conn.execute(

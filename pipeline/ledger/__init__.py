@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.ledger.aggregation import (
         CANCELLED_ERROR,
+        OnePageBatch,
         StreamKey,
         SubtaskOutput,
         SubtaskTiming,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
         finish_batch,
         lock_aggregating_batch,
         lock_aggregation,
+        one_page_batch_due,
         running_batch,
         serving_versions,
         subtask_outputs,
@@ -143,6 +145,7 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "aggregation": (
         "CANCELLED_ERROR",
+        "OnePageBatch",
         "StreamKey",
         "SubtaskOutput",
         "SubtaskTiming",
@@ -150,6 +153,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "finish_batch",
         "lock_aggregating_batch",
         "lock_aggregation",
+        "one_page_batch_due",
         "running_batch",
         "serving_versions",
         "subtask_outputs",
@@ -266,6 +270,7 @@ __all__ = [
     "INTERACTIVE_CHANNEL",
     "NOTIFY_CHANNEL",
     "NewSubtask",
+    "OnePageBatch",
     "Outcome",
     "PooledVersion",
     "RequestFingerprint",
@@ -317,6 +322,7 @@ __all__ = [
     "migrate",
     "model_row_costs",
     "next_seqs",
+    "one_page_batch_due",
     "open_alerts",
     "previous_champion",
     "record_alerts",

@@ -3,6 +3,7 @@ finished sub-tasks' outputs, result pages, and the batch's final state."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,15 +11,16 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Row, Text, Update, and_, bindparam, case, cast, func, or_, select, true, update
+from sqlalchemy import Connection, Row, Text, and_, bindparam, case, cast, func, or_, select, true
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 
+from pipeline.definition import InputPage
 from pipeline.ledger import queries
 from pipeline.ledger.batches import NOTIFY_CHANNEL
-from pipeline.ledger.connection import now
+from pipeline.ledger.connection import BINARY_RESULTS
 from pipeline.ledger.counters import UNFINISHED_SUBTASK_STATES, counters_complete
 from pipeline.ledger.monitor import Contribution, contribution_parameters
-from pipeline.schema import Batch, BatchState, RolloutBatch, Subtask, SubtaskRole, SubtaskState
+from pipeline.schema import Batch, BatchState, StoredInputPage, Subtask, SubtaskRole, SubtaskState
 
 
 def aggregate_due() -> Any:
@@ -176,6 +178,23 @@ def serving_versions(batch: Row[Any]) -> dict[str, list[str | None]]:
     return versions
 
 
+def _subtask_output(row: Row[Any]) -> SubtaskOutput:
+    """A finished sub-task's `SubtaskOutput` from its `subtask_*` columns (`SUBTASK_OUTPUTS`, `ONE_PAGE_DUE`)."""
+    state = row.subtask_state
+    succeeded = state == SubtaskState.succeeded
+    ran = state in OUTCOME_STATES and row.subtask_started_at is not None and row.subtask_finished_at is not None
+    return SubtaskOutput(
+        row.subtask_seq,
+        np.asarray(row.subtask_items),
+        row.subtask_output if succeeded else None,
+        CANCELLED_ERROR if state == SubtaskState.cancelled else None if succeeded else row.subtask_error,
+        row.subtask_bin_counts if succeeded else None,
+        SubtaskTiming(row.subtask_rows, row.subtask_queued_at, row.subtask_started_at, row.subtask_finished_at)
+        if ran
+        else None,
+    )
+
+
 def subtask_outputs(
     conn: Connection, batch_id: uuid.UUID, after_seqs: dict[StreamKey, int], before_item: int, limit: int
 ) -> dict[StreamKey, list[SubtaskOutput]]:
@@ -197,77 +216,116 @@ def subtask_outputs(
     )
     outputs: dict[StreamKey, list[SubtaskOutput]] = {key: [] for key in keys}
     for row in rows:
-        succeeded = row.state == SubtaskState.succeeded
-        error = CANCELLED_ERROR if row.state == SubtaskState.cancelled else None if succeeded else row.error
-        ran = row.state in OUTCOME_STATES and row.started_at is not None and row.finished_at is not None
-        outputs[keys[row.n - 1]].append(
-            SubtaskOutput(
-                row.seq,
-                np.asarray(row.items),
-                row.output if succeeded else None,
-                error,
-                row.bin_counts if succeeded else None,
-                SubtaskTiming(row.rows, row.queued_at, row.started_at, row.finished_at) if ran else None,
-            )
-        )
+        outputs[keys[row.n - 1]].append(_subtask_output(row))
     return outputs
 
 
-FINISH_BATCH = (
-    update(Batch)
-    .where(Batch.id == bindparam("batch_id"), aggregate_due())
-    .values(
-        state=bindparam("state", type_=Text),
-        error=bindparam("error", type_=Text),
-        result=bindparam("result", type_=JSONB),
-        metrics=bindparam("metrics", type_=JSONB),
-        finished_at=case((Batch.state == BatchState.cancelled, Batch.finished_at), else_=now()),
-        aggregate_runs=Batch.aggregate_runs + 1,
+# The batch's aggregation lock is free: taken, then released as the statement's own
+# transaction ends.
+_AGGREGATION_FREE = func.pg_try_advisory_xact_lock(
+    AGGREGATE_LOCK_CLASS, func.hashtext(cast(bindparam("batch_id"), Text))
+)
+# The first row of `ONE_PAGE_DUE`: the only one that carries the input page.
+_FIRST_ROW = func.row_number().over(order_by=(Subtask.model, Subtask.model_version, Subtask.seq)) == 1
+ONE_PAGE_DUE = (
+    select(
+        Batch.__table__,
+        _SERVING,
+        case((_FIRST_ROW, StoredInputPage.features)).label("page_features"),
+        case((_FIRST_ROW, cast(StoredInputPage.data, Text))).label("page_data"),
+        Subtask.model.label("subtask_model"),
+        Subtask.model_version.label("subtask_version"),
+        Subtask.seq.label("subtask_seq"),
+        Subtask.items.label("subtask_items"),
+        Subtask.output.label("subtask_output"),
+        Subtask.error.label("subtask_error"),
+        Subtask.state.label("subtask_state"),
+        Subtask.bin_counts.label("subtask_bin_counts"),
+        Subtask.rows.label("subtask_rows"),
+        Subtask.queued_at.label("subtask_queued_at"),
+        Subtask.started_at.label("subtask_started_at"),
+        Subtask.finished_at.label("subtask_finished_at"),
     )
-    .returning(
-        func.pg_notify(NOTIFY_CHANNEL, cast(Batch.id, Text)),
-        # Only the batch of a roll-out has shadow sub-tasks to publish and gates to judge.
-        select(RolloutBatch.batch_id).where(RolloutBatch.batch_id == Batch.id).exists().label("followed_rollout"),
+    .join(
+        StoredInputPage,
+        and_(
+            StoredInputPage.batch_id == Batch.id, StoredInputPage.first_item == 0, StoredInputPage.items == Batch.items
+        ),
     )
+    .outerjoin(Subtask, and_(Subtask.batch_id == Batch.id, Subtask.role == SubtaskRole.serve))
+    .where(Batch.id == bindparam("batch_id"), aggregate_due(), _AGGREGATION_FREE)
+    .order_by(Subtask.model, Subtask.model_version, Subtask.seq)
+    # Features and outputs are `bytea`: read in binary format.
+    .execution_options(**BINARY_RESULTS)
 )
 
 
-def _finish_statement(contributing: bool, last_page: bool) -> Update:
-    """`FINISH_BATCH`, inserting in WITH clauses the batch's window contributions
-    (`contributing`) and its last result page (`last_page`): one statement, one round trip,
-    for the batch's end, what it adds to its windows and its last results."""
-    statement = FINISH_BATCH
-    if contributing:
-        statement = statement.add_cte(queries.RECORD_CONTRIBUTIONS.columns().cte("contributed"))
-    if last_page:
-        statement = statement.add_cte(queries.INSERT_RESULT_PAGE.columns().cte("last_page"))
-    return statement
+@dataclass(frozen=True)
+class OnePageBatch:
+    """A batch due for aggregation whose inputs are one stored page, read whole
+    (`one_page_batch_due`): its row (with its `serving_versions` in column `serving`), its
+    stored page's columns, and its serve sub-tasks' outputs per stream, in `seq` order."""
+
+    batch: Row[Any]
+    features: bytes | None
+    data: str | None
+    outputs: dict[StreamKey, list[SubtaskOutput]]
+
+    def input_page(self, n_features: int) -> InputPage:
+        """The batch's inputs as one page, for a pipeline of `n_features` features."""
+        return InputPage.from_stored(0, self.batch.items, self.features, self.data, n_features)
 
 
-FINISH = {(c, p): _finish_statement(c, p) for c in (False, True) for p in (False, True)}
+def one_page_batch_due(conn: Connection, batch_id: uuid.UUID) -> OnePageBatch | None:
+    """A batch due for aggregation (as `lock_aggregating_batch` finds it, unlocked) whose
+    inputs are one stored page, with all its aggregate reads, in one statement; None when
+    the batch is not due, has more pages, or another aggregation holds its lock.
+    `finish_batch` then moves it only if nothing changed it meanwhile: no transaction."""
+    rows = conn.execute(ONE_PAGE_DUE, {"batch_id": batch_id}).all()
+    if not rows:
+        return None
+    outputs: dict[StreamKey, list[SubtaskOutput]] = {}
+    for row in rows:
+        if row.subtask_seq is not None:
+            outputs.setdefault((row.subtask_model, row.subtask_version), []).append(_subtask_output(row))
+    return OnePageBatch(rows[0], rows[0].page_features, rows[0].page_data, outputs)
+
+
+# The last-page parameters of `finish_batch` for a batch without one.
+NO_PAGE = dict.fromkeys(("page_first", "page_items", "page_outputs", "page_errors", "page_versions"))
 
 
 def finish_batch(
     conn: Connection,
-    batch_id: uuid.UUID,
+    batch: Row[Any],
     state: BatchState,
     error: str | None,
     result: dict[str, Any],
     metrics: dict[str, Any],
     contributions: Sequence[Contribution] = (),
     last_page: dict[str, Any] | None = None,
-) -> bool:
-    """`aggregating` → final state (a cancelled batch stays `cancelled`) with result and
-    metrics, counted in `aggregate_runs`, its window `contributions` stored (as
-    `record_contributions` stores them) and its `last_page` of results (`result_page_row`,
-    as `insert_result_page` stores it), in one statement; NOTIFY waiting clients on commit.
-    Returns True when the batch's split followed a roll-out (shadow or canary: it is one of
-    `rollout_batches`), False otherwise or when the batch was not due."""
-    parameters = {"batch_id": batch_id, "state": state.value, "error": error, "result": result, "metrics": metrics}
-    if contributions:
-        parameters |= contribution_parameters(contributions)
-    if last_page is not None:
-        assert last_page["batch_id"] == batch_id, "a batch's own results"
-        parameters |= last_page
-    row = conn.execute(FINISH[(bool(contributions), last_page is not None)], parameters).first()
-    return row is not None and bool(row.followed_rollout)
+) -> bool | None:
+    """`batch` (its row as read due for aggregation: `lock_aggregation`, `one_page_batch_due`)
+    → final state (a cancelled batch stays `cancelled`) with result and metrics, counted in
+    `aggregate_runs`, its window `contributions` stored (as `record_contributions` stores
+    them) and its `last_page` of results (`result_page_row`, as `insert_result_page` stores
+    it): one statement (`queries.sql: finish_batch`), which moves the batch only if its row
+    is still as read and no other aggregation holds its lock. NOTIFY waiting clients on
+    commit, which is durable. Returns None when the batch did not move, else whether its
+    split followed a roll-out (shadow or canary: it is one of `rollout_batches`)."""
+    assert last_page is None or last_page["batch_id"] == batch.id, "a batch's own results"
+    parameters = {
+        "batch_id": batch.id,
+        "read_state": batch.state,
+        "read_runs": batch.aggregate_runs,
+        "state": state.value,
+        "error": error,
+        "result": json.dumps(result),
+        "metrics": json.dumps(metrics),
+        "lock_class": AGGREGATE_LOCK_CLASS,
+        "channel": NOTIFY_CHANNEL,
+        **contribution_parameters(contributions),
+        **(NO_PAGE if last_page is None else last_page),
+    }
+    row = conn.execute(queries.FINISH_BATCH, parameters).first()
+    return None if row is None else bool(row.followed_rollout)

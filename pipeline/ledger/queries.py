@@ -48,6 +48,7 @@ ADD_ROLLOUT_BATCH = query("add_rollout_batch")
 ROLLOUT_EVIDENCE = query("rollout_evidence")
 ROLLOUT_COUNTS = query("rollout_counts")
 INSERT_RESULT_PAGE = query("insert_result_page")
+FINISH_BATCH = query("finish_batch")
 # COPY statements run on the driver's cursor, as strings.
 COPY_INPUT_PAGES = RAW["copy_input_pages"]
 COPY_SUBTASKS = RAW["copy_subtasks"]

@@ -63,7 +63,10 @@ LEFT JOIN rollouts r ON r.model = m.model AND r.state = 'active'
 -- start before an input: one query for every stream, each read in seq order through the
 -- (batch_id, model, seq) index. A canary's model has two streams, one per version. With
 -- their drift bin counts and timestamps: the aggregate's metrics sum them as they are read.
-SELECT m.n, c.seq, c.items, c.output, c.error, c.state, c.bin_counts, c.rows, c.queued_at, c.started_at, c.finished_at
+-- Named as `ONE_PAGE_DUE` names them (`subtask_*`), beside a batch's own columns.
+SELECT m.n, c.seq AS subtask_seq, c.items AS subtask_items, c.output AS subtask_output, c.error AS subtask_error,
+  c.state AS subtask_state, c.bin_counts AS subtask_bin_counts, c.rows AS subtask_rows,
+  c.queued_at AS subtask_queued_at, c.started_at AS subtask_started_at, c.finished_at AS subtask_finished_at
 FROM unnest(CAST(:models AS text[]), CAST(:versions AS text[]), CAST(:after_seqs AS int[]))
   WITH ORDINALITY AS m (model, version, after_seq, n)
 CROSS JOIN LATERAL (
@@ -140,11 +143,11 @@ COPY subtasks (batch_id, model, seq, max_attempts, priority, rows, items, payloa
 
 -- name: insert_result_page
 -- One result page: a row, so one INSERT (one round trip; a COPY takes two). Its JSON columns
--- come as their text. Its parameters are named apart from `batches`' columns: the statement
--- finishing a batch inserts its last page in a WITH clause.
+-- come as their text. A SELECT and its parameters named apart from `batches`' columns: the
+-- statement finishing a batch inserts its last page in a WITH clause, with a WHERE of its own.
 INSERT INTO result_pages (batch_id, first_item, items, outputs, errors, versions)
-VALUES (:batch_id, :page_first, :page_items, CAST(:page_outputs AS json), CAST(:page_errors AS json),
-  CAST(:page_versions AS json))
+SELECT CAST(:batch_id AS uuid), :page_first, :page_items, CAST(:page_outputs AS json), CAST(:page_errors AS json),
+  CAST(:page_versions AS json)
 
 -- name: failed_result_pages
 -- A batch whose split failed: every input gets the error as its result, one result page per
@@ -204,12 +207,11 @@ JOIN results r ON r.batch_id = l.batch_id AND r.item = l.item
 WHERE l.batch_id = :batch_id AND l.replaced_at IS NULL
 ORDER BY l.item
 
--- name: record_contributions
--- Finished batches' contributions (a batch aggregated again adds nothing); the statement
--- that finishes a batch carries its own. They come as one JSON array of records, and their
--- bin counts as one int64 string that each record slices at its byte offset (two
--- parameters, whatever the count). Not yet in their hours' rollups: `fold_contributions`
--- adds them later, off the aggregate's path.
+-- name: insert_contributions
+-- Window contributions, of any batches, inserted from one JSON array of records (:contributions)
+-- and their bin counts as one int64 string that each record slices at its byte offset
+-- (:bins): two parameters, whatever the count. Completed by `record_contributions` and
+-- `finish_batch`.
 INSERT INTO monitor_contributions
   (batch_id, pipeline, model, model_version, finished_at, items, rows, bin_counts, kpis, latency_s, estimate_sums)
 SELECT c.batch_id, c.pipeline, c.model, c.model_version, c.finished_at, c.items, c.rows,
@@ -217,7 +219,47 @@ SELECT c.batch_id, c.pipeline, c.model, c.model_version, c.finished_at, c.items,
 FROM jsonb_to_recordset(CAST(:contributions AS jsonb)) AS c (
   batch_id uuid, pipeline text, model text, model_version text, finished_at timestamptz, items int, rows int,
   bins_from int, bins_bytes int, kpis jsonb, latency_s float8, estimate_sums jsonb)
+
+-- name: record_contributions
+-- Finished batches' contributions (a batch aggregated again adds nothing); the statement
+-- that finishes a batch carries its own. Not yet in their hours' rollups:
+-- `fold_contributions` adds them later, off the aggregate's path.
+-- include: insert_contributions
 ON CONFLICT DO NOTHING
+
+-- name: finish_batch
+-- A batch its aggregate read due moved to its final state (:state; a cancelled one stays
+-- `cancelled` and keeps its `finished_at`) with its result and metrics, counted in
+-- `aggregate_runs`: only when the row is still as that read saw it (:read_state,
+-- :read_runs) and the batch's aggregation lock is free or this transaction's (another
+-- aggregation, say one assembling the batch as its sub-tasks finish, owns it otherwise).
+-- The same statement then stores, only if the row moved, the batch's window contributions
+-- (as `record_contributions`) and its last result page (as `insert_result_page`; none when
+-- :page_first is NULL), NOTIFYs :channel on commit, and makes that commit durable whatever
+-- the session's setting (a worker's turn commits its claims without waiting for the WAL
+-- flush). One statement, so a batch of one input page is aggregated with no transaction:
+-- one read (`ONE_PAGE_DUE`), this statement. Returns one row when the batch moved: whether
+-- its split followed a roll-out (only such a batch has shadow sub-tasks to publish and gates
+-- to judge).
+WITH finished AS (
+  UPDATE batches b
+  SET state = :state, error = :error, result = CAST(:result AS jsonb), metrics = CAST(:metrics AS jsonb),
+    finished_at = CASE WHEN b.state = 'cancelled' THEN b.finished_at ELSE now() END,
+    aggregate_runs = b.aggregate_runs + 1
+  WHERE b.id = :batch_id AND b.state = :read_state AND b.aggregate_runs = :read_runs
+    AND pg_try_advisory_xact_lock(:lock_class, hashtext(CAST(:batch_id AS text)))
+  RETURNING b.id, pg_notify(:channel, CAST(b.id AS text)) AS notified,
+    set_config('synchronous_commit', 'on', true) AS durable_commit,
+    EXISTS (SELECT FROM rollout_batches r WHERE r.batch_id = b.id) AS followed_rollout
+), contributed AS (
+  -- include: insert_contributions
+  WHERE EXISTS (SELECT FROM finished)
+  ON CONFLICT DO NOTHING
+), last_page AS (
+  -- include: insert_result_page
+  WHERE EXISTS (SELECT FROM finished) AND CAST(:page_first AS int) IS NOT NULL
+)
+SELECT followed_rollout FROM finished
 
 -- name: unfolded_contributions
 -- Up to :limit unfolded contributions of :pipeline, oldest first, locked for the fold until
