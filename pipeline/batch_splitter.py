@@ -21,19 +21,18 @@ from pipeline.ledger import rollouts as rollout_rows
 from pipeline.schema import Priority, RolloutMode, SubtaskRole
 
 
-def pin_champions(conn: Connection, pipeline: Pipeline, ride: ledger.RideQuery | None = None) -> rollout_rows.Serving:
-    """Each of the pipeline's models' champion version, and per model its active roll-out of
-    another version (with `ride`, who consumes its queue): one query for a batch's whole split
-    (its first step; the later ones keep what it pinned and follow the roll-outs it recorded).
+def pin_champions(serving: rollout_rows.Serving, pipeline: Pipeline) -> rollout_rows.Serving:
+    """What a batch's whole split pins (its first step; the later ones keep what it pinned
+    and follow the roll-outs it recorded), from its one read of `serving_of`: each of the
+    pipeline's models' champion version, and per model its active roll-out of another
+    version (and, as read, who consumes its queue).
 
     Raises:
         NoChampionError: a model has no version yet.
     """
-    names = [spec.name for spec in pipeline.models]
-    serving = rollout_rows.serving_of(conn, names, ride)
-    for name in names:
-        if name not in serving.champions:
-            raise NoChampionError(name)
+    for spec in pipeline.models:
+        if spec.name not in serving.champions:
+            raise NoChampionError(spec.name)
     rollouts = {
         model: rollout for model, rollout in serving.rollouts.items() if rollout.version != serving.champions[model]
     }
@@ -61,7 +60,8 @@ class BatchSplitter:
     """Turns a `pending` batch's input pages, taken in item order from input
     `batch.split_items` on, into its sub-tasks: one `Chunker` per model (two for a canary's
     model: champion and challenger), and a shadow copy of each serve sub-task of a model in
-    shadow. Reads what the batch's split pins (champions, roll-outs, bulk chunk sizes) once.
+    shadow. Reads what the batch's split pins (champions, roll-outs, bulk chunk sizes) once,
+    or takes `serving`, its client's read of `serving_of` with who consumes each queue.
 
     Raises:
         NoChampionError: a model of the pipeline has no version to pin.
@@ -74,18 +74,28 @@ class BatchSplitter:
         pipeline: Pipeline,
         chunk_sizes: dict[str, int],
         bulk_chunk_ms: float,
-        ride: ledger.RideQuery | None = None,
+        serving: rollout_rows.Serving | None = None,
     ) -> None:
         self.batch_id: uuid.UUID = batch.id
         self.pipeline = pipeline
         # The first step numbers every model's sub-tasks from 0; a later one goes on from the last.
         seqs = ledger.next_seqs(conn, batch.id) if batch.split_items else {}
         rank = Priority(batch.priority).rank
-        # With `ride` (a small batch's first split), whose sub-tasks may ride (`ledger.riders`).
+        # With a small batch's `serving` (its client's read), whose sub-tasks may ride (`ledger.riders`).
         self.riding: ledger.Riding | None = None
+        # Per model, the champion and active roll-out id the first split read (`WholeSplit.pins`).
+        self.pins: dict[str, tuple[str | None, int | None]] = {}
         if batch.model_versions is None:
-            serving = pin_champions(conn, pipeline, ride)
-            self.versions, self.rollouts, self.riding = serving.champions, serving.rollouts, serving.riding
+            read = serving or rollout_rows.serving_of(conn, [spec.name for spec in pipeline.models])
+            self.pins = {
+                spec.name: (
+                    read.champions.get(spec.name),
+                    read.rollouts[spec.name].id if spec.name in read.rollouts else None,
+                )
+                for spec in pipeline.models
+            }
+            pinned = pin_champions(read, pipeline)
+            self.versions, self.rollouts, self.riding = pinned.champions, pinned.rollouts, pinned.riding
         else:
             self.versions = batch.model_versions
             self.rollouts = {r.model: r for r in rollout_rows.active_rollouts_of_batch(conn, batch.id)}

@@ -36,6 +36,7 @@ from pipeline.status import newest_batches
 if TYPE_CHECKING:
     from celery import Celery
 
+    from pipeline.client_split import ServingReads
     from pipeline.definition import InputPage
     from pipeline.rollouts import Rollouts
 
@@ -263,6 +264,8 @@ class Client:
         self._publish_lock = threading.Lock()
         # Wakes the threads waiting on a batch; its thread and connection start with the first wait.
         self.listener = BatchListener(urls.database_url)
+        # What small batches' splits pin, read once for several (`client_split.SERVING_REUSE_S`).
+        self._servings: ServingReads | None = None
 
     def publisher(self) -> Celery:
         """The broker app to publish with. Celery creates its connection and producer pools
@@ -278,6 +281,17 @@ class Client:
                     app.amqp.producer_pool  # noqa: B018  (creates both pools; nothing connects)
                     self._app = app
         return self._app
+
+    def servings(self) -> ServingReads:
+        """The client's reads of what small batches' splits pin, shared by its threads (made on
+        first use: the client split's module imports the broker's)."""
+        if self._servings is None:
+            with self._app_lock:
+                if self._servings is None:
+                    from pipeline.client_split import ServingReads
+
+                    self._servings = ServingReads()
+        return self._servings
 
     @contextmanager
     def publishing(self) -> Iterator[Celery]:
@@ -370,7 +384,11 @@ class Client:
         # and any batch of JSON items, split from the objects just validated (the
         # aggregator's split would validate every item again). A big batch of packed
         # features is split by the aggregator, in steps its workers start on at once.
-        split = ClientSplit(self.settings, pipeline, priority_of_batch, small) if small or json_items else None
+        split = (
+            ClientSplit(self.settings, pipeline, priority_of_batch, small, self.servings())
+            if small or json_items
+            else None
+        )
         request = (
             options.idempotency_key,
             options.failure_policy,
@@ -382,10 +400,16 @@ class Client:
         stored = None
         if small:
             assert split is not None, "a small batch is split by its client"
-            # Split first, then stored in one statement. Inputs the pipeline cannot split are
-            # stored below, and the batch fails with the reason.
+            # Split first, then stored in one statement: from the client's latest read of what
+            # the split pins, then, if a champion or roll-out changed since, from a fresh one.
+            # Inputs the pipeline cannot split are stored below, and the batch fails with the
+            # reason; so is a batch whose pins changed again (the storing transaction reads
+            # them as it splits).
             with suppress(*SPLIT_ERRORS), autocommit(self.engine) as conn:
-                stored = ledger.store_split_batch(conn, pipeline, head, *request, split=partial(split.whole, conn))
+                for fresh in (False, True):
+                    whole = partial(split.whole, conn, fresh=fresh)
+                    if (stored := ledger.store_split_batch(conn, pipeline, head, *request, split=whole)) is not None:
+                        break
         if stored is not None:
             batch_id, created = stored.batch_id, stored.created
             step = SplitStep(stored.published, True, stored.aggregate)

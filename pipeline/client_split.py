@@ -4,6 +4,8 @@ split page by page on its storing transaction (`ClientSplit.page_stored`, `finis
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 from sqlalchemy import Connection
@@ -11,9 +13,40 @@ from sqlalchemy import Connection
 from pipeline import broker, heartbeat, ledger, registry
 from pipeline.batch_splitter import BatchSplitter, NewBatch
 from pipeline.definition import InputPage, Pipeline
+from pipeline.ledger import rollouts as rollout_rows
 from pipeline.schema import BatchState, Priority
 from pipeline.settings import Settings
 from pipeline.splitter import SPLIT_ERRORS, SplitStep, fail_split
+
+# How long a client reuses its read of what a small batch's split pins (`serving_of`: one
+# round trip before every small batch's store). The statement storing the batch checks
+# that its champions and roll-outs are still those (`ledger.store_split_batch`); who
+# consumes each queue comes from heartbeats `heartbeat.max_beat_age_s` old at most, so a
+# read a second older changes which sub-tasks ride at most as a missed beat does.
+SERVING_REUSE_S = 1.0
+
+
+class ServingReads:
+    """A client's latest read of `serving_of` for small batches, per pipeline, reused for
+    `SERVING_REUSE_S` (threads sharing the client share it)."""
+
+    def __init__(self) -> None:
+        self._reads: dict[str, tuple[float, rollout_rows.Serving]] = {}
+        self._lock = threading.Lock()
+
+    def serving(self, conn: Connection, settings: Settings, pipeline: Pipeline, fresh: bool) -> rollout_rows.Serving:
+        """What a small batch of `pipeline` pins and who consumes its models' queues: the
+        latest read when it is recent enough and not `fresh`, else read now on `conn`."""
+        now = time.monotonic()
+        with self._lock:
+            held = self._reads.get(pipeline.name)
+        if not fresh and held is not None and now - held[0] < SERVING_REUSE_S:
+            return held[1]
+        names = [spec.name for spec in pipeline.models]
+        serving = rollout_rows.serving_of(conn, names, ride_query(settings, pipeline))
+        with self._lock:
+            self._reads[pipeline.name] = (now, serving)
+        return serving
 
 
 class ClientSplit:
@@ -26,35 +59,44 @@ class ClientSplit:
     `running` with every sub-task, and its messages go once it is committed.
     """
 
-    def __init__(self, settings: Settings, pipeline: str, priority: Priority, small: bool) -> None:
+    def __init__(
+        self, settings: Settings, pipeline: str, priority: Priority, small: bool, servings: ServingReads | None = None
+    ) -> None:
         self._settings = settings
         self._pipeline = pipeline
         self._priority = priority
-        # A small batch's sub-tasks ride on each other's messages (`ledger.riders`).
+        # A small batch's sub-tasks ride on each other's messages (`ledger.riders`); its split
+        # reads what it pins through the client's `servings`.
         self._small = small
+        self._servings = servings or ServingReads()
         self._splitter: BatchSplitter | None = None
         self._published: list[ledger.Dispatch] = []
         self._error: Exception | None = None
 
-    def _new_splitter(self, conn: Connection, batch_id: uuid.UUID) -> BatchSplitter:
+    def _new_splitter(self, conn: Connection, batch_id: uuid.UUID, fresh: bool = True) -> BatchSplitter:
         pipeline = registry.get_pipeline(self._pipeline)
         settings = self._settings
-        ride = ride_query(settings, pipeline) if self._small else None
+        serving = self._servings.serving(conn, settings, pipeline, fresh) if self._small else None
         batch = NewBatch(batch_id, self._pipeline, self._priority)
-        return BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms, ride)
+        return BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms, serving)
 
-    def whole(self, conn: Connection, batch_id: uuid.UUID, pages: list[InputPage]) -> ledger.WholeSplit:
-        """The whole split of a small batch's `pages`, read on `conn` before anything is
-        stored (`ledger.store_split_batch`).
+    def whole(
+        self, conn: Connection, batch_id: uuid.UUID, pages: list[InputPage], fresh: bool = False
+    ) -> ledger.WholeSplit:
+        """The whole split of a small batch's `pages`, before anything is stored
+        (`ledger.store_split_batch`): from the client's latest read of what it pins
+        (`ServingReads`; read now on `conn` when it is old, or when `fresh`).
 
         Raises:
             SplitError, NoChampionError: the pipeline cannot split the inputs.
         """
-        splitter = self._new_splitter(conn, batch_id)
+        splitter = self._new_splitter(conn, batch_id, fresh)
         for page in pages:
             splitter.add(page)
         subtasks = splitter.take(final=True)
-        return ledger.WholeSplit(subtasks, splitter.serving, splitter.versions, splitter.riding, splitter.followed)
+        return ledger.WholeSplit(
+            subtasks, splitter.serving, splitter.versions, splitter.riding, splitter.followed, splitter.pins
+        )
 
     def page_stored(self, conn: Connection, batch_id: uuid.UUID, page: InputPage) -> None:
         """A `ledger.PageStored`: split the page just written and write its full chunks. Once

@@ -16,10 +16,12 @@ import pytest
 import redis
 from sqlalchemy import Engine, event, text
 
-from pipeline import broker, heartbeat, ledger
+from pipeline import broker, client_split, heartbeat, ledger
 from pipeline.client import Client
+from pipeline.ledger import rollouts as rollout_rows
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import BOOSTING, FOREST, LOGREG, MODELS, held_out_records
+from pipeline.schema import ModelEvent, RolloutState
 from pipeline.scratch import delete_keys
 from pipeline.states import Priority
 from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
@@ -90,8 +92,10 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_two_statements(
     # (counted, fingerprinted, split), its input page and sub-tasks, and their NOTIFY in one
     # statement that commits alone: no BEGIN, COPY or COMMIT.
     assert [sql.split()[0] for sql in statements] == ["SELECT", "WITH"], statements
-    # The same request again: the same batch, nothing written.
+    # The same request again: the same batch, nothing written (and the read reused, if this
+    # runs within `SERVING_REUSE_S`; else read again).
     assert client.submit("screening", held_out_records(1), idempotency_key=key).id == batch.id
+    assert [sql.split()[0] for sql in statements[2:]] in (["WITH", "SELECT"], ["SELECT", "WITH", "SELECT"])
     with engine.connect() as conn:
         row = conn.execute(
             text(
@@ -110,6 +114,58 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_two_statements(
     assert row.request_sha256 is not None and set(row.model_versions) == set(MODELS)
     # Stored and split at once: one clock reading for its row and its sub-tasks.
     assert row.started and row.queued and row.pages == 1
+
+
+def test_a_client_reuses_its_read_of_what_a_small_batch_pins_while_it_is_current(
+    quiet_client: tuple[Client, str], quiet_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client reads the champions, roll-outs and consumers a small batch's split pins once
+    for the batches of the next moment (`SERVING_REUSE_S`); the statement storing a batch
+    refuses a split whose champion or roll-out changed since, and the client splits it again
+    from a fresh read."""
+    monkeypatch.setattr(client_split, "SERVING_REUSE_S", 3600.0)
+    client, _ = quiet_client
+    statements: list[str] = []
+    event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+
+    def submitted() -> tuple[uuid.UUID, list[str]]:
+        statements.clear()
+        batch = client.submit("screening", held_out_records(1))
+        return batch.id, [sql.split()[0] for sql in statements]
+
+    assert submitted()[1] == ["SELECT", "WITH"]
+    assert submitted()[1] == ["WITH"]
+    with quiet_engine.begin() as conn:
+        champion = conn.execute(
+            text("SELECT version FROM model_aliases WHERE model = :m AND alias = 'champion'"), {"m": FOREST}
+        ).scalar_one()
+        # A roll-out of the champion's own version: nothing of the split changes but its pin.
+        rollout = rollout_rows.start_rollout(
+            conn, model=FOREST, version=champion, mode="shadow", percent=None, actor="test"
+        )
+    assert rollout is not None
+    try:
+        batch_id, sent = submitted()
+        # Refused (nothing written), read again, stored.
+        assert sent == ["WITH", "SELECT", "WITH"]
+        assert submitted()[1] == ["WITH"]
+    finally:
+        with quiet_engine.begin() as conn:
+            rollout_rows.end_rollout(
+                conn, rollout, state=RolloutState.aborted, event=ModelEvent.rollout_aborted, actor="test", reason=None
+            )
+    with quiet_engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT count(*) FROM batches WHERE id = :b AND state = 'running'"), {"b": batch_id}
+        ).scalar_one()
+        followed = (
+            conn.execute(text("SELECT rollout_id FROM rollout_batches WHERE batch_id = :b"), {"b": batch_id})
+            .scalars()
+            .all()
+        )
+    assert stored == 1
+    # It pins the champion: a roll-out of the champion's version is not followed.
+    assert followed == []
 
 
 @pytest.fixture

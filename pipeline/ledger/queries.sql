@@ -89,14 +89,25 @@ SELECT queue, reason, count(*) AS messages FROM dead_letters GROUP BY 1, 2
 -- counters (`aggregating` when it has no sub-task). Then its input pages, its sub-tasks
 -- `dispatched` with riders marked and leased as `copy_subtasks` writes them (each one's
 -- items are :subtask_items[:items_from + 1 : :items_to]), and the roll-outs it follows. With
--- :announce, NOTIFY :channel on commit, as `new_subtask_ids` does. When :idempotency_key
--- names a batch already, writes nothing and returns no row. Else one row per sub-task to
--- publish (riders left out, shadows last), or one with a NULL id when none is, each with
--- the batch's state. Created, split and its sub-tasks queued at one clock reading: a column
--- default would be read after the SELECT's own `clock_timestamp()` calls, so `created_at`
--- could come after `started_at`.
+-- :announce, NOTIFY :channel on commit, as `new_subtask_ids` does. Only while each model's
+-- champion and active roll-out are still those the split pinned (:pinned_*: its client may
+-- have read them a moment before, `client_split.SERVING_REUSE_S`). Returns one row with
+-- `pinned_current` false when they are not, and with a NULL state when :idempotency_key
+-- names a batch already: nothing is written. Else one row per sub-task to publish (riders
+-- left out, shadows last), or one with a NULL id when none is, each with the batch's state.
+-- Created, split and its sub-tasks queued at one clock reading: a column default would be
+-- read after the SELECT's own `clock_timestamp()` calls, so `created_at` could come after
+-- `started_at`.
 WITH stamp AS (
   SELECT clock_timestamp() AS at
+), pinned AS (
+  SELECT NOT EXISTS (
+    SELECT FROM unnest(CAST(:pinned_models AS text[]), CAST(:pinned_champions AS text[]),
+      CAST(:pinned_rollouts AS bigint[])) AS p (model, champion, rollout_id)
+    LEFT JOIN model_aliases a ON a.model = p.model AND a.alias = 'champion'
+    LEFT JOIN rollouts r ON r.model = p.model AND r.state = 'active'
+    WHERE a.version IS DISTINCT FROM p.champion OR r.id IS DISTINCT FROM p.rollout_id
+  ) AS current
 ), batch AS (
   INSERT INTO batches (id, pipeline, items, request_sha256, idempotency_key, failure_policy, priority,
     max_failed_fraction, created_at, deadline_at, state, split_items, total, model_versions, started_at,
@@ -105,7 +116,8 @@ WITH stamp AS (
     :priority, CAST(:max_failed_fraction AS float8), t.at, t.at + CAST(:deadline AS interval),
     CASE WHEN CAST(:total AS int) = 0 THEN 'aggregating' ELSE 'running' END, CAST(:items AS int),
     CAST(:total AS int), CAST(:model_versions AS jsonb), t.at, CASE WHEN CAST(:total AS int) = 0 THEN t.at END
-  FROM stamp t
+  FROM stamp t, pinned p
+  WHERE p.current
   ON CONFLICT (idempotency_key) DO NOTHING
   RETURNING id, state, created_at
 ), pages AS (
@@ -129,10 +141,11 @@ WITH stamp AS (
   INSERT INTO rollout_batches (rollout_id, batch_id)
   SELECT r, b.id FROM batch b, unnest(CAST(:rollout_ids AS bigint[])) AS r
 )
-SELECT b.state, s.id, s.model, s.priority
-FROM batch b
+SELECT p.current AS pinned_current, b.state, s.id, s.model, s.priority,
+  (SELECT pg_notify(:channel, '') FROM batch WHERE CAST(:announce AS boolean)) AS announced
+FROM pinned p
+LEFT JOIN batch b ON true
 LEFT JOIN new_subtasks s ON NOT s.rides
-WHERE NOT CAST(:announce AS boolean) OR (SELECT pg_notify(:channel, '') FROM batch) IS NOT NULL
 ORDER BY s.role, s.seq, s.model
 
 -- name: copy_input_pages

@@ -239,13 +239,16 @@ def copy_subtasks(
 class WholeSplit(NamedTuple):
     """A small batch's whole split, made by its client before anything is stored
     (`store_split_batch`): its sub-tasks, how many serve, the versions they pin, who
-    consumes each model's queue (`riders`), and the roll-outs the batch follows."""
+    consumes each model's queue (`riders`), the roll-outs the batch follows, and per model
+    the champion and active roll-out (None: none) the split read, to be still current
+    when the batch is stored."""
 
     subtasks: list[NewSubtask]
     serving: int
     model_versions: dict[str, str]
     riding: Riding | None
     rollout_ids: list[int]
+    pins: dict[str, tuple[str | None, int | None]]
 
 
 class StoredBatch(NamedTuple):
@@ -268,13 +271,14 @@ def store_split_batch(
     deadline_s: float | None,
     priority: Priority,
     split: Callable[[uuid.UUID, list[InputPage]], WholeSplit],
-) -> StoredBatch:
+) -> StoredBatch | None:
     """Store a small batch (every page in hand) with its whole split, `split(batch id,
     pages)` (its reads run on `conn` before the write), in one statement that commits on its
     own (`STORE_SPLIT_BATCH`, on an autocommit `conn`): what `insert_batch`, `copy_subtasks`
     and a finished `record_split` write on a batch's storing transaction, in one round trip
     instead of eight. With an `idempotency_key` already used by the same request, returns
-    that batch and writes nothing.
+    that batch and writes nothing. Returns None, writing nothing, when a champion or an
+    active roll-out the split read is no longer current (`WholeSplit.pins`): split again.
 
     Raises:
         IdempotencyKeyError: as `insert_batch`.
@@ -322,10 +326,15 @@ def store_split_batch(
             "rides": [(s.model, s.seq) in leases for s in subtasks],
             "leases": [leases.get((s.model, s.seq)) for s in subtasks],
             "rollout_ids": whole.rollout_ids,
+            "pinned_models": list(whole.pins),
+            "pinned_champions": [champion for champion, _ in whole.pins.values()],
+            "pinned_rollouts": [rollout for _, rollout in whole.pins.values()],
             **_announcement(subtasks),
         },
     ).all()
-    if not rows:
+    if not rows[0].pinned_current:
+        return None
+    if rows[0].state is None:
         assert idempotency_key is not None and fingerprint is not None, "only a key conflicts with a new uuid"
         return StoredBatch(same_request(conn, idempotency_key, pipeline, [], fingerprint), False, [], False)
     published = [Dispatch(row.id, row.model, row.priority) for row in rows if row.id is not None]
