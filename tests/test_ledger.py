@@ -456,20 +456,32 @@ def test_an_aggregation_lock_held_elsewhere_refuses_at_once_without_waiting_on_t
 
 
 def test_a_turn_engine_commits_without_waiting_for_the_flush_but_an_aggregate_waits(
-    engine: Engine, services: RunServices
+    engine: Engine, quiet_services: RunServices
 ) -> None:
     """A worker's turns commit claims and completions asynchronously (a crash redoes them
-    like a lost worker's); the aggregate's transaction, on the same session, is durable."""
-    turns = ledger.make_engine(services.database_url, durable_commits=False)
+    like a lost worker's); the aggregate's transaction, on the same session, is durable, and
+    so is the one statement finishing a one-page batch with no transaction (shown here in a
+    transaction: a statement's own commit ends the same way)."""
+    turns = ledger.make_engine(quiet_services.database_url, durable_commits=False)
+    show = text("SHOW synchronous_commit")
     try:
         with turns.connect() as conn:
-            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+            assert conn.execute(show).scalar_one() == "off"
             conn.commit()
-            batch_id, _ = _split_batch(engine)
+            batch_id, claims = _split_batch(engine)
             with conn.begin():
                 ledger.lock_aggregation(conn, batch_id)
-                assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
-            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+                assert conn.execute(show).scalar_one() == "on"
+            assert conn.execute(show).scalar_one() == "off"
+            conn.commit()
+            for claim in claims:
+                ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+            with conn.begin():
+                due = ledger.one_page_batch_due(conn, batch_id)
+                assert due is not None and conn.execute(show).scalar_one() == "off"
+                assert ledger.finish_batch(conn, due.batch, BatchState.succeeded, None, {}, {}) is False
+                assert conn.execute(show).scalar_one() == "on"
+            assert conn.execute(show).scalar_one() == "off"
     finally:
         turns.dispose()
     with engine.connect() as conn:
