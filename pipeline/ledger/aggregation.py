@@ -225,6 +225,10 @@ def subtask_outputs(
 _AGGREGATION_FREE = func.pg_try_advisory_xact_lock(
     AGGREGATE_LOCK_CLASS, func.hashtext(cast(bindparam("batch_id"), Text))
 )
+# The sub-task columns `_subtask_output` reads, each as `subtask_<column>` (beside a batch's own).
+_OUTPUT_COLUMNS = (
+    "seq", "items", "output", "error", "state", "bin_counts", "rows", "queued_at", "started_at", "finished_at"
+)  # fmt: skip
 # The first row of `ONE_PAGE_DUE`: the only one that carries the input page.
 _FIRST_ROW = func.row_number().over(order_by=(Subtask.model, Subtask.model_version, Subtask.seq)) == 1
 ONE_PAGE_DUE = (
@@ -235,16 +239,7 @@ ONE_PAGE_DUE = (
         case((_FIRST_ROW, cast(StoredInputPage.data, Text))).label("page_data"),
         Subtask.model.label("subtask_model"),
         Subtask.model_version.label("subtask_version"),
-        Subtask.seq.label("subtask_seq"),
-        Subtask.items.label("subtask_items"),
-        Subtask.output.label("subtask_output"),
-        Subtask.error.label("subtask_error"),
-        Subtask.state.label("subtask_state"),
-        Subtask.bin_counts.label("subtask_bin_counts"),
-        Subtask.rows.label("subtask_rows"),
-        Subtask.queued_at.label("subtask_queued_at"),
-        Subtask.started_at.label("subtask_started_at"),
-        Subtask.finished_at.label("subtask_finished_at"),
+        *(getattr(Subtask, column).label(f"subtask_{column}") for column in _OUTPUT_COLUMNS),
     )
     .join(
         StoredInputPage,
