@@ -815,3 +815,19 @@ def test_a_one_page_batch_is_finished_once_by_a_checked_statement(engine: Engine
         ).one()
         assert ledger.one_page_batch_due(conn, batch_id) is None
     assert (runs, pages) == (1, 1)
+
+
+def test_a_batch_is_stamped_finished_by_the_finishing_statement_s_clock(engine: Engine) -> None:
+    """An aggregate that followed a big batch finishes it in a transaction opened long before:
+    its `finished_at` is when the finishing statement ran, not when that transaction began."""
+    batch_id, claims = _split_batch(engine)
+    for claim in claims:
+        ledger.complete_subtask(engine, claim, _output(claim), "v1", None)
+    with engine.begin() as conn:
+        began = conn.execute(text("SELECT now()")).scalar_one()
+        conn.execute(text("SELECT pg_sleep(0.2)"))
+        due = ledger.lock_aggregating_batch(conn, batch_id)
+        assert due is not None
+        assert ledger.finish_batch(conn, due, BatchState.succeeded, None, {}, {}) is False
+        finished = conn.execute(text("SELECT finished_at FROM batches WHERE id = :b"), {"b": batch_id}).scalar_one()
+    assert (finished - began).total_seconds() >= 0.2

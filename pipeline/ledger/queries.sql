@@ -242,7 +242,9 @@ ON CONFLICT DO NOTHING
 
 -- name: finish_batch
 -- A batch its aggregate read due moved to its final state (:state; a cancelled one stays
--- `cancelled` and keeps its `finished_at`) with its result and metrics, counted in
+-- `cancelled` and keeps its `finished_at`; else stamped by the statement's clock, not the
+-- transaction's start, which an aggregate following a big batch opened long before) with
+-- its result and metrics, counted in
 -- `aggregate_runs`: only when the row is still as that read saw it (:read_state,
 -- :read_runs) and the batch's aggregation lock is free or this transaction's (another
 -- aggregation, say one assembling the batch as its sub-tasks finish, owns it otherwise).
@@ -257,7 +259,7 @@ ON CONFLICT DO NOTHING
 WITH finished AS (
   UPDATE batches b
   SET state = :state, error = :error, result = CAST(:result AS jsonb), metrics = CAST(:metrics AS jsonb),
-    finished_at = CASE WHEN b.state = 'cancelled' THEN b.finished_at ELSE now() END,
+    finished_at = CASE WHEN b.state = 'cancelled' THEN b.finished_at ELSE clock_timestamp() END,
     aggregate_runs = b.aggregate_runs + 1
   WHERE b.id = :batch_id AND b.state = :read_state AND b.aggregate_runs = :read_runs
     AND pg_try_advisory_xact_lock(:lock_class, hashtext(CAST(:batch_id AS text)))
