@@ -34,9 +34,18 @@ OOD = "digit-ood"
 
 
 def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
-    isolated: tuple[Client, str], services: RunServices, models_dir: Path, engine: Engine, tmp_path: Path
+    quiet_client: tuple[Client, str],
+    quiet_services: RunServices,
+    models_dir: Path,
+    quiet_engine: Engine,
+    tmp_path: Path,
 ) -> None:
-    client, prefix = isolated
+    # On the quiet database, emptied of batches first: the worker's message claims its
+    # model's best dispatched sub-task, which another test's batch left waiting would be.
+    with quiet_engine.begin() as conn:
+        conn.execute(text("TRUNCATE batches CASCADE"))
+    services, engine = quiet_services, quiet_engine
+    client, prefix = quiet_client
     batch = client.submit("screening", held_out_records(1))
     queues = redis.Redis.from_url(services.broker_url)
     # Split at once, as one transaction: a message per model waits, no split message.
