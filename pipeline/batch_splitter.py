@@ -83,17 +83,8 @@ class BatchSplitter:
         rank = Priority(batch.priority).rank
         # With a small batch's `serving` (its client's read), whose sub-tasks may ride (`ledger.riders`).
         self.riding: ledger.Riding | None = None
-        # Per model, the champion and active roll-out id the first split read (`WholeSplit.pins`).
-        self.pins: dict[str, tuple[str | None, int | None]] = {}
         if batch.model_versions is None:
             read = serving or rollout_rows.serving_of(conn, [spec.name for spec in pipeline.models])
-            self.pins = {
-                spec.name: (
-                    read.champions.get(spec.name),
-                    read.rollouts[spec.name].id if spec.name in read.rollouts else None,
-                )
-                for spec in pipeline.models
-            }
             pinned = pin_champions(read, pipeline)
             self.versions, self.rollouts, self.riding = pinned.champions, pinned.rollouts, pinned.riding
         else:

@@ -73,12 +73,20 @@ class ClientSplit:
         self._published: list[ledger.Dispatch] = []
         self._error: Exception | None = None
 
-    def _new_splitter(self, conn: Connection, batch_id: uuid.UUID, fresh: bool = True) -> BatchSplitter:
+    def _new_splitter(
+        self, conn: Connection, batch_id: uuid.UUID, serving: rollout_rows.Serving | None
+    ) -> BatchSplitter:
         pipeline = registry.get_pipeline(self._pipeline)
         settings = self._settings
-        serving = self._servings.serving(conn, settings, pipeline, fresh) if self._small else None
         batch = NewBatch(batch_id, self._pipeline, self._priority)
         return BatchSplitter(conn, batch, pipeline, settings.chunk_sizes, settings.bulk_chunk_ms, serving)
+
+    def _serving(self, conn: Connection, fresh: bool) -> rollout_rows.Serving | None:
+        """A small batch's read of what it pins (`ServingReads`); None for a big one (its
+        splitter reads it without the consumers)."""
+        if not self._small:
+            return None
+        return self._servings.serving(conn, self._settings, registry.get_pipeline(self._pipeline), fresh)
 
     def whole(
         self, conn: Connection, batch_id: uuid.UUID, pages: list[InputPage], fresh: bool = False
@@ -90,12 +98,15 @@ class ClientSplit:
         Raises:
             SplitError, NoChampionError: the pipeline cannot split the inputs.
         """
-        splitter = self._new_splitter(conn, batch_id, fresh)
+        serving = self._serving(conn, fresh)
+        assert serving is not None, "a whole split is a small batch's"
+        splitter = self._new_splitter(conn, batch_id, serving)
         for page in pages:
             splitter.add(page)
         subtasks = splitter.take(final=True)
+        pins = serving.pins([spec.name for spec in splitter.pipeline.models])
         return ledger.WholeSplit(
-            subtasks, splitter.serving, splitter.versions, splitter.riding, splitter.followed, splitter.pins
+            subtasks, splitter.serving, splitter.versions, splitter.riding, splitter.followed, pins
         )
 
     def page_stored(self, conn: Connection, batch_id: uuid.UUID, page: InputPage) -> None:
@@ -105,7 +116,7 @@ class ClientSplit:
             return
         try:
             if self._splitter is None:
-                self._splitter = self._new_splitter(conn, batch_id)
+                self._splitter = self._new_splitter(conn, batch_id, self._serving(conn, fresh=True))
             self._splitter.add(page)
         except SPLIT_ERRORS as error:
             self._error = error

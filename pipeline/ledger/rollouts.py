@@ -44,6 +44,14 @@ class Serving:
     rollouts: dict[str, ActiveRollout]
     riding: Riding | None = None
 
+    def pins(self, models: Sequence[str]) -> dict[str, tuple[str | None, int | None]]:
+        """Per model of `models`, its champion and its active roll-out's id as read (None:
+        none), for a store to check they are still current (`split.WholeSplit.pins`)."""
+        return {
+            model: (self.champions.get(model), self.rollouts[model].id if model in self.rollouts else None)
+            for model in models
+        }
+
 
 @dataclass(frozen=True)
 class RolloutRecord:
