@@ -259,13 +259,12 @@ class Assembly:
     page is stored once the next is assembled, the last one by the statement finishing the
     batch (`finish`: one round trip fewer for a one-page batch)."""
 
-    def __init__(
-        self, conn: Connection, batch: Row[Any], read: dict[ledger.StreamKey, list[ledger.SubtaskOutput]] | None = None
-    ) -> None:
+    def __init__(self, conn: Connection, batch: Row[Any], read: ledger.OnePageBatch | None = None) -> None:
         self.pipeline = registry.get_pipeline(batch.pipeline)
-        pinned = ledger.serving_versions(batch)
+        pinned = ledger.serving_versions(batch) if read is None else read.serving
         keys = {spec.name: [(spec.name, v) for v in pinned.get(spec.name, [None])] for spec in self.pipeline.models}
-        self.outputs = BatchOutputs(conn, batch.id, [key for model_keys in keys.values() for key in model_keys], read)
+        streams = [key for model_keys in keys.values() for key in model_keys]
+        self.outputs = BatchOutputs(conn, batch.id, streams, None if read is None else read.outputs)
         self._streams = [
             ModelOutputs(spec, [ModelOutputStream(spec, partial(self.outputs.fetch, key)) for key in keys[spec.name]])
             for spec in self.pipeline.models
@@ -372,7 +371,7 @@ def _finish_one_page(conn: Connection, read: ledger.OnePageBatch) -> Finished | 
     """Aggregate a due batch of one input page read whole (`ledger.one_page_batch_due`) with
     no transaction: its one page assembled, then one checked statement finishing it. None
     when it did not move (another aggregation finished or holds it meanwhile)."""
-    assembly = Assembly(conn, read.batch, read.outputs)
+    assembly = Assembly(conn, read.batch, read)
     assembly.add(read.input_page(len(assembly.pipeline.feature_names)))
     return assembly.finish(read.batch)
 
@@ -408,13 +407,14 @@ def _aggregate_locked(bind: Bind, batch_id: uuid.UUID) -> Finished | None:
         return assembly.finish(batch)
 
 
-def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
+def aggregate_batch(bind: Bind, batch_id: uuid.UUID, due: ledger.OnePageBatch | None = None) -> BatchState | None:
     """Write one result per input and move a batch due for aggregation to its final
     state: on a connection of Engine `bind`, or on autocommit Connection `bind` (a worker's
     turn), which then also runs what follows the commit.
 
-    A batch of one input page is read whole in one statement and finished by one checked
-    statement, with no transaction (`_finish_one_page`). Any other is aggregated in one
+    A batch of one input page is read whole in one statement (or `due`: read already, by the
+    completion that made it due) and finished by one checked statement, with no transaction
+    (`_finish_one_page`). Any other is aggregated in one
     transaction under its aggregation lock, a page of inputs at a time; one still `running`
     whose split is finished is followed instead: each page is assembled as soon as the
     sub-tasks holding its rows are finished, so assembly overlaps the workers' compute, and
@@ -423,7 +423,7 @@ def aggregate_batch(bind: Bind, batch_id: uuid.UUID) -> BatchState | None:
     duplicate message).
     """
     with connected(bind) as conn:
-        read = ledger.one_page_batch_due(conn, batch_id)
+        read = due if due is not None else ledger.one_page_batch_due(conn, batch_id)
         finished = None if read is None else _finish_one_page(conn, read)
     if read is None:
         finished = _aggregate_locked(bind, batch_id)

@@ -817,6 +817,54 @@ def test_a_one_page_batch_is_finished_once_by_a_checked_statement(engine: Engine
     assert (runs, pages) == (1, 1)
 
 
+def _read_whole(read: ledger.OnePageBatch | None) -> tuple[Any, ...]:
+    """What an aggregate takes from a one-page read, comparable."""
+    assert read is not None
+    outputs = {
+        stream: [(o.seq, o.items.tolist(), o.output, o.error, o.bin_counts, o.timing) for o in chunks]
+        for stream, chunks in read.outputs.items()
+    }
+    batch = read.batch
+    return (batch.state, batch.aggregating_at, batch.aggregate_runs, read.serving, read.features, read.data, outputs)
+
+
+def test_the_completion_that_makes_a_one_page_batch_due_reads_it_for_its_aggregate(engine: Engine) -> None:
+    """The completion that makes a batch of one input page due for aggregation also returns
+    its aggregate's read, as `one_page_batch_due` reads it after the commit: the worker's turn
+    finishes the batch without reading it again. A completion that waited for the batch row
+    while another committed misses that sub-task in its snapshot: it returns no read (the
+    aggregate then reads the batch), not one without that sub-task's rows."""
+    batch_id, claims = _split_batch(engine)
+    assert len(claims) >= 3
+
+    def done(claims: list[ledger.Claim]) -> list[ledger.Completion]:
+        return [ledger.Completion(claim, _output(claim), "v1", None, predict_cpu_s=0.01) for claim in claims]
+
+    first, *rest = claims
+    assert ledger.complete_subtasks(engine, done([first])).due is None
+    outcome = ledger.complete_subtasks(engine, done(rest))
+    assert outcome.aggregate
+    with engine.connect() as conn:
+        assert _read_whole(outcome.due) == _read_whole(ledger.one_page_batch_due(conn, batch_id))
+    assert sum(len(chunks) for chunks in outcome.due.outputs.values()) == len(claims)
+
+    # Another completion holds the batch row (uncommitted) when the last one starts.
+    batch_id, claims = _split_batch(engine)
+    *earlier, last = claims
+    with engine.connect() as holder:
+        assert not ledger.complete_subtasks(holder, done(earlier)).aggregate
+        with ThreadPoolExecutor(1) as pool:
+            completing = pool.submit(ledger.complete_subtasks, engine, done([last]))
+            wait_for(lambda: _lock_waits(engine) > 0, 30, "the last completion to wait for the batch row")
+            holder.commit()
+            outcome = completing.result(timeout=60)
+    assert outcome.aggregate and outcome.due is None
+    with engine.connect() as conn:
+        read = ledger.one_page_batch_due(conn, batch_id)
+    assert read is not None and sum(len(chunks) for chunks in read.outputs.values()) == len(claims)
+    assert aggregate_batch(engine, batch_id) == "succeeded"
+
+
 def test_a_batch_is_stamped_finished_by_the_finishing_statement_s_clock(engine: Engine) -> None:
     """An aggregate that followed a big batch finishes it in a transaction opened long before:
     its `finished_at` is when the finishing statement ran, not when that transaction began."""

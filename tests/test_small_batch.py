@@ -387,12 +387,12 @@ def test_a_worker_turn_runs_a_one_input_batch_on_one_connection(
     assert (state, runs) == ("succeeded", 1)
     # Both sub-tasks claimed and completed, the batch aggregated: one checkout for it all.
     assert seen["checkout"] == 1
-    # The message's claim with the rest of the batch (`claim_turn`), one completion of
-    # both; the aggregate's one read (the batch with its serving versions, its input page,
-    # the outputs with their drift counts and timestamps: no second read of the sub-tasks for
-    # the metrics) and its finish with its result page (no roll-out: no shadow or gate read),
-    # with no transaction: no BEGIN, no COMMIT.
-    assert seen["statement"] == 2 + 2
+    # The message's claim with the rest of the batch (`claim_turn`); one completion of
+    # both that, having made the batch due, also reads what its aggregate needs (the batch
+    # with its serving versions, its input page, the outputs with their drift counts and
+    # timestamps: no second read of the sub-tasks for the metrics); the finish with its
+    # result page (no roll-out: no shadow or gate read). No transaction: no BEGIN, no COMMIT.
+    assert seen["statement"] == 2 + 1
     # Its scoring versions, drift and latency, from the outputs read.
     assert metrics["model_versions"] == {model: [pinned[model]] for model in DIGIT_MODELS}
     assert all(metrics["drift"]["models"][model]["rows"] > 0 for model in DIGIT_MODELS)

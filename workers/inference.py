@@ -265,15 +265,18 @@ def run_claimed(
     completed their batch's counters (nothing of the batch is left to run)."""
     results = [predicted(turn, settings, claim, between, slice_s) for claim in claims]
     completions = [result for result in results if isinstance(result, ledger.Completion)]
-    aggregate = (
-        bool(completions) and turn.run(settings, lambda conn: ledger.complete_subtasks(conn, completions)).aggregate
+    completed = (
+        turn.run(settings, lambda conn: ledger.complete_subtasks(conn, completions))
+        if completions
+        else ledger.Outcome(recorded=False)
     )
+    aggregate = completed.aggregate
     for failure in (result for result in results if isinstance(result, Failure)):
         aggregate = record_failure(turn, settings, failure).aggregate or aggregate
     if between is not None:
         between()
     if aggregate:
-        aggregate_or_hand_over(turn, settings, claims[0])
+        aggregate_or_hand_over(turn, settings, claims[0], completed.due)
     return aggregate
 
 
@@ -369,13 +372,16 @@ def shadow_champion(turn: TurnConnection, settings: Settings, claim: ledger.Clai
     return loaded_version(turn.engine, settings, claim.model, version)[0]
 
 
-def aggregate_or_hand_over(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> None:
+def aggregate_or_hand_over(
+    turn: TurnConnection, settings: Settings, claim: ledger.Claim, due: ledger.OnePageBatch | None = None
+) -> None:
     """Aggregate the batch whose last sub-task `claim` finished: here, on the turn's
     connection, when it has at most `small_batch_items` inputs (one message hop less for its
-    latency), else, or when that fails, through the aggregator's `aggregate` queue."""
+    latency; `due`: its aggregate's read, made by the completion), else, or when that fails,
+    through the aggregator's `aggregate` queue."""
     if settings.is_small_batch(claim.batch_items):
         try:
-            aggregate_batch(turn.get(), claim.batch_id)
+            aggregate_batch(turn.get(), claim.batch_id, due)
             return
         # Whatever failed (a manifest missing on this host, a pipeline's aggregate raising),
         # the aggregator's path owns the outcome: it retries, and its sweeper re-aggregates.

@@ -11,8 +11,9 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Row, Text, and_, bindparam, case, cast, func, or_, select, true
+from sqlalchemy import Connection, FromClause, Row, Text, and_, bindparam, case, cast, func, or_, select, true
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+from sqlalchemy.sql.selectable import LateralFromClause
 
 from pipeline.definition import InputPage
 from pipeline.ledger import queries
@@ -33,7 +34,7 @@ def aggregate_due() -> Any:
 
 # Every aggregate runs these: built once, executed with bound parameters.
 LOCK_AGGREGATING_BATCH = (
-    select(Batch.__table__).where(Batch.id == bindparam("batch_id"), aggregate_due()).with_for_update()
+    select(Batch.__table__).where(Batch.id == bindparam("of_batch"), aggregate_due()).with_for_update()
 )
 # pg_try_advisory_xact_lock class of the per-batch aggregation lock (the key is the batch id's hash).
 AGGREGATE_LOCK_CLASS = 7_240_114
@@ -41,7 +42,7 @@ AGGREGATE_LOCK_CLASS = 7_240_114
 # [[model, version], ...]: read with the batch's row, in the same round trip.
 _pins = (
     select(Subtask.model, Subtask.model_version)
-    .where(Subtask.batch_id == bindparam("batch_id"), Subtask.role == SubtaskRole.serve)
+    .where(Subtask.batch_id == bindparam("of_batch"), Subtask.role == SubtaskRole.serve)
     .distinct()
     .subquery("pins")
 )
@@ -71,7 +72,7 @@ _aggregation_lock = select(
 ).subquery("aggregation_lock")
 _due_locked = (
     select(Batch.__table__, _SERVING)
-    .where(Batch.id == bindparam("batch_id"), aggregate_due(), _aggregation_lock.c.aggregation_locked)
+    .where(Batch.id == bindparam("of_batch"), aggregate_due(), _aggregation_lock.c.aggregation_locked)
     .with_for_update(of=Batch.__table__)
     .lateral("due")
 )
@@ -81,14 +82,14 @@ LOCK_AGGREGATION = select(
     _aggregation_lock.c.aggregation_locked, _aggregation_lock.c.durable_commit, _due_locked
 ).select_from(_aggregation_lock.outerjoin(_due_locked, true()))
 RUNNING_BATCH = select(Batch.__table__, _SERVING).where(
-    Batch.id == bindparam("batch_id"), Batch.state == BatchState.running, Batch.split_items == Batch.items
+    Batch.id == bindparam("of_batch"), Batch.state == BatchState.running, Batch.split_items == Batch.items
 )
 
 
 def lock_aggregating_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     """Lock the row of a batch due for aggregation (`aggregating`, or `cancelled` with no
     sub-task left running and no results yet); None when it is not (a duplicate)."""
-    return conn.execute(LOCK_AGGREGATING_BATCH, {"batch_id": batch_id}).first()
+    return conn.execute(LOCK_AGGREGATING_BATCH, {"of_batch": batch_id}).first()
 
 
 def lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> tuple[bool, Row[Any] | None]:
@@ -98,7 +99,7 @@ def lock_aggregation(conn: Connection, batch_id: uuid.UUID) -> tuple[bool, Row[A
     message, or one started early); else (True, the locked row with its `serving_versions`
     in column `serving`, or None when it is not due). The transaction's commit is durable
     (`synchronous_commit` on), whatever the session's setting."""
-    row = conn.execute(LOCK_AGGREGATION, {"batch_text": str(batch_id), "batch_id": batch_id}).one()
+    row = conn.execute(LOCK_AGGREGATION, {"batch_text": str(batch_id), "of_batch": batch_id}).one()
     return bool(row.aggregation_locked), row if row.id is not None else None
 
 
@@ -111,7 +112,7 @@ def batch_state(conn: Connection, batch_id: uuid.UUID) -> BatchState | None:
 def running_batch(conn: Connection, batch_id: uuid.UUID) -> Row[Any] | None:
     """A `running` batch whose split is finished (its results may be assembled as its
     sub-tasks finish), unlocked, with its `serving_versions` in column `serving`; None otherwise."""
-    return conn.execute(RUNNING_BATCH, {"batch_id": batch_id}).first()
+    return conn.execute(RUNNING_BATCH, {"of_batch": batch_id}).first()
 
 
 def unfinished_before(conn: Connection, batch_id: uuid.UUID, item: int) -> bool:
@@ -222,34 +223,70 @@ def subtask_outputs(
 
 # The batch's aggregation lock is free: taken, then released as the statement's own
 # transaction ends.
-_AGGREGATION_FREE = func.pg_try_advisory_xact_lock(
-    AGGREGATE_LOCK_CLASS, func.hashtext(cast(bindparam("batch_id"), Text))
+AGGREGATION_FREE = func.pg_try_advisory_xact_lock(
+    AGGREGATE_LOCK_CLASS, func.hashtext(cast(bindparam("of_batch"), Text))
 )
 # The sub-task columns `_subtask_output` reads, each as `subtask_<column>` (beside a batch's own).
 _OUTPUT_COLUMNS = (
     "seq", "items", "output", "error", "state", "bin_counts", "rows", "queued_at", "started_at", "finished_at"
 )  # fmt: skip
-# The first row of `ONE_PAGE_DUE`: the only one that carries the input page.
-_FIRST_ROW = func.row_number().over(order_by=(Subtask.model, Subtask.model_version, Subtask.seq)) == 1
+
+
+def subtask_output_columns(subtask: Any) -> list[Any]:
+    """The columns of `subtask` (`Subtask`, or an alias) that a one-page read returns per serve
+    sub-task (`_subtask_output`), with its stream: `subtask_model`, `subtask_version`,
+    `subtask_<column>`."""
+    return [
+        subtask.model.label("subtask_model"),
+        subtask.model_version.label("subtask_version"),
+        *(getattr(subtask, column).label(f"subtask_{column}") for column in _OUTPUT_COLUMNS),
+    ]
+
+
+def one_page_read(batch: Any, outputs: FromClause, *due: Any) -> LateralFromClause:
+    """The aggregate's read of a due batch whose inputs are one stored page, beside its row
+    `batch` (a FROM with its `id` and `items`), where `due` holds: its input page (on the
+    first row only) and each of its serve sub-tasks' `outputs` (a FROM of
+    `subtask_output_columns`; a row of NULLs when it has none), as a LATERAL subquery. The
+    versions serving the batch are those of the outputs (`OnePageBatch.serving`). Order the
+    rows by `one_page_order` of it."""
+    first_row = func.row_number().over(order_by=one_page_order(outputs)) == 1
+    return (
+        select(
+            true().label("read_whole"),
+            case((first_row, StoredInputPage.features)).label("page_features"),
+            case((first_row, cast(StoredInputPage.data, Text))).label("page_data"),
+            *outputs.c,
+        )
+        .select_from(StoredInputPage)
+        .outerjoin(outputs, true())
+        .where(
+            StoredInputPage.batch_id == batch.c.id,
+            StoredInputPage.first_item == 0,
+            StoredInputPage.items == batch.c["items"],
+            *due,
+        )
+        .lateral("one_page")
+    )
+
+
+def one_page_order(outputs: Any) -> tuple[Any, ...]:
+    """The order of a one-page read's rows (`one_page_read`): by stream, then `seq`."""
+    return (outputs.c.subtask_model, outputs.c.subtask_version, outputs.c.subtask_seq)
+
+
+_batch = Batch.__table__
+_ONE_PAGE = one_page_read(
+    _batch,
+    select(*subtask_output_columns(Subtask))
+    .where(Subtask.batch_id == bindparam("of_batch"), Subtask.role == SubtaskRole.serve)
+    .subquery("outputs"),
+)
 ONE_PAGE_DUE = (
-    select(
-        Batch.__table__,
-        _SERVING,
-        case((_FIRST_ROW, StoredInputPage.features)).label("page_features"),
-        case((_FIRST_ROW, cast(StoredInputPage.data, Text))).label("page_data"),
-        Subtask.model.label("subtask_model"),
-        Subtask.model_version.label("subtask_version"),
-        *(getattr(Subtask, column).label(f"subtask_{column}") for column in _OUTPUT_COLUMNS),
-    )
-    .join(
-        StoredInputPage,
-        and_(
-            StoredInputPage.batch_id == Batch.id, StoredInputPage.first_item == 0, StoredInputPage.items == Batch.items
-        ),
-    )
-    .outerjoin(Subtask, and_(Subtask.batch_id == Batch.id, Subtask.role == SubtaskRole.serve))
-    .where(Batch.id == bindparam("batch_id"), aggregate_due(), _AGGREGATION_FREE)
-    .order_by(Subtask.model, Subtask.model_version, Subtask.seq)
+    select(_batch, _ONE_PAGE)
+    .join(_ONE_PAGE, true())
+    .where(_batch.c.id == bindparam("of_batch"), aggregate_due(), AGGREGATION_FREE)
+    .order_by(*one_page_order(_ONE_PAGE))
     # Features and outputs are `bytea`: read in binary format.
     .execution_options(**BINARY_RESULTS)
 )
@@ -258,17 +295,43 @@ ONE_PAGE_DUE = (
 @dataclass(frozen=True)
 class OnePageBatch:
     """A batch due for aggregation whose inputs are one stored page, read whole
-    (`one_page_batch_due`): its row (with its `serving_versions` in column `serving`), its
-    stored page's columns, and its serve sub-tasks' outputs per stream, in `seq` order."""
+    (`one_page_batch_due`): its row, its stored page's columns, and its serve sub-tasks'
+    outputs per stream, in `seq` order."""
 
     batch: Row[Any]
     features: bytes | None
     data: str | None
     outputs: dict[StreamKey, list[SubtaskOutput]]
 
+    @property
+    def serving(self) -> dict[str, list[str | None]]:
+        """Per model, the versions pinned on the batch's serve sub-tasks (as `serving_versions`),
+        from the outputs read: the statement that completed them may have set a version
+        where the split pinned none (a sub-task split before revision 0010)."""
+        versions: dict[str, list[str | None]] = {}
+        for model, version in sorted(self.outputs, key=lambda key: (key[0], key[1] is None, key[1] or "")):
+            versions.setdefault(model, []).append(version)
+        return versions
+
     def input_page(self, n_features: int) -> InputPage:
         """The batch's inputs as one page, for a pipeline of `n_features` features."""
         return InputPage.from_stored(0, self.batch.items, self.features, self.data, n_features)
+
+
+def one_page_batch(rows: Sequence[Row[Any]]) -> OnePageBatch | None:
+    """The `OnePageBatch` a one-page read returned (`one_page_read` beside the batch's row, in
+    its order); None when it returned nothing, or a serve sub-task that is not finished:
+    a read in a completion's snapshot, which misses a completion committed meanwhile (the
+    counters the completion updated see it)."""
+    if not rows or not rows[0].read_whole:
+        return None
+    outputs: dict[StreamKey, list[SubtaskOutput]] = {}
+    for row in rows:
+        if row.subtask_state in UNFINISHED_SUBTASK_STATES:
+            return None
+        if row.subtask_seq is not None:
+            outputs.setdefault((row.subtask_model, row.subtask_version), []).append(_subtask_output(row))
+    return OnePageBatch(rows[0], rows[0].page_features, rows[0].page_data, outputs)
 
 
 def one_page_batch_due(conn: Connection, batch_id: uuid.UUID) -> OnePageBatch | None:
@@ -276,14 +339,7 @@ def one_page_batch_due(conn: Connection, batch_id: uuid.UUID) -> OnePageBatch | 
     inputs are one stored page, with all its aggregate reads, in one statement; None when
     the batch is not due, has more pages, or another aggregation holds its lock.
     `finish_batch` then moves it only if nothing changed it meanwhile: no transaction."""
-    rows = conn.execute(ONE_PAGE_DUE, {"batch_id": batch_id}).all()
-    if not rows:
-        return None
-    outputs: dict[StreamKey, list[SubtaskOutput]] = {}
-    for row in rows:
-        if row.subtask_seq is not None:
-            outputs.setdefault((row.subtask_model, row.subtask_version), []).append(_subtask_output(row))
-    return OnePageBatch(rows[0], rows[0].page_features, rows[0].page_data, outputs)
+    return one_page_batch(conn.execute(ONE_PAGE_DUE, {"of_batch": batch_id}).all())
 
 
 # The last-page parameters of `finish_batch` for a batch without one.

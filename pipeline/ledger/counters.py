@@ -10,12 +10,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Row, Update, and_, case, update
 
 from pipeline.ledger.connection import now
 from pipeline.schema import Batch, BatchState, FailurePolicy, Subtask, SubtaskRole, SubtaskState
+
+if TYPE_CHECKING:
+    from pipeline.ledger.aggregation import OnePageBatch
 
 FAIL_FAST_REASON = "fail_fast: a sub-task failed"
 DEADLINE_REASON = "deadline passed"
@@ -34,6 +37,8 @@ class Outcome:
 
     recorded: bool
     aggregate: bool = False
+    # The aggregate's read of the batch, when the completion that made it due read it too.
+    due: OnePageBatch | None = None
 
 
 def counters_complete() -> Any:
@@ -44,8 +49,8 @@ def counters_complete() -> Any:
 def counting(succeeded: Any, failed: Any) -> Update:
     """The UPDATE (its WHERE is the caller's) that adds `succeeded` and `failed` (numbers, or
     SQL expressions of them) to a batch's counters and flips it `running` → `aggregating`
-    when they reach the total, returning what `must_aggregate` and the failure policies
-    decide on."""
+    when they reach the total, returning the updated row and whether its counters are
+    `complete`: what `must_aggregate` and the failure policies decide on."""
     complete = Batch.succeeded + succeeded + Batch.failed + failed + Batch.cancelled == Batch.total
     flips = and_(Batch.state == BatchState.running, complete)
     return (
@@ -56,15 +61,9 @@ def counting(succeeded: Any, failed: Any) -> Update:
             state=case((flips, BatchState.aggregating.value), else_=Batch.state),
             aggregating_at=case((flips, now()), else_=Batch.aggregating_at),
         )
-        .returning(
-            Batch.state,
-            counters_complete().label("complete"),
-            Batch.aggregate_runs,
-            Batch.failure_policy,
-            Batch.max_failed_fraction,
-            Batch.failed,
-            Batch.total,
-        )
+        # The whole row as updated: a completion that made the batch due reads its aggregate
+        # beside it (`pipeline.ledger.outcomes`).
+        .returning(*Batch.__table__.columns, counters_complete().label("complete"))
     )
 
 

@@ -8,27 +8,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Float,
     Integer,
     LargeBinary,
+    Select,
     Text,
-    Update,
     and_,
     bindparam,
     column,
     func,
     select,
+    true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import aliased
 
+from pipeline.ledger.aggregation import (
+    AGGREGATION_FREE,
+    one_page_batch,
+    one_page_order,
+    one_page_read,
+    subtask_output_columns,
+)
 from pipeline.ledger.claims import Claim
-from pipeline.ledger.connection import Bind, connected, now, transaction
+from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, now, transaction
 from pipeline.ledger.counters import Outcome, count_finished, counting, must_aggregate
-from pipeline.schema import Batch, Subtask, SubtaskRole, SubtaskState
+from pipeline.schema import Batch, BatchState, Subtask, SubtaskRole, SubtaskState
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,7 @@ class Completion:
     champion_cpu_s: float | None = None
 
 
-def _complete_statement() -> Update:
+def _complete_statement() -> Select[Any]:
     done_rows = (
         func.unnest(
             bindparam("done_ids", type_=ARRAY(BigInteger)),
@@ -85,7 +96,7 @@ def _complete_statement() -> Update:
             finished_at=now(),
             lease_until=None,
         )
-        .returning(Subtask.batch_id, Subtask.role)
+        .returning(Subtask.id, Subtask.batch_id, Subtask.role, *subtask_output_columns(Subtask))
         .cte("done")
     )
     # A shadow sub-task only stores its output: it adds 0 (the batch row is still returned,
@@ -95,8 +106,34 @@ def _complete_statement() -> Update:
         .group_by(done.c.batch_id)
         .cte("counted")
     )
+    batch = (
+        counting(succeeded=counted.c.serves, failed=0)
+        .where(Batch.id == counted.c.batch_id)
+        .returning(counted.c.serves)
+        .cte("counted_batch")
+    )
+    # The batch's serve sub-tasks as the statement leaves them: those it completed as it
+    # completed them, the others as its snapshot sees them.
+    others = aliased(Subtask)
+    outputs = union_all(
+        select(*(column for column in done.c if column.name.startswith("subtask_"))).where(
+            done.c.role == SubtaskRole.serve
+        ),
+        select(*subtask_output_columns(others)).where(
+            others.batch_id == bindparam("of_batch"),
+            others.role == SubtaskRole.serve,
+            others.id.not_in(select(done.c.id)),
+        ),
+    ).subquery("outputs")
+    # When it made a one-page batch due, the aggregate's read of it (as `ONE_PAGE_DUE`), for the
+    # worker's turn to finish it without reading it again.
+    read = one_page_read(batch, outputs, batch.c.state == BatchState.aggregating, batch.c.complete, AGGREGATION_FREE)
     return (
-        counting(succeeded=counted.c.serves, failed=0).where(Batch.id == counted.c.batch_id).returning(counted.c.serves)
+        select(batch, read)
+        .select_from(batch)
+        .outerjoin(read, true())
+        .order_by(*one_page_order(read))
+        .execution_options(**BINARY_RESULTS)
     )
 
 
@@ -106,8 +143,12 @@ COMPLETE = _complete_statement()
 def complete_subtasks(bind: Bind, completions: Sequence[Completion]) -> Outcome:
     """`running` → `succeeded` for each of `completions` (sub-tasks of one batch), only for
     the claim it holds, and the batch counter for those recorded: one statement (committed
-    on its own on an Engine or an autocommit Connection). `recorded` when any was."""
+    on its own on an Engine or an autocommit Connection). `recorded` when any was. When they
+    made a batch of one input page due for aggregation, the outcome's `due` is its aggregate's
+    read (`one_page_batch_due`), made by the same statement (None when the statement's
+    snapshot missed a sub-task another completion finished meanwhile)."""
     parameters = {
+        "of_batch": completions[0].claim.batch_id,
         "done_ids": [done.claim.subtask_id for done in completions],
         "done_attempts": [done.claim.attempt for done in completions],
         "done_outputs": [done.output for done in completions],
@@ -116,11 +157,14 @@ def complete_subtasks(bind: Bind, completions: Sequence[Completion]) -> Outcome:
         "done_predict_cpu_s": [done.predict_cpu_s for done in completions],
         "done_champion_cpu_s": [done.champion_cpu_s for done in completions],
     }
+    assert all(done.claim.batch_id == parameters["of_batch"] for done in completions), "sub-tasks of one batch"
     with connected(bind) as conn:
-        counted = conn.execute(COMPLETE, parameters).first()
-    if counted is None:
+        rows = conn.execute(COMPLETE, parameters).all()
+    if not rows:
         return Outcome(recorded=False)
-    return Outcome(recorded=True, aggregate=counted.serves > 0 and must_aggregate(counted))
+    counted = rows[0]
+    aggregate = counted.serves > 0 and must_aggregate(counted)
+    return Outcome(recorded=True, aggregate=aggregate, due=one_page_batch(rows) if aggregate else None)
 
 
 def complete_subtask(
