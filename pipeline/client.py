@@ -16,6 +16,7 @@ import itertools
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -77,12 +78,19 @@ class BatchHandle:
     """A submitted batch, as `Client.submit` and `Client.batch` return it; every method
     reads or changes the ledger through its client."""
 
-    def __init__(self, client: Client, batch_id: uuid.UUID) -> None:
+    def __init__(self, client: Client, batch_id: uuid.UUID, watched: threading.Event | None = None) -> None:
         self._client = client
         self._uuid = batch_id
         # The first result page, read by the `wait` that saw the batch finished (results
         # never change once they are ready).
         self._results_ahead: ledger.ResultsPage | None = None
+        # The listener's event for the batch, registered by `submit` before the batch was
+        # stored (`BatchListener.watch`): its first `wait` takes it, and reads nothing until
+        # it is set. Released with the handle if no `wait` took it.
+        self._watched = watched
+        self._watched_lock = threading.Lock()
+        if watched is not None:
+            weakref.finalize(self, client.listener.unwatch, self.id, watched)
 
     @property
     def id(self) -> str:
@@ -140,9 +148,15 @@ class BatchHandle:
 
             bar = ProgressBar(self)
         reread_s = PROGRESS_REFRESH_S if bar is not None else self._client.settings.wait_reread_s
+        with self._watched_lock:
+            watched, self._watched = self._watched, None
         try:
             # Subscribed before the status is read, so a finish right after the read still wakes us.
-            with self._client.listener.subscription(self.id) as woken:
+            with self._client.listener.subscription(self.id, watched) as woken:
+                if watched is not None and bar is None:
+                    # Watched since before the batch was stored: nothing finished unseen, so
+                    # the first read waits for the wake-up (or the re-read's safety net).
+                    woken.wait(reread_s if deadline is None else min(reread_s, max(0.0, deadline - time.monotonic())))
                 while True:
                     woken.clear()
                     status = self._status_reading_ahead()
@@ -396,6 +410,11 @@ class Client:
             options.deadline_s,
             priority_of_batch,
         )
+        # A new batch's handle, watched from before the batch is stored when this client listens
+        # already: its first `wait` reads nothing until the batch finishes. Dropped (and its
+        # watch released) when the batch is not stored or an idempotency key names another.
+        new_id = uuid.uuid4()
+        handle = BatchHandle(self, new_id, self.listener.watch(str(new_id)))
         step: SplitStep | None = None
         stored = None
         if small:
@@ -408,7 +427,8 @@ class Client:
             with suppress(*SPLIT_ERRORS), autocommit(self.engine) as conn:
                 for fresh in (False, True):
                     whole = partial(split.whole, conn, fresh=fresh)
-                    if (stored := ledger.store_split_batch(conn, pipeline, head, *request, split=whole)) is not None:
+                    stored = ledger.store_split_batch(conn, pipeline, head, *request, split=whole, batch_id=new_id)
+                    if stored is not None:
                         break
         if stored is not None:
             batch_id, created = stored.batch_id, stored.created
@@ -425,6 +445,7 @@ class Client:
                     head if small else itertools.chain(head, read_ahead(pages)),
                     *request,
                     stored=None if split is None else split.page_stored,
+                    batch_id=new_id,
                 )
                 step = split.finish(conn, batch_id) if created and split is not None else None
         if created:
@@ -435,7 +456,7 @@ class Client:
                     # A big batch is followed by an aggregator; a small one is aggregated by
                     # the worker finishing it.
                     publish_step(app, batch_id, step, follow=not small)
-        return BatchHandle(self, batch_id)
+        return handle if batch_id == new_id else BatchHandle(self, batch_id)
 
     def _head_pages(self, pages: Iterator[InputPage]) -> tuple[list[InputPage], bool]:
         """The first pages of a batch, read until they hold more inputs than a small batch

@@ -2,9 +2,11 @@
 `batch_finished` NOTIFY into a wake-up of the threads waiting on that batch.
 
 A waiter subscribes before it reads the batch's status, so a finish committed after the
-read still wakes it. While the connection is down (PostgreSQL restarted, the backend was
-terminated) notifications are lost: once the thread listens again it wakes every waiter,
-and each reads its batch's status again.
+read still wakes it; a client that submits a batch while it listens already watches it from
+before it is stored (`watch`), so its first wait reads nothing until woken. While the
+connection is down (PostgreSQL restarted, the backend was terminated) notifications are
+lost: once the thread listens again it wakes every waiter, and each reads its batch's
+status again.
 """
 
 from __future__ import annotations
@@ -49,13 +51,16 @@ class BatchListener:
         # Set once the thread's first connection attempt is over (listening, or failed).
         self._attempted = threading.Event()
         self._closed = threading.Event()
+        # The thread's connection is up and listening.
+        self._listening = False
         self.notified = 0
 
     @contextmanager
-    def subscription(self, batch_id: str) -> Iterator[threading.Event]:
+    def subscription(self, batch_id: str, watched: threading.Event | None = None) -> Iterator[threading.Event]:
         """Within the block, the returned event is set by every notification of `batch_id`
-        (and after a reconnection). Clear it before reading the batch's status, then wait on it."""
-        woken = threading.Event()
+        (and after a reconnection). Clear it before reading the batch's status, then wait on it.
+        `watched`: an event `watch` returned for the batch, used (and released) instead of a new one."""
+        woken = watched or threading.Event()
         with self._lock:
             self._waiters.setdefault(batch_id, set()).add(woken)
             if self._thread is None or not self._thread.is_alive():
@@ -68,12 +73,28 @@ class BatchListener:
         try:
             yield woken
         finally:
-            with self._lock:
-                waiters = self._waiters.get(batch_id)
-                if waiters is not None:
-                    waiters.discard(woken)
-                    if not waiters:
-                        del self._waiters[batch_id]
+            self.unwatch(batch_id, woken)
+
+    def watch(self, batch_id: str) -> threading.Event | None:
+        """An event set by every notification of `batch_id` from now on (and after a
+        reconnection), as `subscription` gives, when the thread is listening already; None
+        when it is not (a client that never waited opens no connection for it). Release it with
+        `unwatch`, or hand it to `subscription`."""
+        woken = threading.Event()
+        with self._lock:
+            if not self._listening:
+                return None
+            self._waiters.setdefault(batch_id, set()).add(woken)
+        return woken
+
+    def unwatch(self, batch_id: str, woken: threading.Event) -> None:
+        """Stop setting `woken` on notifications of `batch_id` (nothing if it was released already)."""
+        with self._lock:
+            waiters = self._waiters.get(batch_id)
+            if waiters is not None:
+                waiters.discard(woken)
+                if not waiters:
+                    del self._waiters[batch_id]
 
     def close(self) -> None:
         """Stop the thread; it closes its connection within `IDLE_S`."""
@@ -92,6 +113,10 @@ class BatchListener:
         for woken in waiters:
             woken.set()
 
+    def _set_listening(self, listening: bool) -> None:
+        with self._lock:
+            self._listening = listening
+
     def _run(self) -> None:
         delay = RECONNECT_FIRST_S
         while not self._closed.is_set():
@@ -100,13 +125,17 @@ class BatchListener:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     # What finished while nothing listened: every waiter reads its status again
                     # (woken before the first subscriber reads: it clears the wake-up first).
+                    self._set_listening(True)
                     self._wake_all()
                     self._attempted.set()
                     delay = RECONNECT_FIRST_S
                     self._dispatch(conn)
+                self._set_listening(False)  # closed
             # Any driver error (the server gone, the backend terminated, the socket closed):
             # the connection is useless, open another.
             except psycopg.Error as error:
+                # Notifications are lost from here on, until all waiters are woken on reconnection.
+                self._set_listening(False)
                 self._attempted.set()
                 if self._closed.is_set():
                     return  # closed by its client while the connection went down: nothing to report

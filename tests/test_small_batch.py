@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from pipeline.ledger import rollouts as rollout_rows
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import BOOSTING, FOREST, LOGREG, MODELS, held_out_records
 from pipeline.schema import ModelEvent, RolloutState
+from pipeline.settings import get_settings
 from pipeline.scratch import delete_keys
 from pipeline.states import Priority
 from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
@@ -175,6 +178,48 @@ def test_a_client_reuses_its_read_of_what_a_small_batch_pins_while_it_is_current
     assert stored == 1
     # It pins the champion: a roll-out of the champion's version is not followed.
     assert followed == []
+
+
+def test_a_listening_client_s_first_wait_for_a_batch_it_submitted_reads_once_woken(
+    quiet_client: tuple[Client, str],
+    quiet_engine: Engine,
+    quiet_services: RunServices,
+    models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that listens already (it waited before) watches each batch it submits from
+    before storing it: the batch cannot finish unseen, so the first wait reads its status only
+    once the batch's finish wakes it, not once before as well."""
+    client, _ = quiet_client
+    # Nothing consumes this run's messages: a batch waits until this test runs its turn.
+    earlier = client.submit("screening", held_out_records(1))
+    with pytest.raises(TimeoutError):
+        earlier.wait(timeout=0.1)
+    earlier.cancel()  # its sub-tasks are not claimed instead of the next batch's
+    batch = client.submit("screening", held_out_records(1))
+    statements: list[str] = []
+    event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(batch.wait, 60)
+        # The wait has begun (its thread started) and read nothing: no read before the wake-up.
+        time.sleep(0.5)
+        assert statements == [] and not waiting.done()
+        with quiet_engine.connect() as conn:
+            first = conn.execute(
+                text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": batch.id}
+            ).scalar_one()
+        # The turn's aggregate reads the models' manifests where the settings say.
+        monkeypatch.setenv("PIPELINE_MODELS_DIR", str(models_dir))
+        get_settings.cache_clear()
+        try:
+            run_subtask(quiet_engine, quiet_services.settings(models_dir), first, "test-worker", MODELS)
+        finally:
+            monkeypatch.undo()
+            get_settings.cache_clear()
+        status = waiting.result(timeout=60)
+    assert status.state == "succeeded"
+    assert len(statements) == 1
+    assert len(list(batch.results())) == 1 and len(statements) == 1
 
 
 @pytest.fixture

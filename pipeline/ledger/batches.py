@@ -154,6 +154,7 @@ def insert_batch(
     deadline_s: float | None = None,
     priority: Priority = Priority.bulk,
     stored: PageStored | None = None,
+    batch_id: uuid.UUID | None = None,
 ) -> tuple[uuid.UUID, bool]:
     """Insert a `pending` batch and its input pages on `conn`'s transaction; with an
     `idempotency_key`, store the request's fingerprint (`RequestFingerprint`) with it.
@@ -162,7 +163,8 @@ def insert_batch(
     small batch's, all in hand) are counted and fingerprinted first, so the batch's row is
     inserted whole rather than updated after its pages. `stored(conn, batch id, page)`
     is called after each page of a new batch is written, with its features packed as stored
-    (the client splits the page there, on the same transaction).
+    (the client splits the page there, on the same transaction). A new batch gets id
+    `batch_id` (default: a new one).
 
     Returns (batch id, created). With an `idempotency_key` already used by the same
     request (same fingerprint), returns the existing batch and writes nothing. A batch
@@ -175,7 +177,7 @@ def insert_batch(
     """
     fingerprint = request_fingerprint(idempotency_key, pipeline, failure_policy, max_failed_fraction, deadline_s)
     in_hand = list(stored_pages(pages, fingerprint)) if isinstance(pages, list) else None
-    batch_id = uuid.uuid4()
+    batch_id = batch_id or uuid.uuid4()
     inserted = conn.execute(
         INSERT_BATCH,
         batch_row(

@@ -271,6 +271,7 @@ def store_split_batch(
     deadline_s: float | None,
     priority: Priority,
     split: Callable[[uuid.UUID, list[InputPage]], WholeSplit],
+    batch_id: uuid.UUID | None = None,
 ) -> StoredBatch | None:
     """Store a small batch (every page in hand) with its whole split, `split(batch id,
     pages)` (its reads run on `conn` before the write), in one statement that commits on its
@@ -279,6 +280,7 @@ def store_split_batch(
     instead of eight. With an `idempotency_key` already used by the same request, returns
     that batch and writes nothing. Returns None, writing nothing, when a champion or an
     active roll-out the split read is no longer current (`WholeSplit.pins`): split again.
+    A new batch gets id `batch_id` (default: a new one).
 
     Raises:
         IdempotencyKeyError: as `insert_batch`.
@@ -286,7 +288,7 @@ def store_split_batch(
     """
     fingerprint = request_fingerprint(idempotency_key, pipeline, failure_policy, max_failed_fraction, deadline_s)
     in_hand = list(stored_pages(pages, fingerprint))
-    batch_id = uuid.uuid4()
+    batch_id = batch_id or uuid.uuid4()
     whole = split(batch_id, [page for page, _, _ in in_hand])
     subtasks = whole.subtasks
     leases = _rider_leases(first_seqs(subtasks), whole.riding)
