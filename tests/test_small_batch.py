@@ -24,8 +24,8 @@ from pipeline.ledger import rollouts as rollout_rows
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import BOOSTING, FOREST, LOGREG, MODELS, held_out_records
 from pipeline.schema import ModelEvent, RolloutState
-from pipeline.settings import get_settings
 from pipeline.scratch import delete_keys
+from pipeline.settings import get_settings
 from pipeline.states import Priority
 from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
 from tests.pipelines import UNSPLITTABLE
@@ -205,9 +205,7 @@ def test_a_listening_client_s_first_wait_for_a_batch_it_submitted_reads_once_wok
         time.sleep(0.5)
         assert statements == [] and not waiting.done()
         with quiet_engine.connect() as conn:
-            first = conn.execute(
-                text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": batch.id}
-            ).scalar_one()
+            first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": batch.id}).scalar_one()
         # The turn's aggregate reads the models' manifests where the settings say.
         monkeypatch.setenv("PIPELINE_MODELS_DIR", str(models_dir))
         get_settings.cache_clear()
