@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from psycopg import _queries as psycopg_queries
 from psycopg import pq
 from sqlalchemy import Engine, event, text
 
@@ -22,6 +23,8 @@ from pipeline.definition import InputPage, ModelRows
 from pipeline.errors import IdempotencyKeyError
 from pipeline.inputs import encode_inputs
 from pipeline.ledger.aggregation import AGGREGATE_LOCK_CLASS
+from pipeline.ledger.claims import CLAIM_TURN
+from pipeline.ledger.outcomes import COMPLETE
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.schema import BatchState, FailurePolicy, Priority
 from pipeline.settings import Settings
@@ -863,6 +866,23 @@ def test_the_completion_that_makes_a_one_page_batch_due_reads_it_for_its_aggrega
         read = ledger.one_page_batch_due(conn, batch_id)
     assert read is not None and sum(len(chunks) for chunks in read.outputs.values()) == len(claims)
     assert aggregate_batch(engine, batch_id) == "succeeded"
+
+
+def test_the_hot_statements_placeholders_are_converted_once(engine: Engine) -> None:
+    """psycopg converts a statement's placeholders from its cache only below its length and
+    parameter limits, which the ledger raises (`pipeline.ledger.connection`): a worker turn's
+    claim (over 50 parameters) and completion (over 4 KB) are converted once, not at every
+    execution."""
+    convert = psycopg_queries._query2pg
+    with engine.connect() as conn:
+        for statement in (CLAIM_TURN, COMPLETE):
+            compiled = statement.compile(dialect=conn.dialect)
+            assert len(str(compiled)) > 4096 or len(compiled.params) > 50
+    before = convert.cache_info()
+    for _ in range(3):
+        assert ledger.claim_turn(engine, -1, "test-worker", 60, ["digit-ood"], 1) == []
+    after = convert.cache_info()
+    assert after.hits - before.hits >= 2 and after.misses - before.misses <= 1
 
 
 def test_a_batch_is_stamped_finished_by_the_finishing_statement_s_clock(engine: Engine) -> None:

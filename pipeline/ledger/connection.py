@@ -12,6 +12,7 @@ from importlib.resources import files
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import _queries as psycopg_queries
 from psycopg import pq
 from psycopg.errors import DeadlockDetected
 from pydantic_core import from_json
@@ -22,6 +23,15 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from pipeline.database import sqlalchemy_url
 
 T = TypeVar("T")
+# psycopg turns a statement's `%(name)s` placeholders into `$n` at every execution, from an LRU
+# cache of 128 statements, but not for a text over 4 KB or with over 50 parameters (its guard
+# against an ORM's ever-different statements). The ledger's are fixed, and the claim and
+# completion of every worker turn are over either limit: each re-parsed its text in Python,
+# a quarter of the completion's time in a one-input batch's turn (py-spy). Raised so every
+# ledger statement is converted once (`test_the_hot_statements_placeholders_are_converted_once`
+# fails if psycopg stops reading these).
+psycopg_queries.MAX_CACHED_STATEMENT_LENGTH = max(psycopg_queries.MAX_CACHED_STATEMENT_LENGTH, 64 * 1024)
+psycopg_queries.MAX_CACHED_STATEMENT_PARAMS = max(psycopg_queries.MAX_CACHED_STATEMENT_PARAMS, 256)
 # Runs of a transaction PostgreSQL chose as a deadlock's victim, and the longest pause (s)
 # before the next: random, so the two sides do not meet again in step.
 DEADLOCK_RUNS = 5
