@@ -832,11 +832,12 @@ def _read_whole(read: ledger.OnePageBatch | None) -> tuple[Any, ...]:
 
 
 def test_the_completion_that_makes_a_one_page_batch_due_reads_it_for_its_aggregate(engine: Engine) -> None:
-    """The completion that makes a batch of one input page due for aggregation also returns
-    its aggregate's read, as `one_page_batch_due` reads it after the commit: the worker's turn
-    finishes the batch without reading it again. A completion that waited for the batch row
-    while another committed misses that sub-task in its snapshot: it returns no read (the
-    aggregate then reads the batch), not one without that sub-task's rows."""
+    """The completion that makes a batch of one input page and at most `read_items` inputs
+    due for aggregation also returns its aggregate's read, as `one_page_batch_due` reads it
+    after the commit: the worker's turn finishes the batch without reading it again. A
+    completion that waited for the batch row while another committed misses that sub-task in
+    its snapshot: it returns no read (the aggregate then reads the batch), not one without
+    that sub-task's rows; nor does one that made a batch of more than `read_items` due."""
     batch_id, claims = _split_batch(engine)
     assert len(claims) >= 3
 
@@ -844,8 +845,8 @@ def test_the_completion_that_makes_a_one_page_batch_due_reads_it_for_its_aggrega
         return [ledger.Completion(claim, _output(claim), "v1", None, predict_cpu_s=0.01) for claim in claims]
 
     first, *rest = claims
-    assert ledger.complete_subtasks(engine, done([first])).due is None
-    outcome = ledger.complete_subtasks(engine, done(rest))
+    assert ledger.complete_subtasks(engine, done([first]), read_items=6).due is None
+    outcome = ledger.complete_subtasks(engine, done(rest), read_items=6)
     assert outcome.aggregate
     with engine.connect() as conn:
         assert _read_whole(outcome.due) == _read_whole(ledger.one_page_batch_due(conn, batch_id))
@@ -857,7 +858,7 @@ def test_the_completion_that_makes_a_one_page_batch_due_reads_it_for_its_aggrega
     with engine.connect() as holder:
         assert not ledger.complete_subtasks(holder, done(earlier)).aggregate
         with ThreadPoolExecutor(1) as pool:
-            completing = pool.submit(ledger.complete_subtasks, engine, done([last]))
+            completing = pool.submit(ledger.complete_subtasks, engine, done([last]), 6)
             wait_for(lambda: _lock_waits(engine) > 0, 30, "the last completion to wait for the batch row")
             holder.commit()
             outcome = completing.result(timeout=60)
@@ -866,6 +867,11 @@ def test_the_completion_that_makes_a_one_page_batch_due_reads_it_for_its_aggrega
         read = ledger.one_page_batch_due(conn, batch_id)
     assert read is not None and sum(len(chunks) for chunks in read.outputs.values()) == len(claims)
     assert aggregate_batch(engine, batch_id) == "succeeded"
+
+    # A batch of more inputs than the reader aggregates itself: no read.
+    batch_id, claims = _split_batch(engine)
+    outcome = ledger.complete_subtasks(engine, done(claims), read_items=5)
+    assert outcome.aggregate and outcome.due is None
 
 
 def test_the_hot_statements_placeholders_are_converted_once(engine: Engine) -> None:

@@ -266,7 +266,7 @@ def run_claimed(
     results = [predicted(turn, settings, claim, between, slice_s) for claim in claims]
     completions = [result for result in results if isinstance(result, ledger.Completion)]
     completed = (
-        turn.run(settings, lambda conn: ledger.complete_subtasks(conn, completions))
+        turn.run(settings, lambda conn: ledger.complete_subtasks(conn, completions, settings.small_batch_items))
         if completions
         else ledger.Outcome(recorded=False)
     )

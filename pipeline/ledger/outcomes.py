@@ -125,9 +125,17 @@ def _complete_statement() -> Select[Any]:
             others.id.not_in(select(done.c.id)),
         ),
     ).subquery("outputs")
-    # When it made a one-page batch due, the aggregate's read of it (as `ONE_PAGE_DUE`), for the
-    # worker's turn to finish it without reading it again.
-    read = one_page_read(batch, outputs, batch.c.state == BatchState.aggregating, batch.c.complete, AGGREGATION_FREE)
+    # When it made a one-page batch of at most :read_items inputs due (one the worker's turn
+    # aggregates), the aggregate's read of it, as `ONE_PAGE_DUE` reads it: the turn finishes
+    # the batch without reading it again.
+    read = one_page_read(
+        batch,
+        outputs,
+        batch.c.state == BatchState.aggregating,
+        batch.c.complete,
+        batch.c["items"] <= bindparam("read_items"),
+        AGGREGATION_FREE,
+    )
     return (
         select(batch, read)
         .select_from(batch)
@@ -140,15 +148,17 @@ def _complete_statement() -> Select[Any]:
 COMPLETE = _complete_statement()
 
 
-def complete_subtasks(bind: Bind, completions: Sequence[Completion]) -> Outcome:
+def complete_subtasks(bind: Bind, completions: Sequence[Completion], read_items: int = 0) -> Outcome:
     """`running` → `succeeded` for each of `completions` (sub-tasks of one batch), only for
     the claim it holds, and the batch counter for those recorded: one statement (committed
     on its own on an Engine or an autocommit Connection). `recorded` when any was. When they
-    made a batch of one input page due for aggregation, the outcome's `due` is its aggregate's
-    read (`one_page_batch_due`), made by the same statement (None when the statement's
-    snapshot missed a sub-task another completion finished meanwhile)."""
+    made a batch of one input page and at most `read_items` inputs due for aggregation, the
+    outcome's `due` is its aggregate's read (`one_page_batch_due`), made by the same
+    statement (None when the statement's snapshot missed a sub-task another completion
+    finished meanwhile)."""
     parameters = {
         "of_batch": completions[0].claim.batch_id,
+        "read_items": read_items,
         "done_ids": [done.claim.subtask_id for done in completions],
         "done_attempts": [done.claim.attempt for done in completions],
         "done_outputs": [done.output for done in completions],
