@@ -25,7 +25,6 @@ from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import BOOSTING, FOREST, LOGREG, MODELS, held_out_records
 from pipeline.schema import ModelEvent, RolloutState
 from pipeline.scratch import delete_keys
-from pipeline.settings import get_settings
 from pipeline.states import Priority
 from tests.helpers import RunServices, run_client_settings, split_batch, store_batch, wait_for
 from tests.pipelines import UNSPLITTABLE
@@ -181,22 +180,18 @@ def test_a_client_reuses_its_read_of_what_a_small_batch_pins_while_it_is_current
 
 
 def test_a_listening_client_s_first_wait_for_a_batch_it_submitted_reads_once_woken(
-    quiet_client: tuple[Client, str],
-    quiet_engine: Engine,
-    quiet_services: RunServices,
-    models_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    quiet_client: tuple[Client, str], quiet_engine: Engine, quiet_services: RunServices, models_dir: Path
 ) -> None:
     """A client that listens already (it waited before) watches each batch it submits from
     before storing it: the batch cannot finish unseen, so the first wait reads its status only
     once the batch's finish wakes it, not once before as well."""
     client, _ = quiet_client
     # Nothing consumes this run's messages: a batch waits until this test runs its turn.
-    earlier = client.submit("screening", held_out_records(1))
+    earlier = client.submit("digits", held_out_strips(1, max_digits=6, seed=5))
     with pytest.raises(TimeoutError):
         earlier.wait(timeout=0.1)
     earlier.cancel()  # its sub-tasks are not claimed instead of the next batch's
-    batch = client.submit("screening", held_out_records(1))
+    batch = client.submit("digits", held_out_strips(1, max_digits=6, seed=6))
     statements: list[str] = []
     event.listen(client.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
     with ThreadPoolExecutor(1) as pool:
@@ -206,14 +201,7 @@ def test_a_listening_client_s_first_wait_for_a_batch_it_submitted_reads_once_wok
         assert statements == [] and not waiting.done()
         with quiet_engine.connect() as conn:
             first = conn.execute(text("SELECT min(id) FROM subtasks WHERE batch_id = :b"), {"b": batch.id}).scalar_one()
-        # The turn's aggregate reads the models' manifests where the settings say.
-        monkeypatch.setenv("PIPELINE_MODELS_DIR", str(models_dir))
-        get_settings.cache_clear()
-        try:
-            run_subtask(quiet_engine, quiet_services.settings(models_dir), first, "test-worker", MODELS)
-        finally:
-            monkeypatch.undo()
-            get_settings.cache_clear()
+        run_subtask(quiet_engine, quiet_services.settings(models_dir), first, "test-worker", DIGIT_MODELS)
         status = waiting.result(timeout=60)
     assert status.state == "succeeded"
     assert len(statements) == 1
