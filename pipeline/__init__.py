@@ -14,7 +14,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.client import BatchHandle, Client, ItemResult
+    from pipeline.batch_handle import BatchHandle, ItemResult
+    from pipeline.client import Client
     from pipeline.definition import Kpis, ModelRows, ModelSpec, Pipeline, TrainedModel
     from pipeline.errors import (
         ArtifactError,
@@ -60,9 +61,9 @@ __all__ = [
 # The module defining each public name but the errors (all in pipeline.errors).
 _MODULES = {
     "Client": "pipeline.client",
-    "BatchHandle": "pipeline.client",
+    "BatchHandle": "pipeline.batch_handle",
     "BatchStatus": "pipeline.status",
-    "ItemResult": "pipeline.client",
+    "ItemResult": "pipeline.batch_handle",
     "BatchState": "pipeline.schema",
     "FailurePolicy": "pipeline.schema",
     "Pipeline": "pipeline.definition",

@@ -11,13 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import ledger
-from pipeline.client import BatchHandle, BatchStatus, Client
+from pipeline.batch_handle import BatchHandle
+from pipeline.client import Client
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.pipelines.screening import FOREST, held_out_records, refit_forest
 from pipeline.redaction import redact
 from pipeline.report import drift_summary, fmt, kpi_table, latency_table, status_table
 from pipeline.settings import Settings
 from pipeline.stack import Stack
+from pipeline.status import BatchStatus
 
 SHOWN_RESULTS = 10
 # The shadow roll-out: batches of this many held-out records, at most so many of them.

@@ -7,7 +7,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.client import BatchHandle, BatchStatus
+    from pipeline.batch_handle import BatchHandle
+    from pipeline.status import BatchStatus
 
 # How long a queue may go unserved before the bar says so, and how often it is checked.
 UNSERVED_CHECK_S = 2.0

@@ -13,7 +13,8 @@ from sqlalchemy import Engine, text
 
 from pipeline import broker
 from pipeline.artifacts import read_manifest
-from pipeline.client import BatchHandle, BatchStatus, Client
+from pipeline.batch_handle import BatchHandle
+from pipeline.client import BatchStatus, Client
 from pipeline.pipelines.digits import held_out_strips
 from tests.helpers import RunServices, wait_for
 

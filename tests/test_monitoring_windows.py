@@ -20,7 +20,8 @@ from sqlalchemy import Engine, text
 from aggregator.exporter import _window_families
 from pipeline import ledger
 from pipeline.artifacts import read_manifest
-from pipeline.client import BatchHandle, Client
+from pipeline.batch_handle import BatchHandle
+from pipeline.client import Client
 from pipeline.errors import BatchNotFoundError, InvalidLabelError
 from pipeline.estimation import binary_sums
 from pipeline.monitor import evaluate_alerts, judge_window

@@ -17,7 +17,8 @@ from sklearn.metrics import confusion_matrix, recall_score
 from sqlalchemy import Engine, text
 
 from pipeline.artifacts import read_manifest
-from pipeline.client import BatchHandle, BatchStatus, Client
+from pipeline.batch_handle import BatchHandle
+from pipeline.client import BatchStatus, Client
 from pipeline.errors import InvalidInputError
 from pipeline.pipelines.screening import (
     CONFIG,
