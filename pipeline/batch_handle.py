@@ -120,13 +120,18 @@ class BatchHandle:
         reread_s = PROGRESS_REFRESH_S if bar is not None else self._client.settings.wait_reread_s
         with self._watched_lock:
             watched, self._watched = self._watched, None
+
+        def pause() -> float:
+            """Until the next read: the re-read's interval, or what is left before the deadline."""
+            return reread_s if deadline is None else min(reread_s, max(0.0, deadline - time.monotonic()))
+
         try:
             # Subscribed before the status is read, so a finish right after the read still wakes us.
             with self._client.listener.subscription(self.id, watched) as woken:
                 if watched is not None and bar is None:
                     # Watched since before the batch was stored: nothing finished unseen, so
                     # the first read waits for the wake-up (or the re-read's safety net).
-                    woken.wait(reread_s if deadline is None else min(reread_s, max(0.0, deadline - time.monotonic())))
+                    woken.wait(pause())
                 while True:
                     woken.clear()
                     status = self._status_reading_ahead()
@@ -134,13 +139,9 @@ class BatchHandle:
                         bar.update(status)
                     if status.finished:
                         return status
-                    pause = reread_s
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise TimeoutError(f"batch {self.id} not finished after {timeout} s: {_unfinished(status)}")
-                        pause = min(pause, left)
-                    woken.wait(pause)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"batch {self.id} not finished after {timeout} s: {_unfinished(status)}")
+                    woken.wait(pause())
         finally:
             if bar is not None:
                 bar.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -173,8 +173,13 @@ StreamKey = tuple[str, str | None]
 def serving_versions(batch: Row[Any]) -> dict[str, list[str | None]]:
     """Per model, the versions pinned on the serve sub-tasks of `batch` (a row of
     `lock_aggregation` or `running_batch`): one, or a canary's two."""
+    return _by_model(batch.serving or ())
+
+
+def _by_model(streams: Iterable[Sequence[Any]]) -> dict[str, list[str | None]]:
+    """Per model, the versions of `streams` ((model, version) pairs), in their order."""
     versions: dict[str, list[str | None]] = {}
-    for model, version in batch.serving or ():
+    for model, version in streams:
         versions.setdefault(model, []).append(version)
     return versions
 
@@ -308,10 +313,8 @@ class OnePageBatch:
         """Per model, the versions pinned on the batch's serve sub-tasks (as `serving_versions`),
         from the outputs read: the statement that completed them may have set a version
         where the split pinned none (a sub-task split before revision 0010)."""
-        versions: dict[str, list[str | None]] = {}
-        for model, version in sorted(self.outputs, key=lambda key: (key[0], key[1] is None, key[1] or "")):
-            versions.setdefault(model, []).append(version)
-        return versions
+        # In `serving_versions`' order: by model, then version, NULL last.
+        return _by_model(sorted(self.outputs, key=lambda key: (key[0], key[1] is None, key[1] or "")))
 
     def input_page(self, n_features: int) -> InputPage:
         """The batch's inputs as one page, for a pipeline of `n_features` features."""
