@@ -20,6 +20,17 @@ def test_forest_proba_gives_scikit_learns_probabilities(rows: int) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 7, 2000])
+def test_forest_proba_sends_missing_values_where_each_node_learnt_to(rows: int) -> None:
+    X_train, X_test, y_train, _ = screening_split()
+    rng = np.random.default_rng(0)
+    X_train = np.where(rng.random(X_train.shape) < 0.2, np.nan, X_train)
+    forest = RandomForestClassifier(n_estimators=25, random_state=0).fit(X_train, y_train)
+    X = np.resize(X_test, (rows, X_test.shape[1])).astype("<f4")
+    X[rng.random(X.shape) < 0.3] = np.nan
+    np.testing.assert_array_equal(forest_proba(forest, X), forest.predict_proba(X))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 2000])
 def test_isolation_decision_gives_scikit_learns_scores(rows: int) -> None:
     X_train, X_test, _, _ = digits_split()
     forest = IsolationForest(n_estimators=50, contamination=0.01, random_state=0).fit(X_train)
