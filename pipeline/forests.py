@@ -91,6 +91,13 @@ def _packed_with(forest: Any, leaf_values: Callable[[], np.ndarray]) -> tuple[Pa
     return held
 
 
+def _tree_by_tree_sum(per_tree: np.ndarray) -> np.ndarray:
+    """The sum over the trees' axis (the first) added tree by tree, as scikit-learn adds:
+    `sum` adds a contiguous axis pairwise (one row's terms), which rounds otherwise."""
+    total: np.ndarray = np.add.accumulate(per_tree, axis=0)[-1]
+    return total
+
+
 def forest_proba(forest: RandomForestClassifier, X: np.ndarray) -> np.ndarray:
     """`forest.predict_proba(X)` for float32 `X`, the same numbers, summed tree by tree in
     the forest's order from each tree's leaf values: 8 ms for one row through 200 trees
@@ -102,8 +109,7 @@ def forest_proba(forest: RandomForestClassifier, X: np.ndarray) -> np.ndarray:
         packed, values = _packed_with(
             forest, lambda: np.concatenate([tree.tree_.value[:, 0, :classes] for tree in forest.estimators_])
         )
-        # Summed over the trees' axis, the outermost: numpy adds tree by tree, as below.
-        proba: np.ndarray = values[packed.leaves(X)].sum(axis=0)
+        proba = _tree_by_tree_sum(values[packed.leaves(X)])
     else:
         proba = np.zeros((len(X), classes), dtype=np.float64)
         for tree in forest.estimators_:
@@ -127,7 +133,7 @@ def isolation_decision(forest: IsolationForest, X: np.ndarray) -> np.ndarray:
         packed, terms = _packed_with(
             forest, lambda: np.concatenate([paths + averages - 1.0 for _, paths, averages in per_tree])
         )
-        depths = terms[packed.leaves(X)].sum(axis=0)
+        depths = _tree_by_tree_sum(terms[packed.leaves(X)])
     else:
         depths = np.zeros(len(X), dtype=np.float64)
         for tree, path_lengths, average_lengths in per_tree:
