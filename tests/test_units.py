@@ -566,3 +566,21 @@ def test_a_model_that_costs_much_per_call_gets_slices_long_enough_to_pay_for_it(
     np.testing.assert_array_equal(outputs, X.sum(axis=1))
     # A slice is at least 1 ms / MAX_CALL_SHARE (20 ms): after the first eighth, the rest in one.
     assert len(pauses) == 1
+
+
+def test_a_model_cheap_on_a_few_rows_is_sliced_as_its_calls_on_many_cost() -> None:
+    # 1 ms of CPU per call over 32 rows, nothing on fewer (as `pipeline.forests` walks a few
+    # rows): a slice of many rows pays the 1 ms, so slices are as long as for any such model.
+    def predict(estimator: object, rows: np.ndarray) -> np.ndarray:
+        started = time.process_time()
+        while len(rows) > 32 and time.process_time() - started < 0.001:
+            pass
+        return rows.sum(axis=1)
+
+    X = np.arange(4000, dtype=np.float32).reshape(1000, 4)
+    pauses: list[int] = []
+    outputs, _ = sliced_predict(
+        cast(ModelSpec, SimpleNamespace(predict=predict)), object(), X, 1e-9, lambda: pauses.append(1)
+    )
+    np.testing.assert_array_equal(outputs, X.sum(axis=1))
+    assert len(pauses) == 1

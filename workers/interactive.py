@@ -138,21 +138,37 @@ def sliced_predict(
 
 # A slice is at least this many times a model's cost per call: slicing adds at most 5 %.
 MAX_CALL_SHARE = 0.05
+# Rows of the two calls whose times give a model's cost per call (`call_overhead_s`): as
+# many as a slice has, at least, so that they take the path a slice takes (a few rows
+# may take a cheaper one, as `pipeline.forests` walks a few rows through every tree at once).
+CALL_PROBE_ROWS = (64, 256)
 # By `id` of the loaded estimator (an estimator may be any object, not always weak-referable):
 # a version loaded again may be timed again, nothing worse.
 _call_overheads: dict[int, float] = {}
 
 
 def call_overhead_s(spec: ModelSpec, estimator: Any, X: np.ndarray) -> float:
-    """CPU seconds of a one-row predict of `estimator` (the least of three), measured once
-    per loaded estimator: what a model pays per call whatever its rows (a forest's per-tree
-    dispatch, input validation)."""
+    """CPU seconds a predict of `estimator` costs per call whatever its rows (a forest's
+    per-tree dispatch, input validation), measured once per loaded estimator on rows of `X`:
+    the intercept of the line through the times of calls on `CALL_PROBE_ROWS` rows, and no
+    less than a one-row call's time (the least of three runs each). With fewer rows than the
+    probes need, a one-row call's time."""
     overhead = _call_overheads.get(id(estimator))
     if overhead is None:
-        times = []
-        for _ in range(3):
-            before = time.process_time()
-            spec.predict(estimator, X[:1])
-            times.append(time.process_time() - before)
-        overhead = _call_overheads[id(estimator)] = min(times)
+        overhead = _least_call_s(spec, estimator, X[:1])
+        few, many = CALL_PROBE_ROWS
+        if len(X) >= many:
+            few_s, many_s = (_least_call_s(spec, estimator, X[:rows]) for rows in CALL_PROBE_ROWS)
+            overhead = max(overhead, few_s - few * (many_s - few_s) / (many - few))
+        _call_overheads[id(estimator)] = overhead
     return overhead
+
+
+def _least_call_s(spec: ModelSpec, estimator: Any, X: np.ndarray) -> float:
+    """The least CPU seconds of three `spec.predict(estimator, X)` calls."""
+    times = []
+    for _ in range(3):
+        before = time.process_time()
+        spec.predict(estimator, X)
+        times.append(time.process_time() - before)
+    return min(times)
