@@ -11,11 +11,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from sklearn.ensemble import IsolationForest, RandomForestClassifier
+from sklearn.dummy import DummyClassifier
+from sklearn.ensemble import GradientBoostingClassifier, IsolationForest, RandomForestClassifier
 from sklearn.ensemble._iforest import _average_path_length
+
+T = TypeVar("T")
 
 # Up to this many rows a call walks every tree at once (`PackedTrees`); above, each tree's
 # own compiled walk is faster (its cost per row is a few node visits, the packed walk's a
@@ -78,16 +81,16 @@ class PackedTrees:
         return nodes
 
 
-# One packing per fitted forest, made at its first call, dropped with the forest.
-_packed: weakref.WeakKeyDictionary[Any, tuple[PackedTrees, np.ndarray]] = weakref.WeakKeyDictionary()
+# One packing per fitted ensemble, made at its first call, dropped with the ensemble.
+_packed: weakref.WeakKeyDictionary[Any, tuple[PackedTrees, Any]] = weakref.WeakKeyDictionary()
 
 
-def _packed_with(forest: Any, leaf_values: Callable[[], np.ndarray]) -> tuple[PackedTrees, np.ndarray]:
-    """`forest`'s packed trees and the per-node values `leaf_values` gives (in the packed
-    nodes' order), made once per forest."""
-    held = _packed.get(forest)
+def _packed_with(ensemble: Any, trees: Sequence[Any], leaf_values: Callable[[], T]) -> tuple[PackedTrees, T]:
+    """`ensemble`'s fitted `trees` packed (in their order) and what `leaf_values` gives (per
+    packed node), made once per ensemble."""
+    held = _packed.get(ensemble)
     if held is None:
-        held = _packed[forest] = (PackedTrees.of([tree.tree_ for tree in forest.estimators_]), leaf_values())
+        held = _packed[ensemble] = (PackedTrees.of([tree.tree_ for tree in trees]), leaf_values())
     return held
 
 
@@ -107,7 +110,9 @@ def forest_proba(forest: RandomForestClassifier, X: np.ndarray) -> np.ndarray:
     classes = forest.n_classes_
     if len(X) <= PACKED_MAX_ROWS:
         packed, values = _packed_with(
-            forest, lambda: np.concatenate([tree.tree_.value[:, 0, :classes] for tree in forest.estimators_])
+            forest,
+            forest.estimators_,
+            lambda: np.concatenate([tree.tree_.value[:, 0, :classes] for tree in forest.estimators_]),
         )
         proba = _tree_by_tree_sum(values[packed.leaves(X)])
     else:
@@ -131,7 +136,9 @@ def isolation_decision(forest: IsolationForest, X: np.ndarray) -> np.ndarray:
     if len(X) <= PACKED_MAX_ROWS:
         # Each leaf's depth term, computed as below, so that the sums are the same numbers.
         packed, terms = _packed_with(
-            forest, lambda: np.concatenate([paths + averages - 1.0 for _, paths, averages in per_tree])
+            forest,
+            forest.estimators_,
+            lambda: np.concatenate([paths + averages - 1.0 for _, paths, averages in per_tree]),
         )
         depths = _tree_by_tree_sum(terms[packed.leaves(X)])
     else:
@@ -143,3 +150,40 @@ def isolation_decision(forest: IsolationForest, X: np.ndarray) -> np.ndarray:
     # As scikit-learn: a forest of one-sample trees (denominator 0) scores 1.
     scores = 2 ** (-np.divide(depths, denominator, out=np.ones_like(depths), where=denominator != 0))
     return np.asarray(-scores - forest.offset_)
+
+
+def boosting_proba(model: GradientBoostingClassifier, X: np.ndarray) -> np.ndarray:
+    """`model.predict_proba(X)` for float32 `X`, the same numbers. On a few rows
+    (`PACKED_MAX_ROWS`) every stage's trees are walked at once, each leaf's value times the
+    learning rate added stage by stage to the init estimator's raw prediction, as
+    scikit-learn adds them; on more rows, or when that prediction depends on the row (an
+    init estimator other than the default prior), scikit-learn's own (whose input checks
+    cost about as much as the walk on one row).
+    """
+    X = np.asarray(X, dtype=np.float32)
+    if len(X) > PACKED_MAX_ROWS or not _constant_init(model):
+        return np.asarray(model.predict_proba(X))
+    stages, per_stage = model.estimators_.shape
+    trees = model.estimators_.ravel()  # stage by stage, as `per_tree` is shaped below
+    packed, (terms, init) = _packed_with(
+        model,
+        trees,
+        lambda: (
+            np.concatenate([model.learning_rate * tree.tree_.value[:, 0, 0] for tree in trees]),
+            model._raw_predict_init(np.zeros((1, model.n_features_in_), dtype=np.float32))[0],
+        ),
+    )
+    per_tree = terms[packed.leaves(X)].reshape(stages, per_stage, len(X))
+    start = np.broadcast_to(init[None, :, None], (1, per_stage, len(X)))
+    # C order, as scikit-learn's: its softmax adds a row's classes in memory order.
+    raw = np.ascontiguousarray(_tree_by_tree_sum(np.concatenate([start, per_tree])).T)
+    return np.asarray(model._loss.predict_proba(raw.ravel() if per_stage == 1 else raw))
+
+
+def _constant_init(model: GradientBoostingClassifier) -> bool:
+    """Whether `model`'s init estimator predicts the same for every row (the default, the
+    training classes' prior, or zero)."""
+    init = model.init_
+    if isinstance(init, str):
+        return init == "zero"
+    return isinstance(init, DummyClassifier) and init.strategy == "prior"

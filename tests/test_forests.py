@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.ensemble import IsolationForest, RandomForestClassifier
+from sklearn.ensemble import GradientBoostingClassifier, IsolationForest, RandomForestClassifier
 
-from pipeline.forests import forest_proba, isolation_decision
+from pipeline.forests import boosting_proba, forest_proba, isolation_decision
 from pipeline.pipelines.digits import dataset_split as digits_split
 from pipeline.pipelines.screening import dataset_split as screening_split
 
@@ -28,6 +28,23 @@ def test_forest_proba_sends_missing_values_where_each_node_learnt_to(rows: int) 
     X = np.resize(X_test, (rows, X_test.shape[1])).astype("<f4")
     X[rng.random(X.shape) < 0.3] = np.nan
     np.testing.assert_array_equal(forest_proba(forest, X), forest.predict_proba(X))
+
+
+@pytest.mark.parametrize("init", [None, "zero"])
+def test_boosting_proba_gives_scikit_learns_probabilities(init: str | None) -> None:
+    X_train, X_test, y_train, _ = screening_split()
+    binary = GradientBoostingClassifier(n_estimators=40, max_depth=2, init=init, random_state=0).fit(X_train, y_train)
+    digits_train, digits_test, digit_labels, _ = digits_split()
+    # Ten classes: ten trees a stage.
+    multiclass = GradientBoostingClassifier(n_estimators=5, max_depth=3, init=init, random_state=0).fit(
+        digits_train, digit_labels
+    )
+    for model, X in ((binary, X_test), (multiclass, digits_test)):
+        X = X.astype("<f4")
+        one_row_calls = np.concatenate([boosting_proba(model, row[None, :]) for row in X[:40]])
+        np.testing.assert_array_equal(one_row_calls, model.predict_proba(X[:40]))
+        np.testing.assert_array_equal(boosting_proba(model, X[:7]), model.predict_proba(X[:7]))
+        np.testing.assert_array_equal(boosting_proba(model, X), model.predict_proba(X))
 
 
 @pytest.mark.parametrize("rows", [1, 7, 2000])

@@ -41,7 +41,7 @@ from pipeline.definition import (
     TrainedModel,
 )
 from pipeline.estimation import fit_calibration
-from pipeline.forests import forest_proba
+from pipeline.forests import boosting_proba, forest_proba
 from pipeline.gate import NO_LABEL
 from pipeline.profile import outside_range, range_warnings
 from pipeline.settings import get_settings
@@ -204,13 +204,18 @@ def _malignant_probability(output: np.ndarray) -> np.ndarray:
 CHUNK_SIZES = {LOGREG: 10_000, FOREST: 50_000, BOOSTING: 10_000}
 
 
+# The tree ensembles' predictions skip scikit-learn's per-call and per-tree work (the same
+# numbers: `pipeline.forests`).
+PREDICTS = {LOGREG: _predict, FOREST: forest_proba, BOOSTING: boosting_proba}
+
+
 def _spec(name: str) -> ModelSpec:
     return ModelSpec(
         name,
         len(FEATURES),
         2,
         lambda: _train(name),
-        forest_proba if name == FOREST else _predict,
+        PREDICTS[name],
         chunk_size=CHUNK_SIZES[name],
         probabilities=True,
         feature_names=FEATURES,
