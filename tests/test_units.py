@@ -35,6 +35,7 @@ from pipeline.pipelines.screening import dataset_split as screening_split
 from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import Settings
 from pipeline.training import train_models
+from workers import interactive
 from workers.interactive import sliced_predict
 
 
@@ -550,37 +551,25 @@ def test_a_sliced_predict_gives_the_whole_predict_and_runs_between_its_slices() 
     assert one.shape == (1,) and len(pauses) >= 1
 
 
-def test_a_model_that_costs_much_per_call_gets_slices_long_enough_to_pay_for_it() -> None:
+@pytest.mark.parametrize("cheap_up_to_rows", [0, 32])
+def test_a_model_that_costs_much_per_call_gets_slices_long_enough_to_pay_for_it(
+    cheap_up_to_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 ms of CPU per call whatever its rows (a forest's per-tree dispatch, say), or only on
+    # calls over 32 rows (as `pipeline.forests` walks a few rows through every tree at once):
+    # a slice has many rows, so it pays the 1 ms either way.
     def predict(estimator: object, rows: np.ndarray) -> np.ndarray:
-        # 1 ms of CPU per call, whatever the rows (a forest's per-tree dispatch, say).
         started = time.process_time()
-        while time.process_time() - started < 0.001:
+        while len(rows) > cheap_up_to_rows and time.process_time() - started < 0.001:
             pass
         return rows.sum(axis=1)
 
-    X = np.arange(1000, dtype=np.float32).reshape(250, 4)
-    pauses: list[int] = []
-    outputs, _ = sliced_predict(
-        cast(ModelSpec, SimpleNamespace(predict=predict)), object(), X, 1e-9, lambda: pauses.append(1)
-    )
-    np.testing.assert_array_equal(outputs, X.sum(axis=1))
-    # A slice is at least 1 ms / MAX_CALL_SHARE (20 ms): after the first eighth, the rest in one.
-    assert len(pauses) == 1
-
-
-def test_a_model_cheap_on_a_few_rows_is_sliced_as_its_calls_on_many_cost() -> None:
-    # 1 ms of CPU per call over 32 rows, nothing on fewer (as `pipeline.forests` walks a few
-    # rows): a slice of many rows pays the 1 ms, so slices are as long as for any such model.
-    def predict(estimator: object, rows: np.ndarray) -> np.ndarray:
-        started = time.process_time()
-        while len(rows) > 32 and time.process_time() - started < 0.001:
-            pass
-        return rows.sum(axis=1)
-
+    monkeypatch.setattr(interactive, "_call_overheads", {})  # no time measured by another test
     X = np.arange(4000, dtype=np.float32).reshape(1000, 4)
     pauses: list[int] = []
     outputs, _ = sliced_predict(
         cast(ModelSpec, SimpleNamespace(predict=predict)), object(), X, 1e-9, lambda: pauses.append(1)
     )
     np.testing.assert_array_equal(outputs, X.sum(axis=1))
+    # A slice is at least 1 ms / MAX_CALL_SHARE (20 ms): after the first eighth, the rest in one.
     assert len(pauses) == 1
