@@ -6,15 +6,20 @@ estimator per fold; each `predict_proba` call re-fits a label encoder per copy a
 `IsotonicRegression.predict` (input checks, a scipy `interp1d`) per class and copy: 50 calls
 for 10 classes and 5 folds. On a few rows (a one-input batch) that overhead is most of the
 call. Here each calibrator is the `np.interp` of its own thresholds, clipped to its range as
-`out_of_bounds="clip"` does. A multi-class `SVC` copy's one-vs-rest decision comes from its
-one-vs-one decisions by a cumulative sum per class (`_ovr_of_ovo`) instead of scikit-learn's
-Python loop over the 45 class pairs of 10 classes, 0.6 ms per copy on one row; and those
+`out_of_bounds="clip"` does; on a few rows a copy's calibrators run at once (`Isotonics`:
+`timeit` of `digits`' classifier on one row, 482 → 373 µs). A multi-class `SVC` copy's
+one-vs-rest decision comes from its one-vs-one decisions by a cumulative sum per class
+(`_ovr_of_ovo`) instead of scikit-learn's Python loop over the 45 class pairs of 10
+classes, 0.6 ms per copy on one row; and those
 decisions come from libsvm directly (`_svc_ovo`), the rows converted to float64 once per
 call, instead of through scikit-learn's input checks once per copy.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -26,6 +31,73 @@ from sklearn.svm._base import LIBSVM_IMPL
 
 # scikit-learn rounds a probability at most this far above 1 down to 1.
 _ABOVE_ONE = 1e-5
+
+
+# Up to this many rows a calibrated copy's calibrators run at once (`Isotonics`); above, one
+# `np.interp` per calibrator, whose cost per row is less than comparing each value with
+# every threshold of its calibrator.
+ISOTONICS_MAX_ROWS = 32
+
+
+@dataclass(frozen=True)
+class Isotonics:
+    """A calibrated copy's isotonic calibrators (one per decision column, each fitted with
+    `out_of_bounds="clip"` on strictly increasing thresholds) as padded arrays, so that a
+    few rows' decisions are calibrated in a few numpy calls where each calibrator made its
+    own: the same arithmetic as `np.interp`, value for value."""
+
+    low: np.ndarray  # (columns,): each calibrator's X_min_
+    high: np.ndarray  # X_max_
+    xs: np.ndarray  # (columns, most thresholds): X_thresholds_, padded with +inf
+    ys: np.ndarray  # y_thresholds_, padded with the last
+    last: np.ndarray  # (columns,): each one's last threshold's index
+
+    @classmethod
+    def of(cls, calibrators: Sequence[IsotonicRegression]) -> Isotonics | None:
+        """The calibrators packed; None when one has thresholds that do not increase strictly."""
+        if any(np.any(np.diff(c.X_thresholds_) <= 0) for c in calibrators):
+            return None
+        width = max(len(c.X_thresholds_) for c in calibrators)
+        xs = np.full((len(calibrators), width), np.inf)
+        ys = np.empty((len(calibrators), width))
+        for row, calibrator in enumerate(calibrators):
+            count = len(calibrator.X_thresholds_)
+            xs[row, :count] = calibrator.X_thresholds_
+            ys[row, :count] = calibrator.y_thresholds_
+            ys[row, count:] = calibrator.y_thresholds_[-1]
+        return cls(
+            low=np.array([c.X_min_ for c in calibrators], dtype=np.float64),
+            high=np.array([c.X_max_ for c in calibrators], dtype=np.float64),
+            xs=xs,
+            ys=ys,
+            last=np.array([len(c.X_thresholds_) - 1 for c in calibrators]),
+        )
+
+    def predict(self, decisions: np.ndarray) -> np.ndarray:
+        """Each column of `decisions` (rows x columns) through its calibrator, as `_isotonic`:
+        clipped to its range, then `np.interp`'s value (a threshold's own value at it or
+        beyond the last, else the slope to the next times the distance, plus its value)."""
+        values = np.clip(decisions, self.low, self.high)
+        below = (self.xs <= values[..., None]).sum(axis=-1) - 1
+        at = np.maximum(below, 0)
+        after = np.minimum(at + 1, self.last)
+        columns = np.arange(len(self.last))
+        x0, y0 = self.xs[columns, at], self.ys[columns, at]
+        x1, y1 = self.xs[columns, after], self.ys[columns, after]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            interpolated = (y1 - y0) / (x1 - x0) * (values - x0) + y0
+        on_threshold = (at >= self.last) | (x0 == values) | (values < self.xs[:, 0])
+        return np.asarray(np.where(on_threshold, y0, interpolated))
+
+
+# One packing per calibrated copy, made at its first call, dropped with the copy.
+_isotonics: weakref.WeakKeyDictionary[Any, Isotonics | None] = weakref.WeakKeyDictionary()
+
+
+def _packed_isotonics(calibrated: Any) -> Isotonics | None:
+    if calibrated not in _isotonics:
+        _isotonics[calibrated] = Isotonics.of(calibrated.calibrators)
+    return _isotonics[calibrated]
 
 
 def _isotonic(calibrator: IsotonicRegression, values: np.ndarray) -> np.ndarray:
@@ -128,10 +200,15 @@ def calibrated_proba(model: CalibratedClassifierCV, X: np.ndarray) -> Any:
     for calibrated in model.calibrated_classifiers_:
         decisions = _decision(calibrated.estimator, X, X64)
         proba = np.zeros((len(X), n_classes), dtype=np.float64)
-        columns = np.searchsorted(model.classes_, calibrated.estimator.classes_)
-        for column, values, calibrator in zip(columns, decisions.T, calibrated.calibrators, strict=False):
-            # Binary: the one decision column is the positive class's (classes_[1]).
-            proba[:, column + 1 if n_classes == 2 else column] = _isotonic(calibrator, values)
+        # Binary: the one decision column is the positive class's (classes_[1]).
+        columns = np.searchsorted(model.classes_, calibrated.estimator.classes_) + (n_classes == 2)
+        columns = columns[: len(calibrated.calibrators)]
+        isotonics = _packed_isotonics(calibrated) if len(X) <= ISOTONICS_MAX_ROWS else None
+        if isotonics is not None:
+            proba[:, columns] = isotonics.predict(decisions[:, : len(columns)])
+        else:
+            for column, values, calibrator in zip(columns, decisions.T, calibrated.calibrators, strict=False):
+                proba[:, column] = _isotonic(calibrator, values)
         if n_classes == 2:
             proba[:, 0] = 1.0 - proba[:, 1]
         else:

@@ -22,6 +22,14 @@ def test_isotonic_multiclass_probabilities_are_scikit_learns(rows: int, ensemble
     assert np.array_equal(calibrated_proba(model, unseen), model.predict_proba(unseen))
 
 
+def test_one_row_calls_calibrate_as_scikit_learn_inside_and_outside_the_range() -> None:
+    X, y = load_digits(return_X_y=True)
+    model = CalibratedClassifierCV(SVC(gamma=0.001), method="isotonic", ensemble=True).fit(X[:1000], y[:1000])
+    rows = np.vstack([X[1000:1030], X[1000:1030] * 3, -X[1000:1010]]).astype(np.float32)
+    ours = np.concatenate([calibrated_proba(model, row[None, :]) for row in rows])
+    assert np.array_equal(ours, model.predict_proba(rows))
+
+
 @pytest.mark.parametrize("n_classes", [3, 10])
 def test_one_vs_rest_of_an_svc_is_scikit_learns(n_classes: int) -> None:
     """Ties, zeros and signs as scikit-learn's loop over class pairs makes them."""
