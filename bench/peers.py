@@ -119,11 +119,17 @@ def collect(results: list[Any]) -> list[Any]:
     return results
 
 
-@cache
 def _ledger(durable_commits: bool = True) -> Engine:
+    """The peers worker's engine on the ledger of its settings."""
     settings = get_settings()
     assert settings.database_url is not None
-    return ledger.make_engine(settings.database_url, durable_commits=durable_commits)
+    return _engine(settings.database_url, durable_commits)
+
+
+@cache
+def _engine(database_url: str, durable_commits: bool = True) -> Engine:
+    """One engine per process, ledger and commit mode."""
+    return ledger.make_engine(database_url, durable_commits=durable_commits)
 
 
 @app.task(name=FLOOR_TASK, ignore_result=True)
@@ -178,11 +184,6 @@ def _round_trips_ledger(client: Client) -> Engine:
     The round trips still wait through the client's listener."""
     assert client.settings.database_url is not None
     return _engine(client.settings.database_url)
-
-
-@cache
-def _engine(database_url: str) -> Engine:
-    return ledger.make_engine(database_url)
 
 
 def floor_round_trip(client: Client) -> float:

@@ -17,10 +17,9 @@ call, instead of through scikit-learn's input checks once per copy.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,8 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.isotonic import IsotonicRegression
 from sklearn.svm import SVC, _libsvm
 from sklearn.svm._base import LIBSVM_IMPL
+
+from pipeline.forests import made_once
 
 # scikit-learn rounds a probability at most this far above 1 down to 1.
 _ABOVE_ONE = 1e-5
@@ -88,16 +89,6 @@ class Isotonics:
             interpolated = (y1 - y0) / (x1 - x0) * (values - x0) + y0
         on_threshold = (at >= self.last) | (x0 == values) | (values < self.xs[:, 0])
         return np.asarray(np.where(on_threshold, y0, interpolated))
-
-
-# One packing per calibrated copy, made at its first call, dropped with the copy.
-_isotonics: weakref.WeakKeyDictionary[Any, Isotonics | None] = weakref.WeakKeyDictionary()
-
-
-def _packed_isotonics(calibrated: Any) -> Isotonics | None:
-    if calibrated not in _isotonics:
-        _isotonics[calibrated] = Isotonics.of(calibrated.calibrators)
-    return _isotonics[calibrated]
 
 
 def _isotonic(calibrator: IsotonicRegression, values: np.ndarray) -> np.ndarray:
@@ -203,7 +194,11 @@ def calibrated_proba(model: CalibratedClassifierCV, X: np.ndarray) -> Any:
         # Binary: the one decision column is the positive class's (classes_[1]).
         columns = np.searchsorted(model.classes_, calibrated.estimator.classes_) + (n_classes == 2)
         columns = columns[: len(calibrated.calibrators)]
-        isotonics = _packed_isotonics(calibrated) if len(X) <= ISOTONICS_MAX_ROWS else None
+        isotonics = (
+            made_once(calibrated, partial(Isotonics.of, calibrated.calibrators))
+            if len(X) <= ISOTONICS_MAX_ROWS
+            else None
+        )
         if isotonics is not None:
             proba[:, columns] = isotonics.predict(decisions[:, : len(columns)])
         else:

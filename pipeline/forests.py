@@ -81,17 +81,23 @@ class PackedTrees:
         return nodes
 
 
-# One packing per fitted ensemble, made at its first call, dropped with the ensemble.
-_packed: weakref.WeakKeyDictionary[Any, tuple[PackedTrees, Any]] = weakref.WeakKeyDictionary()
+# What `made_once` made, per fitted model; dropped with the model.
+_made: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def made_once(model: Any, make: Callable[[], T]) -> T:
+    """What `make()` gives for fitted `model` (one thing per model: its packed form), made at
+    the first call for that model."""
+    if model not in _made:
+        _made[model] = make()
+    held: T = _made[model]
+    return held
 
 
 def _packed_with(ensemble: Any, trees: Sequence[Any], leaf_values: Callable[[], T]) -> tuple[PackedTrees, T]:
     """`ensemble`'s fitted `trees` packed (in their order) and what `leaf_values` gives (per
     packed node), made once per ensemble."""
-    held = _packed.get(ensemble)
-    if held is None:
-        held = _packed[ensemble] = (PackedTrees.of([tree.tree_ for tree in trees]), leaf_values())
-    return held
+    return made_once(ensemble, lambda: (PackedTrees.of([tree.tree_ for tree in trees]), leaf_values()))
 
 
 def _tree_by_tree_sum(per_tree: np.ndarray) -> np.ndarray:
