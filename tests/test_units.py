@@ -35,7 +35,7 @@ from pipeline.pipelines.screening import dataset_split as screening_split
 from pipeline.schema import BatchState, FailurePolicy
 from pipeline.settings import Settings
 from pipeline.training import train_models
-from workers import interactive
+from workers import interactive, models
 from workers.interactive import sliced_predict
 
 
@@ -573,3 +573,22 @@ def test_a_model_that_costs_much_per_call_gets_slices_long_enough_to_pay_for_it(
     np.testing.assert_array_equal(outputs, X.sum(axis=1))
     # A slice is at least 1 ms / MAX_CALL_SHARE (20 ms): after the first eighth, the rest in one.
     assert len(pauses) == 1
+
+
+def test_a_model_version_runs_once_untimed_per_process_until_that_run_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A first call's one-time work (the packed trees of `pipeline.forests`) must not reach a
+    # sub-task's timed predict, which the roll-out gate compares between versions.
+    monkeypatch.setattr(models, "_warmed", set())
+    runs: list[str] = []
+
+    def fails_once() -> None:
+        runs.append("v1")
+        if len(runs) == 1:
+            raise RuntimeError("no warm-up")
+
+    with pytest.raises(RuntimeError, match="no warm-up"):
+        models.warm_once("m", "v1", fails_once)
+    for _ in range(3):
+        models.warm_once("m", "v1", fails_once)
+        models.warm_once("m", "v2", lambda: runs.append("v2"))
+    assert runs == ["v1", "v1", "v2"]

@@ -28,7 +28,7 @@ from pipeline.schema import SubtaskRole
 from pipeline.settings import Settings
 from pipeline.states import Priority
 from workers.interactive import interactive_signal, sliced_predict
-from workers.models import loaded_version
+from workers.models import loaded_version, warm_once
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +314,11 @@ def predicted(
         version = claim.model_version or turn.run(settings, lambda conn: model_registry.champion(conn, spec.name))
         estimator, manifest = loaded_version(turn.engine, settings, spec.name, version)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
+        warm_once(spec.name, version, lambda: spec.predict(estimator, X[:1]))
         # A shadow sub-task also times its champion on the same rows, now: the gate compares
         # the two versions in pairs measured alike. Which runs first alternates (by id), so
         # neither always finds the other's data in the cache.
-        champion = shadow_champion(turn, settings, claim)
+        champion = shadow_champion(turn, settings, claim, spec, X)
         champion_first = champion is not None and claim.subtask_id % 2 == 0
         champion_cpu_s = timed_predict(spec, champion, X)[1] if champion_first else None
         if between is not None and slice_s > 0:
@@ -356,20 +357,26 @@ def timed_predict(spec: ModelSpec, estimator: Any, X: np.ndarray) -> tuple[np.nd
     return predicted, time.process_time() - before
 
 
-def shadow_champion(turn: TurnConnection, settings: Settings, claim: ledger.Claim) -> Any | None:
-    """The champion's estimator of a shadow sub-task's model, to time on the same rows; None
-    for a serve sub-task, or when the shadow's version is the champion.
+def shadow_champion(
+    turn: TurnConnection, settings: Settings, claim: ledger.Claim, spec: ModelSpec, X: np.ndarray
+) -> Any | None:
+    """The champion's estimator of a shadow sub-task's model (`spec`), warmed (`warm_once`) to
+    time on the same rows `X`; None for a serve sub-task, or when the shadow's version is the
+    champion.
 
     Raises:
         NoChampionError: the model has no champion (a roll-out needs one).
         ArtifactError, InvalidArtifactError, OSError: as `loaded_version`.
+        Exception: whatever the champion's predict raises on its first use.
     """
     if claim.role != SubtaskRole.shadow:
         return None
     version = turn.run(settings, lambda conn: model_registry.champion(conn, claim.model))
     if version == claim.model_version:
         return None
-    return loaded_version(turn.engine, settings, claim.model, version)[0]
+    champion = loaded_version(turn.engine, settings, claim.model, version)[0]
+    warm_once(claim.model, version, lambda: spec.predict(champion, X[:1]))
+    return champion
 
 
 def aggregate_or_hand_over(
