@@ -24,6 +24,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -70,6 +71,9 @@ THROUGHPUT, LATENCY, MIXED, FAIR, MONITOR, SHADOW = SCENARIOS = (
 SMALL_BATCHES, SMALL_BATCH_ITEMS = 20, 100
 # Between the submissions of the fair scenario's two bulk batches.
 FAIR_GAP_S = 1.0
+# Threads answering the paced stream's one-input batches: enough that an arrival waits for
+# none at rates up to ~100/s with answers under 100 ms.
+OPEN_LOOP_THREADS = 16
 _started = time.monotonic()
 
 
@@ -179,16 +183,52 @@ def measure_latency(
             if sample >= warm_up:
                 peer_ms.append(ms)
         start = time.perf_counter()
-        batch = client.submit(pipeline, one)
-        batch.wait(timeout=60)
-        results = list(batch.results())
+        batch_id = answered(client, pipeline, one)
         elapsed = time.perf_counter() - start
-        if len(results) != 1 or results[0].output is None:
-            raise RuntimeError(f"one-input batch {batch.id} has no result: {results}")
         if sample >= warm_up:
             measured.ms.append(elapsed * 1000)
-            measured.batch_ids.append(batch.id)
+            measured.batch_ids.append(batch_id)
     return measured
+
+
+def answered(client: Client, pipeline: str, one: Any) -> str:
+    """Submit the one-input batch `one`, wait for it and read its result; return its id.
+
+    Raises:
+        RuntimeError: it has no result.
+    """
+    batch = client.submit(pipeline, one)
+    batch.wait(timeout=60)
+    results = list(batch.results())
+    if len(results) != 1 or results[0].output is None:
+        raise RuntimeError(f"one-input batch {batch.id} has no result: {results}")
+    return batch.id
+
+
+def open_loop_stream(
+    client: Client, pipeline: str, rate_per_s: float, running: Callable[[], bool]
+) -> list[tuple[float, float, str]]:
+    """One-input batches arriving at random times (a Poisson process of `rate_per_s`) while
+    `running()`, each answered on a thread of its own. A batch's time counts from its arrival,
+    so a stall delays every batch that arrives during it, as it would a service's users; a
+    closed loop sends none meanwhile and counts the stall once (coordinated omission). Returns
+    (arrival epoch, ms, batch id) of each."""
+    one, _ = one_input(registry.get_pipeline(pipeline))
+    arrivals = np.random.default_rng(0)
+
+    def timed(arrival: float) -> tuple[float, float, str]:
+        batch_id = answered(client, pipeline, one)
+        ms = (time.perf_counter() - arrival) * 1000
+        return time.time() - ms / 1000, ms, batch_id
+
+    with ThreadPoolExecutor(max_workers=OPEN_LOOP_THREADS) as pool:
+        futures = []
+        arrival = time.perf_counter()
+        while running():
+            arrival += float(arrivals.exponential(1 / rate_per_s))
+            time.sleep(max(0.0, arrival - time.perf_counter()))
+            futures.append(pool.submit(timed, arrival))
+        return [future.result() for future in futures]
 
 
 # Where a one-input batch's time goes, from the ledger's clocks (one server, one clock):
@@ -272,17 +312,20 @@ def bulk_phases(client: Client, batch_id: str) -> dict[str, float]:
 
 
 def stream_during_bulk(
-    processes: Processes, client: Client, pipeline: str, bulk: list[str], name: str
+    processes: Processes, client: Client, pipeline: str, bulk: list[str], name: str, rate_per_s: float | None = None
 ) -> tuple[Latency, dict[str, Any]]:
     """Run the bulk client `bulk` as process `name` while this process's own client submits
-    one-input batches one after another. Returns the ms and ids of those submitted and
+    one-input batches: one after another, or with `rate_per_s` at that rate whether or not
+    the last was answered (`open_loop_stream`). Returns the ms and ids of those submitted and
     answered while the bulk batch was in the ledger, and the bulk client's figures.
 
     Raises:
         RuntimeError: no one-input batch ran while the bulk batch did.
     """
     launched = processes.launch(name, bulk)
-    stream = []
+    stream: list[tuple[float, float, str]] = []
+    if rate_per_s is not None:
+        stream = open_loop_stream(client, pipeline, rate_per_s, lambda: launched.poll() is None)
     while launched.poll() is None:
         started = time.time()
         one = measure_latency(client, pipeline, 1, warm_up=0)
@@ -304,7 +347,8 @@ def measure_mixed(
 ) -> dict[str, Any]:
     """One-input latency idle (interleaved with `floor` samples), the bulk batch alone, then
     the bulk batch again with a stream of one-input batches (this process's own client)
-    submitted one after another while it runs."""
+    submitted one after another while it runs (closed-loop: as fast as they are answered),
+    and again with one-input batches arriving at `--stream-rate` a second (paced)."""
     bulk = client_command("pipeline", pipeline, args, rows=args.bulk_rows, warm_up=0)
     log(f"mixed: {args.latency_samples} one-input batches on the idle cluster, each after a no-op round trip")
     idle = measure_latency(client, pipeline, args.latency_samples, floor=floor).ms
@@ -345,6 +389,21 @@ def measure_mixed(
         "bulk_slowdown_cpu_bound": busy_mixed / busy_alone,
     }
     figures["mixed_p99_vs_idle_p99"] = figures["mixed_latency_p99_ms"] / figures["idle_latency_p99_ms"]
+    log(f"mixed: the bulk batch again, with one-input batches arriving at {args.stream_rate:g}/s while it runs")
+    at_rate, paced = stream_during_bulk(
+        processes, client, pipeline, bulk, "client-bulk-paced", rate_per_s=args.stream_rate
+    )
+    figures |= {
+        "mixed_paced_rate_per_s": args.stream_rate,
+        "mixed_paced_latency_samples": len(at_rate.ms),
+        "mixed_paced_latency_p50_ms": float(np.percentile(at_rate.ms, 50)),
+        "mixed_paced_latency_p99_ms": float(np.percentile(at_rate.ms, 99)),
+        "mixed_paced_latency_max_ms": max(at_rate.ms),
+        "mixed_paced_p99_vs_idle_p99": float(np.percentile(at_rate.ms, 99)) / figures["idle_latency_p99_ms"],
+        "mixed_paced_bulk_with_stream_s": paced["seconds"],
+        "mixed_paced_bulk_slowdown": paced["seconds"] / alone["seconds"],
+        **latency_phases(client, at_rate, prefix="mixed_paced_phase", tail=True),
+    }
     return figures
 
 
@@ -734,6 +793,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--bulk-rows", type=int, default=1_000_000, help="model rows of each bulk batch of mixed, fair and shadow"
+    )
+    parser.add_argument(
+        "--stream-rate",
+        type=float,
+        default=10.0,
+        help="one-input batches per second arriving during mixed's paced bulk batch (default 10)",
     )
     parser.add_argument(
         "--monitor-batches", type=int, default=10_000, help="batches in the monitor scenario's day of contributions"

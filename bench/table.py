@@ -123,6 +123,13 @@ MIXED_ROWS: tuple[Row, ...] = (
     ("mixed_cpu_busy_alone", "cores busy: bulk alone", _pct, "", None),
     ("mixed_cpu_busy_with_stream", "cores busy: bulk with the stream", _pct, "", None),
     ("bulk_slowdown_cpu_bound", "CPU used with stream ÷ alone (slowdown if CPU-bound)", _x, "", None),
+    ("mixed_paced_rate_per_s", "paced stream: one-input batches arriving per second", _per_s, "", None),
+    ("mixed_paced_latency_p50_ms", "one-input batch, paced, while a bulk batch runs", _ms, "", None),
+    ("mixed_paced_latency_p99_ms", "", _ms, "", None),
+    ("mixed_paced_latency_max_ms", "", _ms, "", None),
+    ("mixed_paced_p99_vs_idle_p99", "paced p99 ÷ idle p99", _x, "≤ 3 ×", lambda v: v <= 3),
+    ("mixed_paced_bulk_with_stream_s", "bulk batch with the paced stream", _s, "", None),
+    ("mixed_paced_bulk_slowdown", "bulk with paced stream ÷ alone", _x, "≤ 1.1 ×", lambda v: v <= 1.1),
 )
 
 # `--scenario fair`: two bulk batches submitted about a second apart.
