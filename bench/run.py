@@ -353,13 +353,14 @@ def measure_mixed(
     log(f"mixed: {args.latency_samples} one-input batches on the idle cluster, each after a no-op round trip")
     idle = measure_latency(client, pipeline, args.latency_samples, floor=floor).ms
     log(f"mixed: bulk batch of {args.bulk_rows} rows alone")
-    busy_before = machine_busy_s()
+    # Cores busy over each phase's wall time: the bulk client's start-up is in both.
+    busy_before, started = machine_busy_s(), time.perf_counter()
     alone = run_client(processes, "client-bulk-alone", bulk)
-    busy_alone = machine_busy_s() - busy_before
+    busy_alone, wall_alone = machine_busy_s() - busy_before, time.perf_counter() - started
     log("mixed: the bulk batch again, with one-input batches while it runs")
-    busy_before = machine_busy_s()
+    busy_before, started = machine_busy_s(), time.perf_counter()
     stream, mixed = stream_during_bulk(processes, client, pipeline, bulk, "client-bulk-mixed")
-    busy_mixed = machine_busy_s() - busy_before
+    busy_mixed, wall_mixed = machine_busy_s() - busy_before, time.perf_counter() - started
     during = stream.ms
     log(
         f"mixed: {len(during)} one-input batches during the bulk batch; bulk {alone['seconds']:.2f} s alone,"
@@ -384,8 +385,8 @@ def measure_mixed(
         **latency_phases(client, stream, prefix="mixed_phase", tail=True),
         # The machine's cores busy (share of all) alone and with the stream, and the slowdown
         # if the bulk batch could only use the CPU the stream left (busy with ÷ busy alone).
-        "mixed_cpu_busy_alone": busy_alone / (os.cpu_count() or 1) / alone["seconds"],
-        "mixed_cpu_busy_with_stream": busy_mixed / (os.cpu_count() or 1) / mixed["seconds"],
+        "mixed_cpu_busy_alone": busy_alone / (os.cpu_count() or 1) / wall_alone,
+        "mixed_cpu_busy_with_stream": busy_mixed / (os.cpu_count() or 1) / wall_mixed,
         "bulk_slowdown_cpu_bound": busy_mixed / busy_alone,
     }
     figures["mixed_p99_vs_idle_p99"] = figures["mixed_latency_p99_ms"] / figures["idle_latency_p99_ms"]
