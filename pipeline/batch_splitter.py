@@ -6,8 +6,10 @@ the client's split (`client_split`) both drive it."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from itertools import cycle, islice
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import Connection
@@ -19,6 +21,8 @@ from pipeline.errors import NoChampionError
 from pipeline.garbage import collection_paused
 from pipeline.ledger import rollouts as rollout_rows
 from pipeline.schema import Priority, RolloutMode, SubtaskRole
+
+T = TypeVar("T")
 
 
 def pin_champions(serving: rollout_rows.Serving, pipeline: Pipeline) -> rollout_rows.Serving:
@@ -92,7 +96,8 @@ class BatchSplitter:
             self.rollouts = {r.model: r for r in rollout_rows.active_rollouts_of_batch(conn, batch.id)}
         # The roll-outs this split is the first to follow (recorded by `record_rollouts`).
         self._new_rollouts = batch.model_versions is None
-        self._chunkers: list[Chunker] = []
+        # Per model, its chunkers: the champion's, then a canary's challenger's.
+        self._chunkers: list[tuple[Chunker, ...]] = []
         self._champions: dict[str, Chunker] = {}
         self._canaries: dict[str, tuple[Chunker, Chunker, float]] = {}
         sizes = {spec.name: chunk_sizes.get(spec.name, spec.chunk_size) for spec in pipeline.models}
@@ -106,15 +111,16 @@ class BatchSplitter:
             champion = Chunker(
                 spec, size, copy_inputs=canary, priority=rank, model_version=self.versions.get(spec.name), seqs=counter
             )
-            self._chunkers.append(champion)
             self._champions[spec.name] = champion
             if canary:
                 assert rollout is not None and rollout.percent is not None, "rollouts_percent_of_canary"
                 challenger = Chunker(
                     spec, size, copy_inputs=True, priority=rank, model_version=rollout.version, seqs=counter
                 )
-                self._chunkers.append(challenger)
+                self._chunkers.append((champion, challenger))
                 self._canaries[spec.name] = (champion, challenger, rollout.percent)
+            else:
+                self._chunkers.append((champion,))
         self._shadows = {model: r.version for model, r in self.rollouts.items() if r.mode == RolloutMode.shadow}
         # Inputs split so far, and serve sub-tasks taken so far.
         self.split_items: int = batch.split_items
@@ -150,8 +156,12 @@ class BatchSplitter:
 
     def take(self, final: bool = False) -> list[ledger.NewSubtask]:
         """The full chunks of every model (with `final`, the remainders too), each serve
-        sub-task followed by its shadow copies."""
-        serving = [subtask for chunker in self._chunkers for subtask in chunker.take(final)]
+        sub-task followed by its shadow copies. A canary's champion and challenger chunks
+        alternate (numbered, stored and claimed in that order), so the two versions are
+        timed side by side, at the same moments: taken one version after the other, the
+        gate's latency check compared the machine's load at two moments as much as the
+        versions."""
+        serving = [subtask for versions in self._chunkers for subtask in _in_turn([c.take(final) for c in versions])]
         self.serving += len(serving)
         return serving + [
             replace(
@@ -174,3 +184,12 @@ class BatchSplitter:
         """Record that the batch follows its roll-outs, on the first split step's transaction."""
         if self.followed:
             rollout_rows.add_rollout_batch(conn, self.followed, self.batch_id)
+
+
+def _in_turn(runs: list[Iterator[T]]) -> Iterator[T]:
+    """The items of `runs`, one of each in turn while they last (itertools' `roundrobin` recipe:
+    a run that ends stops the `map`, and the cycle goes on over the runs left)."""
+    turns: Iterator[Iterator[T]] = iter(runs)
+    for active in range(len(runs), 0, -1):
+        turns = cycle(islice(turns, active))
+        yield from map(next, turns)

@@ -697,6 +697,10 @@ def test_results_name_the_versions_that_scored_them_canary_inputs_the_challenger
     # 4 rows a sub-task: a strip's tiles can span two. A challenger sub-task whose last strip
     # goes on into the next one fails: that strip has no classifier version, though some of its rows ran.
     split_batch(engine, batch_id, {CLASSIFIER: 4, OOD: 64}, step_items=25)
+    # The two versions' chunks alternate (in seq order, the order they are claimed): the gate
+    # times them at the same moments.
+    classifier = [r.model_version for r in _subtasks(engine, str(batch_id)) if r.model == CLASSIFIER]
+    assert classifier[:4] == [v1, v2, v1, v2], classifier
     challenger = [r for r in _subtasks(engine, str(batch_id)) if r.model_version == v2]
     failing = next(r.seq for r, after in zip(challenger, challenger[1:]) if r.items[-1] == after.items[0])
     _score_in_process(engine, batch_id, fail=lambda s: s.model == CLASSIFIER and s.seq == failing)

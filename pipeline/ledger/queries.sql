@@ -592,10 +592,11 @@ ON CONFLICT DO NOTHING
 -- joined it, each read through the (batch_id, model, seq) index. With :labels, each succeeded
 -- serve sub-task also brings its rows' input items, the current labels of the inputs in its
 -- item range (one index range scan of `labels_current`), and `lead`: how many rows of its
--- first input the sub-tasks before it hold. An input's rows run on in the preceding seqs of
--- its version (chunks of one version are numbered in item order within a split step, and
--- never span steps), and a sub-task it continues from holds nothing else, so the walk back
--- goes on while the sub-task it reached started with that input.
+-- first input the sub-tasks before it hold. An input's rows run on in the preceding serve
+-- sub-tasks of its version (chunks of one version are numbered in item order within a split
+-- step, and never span steps; a canary's two versions alternate), and a sub-task it
+-- continues from holds nothing else, so the walk back goes on while the sub-task it reached
+-- started with that input.
 SELECT e.batch_id, e.seq, e.role, e.model_version, e.state, e.rows, e.output, e.predict_cpu_s, e.champion_cpu_s,
        CASE WHEN e.labelled THEN e.items END AS items, lead.rows AS lead,
        l.items AS labelled_items, l.labels
@@ -618,8 +619,13 @@ LEFT JOIN LATERAL (
     SELECT e.seq, 0, e.items[1] WHERE e.labelled
     UNION ALL
     SELECT p.seq, cardinality(array_positions(p.items, e.items[1])), p.items[1]
-    FROM back b JOIN subtasks p ON p.batch_id = e.batch_id AND p.model = :model AND p.seq = b.seq - 1
-    WHERE b.first = e.items[1] AND p.role = 'serve' AND p.items[cardinality(p.items)] = e.items[1]
+    FROM back b CROSS JOIN LATERAL (
+      SELECT q.seq, q.items FROM subtasks q
+      WHERE q.batch_id = e.batch_id AND q.model = :model AND q.seq < b.seq AND q.role = 'serve'
+        AND q.model_version IS NOT DISTINCT FROM e.model_version
+      ORDER BY q.seq DESC LIMIT 1
+    ) AS p
+    WHERE b.first = e.items[1] AND p.items[cardinality(p.items)] = e.items[1]
   )
   SELECT sum(back.rows) AS rows FROM back
 ) AS lead ON true
