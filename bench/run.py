@@ -326,10 +326,11 @@ def stream_during_bulk(
     stream: list[tuple[float, float, str]] = []
     if rate_per_s is not None:
         stream = open_loop_stream(client, pipeline, rate_per_s, lambda: launched.poll() is None)
-    while launched.poll() is None:
-        started = time.time()
-        one = measure_latency(client, pipeline, 1, warm_up=0)
-        stream.append((started, one.ms[0], one.batch_ids[0]))
+    else:
+        while launched.poll() is None:
+            started = time.time()
+            one = measure_latency(client, pipeline, 1, warm_up=0)
+            stream.append((started, one.ms[0], one.batch_ids[0]))
     figures = json.loads(processes.finish(name, launched, RUN_TIMEOUT_S))
     window = bulk_phases(client, figures["batch_id"])
     during = Latency([], [])

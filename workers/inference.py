@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from aggregator.assemble import aggregate_batch
 from pipeline import broker, ledger, model_registry, registry, runtime
+from pipeline.artifacts import Manifest
 from pipeline.definition import ModelSpec
 from pipeline.errors import ArtifactError, GuardrailViolation, InvalidArtifactError, UnknownPipelineError
 from pipeline.guardrails import check_output
@@ -312,9 +313,8 @@ def predicted(
         spec = registry.get_model(claim.model)
         # The version the split pinned; the champion for a sub-task split before the registry.
         version = claim.model_version or turn.run(settings, lambda conn: model_registry.champion(conn, spec.name))
-        estimator, manifest = loaded_version(turn.engine, settings, spec.name, version)
         X = np.frombuffer(claim.payload, dtype="<f4").reshape(claim.rows, spec.n_features)
-        warm_once(spec.name, version, lambda: spec.predict(estimator, X[:1]))
+        estimator, manifest = version_to_time(turn, settings, spec, version, X)
         # A shadow sub-task also times its champion on the same rows, now: the gate compares
         # the two versions in pairs measured alike. Which runs first alternates (by id), so
         # neither always finds the other's data in the cache.
@@ -357,26 +357,39 @@ def timed_predict(spec: ModelSpec, estimator: Any, X: np.ndarray) -> tuple[np.nd
     return predicted, time.process_time() - before
 
 
+def version_to_time(
+    turn: TurnConnection, settings: Settings, spec: ModelSpec, version: str, X: np.ndarray
+) -> tuple[Any, Manifest]:
+    """(estimator, manifest) of `version` of `spec`'s model (`loaded_version`), run once
+    untimed on the first row of `X` on its first use in this process (`warm_once`), so that
+    the timed predicts that follow hold no one-time work.
+
+    Raises:
+        ArtifactError, InvalidArtifactError, OSError: as `loaded_version`.
+        Exception: whatever the model's predict raises on its first use.
+    """
+    estimator, manifest = loaded_version(turn.engine, settings, spec.name, version)
+    warm_once(spec.name, version, lambda: spec.predict(estimator, X[:1]))
+    return estimator, manifest
+
+
 def shadow_champion(
     turn: TurnConnection, settings: Settings, claim: ledger.Claim, spec: ModelSpec, X: np.ndarray
 ) -> Any | None:
-    """The champion's estimator of a shadow sub-task's model (`spec`), warmed (`warm_once`) to
-    time on the same rows `X`; None for a serve sub-task, or when the shadow's version is the
-    champion.
+    """The champion's estimator of a shadow sub-task's model (`spec`), ready to time on the
+    same rows `X` (`version_to_time`); None for a serve sub-task, or when the shadow's
+    version is the champion.
 
     Raises:
         NoChampionError: the model has no champion (a roll-out needs one).
-        ArtifactError, InvalidArtifactError, OSError: as `loaded_version`.
-        Exception: whatever the champion's predict raises on its first use.
+        ArtifactError, InvalidArtifactError, OSError, Exception: as `version_to_time`.
     """
     if claim.role != SubtaskRole.shadow:
         return None
     version = turn.run(settings, lambda conn: model_registry.champion(conn, claim.model))
     if version == claim.model_version:
         return None
-    champion = loaded_version(turn.engine, settings, claim.model, version)[0]
-    warm_once(claim.model, version, lambda: spec.predict(champion, X[:1]))
-    return champion
+    return version_to_time(turn, settings, spec, version, X)[0]
 
 
 def aggregate_or_hand_over(
