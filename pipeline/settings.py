@@ -126,6 +126,15 @@ class Settings(BaseSettings, LedgerSettings):
             " sub-task. 0: predicts run whole (those announced during one run right after it)."
         ),
     )
+    interactive_lane: bool = Field(
+        default=True,
+        description=(
+            "Each `pipeline worker` also runs an interactive lane: one process outside its pool"
+            " that runs interactive sub-tasks of its models only, woken by their NOTIFY at the"
+            " commit that stores them, so they wait neither for a message nor for a pool process"
+            " busy with bulk work."
+        ),
+    )
     retry_base_s: float = Field(
         default=1.0, ge=0, description="First retry's backoff; doubles per attempt, with full jitter."
     )

@@ -101,13 +101,16 @@ def client(services: RunServices, models_dir: Path) -> Iterator[Client]:
 
 
 @pytest.fixture
-def isolated(services: RunServices, models_dir: Path) -> Iterator[tuple[Client, str]]:
-    """A client publishing under a broker prefix no process consumes, so what it queues stays visible."""
+def isolated(quiet_services: RunServices, quiet_engine: Engine, models_dir: Path) -> Iterator[tuple[Client, str]]:
+    """A client on the database no process of the run reads (`quiet_services`: read it with
+    `quiet_engine`, which empties it after the test), publishing under a broker prefix no
+    process consumes, so what it stores and queues stays as it left it (a worker's
+    interactive lane runs the interactive sub-tasks of its database, whatever the broker)."""
     prefix = f"isolated-{uuid.uuid4().hex[:8]}:"
-    client = Client(run_client_settings(services, models_dir, broker_prefix=prefix))
+    client = Client(run_client_settings(quiet_services, models_dir, broker_prefix=prefix))
     yield client, prefix
     client.close()
-    delete_keys(services.broker_url, prefix)
+    delete_keys(quiet_services.broker_url, prefix)
 
 
 @pytest.fixture(scope="session")

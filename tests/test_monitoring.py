@@ -253,7 +253,7 @@ def test_unreachable_sources_are_reported_down() -> None:
 
 
 def test_queue_depth_reads_the_prefixed_queues(
-    isolated: tuple[Client, str], services: RunServices, engine: Engine
+    isolated: tuple[Client, str], services: RunServices, quiet_engine: Engine
 ) -> None:
     client, prefix = isolated
     # Split by the client (it is small): one sub-task per model waits, as nothing consumes this prefix.
@@ -264,7 +264,7 @@ def test_queue_depth_reads_the_prefixed_queues(
         assert queue_depths(client.app, queues) == dict(zip(queues, [0, 0, 1]))
         assert redis.Redis.from_url(services.broker_url).llen(f"{prefix}{model_queue}") == 1
     finally:
-        with engine.begin() as conn:  # no sweeper re-splits it later
+        with quiet_engine.begin() as conn:  # no sweeper re-splits it later
             conn.execute(text("DELETE FROM batches WHERE id = CAST(:id AS uuid)"), {"id": batch.id})
 
 

@@ -92,7 +92,7 @@ def test_bad_labels_are_refused_whole(
 
 
 def test_labels_of_an_unknown_or_unfinished_batch_are_refused(
-    client: Client, isolated: tuple[Client, str], engine: Engine
+    client: Client, isolated: tuple[Client, str], quiet_engine: Engine
 ) -> None:
     with pytest.raises(BatchNotFoundError, match="no batch"):
         ledger.store_labels(client.engine, uuid.uuid4(), [(0, 1)])
@@ -100,7 +100,7 @@ def test_labels_of_an_unknown_or_unfinished_batch_are_refused(
     waiting = isolated[0].submit("screening", _unlabelled(held_out_records(3))[0])
     with pytest.raises(InvalidLabelError, match="the batch is (pending|running): labels are taken once"):
         waiting.add_labels({0: 1})
-    assert _label_rows(engine, waiting.id) == []
+    assert _label_rows(quiet_engine, waiting.id) == []
 
 
 def test_labels_are_idempotent_keep_their_history_and_give_realised_kpis(

@@ -49,18 +49,18 @@ def _valid(candidate: object) -> bool:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(items=st.lists(item, min_size=1, max_size=6))
 def test_malformed_submissions_are_refused_without_trace(
-    items: list[object], isolated: tuple[Client, str], engine: Engine, services: RunServices
+    items: list[object], isolated: tuple[Client, str], quiet_engine: Engine, services: RunServices
 ) -> None:
     client, prefix = isolated
     bad = [index for index, candidate in enumerate(items) if not _valid(candidate)]
     if not bad:
         return
-    with engine.connect() as conn:
+    with quiet_engine.connect() as conn:
         before = conn.execute(text("SELECT count(*) FROM batches")).scalar()
     with pytest.raises(InvalidInputError) as caught:
         client.submit("digits", items)
     assert [index for index, _ in caught.value.problems] == bad
-    with engine.connect() as conn:
+    with quiet_engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM batches")).scalar() == before
     assert list(redis.Redis.from_url(services.broker_url).scan_iter(match=f"{prefix}*")) == []
 

@@ -92,7 +92,7 @@ def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
 
 
 def test_a_client_stores_and_splits_a_one_input_batch_in_two_statements(
-    isolated: tuple[Client, str], engine: Engine
+    isolated: tuple[Client, str], quiet_engine: Engine
 ) -> None:
     client, _ = isolated
     statements: list[str] = []
@@ -107,7 +107,7 @@ def test_a_client_stores_and_splits_a_one_input_batch_in_two_statements(
     # runs within `SERVING_REUSE_S`; else read again).
     assert client.submit("screening", held_out_records(1), idempotency_key=key).id == batch.id
     assert [sql.split()[0] for sql in statements[2:]] in (["WITH", "SELECT"], ["SELECT", "WITH", "SELECT"])
-    with engine.connect() as conn:
+    with quiet_engine.connect() as conn:
         row = conn.execute(
             text(
                 "SELECT state, items, split_items, total, request_sha256, model_versions,"
@@ -438,7 +438,9 @@ def test_interactive_batches_submitted_during_bulk_predicts_run_before_the_bulk_
     """A process running a bulk sub-task takes an interactive batch announced meanwhile after
     its predict, and, once it has seen interactive work, between two slices of the next."""
     # Not a small batch: each bulk sub-task is a turn of its own.
-    settings = quiet_services.settings(models_dir, interactive_slice_ms=0.05, small_batch_items=100)
+    settings = quiet_services.settings(
+        models_dir, interactive_slice_ms=0.05, small_batch_items=100, interactive_lane=False
+    )
     bulk_id, _ = store_batch(quiet_engine, held_out_strips(300, max_digits=6, seed=3), priority=Priority.bulk)
     split_batch(quiet_engine, bulk_id, {model: 100_000 for model in DIGIT_MODELS}, step_items=100_000)
     with quiet_engine.connect() as conn:

@@ -44,7 +44,7 @@ def _counts(engine: Engine) -> tuple[int, int]:
 
 
 def test_each_bad_item_is_named_and_nothing_is_stored_or_queued(
-    isolated: tuple[Client, str], engine: Engine, services: RunServices
+    isolated: tuple[Client, str], quiet_engine: Engine, services: RunServices
 ) -> None:
     client, prefix = isolated
     good = held_out_strips(8, seed=2)
@@ -56,7 +56,7 @@ def test_each_bad_item_is_named_and_nothing_is_stored_or_queued(
     bad[5] = {"image": [[0.0] * (8 * 33) for _ in range(8)]}  # k = 33
     bad[6] = {"image": [[0.0] * 12 for _ in range(8)]}  # not a multiple of 8
     bad[7] = "not an object"
-    before = _counts(engine)
+    before = _counts(quiet_engine)
     with pytest.raises(InvalidInputError) as caught:
         client.submit("digits", bad)
     assert [index for index, _ in caught.value.problems] == [1, 2, 3, 4, 5, 6, 7]
@@ -67,13 +67,13 @@ def test_each_bad_item_is_named_and_nothing_is_stored_or_queued(
     assert "k in 1..32, got 0" in reasons[4]
     assert "got 264" in reasons[5]
     assert "item 7:" in str(caught.value)
-    assert _counts(engine) == before
+    assert _counts(quiet_engine) == before
     broker = redis.Redis.from_url(services.broker_url)
     assert list(broker.scan_iter(match=f"{prefix}*")) == []
 
     # The same checks see a valid submission (so they can fail).
     batch = client.submit("digits", good)
-    assert _counts(engine)[0] == before[0] + 1
+    assert _counts(quiet_engine)[0] == before[0] + 1
     # A batch this small is split by the client itself: its sub-tasks' messages are queued.
     assert broker.llen(f"{prefix}model.digit-classifier") >= 1
     batch.cancel()
@@ -96,14 +96,14 @@ def _stored_with_key(engine: Engine, key: str) -> int:
 
 
 def test_a_dataframe_with_a_repeated_feature_column_is_refused_by_submit(
-    isolated: tuple[Client, str], engine: Engine
+    isolated: tuple[Client, str], quiet_engine: Engine
 ) -> None:
     client, _ = isolated
     frame = pd.DataFrame(np.resize(screening_split()[1], (5, len(FEATURES))), columns=FEATURES)
-    before = _counts(engine)
+    before = _counts(quiet_engine)
     with pytest.raises(InvalidInputError, match=r"the DataFrame has the columns \['mean area'\] more than once"):
         client.submit("screening", pd.concat([frame, frame[["mean area"]]], axis=1))
-    assert _counts(engine) == before
+    assert _counts(quiet_engine) == before
 
 
 def test_chunk_sizes_of_an_unknown_model_are_refused_by_submit(
@@ -179,29 +179,31 @@ def test_submit_wait_exits_non_zero_on_a_batch_that_cannot_be_split(
 
 
 @pytest.mark.parametrize("deadline", [math.inf, 1e300, 1e13, math.nan, 0.0])
-def test_a_deadline_out_of_range_is_refused(isolated: tuple[Client, str], engine: Engine, deadline: float) -> None:
+def test_a_deadline_out_of_range_is_refused(
+    isolated: tuple[Client, str], quiet_engine: Engine, deadline: float
+) -> None:
     client, _ = isolated
     key = f"deadline-{uuid.uuid4().hex}"
     with pytest.raises(InvalidArgumentError, match=r"invalid SubmitOptions: deadline_s: Input should be"):
         client.submit("digits", held_out_strips(1), deadline_s=deadline, idempotency_key=key)
-    assert _stored_with_key(engine, key) == 0
+    assert _stored_with_key(quiet_engine, key) == 0
 
 
-def test_submit_of_none_is_refused(isolated: tuple[Client, str], engine: Engine) -> None:
+def test_submit_of_none_is_refused(isolated: tuple[Client, str], quiet_engine: Engine) -> None:
     client, _ = isolated
-    before = _counts(engine)
+    before = _counts(quiet_engine)
     with pytest.raises(InvalidInputError, match="the inputs must be a list .* not NoneType"):
         client.submit("digits", None)  # type: ignore[arg-type]
-    assert _counts(engine) == before
+    assert _counts(quiet_engine) == before
 
 
-def test_an_idempotency_key_of_another_pipeline_is_refused(isolated: tuple[Client, str], engine: Engine) -> None:
+def test_an_idempotency_key_of_another_pipeline_is_refused(isolated: tuple[Client, str], quiet_engine: Engine) -> None:
     client, _ = isolated
     key = f"other-{uuid.uuid4().hex}"
     first = client.submit("digits", held_out_strips(1), idempotency_key=key)
     with pytest.raises(IdempotencyKeyError, match=f"already names batch {first.id} of pipeline 'digits'"):
         client.submit("poison", _unsplittable_points(1, bad=-1), idempotency_key=key)
-    assert _stored_with_key(engine, key) == 1
+    assert _stored_with_key(quiet_engine, key) == 1
     first.cancel()
 
 
@@ -235,27 +237,29 @@ def test_a_deadline_of_inf_on_the_command_line_is_one_line(
 # --- point 8: strict types, one rule for extra fields -----------------------------------------
 
 
-def test_a_label_that_is_not_an_integer_is_refused_by_submit(isolated: tuple[Client, str], engine: Engine) -> None:
+def test_a_label_that_is_not_an_integer_is_refused_by_submit(
+    isolated: tuple[Client, str], quiet_engine: Engine
+) -> None:
     client, _ = isolated
     records = held_out_records(4)
     records[1]["label"], records[2]["label"], records[3]["label"] = True, "1", 1.0
-    before = _counts(engine)
+    before = _counts(quiet_engine)
     with pytest.raises(InvalidInputError) as caught:
         client.submit("screening", records)
     assert [index for index, _ in caught.value.problems] == [1, 2, 3]
     assert all("label: Input should be a valid integer" in reason for _, reason in caught.value.problems)
-    assert _counts(engine) == before
+    assert _counts(quiet_engine) == before
 
 
 # --- point 9: inputs streamed in pages, files read with bounded reads and a progress bar -------
 
 
-def test_a_generator_of_inputs_is_stored_page_by_page(isolated: tuple[Client, str], engine: Engine) -> None:
+def test_a_generator_of_inputs_is_stored_page_by_page(isolated: tuple[Client, str], quiet_engine: Engine) -> None:
     client, _ = isolated
     count = PAGE_ITEMS * 2 + 3
     batch = client.submit("poison", ({"values": [0.5, 1.0, 2.0, float(i)]} for i in range(count)))
     assert batch.status().items == count
-    with engine.connect() as conn:
+    with quiet_engine.connect() as conn:
         pages = conn.execute(
             text("SELECT first_item, items FROM input_pages WHERE batch_id = :b ORDER BY 1"), {"b": batch.id}
         ).all()
@@ -263,17 +267,17 @@ def test_a_generator_of_inputs_is_stored_page_by_page(isolated: tuple[Client, st
     batch.cancel()
 
 
-def test_a_bad_input_on_a_later_page_leaves_nothing_stored(isolated: tuple[Client, str], engine: Engine) -> None:
+def test_a_bad_input_on_a_later_page_leaves_nothing_stored(isolated: tuple[Client, str], quiet_engine: Engine) -> None:
     """The first pages are stored as they are validated, in the transaction that a bad
     input on the last page rolls back."""
     client, _ = isolated
     key = f"late-{uuid.uuid4().hex}"
     count = PAGE_ITEMS * 2 + 3
     points = ({"values": [0.5, 1.0, 2.0] + ([] if i == count - 1 else [3.0])} for i in range(count))
-    before = _counts(engine)
+    before = _counts(quiet_engine)
     with pytest.raises(InvalidInputError, match=f"item {count - 1}: values: List should have at least 4 items"):
         client.submit("poison", points, idempotency_key=key)
-    assert _counts(engine) == before and _stored_with_key(engine, key) == 0
+    assert _counts(quiet_engine) == before and _stored_with_key(quiet_engine, key) == 0
 
 
 def test_submit_shows_its_progress_reading_a_file(services: RunServices, models_dir: Path, tmp_path: Path) -> None:

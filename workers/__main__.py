@@ -4,14 +4,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
+from collections.abc import Sequence
 
 from pipeline import broker, model_registry, registry, runtime
 from pipeline.errors import PipelineError
 from pipeline.heartbeat import beat_while_consuming
-from pipeline.settings import get_settings
+from pipeline.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# How much lower the pool's CPU priority is than its interactive lane's (`os.nice`: weight
+# 110 against 1024 when both want a core).
+POOL_NICE = 10
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import workers.tasks  # noqa: F401  (registers the predict task)
     from workers.inference import with_ledger_retry
-    from workers.models import loaded_version, serve
+    from workers.models import loaded_version, serve, served
 
     try:
         settings = get_settings()
@@ -51,8 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     engine.dispose()
 
     serve(names)
-    queues = [broker.model_queue(name) for name in names]
     node = f"models-{os.getpid()}@{socket.gethostname()}"
+    if settings.interactive_lane:
+        start_lane(settings, f"{node}/lane", served())
+        # The pool's processes (forked by Celery from this one) yield the cores to the lane,
+        # which sleeps until interactive work comes: without this, its turn got a fair third of
+        # 2 cores beside two bulk predicts, and took twice its idle time.
+        os.nice(POOL_NICE)
+    queues = [broker.model_queue(name) for name in names]
     beat_while_consuming(node, queues, settings)
 
     app = runtime.celery_app()
@@ -71,6 +85,27 @@ def main(argv: list[str] | None = None) -> None:
             "--without-gossip",
         ]
     )
+
+
+def start_lane(settings: Settings, name: str, models: Sequence[str]) -> None:
+    """Fork the worker's interactive lane (`workers.lane`), which records its claims as
+    worker `name`: it inherits the loaded models and ends once this process is gone."""
+    from workers.lane import run_lane
+
+    parent = os.getpid()
+    if os.fork() == 0:
+        code = 0
+        try:
+            logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/lane] %(message)s")
+            run_lane(runtime.turn_engine(), settings, name, models, lambda: os.getppid() == parent)
+        except KeyboardInterrupt:
+            pass
+        except Exception:
+            # The worker goes on without it: its interactive sub-tasks take their messages.
+            log.exception("interactive lane stopped")
+            code = 1
+        finally:
+            os._exit(code)
 
 
 if __name__ == "__main__":

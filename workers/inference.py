@@ -206,9 +206,15 @@ def run_claims(
     models announced meanwhile run after its predict, after its outcome and, while
     interactive work comes, between slices of its predict (`run_announced`,
     `workers.interactive`). A shadow sub-task is never sliced: the gate compares its
-    predict's CPU time with its champion's, timed whole. Returns True when the claims
-    completed their batch's counters."""
-    if served and settings.interactive_slice_ms > 0 and claims[0].priority == Priority.bulk.rank:
+    predict's CPU time with its champion's, timed whole. Not where the worker runs an
+    interactive lane (`workers.lane`), which takes them as they come. Returns True when the
+    claims completed their batch's counters."""
+    if (
+        served
+        and not settings.interactive_lane
+        and settings.interactive_slice_ms > 0
+        and claims[0].priority == Priority.bulk.rank
+    ):
         signal = interactive_signal(turn.engine)
         with signal.listening() as announced:
             between = partial(run_announced, announced, turn.engine, settings, worker, served)
@@ -229,12 +235,13 @@ def run_announced(
         return
     try:
         with TurnConnection(engine) as turn:
-            while (
-                claim := turn.run(
-                    settings, lambda conn: ledger.claim_interactive(conn, served, worker, settings.lease_s)
-                )
-            ) is not None:
-                run_turn(turn, settings, [claim], worker, served)
+            while claims := turn.run(
+                settings,
+                lambda conn: ledger.claim_interactive(
+                    conn, served, worker, settings.lease_s, settings.small_batch_items
+                ),
+            ):
+                run_turn(turn, settings, claims, worker, served, first_round_claimed=True)
     # Unreachable ledger or broker (a retry's message): the interactive sub-tasks are left
     # to their messages and the sweeper, and the bulk sub-task is not charged with it.
     except (OperationalError, kombu.exceptions.OperationalError) as error:

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.orm import aliased
-from sqlalchemy.sql.selectable import CTE
+from sqlalchemy.sql.selectable import CTE, CompoundSelect
 
 from pipeline.ledger.connection import BINARY_RESULTS, Bind, connected, inline, now
 from pipeline.schema import Batch, StoredInputPage, Subtask, SubtaskRole, SubtaskState
@@ -133,12 +133,6 @@ def _claim_rows(claimed: CTE, turn_order: int = 0) -> Select[Any]:
         claimed.c.rides,
         literal(turn_order).label("turn_order"),
     )
-
-
-def _claim_statement(*claimable: Any) -> Select[Any]:
-    """The claim of the sub-task matching `claimable` (conditions on `Subtask`), returning
-    what `Claim` holds (in binary format: the rows to score are a `bytea`)."""
-    return _claim_rows(_claimed("claimed", *claimable)).execution_options(**BINARY_RESULTS)
 
 
 # The workers' hot path: statements built once, executed with bound parameters (building
@@ -243,47 +237,58 @@ def _claimed_picked(name: str, picked: CTE) -> CTE:
 CLAIM_MORE_OF_BATCH = _claim_rows(
     _claimed_picked("claimed", _picked_of_batch(bindparam("of_batch")))
 ).execution_options(**BINARY_RESULTS)
-# A message's turn: its claim (`_MESSAGE_CLAIMABLE`) and, when that is a serve sub-task of a small batch
-# (at most `small_items` inputs), more of the batch as `CLAIM_MORE_OF_BATCH` picks them, the
-# sub-task just claimed left out (this statement's snapshot still sees it `dispatched`): one
-# statement for the first round of a one-input batch, not two.
-_turn_first = _claimed("claimed", *_MESSAGE_CLAIMABLE)
-_turn_batch_items = select(Batch.items).where(Batch.id == _turn_first.c.batch_id).scalar_subquery()
-CLAIM_TURN = union_all(
-    _claim_rows(_turn_first),
-    _claim_rows(
-        _claimed_picked(
-            "more",
-            _picked_of_batch(
-                _turn_first.c.batch_id,
-                lambda _: _turn_first.c.role == SubtaskRole.serve,
-                lambda _: _turn_batch_items <= bindparam("small_items"),
-                lambda waiting: waiting.id != _turn_first.c.id,
-            ),
-        ),
-        turn_order=1,
-    ),
-).execution_options(**BINARY_RESULTS)
 
-# Interactive work a worker process takes between two slices of a bulk sub-task's predict
-# (`workers.interactive`): the first dispatched interactive serve sub-task of its models.
+
+def _turn(first: CTE) -> CompoundSelect[Any]:
+    """A turn's claims: `first` (a `_claimed` named "claimed") and, when that is a serve
+    sub-task of a small batch (at most `small_items` inputs), more of the batch as
+    `CLAIM_MORE_OF_BATCH` picks them, the sub-task just claimed left out (this statement's
+    snapshot still sees it `dispatched`): one statement for the first round of a one-input
+    batch, not two."""
+    batch_items = select(Batch.items).where(Batch.id == first.c.batch_id).scalar_subquery()
+    return union_all(
+        _claim_rows(first),
+        _claim_rows(
+            _claimed_picked(
+                "more",
+                _picked_of_batch(
+                    first.c.batch_id,
+                    lambda _: first.c.role == SubtaskRole.serve,
+                    lambda _: batch_items <= bindparam("small_items"),
+                    lambda waiting: waiting.id != first.c.id,
+                ),
+            ),
+            turn_order=1,
+        ),
+    ).execution_options(**BINARY_RESULTS)
+
+
+# A message's turn: its claim (`_MESSAGE_CLAIMABLE`) with the first round of its small batch.
+CLAIM_TURN = _turn(_claimed("claimed", *_MESSAGE_CLAIMABLE))
+
+# Interactive work a worker's lane takes as it is announced, or a worker process between two
+# slices of a bulk sub-task's predict (`workers.lane`, `workers.interactive`): the first
+# dispatched interactive serve sub-task of its models, with the first round of its batch.
 _interactive = aliased(Subtask)
-CLAIM_INTERACTIVE = _claim_statement(
-    Subtask.id
-    == select(_interactive.id)
-    .where(
-        _interactive.model == func.any(bindparam("models", type_=ARRAY(Text))),
-        _interactive.state == inline(SubtaskState.dispatched),
-        _interactive.priority == Priority.interactive.rank,
-        _interactive.role == SubtaskRole.serve,
-        _interactive.attempts < _interactive.max_attempts,
+CLAIM_INTERACTIVE_TURN = _turn(
+    _claimed(
+        "claimed",
+        Subtask.id
+        == select(_interactive.id)
+        .where(
+            _interactive.model == func.any(bindparam("models", type_=ARRAY(Text))),
+            _interactive.state == inline(SubtaskState.dispatched),
+            _interactive.priority == Priority.interactive.rank,
+            _interactive.role == SubtaskRole.serve,
+            _interactive.attempts < _interactive.max_attempts,
+        )
+        .order_by(_interactive.seq, _interactive.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery(),
+        # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
+        Subtask.state == SubtaskState.dispatched,
     )
-    .order_by(_interactive.seq, _interactive.id)
-    .limit(1)
-    .with_for_update(skip_locked=True)
-    .scalar_subquery(),
-    # Checked again on the row the UPDATE locks: it may have been claimed meanwhile.
-    Subtask.state == SubtaskState.dispatched,
 )
 
 
@@ -319,7 +324,11 @@ def claim_turn(
         "lease": timedelta(seconds=lease_s),
     }
     with connected(bind) as conn:
-        rows = conn.execute(CLAIM_TURN, parameters).all()
+        return _turn_claims(conn.execute(CLAIM_TURN, parameters).all())
+
+
+def _turn_claims(rows: Sequence[Any]) -> list[Claim]:
+    """A turn's claims (`_turn`): its first claim, then the others in id order."""
     return [_claim_of(row) for row in sorted(rows, key=lambda row: (row.turn_order, row.id))]
 
 
@@ -341,19 +350,20 @@ def claim_more_of_batch(
     return sorted((_claim_of(row) for row in rows), key=lambda claim: claim.subtask_id)
 
 
-def claim_interactive(bind: Bind, models: Sequence[str], worker: str, lease_s: float) -> Claim | None:
+def claim_interactive(bind: Bind, models: Sequence[str], worker: str, lease_s: float, small_items: int) -> list[Claim]:
     """Claim the first `dispatched` interactive serve sub-task of one of `models`, like
-    `claim_subtask` (its message, when it comes, claims something else or nothing); None
-    when there is none."""
-    return _claim(
-        bind, CLAIM_INTERACTIVE, {"models": list(models), "worker": worker, "lease": timedelta(seconds=lease_s)}
-    )
-
-
-def _claim(bind: Bind, statement: Select[Any], parameters: dict[str, Any]) -> Claim | None:
+    `claim_subtask` (its message, when it comes, claims something else or nothing), with
+    the first round of its batch when that has at most `small_items` inputs, as `claim_turn`
+    does: that claim first, then the others in id order; empty when there is none."""
+    parameters = {
+        "models": list(models),
+        "most": max(len(models) - 1, 0),
+        "small_items": small_items,
+        "worker": worker,
+        "lease": timedelta(seconds=lease_s),
+    }
     with connected(bind) as conn:
-        row = conn.execute(statement, parameters).first()
-    return None if row is None else _claim_of(row)
+        return _turn_claims(conn.execute(CLAIM_INTERACTIVE_TURN, parameters).all())
 
 
 def _claim_of(row: Any) -> Claim:
