@@ -118,7 +118,7 @@ class Settings(BaseSettings, LedgerSettings):
         default=5.0,
         ge=0,
         description=(
-            "While interactive work comes (10 s after a worker process last saw some), it"
+            "Without an interactive lane: while interactive work comes (10 s after a worker process last saw some), it"
             " predicts a bulk sub-task in slices of about this many milliseconds of CPU (longer"
             " for a model whose per-call cost would add over 5 %) and, between two slices, runs"
             " the interactive sub-tasks of its models submitted meanwhile (announced by a"

@@ -30,8 +30,9 @@ NEVER_REREAD_S = 600.0
 
 @pytest.fixture
 def unserved(services: RunServices, models_dir: Path) -> Iterator[Client]:
-    """A client publishing under a broker prefix no process consumes: its batches never
-    finish unless the test finishes them."""
+    """A client publishing under a broker prefix no process consumes: its bulk batches never
+    finish unless the test finishes them (a worker's interactive lane runs the interactive
+    sub-tasks of its database, whatever the broker)."""
     prefix = f"unserved-{uuid.uuid4().hex[:8]}:"
     client = Client(run_client_settings(services, models_dir, broker_prefix=prefix, wait_reread_s=NEVER_REREAD_S))
     yield client
@@ -59,7 +60,7 @@ def test_threads_sharing_a_client_are_each_woken_by_their_own_batch(
     (NEVER_REREAD_S): a wait that missed its notification would time out."""
     shared = Client(run_client_settings(services, models_dir, wait_reread_s=NEVER_REREAD_S))
     try:
-        long_batch = shared.batch(unserved.submit("digits", held_out_strips(3)).id)
+        long_batch = shared.batch(unserved.submit("digits", held_out_strips(3), priority="bulk").id)
         long_wait = ThreadPoolExecutor(1).submit(long_batch.wait, timeout=300)
 
         def submit_and_wait(thread: int) -> list[BatchStatus]:
@@ -93,7 +94,7 @@ def _listener_pids(engine: Engine) -> set[int]:
 
 
 def test_a_waiter_is_woken_after_the_listening_connection_was_lost(unserved: Client, engine: Engine) -> None:
-    batch = unserved.submit("digits", held_out_strips(2))
+    batch = unserved.submit("digits", held_out_strips(2), priority="bulk")
     waiting = ThreadPoolExecutor(1).submit(batch.wait, timeout=120)
     wait_for(lambda: bool(_listener_pids(engine)), 60, "the client's listening connection")
     lost = _listener_pids(engine)
@@ -117,7 +118,7 @@ def test_wait_on_a_cancelled_batch_returns_once_every_input_has_its_row(client: 
 
 
 def test_wait_on_a_cancelled_batch_whose_results_no_one_assembles_times_out(unserved: Client, engine: Engine) -> None:
-    batch = unserved.submit("digits", held_out_strips(4))
+    batch = unserved.submit("digits", held_out_strips(4), priority="bulk")
     assert batch.cancel().state == "cancelled"
     status = batch.status()
     assert not status.finished and not status.results_ready and list(batch.results()) == []
@@ -167,7 +168,7 @@ def test_batches_refuses_an_unknown_state(client: Client) -> None:
 
 def test_closing_a_client_closes_its_listening_connection(unserved: Client, engine: Engine) -> None:
     before = _listener_pids(engine)
-    batch = unserved.submit("digits", held_out_strips(1))
+    batch = unserved.submit("digits", held_out_strips(1), priority="bulk")
     with pytest.raises(TimeoutError):
         batch.wait(timeout=0.5)
     opened = _listener_pids(engine) - before

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
+from pipeline import ledger
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.settings import Settings
 from pipeline.states import Priority
@@ -104,3 +105,16 @@ def lane_listening(engine: Engine) -> int:
                 {"a": APPLICATION_NAME},
             ).scalar_one()
         )
+
+
+def test_an_interactive_claim_takes_its_small_batch_s_first_round_in_one_statement(quiet_engine: Engine) -> None:
+    first = stored_and_split(quiet_engine, 1, seed=5, priority=Priority.interactive)
+    second = stored_and_split(quiet_engine, 1, seed=6, priority=Priority.interactive)
+    statements: list[str] = []
+    event.listen(quiet_engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    claims = ledger.claim_interactive(quiet_engine, DIGIT_MODELS, LANE, 60, small_items=1)
+    assert len(statements) == 1
+    assert [(c.batch_id, c.model) for c in claims] == [(first, DIGIT_MODELS[0]), (first, DIGIT_MODELS[1])]
+    # A batch above the small-batch size: its first sub-task alone.
+    claims = ledger.claim_interactive(quiet_engine, DIGIT_MODELS, LANE, 60, small_items=0)
+    assert [(c.batch_id, c.model) for c in claims] == [(second, DIGIT_MODELS[0])]

@@ -191,8 +191,9 @@ def test_pinned_versions_promotion_without_restart_rollback_and_a_tampered_versi
         **TEST_SPLIT_ENV,
     )
     try:
-        # A batch split while v1 is champion, whose sub-tasks wait (no worker reads its prefix).
-        pending = waiting.submit("digits", held_out_strips(3, seed=1))
+        # A batch split while v1 is champion, whose sub-tasks wait (no worker reads its prefix,
+        # and a bulk batch's are no interactive lane's).
+        pending = waiting.submit("digits", held_out_strips(3, seed=1), priority="bulk")
         assert _pinned(engine, pending.id) == {CLASSIFIER: {v1}, OOD: {model_registry.champion(engine, OOD)}}
         # v2 is promoted while the batch waits.
         assert model_registry.rollback(engine, CLASSIFIER, approved_by="lead", to=v2[:12], reason="retrained") == v2

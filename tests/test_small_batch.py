@@ -58,7 +58,8 @@ def test_one_message_runs_a_whole_small_batch_and_its_aggregate(
         if model != LOGREG:
             queues.delete(prefix + broker.model_queue(model))
 
-    env = services.env(models_dir, PIPELINE_BROKER_PREFIX=prefix)
+    # No lane: what is tested is the message's turn.
+    env = services.env(models_dir, PIPELINE_BROKER_PREFIX=prefix, PIPELINE_INTERACTIVE_LANE="false")
     with open(tmp_path / "worker.log", "wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "workers", "--models", ",".join(MODELS), "--concurrency", "1"],
