@@ -38,7 +38,8 @@ def test_a_batch_names_the_queues_no_worker_serves(
     client = Client(run_client_settings(services, models_dir, broker_prefix=prefix, heartbeat_s=0.5))
     processes = Processes(tmp_path)
     try:
-        batch = client.submit("digits", held_out_strips(2, seed=3))
+        # Bulk: the run's interactive lane would run an interactive batch of its database.
+        batch = client.submit("digits", held_out_strips(2, seed=3), priority="bulk")
         assert batch.unserved_queues() == DIGIT_QUEUES
         status = subprocess.run(
             [str(Path(sys.executable).parent / "pipeline"), "status", batch.id],
