@@ -3,12 +3,15 @@ interactive sub-tasks, it runs them with no message, and leaves bulk work to the
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 from sqlalchemy import Engine, event, text
 
 from pipeline import ledger
@@ -16,6 +19,7 @@ from pipeline.pipelines.digits import held_out_strips
 from pipeline.settings import Settings
 from pipeline.states import Priority
 from tests.helpers import RunServices, split_batch, store_batch, wait_for
+from workers.__main__ import POOL_NICE
 from workers.lane import APPLICATION_NAME, run_lane
 
 DIGIT_MODELS = ("digit-classifier", "digit-ood")
@@ -118,3 +122,37 @@ def test_an_interactive_claim_takes_its_small_batch_s_first_round_in_one_stateme
     # A batch above the small-batch size: its first sub-task alone.
     claims = ledger.claim_interactive(quiet_engine, DIGIT_MODELS, LANE, 60, small_items=0)
     assert [(c.batch_id, c.model) for c in claims] == [(second, DIGIT_MODELS[0])]
+
+
+def test_a_worker_forks_its_lane_runs_its_pool_at_a_lower_priority_and_takes_the_lane_down_with_it(
+    quiet_engine: Engine, quiet_services: RunServices, models_dir: Path, tmp_path: Path
+) -> None:
+    """A real `python -m workers`: a batch whose messages it never receives (they go under
+    another broker prefix) is run by its lane; the pool's processes run at `POOL_NICE`; a
+    SIGTERM to the worker ends the lane too."""
+    env = quiet_services.env(models_dir, PIPELINE_BROKER_PREFIX=f"lane-{uuid.uuid4().hex[:8]}:")
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--models", ",".join(DIGIT_MODELS), "--concurrency", "2"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: lane_listening(quiet_engine) == 1, 120, "the worker's lane to listen")
+        batch = stored_and_split(quiet_engine, 1, seed=7, priority=Priority.interactive)
+        wait_for(lambda: runs_of(quiet_engine, batch)[0] == "succeeded", 60, "the lane to run the batch")
+        (ran_by,) = runs_of(quiet_engine, batch)[1]
+        assert ran_by is not None and ran_by.startswith(f"models-{worker.pid}@") and ran_by.endswith("/lane")
+        wait_for(lambda: len(psutil.Process(worker.pid).children()) == 3, 60, "the pool's two processes")
+        children = psutil.Process(worker.pid).children()
+        assert sorted(child.nice() for child in children) == [0, POOL_NICE, POOL_NICE]
+        assert psutil.Process(worker.pid).nice() == POOL_NICE
+        worker.terminate()
+        worker.wait(60)
+        psutil.wait_procs(children, timeout=30)
+        assert not any(child.is_running() for child in children)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(30)

@@ -15,8 +15,6 @@ from pipeline.errors import PipelineError
 from pipeline.heartbeat import beat_while_consuming
 from pipeline.settings import Settings, get_settings
 
-log = logging.getLogger(__name__)
-
 # How much lower the pool's CPU priority is than its interactive lane's (`os.nice`: weight
 # 110 against 1024 when both want a core).
 POOL_NICE = 10
@@ -88,24 +86,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def start_lane(settings: Settings, name: str, models: Sequence[str]) -> None:
-    """Fork the worker's interactive lane (`workers.lane`), which records its claims as
-    worker `name`: it inherits the loaded models and ends once this process is gone."""
-    from workers.lane import run_lane
+    """Fork the worker's interactive lane (`workers.lane.lane_process`), which records its
+    claims as worker `name`: it inherits the loaded models and ends once this process is gone."""
+    from workers.lane import lane_process
 
     parent = os.getpid()
     if os.fork() == 0:
-        code = 0
         try:
             logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/lane] %(message)s")
-            run_lane(runtime.turn_engine(), settings, name, models, lambda: os.getppid() == parent)
-        except KeyboardInterrupt:
-            pass
-        except Exception:
-            # The worker goes on without it: its interactive sub-tasks take their messages.
-            log.exception("interactive lane stopped")
-            code = 1
+            lane_process(settings, name, models, parent)
         finally:
-            os._exit(code)
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ next best one, or nothing, as any message does."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import Engine
 
+from pipeline import runtime
 from pipeline.database import libpq_url
 from pipeline.ledger import INTERACTIVE_CHANNEL
 from pipeline.settings import Settings
@@ -61,3 +65,25 @@ def run_lane(
     finally:
         if conn is not None:
             conn.close()
+
+
+def lane_process(settings: Settings, worker: str, served: Sequence[str], parent_pid: int) -> None:
+    """The body of a worker's lane process: `run_lane` on the worker's turn engine until the
+    worker (`parent_pid`) is gone or the lane is asked to stop (SIGTERM, SIGINT: a turn it
+    runs is finished first, as a pool process finishes its task). An unexpected error is
+    logged and the lane started again after `WAKE_S`: meanwhile the messages carry the work."""
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+
+    def running() -> bool:
+        return not stopping.is_set() and os.getppid() == parent_pid
+
+    engine = runtime.turn_engine()
+    while running():
+        try:
+            run_lane(engine, settings, worker, served, running)
+        # A bug must not end interactive service for good; its traceback is in the log.
+        except Exception:  # noqa: BLE001
+            log.exception("interactive lane: unexpected error; starting it again in %.0f s", WAKE_S)
+            time.sleep(WAKE_S)
