@@ -3,8 +3,6 @@ interactive sub-tasks, it runs them with no message, and leaves bulk work to the
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from pipeline import ledger
 from pipeline.pipelines.digits import held_out_strips
 from pipeline.settings import Settings
 from pipeline.states import Priority
-from tests.helpers import RunServices, split_batch, store_batch, wait_for
+from tests.helpers import Processes, RunServices, split_batch, store_batch, wait_for
 from workers.__main__ import POOL_NICE
 from workers.lane import APPLICATION_NAME, run_lane
 
@@ -131,13 +129,8 @@ def test_a_worker_forks_its_lane_runs_its_pool_at_a_lower_priority_and_takes_the
     another broker prefix) is run by its lane; the pool's processes run at `POOL_NICE`; a
     SIGTERM to the worker ends the lane too."""
     env = quiet_services.env(models_dir, PIPELINE_BROKER_PREFIX=f"lane-{uuid.uuid4().hex[:8]}:")
-    with open(tmp_path / "worker.log", "wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--models", ",".join(DIGIT_MODELS), "--concurrency", "2"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    processes = Processes(tmp_path)
+    worker = processes.start("worker", ["-m", "workers", "--models", ",".join(DIGIT_MODELS), "--concurrency", "2"], env)
     try:
         wait_for(lambda: lane_listening(quiet_engine) == 1, 120, "the worker's lane to listen")
         batch = stored_and_split(quiet_engine, 1, seed=7, priority=Priority.interactive)
@@ -148,11 +141,8 @@ def test_a_worker_forks_its_lane_runs_its_pool_at_a_lower_priority_and_takes_the
         children = psutil.Process(worker.pid).children()
         assert sorted(child.nice() for child in children) == [0, POOL_NICE, POOL_NICE]
         assert psutil.Process(worker.pid).nice() == POOL_NICE
-        worker.terminate()
-        worker.wait(60)
+        processes.stop(worker, timeout=60)
         psutil.wait_procs(children, timeout=30)
         assert not any(child.is_running() for child in children)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(30)
+        processes.stop_all()
