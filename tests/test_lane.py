@@ -14,6 +14,7 @@ from sqlalchemy import Engine, event, text
 
 from pipeline import ledger
 from pipeline.pipelines.digits import held_out_strips
+from pipeline.scratch import delete_keys
 from pipeline.settings import Settings
 from pipeline.states import Priority
 from tests.helpers import Processes, RunServices, split_batch, store_batch, wait_for
@@ -128,7 +129,8 @@ def test_a_worker_forks_its_lane_runs_its_pool_at_a_lower_priority_and_takes_the
     """A real `python -m workers`: a batch whose messages it never receives (they go under
     another broker prefix) is run by its lane; the pool's processes run at `POOL_NICE`; a
     SIGTERM to the worker ends the lane too."""
-    env = quiet_services.env(models_dir, PIPELINE_BROKER_PREFIX=f"lane-{uuid.uuid4().hex[:8]}:")
+    prefix = f"lane-{uuid.uuid4().hex[:8]}:"
+    env = quiet_services.env(models_dir, PIPELINE_BROKER_PREFIX=prefix)
     processes = Processes(tmp_path)
     worker = processes.start("worker", ["-m", "workers", "--models", ",".join(DIGIT_MODELS), "--concurrency", "2"], env)
     try:
@@ -146,3 +148,4 @@ def test_a_worker_forks_its_lane_runs_its_pool_at_a_lower_priority_and_takes_the
         assert not any(child.is_running() for child in children)
     finally:
         processes.stop_all()
+        delete_keys(quiet_services.broker_url, prefix)
