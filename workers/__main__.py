@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import workers.tasks  # noqa: F401  (registers the predict task)
     from workers.inference import with_ledger_retry
-    from workers.models import loaded_version, serve, served
+    from workers.models import loaded_version, serve
 
     try:
         settings = get_settings()
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     serve(names)
     node = f"models-{os.getpid()}@{socket.gethostname()}"
     if settings.interactive_lane:
-        start_lane(settings, f"{node}/lane", served())
+        start_lane(settings, f"{node}/lane", names)
         # The pool's processes (forked by Celery from this one) yield the cores to the lane,
         # which sleeps until interactive work comes: without this, its turn got a fair third of
         # 2 cores beside two bulk predicts, and took twice its idle time.
